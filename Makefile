@@ -1,0 +1,53 @@
+# The Makefile only dispatches: every target is one `kdcache VERB key=value ...` call.
+# Upper-case variables map to the config keys of the same name (DATASET=digits -> dataset=digits);
+# ARGS="key=value ..." passes any other key.
+PYTHON ?= python3
+VENV   := .venv
+KD     := $(VENV)/bin/kdcache
+STAMP  := $(VENV)/.installed
+
+kv = $(if $(strip $($(1))),$(2)=$(strip $($(1))))
+DATA_ARGS  = $(call kv,DATASET,dataset) $(call kv,TEACHER,teacher) $(call kv,TEACHER_CKPT,teacher_ckpt) \
+             $(call kv,CACHE,cache) $(call kv,SCHEDULER,scheduler)
+STUDENT_ARGS = $(call kv,CACHE,cache) $(call kv,MODEL,model) $(call kv,LOSS,loss) $(call kv,T,t) \
+             $(call kv,ALPHA,alpha) $(call kv,EPOCHS,epochs) $(call kv,LR,lr) $(call kv,SEED,seed)
+
+.PHONY: setup teacher teacher-cache info student sweep report verify test test-fast bench bench-quick soak clean-venv
+
+setup: $(STAMP)
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	touch $@
+
+teacher: setup
+	$(KD) teacher $(DATA_ARGS) $(ARGS)
+
+teacher-cache: setup
+	$(KD) cache $(DATA_ARGS) $(ARGS)
+
+info: setup
+	$(KD) info $(call kv,CACHE,cache) $(ARGS)
+
+student: setup
+	$(KD) student $(STUDENT_ARGS) $(ARGS)
+
+sweep: setup
+	$(KD) sweep $(call kv,CACHE,cache) $(call kv,MODELS,models) $(call kv,LOSSES,losses) \
+	  $(call kv,SEEDS,seeds) $(call kv,T,t) $(ARGS)
+
+report: setup
+	$(KD) report $(call kv,CACHE,cache) $(ARGS)
+
+verify: setup
+	$(KD) verify $(call kv,CACHE,cache) $(ARGS)
+
+test: setup
+	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	$(VENV)/bin/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,75 @@
+"""The on-disk layout of a teacher cache (documented for other tools in docs/CACHE_FORMAT.md).
+
+    <cache>/
+      manifest.json                     what the cache is; status building | complete
+      config.json                       the resolved config that built it
+      arrays.zarr/                      Zarr v3 group
+        <split>/logits                  [N, V, C]      raw teacher logits (not softened)
+        <split>/features/<layer>        [N, V, ...]    tapped activations
+      index/<split>.parquet             one row per sample, in cache row order
+      parts/<split>/<shard>.parquet     per-shard index parts (only while building)
+      parts/<split>/<shard>.json        per-shard completion records (only while building)
+
+Row r of every array of a split and row r of its index describe the same sample; the index's
+``sample_id`` column names it. Shards are runs of ``shard_size`` rows; each is written whole,
+once, by one task, and recorded done only after its data is on disk.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import KdError
+from pipeline.io import atomic_write_text
+
+FORMAT = "kdcache"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+CONFIG = "config.json"
+ARRAYS = "arrays.zarr"
+INDEX = "index"
+PARTS = "parts"
+VIEWS = 1  # augmentation views per sample; the axis exists so multi-view needs no new format
+
+INDEX_COLUMNS = ("sample_id", "row", "label", "teacher_pred", "teacher_prob", "margin",
+                 "entropy", "correct", "shard")
+
+
+def logits_key(split: str) -> str:
+    return f"{split}/logits"
+
+
+def feature_key(split: str, layer: str) -> str:
+    return f"{split}/features/{layer}"
+
+
+def index_path(root: Path, split: str) -> Path:
+    return root / INDEX / f"{split}.parquet"
+
+
+def part_paths(root: Path, split: str, shard: int) -> tuple[Path, Path]:
+    base = root / PARTS / split / f"{shard:06d}"
+    return base.with_suffix(".parquet"), base.with_suffix(".json")
+
+
+def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
+    atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def read_manifest(root: Path) -> dict[str, Any]:
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        raise KdError(f"no kdcache cache at {root} ({MANIFEST} missing); build one with "
+                      f"`make teacher-cache` or `kdcache cache cache={root}`")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise KdError(f"{path} is not valid JSON ({exc}); the cache is damaged, rebuild it") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise KdError(f"{path} is not a kdcache manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise KdError(f"{root} has cache format version {manifest.get('format_version')}; this "
+                      f"kdcache reads version {FORMAT_VERSION}; rebuild the cache")
+    return manifest

@@ -1,0 +1,463 @@
+"""Stage one's engine: run the teacher over every shard of every split and write the cache.
+
+One shard = ``shard_size`` consecutive rows of one split = one task. A task reads its inputs
+(the next batch loads on a thread while the teacher runs on the current one), runs the teacher
+under ``torch.inference_mode``, writes each array's whole Zarr shard in one call, fsyncs it,
+writes the shard's index part, and only then writes its completion record. A re-run computes
+exactly the shards without a record, so an interrupted build resumes and ends byte-identical to
+an uninterrupted one. Tasks are idempotent, so Dask may safely run one twice.
+
+Why whole shards, written once by one task: with Zarr v3 sharding, concurrent writers of one
+shard lose rows silently, and many small writes into a shard are ~20x slower (PITFALLS.md).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import socket
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from pipeline import runtime
+from pipeline.cache import format as fmt
+from pipeline.config import CacheConfig, DataConfig, fingerprint, resolve, save_config, to_dict
+from pipeline.data import Dataset, open_dataset
+from pipeline.errors import KdError
+from pipeline.io import atomic_path, atomic_write_text, fsync_dir, fsync_file, sha256_file
+from pipeline.teachers import Tapped, TeacherSpec, build_teacher
+
+
+# =========================================================================== the plan
+
+def codecs(dtype: str) -> list:
+    """Inner-chunk codecs: zstd, then a CRC32C so a flipped byte fails loudly on read."""
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    return [ZstdCodec(level=3), Crc32cCodec()]
+
+
+def plan(cfg: CacheConfig, dataset: Dataset, spec: TeacherSpec, shapes: dict[str, tuple],
+         num_params: int) -> dict[str, Any]:
+    """The manifest of the cache these inputs define, before any shard is computed.
+
+    ``key`` hashes everything that determines the cached bytes; two builds with the same key
+    produce identical caches, and a cache is only ever resumed by a build with its own key.
+    """
+    splits = {}
+    for name, split in dataset.splits.items():
+        n = len(split)
+        splits[name] = {"rows": n, "shards": -(-n // cfg.shard_size)}
+    identity = {
+        "teacher_fingerprint": spec.fingerprint,
+        "dataset_fingerprint": dataset.fingerprint,
+        "preprocessing": dataset.preprocessing,
+        "layers": list(spec.layers), "pool": spec.pool,
+        "dtype": cfg.dtype, "shard_size": cfg.shard_size, "chunk_size": cfg.chunk_size,
+        "views": fmt.VIEWS, "format_version": fmt.FORMAT_VERSION,
+    }
+    data_cfg = {f: getattr(cfg, f) for f in DataConfig.__dataclass_fields__}
+    return {
+        "format": fmt.FORMAT, "format_version": fmt.FORMAT_VERSION,
+        "status": "building", "key": fingerprint(identity),
+        "created": _now(),
+        "teacher": {"arch": spec.arch, "ckpt": spec.ckpt, "seed": spec.seed if spec.ckpt == "random" else None,
+                    "fingerprint": spec.fingerprint, "num_params": num_params,
+                    "input_shape": list(spec.input_shape), "num_classes": spec.num_classes},
+        "dataset": {**dataset.describe(), "fingerprint": dataset.fingerprint, "config": data_cfg},
+        "preprocessing": dataset.preprocessing,
+        "temperature": cfg.t, "views": fmt.VIEWS, "dtype": cfg.dtype,
+        "shard_size": cfg.shard_size, "chunk_size": cfg.chunk_size,
+        "codecs": ["zstd(level=3)", "crc32c"],
+        "layers": {name: list(shape) for name, shape in shapes.items() if name != "logits"},
+        "num_classes": spec.num_classes, "pool": spec.pool,
+        "splits": splits,
+        "versions": _versions(),
+    }
+
+
+def probe_shapes(model: Tapped, dataset: Dataset) -> dict[str, tuple[int, ...]]:
+    """Per-sample output shapes, from one forward pass on two real training rows."""
+    x = torch.from_numpy(dataset.inputs("train", 0, min(2, len(dataset.splits["train"]))))
+    with torch.inference_mode():
+        logits, feats = model(x)
+    shapes = {"logits": tuple(logits.shape[1:])}
+    shapes.update({name: tuple(f.shape[1:]) for name, f in feats.items()})
+    return shapes
+
+
+# =========================================================================== one shard
+
+@dataclass(frozen=True)
+class ShardJob:
+    root: str
+    split: str
+    shard: int
+    start: int
+    stop: int
+    data_cfg: dict
+    dataset_fingerprint: str
+    teacher: TeacherSpec
+    dtype: str
+    batch_size: int
+    threads: int
+
+
+# Per-process state of a worker: the dataset and the teacher are loaded once per process and
+# reused by every shard task that lands there (Dask workers, or this process when local).
+_STATE: dict[Any, Any] = {}
+_STATE_LOCK = threading.Lock()
+
+
+def _worker_dataset(job: ShardJob) -> Dataset:
+    key = ("dataset", job.dataset_fingerprint)
+    with _STATE_LOCK:
+        if key not in _STATE:
+            dataset = open_dataset(resolve(DataConfig, job.data_cfg))
+            if dataset.fingerprint != job.dataset_fingerprint:
+                raise KdError(f"dataset {dataset.spec} on worker {socket.gethostname()} differs "
+                              "from the one the cache was planned with; workers must see the "
+                              "same files (shared storage)")
+            _STATE[key] = dataset
+        return _STATE[key]
+
+
+def _worker_teacher(spec: TeacherSpec, threads: int) -> tuple[torch.nn.Module, torch.device]:
+    key = ("teacher", spec)
+    with _STATE_LOCK:
+        if key not in _STATE:
+            runtime.set_threads(threads)
+            device = runtime.pick_device(spec.device)
+            model = Tapped(build_teacher(spec), spec.layers, spec.pool, spec.arch).to(device).eval()
+            _STATE[key] = (runtime.maybe_compile(model, spec.compile), device)
+        return _STATE[key]
+
+
+def build_shard(job: ShardJob) -> dict[str, Any]:
+    """Compute, write and record one shard. Returns its completion record."""
+    import zarr
+
+    t0 = time.perf_counter()
+    dataset = _worker_dataset(job)
+    model, device = _worker_teacher(job.teacher, job.threads)
+    n = job.stop - job.start
+    store_dtype = np.dtype(job.dtype)
+    bufs: dict[str, np.ndarray] = {}
+    inputs_hash = hashlib.sha256()
+    batches = [(a, min(a + job.batch_size, job.stop)) for a in range(job.start, job.stop, job.batch_size)]
+
+    with ThreadPoolExecutor(1, thread_name_prefix="kdcache-prefetch") as prefetch:
+        pending = prefetch.submit(dataset.inputs, job.split, *batches[0])
+        for i, (a, b) in enumerate(batches):
+            x = pending.result()
+            if i + 1 < len(batches):  # overlap reading the next batch with this forward pass
+                pending = prefetch.submit(dataset.inputs, job.split, *batches[i + 1])
+            inputs_hash.update(np.ascontiguousarray(x).tobytes())
+            with torch.inference_mode(), runtime.autocast(device):
+                logits, feats = model(runtime.to_device(torch.from_numpy(x), device))
+            outputs = {fmt.logits_key(job.split): logits,
+                       **{fmt.feature_key(job.split, k): v for k, v in feats.items()}}
+            for key, value in outputs.items():
+                value = value.float().cpu().numpy()
+                if key not in bufs:
+                    bufs[key] = np.empty((n, fmt.VIEWS) + value.shape[1:], store_dtype)
+                bufs[key][a - job.start:b - job.start, 0] = value
+
+    for key, buf in bufs.items():
+        if not np.isfinite(buf).all():
+            what = "logits" if key.endswith("logits") else f"features {key}"
+            hint = " or use dtype=float32 (float16 overflowed)" if store_dtype == np.float16 else ""
+            raise KdError(f"teacher produced NaN/inf {what} in {job.split} rows {job.start}-"
+                          f"{job.stop}; check the checkpoint and the inputs{hint}")
+
+    root = Path(job.root)
+    group = zarr.open_group(root / fmt.ARRAYS, mode="r+")
+    sums = {}
+    for key, buf in bufs.items():
+        arr = group[key]
+        arr[job.start:job.stop] = buf  # the whole shard, in one write
+        _fsync_shard(root / fmt.ARRAYS / key, arr, job.shard)
+        sums[key] = hashlib.sha256(buf.tobytes()).hexdigest()
+
+    index = _index_part(job, dataset, bufs[fmt.logits_key(job.split)][:, 0].astype(np.float32))
+    part_path, record_path = fmt.part_paths(root, job.split, job.shard)
+    with atomic_path(part_path) as tmp:
+        pq.write_table(index, tmp)
+    record = {
+        "split": job.split, "shard": job.shard, "start": job.start, "stop": job.stop,
+        "sha256": sums, "inputs_sha256": inputs_hash.hexdigest(),
+        "index_sha256": sha256_file(part_path),
+        "correct": int(index.column("correct").to_numpy().sum()),
+        "seconds": round(time.perf_counter() - t0, 4), "host": socket.gethostname(),
+    }
+    # The record is the only "done" signal, and it is written after the data is durable.
+    atomic_write_text(record_path, json.dumps(record, sort_keys=True))
+    return record
+
+
+def _fsync_shard(array_dir: Path, arr, shard: int) -> None:
+    coords = (shard,) + (0,) * (arr.ndim - 1)
+    path = array_dir / arr.metadata.encode_chunk_key(coords)
+    if path.exists():  # an all-fill-value shard is legitimately not stored
+        fsync_file(path)
+        fsync_dir(path.parent)
+
+
+def _index_part(job: ShardJob, dataset: Dataset, logits: np.ndarray) -> pa.Table:
+    split = dataset.splits[job.split]
+    labels = split.labels[job.start:job.stop]
+    z = logits - logits.max(axis=1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(axis=1, keepdims=True)
+    top2 = np.sort(p, axis=1)[:, -2:] if p.shape[1] > 1 else np.concatenate([np.zeros_like(p), p], 1)
+    pred = p.argmax(axis=1)
+    entropy = -(p * np.log(np.clip(p, 1e-12, None))).sum(axis=1)
+    return pa.table({
+        "sample_id": pa.array(split.sample_ids[job.start:job.stop], pa.int64()),
+        "row": pa.array(np.arange(job.start, job.stop), pa.int64()),
+        "label": pa.array(labels, pa.int32()),
+        "teacher_pred": pa.array(pred, pa.int32()),
+        "teacher_prob": pa.array(top2[:, 1], pa.float32()),
+        "margin": pa.array(top2[:, 1] - top2[:, 0], pa.float32()),
+        "entropy": pa.array(entropy, pa.float32()),
+        "correct": pa.array(pred == labels, pa.bool_()),
+        "shard": pa.array(np.full(len(labels), job.shard), pa.int32()),
+    })
+
+
+# =========================================================================== the build
+
+class CacheLock:
+    """One builder per cache directory. ``flock`` is released by the kernel when its holder dies,
+    so a lock left by a killed run never blocks the next one."""
+
+    def __init__(self, root: Path):
+        self.path = root.parent / f".{root.name}.lock"
+
+    def __enter__(self) -> "CacheLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(self.fd)
+            raise KdError(f"cache {self.path.parent / self.path.name[1:-5]} is being built by "
+                          f"{holder}; wait for it to finish (a second build would race it)") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+
+
+def build_cache(root: Path, cfg: CacheConfig, dataset: Dataset, spec: TeacherSpec,
+                manifest: dict[str, Any], progress: bool = True) -> tuple[dict[str, Any], dict]:
+    """Build (or resume, or skip) the cache at ``root``. Returns (manifest, this run's stats)."""
+    with CacheLock(root):
+        if (root / fmt.MANIFEST).is_file():
+            existing = fmt.read_manifest(root)
+            if existing.get("key") != manifest["key"]:
+                if not cfg.overwrite:
+                    raise KdError(f"cache {root} was built from {_difference(existing, manifest)}; "
+                                  "pass cache=NEW_PATH for a new cache, or overwrite=true to replace it")
+                shutil.rmtree(root)
+            elif existing["status"] == "complete":
+                return existing, {"computed_rows": 0, "skipped": True, "seconds": 0.0}
+            else:
+                manifest = existing  # resume: keep the original creation record
+        elif root.exists() and any(root.iterdir()):
+            raise KdError(f"{root} exists and is not a kdcache cache; choose another cache=PATH")
+        if not (root / fmt.MANIFEST).is_file():
+            _initialise(root, cfg, manifest)
+
+        done = _records(root, manifest)
+        jobs = list(_jobs(root, cfg, dataset, spec, manifest, done))
+        total = sum(s["rows"] for s in manifest["splits"].values())
+        todo_rows = sum(j.stop - j.start for j in jobs)
+        t0 = time.perf_counter()
+        _run(jobs, cfg, dataset, lambda r: done.__setitem__((r["split"], r["shard"]), r),
+             progress, total, total - todo_rows)
+        seconds = time.perf_counter() - t0
+        manifest = _finalise(root, manifest, done, {"seconds": round(seconds, 3),
+                                                    "computed_rows": todo_rows})
+        return manifest, {"computed_rows": todo_rows, "skipped": False, "seconds": seconds}
+
+
+def _difference(old: dict, new: dict) -> str:
+    if old["teacher"]["fingerprint"] != new["teacher"]["fingerprint"]:
+        return (f"another teacher (fingerprint {old['teacher']['fingerprint'][:12]}, this one is "
+                f"{new['teacher']['fingerprint'][:12]})")
+    if old["dataset"]["fingerprint"] != new["dataset"]["fingerprint"]:
+        return (f"other data or splits (dataset fingerprint {old['dataset']['fingerprint'][:12]}, "
+                f"this one is {new['dataset']['fingerprint'][:12]})")
+    if old["preprocessing"] != new["preprocessing"]:
+        return "other preprocessing"
+    return "other cache settings (layers, pool, dtype or shard layout)"
+
+
+def _initialise(root: Path, cfg: CacheConfig, manifest: dict) -> None:
+    """Create arrays, config and manifest in a private directory, then rename it into place,
+    so a crash here leaves either nothing or a whole empty cache."""
+    import zarr
+
+    tmp = root.parent / f".{root.name}.init-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        group = zarr.open_group(tmp / fmt.ARRAYS, mode="w", zarr_format=3)
+        for split, info in manifest["splits"].items():
+            n = info["rows"]
+            shapes = {fmt.logits_key(split): (manifest["num_classes"],)}
+            shapes.update({fmt.feature_key(split, k): tuple(v) for k, v in manifest["layers"].items()})
+            for key, shape in shapes.items():
+                full = (n, fmt.VIEWS) + shape
+                group.create_array(key, shape=full, dtype=cfg.dtype,
+                                   shards=(cfg.shard_size, fmt.VIEWS) + shape,
+                                   chunks=(cfg.chunk_size, fmt.VIEWS) + shape,
+                                   compressors=codecs(cfg.dtype), fill_value=0,
+                                   dimension_names=("row", "view") + tuple(f"d{i}" for i in range(len(shape))))
+        save_config(cfg, tmp / fmt.CONFIG)
+        fmt.write_manifest(tmp, manifest)
+        if root.exists():
+            root.rmdir()  # an empty directory the user made for us
+        os.rename(tmp, root)
+        fsync_dir(root.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _records(root: Path, manifest: dict) -> dict[tuple[str, int], dict]:
+    done = {}
+    for split in manifest["splits"]:
+        for path in sorted((root / fmt.PARTS / split).glob("*.json")):
+            record = json.loads(path.read_text())
+            part, _ = fmt.part_paths(root, split, record["shard"])
+            if part.is_file():
+                done[(split, record["shard"])] = record
+    return done
+
+
+def _jobs(root, cfg, dataset, spec, manifest, done) -> Iterable[ShardJob]:
+    threads = cfg.threads or max(1, runtime.cores() // cfg.workers)
+    for split, info in manifest["splits"].items():
+        for shard in range(info["shards"]):
+            if (split, shard) in done:
+                continue
+            start = shard * cfg.shard_size
+            yield ShardJob(str(root), split, shard, start, min(info["rows"], start + cfg.shard_size),
+                           manifest["dataset"]["config"], dataset.fingerprint, spec, cfg.dtype,
+                           cfg.infer_batch_size, threads)
+
+
+def _run(jobs: list[ShardJob], cfg: CacheConfig, dataset: Dataset, on_done: Callable,
+         progress: bool, total: int, initial: int) -> None:
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=initial, unit="sample", unit_scale=True, desc="caching",
+               disable=not progress, dynamic_ncols=True, smoothing=0.1)
+    # In this process the workers reuse the dataset already opened (and fingerprinted) here.
+    _STATE[("dataset", dataset.fingerprint)] = dataset
+    try:
+        if cfg.scheduler == "synchronous" or not jobs:
+            for job in jobs:
+                on_done(build_shard(job))
+                bar.update(job.stop - job.start)
+            return
+        from dask.distributed import Client, LocalCluster, as_completed
+
+        if cfg.scheduler == "local":
+            cluster = LocalCluster(n_workers=cfg.workers, threads_per_worker=1, processes=False,
+                                   dashboard_address=None, silence_logs=logging.ERROR)
+            client = Client(cluster)
+        else:
+            cluster = None
+            try:
+                client = Client(cfg.scheduler, timeout="10s")
+            except (OSError, TimeoutError) as exc:
+                raise KdError(f"cannot reach the dask scheduler at {cfg.scheduler} ({exc}); "
+                              "start one or use scheduler=local") from None
+        try:
+            futures = client.map(build_shard, jobs, pure=False)
+            for future in as_completed(futures):
+                record = future.result()
+                on_done(record)
+                bar.update(record["stop"] - record["start"])
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+    finally:
+        bar.close()
+
+
+def _finalise(root: Path, manifest: dict, done: dict, run: dict) -> dict:
+    """Fold the shard records into the manifest and write the per-split index, once all
+    shards are done; otherwise leave the cache resumable."""
+    missing = [(s, k) for s, info in manifest["splits"].items() for k in range(info["shards"])
+               if (s, k) not in done]
+    if missing:
+        raise KdError(f"{len(missing)} shards of {root} are not done; re-run to finish them")
+    shards, splits = {}, {}
+    for split, info in manifest["splits"].items():
+        parts = [fmt.part_paths(root, split, k)[0] for k in range(info["shards"])]
+        table = pa.concat_tables([pq.read_table(p) for p in parts])
+        rows = table.column("row").to_numpy()
+        if len(rows) != info["rows"] or not np.array_equal(rows, np.arange(info["rows"])):
+            raise KdError(f"index parts of {split} in {root} do not cover rows 0..{info['rows'] - 1}; "
+                          "delete the cache and rebuild it")
+        path = fmt.index_path(root, split)
+        table = table.replace_schema_metadata({"kdcache.split": split, "kdcache.key": manifest["key"]})
+        with atomic_path(path) as tmp:
+            pq.write_table(table, tmp)
+        correct = sum(done[(split, k)]["correct"] for k in range(info["shards"]))
+        splits[split] = {**info, "accuracy": round(correct / info["rows"], 6),
+                         "index_sha256": sha256_file(path)}
+        shards[split] = [{k: v for k, v in done[(split, k)].items() if k not in ("host",)}
+                         for k in range(info["shards"])]
+    manifest = {**manifest, "status": "complete", "completed": _now(), "splits": splits,
+                "shards": shards, "last_run": run}
+    manifest["bytes"] = _disk_bytes(root)
+    fmt.write_manifest(root, manifest)
+    shutil.rmtree(root / fmt.PARTS, ignore_errors=True)
+    return manifest
+
+
+def _disk_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and fmt.PARTS not in p.parts)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _versions() -> dict[str, str]:
+    import dask
+    import sklearn
+    import torchvision
+    import zarr
+
+    import pipeline
+
+    return {"kdcache": pipeline.__version__, "python": platform.python_version(),
+            "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "zarr": zarr.__version__, "pyarrow": pa.__version__, "numpy": np.__version__,
+            "dask": dask.__version__, "scikit-learn": sklearn.__version__}

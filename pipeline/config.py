@@ -1,0 +1,232 @@
+"""Typed configuration: frozen dataclasses, resolved from defaults, an optional YAML file and
+``key=value`` overrides, in that order.
+
+Unknown keys and values of the wrong type are errors, never ignored. The fully resolved config
+is saved beside every artifact (teacher checkpoint, cache, student run) so that any result can
+be traced back to exactly what produced it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pipeline.errors import KdError
+
+C = TypeVar("C")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which dataset, and how it is split. Shared by every stage that reads inputs."""
+
+    dataset: str = "digits"  # registry name, e.g. digits, npz:PATH, synthetic:N:SHAPE[:K]
+    data_root: str = "data/datasets"  # where torchvision / downloaded datasets live
+    download: bool = False  # torchvision datasets: download when missing (needs internet)
+    val_fraction: float = 0.15  # carved from train (stratified) when a dataset has no val split
+    seed: int = 0  # seeds the val split, synthetic data and teacher training
+
+    def check(self) -> None:
+        if not 0.0 < self.val_fraction < 0.9:
+            raise KdError(f"val_fraction={self.val_fraction} must be in (0, 0.9)")
+
+
+@dataclass(frozen=True)
+class TeacherConfig(DataConfig):
+    """The teacher: its architecture, its weights, and how `kdcache teacher` trains it."""
+
+    teacher: str = "auto"  # registry name, or auto: picked by the input's rank
+    teacher_ckpt: str = ""  # "" = the trained teacher under teacher_dir; "random"; or a PATH
+    teacher_dir: str = "data/teachers"
+    pretrained: bool = False  # start training from torchvision weights found locally
+    epochs: int = 40
+    lr: float = 3e-3
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    augment: bool = True  # light shift augmentation while *training* the teacher only
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    def check(self) -> None:
+        super().check()
+        _positive(self, "epochs", "lr", "batch_size")
+        if self.weight_decay < 0:
+            raise KdError(f"weight_decay={self.weight_decay} must be >= 0")
+
+
+@dataclass(frozen=True)
+class CacheConfig(TeacherConfig):
+    """Stage one: how the teacher's outputs are written to the cache."""
+
+    cache: str = ""  # "" = <cache_root>/<dataset>-<teacher>
+    cache_root: str = "data/caches"
+    layers: tuple[str, ...] = ()  # feature taps by node name; () = the penultimate layer
+    pool: bool = True  # global-average-pool spatial feature maps to vectors
+    dtype: str = "float16"  # float16 | float32
+    t: float = 4.0  # default distillation temperature recorded for students
+    shard_size: int = 1024  # rows per shard: the unit of work, of writing and of resuming
+    chunk_size: int = 256  # rows per inner chunk: the unit of reading
+    infer_batch_size: int = 256
+    scheduler: str = "local"  # local | synchronous | tcp://HOST:PORT of a dask cluster
+    workers: int = 1  # local dask workers (each runs one shard at a time)
+    threads: int = 0  # torch threads per worker; 0 = cores / workers
+    compile: bool = False  # torch.compile the teacher (worth it on GPU)
+    overwrite: bool = False  # replace a cache built from other inputs
+
+    def check(self) -> None:
+        super().check()
+        _positive(self, "t", "shard_size", "chunk_size", "infer_batch_size", "workers")
+        if self.dtype not in ("float16", "float32"):
+            raise KdError(f"dtype={self.dtype!r} is not supported; use float16 or float32")
+        if self.shard_size % self.chunk_size:
+            raise KdError(
+                f"shard_size={self.shard_size} must be a multiple of chunk_size={self.chunk_size}"
+            )
+        if self.threads < 0:
+            raise KdError(f"threads={self.threads} must be >= 0")
+
+
+@dataclass(frozen=True)
+class InfoConfig:
+    """`kdcache info` / `kdcache verify`: which cache to look at."""
+
+    cache: str = ""
+    cache_root: str = "data/caches"
+    dataset: str = "digits"  # used only to find the default cache when cache is empty
+    teacher: str = "auto"
+    rows: int = 256  # verify: rows re-run through the teacher
+    seed: int = 0
+    device: str = "auto"
+
+    def check(self) -> None:
+        if self.rows < 0:
+            raise KdError(f"rows={self.rows} must be >= 0")
+
+
+def _positive(cfg: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if not value > 0:
+            raise KdError(f"{name}={value} must be > 0")
+
+
+# --------------------------------------------------------------------------- resolution
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _coerce(cls: type, name: str, annotation: Any, value: Any) -> Any:
+    """Convert a YAML or command-line value to the field's declared type."""
+    origin = typing.get_origin(annotation)
+    try:
+        if annotation is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in _TRUE:
+                return True
+            if text in _FALSE:
+                return False
+            raise ValueError
+        if annotation is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(str(value).strip()) if not isinstance(value, (int, float)) else int(value)
+        if annotation is float:
+            if isinstance(value, bool):
+                raise ValueError
+            out = float(value)
+            if out != out or out in (float("inf"), float("-inf")):
+                raise ValueError
+            return out
+        if annotation is str:
+            if isinstance(value, (list, dict)):
+                raise ValueError
+            return str(value)
+        if origin is tuple:
+            (item_type, _ellipsis) = typing.get_args(annotation)
+            items = value if isinstance(value, (list, tuple)) else [
+                v for v in str(value).split(",") if v.strip()
+            ]
+            return tuple(_coerce(cls, name, item_type, v.strip() if isinstance(v, str) else v)
+                         for v in items)
+    except (TypeError, ValueError):
+        kind = {bool: "true or false", int: "an integer", float: "a finite number",
+                str: "a string"}.get(annotation, "a comma-separated list")
+        raise KdError(f"{name}={value!r} is not valid: {name} expects {kind}") from None
+    raise TypeError(f"unsupported config field type {annotation!r} on {cls.__name__}.{name}")
+
+
+def resolve(cls: type[C], overrides: list[str] | dict[str, Any] = (), verb: str = "") -> C:
+    """Build a config of type ``cls`` from defaults, an optional ``config=FILE.yaml`` and
+    ``key=value`` overrides. Raises :class:`KdError` on unknown keys or bad values."""
+    pairs: list[tuple[str, Any]] = []
+    items = overrides.items() if isinstance(overrides, dict) else [_split(o) for o in overrides]
+    for key, value in items:
+        if key == "config":
+            pairs = _read_yaml(value) + pairs
+        else:
+            pairs.append((key, value))
+
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in pairs:
+        if key not in known:
+            where = f" for `kdcache {verb}`" if verb else ""
+            raise KdError(f"unknown key {key!r}{where}; known keys: {', '.join(sorted(known))}")
+        values[key] = _coerce(cls, key, hints[key], value)
+    cfg = cls(**values)
+    cfg.check()
+    return cfg
+
+
+def _split(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise KdError(f"argument {text!r} is not key=value; write e.g. dataset=digits")
+    return key.strip(), value
+
+
+def _read_yaml(path: str) -> list[tuple[str, Any]]:
+    import yaml  # only when a config file is used
+
+    p = Path(path)
+    if not p.is_file():
+        raise KdError(f"config file {path} does not exist; pass config=PATH to a YAML file")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise KdError(f"config file {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise KdError(f"config file {path} must hold a mapping of key: value")
+    return [(str(k), v) for k, v in data.items()]
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    out = dataclasses.asdict(cfg)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+def fingerprint(obj: Any) -> str:
+    """sha256 of a JSON-able object (configs as dicts), stable across runs and machines."""
+    if dataclasses.is_dataclass(obj):
+        obj = to_dict(obj)
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def save_config(cfg: Any, path: str | os.PathLike) -> None:
+    """Write the resolved config as JSON beside an artifact (atomically)."""
+    from pipeline.io import atomic_write_text
+
+    payload = {"kind": type(cfg).__name__, "config": to_dict(cfg)}
+    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")

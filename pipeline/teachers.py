@@ -1,0 +1,305 @@
+"""Teachers: architectures (a registry), checkpoint loading, fingerprints and feature taps.
+
+A teacher is any ``nn.Module`` classifier. :func:`build_teacher` makes one from a
+:class:`TeacherSpec` (architecture + weights), and :class:`Tapped` wraps it so that one forward
+pass returns the logits and the requested intermediate features (through torchvision's FX
+``create_feature_extractor``: no hooks, no model surgery).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.errors import KdError
+from pipeline.registry import Registry
+
+Factory = Callable[[tuple[int, ...], int], nn.Module]
+TEACHERS: Registry[Factory] = Registry("teacher")
+
+# Layer tapped when the user names none: the pooled penultimate activations.
+DEFAULT_LAYER = "embed"
+
+
+def _head(width: int, num_classes: int) -> list[tuple[str, nn.Module]]:
+    return [("embed", nn.Flatten(1)), ("head", nn.Linear(width, num_classes))]
+
+
+@TEACHERS.register("mlp")
+def mlp(input_shape: tuple[int, ...], num_classes: int, hidden: int = 256) -> nn.Module:
+    """Two hidden layers on the flattened input; fits any input shape."""
+    d = int(np.prod(input_shape))
+    return nn.Sequential(OrderedDict([
+        ("flat", nn.Flatten(1)),
+        ("fc1", nn.Linear(d, hidden)), ("act1", nn.ReLU()),
+        ("fc2", nn.Linear(hidden, hidden)), ("act2", nn.ReLU()),
+        *_head(hidden, num_classes),
+    ]))
+
+
+def _as_channels(input_shape: tuple[int, ...], rank: int, name: str) -> tuple[list, int]:
+    """Input adapters so that 1-D signals (L,) and grey images (H, W) get a channel axis."""
+    if len(input_shape) == rank - 1:
+        return [("unsqueeze", nn.Unflatten(1, (1, *input_shape)))], 1
+    if len(input_shape) == rank:
+        return [], input_shape[0]
+    want = "(L,) or (C, L)" if rank == 2 else "(C, H, W)"
+    raise KdError(f"teacher {name} needs inputs shaped {want}, not {tuple(input_shape)}; "
+                  "pick another teacher (teacher=mlp fits any shape)")
+
+
+@TEACHERS.register("cnn1d")
+def cnn1d(input_shape: tuple[int, ...], num_classes: int, width: int = 64) -> nn.Module:
+    """A small 1-D CNN for signals shaped (L,) or (C, L)."""
+    pre, c = _as_channels(input_shape, 2, "cnn1d")
+    return nn.Sequential(OrderedDict([
+        *pre,
+        ("conv1", nn.Conv1d(c, width, 7, padding=3)), ("bn1", nn.BatchNorm1d(width)), ("act1", nn.ReLU()),
+        ("conv2", nn.Conv1d(width, width, 5, padding=2)), ("bn2", nn.BatchNorm1d(width)), ("act2", nn.ReLU()),
+        ("conv3", nn.Conv1d(width, 2 * width, 3, padding=1)), ("bn3", nn.BatchNorm1d(2 * width)),
+        ("act3", nn.ReLU()),
+        ("pool", nn.AdaptiveAvgPool1d(1)),
+        *_head(2 * width, num_classes),
+    ]))
+
+
+def _conv_bn(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
+
+
+@TEACHERS.register("cnn_small")
+def cnn_small(input_shape: tuple[int, ...], num_classes: int, width: int = 32) -> nn.Module:
+    """Three conv blocks and global pooling, for small images shaped (C, H, W) or (H, W)."""
+    pre, c = _as_channels(input_shape, 3, "cnn_small")
+    return nn.Sequential(OrderedDict([
+        *pre,
+        ("block1", _conv_bn(c, width)),
+        ("block2", _conv_bn(width, 2 * width)),
+        ("down", nn.MaxPool2d(2, ceil_mode=True)),
+        ("block3", _conv_bn(2 * width, 4 * width)),
+        ("pool", nn.AdaptiveAvgPool2d(1)),
+        *_head(4 * width, num_classes),
+    ]))
+
+
+class _Residual(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout))
+        self.skip = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.body(x) + self.skip(x))
+
+
+@TEACHERS.register("resnet_small")
+def resnet_small(input_shape: tuple[int, ...], num_classes: int, width: int = 16) -> nn.Module:
+    """A CIFAR-style ResNet (3 stages of 2 residual blocks) for small images."""
+    pre, c = _as_channels(input_shape, 3, "resnet_small")
+    return nn.Sequential(OrderedDict([
+        *pre,
+        ("stem", _conv_bn(c, width)),
+        ("stage1", nn.Sequential(_Residual(width, width, 1), _Residual(width, width, 1))),
+        ("stage2", nn.Sequential(_Residual(width, 2 * width, 2), _Residual(2 * width, 2 * width, 1))),
+        ("stage3", nn.Sequential(_Residual(2 * width, 4 * width, 2), _Residual(4 * width, 4 * width, 1))),
+        ("pool", nn.AdaptiveAvgPool2d(1)),
+        *_head(4 * width, num_classes),
+    ]))
+
+
+def _torchvision(name: str) -> Factory:
+    def factory(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+        import torchvision
+
+        if len(input_shape) != 3 or input_shape[0] != 3:
+            raise KdError(f"teacher {name} needs 3-channel images (C, H, W) with C=3, not "
+                          f"{tuple(input_shape)}; use teacher=cnn_small or resnet_small")
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+
+    factory.__doc__ = f"torchvision's {name} (random init, or pretrained=true with local weights)."
+    return factory
+
+
+for _name in ("resnet18", "mobilenet_v3_small"):
+    TEACHERS.register(_name)(_torchvision(_name))
+
+
+def auto_teacher(input_shape: tuple[int, ...]) -> str:
+    """teacher=auto: pick a built-in by the input's rank."""
+    if len(input_shape) == 1:
+        return "mlp"
+    if len(input_shape) == 2:
+        return "cnn1d"
+    return "cnn_small" if max(input_shape[1:]) <= 16 else "resnet_small"
+
+
+# =========================================================================== weights
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """Everything needed to rebuild the same teacher anywhere (picklable, sent to workers)."""
+
+    arch: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+    ckpt: str  # a path, or "random" (seeded random init, for tests and benchmarks)
+    seed: int = 0
+    layers: tuple[str, ...] = ()
+    pool: bool = True
+    device: str = "cpu"
+    compile: bool = False
+    fingerprint: str = field(default="", compare=False)
+
+
+def create_teacher(arch: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    return TEACHERS.get(arch)(tuple(input_shape), int(num_classes))
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a state dict from .safetensors or a torch file, never unpickling code."""
+    path = Path(path)
+    if not path.is_file():
+        raise KdError(f"teacher checkpoint {path} does not exist; pass teacher_ckpt=PATH to a "
+                      "state dict (.pt/.pth/.safetensors), or omit it to train one")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any unreadable file is the user's input problem
+        raise KdError(f"teacher checkpoint {path} cannot be read safely "
+                      f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); save a plain "
+                      "state dict with torch.save(model.state_dict(), ...) or safetensors") from None
+    if isinstance(state, dict):
+        for key in ("state_dict", "model", "model_state_dict"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise KdError(f"teacher checkpoint {path} does not hold a state dict of tensors")
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+
+
+def load_weights(model: nn.Module, path: str | Path, arch: str) -> nn.Module:
+    state = read_state_dict(path)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        details = "; ".join(f"{label}: {', '.join(keys[:3])}{'…' if len(keys) > 3 else ''}"
+                            for label, keys in (("missing", missing), ("unexpected", unexpected),
+                                                ("wrong shape", wrong)) if keys)
+        raise KdError(f"checkpoint {path} does not fit teacher {arch} ({details}); pass the "
+                      "teacher= architecture it was trained with")
+    model.load_state_dict(state)
+    return model
+
+
+def state_fingerprint(model: nn.Module, arch: str, input_shape, num_classes: int) -> str:
+    """sha256 of architecture + every tensor (name, dtype, shape, bytes) in sorted order.
+
+    torch.save files are not byte-stable, so the file itself is never hashed.
+    """
+    h = hashlib.sha256(repr((arch, tuple(input_shape), int(num_classes))).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def build_teacher(spec: TeacherSpec) -> nn.Module:
+    """The plain teacher module (eval mode, on CPU) with the spec's weights."""
+    if spec.ckpt == "random":
+        torch.manual_seed(spec.seed)
+        model = create_teacher(spec.arch, spec.input_shape, spec.num_classes)
+    else:
+        model = create_teacher(spec.arch, spec.input_shape, spec.num_classes)
+        load_weights(model, spec.ckpt, spec.arch)
+    model.eval()
+    if spec.fingerprint:
+        actual = state_fingerprint(model, spec.arch, spec.input_shape, spec.num_classes)
+        if actual != spec.fingerprint:
+            raise KdError(f"teacher checkpoint {spec.ckpt} changed while the cache was being "
+                          f"built (fingerprint {actual[:12]} != {spec.fingerprint[:12]}); "
+                          "restore it or build a new cache")
+    return model
+
+
+# =========================================================================== feature taps
+
+def layer_names(model: nn.Module) -> list[str]:
+    from torchvision.models.feature_extraction import get_graph_node_names
+
+    return get_graph_node_names(model)[1]
+
+
+def default_layers(model: nn.Module) -> tuple[str, ...]:
+    nodes = layer_names(model)
+    return (DEFAULT_LAYER,) if DEFAULT_LAYER in nodes else (nodes[-2],)
+
+
+class Tapped(nn.Module):
+    """A teacher that returns ``(logits, {layer: features})`` from one forward pass."""
+
+    def __init__(self, model: nn.Module, layers: tuple[str, ...], pool: bool, arch: str = "teacher"):
+        super().__init__()
+        from torchvision.models.feature_extraction import create_feature_extractor
+
+        nodes = layer_names(model)
+        unknown = [l for l in layers if l not in nodes]
+        if unknown:
+            sample = ", ".join(nodes[-8:])
+            raise KdError(f"teacher {arch} has no layer {unknown[0]!r}; layers include: {sample} "
+                          f"({len(nodes)} in all)")
+        self.layers = tuple(layers)
+        self.pool = pool
+        self.output_node = nodes[-1]
+        returns = {name: name for name in self.layers}
+        returns[self.output_node] = "__logits__"
+        self.extractor = create_feature_extractor(model, return_nodes=returns)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        out = self.extractor(x)
+        logits = out.pop("__logits__")
+        feats = {}
+        for name in self.layers:
+            f = out[name]
+            if self.pool and f.dim() > 2:  # spatial map → one vector per sample
+                f = f.flatten(2).mean(-1)
+            feats[name] = f
+        return logits, feats
+
+
+def pretrained_state(arch: str) -> dict[str, torch.Tensor]:
+    """torchvision's default weights for ``arch`` from the local torch hub cache.
+
+    kdcache never downloads weights during a run; with internet, fetch them once with
+    ``torchvision.models.get_model_weights(arch).DEFAULT.get_state_dict()``.
+    """
+    import torchvision
+
+    try:
+        weights = torchvision.models.get_model_weights(arch).DEFAULT
+    except (ValueError, KeyError):
+        raise KdError(f"teacher {arch} has no torchvision pretrained weights; set pretrained=false") from None
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    if not path.is_file():
+        raise KdError(f"pretrained weights for {arch} are not in {path.parent}; fetch them once "
+                      "with internet access, or set pretrained=false")
+    return torch.load(path, map_location="cpu", weights_only=True)

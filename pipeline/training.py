@@ -1,0 +1,120 @@
+"""The PyTorch training loop shared by teachers and torch students.
+
+One loop: AdamW with a one-cycle schedule, a validation pass every epoch, and the weights of the
+best validation epoch kept (model selection on val; test is scored once, by the caller).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline import runtime
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_val_accuracy: float
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def shift_augment(x: torch.Tensor, generator: torch.Generator, max_shift: int = 1) -> torch.Tensor:
+    """Random translation by up to ``max_shift`` pixels (images) or samples (signals), per
+    sample, zero-padded. Used only for training teachers: cached targets are valid only for the
+    exact input the teacher saw, so students train without augmentation."""
+    if x.dim() < 3:  # flat rows: no spatial axis to shift
+        return x
+    n = x.shape[0]
+    spatial = x.shape[2:]
+    pad = [max_shift] * (2 * len(spatial))
+    xp = nn.functional.pad(x, pad)
+    offsets = torch.randint(0, 2 * max_shift + 1, (n, len(spatial)), generator=generator)
+    out = torch.empty_like(x)
+    # 9 (or 3) distinct shifts: one gather per shift value instead of a loop over samples.
+    for combo in torch.unique(offsets, dim=0):
+        mask = (offsets == combo).all(dim=1)
+        sl = [slice(None), slice(None)] + [slice(int(o), int(o) + s) for o, s in zip(combo, spatial)]
+        out[mask] = xp[mask][tuple(sl)]
+    return out
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator | None) -> Iterable[torch.Tensor]:
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    for a in range(0, n, batch_size):
+        yield order[a:a + batch_size]
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, x: np.ndarray, device: torch.device, batch_size: int = 1024) -> np.ndarray:
+    model.eval()
+    out = []
+    for a in range(0, len(x), batch_size):
+        xb = runtime.to_device(torch.from_numpy(np.ascontiguousarray(x[a:a + batch_size])), device)
+        with runtime.autocast(device):
+            out.append(model(xb).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def fit(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
+        y_val: np.ndarray, loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+        *, epochs: int, lr: float, weight_decay: float, batch_size: int, seed: int,
+        device: torch.device, augment: bool = False, progress: bool = True, desc: str = "training") -> FitResult:
+    """Train ``model`` in place; on return it holds the weights of the best validation epoch.
+
+    ``loss_fn(outputs, labels, batch_rows)`` gets the model's outputs for a batch, its labels
+    and the batch's row positions in ``x_train`` (so distillation losses can look up targets).
+    """
+    from tqdm import tqdm
+
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model.to(device)
+    xt = torch.from_numpy(np.ascontiguousarray(x_train, np.float32))
+    yt = torch.from_numpy(np.asarray(y_train, np.int64))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    steps = max(1, epochs * -(-len(xt) // batch_size))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
+    result = FitResult(best_epoch=-1, best_val_accuracy=-1.0)
+    best_state, best_loss = None, float("inf")
+    t0 = time.perf_counter()
+    bar = tqdm(range(epochs), desc=desc, unit="epoch", disable=not progress, dynamic_ncols=True)
+    for epoch in bar:
+        model.train()
+        total, seen = 0.0, 0
+        for rows in batches(len(xt), batch_size, gen):
+            xb = xt[rows]
+            if augment:
+                xb = shift_augment(xb, gen)
+            xb, yb = runtime.to_device(xb, device), runtime.to_device(yt[rows], device)
+            with runtime.autocast(device):
+                loss = loss_fn(model(xb), yb, rows)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach()) * len(rows)
+            seen += len(rows)
+        val_logits = predict_logits(model, x_val, device)
+        val_acc = float((val_logits.argmax(1) == y_val).mean())
+        val_loss = float(nn.functional.cross_entropy(torch.from_numpy(val_logits),
+                                                     torch.from_numpy(np.asarray(y_val, np.int64))))
+        result.history.append({"epoch": epoch, "train_loss": total / max(1, seen),
+                               "val_accuracy": val_acc, "val_loss": val_loss})
+        if val_acc > result.best_val_accuracy or (val_acc == result.best_val_accuracy and val_loss < best_loss):
+            result.best_epoch, result.best_val_accuracy, best_loss = epoch, val_acc, val_loss
+            best_state = copy.deepcopy(model.state_dict())
+        bar.set_postfix(loss=f"{total / max(1, seen):.3f}", val_acc=f"{val_acc:.4f}",
+                        samples_s=f"{seen * (epoch + 1) / (time.perf_counter() - t0):.0f}")
+    bar.close()
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    result.seconds = time.perf_counter() - t0
+    return result

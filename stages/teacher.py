@@ -1,0 +1,93 @@
+"""Stage zero: train the teacher for a dataset.
+
+    kdcache teacher dataset=digits teacher=cnn_small epochs=40
+
+Trains with light shift augmentation, keeps the epoch with the best validation accuracy,
+scores the test split once, and saves ``model.safetensors``, ``config.json`` and
+``metrics.json`` under ``data/teachers/<dataset>/<teacher>/``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline import runtime, training
+from pipeline.config import TeacherConfig, resolve, save_config
+from pipeline.data import Dataset, dataset_slug, open_dataset
+from pipeline.errors import KdError
+from pipeline.io import atomic_write_text, fsync_dir
+from pipeline.teachers import auto_teacher, create_teacher, pretrained_state
+
+
+def teacher_arch(cfg: TeacherConfig, dataset: Dataset) -> str:
+    return auto_teacher(dataset.input_shape) if cfg.teacher == "auto" else cfg.teacher
+
+
+def teacher_dir(cfg: TeacherConfig, dataset: Dataset) -> Path:
+    return Path(cfg.teacher_dir) / dataset_slug(dataset.spec) / teacher_arch(cfg, dataset)
+
+
+def train_teacher(cfg: TeacherConfig, dataset: Dataset, progress: bool = True) -> dict:
+    arch = teacher_arch(cfg, dataset)
+    device = runtime.pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model = create_teacher(arch, dataset.input_shape, dataset.num_classes)
+    if cfg.pretrained:
+        state = pretrained_state(arch)
+        own = model.state_dict()
+        # the classifier head rarely matches num_classes; keep every tensor that fits
+        model.load_state_dict({k: v for k, v in state.items() if k in own and own[k].shape == v.shape},
+                              strict=False)
+
+    # Teacher training holds train and val in memory; caching (stage one) is what streams.
+    x = {s: dataset.inputs(s, 0, len(dataset.splits[s])) for s in ("train", "val", "test")}
+    y = {s: dataset.splits[s].labels for s in ("train", "val", "test")}
+    ce = nn.CrossEntropyLoss()
+    result = training.fit(model, x["train"], y["train"], x["val"], y["val"],
+                          lambda out, labels, rows: ce(out, labels),
+                          epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                          batch_size=cfg.batch_size, seed=cfg.seed, device=device,
+                          augment=cfg.augment, progress=progress, desc=f"teacher {arch}")
+    test_logits = training.predict_logits(model, x["test"], device)
+    test_acc = float((test_logits.argmax(1) == y["test"]).mean())  # scored once
+    metrics = {"arch": arch, "dataset": dataset.spec, "params": sum(p.numel() for p in model.parameters()),
+               "best_epoch": result.best_epoch, "val_accuracy": result.best_val_accuracy,
+               "test_accuracy": test_acc, "fit_seconds": round(result.seconds, 2),
+               "history": result.history}
+
+    out = teacher_dir(cfg, dataset)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"))
+        save_config(cfg, tmp / "config.json")
+        atomic_write_text(tmp / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+        fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {**{k: v for k, v in metrics.items() if k != "history"},
+            "checkpoint": str(out / "model.safetensors")}
+
+
+def main(args: list[str]) -> dict:
+    cfg = resolve(TeacherConfig, args, verb="teacher")
+    dataset = open_dataset(cfg)
+    summary = train_teacher(cfg, dataset)
+    print(f"teacher {summary['arch']} on {summary['dataset']}: val {summary['val_accuracy']:.4f}, "
+          f"test {summary['test_accuracy']:.4f} ({summary['params']:,} params, "
+          f"{summary['fit_seconds']:.1f}s)\nsaved {summary['checkpoint']}")
+    return summary
