@@ -141,8 +141,8 @@ class Dataset:
             total = total + x.sum(axis=axes)
             total_sq = total_sq + (x * x).sum(axis=axes)
             count += x.size // (self.sample_shape[0] if axes is not None else 1)
-        mean = np.asarray(total / count)
-        var = np.maximum(np.asarray(total_sq / count) - mean ** 2, 0.0)
+        mean = np.atleast_1d(total / count)
+        var = np.maximum(np.atleast_1d(total_sq / count) - mean ** 2, 0.0)
         std = np.sqrt(var)
         std[std < 1e-6] = 1.0  # constant channels stay as they are instead of dividing by 0
         shape = self._stat_shape()

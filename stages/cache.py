@@ -13,11 +13,12 @@ from pathlib import Path
 
 from pipeline import runtime
 from pipeline.cache import format as fmt
-from pipeline.cache.writer import build_cache, plan, probe_shapes
+from pipeline.cache.writer import build_cache, plan, probe
 from pipeline.config import CacheConfig, resolve
 from pipeline.data import dataset_slug, open_dataset
 from pipeline.errors import KdError
-from pipeline.teachers import Tapped, TeacherSpec, build_teacher, default_layers, state_fingerprint
+from pipeline.teachers import (Tapped, TeacherSpec, build_teacher, create_teacher, default_layers,
+                               state_fingerprint)
 from stages.teacher import teacher_arch, teacher_dir, train_teacher
 
 
@@ -35,6 +36,8 @@ def main(args: list[str]) -> dict:
     dataset = open_dataset(cfg)
     arch = teacher_arch(cfg, dataset)
 
+    create_teacher(arch, dataset.input_shape, dataset.num_classes)  # fail fast if it cannot fit
+
     # 1. Which weights: the user's checkpoint, seeded random ones, or the trained default.
     ckpt = cfg.teacher_ckpt
     if not ckpt:
@@ -50,7 +53,10 @@ def main(args: list[str]) -> dict:
     model = build_teacher(spec)
     layers = cfg.layers or default_layers(model)
     tapped = Tapped(model, layers, cfg.pool, arch)
-    shapes = probe_shapes(tapped, dataset)
+    shapes, finite = probe(tapped, dataset)
+    if not finite:
+        raise KdError(f"teacher {arch} produced NaN/inf outputs on the first training rows; check "
+                      f"the checkpoint {ckpt} and the inputs")
     if shapes["logits"] != (dataset.num_classes,):
         raise KdError(f"teacher {arch} outputs {shapes['logits']} logits but {dataset.spec} has "
                       f"{dataset.num_classes} classes; use a checkpoint trained on this dataset")

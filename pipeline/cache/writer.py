@@ -92,14 +92,16 @@ def plan(cfg: CacheConfig, dataset: Dataset, spec: TeacherSpec, shapes: dict[str
     }
 
 
-def probe_shapes(model: Tapped, dataset: Dataset) -> dict[str, tuple[int, ...]]:
-    """Per-sample output shapes, from one forward pass on two real training rows."""
+def probe(model: Tapped, dataset: Dataset) -> tuple[dict[str, tuple[int, ...]], bool]:
+    """Per-sample output shapes, and whether every output is finite, from one forward pass on
+    two real training rows (so bad weights fail before anything is written)."""
     x = torch.from_numpy(dataset.inputs("train", 0, min(2, len(dataset.splits["train"]))))
     with torch.inference_mode():
         logits, feats = model(x)
     shapes = {"logits": tuple(logits.shape[1:])}
     shapes.update({name: tuple(f.shape[1:]) for name, f in feats.items()})
-    return shapes
+    finite = all(bool(torch.isfinite(t).all()) for t in (logits, *feats.values()))
+    return shapes, finite
 
 
 # =========================================================================== one shard
@@ -286,7 +288,8 @@ def build_cache(root: Path, cfg: CacheConfig, dataset: Dataset, spec: TeacherSpe
                 manifest = existing  # resume: keep the original creation record
         elif root.exists() and any(root.iterdir()):
             raise KdError(f"{root} exists and is not a kdcache cache; choose another cache=PATH")
-        if not (root / fmt.MANIFEST).is_file():
+        created = not (root / fmt.MANIFEST).is_file()
+        if created:
             _initialise(root, cfg, manifest)
 
         done = _records(root, manifest)
@@ -294,8 +297,15 @@ def build_cache(root: Path, cfg: CacheConfig, dataset: Dataset, spec: TeacherSpe
         total = sum(s["rows"] for s in manifest["splits"].values())
         todo_rows = sum(j.stop - j.start for j in jobs)
         t0 = time.perf_counter()
-        _run(jobs, cfg, dataset, lambda r: done.__setitem__((r["split"], r["shard"]), r),
-             progress, total, total - todo_rows)
+        try:
+            _run(jobs, cfg, dataset, lambda r: done.__setitem__((r["split"], r["shard"]), r),
+                 progress, total, total - todo_rows)
+        except KdError:
+            # Bad input (e.g. the teacher emits NaN) would fail again on resume: leave nothing
+            # half-written behind. Interruptions and crashes keep the cache resumable.
+            if created:
+                shutil.rmtree(root, ignore_errors=True)
+            raise
         seconds = time.perf_counter() - t0
         manifest = _finalise(root, manifest, done, {"seconds": round(seconds, 3),
                                                     "computed_rows": todo_rows})
