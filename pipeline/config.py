@@ -153,9 +153,8 @@ def _coerce(cls: type, name: str, annotation: Any, value: Any) -> Any:
             return str(value)
         if origin is tuple:
             (item_type, _ellipsis) = typing.get_args(annotation)
-            items = value if isinstance(value, (list, tuple)) else [
-                v for v in str(value).split(",") if v.strip()
-            ]
+            # lists are comma- or space-separated, so Make's MODELS="a b c" passes through
+            items = value if isinstance(value, (list, tuple)) else str(value).replace(",", " ").split()
             return tuple(_coerce(cls, name, item_type, v.strip() if isinstance(v, str) else v)
                          for v in items)
     except (TypeError, ValueError):
@@ -230,3 +229,74 @@ def save_config(cfg: Any, path: str | os.PathLike) -> None:
 
     payload = {"kind": type(cfg).__name__, "config": to_dict(cfg)}
     atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    """Stage two: one student trained from a cache (the teacher is never loaded)."""
+
+    cache: str = ""  # "" = the default cache of dataset/teacher under cache_root
+    cache_root: str = "data/caches"
+    dataset: str = "digits"  # only to find the default cache when cache is empty
+    teacher: str = "auto"
+    model: str = "linear_svc"  # a student registry name
+    loss: str = "kd"  # input students: a loss registry name
+    target: str = "labels"  # feature students: labels | teacher (logreg_soft: teacher probabilities)
+    layer: str = ""  # feature students / fitnet: cached layer; "" = the cache's first layer
+    t: float = 0.0  # temperature; 0 = the cache's default
+    alpha: float = 0.9  # weight of the teacher term (kd, mse_logits, fitnet)
+    hint_weight: float = 1.0  # fitnet
+    dkd_alpha: float = 1.0  # dkd: weight of target-class KD
+    dkd_beta: float = 8.0  # dkd: weight of non-target-class KD
+    C: str = "1.0"  # feature students: inverse regularisation, or auto (chosen on val)
+    sgd_alpha: float = 1e-4  # sgd student: L2 penalty
+    width: int = 0  # input students: 0 = the student's default width
+    epochs: int = 60
+    lr: float = 1e-2
+    weight_decay: float = 5e-4
+    batch_size: int = 64
+    seed: int = 0
+    device: str = "auto"
+    runs_dir: str = "data/runs"
+
+    def check(self) -> None:
+        if self.t < 0:
+            raise KdError(f"t={self.t} must be > 0 (or 0 for the cache's default)")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise KdError(f"alpha={self.alpha} must be in [0, 1]")
+        _positive(self, "epochs", "lr", "batch_size", "sgd_alpha")
+        if self.hint_weight < 0 or self.dkd_alpha < 0 or self.dkd_beta < 0 or self.weight_decay < 0:
+            raise KdError("hint_weight, dkd_alpha, dkd_beta and weight_decay must be >= 0")
+        if self.width < 0:
+            raise KdError(f"width={self.width} must be >= 0")
+        if self.target not in ("labels", "teacher"):
+            raise KdError(f"target={self.target!r} must be labels or teacher")
+        if self.C != "auto":
+            try:
+                c = float(self.C)
+            except ValueError:
+                c = -1.0
+            if not c > 0:
+                raise KdError(f"C={self.C!r} must be a positive number or auto")
+
+
+@dataclass(frozen=True)
+class SweepConfig(StudentConfig):
+    """A grid of students from one cache: every combination of the lists below."""
+
+    models: tuple[str, ...] = ("linear_svc", "logreg", "cnn_small")
+    losses: tuple[str, ...] = ("kd", "ce")
+    seeds: tuple[int, ...] = (0, 1, 2)
+    temperatures: tuple[float, ...] = ()  # () = just t
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    cache: str = ""
+    cache_root: str = "data/caches"
+    dataset: str = "digits"
+    teacher: str = "auto"
+    out: str = ""  # "" = <results table>/report
+
+    def check(self) -> None:
+        pass

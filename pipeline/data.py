@@ -483,3 +483,17 @@ def synthetic(arg: str, cfg: DataConfig) -> Dataset:
     fixed = f"synthetic-v{SYNTHETIC_VERSION}-seed{cfg.seed}"
     return Dataset(spec, pools, shape, classes, cfg, normalise=False, fixed_fingerprint=fixed,
                    notes={"generator_version": SYNTHETIC_VERSION})
+
+
+def positions_of(ids: np.ndarray, wanted: np.ndarray, what: str = "cache") -> np.ndarray:
+    """Positions p with ``ids[p] == wanted``: the join of cached rows to dataset rows by
+    sample_id. Raises if any wanted id is absent (the cache is not from this data)."""
+    order = np.argsort(ids, kind="stable")
+    found = np.searchsorted(ids, wanted, sorter=order)
+    found = np.clip(found, 0, len(ids) - 1)
+    positions = order[found]
+    missing = ids[positions] != wanted
+    if missing.any():
+        raise KdError(f"{int(missing.sum())} {what} sample ids (e.g. {int(wanted[missing][0])}) are "
+                      "not in the dataset; the cache was built from other data")
+    return positions

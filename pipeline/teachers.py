@@ -279,7 +279,8 @@ class Tapped(nn.Module):
         logits = out.pop("__logits__")
         feats = {}
         for name in self.layers:
-            f = out[name]
+            # the output node is returned once, as the logits; tapping it means the logits
+            f = logits if name == self.output_node else out[name]
             if self.pool and f.dim() > 2:  # spatial map → one vector per sample
                 f = f.flatten(2).mean(-1)
             feats[name] = f

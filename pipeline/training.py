@@ -59,7 +59,10 @@ def predict_logits(model: nn.Module, x: np.ndarray, device: torch.device, batch_
     for a in range(0, len(x), batch_size):
         xb = runtime.to_device(torch.from_numpy(np.ascontiguousarray(x[a:a + batch_size])), device)
         with runtime.autocast(device):
-            out.append(model(xb).float().cpu().numpy())
+            logits = model(xb)
+        if isinstance(logits, tuple):  # students also return their features
+            logits = logits[0]
+        out.append(logits.float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 

@@ -141,7 +141,9 @@ def _worker_dataset(job: ShardJob) -> Dataset:
 
 
 def _worker_teacher(spec: TeacherSpec, threads: int) -> tuple[torch.nn.Module, torch.device]:
-    key = ("teacher", spec)
+    # TeacherSpec's equality ignores the fingerprint, but a checkpoint file can be replaced at
+    # the same path (e.g. a retrained teacher): key by the weights too, never reuse stale ones.
+    key = ("teacher", spec, spec.fingerprint)
     with _STATE_LOCK:
         if key not in _STATE:
             runtime.set_threads(threads)
@@ -286,7 +288,7 @@ def build_cache(root: Path, cfg: CacheConfig, dataset: Dataset, spec: TeacherSpe
                 return existing, {"computed_rows": 0, "skipped": True, "seconds": 0.0}
             else:
                 manifest = existing  # resume: keep the original creation record
-        elif root.exists() and any(root.iterdir()):
+        elif root.exists() and (not root.is_dir() or any(root.iterdir())):
             raise KdError(f"{root} exists and is not a kdcache cache; choose another cache=PATH")
         created = not (root / fmt.MANIFEST).is_file()
         if created:

@@ -1,0 +1,106 @@
+"""Distillation losses (a registry). Each is a pure function of the student's outputs and the
+cached teacher targets; each docstring gives the formula and the paper.
+
+Common arguments: ``z_s`` student logits [B, C]; ``z_t`` raw cached teacher logits [B, C];
+``y`` labels [B]; ``T`` temperature; KL(p ‖ q) = Σ p (log p − log q), averaged over the batch.
+Every loss returns a scalar tensor. Extra keyword arguments a loss does not use are ignored, so
+the training loop can call every loss the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.registry import Registry
+
+Loss = Callable[..., torch.Tensor]
+LOSSES: Registry[Loss] = Registry("loss")
+
+# Losses that read the cached teacher logits / a cached teacher feature. `ce` reads neither.
+USES_FEATURES = {"fitnet"}
+
+
+def soft_kl(z_s: torch.Tensor, z_t: torch.Tensor, T: float) -> torch.Tensor:
+    """KL(softmax(z_t/T) ‖ softmax(z_s/T)), summed over classes, averaged over the batch."""
+    log_p_s = F.log_softmax(z_s / T, dim=1)
+    log_p_t = F.log_softmax(z_t / T, dim=1)
+    return (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1).mean()
+
+
+@LOSSES.register("ce")
+def ce(z_s: torch.Tensor, y: torch.Tensor, **_) -> torch.Tensor:
+    """Cross-entropy on the labels only: L = CE(z_s, y) = −log softmax(z_s)_y.
+
+    The baseline every distillation result is compared with; it ignores the teacher.
+    """
+    return F.cross_entropy(z_s, y)
+
+
+@LOSSES.register("kd")
+def kd(z_s: torch.Tensor, y: torch.Tensor, *, z_t: torch.Tensor, T: float = 4.0,
+       alpha: float = 0.9, **_) -> torch.Tensor:
+    """Hinton knowledge distillation.
+
+    L = α · T² · KL(softmax(z_t/T) ‖ softmax(z_s/T)) + (1 − α) · CE(z_s, y)
+
+    The T² keeps the soft term's gradient scale independent of T.
+    Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network", 2015
+    (arXiv:1503.02531).
+    """
+    return alpha * T * T * soft_kl(z_s, z_t, T) + (1.0 - alpha) * F.cross_entropy(z_s, y)
+
+
+@LOSSES.register("mse_logits")
+def mse_logits(z_s: torch.Tensor, y: torch.Tensor, *, z_t: torch.Tensor, alpha: float = 0.9,
+               **_) -> torch.Tensor:
+    """Logit regression.
+
+    L = α · mean_c (z_s − z_t)² + (1 − α) · CE(z_s, y)
+
+    Ba & Caruana, "Do Deep Nets Really Need to be Deep?", NeurIPS 2014. Matching raw logits is
+    the T → ∞ limit of KD (with zero-mean logits).
+    """
+    return alpha * F.mse_loss(z_s, z_t) + (1.0 - alpha) * F.cross_entropy(z_s, y)
+
+
+@LOSSES.register("fitnet")
+def fitnet(z_s: torch.Tensor, y: torch.Tensor, *, z_t: torch.Tensor, hint: torch.Tensor,
+           f_t: torch.Tensor, T: float = 4.0, alpha: float = 0.9, hint_weight: float = 1.0,
+           **_) -> torch.Tensor:
+    """FitNets hint loss on top of KD.
+
+    L = KD(z_s, z_t, y; T, α) + w · mean (r(h_s) − f_t)²
+
+    where h_s is the student's penultimate activation, r a learned linear adapter to the
+    teacher's feature width, f_t the cached teacher feature and w = ``hint_weight``. The paper
+    trains the hint stage first; here both terms are optimised jointly, as most libraries do.
+    Romero et al., "FitNets: Hints for Thin Deep Nets", ICLR 2015 (arXiv:1412.6550).
+    """
+    return kd(z_s, y, z_t=z_t, T=T, alpha=alpha) + hint_weight * F.mse_loss(hint, f_t)
+
+
+@LOSSES.register("dkd")
+def dkd(z_s: torch.Tensor, y: torch.Tensor, *, z_t: torch.Tensor, T: float = 4.0,
+        dkd_alpha: float = 1.0, dkd_beta: float = 8.0, **_) -> torch.Tensor:
+    """Decoupled knowledge distillation.
+
+    L = CE(z_s, y) + a · T² · KL(b_t ‖ b_s) + b · T² · KL(p̂_t ‖ p̂_s)
+
+    b = [p_y, 1 − p_y] is the binary target-vs-rest distribution (TCKD term) and p̂ the softmax
+    over the non-target classes only (NCKD term), all at temperature T; a = ``dkd_alpha``,
+    b = ``dkd_beta`` (the paper uses 1 and 8).
+    Zhao et al., "Decoupled Knowledge Distillation", CVPR 2022 (arXiv:2203.08679).
+    """
+    gt = F.one_hot(y, z_s.shape[1]).bool()
+    p_s = F.softmax(z_s / T, dim=1)
+    p_t = F.softmax(z_t / T, dim=1)
+    b_s = torch.stack([p_s[gt], (p_s * ~gt).sum(1)], dim=1).clamp_min(1e-12)
+    b_t = torch.stack([p_t[gt], (p_t * ~gt).sum(1)], dim=1).clamp_min(1e-12)
+    tckd = (b_t * (b_t.log() - b_s.log())).sum(1).mean()
+    # Remove the target class from both distributions by pushing its logit to −∞ (−1000·T).
+    mask = gt.float() * 1000.0
+    nckd = soft_kl(z_s / T - mask, z_t / T - mask, 1.0)
+    return F.cross_entropy(z_s, y) + (dkd_alpha * tckd + dkd_beta * nckd) * T * T

@@ -1,0 +1,167 @@
+"""Feature students: scikit-learn linear models on cached teacher features ("feature transfer").
+
+Features are standardised with train statistics and handed to scikit-learn as contiguous
+float32 (float16 would be silently upcast to float64 by LogisticRegression).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable, Iterable
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.linear_model import LogisticRegression, SGDClassifier
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import LinearSVC
+
+from pipeline.students.registry import STUDENTS
+
+
+def as_f32(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+class _LinearBase(BaseEstimator, ClassifierMixin):
+    """Shared scoring of a fitted ``scaler_`` + linear ``model_``."""
+
+    kind = "features"
+
+    def decision_function(self, X: np.ndarray) -> np.ndarray:
+        return self.model_.decision_function(as_f32(self.scaler_.transform(as_f32(X))))
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.classes_[np.argmax(self.decision_function(X), axis=1)]
+
+    @property
+    def has_proba(self) -> bool:
+        return hasattr(self.model_, "predict_proba")
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        return self.model_.predict_proba(as_f32(self.scaler_.transform(as_f32(X))))
+
+    @property
+    def n_params_(self) -> int:
+        return int(self.model_.coef_.size + np.size(self.model_.intercept_))
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        """Everything needed to score new rows, as plain arrays (saved with safetensors)."""
+        return {"scaler_mean": self.scaler_.mean_, "scaler_scale": self.scaler_.scale_,
+                "coef": self.model_.coef_, "intercept": np.atleast_1d(self.model_.intercept_),
+                "classes": self.classes_}
+
+
+class FeatureStudent(_LinearBase):
+    """StandardScaler + LinearSVC / LogisticRegression on hard targets (labels or teacher argmax)."""
+
+    def __init__(self, estimator: str = "linear_svc", C: float = 1.0, max_iter: int = 5000,
+                 seed: int = 0):
+        self.estimator = estimator
+        self.C = C
+        self.max_iter = max_iter
+        self.seed = seed
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> "FeatureStudent":
+        X = as_f32(X)
+        self.scaler_ = StandardScaler().fit(X)
+        Xs = as_f32(self.scaler_.transform(X))
+        if self.estimator == "linear_svc":
+            model = LinearSVC(C=self.C, max_iter=self.max_iter, random_state=self.seed)
+        elif self.estimator == "logreg":
+            model = LogisticRegression(C=self.C, max_iter=self.max_iter, random_state=self.seed)
+        else:
+            raise ValueError(f"unknown estimator {self.estimator!r}")
+        self.model_ = model.fit(Xs, y)
+        self.classes_ = self.model_.classes_
+        return self
+
+
+class SoftLogRegStudent(_LinearBase):
+    """Logistic regression on the teacher's *soft* targets.
+
+    scikit-learn's LogisticRegression takes no 2-D probability target (scikit-learn #12342), so
+    each row is expanded once per class c with label c and sample weight p_teacher(c | x; T).
+    Minimising the weighted log loss then minimises the cross-entropy to the teacher's
+    distribution, Σ_c p_t(c) · (−log q(c | x)). Classes with p < ``min_prob`` are dropped to
+    bound the expansion.
+    """
+
+    def __init__(self, C: float = 1.0, max_iter: int = 5000, min_prob: float = 1e-4, seed: int = 0):
+        self.C = C
+        self.max_iter = max_iter
+        self.min_prob = min_prob
+        self.seed = seed
+
+    def fit(self, X: np.ndarray, soft_targets: np.ndarray) -> "SoftLogRegStudent":
+        X = as_f32(X)
+        n, k = soft_targets.shape
+        self.scaler_ = StandardScaler().fit(X)
+        Xs = as_f32(self.scaler_.transform(X))
+        rows, cls = np.nonzero(soft_targets >= self.min_prob)
+        weights = soft_targets[rows, cls].astype(np.float64)
+        self.model_ = LogisticRegression(C=self.C, max_iter=self.max_iter, random_state=self.seed)
+        self.model_.fit(Xs[rows], cls, sample_weight=weights * (n / weights.sum()))
+        if len(self.model_.classes_) != k:
+            raise ValueError("some class never received teacher probability mass")
+        self.classes_ = self.model_.classes_
+        return self
+
+
+class StreamingSGDStudent(_LinearBase):
+    """SGDClassifier (log loss) trained out of core with ``partial_fit``.
+
+    ``fit_stream`` makes one pass to standardise (StandardScaler.partial_fit), then ``epochs``
+    passes of partial_fit over freshly shuffled chunk streams; after each epoch it scores the
+    validation rows and keeps the best epoch's weights. Memory is bounded by the stream's
+    buffer, not by the number of rows.
+    """
+
+    def __init__(self, alpha: float = 1e-4, epochs: int = 20, seed: int = 0):
+        self.alpha = alpha
+        self.epochs = epochs
+        self.seed = seed
+
+    def fit_stream(self, batches: Callable[[int], Iterable[tuple[np.ndarray, np.ndarray]]],
+                   classes: np.ndarray, X_val: np.ndarray, y_val: np.ndarray) -> "StreamingSGDStudent":
+        """``batches(epoch)`` yields ``(X, y)`` chunks; epoch −1 is the scaling pass."""
+        self.scaler_ = StandardScaler()
+        for xb, _ in batches(-1):
+            self.scaler_.partial_fit(as_f32(xb))
+        self.model_ = SGDClassifier(loss="log_loss", alpha=self.alpha, random_state=self.seed,
+                                    learning_rate="optimal")
+        self.classes_ = np.asarray(classes)
+        best, self.history_ = (-1.0, None), []
+        for epoch in range(self.epochs):
+            for xb, yb in batches(epoch):
+                self.model_.partial_fit(as_f32(self.scaler_.transform(as_f32(xb))), yb, classes=classes)
+            acc = float(np.mean(self.predict(X_val) == y_val))
+            self.history_.append({"epoch": epoch, "val_accuracy": acc})
+            if acc > best[0]:
+                best = (acc, copy.deepcopy(self.model_))
+        self.model_ = best[1]
+        self.best_epoch_ = int(np.argmax([h["val_accuracy"] for h in self.history_]))
+        return self
+
+
+@STUDENTS.register("linear_svc")
+def linear_svc(C: float = 1.0, seed: int = 0, **_) -> FeatureStudent:
+    """LinearSVC on standardised teacher features."""
+    return FeatureStudent("linear_svc", C=C, seed=seed)
+
+
+@STUDENTS.register("logreg")
+def logreg(C: float = 1.0, seed: int = 0, **_) -> FeatureStudent:
+    """LogisticRegression on standardised teacher features."""
+    return FeatureStudent("logreg", C=C, seed=seed)
+
+
+@STUDENTS.register("logreg_soft")
+def logreg_soft(C: float = 1.0, seed: int = 0, **_) -> SoftLogRegStudent:
+    """LogisticRegression fitted to the teacher's softmax(z/T) by sample-weight expansion."""
+    return SoftLogRegStudent(C=C, seed=seed)
+
+
+@STUDENTS.register("sgd")
+def sgd(seed: int = 0, epochs: int = 20, sgd_alpha: float = 1e-4, **_) -> StreamingSGDStudent:
+    """SGDClassifier streamed chunk by chunk from the cache (works on caches larger than RAM)."""
+    return StreamingSGDStudent(alpha=sgd_alpha, epochs=epochs, seed=seed)

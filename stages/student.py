@@ -1,0 +1,186 @@
+"""Stage two: train one student from a teacher cache. The teacher is never loaded.
+
+    kdcache student model=linear_svc                     # sklearn on cached teacher features
+    kdcache student model=cnn_small loss=kd t=4 alpha=0.9 seed=1
+    kdcache student model=logreg_soft t=2 C=auto
+
+Writes a run directory (resolved config, metrics.json, the student's weights as safetensors,
+a log) under runs_dir, then appends one row to the results table beside the cache.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import metrics
+from pipeline.cache import TeacherCache, open_cache, softmax
+from pipeline.config import DataConfig, StudentConfig, resolve, save_config
+from pipeline.data import Dataset, open_dataset, positions_of
+from pipeline.errors import KdError
+from pipeline.io import atomic_write_text, fsync_dir
+from pipeline.losses import LOSSES, USES_FEATURES
+from pipeline.results import append_row, results_dir
+from pipeline.students import STUDENTS, create_student
+from stages.info import cache_path
+
+C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
+
+
+def main(args: list[str]) -> dict:
+    cfg = resolve(StudentConfig, args, verb="student")
+    summary = run_student(cfg)
+    print(f"student {summary['model']} ({summary['loss']}, T={summary['T']:g}, seed {summary['seed']}): "
+          f"test {summary['test_accuracy']:.4f}, val {summary['val_accuracy']:.4f}, "
+          f"agreement {summary['teacher_agreement']:.4f} (teacher test {summary['teacher_test_accuracy']:.4f}); "
+          f"{summary['params']:,} params, fit {summary['fit_seconds']:.1f}s\n"
+          f"run  {summary['run_dir']}\nrow  {summary['results']}")
+    return summary
+
+
+def reopen_dataset(cache: TeacherCache) -> Dataset:
+    """The dataset the cache was built from, checked against the cache's fingerprint."""
+    dataset = open_dataset(resolve(DataConfig, cache.manifest["dataset"]["config"]))
+    if dataset.fingerprint != cache.dataset_fingerprint:
+        raise KdError(f"dataset {dataset.spec} on disk differs from the one cache {cache.root} was "
+                      f"built from (fingerprint {dataset.fingerprint[:12]} != "
+                      f"{cache.dataset_fingerprint[:12]}); restore the data or rebuild the cache")
+    return dataset
+
+
+def joined_inputs(dataset: Dataset, cache: TeacherCache, split: str) -> np.ndarray:
+    """Inputs in cache row order: row r is the sample named by the cache index's sample_id r."""
+    positions = positions_of(dataset.splits[split].sample_ids, cache.sample_ids(split))
+    return dataset.inputs(split, 0, len(dataset.splits[split]))[positions]
+
+
+def run_student(cfg: StudentConfig, progress: bool = True) -> dict:
+    # 1. The cache, and every check that can fail before any work is done.
+    cache = open_cache(cache_path(cfg))
+    T = cfg.t or cache.temperature
+    STUDENTS.get(cfg.model)
+    layer = cfg.layer or cache.layers[0]
+    if layer not in cache.layers:
+        raise KdError(f"cache {cache.root} holds no layer {layer!r}; it holds {', '.join(cache.layers)}")
+    params = dict(C=1.0 if cfg.C == "auto" else float(cfg.C), seed=cfg.seed, epochs=cfg.epochs,
+                  sgd_alpha=cfg.sgd_alpha, loss=cfg.loss, T=T, alpha=cfg.alpha,
+                  hint_weight=cfg.hint_weight, dkd_alpha=cfg.dkd_alpha, dkd_beta=cfg.dkd_beta,
+                  width=cfg.width, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                  batch_size=cfg.batch_size, device=cfg.device, progress=progress)
+    student = create_student(cfg.model, **params)
+    if student.kind == "inputs":
+        LOSSES.get(cfg.loss)
+        loss_name = cfg.loss
+    else:
+        loss_name = "soft" if cfg.model == "logreg_soft" else f"target={cfg.target}"
+
+    # 2. Fit: feature students on cached features, input students on inputs joined by sample_id.
+    y = {s: cache.labels(s) for s in ("train", "val", "test")}
+    t0 = time.perf_counter()
+    if student.kind == "features":
+        X = {s: cache.features(s, layer).reshape(cache.num_rows(s), -1) for s in ("train", "val", "test")}
+        student, chosen_c = fit_feature_student(cfg, student, cache, X, y, T, layer, params)
+    else:
+        dataset = reopen_dataset(cache)
+        X = {s: joined_inputs(dataset, cache, s) for s in ("train", "val", "test")}
+        feats = cache.features("train", layer) if cfg.loss in USES_FEATURES else None
+        student.fit(X["train"], y["train"], teacher_logits=cache.raw_logits("train"),
+                    teacher_features=feats, X_val=X["val"], y_val=y["val"])
+        chosen_c = ""
+    fit_seconds = time.perf_counter() - t0
+
+    # 3. Score: validation for the record, test exactly once.
+    val_acc = metrics.accuracy(student.predict(X["val"]), y["val"])
+    t1 = time.perf_counter()
+    test_scores = student.decision_function(X["test"])
+    latency_ms = (time.perf_counter() - t1) * 1000 / len(X["test"])
+    test_pred = student.classes_[test_scores.argmax(1)]
+    if student.has_proba:
+        test_probs = student.predict_proba(X["test"])
+    else:  # LinearSVC: calibrate margins with a temperature fitted on val
+        scale = metrics.fit_temperature(student.decision_function(X["val"]), y["val"])
+        test_probs = softmax(test_scores / scale)
+    teacher_test = cache.raw_logits("test")
+    result = {
+        "model": cfg.model, "kind": student.kind, "loss": loss_name, "T": T,
+        "alpha": cfg.alpha, "seed": cfg.seed, "epochs": cfg.epochs, "C": str(chosen_c or ""),
+        "layer": layer if (student.kind == "features" or cfg.loss in USES_FEATURES) else "",
+        "test_accuracy": metrics.accuracy(test_pred, y["test"]), "val_accuracy": val_acc,
+        "teacher_agreement": metrics.teacher_agreement(test_pred, teacher_test),
+        "kl_teacher_student": metrics.kl_teacher_student(teacher_test, test_probs),
+        "ece": metrics.ece(test_probs, y["test"]),
+        "params": int(student.n_params_), "fit_seconds": round(fit_seconds, 3),
+        "latency_ms": round(latency_ms, 5),
+        "teacher_test_accuracy": cache.teacher_accuracy("test"),
+        "teacher_fingerprint": cache.teacher_fingerprint, "dataset_fingerprint": cache.dataset_fingerprint,
+        "cache": str(cache.root),
+    }
+
+    # 4. The run directory (written privately, then renamed), then the results row.
+    run_id = (f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{cfg.model}-"
+              f"{loss_name.replace('=', '-')}-s{cfg.seed}-{secrets.token_hex(3)}")
+    run_dir = Path(cfg.runs_dir) / cache.root.name / run_id
+    result.update(run_id=run_id, time=datetime.now(timezone.utc).isoformat(), run_dir=str(run_dir))
+    write_run(run_dir, cfg, student, result)
+    row = append_row(results_dir(cache.root), result)
+    return {**result, "results": str(row)}
+
+
+def fit_feature_student(cfg, student, cache, X, y, T, layer, params):
+    if cfg.model == "sgd":
+        classes = np.arange(cache.num_classes)
+
+        def batches(epoch: int):
+            for b in cache.stream("train", batch_size=1024, T=T, layers=(layer,),
+                                  logits=cfg.target == "teacher", shuffle=epoch >= 0,
+                                  seed=cfg.seed * 100_003 + epoch):
+                xb = b.features[layer].reshape(len(b.sample_id), -1)
+                yield xb, (b.logits.argmax(1) if cfg.target == "teacher" else b.label)
+
+        return student.fit_stream(batches, classes, X["val"], y["val"]), ""
+    if cfg.model == "logreg_soft":
+        target = cache.probs("train", T)
+    elif cfg.target == "teacher":
+        target = cache.raw_logits("train").argmax(1)
+    else:
+        target = y["train"]
+    grid = C_GRID if cfg.C == "auto" else (float(cfg.C),)
+    best = None
+    for c in grid:  # model selection on the validation split
+        candidate = create_student(cfg.model, **{**params, "C": c}).fit(X["train"], target)
+        acc = metrics.accuracy(candidate.predict(X["val"]), y["val"])
+        if best is None or acc > best[0]:
+            best = (acc, candidate, c)
+    return best[1], best[2] if cfg.C == "auto" else ""
+
+
+def write_run(run_dir: Path, cfg: StudentConfig, student, result: dict) -> None:
+    from safetensors.numpy import save_file as save_numpy
+    from safetensors.torch import save_file as save_torch
+
+    tmp = run_dir.parent / f".{run_dir.name}.incomplete"
+    tmp.mkdir(parents=True)
+    try:
+        save_config(cfg, tmp / "config.json")
+        tensors = student.tensors()
+        meta = {"model": cfg.model, "kind": student.kind, "params": json.dumps(student.get_params(), default=str)}
+        if student.kind == "inputs":
+            save_torch(tensors, str(tmp / "student.safetensors"), metadata=meta)
+        else:
+            save_numpy({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+                       str(tmp / "student.safetensors"), metadata=meta)
+        atomic_write_text(tmp / "metrics.json", json.dumps(result, indent=2, default=str) + "\n")
+        history = getattr(student, "history_", [])
+        log = [json.dumps(h) for h in history] + [json.dumps({"final": result}, default=str)]
+        atomic_write_text(tmp / "log.jsonl", "\n".join(log) + "\n")
+        tmp.rename(run_dir)
+        fsync_dir(run_dir.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
