@@ -47,7 +47,8 @@ def mlp(input_shape: tuple[int, ...], num_classes: int, hidden: int = 256) -> nn
 def _as_channels(input_shape: tuple[int, ...], rank: int, name: str) -> tuple[list, int]:
     """Input adapters so that 1-D signals (L,) and grey images (H, W) get a channel axis."""
     if len(input_shape) == rank - 1:
-        return [("unsqueeze", nn.Unflatten(1, (1, *input_shape)))], 1
+        # (B, L) -> (B, 1, L) and (B, H, W) -> (B, 1, H, W): split axis 1 into (1, itself)
+        return [("unsqueeze", nn.Unflatten(1, (1, input_shape[0])))], 1
     if len(input_shape) == rank:
         return [], input_shape[0]
     want = "(L,) or (C, L)" if rank == 2 else "(C, H, W)"

@@ -31,6 +31,7 @@ from pipeline.students import STUDENTS, create_student
 from stages.info import cache_path
 
 C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
+TEMPERATURE_LOSSES = {"kd", "fitnet", "dkd"}  # the losses that soften with T (T=0 is recorded otherwise)
 
 
 def main(args: list[str]) -> dict:
@@ -77,8 +78,10 @@ def run_student(cfg: StudentConfig, progress: bool = True) -> dict:
     if student.kind == "inputs":
         LOSSES.get(cfg.loss)
         loss_name = cfg.loss
+        uses_t = cfg.loss in TEMPERATURE_LOSSES
     else:
         loss_name = "soft" if cfg.model == "logreg_soft" else f"target={cfg.target}"
+        uses_t = cfg.model == "logreg_soft"
 
     # 2. Fit: feature students on cached features, input students on inputs joined by sample_id.
     y = {s: cache.labels(s) for s in ("train", "val", "test")}
@@ -108,7 +111,7 @@ def run_student(cfg: StudentConfig, progress: bool = True) -> dict:
         test_probs = softmax(test_scores / scale)
     teacher_test = cache.raw_logits("test")
     result = {
-        "model": cfg.model, "kind": student.kind, "loss": loss_name, "T": T,
+        "model": cfg.model, "kind": student.kind, "loss": loss_name, "T": T if uses_t else 0.0,
         "alpha": cfg.alpha, "seed": cfg.seed, "epochs": cfg.epochs, "C": str(chosen_c or ""),
         "layer": layer if (student.kind == "features" or cfg.loss in USES_FEATURES) else "",
         "test_accuracy": metrics.accuracy(test_pred, y["test"]), "val_accuracy": val_acc,
