@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     if as_json:
         sys.stdout.flush()
         print(json.dumps(summary, sort_keys=True, default=str))
-    return 0
+    return 1 if summary.get("ok") is False else 0  # a check that ran and failed (verify)
 
 
 if __name__ == "__main__":

@@ -87,7 +87,9 @@ def run_student(cfg: StudentConfig, progress: bool = True) -> dict:
     y = {s: cache.labels(s) for s in ("train", "val", "test")}
     t0 = time.perf_counter()
     if student.kind == "features":
-        X = {s: cache.features(s, layer).reshape(cache.num_rows(s), -1) for s in ("train", "val", "test")}
+        # sgd streams the train split out of core: never load its features whole.
+        splits = ("val", "test") if cfg.model == "sgd" else ("train", "val", "test")
+        X = {s: cache.features(s, layer).reshape(cache.num_rows(s), -1) for s in splits}
         student, chosen_c = fit_feature_student(cfg, student, cache, X, y, T, layer, params)
     else:
         dataset = reopen_dataset(cache)
@@ -109,6 +111,10 @@ def run_student(cfg: StudentConfig, progress: bool = True) -> dict:
     else:  # LinearSVC: calibrate margins with a temperature fitted on val
         scale = metrics.fit_temperature(student.decision_function(X["val"]), y["val"])
         test_probs = softmax(test_scores / scale)
+    if len(student.classes_) != cache.num_classes:  # target=teacher never named some class:
+        full = np.zeros((len(test_probs), cache.num_classes), np.float32)  # column = class id
+        full[:, student.classes_] = test_probs
+        test_probs = full
     teacher_test = cache.raw_logits("test")
     result = {
         "model": cfg.model, "kind": student.kind, "loss": loss_name, "T": T if uses_t else 0.0,
@@ -142,7 +148,7 @@ def fit_feature_student(cfg, student, cache, X, y, T, layer, params):
         def batches(epoch: int):
             for b in cache.stream("train", batch_size=1024, T=T, layers=(layer,),
                                   logits=cfg.target == "teacher", shuffle=epoch >= 0,
-                                  seed=cfg.seed * 100_003 + epoch):
+                                  seed=cfg.seed * 100_003 + epoch + 1):  # epoch -1: seed >= 0
                 xb = b.features[layer].reshape(len(b.sample_id), -1)
                 yield xb, (b.logits.argmax(1) if cfg.target == "teacher" else b.label)
 
@@ -151,6 +157,9 @@ def fit_feature_student(cfg, student, cache, X, y, T, layer, params):
         target = cache.probs("train", T)
     elif cfg.target == "teacher":
         target = cache.raw_logits("train").argmax(1)
+        if len(np.unique(target)) < 2:
+            raise KdError(f"the teacher of cache {cache.root} predicts a single class on every train "
+                          "row, so target=teacher leaves nothing to learn; use target=labels")
     else:
         target = y["train"]
     grid = C_GRID if cfg.C == "auto" else (float(cfg.C),)
