@@ -95,11 +95,15 @@ def dkd(z_s: torch.Tensor, y: torch.Tensor, *, z_t: torch.Tensor, T: float = 4.0
     Zhao et al., "Decoupled Knowledge Distillation", CVPR 2022 (arXiv:2203.08679).
     """
     gt = F.one_hot(y, z_s.shape[1]).bool()
-    p_s = F.softmax(z_s / T, dim=1)
-    p_t = F.softmax(z_t / T, dim=1)
-    b_s = torch.stack([p_s[gt], (p_s * ~gt).sum(1)], dim=1).clamp_min(1e-12)
-    b_t = torch.stack([p_t[gt], (p_t * ~gt).sum(1)], dim=1).clamp_min(1e-12)
-    tckd = (b_t * (b_t.log() - b_s.log())).sum(1).mean()
+
+    def log_binary(z: torch.Tensor) -> torch.Tensor:
+        # log b = [log p_y, log(1 − p_y)] in log space: exact even when p_y underflows
+        # (clamping p_y would change the loss and zero its gradient for confidently wrong rows).
+        log_p = F.log_softmax(z / T, dim=1)
+        return torch.stack([log_p[gt], torch.logsumexp(log_p.masked_fill(gt, float("-inf")), 1)], 1)
+
+    log_b_s, log_b_t = log_binary(z_s), log_binary(z_t)
+    tckd = (log_b_t.exp() * (log_b_t - log_b_s)).sum(1).mean()
     # Remove the target class from both distributions by pushing its logit to −∞ (−1000·T).
     mask = gt.float() * 1000.0
     nckd = soft_kl(z_s / T - mask, z_t / T - mask, 1.0)

@@ -109,7 +109,9 @@ def run_student(cfg: StudentConfig, progress: bool = True) -> dict:
     if student.has_proba:
         test_probs = student.predict_proba(X["test"])
     else:  # LinearSVC: calibrate margins with a temperature fitted on val
-        scale = metrics.fit_temperature(student.decision_function(X["val"]), y["val"])
+        known = np.isin(y["val"], student.classes_)  # score columns are positions in classes_
+        scale = metrics.fit_temperature(student.decision_function(X["val"])[known],
+                                        np.searchsorted(student.classes_, y["val"][known]))
         test_probs = softmax(test_scores / scale)
     if len(student.classes_) != cache.num_classes:  # target=teacher never named some class:
         full = np.zeros((len(test_probs), cache.num_classes), np.float32)  # column = class id

@@ -28,7 +28,10 @@ class _LinearBase(BaseEstimator, ClassifierMixin):
     kind = "features"
 
     def decision_function(self, X: np.ndarray) -> np.ndarray:
-        return self.model_.decision_function(as_f32(self.scaler_.transform(as_f32(X))))
+        scores = self.model_.decision_function(as_f32(self.scaler_.transform(as_f32(X))))
+        if scores.ndim == 1:  # binary: scikit-learn returns one margin, > 0 for classes_[1]
+            scores = np.stack([-scores, scores], axis=1)
+        return scores
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         return self.classes_[np.argmax(self.decision_function(X), axis=1)]
@@ -120,6 +123,21 @@ class StreamingSGDStudent(_LinearBase):
         self.alpha = alpha
         self.epochs = epochs
         self.seed = seed
+
+    def fit(self, X: np.ndarray, y: np.ndarray, X_val: np.ndarray | None = None,
+            y_val: np.ndarray | None = None) -> "StreamingSGDStudent":
+        """The in-memory form of :meth:`fit_stream` (scikit-learn's ``fit(X, y)``): rows are
+        streamed in chunks of 1024, reshuffled every epoch; validation defaults to the train rows."""
+        X, y = np.asarray(X), np.asarray(y)
+        X_val, y_val = (X, y) if X_val is None else (X_val, y_val)
+
+        def batches(epoch: int):
+            rows = (np.arange(len(X)) if epoch < 0
+                    else np.random.default_rng([self.seed, epoch]).permutation(len(X)))
+            for a in range(0, len(X), 1024):
+                yield X[rows[a:a + 1024]], y[rows[a:a + 1024]]
+
+        return self.fit_stream(batches, np.unique(y), X_val, y_val)
 
     def fit_stream(self, batches: Callable[[int], Iterable[tuple[np.ndarray, np.ndarray]]],
                    classes: np.ndarray, X_val: np.ndarray, y_val: np.ndarray) -> "StreamingSGDStudent":

@@ -1,0 +1,562 @@
+"""Stage two end to end: students trained from a small cached teacher, the sample_id join, the
+streaming reader, bad input, sweep and report.
+
+One digits cache (a cnn_small teacher trained for 4 epochs) is built once for the module in a
+tmp directory; tests that need their own results table work on a copy of it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import pipeline.cache.reader as reader
+from pipeline.cache import TeacherCache, open_cache
+from pipeline.config import DataConfig, StudentConfig, resolve
+from pipeline.data import open_dataset, positions_of
+from pipeline.errors import KdError
+from pipeline.results import read_results, results_dir
+from stages.cli import main as cli
+from stages.student import joined_inputs, run_student
+
+SUMMARY_KEYS = {"model", "loss", "test_accuracy", "val_accuracy", "teacher_agreement",
+                "teacher_test_accuracy", "params", "fit_seconds", "run_dir"}
+RUN_FILES = {"config.json", "metrics.json", "student.safetensors", "log.jsonl"}
+
+
+# =========================================================================== fixtures and helpers
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> SimpleNamespace:
+    """A digits cache built once: cnn_small teacher, 4 epochs, synchronous scheduler."""
+    d = tmp_path_factory.mktemp("stage_two")
+    cache = d / "caches" / "digits"
+    rc = cli(["cache", "dataset=digits", "teacher=cnn_small", f"teacher_dir={d}/teachers",
+              f"cache_root={d}/caches", f"cache={cache}", "scheduler=synchronous", "epochs=4"])
+    assert rc == 0
+    return SimpleNamespace(work=d, cache=cache, teacher_dir=d / "teachers", runs=d / "runs")
+
+
+def num_rows(cache: Path) -> int:
+    return read_results(results_dir(cache)).num_rows
+
+
+def student(capsys, cache: Path, runs: Path, *args: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    rc = cli(["student", f"cache={cache}", f"runs_dir={runs}", *args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def last_json(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def copy_cache(src: Path, dst: Path) -> Path:
+    """A copy of a cache without its results table (results live beside the cache)."""
+    shutil.copytree(src, dst)
+    return dst
+
+
+def shuffle_cache_rows(root: Path, seed: int) -> dict[str, np.ndarray]:
+    """Physically permute the rows of every split of a cache (arrays and index together), as a
+    cache written in another order would be. Returns the permutation per split."""
+    import zarr
+
+    manifest = json.loads((root / "manifest.json").read_text())
+    group = zarr.open_group(root / "arrays.zarr", mode="r+")
+    rng = np.random.default_rng(seed)
+    perms = {}
+    for split, info in manifest["splits"].items():
+        perm = rng.permutation(info["rows"])
+        for key in [f"{split}/logits"] + [f"{split}/features/{layer}" for layer in manifest["layers"]]:
+            arr = group[key]
+            arr[:] = arr[:][perm]
+        path = root / "index" / f"{split}.parquet"
+        table = pq.read_table(path).take(pa.array(perm))
+        table = table.set_column(table.schema.get_field_index("row"), "row",
+                                 pa.array(np.arange(info["rows"]), pa.int64()))
+        pq.write_table(table, path)
+        perms[split] = perm
+    return perms
+
+
+@pytest.fixture(scope="module")
+def shuffled(env, tmp_path_factory) -> SimpleNamespace:
+    root = copy_cache(env.cache, tmp_path_factory.mktemp("shuffled") / "digits-shuffled")
+    perms = shuffle_cache_rows(root, seed=123)
+    return SimpleNamespace(root=root, perms=perms)
+
+
+def digits_inputs(dataset, ids: np.ndarray) -> np.ndarray:
+    """The oracle: digits sample_id is the row in load_digits(), normalised like the teacher saw it."""
+    from sklearn.datasets import load_digits
+
+    images = load_digits().images.astype(np.float32)[:, None]
+    return dataset.normalise(images[ids])
+
+
+# =========================================================================== the sample_id join
+
+@settings(max_examples=50, deadline=None, derandomize=True, database=None)
+@given(n=st.integers(1, 200), seed=st.integers(0, 2**32 - 1), take=st.floats(0.0, 1.0))
+def test_positions_of_joins_by_id(n, seed, take):
+    rng = np.random.default_rng(seed)
+    ids = rng.choice(2**62, size=n, replace=False).astype(np.int64)  # unique, unsorted
+    wanted = rng.permutation(ids)[: max(1, int(take * n))]
+    positions = positions_of(ids, wanted)
+    np.testing.assert_array_equal(ids[positions], wanted)
+
+
+def test_positions_of_raises_when_an_id_is_absent():
+    ids = np.array([10, 3, 7, 42], np.int64)
+    with pytest.raises(KdError, match=r"1 cache sample ids \(e.g. 5\) are not in the dataset"):
+        positions_of(ids, np.array([7, 5, 10], np.int64))
+    with pytest.raises(KdError, match="not in the dataset"):
+        positions_of(ids, np.array([100], np.int64))  # past the largest id
+    with pytest.raises(KdError, match="not in the dataset"):
+        positions_of(ids, np.array([-1], np.int64))  # before the smallest
+
+
+class FakeCache:
+    """Just enough of TeacherCache for joined_inputs: the sample ids in cache row order."""
+
+    def __init__(self, ids: dict[str, np.ndarray]):
+        self.ids = ids
+
+    def sample_ids(self, split: str) -> np.ndarray:
+        return self.ids[split]
+
+
+def test_joined_inputs_follow_sample_id_not_position(tmp_path):
+    # Every input row holds its own sample_id (npz ids: train rows first, then test rows).
+    n_train, n_test = 80, 20
+    x_train = np.repeat(np.arange(n_train, dtype=np.float32)[:, None], 3, 1)
+    x_test = np.repeat(np.arange(n_train, n_train + n_test, dtype=np.float32)[:, None], 3, 1)
+    path = tmp_path / "ids.npz"
+    np.savez(path, x_train=x_train, y_train=np.arange(n_train) % 3, x_test=x_test,
+             y_test=np.arange(n_test) % 3)
+    dataset = open_dataset(DataConfig(dataset=f"npz:{path}"))
+    rng = np.random.default_rng(0)
+    cache = FakeCache({s: rng.permutation(dataset.splits[s].sample_ids) for s in ("train", "val", "test")})
+    for split in ("train", "val", "test"):
+        ids = cache.sample_ids(split)
+        assert not np.array_equal(ids, dataset.splits[split].sample_ids)  # really reordered
+        joined = joined_inputs(dataset, cache, split)
+        expected = dataset.normalise(np.repeat(ids.astype(np.float32)[:, None], 3, 1))
+        np.testing.assert_allclose(joined, expected, rtol=1e-6, atol=1e-6)
+    # An id the dataset does not hold is refused, never silently paired with another row.
+    bad = FakeCache({"train": np.append(cache.sample_ids("train")[:5], 10_000)})
+    with pytest.raises(KdError, match="not in the dataset"):
+        joined_inputs(dataset, bad, "train")
+
+
+def test_shuffled_cache_joins_inputs_by_sample_id(env, shuffled):
+    import torch
+
+    from pipeline.teachers import TeacherSpec, build_teacher
+
+    original, cache = open_cache(env.cache), open_cache(shuffled.root)
+    dataset = open_dataset(resolve(DataConfig, cache.manifest["dataset"]["config"]))
+    teacher = cache.manifest["teacher"]
+    model = build_teacher(TeacherSpec(teacher["arch"], tuple(teacher["input_shape"]),
+                                      teacher["num_classes"], teacher["ckpt"]))
+    for split in ("train", "val", "test"):
+        perm = shuffled.perms[split]
+        ids = cache.sample_ids(split)
+        np.testing.assert_array_equal(ids, original.sample_ids(split)[perm])
+        assert not np.array_equal(ids, original.sample_ids(split))
+        np.testing.assert_array_equal(cache.raw_logits(split), original.raw_logits(split)[perm])
+
+        joined = joined_inputs(dataset, cache, split)
+        np.testing.assert_array_equal(joined, digits_inputs(dataset, ids))
+        # Row r of the joined inputs is what the teacher saw for cached row r.
+        with torch.inference_mode():
+            logits = model(torch.from_numpy(joined)).numpy()
+        np.testing.assert_allclose(logits, cache.raw_logits(split), rtol=3e-3, atol=3e-3)
+        # A positional join (the classic bug) would pair rows with other samples' logits.
+        with torch.inference_mode():
+            positional = model(torch.from_numpy(dataset.inputs(split, 0, len(ids)))).numpy()
+        assert not np.allclose(positional, cache.raw_logits(split), rtol=3e-3, atol=3e-3)
+
+
+@pytest.mark.parametrize("which", ["original", "shuffled"])
+def test_stream_batches_match_rows_of_their_sample_ids(env, shuffled, which):
+    cache = open_cache(env.cache if which == "original" else shuffled.root)
+    layer = cache.layers[0]
+    for split in ("train", "test"):
+        full_logits = cache.logits(split, T=2.0)
+        full_feats = cache.features(split, layer)
+        ids, labels = cache.sample_ids(split), cache.labels(split)
+        seen = []
+        for batch in cache.stream(split, batch_size=50, T=2.0, layers=(layer,), shuffle=True,
+                                  seed=5, buffer_chunks=2):
+            rows = positions_of(ids, batch.sample_id)
+            np.testing.assert_array_equal(batch.logits, full_logits[rows])
+            np.testing.assert_array_equal(batch.features[layer], full_feats[rows])
+            np.testing.assert_array_equal(batch.label, labels[rows])
+            assert len(batch.sample_id) <= 50
+            seen.append(batch.sample_id)
+        seen = np.concatenate(seen)
+        assert sorted(seen.tolist()) == sorted(ids.tolist())  # every row exactly once
+        assert not np.array_equal(seen, ids)  # and really shuffled
+
+
+def test_student_on_shuffled_cache_learns(env, shuffled, capsys):
+    """If inputs were joined by position, labels and teacher logits would belong to other
+    samples and the student would sit at chance (10%)."""
+    runs = env.work / "runs-shuffled"
+    rc, out, _ = student(capsys, shuffled.root, runs, "model=mlp", "loss=kd", "epochs=6", "seed=0", "--json")
+    assert rc == 0
+    summary = last_json(out)
+    assert summary["test_accuracy"] > 0.8
+    assert summary["teacher_agreement"] > 0.8
+
+
+# =========================================================================== one student, end to end
+
+def test_student_json_summary_run_dir_and_results_row(env, capsys):
+    from safetensors.numpy import load_file
+
+    before = read_results(results_dir(env.cache)).column("run_id").to_pylist()
+    rc, out, err = student(capsys, env.cache, env.runs, "model=linear_svc", "--json")
+    assert rc == 0, err
+    summary = last_json(out)
+    assert SUMMARY_KEYS <= set(summary)
+    assert summary["model"] == "linear_svc" and summary["loss"] == "target=labels"
+    assert summary["kind"] == "features" and summary["layer"] == "embed" and summary["T"] == 0.0
+    assert 0.8 < summary["test_accuracy"] <= 1.0
+    assert summary["teacher_test_accuracy"] == pytest.approx(open_cache(env.cache).teacher_accuracy("test"))
+
+    run_dir = Path(summary["run_dir"])
+    assert run_dir.parent == env.runs / env.cache.name
+    assert {p.name for p in run_dir.iterdir()} == RUN_FILES
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert {k: metrics[k] for k in SUMMARY_KEYS} == {k: summary[k] for k in SUMMARY_KEYS}
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["kind"] == "StudentConfig" and config["config"]["model"] == "linear_svc"
+    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["final"]["run_id"] == summary["run_id"]
+    assert not list(run_dir.parent.glob(".*incomplete"))
+
+    # Exactly one new row, and it is this run.
+    table = read_results(results_dir(env.cache))
+    new = [r for r in table.to_pylist() if r["run_id"] not in before]
+    assert len(new) == 1 and table.num_rows == len(before) + 1
+    row = new[0]
+    for key in SUMMARY_KEYS:
+        assert row[key] == summary[key], key
+
+    # The saved weights alone reproduce the reported test accuracy.
+    cache = open_cache(env.cache)
+    w = load_file(str(run_dir / "student.safetensors"))
+    x = cache.features("test", "embed").reshape(cache.num_rows("test"), -1)
+    scores = ((x - w["scaler_mean"]) / w["scaler_scale"]) @ w["coef"].T + w["intercept"]
+    pred = w["classes"][scores.argmax(1)]
+    assert np.mean(pred == cache.labels("test")) == pytest.approx(summary["test_accuracy"])
+
+
+def test_torch_student_run_files(env, capsys):
+    from safetensors.torch import load_file
+
+    rc, out, err = student(capsys, env.cache, env.runs, "model=cnn_small", "loss=kd", "epochs=2",
+                           "t=3", "--json")
+    assert rc == 0, err
+    summary = last_json(out)
+    assert summary["kind"] == "inputs" and summary["loss"] == "kd" and summary["T"] == 3.0
+    run_dir = Path(summary["run_dir"])
+    assert {p.name for p in run_dir.iterdir()} == RUN_FILES
+    state = load_file(str(run_dir / "student.safetensors"))
+    assert sum(v.numel() for v in state.values() if v.is_floating_point()) >= summary["params"] > 0
+    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in log[:-1]] == [0, 1]
+
+
+def _forbid_teacher(monkeypatch):
+    """Make every way of loading teacher weights fail, wherever it was imported."""
+    import sys
+
+    import pipeline.teachers as teachers
+
+    def refuse(*_, **__):
+        raise AssertionError("stage two loaded the teacher")
+
+    for name in ("build_teacher", "read_state_dict", "load_weights"):
+        original = getattr(teachers, name)
+        for module in list(sys.modules.values()):
+            if getattr(module, name, None) is original:
+                monkeypatch.setattr(module, name, refuse)
+
+
+def test_student_never_loads_the_teacher(env, capsys, monkeypatch):
+    ckpt = Path(open_cache(env.cache).manifest["teacher"]["ckpt"])
+    assert ckpt.is_file() and ckpt.is_relative_to(env.teacher_dir)
+    _forbid_teacher(monkeypatch)
+    hidden = env.work / "teachers-hidden"
+    shutil.move(env.teacher_dir, hidden)  # restored below: the join test uses the teacher
+    try:
+        before = num_rows(env.cache)
+        for args in (["model=linear_svc"], ["model=cnn_small", "loss=kd", "epochs=2"]):
+            rc, out, err = student(capsys, env.cache, env.runs, *args, "--json")
+            assert rc == 0, err
+            assert "error" not in err.lower()
+        assert num_rows(env.cache) == before + 2
+        assert not env.teacher_dir.exists()
+    finally:
+        shutil.move(hidden, env.teacher_dir)
+
+
+def test_sgd_streams_the_train_split_out_of_core(env, capsys, monkeypatch):
+    passes, feature_splits, train_reads = [], [], []
+    original_stream, original_features, original_read = TeacherCache.stream, TeacherCache.features, reader._read
+
+    def spy_stream(self, split, *args, **kwargs):
+        record = {"split": split, "sizes": [], "ids": [], "kwargs": kwargs}
+        passes.append(record)
+        for batch in original_stream(self, split, *args, **kwargs):
+            record["sizes"].append(len(batch.sample_id))
+            record["ids"].append(batch.sample_id)
+            yield batch
+
+    def spy_features(self, split, *args, **kwargs):
+        feature_splits.append(split)
+        return original_features(self, split, *args, **kwargs)
+
+    def spy_read(arr, rows, view):
+        if arr.path.startswith("train/"):
+            train_reads.append(rows)
+        return original_read(arr, rows, view)
+
+    monkeypatch.setattr(TeacherCache, "stream", spy_stream)
+    monkeypatch.setattr(TeacherCache, "features", spy_features)
+    monkeypatch.setattr(reader, "_read", spy_read)
+
+    rc, out, err = student(capsys, env.cache, env.runs, "model=sgd", "epochs=3", "--json")
+    assert rc == 0, err
+    summary = last_json(out)
+    assert summary["model"] == "sgd" and summary["test_accuracy"] > 0.8
+
+    cache = open_cache(env.cache)
+    chunk = int(cache.manifest["chunk_size"])
+    buffer_rows = inspect.signature(original_stream).parameters["buffer_chunks"].default * chunk
+    assert "train" not in feature_splits  # val/test may be loaded whole, train never
+    assert len(passes) == 1 + 3  # a scaling pass, then one per epoch
+    train_ids = sorted(cache.sample_ids("train").tolist())
+    for p in passes:
+        assert p["split"] == "train"
+        assert p["sizes"] and max(p["sizes"]) <= min(p["kwargs"]["batch_size"], buffer_rows)
+        assert sorted(np.concatenate(p["ids"]).tolist()) == train_ids
+    # Memory: the train split is only ever read a chunk at a time.
+    assert train_reads and all(r is not None and r.stop - r.start <= chunk for r in train_reads)
+
+
+def test_logreg_soft_with_temperature(env, capsys):
+    rc, out, err = student(capsys, env.cache, env.runs, "model=logreg_soft", "t=2", "--json")
+    assert rc == 0, err
+    summary = last_json(out)
+    assert summary["loss"] == "soft" and summary["T"] == 2.0
+    assert summary["test_accuracy"] > 0.8 and np.isfinite(summary["kl_teacher_student"])
+    row = [r for r in read_results(results_dir(env.cache)).to_pylist() if r["run_id"] == summary["run_id"]]
+    assert row and row[0]["T"] == 2.0
+
+
+def test_c_auto_picks_the_best_validation_c(env, capsys):
+    from pipeline.students import create_student
+    from stages.student import C_GRID
+
+    rc, out, err = student(capsys, env.cache, env.runs, "model=linear_svc", "C=auto", "--json")
+    assert rc == 0, err
+    summary = last_json(out)
+    row = [r for r in read_results(results_dir(env.cache)).to_pylist() if r["run_id"] == summary["run_id"]][0]
+    assert row["C"] == summary["C"] and float(row["C"]) in C_GRID
+    # Recompute the selection: the first C with the best validation accuracy wins.
+    cache = open_cache(env.cache)
+    X = {s: cache.features(s, "embed").reshape(cache.num_rows(s), -1) for s in ("train", "val")}
+    val = {c: np.mean(create_student("linear_svc", C=c).fit(X["train"], cache.labels("train"))
+                      .predict(X["val"]) == cache.labels("val")) for c in C_GRID}
+    best = max(val.values())
+    assert float(row["C"]) == next(c for c in C_GRID if val[c] == best)
+    assert row["val_accuracy"] == pytest.approx(best)
+
+
+def test_fixed_c_is_not_recorded_as_chosen(env, capsys):
+    rc, out, _ = student(capsys, env.cache, env.runs, "model=logreg", "C=0.5", "--json")
+    assert rc == 0 and last_json(out)["C"] == ""
+
+
+@pytest.mark.parametrize("loss", ["fitnet", "dkd"])
+def test_fitnet_and_dkd(env, capsys, loss):
+    rc, out, err = student(capsys, env.cache, env.runs, "model=cnn_small", f"loss={loss}", "epochs=2", "--json")
+    assert rc == 0, err
+    summary = last_json(out)
+    assert summary["loss"] == loss and summary["T"] == 4.0  # the cache's default temperature
+    assert summary["layer"] == ("embed" if loss == "fitnet" else "")
+    assert 0.0 <= summary["test_accuracy"] <= 1.0 and np.isfinite(summary["kl_teacher_student"])
+
+
+def _patch_train_argmax(monkeypatch, classes: list[int]):
+    """Make the cached teacher predict only ``classes`` on the train split."""
+    original = TeacherCache.raw_logits
+
+    def raw_logits(self, split, view=0, rows=None):
+        z = original(self, split, view, rows)
+        if split == "train":
+            z = z.copy()
+            top = np.array(classes)[np.arange(len(z)) % len(classes)]
+            z[np.arange(len(z)), top] += 1000.0
+        return z
+
+    monkeypatch.setattr(TeacherCache, "raw_logits", raw_logits)
+
+
+@pytest.mark.parametrize("model", ["linear_svc", "logreg"])
+def test_target_teacher_missing_classes(env, capsys, monkeypatch, model):
+    """A teacher that never predicts some class on train: the student knows fewer classes than
+    the cache; metrics still compare whole distributions."""
+    _patch_train_argmax(monkeypatch, [1, 2, 3, 4, 5, 6, 7, 8])
+    rc, out, err = student(capsys, env.cache, env.runs, f"model={model}", "target=teacher", "--json")
+    assert rc == 0, err
+    summary = last_json(out)
+    assert summary["loss"] == "target=teacher"
+    assert np.isfinite(summary["kl_teacher_student"]) and np.isfinite(summary["ece"])
+
+
+def test_target_teacher_single_class_is_refused(env, capsys, monkeypatch, tmp_path):
+    _patch_train_argmax(monkeypatch, [3])
+    before = num_rows(env.cache)
+    rc, out, err = student(capsys, env.cache, tmp_path / "runs", "model=logreg", "target=teacher")
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "single class" in err
+    assert num_rows(env.cache) == before and not (tmp_path / "runs").exists()
+
+
+# =========================================================================== bad input
+
+def _incomplete(env, tmp_path) -> Path:
+    root = copy_cache(env.cache, tmp_path / "incomplete")
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["status"] = "building"
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def _changed_dataset(env, tmp_path) -> Path:
+    """A cache built from an npz file that is then modified on disk."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "data.npz"
+    arrays = {"x_train": rng.normal(size=(90, 6)).astype(np.float32), "y_train": np.arange(90) % 3,
+              "x_test": rng.normal(size=(30, 6)).astype(np.float32), "y_test": np.arange(30) % 3}
+    np.savez(path, **arrays)
+    root = tmp_path / "npz-cache"
+    assert cli(["cache", f"dataset=npz:{path}", "teacher=mlp", "teacher_ckpt=random",
+                f"teacher_dir={tmp_path}/teachers", f"cache_root={tmp_path}", f"cache={root}",
+                "scheduler=synchronous"]) == 0
+    arrays["x_test"][0, 0] += 1.0
+    np.savez(path, **arrays)
+    return root
+
+
+BAD = {
+    "unknown-model": (None, ["model=nope"], "unknown student 'nope'"),
+    "unknown-loss": (None, ["model=cnn_small", "loss=nope"], "unknown loss 'nope'"),
+    "negative-t": (None, ["t=-1"], "t=-1.0 must be > 0"),
+    "alpha-above-1": (None, ["alpha=1.5"], "alpha=1.5 must be in [0, 1]"),
+    "c-not-a-number": (None, ["C=abc"], "C='abc' must be a positive number or auto"),
+    "c-negative": (None, ["C=-1"], "C='-1' must be a positive number"),
+    "layer-not-in-cache": (None, ["layer=block9"], "no layer 'block9'"),
+    "unknown-key": (None, ["colour=red"], "unknown key 'colour'"),
+    "epochs-zero": (None, ["model=cnn_small", "epochs=0"], "epochs=0 must be > 0"),
+    "bad-target": (None, ["target=oracle"], "target='oracle' must be labels or teacher"),
+    "missing-cache": (lambda env, tmp: tmp / "no-such-cache", ["model=linear_svc"], "no kdcache cache at"),
+    "incomplete-cache": (_incomplete, ["model=linear_svc"], "is incomplete"),
+    "dataset-changed": (_changed_dataset, ["model=mlp", "loss=kd", "epochs=1"], "differs from the one cache"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(env, capsys, tmp_path, case):
+    make, args, message = BAD[case]
+    cache = make(env, tmp_path) if make else env.cache
+    runs = tmp_path / "runs"
+    before = num_rows(cache)
+    rc, out, err = student(capsys, cache, runs, *args, "--json")
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("kdcache student: error: ") and message in lines[0]
+    assert "Traceback" not in err and out == ""
+    assert num_rows(cache) == before
+    assert not runs.exists() or not any(runs.rglob("*"))
+
+
+# =========================================================================== sweep and report
+
+@pytest.mark.slow
+def test_sweep_then_report(env, capsys, tmp_path):
+    cache = copy_cache(env.cache, tmp_path / "sweep-cache")
+    capsys.readouterr()
+    rc = cli(["sweep", f"cache={cache}", f"runs_dir={tmp_path}/runs", "models=linear_svc cnn_small",
+              "losses=kd ce", "seeds=0 1", "epochs=2", "--json"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    summary = last_json(out)
+    # linear_svc has no loss axis: 2 seeds; cnn_small: 2 losses x 2 seeds.
+    assert summary["runs"] == 6
+    rows = read_results(results_dir(cache)).to_pylist()
+    assert len(rows) == 6
+    combos = sorted((r["model"], r["loss"], r["seed"]) for r in rows)
+    assert combos == sorted([("linear_svc", "target=labels", 0), ("linear_svc", "target=labels", 1),
+                             ("cnn_small", "kd", 0), ("cnn_small", "kd", 1),
+                             ("cnn_small", "ce", 0), ("cnn_small", "ce", 1)])
+    assert {r["T"] for r in rows if r["loss"] == "kd"} == {4.0}
+    assert {r["T"] for r in rows if r["loss"] != "kd"} == {0.0}
+
+    rc = cli(["report", f"cache={cache}", "--json"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    report = last_json(out)
+    text = (Path(report["report"])).read_text()
+    assert text.strip() in out
+    assert "| model | loss | T | test accuracy |" in text and "±" in text
+    assert "Against the label-only baseline" in text
+    assert report["runs"] == 6 and report["groups"] == 3
+    for (model, loss) in [("linear_svc", "target=labels"), ("cnn_small", "kd"), ("cnn_small", "ce")]:
+        acc = np.array([r["test_accuracy"] for r in rows if r["model"] == model and r["loss"] == loss])
+        cell = f"{acc.mean():.4f} ± {acc.std(ddof=1):.4f}"
+        assert any(line.startswith(f"| {model} | {loss} |") and cell in line for line in text.splitlines()), cell
+    out_dir = Path(report["report"]).parent
+    assert out_dir == results_dir(cache) / "report"
+    pngs = sorted(out_dir.glob("*.png"))
+    assert [p.name for p in pngs] == ["accuracy_vs_params.png", "accuracy_vs_temperature.png",
+                                      "students_vs_baseline.png"]
+    for p in pngs:
+        data = p.read_bytes()
+        assert len(data) > 1000 and data.startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_report_without_results_exits_2(env, capsys, tmp_path):
+    cache = copy_cache(env.cache, tmp_path / "fresh")
+    capsys.readouterr()
+    rc = cli(["report", f"cache={cache}"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "no results" in lines[0] and "Traceback" not in err
+    assert not (results_dir(cache) / "report").exists()
+
+
+def test_run_student_api(env, tmp_path):
+    """The Python entry point behind the CLI: a resolved config in, the summary out."""
+    cfg = resolve(StudentConfig, {"cache": str(env.cache), "model": "logreg", "runs_dir": str(tmp_path / "runs")})
+    summary = run_student(cfg, progress=False)
+    assert summary["model"] == "logreg" and Path(summary["results"]).is_file()
+    assert Path(summary["run_dir"]).is_dir()

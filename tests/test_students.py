@@ -1,0 +1,265 @@
+"""Every registered student follows scikit-learn's estimator conventions.
+
+Parametrized over every name in pipeline.students.STUDENTS (``test_every_student_is_covered``
+fails when a student is registered without an entry in ``SPECS``). Feature students fit small
+random features; torch students fit small inputs against fake teacher logits for two epochs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import sklearn.base
+from sklearn.exceptions import NotFittedError
+from sklearn.utils.validation import check_is_fitted
+
+from pipeline.cache.reader import softmax
+from pipeline.students import STUDENTS, StreamingSGDStudent, create_student
+
+K = 3  # classes
+
+
+def blobs(shape: tuple[int, ...], n: int, seed: int, k: int = K):
+    """Separable-ish classes: a per-class prototype plus noise, any input shape."""
+    rng = np.random.default_rng(seed)
+    protos = rng.normal(0, 1.5, (k,) + shape).astype(np.float32)
+    y = np.arange(n) % k
+    rng.shuffle(y)
+    x = protos[y] + rng.normal(0, 1.0, (n,) + shape).astype(np.float32)
+    return x.astype(np.float32), y.astype(np.int64)
+
+
+def fake_teacher(y: np.ndarray, seed: int, k: int = K) -> np.ndarray:
+    """Teacher logits that mostly favour the label."""
+    rng = np.random.default_rng(seed)
+    return (3.0 * np.eye(k)[y] + rng.normal(0, 1.0, (len(y), k))).astype(np.float32)
+
+
+# name -> (input shape, student parameters, kind)
+TORCH = dict(epochs=2, batch_size=32, device="cpu", lr=1e-2)
+SPECS = {
+    "linear_svc": ((6,), {"C": 0.5}, "features"),
+    "logreg": ((6,), {"C": 2.0}, "features"),
+    "logreg_soft": ((6,), {"C": 1.0}, "features"),
+    "sgd": ((6,), {"epochs": 3, "sgd_alpha": 1e-3}, "features"),
+    "mlp": ((10,), {"loss": "kd", **TORCH}, "inputs"),
+    "cnn1d": ((2, 16), {"loss": "kd", **TORCH}, "inputs"),
+    "cnn_small": ((1, 8, 8), {"loss": "kd", **TORCH}, "inputs"),
+    "resnet_small": ((1, 8, 8), {"loss": "kd", **TORCH}, "inputs"),
+}
+NAMES = sorted(SPECS)
+
+
+def test_every_student_is_covered():
+    assert set(STUDENTS.names()) == set(SPECS), f"students without a spec: {set(STUDENTS.names()) ^ set(SPECS)}"
+
+
+def make_data(name: str, n: int = 72, seed: int = 0) -> dict:
+    shape = SPECS[name][0]
+    x, y = blobs(shape, n + 24, seed)
+    return {"X": x[:n], "y": y[:n], "X_val": x[n:], "y_val": y[n:], "z_t": fake_teacher(y[:n], seed + 1)}
+
+
+def fit(est, name: str, d: dict):
+    """Fit ``est`` the way its kind is fitted; returns what fit returned."""
+    if name == "logreg_soft":
+        return est.fit(d["X"], softmax(d["z_t"] / 2.0))
+    if SPECS[name][2] == "features":
+        return est.fit(d["X"], d["y"])
+    return est.fit(d["X"], d["y"], teacher_logits=d["z_t"], X_val=d["X_val"], y_val=d["y_val"])
+
+
+def new(name: str, **extra):
+    return create_student(name, **{**SPECS[name][1], **extra})
+
+
+_FITTED: dict[str, tuple] = {}
+
+
+@pytest.fixture
+def fitted(request):
+    """(unfitted attribute names, fitted estimator, what fit returned, data), fitted once per name."""
+    name = request.param
+    if name not in _FITTED:
+        d = make_data(name)
+        est = new(name)
+        before = set(vars(est))
+        returned = fit(est, name, d)
+        _FITTED[name] = (before, est, returned, d)
+    return _FITTED[name]
+
+
+def by_name(test):
+    return pytest.mark.parametrize("fitted", NAMES, indirect=True)(test)
+
+
+# =========================================================================== construction
+
+@pytest.mark.parametrize("name", NAMES)
+def test_constructor_only_stores_parameters(name):
+    est = new(name)
+    params = est.get_params()
+    assert set(vars(est)) == set(params), "the constructor must store exactly its parameters"
+    assert est.kind == SPECS[name][2]
+    for key, value in SPECS[name][1].items():
+        if key in params:
+            assert params[key] == value
+    with pytest.raises(NotFittedError):
+        check_is_fitted(est)
+    learned = [a for a in vars(est) if a.endswith("_")]
+    assert not learned, f"learned attributes exist before fit: {learned}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_clone_and_get_params_round_trip(name):
+    est = new(name)
+    params = est.get_params()
+    copy = sklearn.base.clone(est)
+    assert copy is not est and copy.get_params() == params
+    rebuilt = type(est)(**params)
+    assert rebuilt.get_params() == params
+    first = next(iter(params))
+    assert est.set_params(**{first: params[first]}) is est
+
+
+def test_constructor_does_not_validate():
+    """Validation belongs in fit (scikit-learn convention), so clone/set_params never fail."""
+    from pipeline.students import FeatureStudent, TorchStudent
+
+    est = FeatureStudent(estimator="no-such-model")
+    sklearn.base.clone(est)
+    with pytest.raises(ValueError):
+        est.fit(*blobs((4,), 30, 0))
+    TorchStudent(arch="mlp", loss="no-such-loss")
+
+
+# =========================================================================== fit and predict
+
+@by_name
+def test_fit_returns_self_and_learns_underscore_attributes(fitted):
+    before, est, returned, _ = fitted
+    assert returned is est
+    new_attrs = set(vars(est)) - before
+    assert new_attrs, "fit learned nothing"
+    assert all(a.endswith("_") for a in new_attrs), f"learned attributes without '_': {new_attrs}"
+    check_is_fitted(est)
+    assert isinstance(est.n_params_, int) and est.n_params_ > 0
+
+
+@by_name
+def test_predict_and_decision_function(fitted):
+    _, est, _, d = fitted
+    X = d["X_val"]
+    scores = est.decision_function(X)
+    assert scores.shape == (len(X), K)
+    assert np.isfinite(scores).all()
+    pred = est.predict(X)
+    assert pred.shape == (len(X),)
+    assert np.isin(pred, est.classes_).all()
+    np.testing.assert_array_equal(pred, est.classes_[scores.argmax(1)])
+    assert list(est.classes_) == list(range(K))
+    if est.has_proba:
+        probs = est.predict_proba(X)
+        assert probs.shape == (len(X), K)
+        np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+
+
+@by_name
+def test_tensors_are_plain_arrays(fitted):
+    _, est, _, _ = fitted
+    tensors = est.tensors()
+    assert tensors
+    for key, value in tensors.items():
+        assert np.asarray(value).size > 0, key
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if SPECS[n][2] == "features"])
+def test_feature_students_learn_separable_data(name):
+    d = make_data(name, n=240)
+    est = fit(new(name), name, d)
+    assert np.mean(est.predict(d["X_val"]) == d["y_val"]) >= 0.7
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if SPECS[n][2] == "features"])
+def test_feature_students_binary(name):
+    """Two classes: scikit-learn returns one margin per row; students still give (n, 2)."""
+    x, y = blobs((5,), 80, 3, k=2)
+    est = new(name)
+    if name == "logreg_soft":
+        est.fit(x, softmax(fake_teacher(y, 4, k=2)))
+    else:
+        est.fit(x, y)
+    scores = est.decision_function(x)
+    assert scores.shape == (80, 2)
+    np.testing.assert_array_equal(est.predict(x), est.classes_[scores.argmax(1)])
+    assert np.mean(est.predict(x) == y) > 0.7
+
+
+def test_sgd_fit_stream_is_fit_out_of_core():
+    d = make_data("sgd", n=300)
+    calls = []
+
+    def batches(epoch):
+        calls.append(epoch)
+        order = np.random.default_rng(epoch + 1).permutation(len(d["X"]))
+        for a in range(0, len(order), 64):
+            yield d["X"][order[a:a + 64]], d["y"][order[a:a + 64]]
+
+    est = StreamingSGDStudent(alpha=1e-3, epochs=4, seed=0)
+    assert est.fit_stream(batches, np.arange(K), d["X_val"], d["y_val"]) is est
+    assert calls == [-1, 0, 1, 2, 3]  # one scaling pass, then one pass per epoch
+    assert [h["epoch"] for h in est.history_] == [0, 1, 2, 3]
+    best = max(h["val_accuracy"] for h in est.history_)
+    assert est.history_[est.best_epoch_]["val_accuracy"] == best
+    assert np.mean(est.predict(d["X_val"]) == d["y_val"]) == pytest.approx(best)
+
+
+@pytest.mark.parametrize("fitted", [n for n in NAMES if SPECS[n][2] == "inputs"], indirect=True)
+def test_torch_students_keep_best_validation_epoch(fitted):
+    _, est, _, d = fitted
+    assert len(est.history_) == 2
+    assert 0 <= est.best_epoch_ < 2
+    acc = np.mean(est.predict(d["X_val"]) == d["y_val"])
+    assert acc == pytest.approx(est.history_[est.best_epoch_]["val_accuracy"])
+
+
+@pytest.mark.parametrize("loss", ["ce", "mse_logits", "dkd", "fitnet"])
+def test_torch_student_with_each_loss(loss):
+    d = make_data("mlp", n=48)
+    feats = np.random.default_rng(5).normal(size=(48, 7)).astype(np.float32)
+    est = new("mlp", loss=loss, epochs=1)
+    est.fit(d["X"], d["y"], teacher_logits=d["z_t"], teacher_features=feats, X_val=d["X_val"], y_val=d["y_val"])
+    assert est.decision_function(d["X_val"]).shape == (len(d["X_val"]), K)
+    if loss == "fitnet":  # the hint adapter maps to the teacher's feature width, but is not deployed
+        assert est.model_.adapter.out_features == 7
+        assert est.n_params_ == sum(p.numel() for p in est.model_.net.parameters())
+
+
+def test_torch_student_refuses_missing_targets():
+    d = make_data("mlp", n=24)
+    with pytest.raises(ValueError, match="teacher_logits"):
+        new("mlp", loss="kd").fit(d["X"], d["y"], X_val=d["X_val"], y_val=d["y_val"])
+    with pytest.raises(ValueError, match="teacher_features"):
+        new("mlp", loss="fitnet").fit(d["X"], d["y"], teacher_logits=d["z_t"], X_val=d["X_val"], y_val=d["y_val"])
+
+
+# =========================================================================== determinism
+
+@pytest.mark.parametrize("name", ["cnn_small", "mlp"])
+def test_torch_student_is_deterministic_on_cpu(name):
+    d = make_data(name)
+    a = fit(new(name, seed=7), name, d)
+    b = fit(new(name, seed=7), name, d)
+    np.testing.assert_array_equal(a.decision_function(d["X_val"]), b.decision_function(d["X_val"]))
+    np.testing.assert_array_equal(a.predict(d["X_val"]), b.predict(d["X_val"]))
+    for key, value in a.tensors().items():
+        assert np.array_equal(value.numpy(), b.tensors()[key].numpy()), key
+    c = fit(new(name, seed=8), name, d)
+    assert not np.array_equal(a.decision_function(d["X_val"]), c.decision_function(d["X_val"]))
+
+
+@pytest.mark.parametrize("name", ["linear_svc", "logreg", "logreg_soft", "sgd"])
+def test_feature_student_is_deterministic(name):
+    d = make_data(name)
+    a, b = fit(new(name, seed=3), name, d), fit(new(name, seed=3), name, d)
+    np.testing.assert_array_equal(a.decision_function(d["X_val"]), b.decision_function(d["X_val"]))
