@@ -181,7 +181,8 @@ def build_shard(job: ShardJob) -> dict[str, Any]:
                 value = value.float().cpu().numpy()
                 if key not in bufs:
                     bufs[key] = np.empty((n, fmt.VIEWS) + value.shape[1:], store_dtype)
-                bufs[key][a - job.start:b - job.start, 0] = value
+                with np.errstate(over="ignore"):  # float16 overflow -> inf, reported below
+                    bufs[key][a - job.start:b - job.start, 0] = value
 
     for key, buf in bufs.items():
         if not np.isfinite(buf).all():

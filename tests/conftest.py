@@ -1,0 +1,103 @@
+"""Shared fixtures: tiny synthetic caches built in tmp directories, and the hypothesis profile.
+
+Every build passes ``cache``, ``cache_root`` and ``teacher_dir`` inside a tmp directory, and
+every test runs with its tmp directory as the working directory, so the relative defaults
+(``data/caches``, ``data/teachers``) can never write into the repository.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    deadline=None,
+    max_examples=25,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile("ci")
+
+# A dataset and teacher small enough that one whole build takes a fraction of a second:
+# 300 rows -> train 240 (4 shards of 64), val 30 (1 shard), test 30 (1 shard); 16-row chunks.
+SMALL_DATASET = "synthetic:300:1x8x8:3"
+SMALL_SHAPE = (1, 8, 8)
+SMALL_CLASSES = 3
+
+
+def cache_args(root: Path, work: Path, **overrides) -> list[str]:
+    """``key=value`` arguments of `kdcache cache` for a tiny, synchronous, random-teacher build."""
+    values = {
+        "dataset": SMALL_DATASET,
+        "teacher": "cnn_small",
+        "teacher_ckpt": "random",
+        "scheduler": "synchronous",
+        "shard_size": 64,
+        "chunk_size": 16,
+        "infer_batch_size": 32,
+        "cache": root,
+        "cache_root": work / "caches",
+        "teacher_dir": work / "teachers",
+    }
+    values.update(overrides)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def build(root: Path, work: Path | None = None, **overrides) -> dict:
+    """Build (or resume) a cache in-process; KdError propagates. Returns the stage summary."""
+    from stages import cache as cache_stage
+
+    work = Path(root).parent if work is None else work
+    return cache_stage.main(cache_args(Path(root), work, **overrides))
+
+
+@pytest.fixture(autouse=True)
+def _run_in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def builder() -> Callable[..., dict]:
+    """The :func:`build` helper: ``builder(root, work=None, **overrides) -> summary``."""
+    return build
+
+
+@pytest.fixture(scope="session")
+def args_for() -> Callable[..., list[str]]:
+    """The :func:`cache_args` helper: ``args_for(root, work, **overrides) -> [key=value]``."""
+    return cache_args
+
+
+@pytest.fixture
+def make_cache(tmp_path) -> Callable[..., Path]:
+    """``make_cache(name="cache", **overrides) -> Path`` builds a tiny cache under tmp_path."""
+
+    def make(name: str = "cache", **overrides) -> Path:
+        root = tmp_path / name
+        build(root, tmp_path, **overrides)
+        return root
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def small_cache(tmp_path_factory) -> Path:
+    """One float32 cache with features, shared read-only by the reader tests."""
+    work = tmp_path_factory.mktemp("small_cache")
+    root = work / "cache"
+    build(root, work, dtype="float32")
+    return root
+
+
+@pytest.fixture(scope="session")
+def small_cache_f16(tmp_path_factory) -> Path:
+    """The same cache stored as float16 (the default dtype)."""
+    work = tmp_path_factory.mktemp("small_cache_f16")
+    root = work / "cache"
+    build(root, work, dtype="float16")
+    return root

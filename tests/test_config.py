@@ -1,0 +1,165 @@
+"""Config resolution: defaults < config=FILE.yaml < key=value, typed and checked."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pipeline.config import CacheConfig, DataConfig, InfoConfig, TeacherConfig, resolve
+from pipeline.errors import KdError
+
+
+@pytest.mark.parametrize(
+    ("arg", "field", "expected"),
+    [
+        ("pool=false", "pool", False),
+        ("pool=No", "pool", False),
+        ("pool=0", "pool", False),
+        ("overwrite=true", "overwrite", True),
+        ("overwrite=YES", "overwrite", True),
+        ("overwrite=on", "overwrite", True),
+        ("epochs=7", "epochs", 7),
+        ("epochs= 12 ", "epochs", 12),
+        ("t=2.5", "t", 2.5),
+        ("t=3", "t", 3.0),
+        ("lr=1e-4", "lr", 1e-4),
+        ("dataset=npz:/tmp/a=b.npz", "dataset", "npz:/tmp/a=b.npz"),
+        ("layers=embed", "layers", ("embed",)),
+        ("layers=block2,embed", "layers", ("block2", "embed")),
+        ("layers=", "layers", ()),
+    ],
+)
+def test_key_value_coercion(arg, field, expected):
+    cfg = resolve(CacheConfig, [arg])
+    value = getattr(cfg, field)
+    assert value == expected
+    assert type(value) is type(expected)
+
+
+def test_defaults_without_overrides():
+    cfg = resolve(CacheConfig, [])
+    assert cfg == CacheConfig()
+    assert cfg.dtype == "float16" and cfg.layers == () and cfg.shard_size % cfg.chunk_size == 0
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(KdError, match=r"unknown key 'colour' for `kdcache cache`") as info:
+        resolve(CacheConfig, ["colour=red"], verb="cache")
+    # the message lists the keys that do exist, so the user can fix a typo
+    assert "dataset" in str(info.value) and "shard_size" in str(info.value)
+
+
+def test_key_of_another_stage_is_unknown():
+    # `info` has no teacher-training keys: they must not be silently accepted
+    with pytest.raises(KdError, match="unknown key 'epochs'"):
+        resolve(InfoConfig, ["epochs=3"], verb="info")
+
+
+@pytest.mark.parametrize(
+    ("arg", "expects"),
+    [
+        ("epochs=many", "an integer"),
+        ("epochs=2.5", "an integer"),
+        ("epochs=true", "an integer"),
+        ("t=hot", "a finite number"),
+        ("t=nan", "a finite number"),
+        ("t=inf", "a finite number"),
+        ("pool=maybe", "true or false"),
+    ],
+)
+def test_wrong_type_is_an_error(arg, expects):
+    key = arg.partition("=")[0]
+    with pytest.raises(KdError, match=f"{key}=.* is not valid: {key} expects {expects}"):
+        resolve(CacheConfig, [arg])
+
+
+@pytest.mark.parametrize("arg", ["dataset", "=digits", "--dataset"])
+def test_argument_that_is_not_key_value(arg):
+    with pytest.raises(KdError, match="is not key=value"):
+        resolve(CacheConfig, [arg])
+
+
+def test_yaml_file_then_overrides_win(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("dataset: synthetic:100:8:2\nt: 3\nepochs: 5\npool: false\nlayers: [embed, head]\n")
+    # key=value arguments win whether they come before or after config=FILE
+    for args in (["t=2", f"config={path}"], [f"config={path}", "t=2"]):
+        cfg = resolve(CacheConfig, args)
+        assert cfg.t == 2.0
+        assert cfg.dataset == "synthetic:100:8:2"
+        assert cfg.epochs == 5
+        assert cfg.pool is False
+        assert cfg.layers == ("embed", "head")
+
+
+def test_yaml_values_are_type_checked(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("epochs: [1, 2]\n")
+    with pytest.raises(KdError, match="epochs=.* is not valid"):
+        resolve(CacheConfig, [f"config={path}"])
+    path.write_text("shard_sise: 10\n")
+    with pytest.raises(KdError, match="unknown key 'shard_sise'"):
+        resolve(CacheConfig, [f"config={path}"])
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [(None, "does not exist"), ("a: [1, 2\n", "not valid YAML"), ("- 1\n- 2\n", "mapping")],
+)
+def test_bad_config_file(tmp_path, text, match):
+    path = tmp_path / "c.yaml"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(KdError, match=match):
+        resolve(CacheConfig, [f"config={path}"])
+
+
+def test_config_is_frozen():
+    cfg = resolve(CacheConfig, ["t=2"])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.t = 3.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("cls", "arg", "match"),
+    [
+        (CacheConfig, "t=0", "t=0.0 must be > 0"),
+        (CacheConfig, "t=-1", "must be > 0"),
+        (CacheConfig, "shard_size=100", "shard_size=100 must be a multiple of chunk_size=256"),
+        (CacheConfig, "chunk_size=0", "chunk_size=0 must be > 0"),
+        (CacheConfig, "dtype=bfloat16", "dtype='bfloat16' is not supported"),
+        (CacheConfig, "threads=-1", "threads=-1 must be >= 0"),
+        (CacheConfig, "workers=0", "workers=0 must be > 0"),
+        (TeacherConfig, "epochs=0", "epochs=0 must be > 0"),
+        (TeacherConfig, "weight_decay=-0.1", "weight_decay=-0.1 must be >= 0"),
+        (DataConfig, "val_fraction=0", "val_fraction=0.0 must be in"),
+        (DataConfig, "val_fraction=0.95", "val_fraction=0.95 must be in"),
+        (InfoConfig, "rows=-1", "rows=-1 must be >= 0"),
+    ],
+)
+def test_check_range_errors(cls, arg, match):
+    with pytest.raises(KdError, match=match):
+        resolve(cls, [arg])
+
+
+@given(chunk=st.integers(1, 64), factor=st.integers(1, 16), extra=st.integers(1, 63))
+def test_shard_size_must_be_a_multiple_of_chunk_size(chunk, factor, extra):
+    cfg = resolve(CacheConfig, [f"chunk_size={chunk}", f"shard_size={chunk * factor}"])
+    assert cfg.shard_size == chunk * factor
+    if extra % chunk:
+        with pytest.raises(KdError, match="must be a multiple of chunk_size"):
+            resolve(CacheConfig, [f"chunk_size={chunk}", f"shard_size={chunk * factor + extra}"])
+
+
+@given(value=st.integers(-(2**40), 2**40))
+def test_integer_round_trip(value):
+    assert resolve(CacheConfig, [f"seed={value}"]).seed == value
+
+
+def test_error_message_is_one_line():
+    with pytest.raises(KdError) as info:
+        resolve(CacheConfig, ["t=not\na\nnumber"])
+    assert "\n" not in str(info.value)

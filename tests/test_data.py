@@ -1,0 +1,355 @@
+"""Dataset sources: every registered dataset gives three splits of stable, uniquely identified,
+normalised float32 rows; bad user files are refused with a KdError that names the problem."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+
+from pipeline.config import DataConfig
+from pipeline.data import DATASETS, SPLITS, dataset_slug, open_dataset
+from pipeline.errors import KdError
+
+
+# --------------------------------------------------------------------------- example files
+
+def write_npz(path: Path, *, n_train=60, n_test=20, shape=(6,), classes=3, seed=0, **replace) -> Path:
+    """A valid npz (inputs depend on the label so it is learnable); ``replace`` swaps arrays."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for name, n in (("train", n_train), ("test", n_test)):
+        y = np.arange(n) % classes
+        arrays[f"x_{name}"] = (rng.standard_normal((n, *shape)) + y.reshape(-1, *[1] * len(shape))).astype(np.float32)
+        arrays[f"y_{name}"] = y.astype(np.int64)
+    arrays.update(replace)
+    arrays = {k: v for k, v in arrays.items() if v is not None}
+    np.savez(path, **arrays)
+    return path
+
+
+def _idx(path: Path, array: np.ndarray) -> None:
+    """Write ``array`` (uint8) in the big-endian idx format MNIST ships in."""
+    header = struct.pack(">I", 0x0800 | array.ndim) + b"".join(struct.pack(">I", s) for s in array.shape)
+    path.write_bytes(header + np.ascontiguousarray(array, np.uint8).tobytes())
+
+
+def write_fake_mnist(root: Path, n_train=40, n_test=12, size=5, classes=3) -> Path:
+    """A tiny MNIST in torchvision's raw layout: ROOT/MNIST/raw/*-ubyte (uncompressed)."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        _idx(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, size, size), dtype=np.uint8))
+        _idx(raw / f"{prefix}-labels-idx1-ubyte", (np.arange(n) % classes).astype(np.uint8))
+    return root
+
+
+def write_imagefolder(root: Path, per_class=(4, 2), classes=("cat", "dog"), size=6) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in zip(("train", "test"), per_class):
+        for k, cls in enumerate(classes):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 256, (size + i, size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"img{i}.png")
+            (folder / "notes.txt").write_text("not an image")  # ignored
+    return root
+
+
+# One example per registry name. A dataset added to the registry without an example here
+# fails test_every_dataset_has_an_example.
+EXAMPLES: dict[str, Callable[[Path], DataConfig]] = {
+    "digits": lambda tmp: DataConfig(dataset="digits"),
+    "npz": lambda tmp: DataConfig(dataset=f"npz:{write_npz(tmp / 'rows.npz')}"),
+    "torchvision": lambda tmp: DataConfig(dataset="torchvision:MNIST",
+                                          data_root=str(write_fake_mnist(tmp / "tv"))),
+    "imagefolder": lambda tmp: DataConfig(dataset=f"imagefolder:{write_imagefolder(tmp / 'images')}:8"),
+    "synthetic": lambda tmp: DataConfig(dataset="synthetic:200:3x4x4:4"),
+}
+
+EXPECTED = {  # input shape and number of classes of each example
+    "digits": ((1, 8, 8), 10),
+    "npz": ((6,), 3),
+    "torchvision": ((1, 5, 5), 3),
+    "imagefolder": ((3, 8, 8), 2),
+    "synthetic": ((3, 4, 4), 4),
+}
+
+
+def test_every_dataset_has_an_example():
+    assert set(EXAMPLES) == set(DATASETS.names())
+    assert set(EXPECTED) == set(EXAMPLES)
+
+
+@pytest.fixture(params=sorted(EXAMPLES))
+def example(request, tmp_path):
+    name = request.param
+    return name, EXAMPLES[name](tmp_path)
+
+
+def test_three_nonempty_splits(example):
+    name, cfg = example
+    ds = open_dataset(cfg)
+    assert list(ds.splits) == list(SPLITS)
+    shape, classes = EXPECTED[name]
+    assert ds.input_shape == shape
+    assert ds.num_classes == classes
+    rows = ds.describe()["rows"]
+    for split in SPLITS:
+        assert len(ds.splits[split]) > 0
+        assert rows[split] == len(ds.splits[split])
+
+
+def test_sample_ids_unique_and_stable(example):
+    _, cfg = example
+    first, second = open_dataset(cfg), open_dataset(cfg)
+    all_ids = np.concatenate([first.splits[s].sample_ids for s in SPLITS])
+    assert all_ids.dtype == np.int64
+    assert len(np.unique(all_ids)) == len(all_ids)
+    for split in SPLITS:
+        np.testing.assert_array_equal(first.splits[split].sample_ids, second.splits[split].sample_ids)
+        np.testing.assert_array_equal(first.splits[split].labels, second.splits[split].labels)
+
+
+def test_inputs_shape_dtype_labels(example):
+    _, cfg = example
+    ds = open_dataset(cfg)
+    for split in SPLITS:
+        n = len(ds.splits[split])
+        x = ds.inputs(split, 0, n)
+        assert x.shape == (n, *ds.input_shape)
+        assert x.dtype == np.float32
+        assert np.isfinite(x).all()
+        labels = ds.splits[split].labels
+        assert labels.min() >= 0 and labels.max() < ds.num_classes
+        # reading a sub-range gives the same rows as reading the whole split
+        if n > 2:
+            np.testing.assert_array_equal(ds.inputs(split, 1, n - 1), x[1:n - 1])
+
+
+def test_fingerprint_stable_across_opens(example):
+    _, cfg = example
+    a, b = open_dataset(cfg), open_dataset(cfg)
+    assert a.fingerprint == b.fingerprint
+    assert len(a.fingerprint) == 64
+
+
+def test_normalisation_uses_train_statistics(example):
+    name, cfg = example
+    ds = open_dataset(cfg)
+    if name == "synthetic":  # generated data is already standardised: left as is
+        assert np.all(ds.mean == 0) and np.all(ds.std == 1)
+        return
+    x = ds.inputs("train", 0, len(ds.splits["train"]))
+    axes = tuple(i for i in range(x.ndim) if i != 1) if x.ndim > 2 else None
+    np.testing.assert_allclose(x.mean(axis=axes), 0, atol=1e-4)
+    std = x.std(axis=axes)
+    assert np.all((np.abs(std - 1) < 1e-3) | (std < 1e-6))
+
+
+# --------------------------------------------------------------------------- per source
+
+def test_digits_test_split_fixed_across_seeds():
+    a = open_dataset(DataConfig(dataset="digits", seed=0))
+    b = open_dataset(DataConfig(dataset="digits", seed=1))
+    np.testing.assert_array_equal(a.splits["test"].sample_ids, b.splits["test"].sample_ids)
+    assert not np.array_equal(a.splits["val"].sample_ids, b.splits["val"].sample_ids)
+    # seed only moves rows between train and val
+    union = lambda d: np.sort(np.concatenate([d.splits["train"].sample_ids, d.splits["val"].sample_ids]))
+    np.testing.assert_array_equal(union(a), union(b))
+    assert a.fingerprint != b.fingerprint
+    assert sum(len(s) for s in a.splits.values()) == 1797
+
+
+def test_digits_takes_no_argument():
+    with pytest.raises(KdError, match="takes no argument"):
+        open_dataset(DataConfig(dataset="digits:5"))
+
+
+def test_val_split_is_stratified_and_sized():
+    ds = open_dataset(DataConfig(dataset="digits", val_fraction=0.25))
+    n_pool = len(ds.splits["train"]) + len(ds.splits["val"])
+    assert abs(len(ds.splits["val"]) - 0.25 * n_pool) <= 1
+    assert set(ds.splits["val"].labels.tolist()) == set(range(10))
+
+
+def test_npz_sample_ids_name_file_rows(tmp_path):
+    path = write_npz(tmp_path / "d.npz", n_train=50, n_test=10)
+    ds = open_dataset(DataConfig(dataset=f"npz:{path}"))
+    with np.load(path) as f:
+        x_train, x_test = f["x_train"], f["x_test"]
+    train_ids = np.concatenate([ds.splits["train"].sample_ids, ds.splits["val"].sample_ids])
+    np.testing.assert_array_equal(np.sort(train_ids), np.arange(50))
+    np.testing.assert_array_equal(ds.splits["test"].sample_ids, np.arange(50, 60))
+    # the raw rows of a split are the file's rows its ids name
+    val = ds.splits["val"]
+    np.testing.assert_array_equal(ds.raw("val", 0, len(val)), x_train[val.sample_ids])
+    np.testing.assert_array_equal(ds.raw("test", 0, 10), x_test)
+
+
+def test_npz_with_val_split_and_image_shapes(tmp_path):
+    rng = np.random.default_rng(1)
+    path = write_npz(tmp_path / "img.npz", shape=(5, 5), n_train=30, n_test=9,
+                     x_val=rng.random((6, 5, 5)).astype(np.float64), y_val=np.arange(6) % 3)
+    ds = open_dataset(DataConfig(dataset=f"npz:{path}"))
+    assert ds.input_shape == (1, 5, 5)  # (N, H, W) images get a channel axis
+    assert len(ds.splits["val"]) == 6 and len(ds.splits["train"]) == 30
+    np.testing.assert_array_equal(ds.splits["val"].sample_ids, np.arange(30, 36))
+    np.testing.assert_array_equal(ds.splits["test"].sample_ids, np.arange(36, 45))
+
+
+def test_npz_fingerprint_sees_one_changed_value(tmp_path):
+    path = write_npz(tmp_path / "a.npz")
+    before = open_dataset(DataConfig(dataset=f"npz:{path}")).fingerprint
+    with np.load(path) as f:
+        arrays = dict(f)
+    arrays["x_test"][3, 2] += 0.5
+    np.savez(path, **arrays)
+    after = open_dataset(DataConfig(dataset=f"npz:{path}")).fingerprint
+    assert after != before
+    # and the val carving (seed) is part of the identity too
+    assert open_dataset(DataConfig(dataset=f"npz:{path}", seed=1)).fingerprint != after
+
+
+def test_imagefolder_ids_survive_added_files(tmp_path):
+    root = write_imagefolder(tmp_path / "imgs")
+    cfg = DataConfig(dataset=f"imagefolder:{root}:8")
+    before = open_dataset(cfg)
+    ids_before = {s: set(before.splits[s].sample_ids.tolist()) for s in SPLITS}
+    from PIL import Image
+
+    Image.fromarray(np.zeros((6, 6, 3), np.uint8)).save(root / "test" / "cat" / "zzz.png")
+    after = open_dataset(cfg)
+    assert set(after.splits["test"].sample_ids.tolist()) > ids_before["test"]
+    assert after.fingerprint != before.fingerprint
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        ("imagefolder:{tmp}/nowhere", "must hold train/ and test/"),
+        ("imagefolder:{tmp}/imgs:big", "size 'big' is not an integer"),
+        ("torchvision:MNIST", "not found under"),
+        ("torchvision:IMAGENET", "unknown torchvision dataset 'IMAGENET'"),
+        ("synthetic:10:8", "malformed"),
+        ("synthetic:100:0x3", "malformed"),
+        ("synthetic:100:8:1", "malformed"),
+        ("synthetic:abc", "malformed"),
+        ("npz:", "needs a path"),
+        ("mnist", "unknown dataset 'mnist'"),
+    ],
+)
+def test_bad_dataset_specs(tmp_path, spec, match):
+    write_imagefolder(tmp_path / "imgs")
+    cfg = DataConfig(dataset=spec.format(tmp=tmp_path), data_root=str(tmp_path / "empty"))
+    with pytest.raises(KdError, match=match):
+        open_dataset(cfg)
+
+
+def test_synthetic_depends_on_seed_only_through_cfg():
+    a = open_dataset(DataConfig(dataset="synthetic:100:8:3", seed=0))
+    b = open_dataset(DataConfig(dataset="synthetic:100:8:3", seed=0))
+    c = open_dataset(DataConfig(dataset="synthetic:100:8:3", seed=1))
+    np.testing.assert_array_equal(a.inputs("train", 0, 80), b.inputs("train", 0, 80))
+    assert not np.array_equal(a.inputs("train", 0, 80), c.inputs("train", 0, 80))
+    assert a.fingerprint == b.fingerprint != c.fingerprint
+    assert [len(a.splits[s]) for s in SPLITS] == [80, 10, 10]
+
+
+def test_synthetic_rows_do_not_depend_on_read_ranges():
+    ds = open_dataset(DataConfig(dataset="synthetic:3000:4:3"))  # spans generator blocks
+    whole = ds.inputs("train", 0, 2400)
+    parts = np.concatenate([ds.inputs("train", a, min(a + 700, 2400)) for a in range(0, 2400, 700)])
+    np.testing.assert_array_equal(whole, parts)
+
+
+@pytest.mark.parametrize(
+    ("spec", "slug"),
+    [("digits", "digits"), ("npz:/x/y/sig.npz", "npz-sig"), ("synthetic:500:8:3", "synthetic-500-8-3"),
+     ("torchvision:MNIST", "torchvision-mnist"), ("imagefolder:/data/pets", "imagefolder-pets")],
+)
+def test_dataset_slug(spec, slug):
+    assert dataset_slug(spec) == slug
+
+
+# --------------------------------------------------------------------------- bad npz files
+
+def _bad_npz(tmp: Path, case: str) -> Path:
+    path = tmp / "bad.npz"
+    x = lambda *shape: np.zeros(shape, np.float32)
+    if case == "missing file":
+        return tmp / "missing.npz"
+    if case == "not a zip":
+        path.write_bytes(b"this is not a zip archive")
+        return path
+    if case == "missing key":
+        return write_npz(path, y_test=None)
+    if case == "x_val without y_val":
+        return write_npz(path, x_val=x(4, 6))
+    if case == "x with NaN":
+        bad = np.ones((60, 6), np.float32)
+        bad[7, 1] = np.nan
+        return write_npz(path, x_train=bad)
+    if case == "x with inf":
+        bad = np.ones((20, 6), np.float64)
+        bad[2, 0] = -np.inf
+        return write_npz(path, x_test=bad)
+    if case == "y float":
+        return write_npz(path, y_train=(np.arange(60) % 3).astype(np.float32))
+    if case == "y negative":
+        return write_npz(path, y_test=np.arange(20) % 3 - 1)
+    if case == "label missing from y_train":
+        return write_npz(path, y_test=np.full(20, 7))
+    if case == "y 2-d":
+        return write_npz(path, y_train=np.zeros((60, 3), np.int64))
+    if case == "y length":
+        return write_npz(path, y_train=np.arange(59) % 3)
+    if case == "shape mismatch":
+        return write_npz(path, x_test=x(20, 7))
+    if case == "x bool":
+        return write_npz(path, x_train=np.ones((60, 6), bool))
+    if case == "x complex":
+        return write_npz(path, x_train=np.ones((60, 6), np.complex64))
+    if case == "x 5-d":
+        return write_npz(path, x_train=x(60, 1, 2, 2, 2))
+    if case == "single class":
+        return write_npz(path, y_train=np.zeros(60, np.int64), y_test=np.zeros(20, np.int64))
+    if case == "empty test":
+        return write_npz(path, x_test=x(0, 6), y_test=np.zeros(0, np.int64))
+    raise AssertionError(case)
+
+
+BAD_NPZ = {
+    "missing file": "does not exist",
+    "not a zip": "not a readable .npz archive",
+    "missing key": "has no array 'y_test'",
+    "x_val without y_val": "has no array 'y_val'",
+    "x with NaN": "x_train has 1 rows with NaN or inf",
+    "x with inf": "x_test has 1 rows with NaN or inf",
+    "y float": "y_train has dtype float32; labels must be integers",
+    "y negative": "y_test has negative labels",
+    "label missing from y_train": r"labels must be 0..7 .* missing from y_train: \[3, 4, 5, 6, 7\]",
+    "y 2-d": r"y_train has shape \(60, 3\)",
+    "y length": r"y_train has shape \(59,\); expected \(60,\)",
+    "shape mismatch": r"x_test rows have shape \(7,\) but x_train rows have \(6,\)",
+    "x bool": "x_train has dtype bool; it must be a real numeric array",
+    "x complex": "x_train has dtype complex64; it must be a real numeric array",
+    "x 5-d": "x_train has shape",
+    "single class": "single class",
+    "empty test": "x_test is empty",
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_NPZ))
+def test_bad_npz_is_refused(tmp_path, case):
+    path = _bad_npz(tmp_path, case)
+    with pytest.raises(KdError, match=BAD_NPZ[case]) as info:
+        open_dataset(DataConfig(dataset=f"npz:{path}"))
+    assert "\n" not in str(info.value)
