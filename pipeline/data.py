@@ -117,6 +117,11 @@ class Dataset:
         x = self.raw(split, start, stop)
         return self.normalise(x)
 
+    def inputs_at(self, split: str, rows: np.ndarray) -> np.ndarray:
+        """Normalised float32 inputs of arbitrary split rows (any order)."""
+        s = self.splits[split]
+        return self.normalise(self.pools[s.pool].read(s.positions[np.asarray(rows, np.int64)]))
+
     def normalise(self, x: np.ndarray) -> np.ndarray:
         return ((x - self.mean) / self.std).astype(np.float32, copy=False)
 

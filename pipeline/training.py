@@ -46,10 +46,22 @@ def shift_augment(x: torch.Tensor, generator: torch.Generator, max_shift: int = 
     return out
 
 
-def batches(n: int, batch_size: int, generator: torch.Generator | None) -> Iterable[torch.Tensor]:
-    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    for a in range(0, n, batch_size):
-        yield order[a:a + batch_size]
+Batches = Callable[[int], Iterable[tuple[np.ndarray, np.ndarray, dict]]]
+
+
+def array_batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int,
+                  targets: dict[str, np.ndarray] | None = None) -> Batches:
+    """In-memory batches: ``batches(epoch)`` yields ``(x, y, {name: target rows})`` in a seeded
+    random order; row i of every array describes the same sample."""
+    targets = {k: v for k, v in (targets or {}).items() if v is not None}
+
+    def batches(epoch: int):
+        order = np.random.default_rng([seed, epoch]).permutation(len(x))
+        for a in range(0, len(x), batch_size):
+            rows = order[a:a + batch_size]
+            yield x[rows], y[rows], {k: v[rows] for k, v in targets.items()}
+
+    return batches
 
 
 @torch.inference_mode()
@@ -66,45 +78,49 @@ def predict_logits(model: nn.Module, x: np.ndarray, device: torch.device, batch_
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
-def fit(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
-        y_val: np.ndarray, loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-        *, epochs: int, lr: float, weight_decay: float, batch_size: int, seed: int,
-        device: torch.device, augment: bool = False, progress: bool = True, desc: str = "training") -> FitResult:
+def fit(model: nn.Module, train_batches: Batches, steps_per_epoch: int, x_val: np.ndarray,
+        y_val: np.ndarray, loss_fn: Callable[[object, torch.Tensor, dict], torch.Tensor],
+        *, epochs: int, lr: float, weight_decay: float, seed: int, device: torch.device,
+        augment: bool = False, progress: bool = True, desc: str = "training") -> FitResult:
     """Train ``model`` in place; on return it holds the weights of the best validation epoch.
 
-    ``loss_fn(outputs, labels, batch_rows)`` gets the model's outputs for a batch, its labels
-    and the batch's row positions in ``x_train`` (so distillation losses can look up targets).
+    ``train_batches(epoch)`` yields ``(x, y, targets)`` numpy batches (in memory with
+    :func:`array_batches`, or streamed from a cache); ``loss_fn(outputs, labels, targets)``
+    gets the model's outputs, the labels and the batch's targets as tensors on the device.
     """
     from tqdm import tqdm
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model.to(device)
-    xt = torch.from_numpy(np.ascontiguousarray(x_train, np.float32))
-    yt = torch.from_numpy(np.asarray(y_train, np.int64))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    steps = max(1, epochs * -(-len(xt) // batch_size))
+    steps = max(1, epochs * steps_per_epoch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     result = FitResult(best_epoch=-1, best_val_accuracy=-1.0)
     best_state, best_loss = None, float("inf")
-    t0 = time.perf_counter()
+    t0, samples = time.perf_counter(), 0
     bar = tqdm(range(epochs), desc=desc, unit="epoch", disable=not progress, dynamic_ncols=True)
     for epoch in bar:
         model.train()
         total, seen = 0.0, 0
-        for rows in batches(len(xt), batch_size, gen):
-            xb = xt[rows]
+        for step, (xb, yb, targets) in enumerate(train_batches(epoch)):
+            xb = torch.from_numpy(np.ascontiguousarray(xb, np.float32))
             if augment:
                 xb = shift_augment(xb, gen)
-            xb, yb = runtime.to_device(xb, device), runtime.to_device(yt[rows], device)
+            xb = runtime.to_device(xb, device)
+            yb = runtime.to_device(torch.from_numpy(np.asarray(yb, np.int64)), device)
+            targets = {k: runtime.to_device(torch.from_numpy(np.ascontiguousarray(v, np.float32)), device)
+                       for k, v in targets.items()}
             with runtime.autocast(device):
-                loss = loss_fn(model(xb), yb, rows)
+                loss = loss_fn(model(xb), yb, targets)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sched.step()
-            total += float(loss.detach()) * len(rows)
-            seen += len(rows)
+            if sched.last_epoch + 1 < steps:  # a stream may yield one short batch more
+                sched.step()
+            total += float(loss.detach()) * len(yb)
+            seen += len(yb)
+        samples += seen
         val_logits = predict_logits(model, x_val, device)
         val_acc = float((val_logits.argmax(1) == y_val).mean())
         val_loss = float(nn.functional.cross_entropy(torch.from_numpy(val_logits),
@@ -115,7 +131,7 @@ def fit(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: np.nd
             result.best_epoch, result.best_val_accuracy, best_loss = epoch, val_acc, val_loss
             best_state = copy.deepcopy(model.state_dict())
         bar.set_postfix(loss=f"{total / max(1, seen):.3f}", val_acc=f"{val_acc:.4f}",
-                        samples_s=f"{seen * (epoch + 1) / (time.perf_counter() - t0):.0f}")
+                        samples_s=f"{samples / (time.perf_counter() - t0):.0f}")
     bar.close()
     if best_state is not None:
         model.load_state_dict(best_state)

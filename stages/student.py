@@ -37,7 +37,8 @@ TEMPERATURE_LOSSES = {"kd", "fitnet", "dkd"}  # the losses that soften with T (T
 def main(args: list[str]) -> dict:
     cfg = resolve(StudentConfig, args, verb="student")
     summary = run_student(cfg)
-    print(f"student {summary['model']} ({summary['loss']}, T={summary['T']:g}, seed {summary['seed']}): "
+    t_text = f"T={summary['T']:g}" if summary["T"] else "T unused"
+    print(f"student {summary['model']} ({summary['loss']}, {t_text}, seed {summary['seed']}): "
           f"test {summary['test_accuracy']:.4f}, val {summary['val_accuracy']:.4f}, "
           f"agreement {summary['teacher_agreement']:.4f} (teacher test {summary['teacher_test_accuracy']:.4f}); "
           f"{summary['params']:,} params, fit {summary['fit_seconds']:.1f}s\n"
@@ -93,10 +94,8 @@ def run_student(cfg: StudentConfig, progress: bool = True) -> dict:
         student, chosen_c = fit_feature_student(cfg, student, cache, X, y, T, layer, params)
     else:
         dataset = reopen_dataset(cache)
-        X = {s: joined_inputs(dataset, cache, s) for s in ("train", "val", "test")}
-        feats = cache.features("train", layer) if cfg.loss in USES_FEATURES else None
-        student.fit(X["train"], y["train"], teacher_logits=cache.raw_logits("train"),
-                    teacher_features=feats, X_val=X["val"], y_val=y["val"])
+        X = {s: joined_inputs(dataset, cache, s) for s in ("val", "test")}
+        fit_input_student(cfg, student, cache, dataset, layer, X["val"], y["val"])
         chosen_c = ""
     fit_seconds = time.perf_counter() - t0
 
@@ -141,6 +140,28 @@ def run_student(cfg: StudentConfig, progress: bool = True) -> dict:
     write_run(run_dir, cfg, student, result)
     row = append_row(results_dir(cache.root), result)
     return {**result, "results": str(row)}
+
+
+def fit_input_student(cfg, student, cache, dataset, layer, X_val, y_val) -> None:
+    """Stream the train split: cached logits (and features) by whole chunks, block-shuffled,
+    with each chunk's inputs read from the dataset by sample_id and shuffled along with them.
+    Memory is bounded by the stream's buffer, not by the number of training rows."""
+    positions = positions_of(dataset.splits["train"].sample_ids, cache.sample_ids("train"))
+    hint = cfg.loss in USES_FEATURES
+    layers = (layer,) if hint else ()
+
+    def batches(epoch: int):
+        for b in cache.stream("train", batch_size=cfg.batch_size, T=1.0, layers=layers,
+                              seed=cfg.seed * 100_003 + epoch + 1,
+                              extra=lambda a, z: {"x": dataset.inputs_at("train", positions[a:z])}):
+            targets = {"z_t": b.logits}
+            if hint:
+                targets["f_t"] = b.features[layer].reshape(len(b.label), -1)
+            yield b.extra["x"], b.label, targets
+
+    hint_dim = int(np.prod(cache.manifest["layers"][layer])) if hint else 0
+    student.fit_stream(batches, -(-cache.num_rows("train") // cfg.batch_size), X_val=X_val,
+                       y_val=y_val, num_classes=cache.num_classes, hint_dim=hint_dim)
 
 
 def fit_feature_student(cfg, student, cache, X, y, T, layer, params):

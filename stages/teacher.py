@@ -50,10 +50,11 @@ def train_teacher(cfg: TeacherConfig, dataset: Dataset, progress: bool = True) -
     x = {s: dataset.inputs(s, 0, len(dataset.splits[s])) for s in ("train", "val", "test")}
     y = {s: dataset.splits[s].labels for s in ("train", "val", "test")}
     ce = nn.CrossEntropyLoss()
-    result = training.fit(model, x["train"], y["train"], x["val"], y["val"],
-                          lambda out, labels, rows: ce(out, labels),
+    batches = training.array_batches(x["train"], y["train"], cfg.batch_size, cfg.seed)
+    result = training.fit(model, batches, -(-len(y["train"]) // cfg.batch_size), x["val"], y["val"],
+                          lambda out, labels, targets: ce(out, labels),
                           epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                          batch_size=cfg.batch_size, seed=cfg.seed, device=device,
+                          seed=cfg.seed, device=device,
                           augment=cfg.augment, progress=progress, desc=f"teacher {arch}")
     test_logits = training.predict_logits(model, x["test"], device)
     test_acc = float((test_logits.argmax(1) == y["test"]).mean())  # scored once

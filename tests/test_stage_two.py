@@ -360,6 +360,36 @@ def test_sgd_streams_the_train_split_out_of_core(env, capsys, monkeypatch):
     assert train_reads and all(r is not None and r.stop - r.start <= chunk for r in train_reads)
 
 
+def test_input_student_streams_train_inputs_chunk_by_chunk(env, capsys, monkeypatch):
+    """Torch students read train through the block-shuffled stream: cached targets and inputs
+    arrive one chunk at a time, joined by sample_id, never the whole split at once."""
+    from pipeline.data import Dataset
+
+    input_reads, train_reads = [], []
+    original_inputs_at, original_read = Dataset.inputs_at, reader._read
+
+    def spy_inputs_at(self, split, rows):
+        if split == "train":
+            input_reads.append(len(rows))
+        return original_inputs_at(self, split, rows)
+
+    def spy_read(arr, rows, view):
+        if arr.path.startswith("train/"):
+            train_reads.append(rows)
+        return original_read(arr, rows, view)
+
+    monkeypatch.setattr(Dataset, "inputs_at", spy_inputs_at)
+    monkeypatch.setattr(reader, "_read", spy_read)
+    rc, out, err = student(capsys, env.cache, env.runs, "model=cnn_small", "loss=kd", "epochs=2", "--json")
+    assert rc == 0, err
+    cache = open_cache(env.cache)
+    chunk = int(cache.manifest["chunk_size"])
+    assert input_reads and max(input_reads) <= chunk
+    assert sum(input_reads) == 2 * cache.num_rows("train")  # every train row once per epoch
+    assert train_reads and all(r is not None and r.stop - r.start <= chunk for r in train_reads)
+    assert last_json(out)["test_accuracy"] > 0.3
+
+
 def test_logreg_soft_with_temperature(env, capsys):
     rc, out, err = student(capsys, env.cache, env.runs, "model=logreg_soft", "t=2", "--json")
     assert rc == 0, err

@@ -7,10 +7,10 @@ The cache stores **raw** logits z. Any temperature is applied at read time:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -34,6 +34,7 @@ class Batch:
     label: np.ndarray  # int64 [B]
     logits: np.ndarray  # float32 [B, C], already divided by T
     features: dict[str, np.ndarray]  # float32 [B, ...] per requested layer
+    extra: dict[str, np.ndarray] = field(default_factory=dict)  # from stream(extra=...)
 
 
 class TeacherCache:
@@ -145,12 +146,17 @@ class TeacherCache:
     # ------------------------------------------------------------------ streaming
     def stream(self, split: str, batch_size: int = 256, *, T: float = 1.0,
                layers: tuple[str, ...] = (), shuffle: bool = True, seed: int = 0,
-               buffer_chunks: int = 8, logits: bool = True, view: int = 0) -> Iterator[Batch]:
+               buffer_chunks: int = 8, logits: bool = True, view: int = 0,
+               extra: Callable[[int, int], dict[str, np.ndarray]] | None = None) -> Iterator[Batch]:
         """Yield batches in bounded memory, reading whole chunks only.
 
         With ``shuffle``, chunk order is permuted and rows are shuffled inside a buffer of
         ``buffer_chunks`` chunks (the block shuffling of webdataset / mosaicml-streaming):
         random single-row reads would be ~100x slower.
+
+        ``extra(start, stop)``, if given, returns more arrays for cache rows ``[start, stop)``
+        (e.g. the inputs of those samples); they are shuffled along and arrive in
+        ``Batch.extra``, so whatever is attached stays joined to its sample_id.
         """
         _check_t(T)
         n = self.num_rows(split)
@@ -171,6 +177,8 @@ class TeacherCache:
                 piece = {name: _read(arr, rows, view) for name, arr in arrays.items()}
                 piece["sample_id"] = ids[rows]
                 piece["label"] = labels[rows]
+                if extra is not None:
+                    piece.update({f"extra:{k}": v for k, v in extra(rows.start, rows.stop).items()})
                 pieces.append(piece)
             buf = {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
             if carry is not None:
@@ -191,7 +199,8 @@ def _batch(buf: dict, T: float, layers) -> Batch:
     logits = buf.get("__logits__")
     return Batch(buf["sample_id"], buf["label"],
                  logits / np.float32(T) if logits is not None else None,
-                 {name: buf[name] for name in layers})
+                 {name: buf[name] for name in layers},
+                 {k[len("extra:"):]: v for k, v in buf.items() if k.startswith("extra:")})
 
 
 def _read(arr, rows: slice | None, view: int) -> np.ndarray:

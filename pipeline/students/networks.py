@@ -75,39 +75,43 @@ class TorchStudent(BaseEstimator, ClassifierMixin):
 
     def fit(self, X: np.ndarray, y: np.ndarray, *, teacher_logits: np.ndarray | None = None,
             teacher_features: np.ndarray | None = None, X_val: np.ndarray, y_val: np.ndarray):
-        loss_fn = LOSSES.get(self.loss)
+        """Train on in-memory arrays (row i of each describes one sample)."""
         if self.loss != "ce" and teacher_logits is None:
             raise ValueError(f"loss {self.loss} needs teacher_logits")
         if self.loss in USES_FEATURES and teacher_features is None:
             raise ValueError(f"loss {self.loss} needs teacher_features")
+        num_classes = (teacher_logits.shape[1] if teacher_logits is not None
+                       else int(max(y.max(), y_val.max())) + 1)
+        feats = teacher_features.reshape(len(X), -1) if self.loss in USES_FEATURES else None
+        batches = training.array_batches(X, y, self.batch_size, self.seed,
+                                         {"z_t": teacher_logits, "f_t": feats})
+        return self.fit_stream(batches, -(-len(X) // self.batch_size), X_val=X_val, y_val=y_val,
+                               num_classes=num_classes, hint_dim=0 if feats is None else feats.shape[1])
+
+    def fit_stream(self, batches: training.Batches, steps_per_epoch: int, *, X_val: np.ndarray,
+                   y_val: np.ndarray, num_classes: int, hint_dim: int = 0):
+        """Train from ``batches(epoch)``, which yields ``(x, y, {"z_t": raw teacher logits,
+        "f_t": teacher features})`` batches: e.g. block-shuffled chunks streamed from a cache,
+        so training memory is bounded by the stream's buffer, not by the number of rows."""
+        loss_fn = LOSSES.get(self.loss)
+        if self.loss in USES_FEATURES and not hint_dim:
+            raise ValueError(f"loss {self.loss} needs teacher features (hint_dim > 0)")
         self.device_ = runtime.pick_device(self.device)
         torch.manual_seed(self.seed)
-        self.classes_ = np.arange(int(max(y.max(), y_val.max())) + 1 if teacher_logits is None
-                                  else teacher_logits.shape[1])
-        hint_dim = teacher_features.reshape(len(X), -1).shape[1] if self.loss in USES_FEATURES else 0
+        self.classes_ = np.arange(num_classes)
         width = self.width or STUDENT_WIDTHS.get(self.arch, 0)
-        self.model_ = _Net(self.arch, width, X.shape[1:], len(self.classes_), hint_dim)
-        z_t = torch.from_numpy(np.ascontiguousarray(teacher_logits, np.float32)) if teacher_logits is not None else None
-        f_t = (torch.from_numpy(np.ascontiguousarray(teacher_features.reshape(len(X), -1), np.float32))
-               if hint_dim else None)
-        device = self.device_
+        self.model_ = _Net(self.arch, width, X_val.shape[1:], num_classes, hint_dim)
 
-        def objective(out, labels, rows):
+        def objective(out, labels, targets):
             z_s, hint = out
-            extra = {}
-            if z_t is not None:
-                extra["z_t"] = runtime.to_device(z_t[rows], device)
-            if f_t is not None:
-                extra["f_t"] = runtime.to_device(f_t[rows], device)
             return loss_fn(z_s, labels, hint=hint, T=self.T, alpha=self.alpha,
                            hint_weight=self.hint_weight, dkd_alpha=self.dkd_alpha,
-                           dkd_beta=self.dkd_beta, **extra)
+                           dkd_beta=self.dkd_beta, **targets)
 
-        result = training.fit(self.model_, X, y, X_val, y_val, objective, epochs=self.epochs,
-                              lr=self.lr, weight_decay=self.weight_decay,
-                              batch_size=self.batch_size, seed=self.seed, device=device,
-                              augment=False, progress=self.progress,
-                              desc=f"student {self.arch}/{self.loss}")
+        result = training.fit(self.model_, batches, steps_per_epoch, X_val, y_val, objective,
+                              epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay,
+                              seed=self.seed, device=self.device_, augment=False,
+                              progress=self.progress, desc=f"student {self.arch}/{self.loss}")
         self.history_ = result.history
         self.best_epoch_ = result.best_epoch
         self.fit_seconds_ = result.seconds
