@@ -76,8 +76,8 @@ def run_student(cfg: StudentConfig, progress: bool = True) -> dict:
                   width=cfg.width, lr=cfg.lr, weight_decay=cfg.weight_decay,
                   batch_size=cfg.batch_size, device=cfg.device, progress=progress)
     student = create_student(cfg.model, **params)
+    LOSSES.get(cfg.loss)  # a typo is an error even where the student has no loss axis
     if student.kind == "inputs":
-        LOSSES.get(cfg.loss)
         loss_name = cfg.loss
         uses_t = cfg.loss in TEMPERATURE_LOSSES
     else:

@@ -498,6 +498,7 @@ def _changed_dataset(env, tmp_path) -> Path:
 BAD = {
     "unknown-model": (None, ["model=nope"], "unknown student 'nope'"),
     "unknown-loss": (None, ["model=cnn_small", "loss=nope"], "unknown loss 'nope'"),
+    "unknown-loss-feature-student": (None, ["model=linear_svc", "loss=nope"], "unknown loss 'nope'"),
     "negative-t": (None, ["t=-1"], "t=-1.0 must be > 0"),
     "alpha-above-1": (None, ["alpha=1.5"], "alpha=1.5 must be in [0, 1]"),
     "c-not-a-number": (None, ["C=abc"], "C='abc' must be a positive number or auto"),
