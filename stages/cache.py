@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline import runtime
-from pipeline.cache import format as fmt
 from pipeline.cache.writer import build_cache, plan, probe
 from pipeline.config import CacheConfig, resolve
 from pipeline.data import dataset_slug, open_dataset

@@ -14,14 +14,12 @@ import shutil
 import uuid
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from pipeline import runtime, training
 from pipeline.config import TeacherConfig, resolve, save_config
 from pipeline.data import Dataset, dataset_slug, open_dataset
-from pipeline.errors import KdError
 from pipeline.io import atomic_write_text, fsync_dir
 from pipeline.teachers import auto_teacher, create_teacher, pretrained_state
 

@@ -37,7 +37,7 @@ import torch
 
 from pipeline import runtime
 from pipeline.cache import format as fmt
-from pipeline.config import CacheConfig, DataConfig, fingerprint, resolve, save_config, to_dict
+from pipeline.config import CacheConfig, DataConfig, fingerprint, resolve, save_config
 from pipeline.data import Dataset, open_dataset
 from pipeline.errors import KdError
 from pipeline.io import atomic_path, atomic_write_text, fsync_dir, fsync_file, sha256_file
