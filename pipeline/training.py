@@ -103,7 +103,7 @@ def fit(model: nn.Module, train_batches: Batches, steps_per_epoch: int, x_val: n
     for epoch in bar:
         model.train()
         total, seen = 0.0, 0
-        for step, (xb, yb, targets) in enumerate(train_batches(epoch)):
+        for xb, yb, targets in train_batches(epoch):
             xb = torch.from_numpy(np.ascontiguousarray(xb, np.float32))
             if augment:
                 xb = shift_augment(xb, gen)

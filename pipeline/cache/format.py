@@ -54,6 +54,12 @@ def part_paths(root: Path, split: str, shard: int) -> tuple[Path, Path]:
     return base.with_suffix(".parquet"), base.with_suffix(".json")
 
 
+def shard_progress(root: Path, manifest: dict[str, Any]) -> tuple[int, int]:
+    """(shards with a completion record, shards in all) of a cache that is still building."""
+    done = len(list((Path(root) / PARTS).glob("*/*.json")))
+    return done, sum(s["shards"] for s in manifest["splits"].values())
+
+
 def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
     atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 

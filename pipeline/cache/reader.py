@@ -98,6 +98,11 @@ class TeacherCache:
         return self._group[key]
 
     # ------------------------------------------------------------------ whole arrays
+    def stored(self, key: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` of array ``key`` (e.g. ``train/logits``) exactly as stored,
+        in the cache dtype: the bytes the manifest's shard checksums are computed over."""
+        return np.ascontiguousarray(self._array(key)[start:stop])
+
     def raw_logits(self, split: str, view: int = 0, rows: slice | None = None) -> np.ndarray:
         """Stored logits z as float32 [N, C]."""
         return _read(self._array(fmt.logits_key(split)), rows, view)
@@ -223,8 +228,7 @@ def open_cache(path: str | Path) -> TeacherCache:
     root = Path(path)
     manifest = fmt.read_manifest(root)
     if manifest.get("status") != "complete":
-        done = len(list((root / fmt.PARTS).glob("*/*.json")))
-        total = sum(s["shards"] for s in manifest["splits"].values())
+        done, total = fmt.shard_progress(root, manifest)
         raise KdError(f"cache {root} is incomplete ({done}/{total} shards; its build was "
                       f"interrupted); finish it with `kdcache cache cache={root}` and the same settings")
     return TeacherCache(root, manifest)

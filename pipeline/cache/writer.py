@@ -46,7 +46,7 @@ from pipeline.teachers import Tapped, TeacherSpec, build_teacher
 
 # =========================================================================== the plan
 
-def codecs(dtype: str) -> list:
+def codecs() -> list:
     """Inner-chunk codecs: zstd, then a CRC32C so a flipped byte fails loudly on read."""
     from zarr.codecs import Crc32cCodec, ZstdCodec
 
@@ -345,7 +345,7 @@ def _initialise(root: Path, cfg: CacheConfig, manifest: dict) -> None:
                 group.create_array(key, shape=full, dtype=cfg.dtype,
                                    shards=(cfg.shard_size, fmt.VIEWS) + shape,
                                    chunks=(cfg.chunk_size, fmt.VIEWS) + shape,
-                                   compressors=codecs(cfg.dtype), fill_value=0,
+                                   compressors=codecs(), fill_value=0,
                                    dimension_names=("row", "view") + tuple(f"d{i}" for i in range(len(shape))))
         save_config(cfg, tmp / fmt.CONFIG)
         fmt.write_manifest(tmp, manifest)

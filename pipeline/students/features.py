@@ -27,6 +27,11 @@ class _LinearBase(BaseEstimator, ClassifierMixin):
 
     kind = "features"
 
+    def _fit_scaler(self, X: np.ndarray) -> np.ndarray:
+        """Learn train statistics and return the standardised float32 rows."""
+        self.scaler_ = StandardScaler().fit(as_f32(X))
+        return as_f32(self.scaler_.transform(as_f32(X)))
+
     def decision_function(self, X: np.ndarray) -> np.ndarray:
         scores = self.model_.decision_function(as_f32(self.scaler_.transform(as_f32(X))))
         if scores.ndim == 1:  # binary: scikit-learn returns one margin, > 0 for classes_[1]
@@ -65,9 +70,7 @@ class FeatureStudent(_LinearBase):
         self.seed = seed
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> "FeatureStudent":
-        X = as_f32(X)
-        self.scaler_ = StandardScaler().fit(X)
-        Xs = as_f32(self.scaler_.transform(X))
+        Xs = self._fit_scaler(X)
         if self.estimator == "linear_svc":
             model = LinearSVC(C=self.C, max_iter=self.max_iter, random_state=self.seed)
         elif self.estimator == "logreg":
@@ -96,10 +99,8 @@ class SoftLogRegStudent(_LinearBase):
         self.seed = seed
 
     def fit(self, X: np.ndarray, soft_targets: np.ndarray) -> "SoftLogRegStudent":
-        X = as_f32(X)
         n, k = soft_targets.shape
-        self.scaler_ = StandardScaler().fit(X)
-        Xs = as_f32(self.scaler_.transform(X))
+        Xs = self._fit_scaler(X)
         rows, cls = np.nonzero(soft_targets >= self.min_prob)
         weights = soft_targets[rows, cls].astype(np.float64)
         self.model_ = LogisticRegression(C=self.C, max_iter=self.max_iter, random_state=self.seed)
