@@ -21,13 +21,15 @@ from pipeline.teachers import (Tapped, TeacherSpec, build_teacher, create_teache
 from stages.teacher import teacher_arch, teacher_dir, train_teacher
 
 
-def default_cache_path(cfg: CacheConfig, spec_arch: str, dataset_spec: str) -> Path:
-    name = f"{dataset_slug(dataset_spec)}-{spec_arch}"
-    if cfg.teacher_ckpt == "random":
-        name += f"-random{cfg.seed}"
-    elif cfg.teacher_ckpt:
-        name += f"-{Path(cfg.teacher_ckpt).stem}"
-    return Path(cfg.cache_root) / name
+def default_cache_path(cache_root: str, dataset_spec: str, arch: str, teacher_ckpt: str = "",
+                       seed: int = 0) -> Path:
+    """Where a cache lives when no cache= is given: one name per dataset, teacher and weights."""
+    name = f"{dataset_slug(dataset_spec)}-{arch}"
+    if teacher_ckpt == "random":
+        name += f"-random{seed}"
+    elif teacher_ckpt:
+        name += f"-{Path(teacher_ckpt).stem}"
+    return Path(cache_root) / name
 
 
 def main(args: list[str]) -> dict:
@@ -66,7 +68,8 @@ def main(args: list[str]) -> dict:
     del model, tapped  # workers load their own copy
 
     # 3. Compute the shards that are not done yet (all of them, on a fresh cache).
-    root = Path(cfg.cache) if cfg.cache else default_cache_path(cfg, arch, dataset.spec)
+    root = Path(cfg.cache) if cfg.cache else default_cache_path(
+        cfg.cache_root, dataset.spec, arch, cfg.teacher_ckpt, cfg.seed)
     manifest, run = build_cache(root, cfg, dataset, spec, manifest)
 
     # 4. Summarise.

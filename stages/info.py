@@ -9,8 +9,7 @@ from pathlib import Path
 
 from pipeline.cache import format as fmt
 from pipeline.config import InfoConfig, resolve
-from pipeline.data import dataset_slug
-from stages.cache import describe, summarise
+from stages.cache import default_cache_path, describe, summarise
 
 
 def cache_path(cfg) -> Path:
@@ -21,10 +20,10 @@ def cache_path(cfg) -> Path:
     from pipeline.data import open_dataset
     from pipeline.teachers import auto_teacher
 
-    teacher = cfg.teacher
-    if teacher == "auto":
-        teacher = auto_teacher(open_dataset(DataConfig(dataset=cfg.dataset)).input_shape)
-    return Path(cfg.cache_root) / f"{dataset_slug(cfg.dataset)}-{teacher}"
+    # The dataset's canonical spec names the cache (synthetic:N:8 and synthetic:N:8:10 are one).
+    dataset = open_dataset(DataConfig(dataset=cfg.dataset))
+    teacher = auto_teacher(dataset.input_shape) if cfg.teacher == "auto" else cfg.teacher
+    return default_cache_path(cfg.cache_root, dataset.spec, teacher)
 
 
 def main(args: list[str]) -> dict:
@@ -33,9 +32,7 @@ def main(args: list[str]) -> dict:
     manifest = fmt.read_manifest(root)
     summary = summarise(root, manifest)
     if manifest["status"] != "complete":
-        done = len(list((root / fmt.PARTS).glob("*/*.json")))
-        total = sum(v["shards"] for v in manifest["splits"].values())
-        summary["shards_done"] = f"{done}/{total}"
+        summary["shards_done"] = "{}/{}".format(*fmt.shard_progress(root, manifest))
     print(describe(summary))
     if "shards_done" in summary:
         print(f"incomplete: {summary['shards_done']} shards done; re-run `kdcache cache` with the same settings")

@@ -591,3 +591,15 @@ def test_run_student_api(env, tmp_path):
     summary = run_student(cfg, progress=False)
     assert summary["model"] == "logreg" and Path(summary["results"]).is_file()
     assert Path(summary["run_dir"]).is_dir()
+
+
+def test_default_cache_is_found_from_a_non_canonical_dataset_spec(tmp_path, capsys):
+    """`synthetic:300:8` and its canonical `synthetic:300:8:10` name one dataset, so a student
+    given either spec finds the cache stage one built by default."""
+    common = ["dataset=synthetic:300:8", "teacher=mlp", f"cache_root={tmp_path}/caches"]
+    assert cli(["cache", *common, "epochs=1", f"teacher_dir={tmp_path}/t", "scheduler=synchronous"]) == 0
+    capsys.readouterr()
+    rc = cli(["student", *common, "model=logreg", f"runs_dir={tmp_path}/runs", "--json"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert last_json(out)["cache"] == str(tmp_path / "caches" / "synthetic-300-8-10-mlp")
