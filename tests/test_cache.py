@@ -396,7 +396,7 @@ def test_flipped_byte_is_detected(make_cache):
 def test_damaged_manifest_and_index(make_cache):
     root = make_cache()
     (root / fmt.INDEX / "val.parquet").write_bytes(b"PAR1 not really")
-    with pytest.raises(KdError, match="val.parquet cannot be read"):
+    with pytest.raises(KdError, match="val.parquet does not match its checksum"):
         open_cache(root).index("val")
     (root / fmt.MANIFEST).write_text("{not json")
     with pytest.raises(KdError, match="not valid JSON"):

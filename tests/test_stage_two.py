@@ -22,9 +22,11 @@ from hypothesis import strategies as st
 
 import pipeline.cache.reader as reader
 from pipeline.cache import TeacherCache, open_cache
+from pipeline.cache import format as fmt
 from pipeline.config import DataConfig, StudentConfig, resolve
 from pipeline.data import open_dataset, positions_of
 from pipeline.errors import KdError
+from pipeline.io import sha256_file
 from pipeline.results import read_results, results_dir
 from stages.cli import main as cli
 from stages.student import joined_inputs, run_student
@@ -88,6 +90,8 @@ def shuffle_cache_rows(root: Path, seed: int) -> dict[str, np.ndarray]:
                                  pa.array(np.arange(info["rows"]), pa.int64()))
         pq.write_table(table, path)
         perms[split] = perm
+        manifest["splits"][split]["index_sha256"] = sha256_file(path)
+    fmt.write_manifest(root, manifest)  # as the writer of such a cache would have recorded it
     return perms
 
 
@@ -475,7 +479,7 @@ def _incomplete(env, tmp_path) -> Path:
     root = copy_cache(env.cache, tmp_path / "incomplete")
     manifest = json.loads((root / "manifest.json").read_text())
     manifest["status"] = "building"
-    (root / "manifest.json").write_text(json.dumps(manifest))
+    fmt.write_manifest(root, manifest)  # as an interrupted build leaves it
     return root
 
 

@@ -17,7 +17,9 @@ once, by one task, and recorded done only after its data is on disk.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +62,15 @@ def shard_progress(root: Path, manifest: dict[str, Any]) -> tuple[int, int]:
     return done, sum(s["shards"] for s in manifest["splits"].values())
 
 
+def manifest_checksum(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON (sorted keys, no whitespace) without its own
+    ``checksum`` field. Stored in the manifest, so a hand-edited manifest is refused on open."""
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
+    manifest = {**manifest, "checksum": manifest_checksum(manifest)}
     atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
@@ -78,4 +88,24 @@ def read_manifest(root: Path) -> dict[str, Any]:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise KdError(f"{root} has cache format version {manifest.get('format_version')}; this "
                       f"kdcache reads version {FORMAT_VERSION}; rebuild the cache")
+    if manifest.get("checksum") != manifest_checksum(manifest):
+        raise KdError(f"{path} was modified after kdcache wrote it (its checksum does not match); "
+                      "restore the original or rebuild the cache")
     return manifest
+
+
+def remove_temporaries(root: Path) -> list[Path]:
+    """Delete what a killed writer can leave behind: our ``.*.tmp`` files (io.atomic_path),
+    Zarr's ``*.partial`` files, and ``.<name>.init-*`` directories beside the cache. Call only
+    while holding the build lock: then no live writer owns any of them."""
+    root = Path(root)
+    stray = [p for p in root.parent.glob(f".{root.name}.init-*")]
+    if root.is_dir():
+        stray += [p for p in root.rglob("*") if p.is_file() and
+                  ((p.name.startswith(".") and p.name.endswith(".tmp")) or p.name.endswith(".partial"))]
+    for path in stray:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return stray

@@ -7,6 +7,7 @@ The cache stores **raw** logits z. Any temperature is applied at read time:
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -45,6 +46,7 @@ class TeacherCache:
 
         self.root = root
         self.manifest = manifest
+        self._checked: set[str] = set()
         try:
             self._group = zarr.open_group(root / fmt.ARRAYS, mode="r")
         except Exception as exc:
@@ -95,7 +97,30 @@ class TeacherCache:
         if rest.startswith("features/") and rest[len("features/"):] not in self.manifest["layers"]:
             raise KdError(f"cache {self.root} holds no layer {rest[len('features/'):]!r}; it holds "
                           f"{', '.join(self.layers)}; rebuild the cache with layers=... to add one")
-        return self._group[key]
+        try:
+            arr = self._group[key]
+        except Exception as exc:  # KeyError, or zarr's errors on damaged metadata
+            raise KdError(f"cache array {self.root / fmt.ARRAYS / key} is missing or unreadable "
+                          f"({type(exc).__name__}); the cache is damaged, rebuild it") from None
+        if key not in self._checked:
+            self._check_array(key, arr)
+            self._checked.add(key)
+        return arr
+
+    def _check_array(self, key: str, arr) -> None:
+        """The array's metadata must agree with the manifest, and every shard file must exist:
+        Zarr reads a missing shard back as fill values, which would pass for teacher outputs."""
+        split = key.partition("/")[0]
+        where = self.root / fmt.ARRAYS / key
+        if arr.shape[0] != self.num_rows(split) or str(arr.dtype) != self.manifest["dtype"]:
+            raise KdError(f"cache array {where} has {arr.shape[0]} rows of {arr.dtype}, the manifest "
+                          f"says {self.num_rows(split)} of {self.manifest['dtype']}; the cache is "
+                          "damaged, rebuild it")
+        expected = -(-self.num_rows(split) // int(self.manifest["shard_size"]))
+        found = sum(1 for p in (where / "c").rglob("*") if p.is_file())
+        if found != expected:
+            raise KdError(f"cache array {where} has {found} of its {expected} shard files; the cache "
+                          "is damaged, rebuild it")
 
     # ------------------------------------------------------------------ whole arrays
     def stored(self, key: str, start: int, stop: int) -> np.ndarray:
@@ -122,10 +147,19 @@ class TeacherCache:
 
     def index(self, split: str) -> pa.Table:
         """The per-sample index (sample_id, row, label, teacher_pred, …) in cache row order."""
-        self._split(split)
+        expected = self._split(split).get("index_sha256")
         path = fmt.index_path(self.root, split)
         try:
-            table = pq.read_table(path)
+            data = path.read_bytes()
+        except OSError as exc:
+            raise KdError(f"index {path} cannot be read ({exc.strerror}); the cache is damaged, "
+                          "rebuild it") from None
+        # The index maps rows to sample_ids: a truncated or edited one must never be used.
+        if hashlib.sha256(data).hexdigest() != expected:
+            raise KdError(f"index {path} does not match its checksum in {fmt.MANIFEST} (truncated or "
+                          "edited); the cache is damaged, rebuild it")
+        try:
+            table = pq.read_table(pa.BufferReader(data))
         except (OSError, pa.ArrowInvalid) as exc:
             raise KdError(f"index {path} cannot be read ({str(exc).splitlines()[0][:100]}); the cache "
                           "is damaged, rebuild it") from None
@@ -213,7 +247,7 @@ def _read(arr, rows: slice | None, view: int) -> np.ndarray:
     try:
         return np.asarray(arr[sel], dtype=np.float32)
     except Exception as exc:  # zarr raises assorted errors on a damaged chunk (CRC mismatch, …)
-        raise KdError(f"cache array {arr.path} cannot be read ({type(exc).__name__}: "
+        raise KdError(f"cache array {Path(arr.store_path.store.root) / arr.path} cannot be read ({type(exc).__name__}: "
                       f"{str(exc).splitlines()[0][:100] if str(exc) else ''}); the cache is damaged, "
                       "run `kdcache verify` or rebuild it") from None
 

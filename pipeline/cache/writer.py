@@ -13,6 +13,7 @@ shard lose rows silently, and many small writes into a shard are ~20x slower (PI
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -195,7 +196,9 @@ def build_shard(job: ShardJob) -> dict[str, Any]:
     group = zarr.open_group(root / fmt.ARRAYS, mode="r+")
     sums = {}
     for key, buf in bufs.items():
-        arr = group[key]
+        # Store every shard, even an all-zero one, so a missing shard file always means damage
+        # (Zarr would otherwise read it back as fill values, silently).
+        arr = group[key].with_config({"write_empty_chunks": True})
         arr[job.start:job.stop] = buf  # the whole shard, in one write
         _fsync_shard(root / fmt.ARRAYS / key, arr, job.shard)
         sums[key] = hashlib.sha256(buf.tobytes()).hexdigest()
@@ -219,9 +222,8 @@ def build_shard(job: ShardJob) -> dict[str, Any]:
 def _fsync_shard(array_dir: Path, arr, shard: int) -> None:
     coords = (shard,) + (0,) * (arr.ndim - 1)
     path = array_dir / arr.metadata.encode_chunk_key(coords)
-    if path.exists():  # an all-fill-value shard is legitimately not stored
-        fsync_file(path)
-        fsync_dir(path.parent)
+    fsync_file(path)
+    fsync_dir(path.parent)
 
 
 def _index_part(job: ShardJob, dataset: Dataset, logits: np.ndarray) -> pa.Table:
@@ -277,7 +279,9 @@ class CacheLock:
 def build_cache(root: Path, cfg: CacheConfig, dataset: Dataset, spec: TeacherSpec,
                 manifest: dict[str, Any], progress: bool = True) -> tuple[dict[str, Any], dict]:
     """Build (or resume, or skip) the cache at ``root``. Returns (manifest, this run's stats)."""
-    with CacheLock(root):
+    with _storage_errors(root), CacheLock(root):
+        # Holding the lock, no live writer owns a temporary file: what is left was a killed run's.
+        fmt.remove_temporaries(root)
         if (root / fmt.MANIFEST).is_file():
             existing = fmt.read_manifest(root)
             if existing.get("key") != manifest["key"]:
@@ -286,6 +290,8 @@ def build_cache(root: Path, cfg: CacheConfig, dataset: Dataset, spec: TeacherSpe
                                   "pass cache=NEW_PATH for a new cache, or overwrite=true to replace it")
                 shutil.rmtree(root)
             elif existing["status"] == "complete":
+                # A run killed between the final manifest and the clean-up leaves parts/ behind.
+                shutil.rmtree(root / fmt.PARTS, ignore_errors=True)
                 return existing, {"computed_rows": 0, "skipped": True, "seconds": 0.0}
             else:
                 manifest = existing  # resume: keep the original creation record
@@ -305,7 +311,7 @@ def build_cache(root: Path, cfg: CacheConfig, dataset: Dataset, spec: TeacherSpe
                  progress, total, total - todo_rows)
         except KdError:
             # Bad input (e.g. the teacher emits NaN) would fail again on resume: leave nothing
-            # half-written behind. Interruptions and crashes keep the cache resumable.
+            # half-written behind. Interruptions, crashes and disk errors keep it resumable.
             if created:
                 shutil.rmtree(root, ignore_errors=True)
             raise
@@ -313,6 +319,24 @@ def build_cache(root: Path, cfg: CacheConfig, dataset: Dataset, spec: TeacherSpe
         manifest = _finalise(root, manifest, done, {"seconds": round(seconds, 3),
                                                     "computed_rows": todo_rows})
         return manifest, {"computed_rows": todo_rows, "skipped": False, "seconds": seconds}
+
+
+class StorageError(KdError):
+    """The filesystem refused a read or write (full disk, permissions, I/O error). Unlike bad
+    input, the cache built so far stays: fix the storage and re-run to resume."""
+
+
+@contextlib.contextmanager
+def _storage_errors(root: Path):
+    try:
+        yield
+    except OSError as exc:
+        what = f"{exc.strerror or exc} ({exc.filename or root})"
+        if not (root / fmt.MANIFEST).is_file():
+            raise StorageError(f"cannot create cache {root}: {what}; choose a writable cache=PATH "
+                               "or fix its permissions") from None
+        raise StorageError(f"storage failed while building cache {root}: {what}; free space or fix "
+                           "permissions, then re-run the same command to resume") from None
 
 
 def _difference(old: dict, new: dict) -> str:
@@ -398,8 +422,10 @@ def _run(jobs: list[ShardJob], cfg: CacheConfig, dataset: Dataset, on_done: Call
         from dask.distributed import Client, LocalCluster, as_completed
 
         if cfg.scheduler == "local":
+            # ":0" = a free port: None still binds 8787 and warns when another cluster has it
+            # (distributed #8136), e.g. two builds of different caches at once.
             cluster = LocalCluster(n_workers=cfg.workers, threads_per_worker=1, processes=False,
-                                   dashboard_address=None, silence_logs=logging.ERROR)
+                                   dashboard_address=":0", silence_logs=logging.ERROR)
             client = Client(cluster)
         else:
             cluster = None
