@@ -49,5 +49,9 @@ test: setup
 test-fast: setup
 	$(VENV)/bin/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
+# The fault tests with the full 20 seeded kill trials (make test runs 3).
+soak: setup
+	KDCACHE_KILL_TRIALS=20 $(VENV)/bin/python -m pytest -q tests/test_faults.py $(PYTEST_ARGS)
+
 clean-venv:
 	rm -rf $(VENV)
