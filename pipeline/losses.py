@@ -20,7 +20,8 @@ Loss = Callable[..., torch.Tensor]
 LOSSES: Registry[Loss] = Registry("loss")
 
 # Losses that read the cached teacher logits / a cached teacher feature. `ce` reads neither.
-USES_FEATURES = {"fitnet"}
+USES_FEATURES = {"fitnet"}  # losses that take the teacher's features f_t
+LABELS_ONLY = {"ce"}  # losses that ignore the teacher: a student trained with one reads no logits
 
 
 def soft_kl(z_s: torch.Tensor, z_t: torch.Tensor, T: float) -> torch.Tensor:

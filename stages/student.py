@@ -25,7 +25,7 @@ from pipeline.config import DataConfig, StudentConfig, resolve, save_config
 from pipeline.data import Dataset, open_dataset, positions_of
 from pipeline.errors import KdError
 from pipeline.io import atomic_write_text, fsync_dir
-from pipeline.losses import LOSSES, USES_FEATURES
+from pipeline.losses import LABELS_ONLY, LOSSES, USES_FEATURES
 from pipeline.results import append_row, results_dir
 from pipeline.students import STUDENTS, create_student
 from stages.info import cache_path
@@ -149,12 +149,13 @@ def fit_input_student(cfg, student, cache, dataset, layer, X_val, y_val) -> None
     positions = positions_of(dataset.splits["train"].sample_ids, cache.sample_ids("train"))
     hint = cfg.loss in USES_FEATURES
     layers = (layer,) if hint else ()
+    teacher = cfg.loss not in LABELS_ONLY  # the label-only baseline reads no teacher outputs
 
     def batches(epoch: int):
         for b in cache.stream("train", batch_size=cfg.batch_size, T=1.0, layers=layers,
-                              seed=cfg.seed * 100_003 + epoch + 1,
+                              logits=teacher, seed=cfg.seed * 100_003 + epoch + 1,
                               extra=lambda a, z: {"x": dataset.inputs_at("train", positions[a:z])}):
-            targets = {"z_t": b.logits}
+            targets = {"z_t": b.logits} if teacher else {}
             if hint:
                 targets["f_t"] = b.features[layer].reshape(len(b.label), -1)
             yield b.extra["x"], b.label, targets
