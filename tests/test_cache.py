@@ -165,14 +165,15 @@ def test_reader_names_missing_split_and_layer(small_cache):
     multiple=st.integers(1, 3),
     dtype=st.sampled_from(["float16", "float32"]),
     classes=st.integers(2, 5),
+    compression=st.sampled_from(["none", "zstd"]),
 )
-def test_round_trip(builder, n, chunk, multiple, dtype, classes):
+def test_round_trip(builder, n, chunk, multiple, dtype, classes, compression):
     shard = chunk * multiple
     spec = f"synthetic:{n}:6:{classes}"
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "c"
         builder(root, dataset=spec, teacher="mlp", shard_size=shard, chunk_size=chunk, dtype=dtype,
-                infer_batch_size=max(1, shard // 2 + 1))
+                compression=compression, infer_batch_size=max(1, shard // 2 + 1))
         cache = open_cache(root)
         dataset, out = direct_outputs(spec, "mlp", (6,), classes)
         tol = dict(rtol=1e-3, atol=1e-3) if dtype == "float16" else dict(rtol=1e-6, atol=1e-7)
@@ -182,6 +183,9 @@ def test_round_trip(builder, n, chunk, multiple, dtype, classes):
             assert info["rows"] == rows and info["shards"] == -(-rows // shard)
             z = cache.raw_logits(split)
             assert z.shape == (rows, classes)
+            # the fast chunk reader and zarr-python agree on every value
+            np.testing.assert_array_equal(z, np.asarray(
+                zarr.open_array(root / fmt.ARRAYS / fmt.logits_key(split), mode="r")[:, 0], np.float32))
             np.testing.assert_allclose(z, out[split][0], **tol)
             np.testing.assert_array_equal(cache.sample_ids(split), dataset.splits[split].sample_ids)
             # the bytes read back are the bytes each shard task hashed when it wrote them
@@ -345,7 +349,7 @@ def test_shard_without_index_part_is_recomputed(tmp_path, builder, monkeypatch):
     [
         ({"seed": 1}, "another teacher"),
         ({"dataset": "synthetic:320:1x8x8:3"}, "other data or splits"),
-        ({"dtype": "float32"}, r"other cache settings \(layers, pool, dtype or shard layout\)"),
+        ({"dtype": "float32"}, r"other cache settings \(layers, pool, dtype, compression or shard layout\)"),
     ],
 )
 def test_cache_of_other_inputs_is_refused_then_overwritten(make_cache, builder, change, message):

@@ -1,5 +1,5 @@
 """Stage two end to end: students trained from a small cached teacher, the sample_id join, the
-streaming reader, bad input, sweep and report.
+streaming reader, sweep and report (bad input is tests/test_bad_input.py).
 
 One digits cache (a cnn_small teacher trained for 4 epochs) is built once for the module in a
 tmp directory; tests that need their own results table work on a copy of it.
@@ -20,7 +20,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import pipeline.cache.reader as reader
 from pipeline.cache import TeacherCache, open_cache
 from pipeline.cache import format as fmt
 from pipeline.config import DataConfig, StudentConfig, resolve
@@ -322,7 +321,7 @@ def test_student_never_loads_the_teacher(env, capsys, monkeypatch):
 
 def test_sgd_streams_the_train_split_out_of_core(env, capsys, monkeypatch):
     passes, feature_splits, train_reads = [], [], []
-    original_stream, original_features, original_read = TeacherCache.stream, TeacherCache.features, reader._read
+    original_stream, original_features, original_read = TeacherCache.stream, TeacherCache.features, TeacherCache._rows
 
     def spy_stream(self, split, *args, **kwargs):
         record = {"split": split, "sizes": [], "ids": [], "kwargs": kwargs}
@@ -336,14 +335,14 @@ def test_sgd_streams_the_train_split_out_of_core(env, capsys, monkeypatch):
         feature_splits.append(split)
         return original_features(self, split, *args, **kwargs)
 
-    def spy_read(arr, rows, view):
-        if arr.path.startswith("train/"):
+    def spy_read(self, key, rows, view, out=None):
+        if key.startswith("train/"):
             train_reads.append(rows)
-        return original_read(arr, rows, view)
+        return original_read(self, key, rows, view, out)
 
     monkeypatch.setattr(TeacherCache, "stream", spy_stream)
     monkeypatch.setattr(TeacherCache, "features", spy_features)
-    monkeypatch.setattr(reader, "_read", spy_read)
+    monkeypatch.setattr(TeacherCache, "_rows", spy_read)
 
     rc, out, err = student(capsys, env.cache, env.runs, "model=sgd", "epochs=3", "--json")
     assert rc == 0, err
@@ -370,20 +369,20 @@ def test_input_student_streams_train_inputs_chunk_by_chunk(env, capsys, monkeypa
     from pipeline.data import Dataset
 
     input_reads, train_reads = [], []
-    original_inputs_at, original_read = Dataset.inputs_at, reader._read
+    original_inputs_at, original_read = Dataset.inputs_at, TeacherCache._rows
 
     def spy_inputs_at(self, split, rows):
         if split == "train":
             input_reads.append(len(rows))
         return original_inputs_at(self, split, rows)
 
-    def spy_read(arr, rows, view):
-        if arr.path.startswith("train/"):
+    def spy_read(self, key, rows, view, out=None):
+        if key.startswith("train/"):
             train_reads.append(rows)
-        return original_read(arr, rows, view)
+        return original_read(self, key, rows, view, out)
 
     monkeypatch.setattr(Dataset, "inputs_at", spy_inputs_at)
-    monkeypatch.setattr(reader, "_read", spy_read)
+    monkeypatch.setattr(TeacherCache, "_rows", spy_read)
     rc, out, err = student(capsys, env.cache, env.runs, "model=cnn_small", "loss=kd", "epochs=2", "--json")
     assert rc == 0, err
     cache = open_cache(env.cache)
@@ -465,72 +464,10 @@ def test_target_teacher_missing_classes(env, capsys, monkeypatch, model):
     assert np.isfinite(summary["kl_teacher_student"]) and np.isfinite(summary["ece"])
 
 
-def test_target_teacher_single_class_is_refused(env, capsys, monkeypatch, tmp_path):
-    _patch_train_argmax(monkeypatch, [3])
-    before = num_rows(env.cache)
-    rc, out, err = student(capsys, env.cache, tmp_path / "runs", "model=logreg", "target=teacher")
-    assert rc == 2 and len(err.strip().splitlines()) == 1 and "single class" in err
-    assert num_rows(env.cache) == before and not (tmp_path / "runs").exists()
-
-
 # =========================================================================== bad input
-
-def _incomplete(env, tmp_path) -> Path:
-    root = copy_cache(env.cache, tmp_path / "incomplete")
-    manifest = json.loads((root / "manifest.json").read_text())
-    manifest["status"] = "building"
-    fmt.write_manifest(root, manifest)  # as an interrupted build leaves it
-    return root
-
-
-def _changed_dataset(env, tmp_path) -> Path:
-    """A cache built from an npz file that is then modified on disk."""
-    rng = np.random.default_rng(0)
-    path = tmp_path / "data.npz"
-    arrays = {"x_train": rng.normal(size=(90, 6)).astype(np.float32), "y_train": np.arange(90) % 3,
-              "x_test": rng.normal(size=(30, 6)).astype(np.float32), "y_test": np.arange(30) % 3}
-    np.savez(path, **arrays)
-    root = tmp_path / "npz-cache"
-    assert cli(["cache", f"dataset=npz:{path}", "teacher=mlp", "teacher_ckpt=random",
-                f"teacher_dir={tmp_path}/teachers", f"cache_root={tmp_path}", f"cache={root}",
-                "scheduler=synchronous"]) == 0
-    arrays["x_test"][0, 0] += 1.0
-    np.savez(path, **arrays)
-    return root
-
-
-BAD = {
-    "unknown-model": (None, ["model=nope"], "unknown student 'nope'"),
-    "unknown-loss": (None, ["model=cnn_small", "loss=nope"], "unknown loss 'nope'"),
-    "unknown-loss-feature-student": (None, ["model=linear_svc", "loss=nope"], "unknown loss 'nope'"),
-    "negative-t": (None, ["t=-1"], "t=-1.0 must be > 0"),
-    "alpha-above-1": (None, ["alpha=1.5"], "alpha=1.5 must be in [0, 1]"),
-    "c-not-a-number": (None, ["C=abc"], "C='abc' must be a positive number or auto"),
-    "c-negative": (None, ["C=-1"], "C='-1' must be a positive number"),
-    "layer-not-in-cache": (None, ["layer=block9"], "no layer 'block9'"),
-    "unknown-key": (None, ["colour=red"], "unknown key 'colour'"),
-    "epochs-zero": (None, ["model=cnn_small", "epochs=0"], "epochs=0 must be > 0"),
-    "bad-target": (None, ["target=oracle"], "target='oracle' must be labels or teacher"),
-    "missing-cache": (lambda env, tmp: tmp / "no-such-cache", ["model=linear_svc"], "no kdcache cache at"),
-    "incomplete-cache": (_incomplete, ["model=linear_svc"], "is incomplete"),
-    "dataset-changed": (_changed_dataset, ["model=mlp", "loss=kd", "epochs=1"], "differs from the one cache"),
-}
-
-
-@pytest.mark.parametrize("case", sorted(BAD))
-def test_bad_input_exits_2_with_one_line_and_writes_nothing(env, capsys, tmp_path, case):
-    make, args, message = BAD[case]
-    cache = make(env, tmp_path) if make else env.cache
-    runs = tmp_path / "runs"
-    before = num_rows(cache)
-    rc, out, err = student(capsys, cache, runs, *args, "--json")
-    assert rc == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("kdcache student: error: ") and message in lines[0]
-    assert "Traceback" not in err and out == ""
-    assert num_rows(cache) == before
-    assert not runs.exists() or not any(runs.rglob("*"))
+# Bad input to stage two (unknown model or loss, out-of-range values, incomplete or changed
+# caches, a teacher that predicts one class, report without results, ...) is a row of
+# tests/test_bad_input.py.
 
 
 # =========================================================================== sweep and report
@@ -576,17 +513,6 @@ def test_sweep_then_report(env, capsys, tmp_path):
     for p in pngs:
         data = p.read_bytes()
         assert len(data) > 1000 and data.startswith(b"\x89PNG\r\n\x1a\n")
-
-
-def test_report_without_results_exits_2(env, capsys, tmp_path):
-    cache = copy_cache(env.cache, tmp_path / "fresh")
-    capsys.readouterr()
-    rc = cli(["report", f"cache={cache}"])
-    out, err = capsys.readouterr()
-    assert rc == 2 and out == ""
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "no results" in lines[0] and "Traceback" not in err
-    assert not (results_dir(cache) / "report").exists()
 
 
 def test_run_student_api(env, tmp_path):

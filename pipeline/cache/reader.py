@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.cache import format as fmt
+from pipeline.cache.chunks import ChunkReader, chunk_reader
 from pipeline.errors import KdError
 
 
@@ -46,7 +47,8 @@ class TeacherCache:
 
         self.root = root
         self.manifest = manifest
-        self._checked: set[str] = set()
+        self._opened: dict[str, object] = {}  # key -> zarr array, checked once on first use
+        self._readers: dict[str, ChunkReader | None] = {}
         try:
             self._group = zarr.open_group(root / fmt.ARRAYS, mode="r")
         except Exception as exc:
@@ -97,15 +99,32 @@ class TeacherCache:
         if rest.startswith("features/") and rest[len("features/"):] not in self.manifest["layers"]:
             raise KdError(f"cache {self.root} holds no layer {rest[len('features/'):]!r}; it holds "
                           f"{', '.join(self.layers)}; rebuild the cache with layers=... to add one")
+        if key in self._opened:
+            return self._opened[key]
         try:
             arr = self._group[key]
         except Exception as exc:  # KeyError, or zarr's errors on damaged metadata
             raise KdError(f"cache array {self.root / fmt.ARRAYS / key} is missing or unreadable "
                           f"({type(exc).__name__}); the cache is damaged, rebuild it") from None
-        if key not in self._checked:
-            self._check_array(key, arr)
-            self._checked.add(key)
+        self._check_array(key, arr)
+        self._opened[key] = arr
         return arr
+
+    def _rows(self, key: str, rows: slice | None, view: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows of array ``key`` at ``view`` as float32, through the fast chunk reader when the
+        array has kdcache's own layout (see chunks.py), else through zarr-python."""
+        arr = self._array(key)
+        if key not in self._readers:
+            self._readers[key] = chunk_reader(arr, self.root / fmt.ARRAYS / key)
+        reader = self._readers[key]
+        rows = rows if rows is not None else slice(0, arr.shape[0])
+        if reader is not None:
+            return reader.read(rows.start, rows.stop, view, out)
+        data = _read(arr, rows, view)
+        if out is None:
+            return data
+        out[...] = data
+        return out
 
     def _check_array(self, key: str, arr) -> None:
         """The array's metadata must agree with the manifest, and every shard file must exist:
@@ -130,7 +149,7 @@ class TeacherCache:
 
     def raw_logits(self, split: str, view: int = 0, rows: slice | None = None) -> np.ndarray:
         """Stored logits z as float32 [N, C]."""
-        return _read(self._array(fmt.logits_key(split)), rows, view)
+        return self._rows(fmt.logits_key(split), rows, view)
 
     def logits(self, split: str, T: float = 1.0, view: int = 0) -> np.ndarray:
         """Softened logits z / T, float32 [N, C]."""
@@ -143,7 +162,7 @@ class TeacherCache:
 
     def features(self, split: str, layer: str, view: int = 0) -> np.ndarray:
         """Tapped activations of ``layer``, float32 [N, ...]."""
-        return _read(self._array(fmt.feature_key(split, layer)), None, view)
+        return self._rows(fmt.feature_key(split, layer), None, view)
 
     def index(self, split: str) -> pa.Table:
         """The per-sample index (sample_id, row, label, teacher_pred, …) in cache row order."""
@@ -200,44 +219,58 @@ class TeacherCache:
         _check_t(T)
         n = self.num_rows(split)
         chunk = int(self.manifest["chunk_size"])
-        arrays = {"__logits__": self._array(fmt.logits_key(split))} if logits else {}
-        arrays.update({name: self._array(fmt.feature_key(split, name)) for name in layers})
+        keys = {"__logits__": fmt.logits_key(split)} if logits else {}
+        keys.update({name: fmt.feature_key(split, name) for name in layers})
+        shapes = {name: tuple(self._array(key).shape[2:]) for name, key in keys.items()}
         ids, labels = self.sample_ids(split), self.labels(split)
         rng = np.random.default_rng(seed)
         starts = np.arange(0, n, chunk)
         if shuffle:
             rng.shuffle(starts)
         group = max(1, buffer_chunks)
-        carry: dict | None = None
+        carry: dict[str, np.ndarray] = {}
         for g in range(0, len(starts), group):
-            pieces = []
-            for start in starts[g:g + group]:
-                rows = slice(int(start), int(min(n, start + chunk)))
-                piece = {name: _read(arr, rows, view) for name, arr in arrays.items()}
-                piece["sample_id"] = ids[rows]
-                piece["label"] = labels[rows]
+            spans = [(int(a), int(min(n, a + chunk))) for a in starts[g:g + group]]
+            held = len(next(iter(carry.values()))) if carry else 0
+            size = held + sum(b - a for a, b in spans)
+            # One float32 buffer per array; each chunk is decoded straight into its slot, so
+            # the only other copy is the gather of each batch below.
+            buf = {name: np.empty((size,) + shapes[name], np.float32) for name in keys}
+            for name in buf:
+                if held:
+                    buf[name][:held] = carry[name]
+            cols: dict[str, list[np.ndarray]] = {"sample_id": [], "label": []}
+            if held:
+                for k in carry:
+                    if k not in buf:
+                        cols.setdefault(k, []).append(carry[k])
+            at = held
+            for a, b in spans:
+                for name, key in keys.items():
+                    self._rows(key, slice(a, b), view, out=buf[name][at:at + b - a])
+                cols["sample_id"].append(ids[a:b])
+                cols["label"].append(labels[a:b])
                 if extra is not None:
-                    piece.update({f"extra:{k}": v for k, v in extra(rows.start, rows.stop).items()})
-                pieces.append(piece)
-            buf = {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
-            if carry is not None:
-                buf = {k: np.concatenate([carry[k], buf[k]]) for k in buf}
-            if shuffle:
-                order = rng.permutation(len(buf["sample_id"]))
-                buf = {k: v[order] for k, v in buf.items()}
-            m = len(buf["sample_id"])
-            full = m - m % batch_size
+                    for k, v in extra(a, b).items():
+                        cols.setdefault(f"extra:{k}", []).append(v)
+                at += b - a
+            buf.update({k: np.concatenate(v) for k, v in cols.items()})
+            order = rng.permutation(size) if shuffle else np.arange(size)
+            full = size - size % batch_size
             for a in range(0, full, batch_size):
-                yield _batch({k: v[a:a + batch_size] for k, v in buf.items()}, T, layers)
-            carry = {k: v[full:] for k, v in buf.items()} if full < m else None
-        if carry is not None:
+                take = order[a:a + batch_size]
+                yield _batch({k: v[take] for k, v in buf.items()}, T, layers)
+            carry = {k: v[order[full:]] for k, v in buf.items()} if full < size else {}
+        if carry:
             yield _batch(carry, T, layers)
 
 
 def _batch(buf: dict, T: float, layers) -> Batch:
+    """A Batch from freshly gathered (owned) arrays; logits are softened in place."""
     logits = buf.get("__logits__")
-    return Batch(buf["sample_id"], buf["label"],
-                 logits / np.float32(T) if logits is not None else None,
+    if logits is not None and T != 1.0:
+        logits /= np.float32(T)
+    return Batch(buf["sample_id"], buf["label"], logits,
                  {name: buf[name] for name in layers},
                  {k[len("extra:"):]: v for k, v in buf.items() if k.startswith("extra:")})
 

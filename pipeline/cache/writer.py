@@ -47,11 +47,17 @@ from pipeline.teachers import Tapped, TeacherSpec, build_teacher
 
 # =========================================================================== the plan
 
-def codecs() -> list:
-    """Inner-chunk codecs: zstd, then a CRC32C so a flipped byte fails loudly on read."""
+def codecs(compression: str) -> list:
+    """Inner-chunk codecs: optionally zstd, then always a CRC32C so a flipped byte fails loudly
+    on read. Not compressing is the default: float16 already halves the bytes, zstd saves ~10%
+    more on dense features but halves streaming speed (docs/BENCHMARKS.md)."""
     from zarr.codecs import Crc32cCodec, ZstdCodec
 
-    return [ZstdCodec(level=3), Crc32cCodec()]
+    return ([ZstdCodec(level=3)] if compression == "zstd" else []) + [Crc32cCodec()]
+
+
+def codec_names(compression: str) -> list[str]:
+    return (["zstd(level=3)"] if compression == "zstd" else []) + ["crc32c"]
 
 
 def plan(cfg: CacheConfig, dataset: Dataset, spec: TeacherSpec, shapes: dict[str, tuple],
@@ -71,7 +77,7 @@ def plan(cfg: CacheConfig, dataset: Dataset, spec: TeacherSpec, shapes: dict[str
         "preprocessing": dataset.preprocessing,
         "layers": list(spec.layers), "pool": spec.pool,
         "dtype": cfg.dtype, "shard_size": cfg.shard_size, "chunk_size": cfg.chunk_size,
-        "views": fmt.VIEWS, "format_version": fmt.FORMAT_VERSION,
+        "compression": cfg.compression, "views": fmt.VIEWS, "format_version": fmt.FORMAT_VERSION,
     }
     data_cfg = {f: getattr(cfg, f) for f in DataConfig.__dataclass_fields__}
     return {
@@ -85,7 +91,7 @@ def plan(cfg: CacheConfig, dataset: Dataset, spec: TeacherSpec, shapes: dict[str
         "preprocessing": dataset.preprocessing,
         "temperature": cfg.t, "views": fmt.VIEWS, "dtype": cfg.dtype,
         "shard_size": cfg.shard_size, "chunk_size": cfg.chunk_size,
-        "codecs": ["zstd(level=3)", "crc32c"],
+        "compression": cfg.compression, "codecs": codec_names(cfg.compression),
         "layers": {name: list(shape) for name, shape in shapes.items() if name != "logits"},
         "num_classes": spec.num_classes, "pool": spec.pool,
         "splits": splits,
@@ -348,7 +354,7 @@ def _difference(old: dict, new: dict) -> str:
                 f"this one is {new['dataset']['fingerprint'][:12]})")
     if old["preprocessing"] != new["preprocessing"]:
         return "other preprocessing"
-    return "other cache settings (layers, pool, dtype or shard layout)"
+    return "other cache settings (layers, pool, dtype, compression or shard layout)"
 
 
 def _initialise(root: Path, cfg: CacheConfig, manifest: dict) -> None:
@@ -369,7 +375,7 @@ def _initialise(root: Path, cfg: CacheConfig, manifest: dict) -> None:
                 group.create_array(key, shape=full, dtype=cfg.dtype,
                                    shards=(cfg.shard_size, fmt.VIEWS) + shape,
                                    chunks=(cfg.chunk_size, fmt.VIEWS) + shape,
-                                   compressors=codecs(), fill_value=0,
+                                   compressors=codecs(cfg.compression), fill_value=0,
                                    dimension_names=("row", "view") + tuple(f"d{i}" for i in range(len(shape))))
         save_config(cfg, tmp / fmt.CONFIG)
         fmt.write_manifest(tmp, manifest)
