@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -57,6 +58,7 @@ class TeacherConfig(DataConfig):
         _positive(self, "epochs", "lr", "batch_size")
         if self.weight_decay < 0:
             raise KdError(f"weight_decay={self.weight_decay} must be >= 0")
+        _check_device(self.device)
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,7 @@ class CacheConfig(TeacherConfig):
     layers: tuple[str, ...] = ()  # feature taps by node name; () = the penultimate layer
     pool: bool = True  # global-average-pool spatial feature maps to vectors
     dtype: str = "float16"  # float16 | float32
+    compression: str = "none"  # none | zstd: ~10% smaller on dense features, ~2x slower to stream
     t: float = 4.0  # default distillation temperature recorded for students
     shard_size: int = 1024  # rows per shard: the unit of work, of writing and of resuming
     chunk_size: int = 256  # rows per inner chunk: the unit of reading
@@ -83,12 +86,23 @@ class CacheConfig(TeacherConfig):
         _positive(self, "t", "shard_size", "chunk_size", "infer_batch_size", "workers")
         if self.dtype not in ("float16", "float32"):
             raise KdError(f"dtype={self.dtype!r} is not supported; use float16 or float32")
+        if self.compression not in ("none", "zstd"):
+            raise KdError(f"compression={self.compression!r} is not supported; use none or zstd")
         if self.shard_size % self.chunk_size:
             raise KdError(
                 f"shard_size={self.shard_size} must be a multiple of chunk_size={self.chunk_size}"
             )
         if self.threads < 0:
             raise KdError(f"threads={self.threads} must be >= 0")
+        if self.chunk_size > MAX_CHUNK_SIZE:
+            raise KdError(f"chunk_size={self.chunk_size} must be at most {MAX_CHUNK_SIZE} rows "
+                          "(a chunk is read whole)")
+        if self.shard_size // self.chunk_size > MAX_CHUNKS_PER_SHARD:
+            raise KdError(f"shard_size={self.shard_size} must be at most {MAX_CHUNKS_PER_SHARD} "
+                          f"chunks of chunk_size={self.chunk_size} rows")
+        if not (self.scheduler in ("local", "synchronous") or _SCHEDULER.fullmatch(self.scheduler)):
+            raise KdError(f"scheduler={self.scheduler!r} is not a scheduler; use local, synchronous or "
+                          "the address of a dask scheduler, e.g. tcp://HOST:8786")
 
 
 @dataclass(frozen=True)
@@ -106,6 +120,8 @@ class InfoConfig:
     def check(self) -> None:
         if self.rows < 0:
             raise KdError(f"rows={self.rows} must be >= 0")
+        _check_seed("seed", self.seed)
+        _check_device(self.device)
 
 
 def _positive(cfg: Any, *names: str) -> None:
@@ -113,6 +129,27 @@ def _positive(cfg: Any, *names: str) -> None:
         value = getattr(cfg, name)
         if not value > 0:
             raise KdError(f"{name}={value} must be > 0")
+
+
+FLOAT32_MAX = 3.4028234663852886e38
+MAX_SEED = 2**32 - 1  # scikit-learn's and numpy's legacy seeds are 32-bit
+MAX_CHUNK_SIZE = 1 << 16  # rows: a chunk is decoded whole on every read
+MAX_CHUNKS_PER_SHARD = 1 << 12  # a shard's index holds one entry per chunk
+MAX_WIDTH = 4096  # student width: beyond this a "small" student no longer fits in memory
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+# local | synchronous | [PROTOCOL://]HOST:PORT (IPv6 hosts in brackets) | inproc://ADDRESS
+_SCHEDULER = re.compile(r"(?:[a-z][a-z0-9+.-]*://)?(?:\[[0-9a-fA-F:.]+\]|[^\s/:\[\]]+):\d+|inproc://\S+")
+
+
+def _check_seed(name: str, value: int) -> None:
+    if not 0 <= value <= MAX_SEED:
+        raise KdError(f"{name}={value} must be in 0..{MAX_SEED}")
+
+
+def _check_device(device: str) -> None:
+    # torch.device() also accepts meta, mps, xla, hpu, ...: kdcache runs on none of them
+    if not _DEVICE.fullmatch(device):
+        raise KdError(f"device={device!r} is not a device; use auto, cpu, cuda or cuda:N")
 
 
 # --------------------------------------------------------------------------- resolution
@@ -124,6 +161,8 @@ _FALSE = {"0", "false", "no", "off"}
 def _coerce(cls: type, name: str, annotation: Any, value: Any) -> Any:
     """Convert a YAML or command-line value to the field's declared type."""
     origin = typing.get_origin(annotation)
+    if value is None:  # `key:` with nothing after it in a YAML file
+        raise KdError(f"{name} has no value (null) in the config file; give it one or remove the key")
     try:
         if annotation is bool:
             if isinstance(value, bool):
@@ -146,13 +185,19 @@ def _coerce(cls: type, name: str, annotation: Any, value: Any) -> Any:
             out = float(value)
             if out != out or out in (float("inf"), float("-inf")):
                 raise ValueError
+            if abs(out) > FLOAT32_MAX:  # every number ends up in float32 tensors
+                raise KdError(f"{name}={value!r} is beyond the float32 range (±{FLOAT32_MAX:.3g})")
             return out
         if annotation is str:
             if isinstance(value, (list, dict)):
                 raise ValueError
+            if "\x00" in str(value):  # no path or name can hold one; open() would raise
+                raise KdError(f"{name}={value!r} contains a NUL character")
             return str(value)
         if origin is tuple:
             (item_type, _ellipsis) = typing.get_args(annotation)
+            if isinstance(value, dict):
+                raise ValueError
             # lists are comma- or space-separated, so Make's MODELS="a b c" passes through
             items = value if isinstance(value, (list, tuple)) else str(value).replace(",", " ").split()
             return tuple(_coerce(cls, name, item_type, v.strip() if isinstance(v, str) else v)
@@ -202,9 +247,15 @@ def _read_yaml(path: str) -> list[tuple[str, Any]]:
     if not p.is_file():
         raise KdError(f"config file {path} does not exist; pass config=PATH to a YAML file")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise KdError(f"config file {path} is not UTF-8 text (byte {exc.start}); save it as "
+                      "UTF-8 YAML") from None
+    except OSError as exc:
+        raise KdError(f"config file {path} cannot be read ({exc.strerror or type(exc).__name__})") from None
     except yaml.YAMLError as exc:
-        raise KdError(f"config file {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise KdError(f"config file {path} is not valid YAML "
+                      f"({(str(exc).splitlines() or [type(exc).__name__])[0]})") from None
     if not isinstance(data, dict):
         raise KdError(f"config file {path} must hold a mapping of key: value")
     return [(str(k), v) for k, v in data.items()]
@@ -267,8 +318,10 @@ class StudentConfig:
         _positive(self, "epochs", "lr", "batch_size", "sgd_alpha")
         if self.hint_weight < 0 or self.dkd_alpha < 0 or self.dkd_beta < 0 or self.weight_decay < 0:
             raise KdError("hint_weight, dkd_alpha, dkd_beta and weight_decay must be >= 0")
-        if self.width < 0:
-            raise KdError(f"width={self.width} must be >= 0")
+        if not 0 <= self.width <= MAX_WIDTH:
+            raise KdError(f"width={self.width} must be in 0..{MAX_WIDTH} (0 = the student's default)")
+        _check_seed("seed", self.seed)
+        _check_device(self.device)
         if self.target not in ("labels", "teacher"):
             raise KdError(f"target={self.target!r} must be labels or teacher")
         if self.C != "auto":
@@ -276,7 +329,7 @@ class StudentConfig:
                 c = float(self.C)
             except ValueError:
                 c = -1.0
-            if not c > 0:
+            if not 0 < c <= FLOAT32_MAX:  # also refuses nan and inf
                 raise KdError(f"C={self.C!r} must be a positive number or auto")
 
 
@@ -288,6 +341,20 @@ class SweepConfig(StudentConfig):
     losses: tuple[str, ...] = ("kd", "ce")
     seeds: tuple[int, ...] = (0, 1, 2)
     temperatures: tuple[float, ...] = ()  # () = just t
+
+    def check(self) -> None:
+        super().check()
+        for name in ("models", "losses", "seeds"):
+            if not getattr(self, name):
+                raise KdError(f"{name} is empty; a sweep needs at least one, e.g. {name}="
+                              f"{' '.join(map(str, getattr(SweepConfig, name)))}")
+        for seed in self.seeds:
+            _check_seed("seeds", seed)
+        # checked here, before any run: a bad value met in the middle of the grid would leave
+        # half a sweep in the results table
+        for t in self.temperatures:
+            if not t > 0:
+                raise KdError(f"temperatures holds {t}; every temperature must be > 0")
 
 
 @dataclass(frozen=True)
