@@ -69,7 +69,7 @@ def predict_logits(model: nn.Module, x: np.ndarray, device: torch.device, batch_
     model.eval()
     out = []
     for a in range(0, len(x), batch_size):
-        xb = runtime.to_device(torch.from_numpy(np.ascontiguousarray(x[a:a + batch_size])), device)
+        xb = runtime.to_device(torch.from_numpy(np.ascontiguousarray(x[a:a + batch_size], np.float32)), device)
         with runtime.autocast(device):
             logits = model(xb)
         if isinstance(logits, tuple):  # students also return their features

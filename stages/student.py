@@ -27,6 +27,7 @@ from pipeline.errors import KdError
 from pipeline.io import atomic_write_text, fsync_dir
 from pipeline.losses import LABELS_ONLY, LOSSES, USES_FEATURES
 from pipeline.results import append_row, results_dir
+from pipeline.rows import LazyRows
 from pipeline.students import STUDENTS, create_student
 from stages.info import cache_path
 
@@ -62,6 +63,20 @@ def joined_inputs(dataset: Dataset, cache: TeacherCache, split: str) -> np.ndarr
     return dataset.inputs(split, 0, len(dataset.splits[split]))[positions]
 
 
+def lazy_inputs(dataset: Dataset, cache: TeacherCache, split: str) -> LazyRows:
+    """:func:`joined_inputs`, read block by block on demand (evaluation never holds a split)."""
+    positions = positions_of(dataset.splits[split].sample_ids, cache.sample_ids(split))
+    return LazyRows(len(positions), dataset.input_shape,
+                    lambda a, b: dataset.inputs_at(split, positions[a:b]))
+
+
+def lazy_features(cache: TeacherCache, split: str, layer: str) -> LazyRows:
+    """Flattened cached features of ``split``, read chunk by chunk on demand."""
+    dim = int(np.prod(cache.manifest["layers"][layer]))
+    return LazyRows(cache.num_rows(split), (dim,),
+                    lambda a, b: cache.features(split, layer, rows=slice(a, b)).reshape(b - a, dim))
+
+
 def run_student(cfg: StudentConfig, progress: bool = True) -> dict:
     # 1. The cache, and every check that can fail before any work is done.
     cache = open_cache(cache_path(cfg))
@@ -87,14 +102,16 @@ def run_student(cfg: StudentConfig, progress: bool = True) -> dict:
     # 2. Fit: feature students on cached features, input students on inputs joined by sample_id.
     y = {s: cache.labels(s) for s in ("train", "val", "test")}
     t0 = time.perf_counter()
-    if student.kind == "features":
-        # sgd streams the train split out of core: never load its features whole.
-        splits = ("val", "test") if cfg.model == "sgd" else ("train", "val", "test")
-        X = {s: cache.features(s, layer).reshape(cache.num_rows(s), -1) for s in splits}
+    if student.kind == "features" and cfg.model != "sgd":
+        X = {s: cache.features(s, layer).reshape(cache.num_rows(s), -1) for s in ("train", "val", "test")}
+        student, chosen_c = fit_feature_student(cfg, student, cache, X, y, T, layer, params)
+    elif student.kind == "features":
+        # sgd learns out of core: train is streamed, val and test are read chunk by chunk
+        X = {s: lazy_features(cache, s, layer) for s in ("val", "test")}
         student, chosen_c = fit_feature_student(cfg, student, cache, X, y, T, layer, params)
     else:
         dataset = reopen_dataset(cache)
-        X = {s: joined_inputs(dataset, cache, s) for s in ("val", "test")}
+        X = {s: lazy_inputs(dataset, cache, s) for s in ("val", "test")}
         fit_input_student(cfg, student, cache, dataset, layer, X["val"], y["val"])
         chosen_c = ""
     fit_seconds = time.perf_counter() - t0

@@ -27,6 +27,7 @@ from pipeline.data import open_dataset, positions_of
 from pipeline.errors import KdError
 from pipeline.io import sha256_file
 from pipeline.results import read_results, results_dir
+from pipeline.rows import BLOCK_ROWS
 from stages.cli import main as cli
 from stages.student import joined_inputs, run_student
 
@@ -320,7 +321,7 @@ def test_student_never_loads_the_teacher(env, capsys, monkeypatch):
 
 
 def test_sgd_streams_the_train_split_out_of_core(env, capsys, monkeypatch):
-    passes, feature_splits, train_reads = [], [], []
+    passes, feature_splits, train_reads, other_reads = [], [], [], []
     original_stream, original_features, original_read = TeacherCache.stream, TeacherCache.features, TeacherCache._rows
 
     def spy_stream(self, split, *args, **kwargs):
@@ -336,8 +337,7 @@ def test_sgd_streams_the_train_split_out_of_core(env, capsys, monkeypatch):
         return original_features(self, split, *args, **kwargs)
 
     def spy_read(self, key, rows, view, out=None):
-        if key.startswith("train/"):
-            train_reads.append(rows)
+        (train_reads if key.startswith("train/") else other_reads).append((key, rows))
         return original_read(self, key, rows, view, out)
 
     monkeypatch.setattr(TeacherCache, "stream", spy_stream)
@@ -359,8 +359,10 @@ def test_sgd_streams_the_train_split_out_of_core(env, capsys, monkeypatch):
         assert p["split"] == "train"
         assert p["sizes"] and max(p["sizes"]) <= min(p["kwargs"]["batch_size"], buffer_rows)
         assert sorted(np.concatenate(p["ids"]).tolist()) == train_ids
-    # Memory: the train split is only ever read a chunk at a time.
-    assert train_reads and all(r is not None and r.stop - r.start <= chunk for r in train_reads)
+    # Memory: the train split is only ever read a chunk at a time, val and test a block at a time.
+    assert train_reads and all(r is not None and r.stop - r.start <= chunk for _, r in train_reads)
+    features = [r for key, r in other_reads if "/features/" in key]
+    assert features and all(r is not None and r.stop - r.start <= BLOCK_ROWS for r in features)
 
 
 def test_input_student_streams_train_inputs_chunk_by_chunk(env, capsys, monkeypatch):
@@ -368,13 +370,15 @@ def test_input_student_streams_train_inputs_chunk_by_chunk(env, capsys, monkeypa
     arrive one chunk at a time, joined by sample_id, never the whole split at once."""
     from pipeline.data import Dataset
 
-    input_reads, train_reads = [], []
+    input_reads, train_reads, eval_reads = [], [], []
     original_inputs_at, original_read = Dataset.inputs_at, TeacherCache._rows
 
     def spy_inputs_at(self, split, rows):
-        if split == "train":
-            input_reads.append(len(rows))
+        (input_reads if split == "train" else eval_reads).append(len(rows))
         return original_inputs_at(self, split, rows)
+
+    def no_whole_split(self, split, start, stop):
+        raise AssertionError(f"{split} inputs read whole ({start}:{stop})")
 
     def spy_read(self, key, rows, view, out=None):
         if key.startswith("train/"):
@@ -382,6 +386,7 @@ def test_input_student_streams_train_inputs_chunk_by_chunk(env, capsys, monkeypa
         return original_read(self, key, rows, view, out)
 
     monkeypatch.setattr(Dataset, "inputs_at", spy_inputs_at)
+    monkeypatch.setattr(Dataset, "inputs", no_whole_split)
     monkeypatch.setattr(TeacherCache, "_rows", spy_read)
     rc, out, err = student(capsys, env.cache, env.runs, "model=cnn_small", "loss=kd", "epochs=2", "--json")
     assert rc == 0, err
@@ -389,6 +394,7 @@ def test_input_student_streams_train_inputs_chunk_by_chunk(env, capsys, monkeypa
     chunk = int(cache.manifest["chunk_size"])
     assert input_reads and max(input_reads) <= chunk
     assert sum(input_reads) == 2 * cache.num_rows("train")  # every train row once per epoch
+    assert eval_reads and max(eval_reads) <= BLOCK_ROWS  # val each epoch and test: block by block
     assert train_reads and all(r is not None and r.stop - r.start <= chunk for r in train_reads)
     assert last_json(out)["test_accuracy"] > 0.3
 

@@ -263,3 +263,23 @@ def test_feature_student_is_deterministic(name):
     d = make_data(name)
     a, b = fit(new(name, seed=3), name, d), fit(new(name, seed=3), name, d)
     np.testing.assert_array_equal(a.decision_function(d["X_val"]), b.decision_function(d["X_val"]))
+
+
+def test_lazy_rows_give_the_same_predictions_as_arrays():
+    from pipeline.rows import LazyRows, map_blocks
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((1000, 5)).astype(np.float32)
+    fetched = []
+    lazy = LazyRows(len(X), (5,), lambda a, b: fetched.append((a, b)) or X[a:b])
+    assert len(lazy) == 1000 and lazy.shape == (1000, 5)
+    np.testing.assert_array_equal(lazy[10:20], X[10:20])
+    with pytest.raises(TypeError):
+        lazy[[1, 2]]
+    fetched.clear()
+    np.testing.assert_array_equal(map_blocks(lambda b: b * 2, lazy, rows=300), X * 2)
+    assert fetched == [(0, 300), (300, 600), (600, 900), (900, 1000)]
+    y = (X[:, 0] > 0).astype(int)
+    for name in ("logreg", "sgd"):
+        student = create_student(name, seed=0).fit(X, y)
+        np.testing.assert_allclose(student.decision_function(lazy), student.decision_function(X), rtol=1e-6)

@@ -160,9 +160,9 @@ class TeacherCache:
         """softmax(z / T), float32 [N, C]."""
         return softmax(self.logits(split, T, view))
 
-    def features(self, split: str, layer: str, view: int = 0) -> np.ndarray:
-        """Tapped activations of ``layer``, float32 [N, ...]."""
-        return self._rows(fmt.feature_key(split, layer), None, view)
+    def features(self, split: str, layer: str, view: int = 0, rows: slice | None = None) -> np.ndarray:
+        """Tapped activations of ``layer``, float32 [N, ...] (or just ``rows``)."""
+        return self._rows(fmt.feature_key(split, layer), rows, view)
 
     def index(self, split: str) -> pa.Table:
         """The per-sample index (sample_id, row, label, teacher_pred, …) in cache row order."""

@@ -15,6 +15,7 @@ from sklearn.linear_model import LogisticRegression, SGDClassifier
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
+from pipeline.rows import map_blocks
 from pipeline.students.registry import STUDENTS
 
 
@@ -33,6 +34,10 @@ class _LinearBase(BaseEstimator, ClassifierMixin):
         return as_f32(self.scaler_.transform(as_f32(X)))
 
     def decision_function(self, X: np.ndarray) -> np.ndarray:
+        """Class scores [N, K]; ``X`` may be a :class:`~pipeline.rows.LazyRows`."""
+        return map_blocks(self._scores, X)
+
+    def _scores(self, X: np.ndarray) -> np.ndarray:
         scores = self.model_.decision_function(as_f32(self.scaler_.transform(as_f32(X))))
         if scores.ndim == 1:  # binary: scikit-learn returns one margin, > 0 for classes_[1]
             scores = np.stack([-scores, scores], axis=1)
@@ -46,7 +51,7 @@ class _LinearBase(BaseEstimator, ClassifierMixin):
         return hasattr(self.model_, "predict_proba")
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        return self.model_.predict_proba(as_f32(self.scaler_.transform(as_f32(X))))
+        return map_blocks(lambda b: self.model_.predict_proba(as_f32(self.scaler_.transform(as_f32(b)))), X)
 
     @property
     def n_params_(self) -> int:

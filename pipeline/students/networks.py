@@ -123,7 +123,8 @@ class TorchStudent(BaseEstimator, ClassifierMixin):
         return sum(p.numel() for p in self.model_.net.parameters())
 
     def decision_function(self, X: np.ndarray) -> np.ndarray:
-        return training.predict_logits(self.model_, np.asarray(X, np.float32), self.device_)
+        """Logits [N, K]; ``X`` may be a :class:`~pipeline.rows.LazyRows` (read batch by batch)."""
+        return training.predict_logits(self.model_, X, self.device_)
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         return softmax(self.decision_function(X))
