@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import zipfile
+import zlib
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -27,6 +28,8 @@ from pipeline.registry import Registry
 
 SPLITS = ("train", "val", "test")
 BLOCK = 4096  # rows per read when streaming over a whole split (stats, fingerprints)
+MAX_SEED = 2**32 - 1  # the seed reaches scikit-learn's splitter, which takes 32-bit seeds
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # inputs reach the teacher as float32
 
 
 class RowSource(Protocol):
@@ -220,7 +223,10 @@ DATASETS: Registry[Callable[[str, DataConfig], Dataset]] = Registry("dataset")
 def open_dataset(cfg: DataConfig) -> Dataset:
     """Open ``cfg.dataset`` (``NAME`` or ``NAME:ARG``) through the dataset registry."""
     kind, _, arg = cfg.dataset.partition(":")
-    return DATASETS.get(kind)(arg, cfg)
+    source = DATASETS.get(kind)
+    if not 0 <= cfg.seed <= MAX_SEED:
+        raise KdError(f"seed={cfg.seed} must be in 0..{MAX_SEED}")
+    return source(arg, cfg)
 
 
 def dataset_slug(spec: str) -> str:
@@ -264,14 +270,8 @@ def npz(arg: str, cfg: DataConfig) -> Dataset:
     path = Path(arg)
     if not arg:
         raise KdError("dataset npz needs a path: dataset=npz:PATH.npz")
-    if not path.is_file():
-        raise KdError(f"npz file {path} does not exist; pass dataset=npz:PATH to an existing file")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-        raise KdError(f"{path} is not a readable .npz archive ({type(exc).__name__}); "
-                      "save it with numpy.savez") from None
+    _check_file(path, "npz file", "dataset=npz:PATH")
+    arrays = _read_npz(path)
     pool_names = ["train", "val", "test"] if "x_val" in arrays or "y_val" in arrays else ["train", "test"]
     for name in pool_names:
         for key in (f"x_{name}", f"y_{name}"):
@@ -294,9 +294,14 @@ def npz(arg: str, cfg: DataConfig) -> Dataset:
             raise KdError(f"{path}: y_{name} has dtype {y.dtype}; labels must be integers 0..K-1")
         if len(x) == 0:
             raise KdError(f"{path}: x_{name} is empty")
+        if 0 in x.shape[1:]:
+            raise KdError(f"{path}: x_{name} has shape {x.shape}; a sample needs at least one value")
         if x.dtype.kind == "f" and not np.isfinite(x).all():
             bad = int((~np.isfinite(x)).reshape(len(x), -1).any(axis=1).sum())
             raise KdError(f"{path}: x_{name} has {bad} rows with NaN or inf; clean them first")
+        if x.dtype.kind == "f" and x.dtype.itemsize > 4 and np.abs(x).max() > FLOAT32_MAX:
+            raise KdError(f"{path}: x_{name} holds values up to {float(np.abs(x).max()):.3g}, beyond "
+                          "float32 (the teacher's input type); rescale them first")
         if y.min() < 0:
             raise KdError(f"{path}: y_{name} has negative labels; labels must be 0..K-1")
         shape = x.shape[1:] if x.ndim != 3 else (1,) + x.shape[1:]
@@ -313,10 +318,58 @@ def npz(arg: str, cfg: DataConfig) -> Dataset:
         raise KdError(f"{path}: labels hold a single class; a classifier needs at least 2")
     train_classes = np.unique(pools["train"].labels)
     if len(train_classes) < num_classes:
-        missing = sorted(set(range(num_classes)) - set(train_classes.tolist()))[:5]
+        # the first few absent classes, without materialising range(num_classes): a stray label
+        # of 10**12 must give this message, not a MemoryError
+        present = set(train_classes.tolist())
+        missing = []
+        for k in range(num_classes):
+            if k not in present:
+                missing.append(k)
+                if len(missing) == 5:
+                    break
         raise KdError(f"{path}: labels must be 0..{num_classes - 1} and each must occur in "
                       f"y_train; missing from y_train: {missing}")
     return Dataset(f"npz:{path}", pools, sample_shape, num_classes, cfg)
+
+
+def _check_file(path: Path, what: str, how: str) -> None:
+    try:
+        if path.is_file():
+            return
+        exists = path.exists()
+    except OSError as exc:  # e.g. a name too long for the filesystem
+        raise KdError(f"{what} {path} cannot be opened ({exc.strerror or type(exc).__name__}); "
+                      f"pass {how} to an existing file") from None
+    if exists:
+        raise KdError(f"{what} {path} is not a file; pass {how} to an existing file")
+    raise KdError(f"{what} {path} does not exist; pass {how} to an existing file")
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """Every array of an .npz archive, never unpickling anything."""
+    try:
+        f = np.load(path, allow_pickle=False)
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, zlib.error, NotImplementedError) as exc:
+        raise KdError(f"{path} is not a readable .npz archive ({type(exc).__name__}); "
+                      "save it with numpy.savez") from None
+    if not isinstance(f, np.lib.npyio.NpzFile):  # a single .npy array saved under a .npz name
+        raise KdError(f"{path} holds a single .npy array, not an .npz archive of named arrays; "
+                      "save it with numpy.savez(path, x_train=..., y_train=..., ...)")
+    arrays = {}
+    with f:
+        for key in f.files:
+            try:
+                arrays[key] = f[key]
+            except ValueError as exc:
+                if "allow_pickle" in str(exc):
+                    raise KdError(f"{path}: array {key!r} holds Python objects, which kdcache never "
+                                  "unpickles; save numeric arrays (x: numbers, y: integers)") from None
+                raise KdError(f"{path}: array {key!r} cannot be read ({str(exc)[:80]}); save it "
+                              "with numpy.savez") from None
+            except (zipfile.BadZipFile, OSError, EOFError, zlib.error, NotImplementedError) as exc:
+                raise KdError(f"{path}: array {key!r} cannot be read ({type(exc).__name__}); the "
+                              "archive is damaged, save it again with numpy.savez") from None
+    return arrays
 
 
 TORCHVISION_DATASETS = ("CIFAR10", "CIFAR100", "MNIST", "FashionMNIST", "KMNIST", "SVHN")
@@ -370,12 +423,18 @@ class ImageFiles:
 
         out = np.empty((len(positions), 3, self.size, self.size), np.float32)
         for i, p in enumerate(positions):
-            with Image.open(self.paths[int(p)]) as im:
-                im = im.convert("RGB").resize((self.size, self.size), Image.BILINEAR)
-                out[i] = np.asarray(im, np.float32).transpose(2, 0, 1) / 255.0
+            path = self.paths[int(p)]
+            try:
+                with Image.open(path) as im:
+                    im = im.convert("RGB").resize((self.size, self.size), Image.BILINEAR)
+                    out[i] = np.asarray(im, np.float32).transpose(2, 0, 1) / 255.0
+            except Exception as exc:  # PIL raises assorted errors on a damaged or foreign file
+                raise KdError(f"{path} is not a readable image ({type(exc).__name__}); remove it "
+                              "or replace it with a valid image file") from None
         return out
 
 
+MAX_IMAGE_SIZE = 1024  # pixels per side: one float32 RGB image of 1024² is already 12 MB
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -388,10 +447,15 @@ def imagefolder(arg: str, cfg: DataConfig) -> Dataset:
     """
     root_text, _, size_text = arg.partition(":")
     root = Path(root_text)
+    if not root_text:
+        raise KdError("dataset imagefolder needs a path: dataset=imagefolder:PATH[:SIZE]")
     try:
         size = int(size_text) if size_text else 32
     except ValueError:
         raise KdError(f"imagefolder size {size_text!r} is not an integer; write imagefolder:PATH:32") from None
+    if not 1 <= size <= MAX_IMAGE_SIZE:
+        raise KdError(f"imagefolder size {size} must be in 1..{MAX_IMAGE_SIZE} pixels; write "
+                      "imagefolder:PATH:32")
     if not (root / "train").is_dir() or not (root / "test").is_dir():
         raise KdError(f"{root} must hold train/ and test/ folders of class subfolders "
                       "(optionally val/ too)")
@@ -402,14 +466,27 @@ def imagefolder(arg: str, cfg: DataConfig) -> Dataset:
     for name in ("train", "val", "test"):
         if not (root / name).is_dir():
             continue
+        # a class the teacher never trains on would be silently dropped: refuse it instead
+        foreign = sorted(p.name for p in (root / name).iterdir() if p.is_dir() and p.name not in classes)
+        if foreign:
+            raise KdError(f"{root}/{name} has class folders that {root}/train lacks: "
+                          f"{', '.join(foreign[:3])}{'…' if len(foreign) > 3 else ''}; add them to "
+                          "train/ or remove them")
         paths, labels = [], []
         for k, cls in enumerate(classes):
             for p in sorted((root / name / cls).glob("*")):
                 if p.suffix.lower() in IMAGE_SUFFIXES:
                     paths.append(p)
                     labels.append(k)
+        names = f"{', '.join(classes[:3])}{'…' if len(classes) > 3 else ''}"
         if not paths:
-            raise KdError(f"{root}/{name} holds no images in class folders {classes[:3]}…")
+            raise KdError(f"{root}/{name} holds no images (*{', *'.join(sorted(IMAGE_SUFFIXES))}) "
+                          f"in its class folders {names}")
+        present = set(labels)
+        if name == "train" and len(present) < len(classes):
+            empty = [c for k, c in enumerate(classes) if k not in present]
+            raise KdError(f"{root}/train/{empty[0]} holds no images; every class needs training "
+                          "images (remove the folder or add images)")
         ids = np.array([_path_id(p.relative_to(root)) for p in paths], dtype=np.int64)
         pools[name] = ImageFiles(paths, np.array(labels, np.int64), ids, size)
     return Dataset(f"imagefolder:{root}:{size}", pools, (3, size, size), len(classes), cfg)

@@ -1,0 +1,1356 @@
+"""Bad input: every kind kdcache can meet, in one table, with one test per row.
+
+The guarantee (README, stages/cli.py): bad input exits with code 2 and prints exactly one line on
+stderr, ``kdcache VERB: error: <what is wrong and how to fix it>``, with no traceback, and leaves
+nothing half-written: the working directory holds the same files before and after, and a cache
+that existed before is byte-identical.
+
+Each row of ``CASES`` is a :class:`Case`: a category, a kind (what is wrong), a ``setup(tmp)``
+that writes the bad input into a tmp directory and returns the ``kdcache`` argv, and the regex
+the one stderr line must match. ``test_bad_input`` runs every row in-process through
+``stages.cli.main``; ``test_bad_input_in_a_real_process`` runs a few through the installed
+``kdcache`` script; two hypothesis tests feed random ``key=value`` overrides and malformed npz
+files. A row with ``bug=...`` documents a known bug in code this table does not own: it is a
+strict xfail, so fixing the bug makes it fail until the ``bug`` note is removed.
+
+docs/BAD_INPUT.md is generated from this table, with the exact message of each row:
+
+    .venv/bin/python tests/test_bad_input.py --write-doc
+
+and ``test_bad_input`` fails when a row's message differs from the doc.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import fcntl
+import functools
+import io
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import typing
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import SMALL_CLASSES, SMALL_SHAPE, cache_args
+from stages.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "BAD_INPUT.md"
+KDCACHE = Path(sys.executable).parent / "kdcache"
+
+CLI = "CLI arguments"
+CONFIG = "config keys and values"
+DATASET = "dataset files"
+CKPT = "checkpoints"
+CACHE = "cache directories"
+STAGE2 = "student / stage two"
+CATEGORIES = (CLI, CONFIG, DATASET, CKPT, CACHE, STAGE2)
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str  # unique, stable: the test id and the doc's row key
+    category: str  # one of CATEGORIES
+    kind: str  # what is wrong, in a few words
+    setup: Callable[[Path], list[str]]  # writes the bad input under tmp, returns the argv
+    message: str  # regex the one stderr line must match (searched, after the prefix)
+    bug: str = ""  # a known bug elsewhere: the row is a strict xfail until it is fixed
+
+
+# =========================================================================== inputs
+
+def cache_cmd(tmp: Path, **overrides) -> list[str]:
+    """`kdcache cache` of a tiny synthetic dataset into tmp/cache (see conftest.cache_args)."""
+    return ["cache", *cache_args(tmp / "cache", tmp, **overrides)]
+
+
+def arrays(n_train: int = 40, n_test: int = 12, width: int = 6) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {"x_train": rng.standard_normal((n_train, width)).astype(np.float32),
+            "y_train": np.arange(n_train) % 3,
+            "x_test": rng.standard_normal((n_test, width)).astype(np.float32),
+            "y_test": np.arange(n_test) % 3}
+
+
+def write_npz(path: Path, **replace) -> Path:
+    """A valid 3-class npz, with arrays replaced (None drops one)."""
+    values = {**arrays(), **replace}
+    np.savez(path, **{k: v for k, v in values.items() if v is not None})
+    return path
+
+
+def npz_cmd(tmp: Path, path: Path) -> list[str]:
+    return cache_cmd(tmp, dataset=f"npz:{path}", teacher="mlp")
+
+
+def npz_case(**replace) -> Callable[[Path], list[str]]:
+    def setup(tmp: Path) -> list[str]:
+        return npz_cmd(tmp, write_npz(tmp / "data.npz", **replace))
+    return setup
+
+
+def write_images(root: Path, classes=("cat", "dog"), splits=("train", "test"), n: int = 3) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in splits:
+        for cls in classes:
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                pixels = rng.integers(0, 255, (6, 6, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / cls / f"{i}.png")
+    return root
+
+
+def images_case(edit: Callable[[Path], None] = lambda root: None, size: str = "",
+                **kwargs) -> Callable[[Path], list[str]]:
+    def setup(tmp: Path) -> list[str]:
+        root = write_images(tmp / "images", **kwargs)
+        edit(root)
+        return cache_cmd(tmp, dataset=f"imagefolder:{root}{size}", teacher="mlp")
+    return setup
+
+
+def teacher_state(arch: str = "cnn_small", shape=SMALL_SHAPE, classes: int = SMALL_CLASSES) -> dict:
+    from pipeline.teachers import create_teacher
+
+    torch.manual_seed(0)
+    return create_teacher(arch, shape, classes).state_dict()
+
+
+def ckpt_case(make: Callable[[Path], Path], **overrides) -> Callable[[Path], list[str]]:
+    def setup(tmp: Path) -> list[str]:
+        return cache_cmd(tmp, teacher_ckpt=make(tmp), **overrides)
+    return setup
+
+
+def saved(name: str, payload) -> Callable[[Path], Path]:
+    def make(tmp: Path) -> Path:
+        torch.save(payload() if callable(payload) else payload, tmp / name)
+        return tmp / name
+    return make
+
+
+def written(name: str, data: bytes) -> Callable[[Path], Path]:
+    def make(tmp: Path) -> Path:
+        (tmp / name).write_bytes(data)
+        return tmp / name
+    return make
+
+
+def _truncated_safetensors(tmp: Path) -> Path:
+    from safetensors.torch import save_file
+
+    path = tmp / "teacher.safetensors"
+    save_file(teacher_state(), str(path))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def _edited_state(edit: Callable[[dict], None], name: str) -> Callable[[Path], Path]:
+    def make(tmp: Path) -> Path:
+        state = teacher_state()
+        edit(state)
+        torch.save(state, tmp / name)
+        return tmp / name
+    return make
+
+
+class Payload:
+    """Unpickling this creates a directory: proof that a pickle was executed."""
+
+    def __init__(self, sentinel: Path):
+        self.sentinel = str(sentinel)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.sentinel,))
+
+
+SENTINEL = "UNPICKLED"
+
+
+# --------------------------------------------------------------------------- caches
+
+_TEMPLATE_DIRS: list[Path] = []
+atexit.register(lambda: [shutil.rmtree(d, ignore_errors=True) for d in _TEMPLATE_DIRS])
+
+
+def build(root: Path, work: Path, **overrides) -> dict:
+    from stages import cache as cache_stage
+
+    return cache_stage.main(cache_args(root, work, **overrides))
+
+
+def _interrupted_build(root: Path) -> None:
+    """A real interrupted build: Ctrl-C while the third shard is being computed."""
+    from pipeline.cache import writer
+
+    real, calls = writer.build_shard, []
+
+    def interrupted(job):
+        calls.append(job)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(job)
+
+    with mock.patch.object(writer, "build_shard", interrupted), pytest.raises(KeyboardInterrupt):
+        build(root, root.parent)
+
+
+def _one_class_teacher(root: Path) -> None:
+    """A cache whose teacher predicts class 0 for every row (a huge bias on its head)."""
+    state = teacher_state("mlp")
+    state["head.bias"] = torch.tensor([50.0, 0.0, 0.0])
+    ckpt = root.parent / "one_class.pt"
+    torch.save(state, ckpt)
+    build(root, root.parent, teacher="mlp", teacher_ckpt=ckpt)
+
+
+TEMPLATES: dict[str, Callable[[Path], None]] = {
+    "synthetic": lambda root: build(root, root.parent),  # cnn_small, random weights, 300 rows
+    "incomplete": _interrupted_build,
+    "one-class": _one_class_teacher,
+}
+
+
+@functools.cache
+def template(name: str) -> Path:
+    """A cache built once per process (outside every test's tmp dir); rows copy it."""
+    work = Path(tempfile.mkdtemp(prefix=f"kdcache-template-{name}-"))
+    _TEMPLATE_DIRS.append(work)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        TEMPLATES[name](work / "cache")
+    return work / "cache"
+
+
+def copy_cache(tmp: Path, name: str = "synthetic") -> Path:
+    return Path(shutil.copytree(template(name), tmp / "cache"))
+
+
+def student_cmd(*args: str, verb: str = "student", cache: str = "synthetic") -> Callable[[Path], list[str]]:
+    def setup(tmp: Path) -> list[str]:
+        root = copy_cache(tmp, cache)
+        return [verb, f"cache={root}", f"runs_dir={tmp / 'runs'}", *args]
+    return setup
+
+
+def damaged(verb: str, edit: Callable[[Path], None], cache: str = "synthetic",
+            *args: str) -> Callable[[Path], list[str]]:
+    """A copy of a template cache, edited, then opened by ``verb``."""
+    def setup(tmp: Path) -> list[str]:
+        root = copy_cache(tmp, cache)
+        edit(root)
+        extra = [f"runs_dir={tmp / 'runs'}"] if verb in ("student", "sweep") else []
+        return [verb, f"cache={root}", *extra, *args]
+    return setup
+
+
+def _rewrite_manifest(**changes) -> Callable[[Path], None]:
+    def edit(root: Path) -> None:
+        from pipeline.cache import format as fmt
+
+        manifest = json.loads((root / fmt.MANIFEST).read_text())
+        fmt.write_manifest(root, {**manifest, **changes})  # with a valid checksum, if it has one
+    return edit
+
+
+def _hand_edit_manifest(root: Path) -> None:
+    path = root / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["temperature"] = 2.0
+    path.write_text(json.dumps(manifest, indent=2))
+
+
+def _flip_a_chunk_byte(root: Path) -> None:
+    chunk = next(p for p in sorted((root / "arrays.zarr" / "train" / "features").rglob("*"))
+                 if p.is_file() and p.name != "zarr.json")
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+
+
+def _another_teacher(tmp: Path) -> list[str]:
+    copy_cache(tmp)  # the seed-0 random teacher
+    return cache_cmd(tmp, seed=1)
+
+
+def _locked(tmp: Path) -> list[str]:
+    """Another build holds the cache's lock (flock conflicts between open files, even in one
+    process); the fd stays open for the life of the test process."""
+    copy_cache(tmp)
+    fd = os.open(tmp / ".cache.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    _HELD_LOCKS.append(fd)
+    return cache_cmd(tmp)
+
+
+_HELD_LOCKS: list[int] = []
+atexit.register(lambda: [os.close(fd) for fd in _HELD_LOCKS])
+
+
+def _changed_dataset(tmp: Path) -> list[str]:
+    """A cache built from an npz file that is then rewritten with one value changed."""
+    path = write_npz(tmp / "data.npz")
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        build(tmp / "cache", tmp, dataset=f"npz:{path}", teacher="mlp")
+    changed = arrays()
+    changed["x_test"][0, 0] += 1.0
+    write_npz(path, **changed)
+    return ["student", f"cache={tmp / 'cache'}", f"runs_dir={tmp / 'runs'}", "model=mlp", "epochs=1"]
+
+
+def _yaml(text: str | bytes) -> Callable[[Path], list[str]]:
+    """`kdcache cache ... config=run.yaml` with this YAML file."""
+    def setup(tmp: Path) -> list[str]:
+        path = tmp / "run.yaml"
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        return [*cache_cmd(tmp), f"config={path}"]
+    return setup
+
+
+def _blocked_runs_dir(tmp: Path) -> list[str]:
+    (tmp / "afile").write_text("a file where runs_dir needs a directory")
+    root = copy_cache(tmp)
+    return ["student", f"cache={root}", f"runs_dir={tmp / 'afile' / 'runs'}", "model=logreg"]
+
+
+def _npz_bytes(data: bytes) -> Callable[[Path], list[str]]:
+    def setup(tmp: Path) -> list[str]:
+        (tmp / "data.npz").write_bytes(data)
+        return npz_cmd(tmp, tmp / "data.npz")
+    return setup
+
+
+def _npz_truncated(tmp: Path) -> list[str]:
+    path = write_npz(tmp / "data.npz")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return npz_cmd(tmp, path)
+
+
+def _npy_not_npz(tmp: Path) -> list[str]:
+    with open(tmp / "data.npz", "wb") as f:
+        np.save(f, arrays()["x_train"])
+    return npz_cmd(tmp, tmp / "data.npz")
+
+
+def _npz_objects(tmp: Path) -> list[str]:
+    objects = np.array([Payload(tmp / SENTINEL)] * 40, dtype=object)
+    return npz_cmd(tmp, write_npz(tmp / "data.npz", x_train=objects))
+
+
+def _not_an_image(root: Path) -> None:
+    (root / "train" / "cat" / "notes.png").write_text("not a picture")
+
+
+def _foreign_class(root: Path) -> None:
+    write_images(root, classes=("cow",), splits=("test",), n=1)
+
+
+def _empty_class(root: Path) -> None:
+    (root / "train" / "bird").mkdir()
+
+
+def _no_test_images(root: Path) -> None:
+    for p in (root / "test").rglob("*.png"):
+        p.unlink()
+
+
+def _mkdir(name: str, content: str | None = None) -> Callable[[Path], Path]:
+    def make(tmp: Path) -> Path:
+        (tmp / name).mkdir()
+        if content is not None:
+            (tmp / name / "thesis.tex").write_text(content)
+        return tmp / name
+    return make
+
+
+def _mkfile(name: str, content: str = "precious") -> Callable[[Path], Path]:
+    def make(tmp: Path) -> Path:
+        (tmp / name).write_text(content)
+        return tmp / name
+    return make
+
+
+def with_path(make: Callable[[Path], Path], argv: Callable[[Path, Path], list[str]]) -> Callable[[Path], list[str]]:
+    return lambda tmp: argv(tmp, make(tmp))
+
+
+# =========================================================================== the table
+
+S = "synthetic:300:1x8x8:3"  # the tiny dataset of every cache_cmd
+
+CASES: list[Case] = [
+    # ------------------------------------------------------------------ CLI arguments
+    Case("unknown-verb", CLI, "a verb kdcache does not have",
+         lambda tmp: ["frobnicate", "dataset=digits"],
+         r"unknown verb 'frobnicate'; verbs: teacher, cache, info, student, sweep, report, verify"),
+    Case("unknown-option", CLI, "a --flag (kdcache takes key=value and --json only)",
+         lambda tmp: [*cache_cmd(tmp), "--force"], r"unknown option '--force'"),
+    Case("not-key-value", CLI, "a bare word instead of key=value",
+         lambda tmp: [*cache_cmd(tmp), "digits"], r"argument 'digits' is not key=value"),
+    Case("empty-key", CLI, "=value with no key",
+         lambda tmp: [*cache_cmd(tmp), "=digits"], r"argument '=digits' is not key=value"),
+    Case("unknown-key", CLI, "a key no config has (a typo)",
+         lambda tmp: cache_cmd(tmp, colour="red"),
+         r"unknown key 'colour' for `kdcache cache`; known keys: .*shard_size"),
+    Case("key-of-another-verb", CLI, "a stage-one key given to stage two",
+         lambda tmp: ["student", "dtype=float32"], r"unknown key 'dtype' for `kdcache student`"),
+
+    # ------------------------------------------------------------------ config keys and values
+    Case("int-not-a-number", CONFIG, "a word for an integer key",
+         lambda tmp: cache_cmd(tmp, shard_size="big"), r"shard_size='big' is not valid: shard_size expects an integer"),
+    Case("value-with-second-equals", CONFIG, "key=value=value",
+         lambda tmp: cache_cmd(tmp, shard_size="64=3"), r"shard_size='64=3' is not valid"),
+    Case("float-not-finite", CONFIG, "nan for a number",
+         lambda tmp: cache_cmd(tmp, t="nan"), r"t='nan' is not valid: t expects a finite number"),
+    Case("float-beyond-float32", CONFIG, "a number beyond float32",
+         lambda tmp: cache_cmd(tmp, lr="1e39"), r"lr='1e39' is beyond the float32 range"),
+    Case("bool-not-a-bool", CONFIG, "a bool key given maybe",
+         lambda tmp: cache_cmd(tmp, pool="maybe"), r"pool='maybe' is not valid: pool expects true or false"),
+    Case("temperature-zero", CONFIG, "t=0 for the cache",
+         lambda tmp: cache_cmd(tmp, t="0"), r"t=0.0 must be > 0"),
+    Case("val-fraction-out-of-range", CONFIG, "val_fraction outside (0, 0.9)",
+         lambda tmp: cache_cmd(tmp, val_fraction="0.95"), r"val_fraction=0.95 must be in \(0, 0.9\)"),
+    Case("shard-not-multiple-of-chunk", CONFIG, "shard_size not a multiple of chunk_size",
+         lambda tmp: cache_cmd(tmp, chunk_size=48), r"shard_size=64 must be a multiple of chunk_size=48"),
+    Case("chunk-too-large", CONFIG, "a chunk of a million rows",
+         lambda tmp: cache_cmd(tmp, chunk_size=10**6, shard_size=10**6), r"chunk_size=1000000 must be at most 65536"),
+    Case("shard-too-many-chunks", CONFIG, "a shard of 65,536 chunks",
+         lambda tmp: cache_cmd(tmp, shard_size=2**20), r"shard_size=1048576 must be at most 4096 chunks"),
+    Case("unknown-dtype", CONFIG, "dtype=float64",
+         lambda tmp: cache_cmd(tmp, dtype="float64"), r"dtype='float64' is not supported; use float16 or float32"),
+    Case("unknown-compression", CONFIG, "compression=lz4",
+         lambda tmp: cache_cmd(tmp, compression="lz4"), r"compression='lz4' is not supported; use none or zstd"),
+    Case("negative-threads", CONFIG, "threads=-1",
+         lambda tmp: cache_cmd(tmp, threads=-1), r"threads=-1 must be >= 0"),
+    Case("negative-seed", CONFIG, "seed=-1",
+         lambda tmp: cache_cmd(tmp, seed=-1), r"seed=-1 must be in 0..4294967295"),
+    Case("unknown-device", CONFIG, "device=banana",
+         lambda tmp: cache_cmd(tmp, device="banana"), r"device='banana' is not a device; use auto, cpu, cuda"),
+    Case("unsupported-device", CONFIG, "a torch device kdcache does not run on",
+         lambda tmp: cache_cmd(tmp, device="meta"), r"device='meta' is not a device"),
+    Case("malformed-scheduler", CONFIG, "scheduler that is no address",
+         lambda tmp: cache_cmd(tmp, scheduler="foo"), r"scheduler='foo' is not a scheduler; use local, synchronous"),
+    Case("nul-in-path", CONFIG, "a NUL character in a path",
+         lambda tmp: cache_cmd(tmp, cache=f"{tmp}/ca\x00che"), r"cache='.*ca\\x00che' contains a NUL character"),
+    Case("unknown-teacher", CONFIG, "teacher=vgg99",
+         lambda tmp: cache_cmd(tmp, teacher="vgg99"), r"unknown teacher 'vgg99'; known: .*cnn_small"),
+    Case("teacher-does-not-fit-inputs", CONFIG, "a 3-channel teacher for 1-channel images",
+         lambda tmp: cache_cmd(tmp, teacher="resnet18"), r"teacher resnet18 needs 3-channel images"),
+    Case("unknown-layer", CONFIG, "a feature tap the teacher does not have",
+         lambda tmp: cache_cmd(tmp, layers="fc9"), r"teacher cnn_small has no layer 'fc9'"),
+    Case("yaml-missing", CONFIG, "config= a file that does not exist",
+         lambda tmp: [*cache_cmd(tmp), f"config={tmp / 'nope.yaml'}"], r"config file .*nope.yaml does not exist"),
+    Case("yaml-not-a-mapping", CONFIG, "config= a YAML list",
+         _yaml("- dataset\n- digits\n"), r"config file .*run.yaml must hold a mapping of key: value"),
+    Case("yaml-invalid", CONFIG, "config= broken YAML",
+         _yaml("layers: [embed\n"), r"config file .*run.yaml is not valid YAML"),
+    Case("yaml-not-utf8", CONFIG, "config= a binary file",
+         _yaml(b"t: \xff\xfe\n"), r"config file .*run.yaml is not UTF-8 text"),
+    Case("yaml-python-tag", CONFIG, "config= YAML that would build Python objects",
+         _yaml("t: !!python/object/apply:os.system [echo hi]\n"), r"is not valid YAML \(could not determine a constructor"),
+    Case("yaml-unknown-key", CONFIG, "config= a file with a typo key",
+         _yaml("shard_sise: 64\n"), r"unknown key 'shard_sise' for `kdcache cache`"),
+    Case("yaml-null-value", CONFIG, "config= a key with no value",
+         _yaml("teacher:\n"), r"teacher has no value \(null\) in the config file"),
+    Case("yaml-wrong-type", CONFIG, "config= a list for an integer",
+         _yaml("epochs: [1, 2]\n"), r"epochs=\[1, 2\] is not valid: epochs expects an integer"),
+    Case("yaml-mapping-for-list", CONFIG, "config= a mapping for a list key",
+         _yaml("layers: {embed: 1}\n"), r"layers=\{'embed': 1\} is not valid: layers expects a comma-separated list"),
+    Case("list-item-malformed", CONFIG, "a list with a non-integer item",
+         lambda tmp: ["sweep", "seeds=0,one"], r"seeds='one' is not valid: seeds expects an integer"),
+    Case("sweep-empty-list", CONFIG, "an empty grid axis",
+         lambda tmp: ["sweep", "models="], r"models is empty; a sweep needs at least one"),
+
+    # ------------------------------------------------------------------ dataset files
+    Case("unknown-dataset", DATASET, "a dataset kind kdcache does not know",
+         lambda tmp: cache_cmd(tmp, dataset="mnist"),
+         r"unknown dataset 'mnist'; known: digits, imagefolder, npz, synthetic, torchvision"),
+    Case("digits-with-argument", DATASET, "digits:ARG",
+         lambda tmp: cache_cmd(tmp, dataset="digits:5"), r"dataset digits takes no argument"),
+    Case("npz-no-path", DATASET, "npz: without a path",
+         lambda tmp: cache_cmd(tmp, dataset="npz:"), r"dataset npz needs a path"),
+    Case("npz-missing", DATASET, "an npz file that does not exist",
+         lambda tmp: npz_cmd(tmp, tmp / "missing.npz"), r"npz file .*missing.npz does not exist"),
+    Case("npz-is-a-directory", DATASET, "an npz path that is a directory",
+         with_path(_mkdir("data.npz"), npz_cmd), r"npz file .*data.npz is not a file"),
+    Case("npz-not-a-zip", DATASET, "a text file named .npz",
+         _npz_bytes(b"definitely not a zip file"), r"data.npz is not a readable .npz archive"),
+    Case("npz-truncated", DATASET, "an npz cut in half",
+         _npz_truncated, r"data.npz is not a readable .npz archive \(BadZipFile\)"),
+    Case("npz-single-array", DATASET, "a .npy array saved under an .npz name",
+         _npy_not_npz, r"data.npz holds a single .npy array, not an .npz archive"),
+    Case("npz-missing-key", DATASET, "no y_test",
+         npz_case(y_test=None), r"has no array 'y_test'; it needs x_train, y_train, x_test, y_test"),
+    Case("npz-val-half", DATASET, "x_val without y_val",
+         npz_case(x_val=np.zeros((5, 6), np.float32)), r"has no array 'y_val'"),
+    Case("npz-object-arrays", DATASET, "pickled Python objects (never unpickled)",
+         _npz_objects, r"array 'x_train' holds Python objects, which kdcache never unpickles"),
+    Case("npz-string-inputs", DATASET, "x of strings",
+         npz_case(x_train=np.array([["a"] * 6] * 40)), r"x_train has dtype <U1; it must be a real numeric array"),
+    Case("npz-complex-inputs", DATASET, "x of complex numbers",
+         npz_case(x_train=np.ones((40, 6), np.complex64)), r"x_train has dtype complex64"),
+    Case("npz-float-labels", DATASET, "y of floats",
+         npz_case(y_train=(np.arange(40) % 3).astype(np.float32)),
+         r"y_train has dtype float32; labels must be integers 0..K-1"),
+    Case("npz-negative-labels", DATASET, "a label below 0",
+         npz_case(y_test=np.arange(12) % 3 - 1), r"y_test has negative labels"),
+    Case("npz-length-mismatch", DATASET, "x and y of different lengths",
+         npz_case(y_train=np.arange(39) % 3), r"y_train has shape \(39,\); expected \(40,\) to match x_train"),
+    Case("npz-empty-split", DATASET, "a split with 0 rows",
+         npz_case(x_test=np.zeros((0, 6), np.float32), y_test=np.zeros(0, np.int64)), r"x_test is empty"),
+    Case("npz-inputs-1d", DATASET, "x with one dimension",
+         npz_case(x_train=np.zeros(40, np.float32)), r"x_train has shape \(40,\); expected \(N, D\)"),
+    Case("npz-labels-2d", DATASET, "y with two dimensions",
+         npz_case(y_train=np.zeros((40, 3), np.int64)), r"y_train has shape \(40, 3\)"),
+    Case("npz-zero-width", DATASET, "x rows of 0 values",
+         npz_case(x_train=np.zeros((40, 0), np.float32), x_test=np.zeros((12, 0), np.float32)),
+         r"x_train has shape \(40, 0\); a sample needs at least one value"),
+    Case("npz-shape-mismatch", DATASET, "x_test rows shaped unlike x_train rows",
+         npz_case(x_test=np.zeros((12, 7), np.float32)), r"x_test rows have shape \(7,\) but x_train rows have \(6,\)"),
+    Case("npz-single-class", DATASET, "one label for every row",
+         npz_case(y_train=np.zeros(40, np.int64), y_test=np.zeros(12, np.int64)),
+         r"labels hold a single class; a classifier needs at least 2"),
+    Case("npz-label-missing-from-train", DATASET, "test labels train never has",
+         npz_case(y_test=np.arange(12) % 5),
+         r"labels must be 0..4 and each must occur in y_train; missing from y_train: \[3, 4\]"),
+    Case("npz-huge-label", DATASET, "a label of 10**12",
+         npz_case(y_test=np.full(12, 10**12)),
+         r"labels must be 0..1000000000000 and each must occur in y_train; missing from y_train: \[3, 4, 5, 6, 7\]"),
+    Case("npz-non-finite", DATASET, "inf in x",
+         npz_case(x_test=np.full((12, 6), np.inf, np.float32)), r"x_test has 12 rows with NaN or inf"),
+    Case("npz-beyond-float32", DATASET, "float64 values float32 cannot hold",
+         npz_case(x_train=np.full((40, 6), 1e300)), r"x_train holds values up to 1e\+300, beyond float32"),
+    Case("imagefolder-no-path", DATASET, "imagefolder: without a path",
+         lambda tmp: cache_cmd(tmp, dataset="imagefolder:"), r"dataset imagefolder needs a path"),
+    Case("imagefolder-no-splits", DATASET, "a folder without train/ and test/",
+         lambda tmp: cache_cmd(tmp, dataset=f"imagefolder:{tmp}"), r"must hold train/ and test/ folders"),
+    Case("imagefolder-one-class", DATASET, "a single class folder",
+         images_case(classes=("cat",)), r"images/train must hold at least two class folders"),
+    Case("imagefolder-no-images", DATASET, "test/ with no image files",
+         images_case(_no_test_images), r"images/test holds no images \(\*.bmp"),
+    Case("imagefolder-empty-class", DATASET, "a train class folder with no images",
+         images_case(_empty_class), r"images/train/bird holds no images; every class needs training images"),
+    Case("imagefolder-not-an-image", DATASET, "a .png that is not an image",
+         images_case(_not_an_image), r"images/train/cat/notes.png is not a readable image \(UnidentifiedImageError\)"),
+    Case("imagefolder-foreign-class", DATASET, "a test class that train lacks",
+         images_case(_foreign_class), r"images/test has class folders that .*images/train lacks: cow"),
+    Case("imagefolder-size-not-int", DATASET, "a size that is no integer",
+         images_case(size=":big"), r"imagefolder size 'big' is not an integer"),
+    Case("imagefolder-size-zero", DATASET, "a size of 0 pixels",
+         images_case(size=":0"), r"imagefolder size 0 must be in 1..1024 pixels"),
+    Case("synthetic-malformed", DATASET, "a synthetic spec that does not parse",
+         lambda tmp: cache_cmd(tmp, dataset="synthetic:abc"), r"dataset synthetic:abc is malformed"),
+    Case("synthetic-too-few-rows", DATASET, "synthetic with N < 30",
+         lambda tmp: cache_cmd(tmp, dataset="synthetic:10:8"), r"dataset synthetic:10:8 is malformed; .*N >= 30"),
+    Case("synthetic-one-class", DATASET, "synthetic with 1 class",
+         lambda tmp: cache_cmd(tmp, dataset="synthetic:100:8:1"), r"dataset synthetic:100:8:1 is malformed"),
+    Case("torchvision-unknown", DATASET, "a torchvision name kdcache does not support",
+         lambda tmp: cache_cmd(tmp, dataset="torchvision:ImageNet"), r"unknown torchvision dataset 'ImageNet'; known: CIFAR10"),
+    Case("torchvision-not-downloaded", DATASET, "a torchvision dataset not on disk",
+         lambda tmp: cache_cmd(tmp, dataset="torchvision:MNIST", data_root=tmp / "datasets"),
+         r"torchvision dataset MNIST not found under .*datasets .*pass download=true"),
+
+    # ------------------------------------------------------------------ checkpoints
+    Case("ckpt-missing", CKPT, "teacher_ckpt= a file that does not exist",
+         lambda tmp: cache_cmd(tmp, teacher_ckpt=tmp / "nope.pt"), r"teacher checkpoint .*nope.pt does not exist"),
+    Case("ckpt-is-a-directory", CKPT, "teacher_ckpt= a directory",
+         ckpt_case(_mkdir("teacher.pt")), r"teacher checkpoint .*teacher.pt is not a file",
+         bug="pipeline/teachers.py read_state_dict says 'does not exist' for a directory"),
+    Case("ckpt-pickle-payload", CKPT, "a torch.save of Python objects (never unpickled)",
+         ckpt_case(lambda tmp: saved("payload.pt", {"w": Payload(tmp / SENTINEL)})(tmp)),  # unpickling it makes a dir
+         r"teacher checkpoint .*payload.pt .*(pickled|Python objects)",
+         bug="pipeline/teachers.py read_state_dict shows the first 120 characters of torch's "
+             "UnpicklingError: cut mid-word, about torch's weights_only default (for some payloads "
+             "with an ANSI escape and advice to load the file unsafely), not that the file holds "
+             "pickled Python objects kdcache refuses to load"),
+    Case("ckpt-not-tensors", CKPT, "a dict of lists, not tensors",
+         ckpt_case(saved("lists.pt", {"w": [1.0, 2.0]})), r"teacher checkpoint .*lists.pt does not hold a state dict of tensors"),
+    Case("ckpt-bare-tensor", CKPT, "one tensor, not a state dict",
+         ckpt_case(saved("tensor.pt", torch.zeros(3))), r"teacher checkpoint .*tensor.pt does not hold a state dict of tensors"),
+    Case("ckpt-empty-file", CKPT, "a 0-byte .pt",
+         ckpt_case(written("empty.pt", b"")), r"teacher checkpoint .*empty.pt cannot be read safely",
+         bug="pipeline/teachers.py read_state_dict: str(exc).splitlines()[0] raises IndexError when "
+             "torch.load's error has an empty message (a 0-byte file)"),
+    Case("safetensors-garbage", CKPT, "a .safetensors that is not one",
+         ckpt_case(written("teacher.safetensors", b"garbage" * 3)),
+         r"teacher checkpoint .*teacher.safetensors cannot be read safely \(SafetensorError"),
+    Case("safetensors-truncated", CKPT, "a .safetensors cut in half",
+         ckpt_case(_truncated_safetensors), r"teacher checkpoint .*teacher.safetensors cannot be read safely"),
+    Case("ckpt-other-architecture", CKPT, "an mlp checkpoint for teacher=cnn_small",
+         ckpt_case(saved("mlp.pt", lambda: teacher_state("mlp"))),
+         r"checkpoint .*mlp.pt does not fit teacher cnn_small \(missing: .*; unexpected: .*\); pass the teacher="),
+    Case("ckpt-other-classes", CKPT, "a checkpoint for 5 classes on 3-class data",
+         ckpt_case(saved("five.pt", lambda: teacher_state(classes=5))),
+         r"checkpoint .*five.pt does not fit teacher cnn_small \(wrong shape: head.bias, head.weight\)"),
+    Case("ckpt-nan-weights", CKPT, "NaN weights",
+         ckpt_case(_edited_state(lambda s: s["head.weight"].fill_(float("nan")), "nan.pt")),
+         r"teacher cnn_small produced NaN/inf outputs on the first training rows; check the checkpoint"),
+    Case("ckpt-nan-features", CKPT, "weights that give NaN features (negative variance)",
+         ckpt_case(_edited_state(lambda s: s["block1.1.running_var"].fill_(-1.0), "neg_var.pt")),
+         r"teacher cnn_small produced NaN/inf outputs"),
+    Case("pretrained-unavailable", CKPT, "pretrained=true for a teacher torchvision has no weights for",
+         lambda tmp: ["teacher", f"dataset={S}", "teacher=mlp", "pretrained=true",
+                      f"teacher_dir={tmp / 'teachers'}"],
+         r"teacher mlp has no torchvision pretrained weights; set pretrained=false"),
+
+    # ------------------------------------------------------------------ cache directories
+    Case("cache-path-is-a-directory", CACHE, "cache= a directory of other files",
+         with_path(_mkdir("cache", "precious"), lambda tmp, _: cache_cmd(tmp)),
+         r"cache exists and is not a kdcache cache; choose another cache=PATH"),
+    Case("cache-path-is-a-file", CACHE, "cache= a file",
+         with_path(_mkfile("cache"), lambda tmp, _: cache_cmd(tmp)), r"cache exists and is not a kdcache cache"),
+    Case("cache-of-another-teacher", CACHE, "building into a cache of other weights",
+         _another_teacher, r"cache .*cache was built from another teacher .*overwrite=true"),
+    Case("cache-being-built", CACHE, "a cache another process is building",
+         _locked, r"cache .*cache is being built by another process; wait for it to finish"),
+    Case("info-missing", CACHE, "info on a path with no cache",
+         lambda tmp: ["info", f"cache={tmp / 'cache'}"], r"no kdcache cache at .*cache \(manifest.json missing\)"),
+    Case("info-default-missing", CACHE, "info with no cache= and no default cache",
+         lambda tmp: ["info", f"dataset={S}", f"cache_root={tmp / 'caches'}"],
+         r"no kdcache cache at .*caches/synthetic-300-1x8x8-3-cnn_small"),
+    Case("verify-not-a-cache", CACHE, "verify on a plain file",
+         with_path(_mkfile("notes.txt"), lambda tmp, p: ["verify", f"cache={p}"]), r"no kdcache cache at .*notes.txt"),
+    Case("report-not-a-cache", CACHE, "report on a directory that is no cache",
+         with_path(_mkdir("photos"), lambda tmp, p: ["report", f"cache={p}"]), r"no kdcache cache at .*photos",
+         bug="stages/report.py main never opens the cache: it says 'no results for cache ... yet' "
+             "about a path that is no cache"),
+    Case("manifest-not-json", CACHE, "a manifest.json that is not JSON",
+         damaged("student", lambda root: (root / "manifest.json").write_text("{not json")),
+         r"cache/manifest.json is not valid JSON .*rebuild it"),
+    Case("manifest-not-an-object", CACHE, "a manifest.json holding a list",
+         damaged("info", lambda root: (root / "manifest.json").write_text("[1, 2]")),
+         r"cache/manifest.json is not a kdcache manifest"),
+    Case("manifest-edited", CACHE, "a manifest.json edited by hand",
+         damaged("info", _hand_edit_manifest), r"cache/manifest.json was modified after kdcache wrote it"),
+    Case("format-version-newer", CACHE, "a cache from a newer kdcache",
+         damaged("verify", _rewrite_manifest(format_version=2)),
+         r"cache has cache format version 2; this kdcache reads version 1"),
+    Case("incomplete-cache-student", CACHE, "student on an interrupted build",
+         damaged("student", lambda root: None, "incomplete"),
+         r"cache .*cache is incomplete \(2/6 shards; its build was interrupted\); finish it"),
+    Case("incomplete-cache-verify", CACHE, "verify on an interrupted build",
+         damaged("verify", lambda root: None, "incomplete"), r"cache .*cache is incomplete"),
+    Case("arrays-missing", CACHE, "a cache without arrays.zarr",
+         damaged("student", lambda root: shutil.rmtree(root / "arrays.zarr")),
+         r"arrays.zarr cannot be opened as a Zarr group .*rebuild it"),
+    Case("index-damaged", CACHE, "a damaged Parquet index",
+         damaged("student", lambda root: (root / "index" / "train.parquet").write_text("junk")),
+         r"index .*train.parquet .*the cache is damaged, rebuild it"),
+    Case("chunk-damaged", CACHE, "a flipped byte in a stored chunk",
+         damaged("student", _flip_a_chunk_byte),
+         r"cache array .*train/features/embed cannot be read .*run `kdcache verify`"),
+
+    # ------------------------------------------------------------------ student / stage two
+    Case("student-missing-cache", STAGE2, "cache= a path with no cache",
+         lambda tmp: ["student", f"cache={tmp / 'no-such-cache'}", "model=linear_svc"], r"no kdcache cache at"),
+    Case("unknown-model", STAGE2, "model=nope",
+         student_cmd("model=nope"), r"unknown student 'nope'; known: cnn1d, cnn_small, linear_svc"),
+    Case("unknown-loss", STAGE2, "loss=nope for an input student",
+         student_cmd("model=cnn_small", "loss=nope"), r"unknown loss 'nope'; known: ce, dkd, fitnet, kd, mse_logits"),
+    Case("unknown-loss-feature-student", STAGE2, "loss=nope for a feature student",
+         student_cmd("model=linear_svc", "loss=nope"), r"unknown loss 'nope'"),
+    Case("layer-not-in-cache", STAGE2, "a layer the cache did not store",
+         student_cmd("layer=block9"), r"cache .*cache holds no layer 'block9'; it holds embed"),
+    Case("negative-temperature", STAGE2, "t=-1",
+         student_cmd("t=-1"), r"t=-1.0 must be > 0 \(or 0 for the cache's default\)"),
+    Case("alpha-above-1", STAGE2, "alpha=1.5",
+         student_cmd("alpha=1.5"), r"alpha=1.5 must be in \[0, 1\]"),
+    Case("alpha-below-0", STAGE2, "alpha=-0.1",
+         student_cmd("alpha=-0.1"), r"alpha=-0.1 must be in \[0, 1\]"),
+    Case("c-not-a-number", STAGE2, "C=abc",
+         student_cmd("C=abc"), r"C='abc' must be a positive number or auto"),
+    Case("c-not-positive", STAGE2, "C=-1",
+         student_cmd("C=-1"), r"C='-1' must be a positive number"),
+    Case("c-infinite", STAGE2, "C=inf",
+         student_cmd("C=inf"), r"C='inf' must be a positive number"),
+    Case("epochs-zero", STAGE2, "epochs=0",
+         student_cmd("model=cnn_small", "epochs=0"), r"epochs=0 must be > 0"),
+    Case("bad-target", STAGE2, "target=oracle",
+         student_cmd("target=oracle"), r"target='oracle' must be labels or teacher"),
+    Case("student-negative-seed", STAGE2, "seed=-1",
+         student_cmd("seed=-1"), r"seed=-1 must be in 0..4294967295"),
+    Case("student-too-wide", STAGE2, "width=100000000",
+         student_cmd("model=mlp", "width=100000000"), r"width=100000000 must be in 0..4096"),
+    Case("dataset-changed", STAGE2, "the npz rewritten after caching",
+         _changed_dataset, r"dataset npz:.*data.npz on disk differs from the one cache .*cache was built from"),
+    Case("teacher-one-class", STAGE2, "target=teacher with a teacher that predicts one class",
+         student_cmd("model=logreg", "target=teacher", cache="one-class"),
+         r"predicts a single class on every train row, so target=teacher leaves nothing to learn"),
+    Case("runs-dir-not-writable", STAGE2, "runs_dir under a file",
+         _blocked_runs_dir, r"runs_dir",
+         bug="stages/student.py run_student trains first and then crashes with FileExistsError or "
+             "NotADirectoryError in write_run; check runs_dir before training and report it in one line"),
+    Case("sweep-unknown-model", STAGE2, "models= with a typo",
+         student_cmd("models=linear_svc nope", verb="sweep"), r"unknown student 'nope'"),
+    Case("sweep-unknown-loss", STAGE2, "losses= with a typo",
+         student_cmd("losses=kd nope", verb="sweep"), r"unknown loss 'nope'"),
+    Case("sweep-negative-temperature", STAGE2, "temperatures= with a value <= 0",
+         student_cmd("models=linear_svc logreg_soft", "temperatures=2 -1", verb="sweep"),
+         r"temperatures holds -1.0; every temperature must be > 0"),
+    Case("report-without-results", STAGE2, "report before any student ran",
+         damaged("report", lambda root: None), r"no results for cache .*cache yet .*run `make student`"),
+]
+
+BY_ID = {case.id: case for case in CASES}
+assert len(BY_ID) == len(CASES), "case ids must be unique"
+assert {case.category for case in CASES} == set(CATEGORIES)
+
+
+# =========================================================================== running a case
+
+PREFIX = "kdcache {verb}: error: "
+LOCK = re.compile(r"(^|/)\.[^/]+\.lock$")  # a build's flock file: not data (see CacheLock)
+
+
+def snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every file (with its bytes) and directory under root."""
+    out: dict[str, bytes | None] = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        out[rel + "/" if path.is_dir() else rel] = None if path.is_dir() else path.read_bytes()
+    return out
+
+
+def assert_unchanged(root: Path, before: dict[str, bytes | None]) -> None:
+    after = snapshot(root)
+    after = {k: v for k, v in after.items() if k in before or not LOCK.search(k)}
+    added = sorted(set(after) - set(before))
+    removed = sorted(set(before) - set(after))
+    changed = sorted(k for k in set(before) & set(after) if before[k] != after[k])
+    assert not (added or removed or changed), f"written: {added}, removed: {removed}, changed: {changed}"
+
+
+def _warning_to_stderr(message, category, filename, lineno, file=None, line=None):
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+@contextlib.contextmanager
+def process_warnings():
+    """Warnings as a real `kdcache` process shows them (on stderr), not as pytest records them:
+    a stray RuntimeWarning is a second line on stderr."""
+    with warnings.catch_warnings():
+        warnings.resetwarnings()
+        warnings.simplefilter("default")
+        for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.simplefilter("ignore", category)
+        warnings.showwarning = _warning_to_stderr
+        yield
+
+
+def assert_one_line_error(verb: str, code, out: str, err: str, pattern: str) -> str:
+    """The bad-input contract; returns the error line."""
+    assert "Traceback" not in out + err, err
+    assert code == 2, f"exit code {code}; stderr: {err!r}"
+    assert err.endswith("\n") and err.count("\n") == 1 and "\r" not in err, f"not one line: {err!r}"
+    line = err[:-1]
+    assert line.startswith(PREFIX.format(verb=verb)), line
+    assert line.isprintable(), f"control characters in {line!r}"
+    assert re.search(pattern, line), f"{pattern!r} not in {line!r}"
+    assert out == "", f"stdout: {out!r}"
+    return line
+
+
+# =========================================================================== the doc
+
+# What varies between machines and library versions is masked in the doc: fingerprints and
+# checksums (hex, or all digits right after "fingerprint"/"!="/"is"), byte strings of checksums
+# in zarr's messages, and run ids (a timestamp and a random suffix).
+HEX = re.compile(r"\b(?=[0-9]*[a-f])[0-9a-f]{12,64}\b|(?<=fingerprint )[0-9]{12}\b|(?<=!= |is )[0-9]{12}\b")
+BYTES = re.compile(r"b'(?:[^'\\]|\\.)*'" + r'|b"(?:[^"\\]|\\.)*"')
+RUN_ID = re.compile(r"\b\d{8}-\d{6}-[\w.-]+-[0-9a-f]{6}\b")
+NOISE = {"scheduler", "shard_size", "chunk_size", "infer_batch_size", "cache_root", "teacher_dir",
+         "runs_dir"}  # the tiny-test settings every row shares; the doc leaves them out
+
+
+def normalise(text: str, tmp: Path) -> str:
+    text = text.replace(str(tmp), "/tmp/x")
+    text = RUN_ID.sub("<run_id>", text)
+    text = HEX.sub("<hash>", text)
+    text = BYTES.sub("b'…'", text)
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+def command(argv: list[str], tmp: Path) -> str:
+    defaults = set(cache_args(tmp / "cache", tmp)) | {f"runs_dir={tmp / 'runs'}"}
+    shown = [a for a in argv if not (a in defaults and a.partition("=")[0] in NOISE)]
+    return normalise(" ".join(["kdcache", *map(shlex.quote, shown)]), tmp)
+
+
+def code_span(text: str) -> str:
+    ticks = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    text = text.replace("|", "\\|")
+    pad = " " if text.startswith("`") or text.endswith("`") or "`" in text else ""
+    return f"{ticks}{pad}{text}{pad}{ticks}"
+
+
+def doc_row(case: Case, argv: list[str], message: str, tmp: Path) -> str:
+    kind = f"`{case.id}`: {case.kind}"
+    shown = code_span(normalise(message, tmp))
+    if case.bug:
+        shown += f" — **known bug**: {case.bug}"
+    return f"| {case.category} | {kind} | {code_span(command(argv, tmp))} | {shown} |"
+
+
+def doc_rows(text: str) -> dict[str, str]:
+    """case id -> its table line, from the doc."""
+    rows = {}
+    for line in text.splitlines():
+        m = re.match(r"\| [^|]+ \| `([a-z0-9-]+)`: ", line)
+        if m:
+            assert m.group(1) not in rows, f"{m.group(1)} appears twice in {DOC}"
+            rows[m.group(1)] = line
+    return rows
+
+
+INTRO = """\
+# Bad input
+
+Everything a user can get wrong — command-line arguments, config keys and values, dataset
+files, checkpoints, cache directories, stage-two options — gets the same treatment:
+
+- **exit code 2** (0 is success, 1 a `verify` that found a problem, 130 Ctrl-C);
+- **one line on stderr**, `kdcache VERB: error: …`, naming what is wrong and how to fix it, and
+  no traceback (a traceback is always a bug);
+- **nothing half-written**: no new cache, run directory or results row, and a cache that existed
+  before is left byte-for-byte as it was. (The one file a refused `kdcache cache` may leave is
+  `.NAME.lock` beside the cache, the build lock, which holds only the pid of the last builder.)
+
+The table lists every kind of bad input the tests feed to kdcache, with the exact message it
+produces (temporary paths are shown as `/tmp/x`, fingerprints as `<hash>`; the tiny-test
+settings every row shares, such as `scheduler=synchronous shard_size=64`, are left out of the
+commands). Each row is a case in [tests/test_bad_input.py](../tests/test_bad_input.py), which
+checks all of the above, plus random `key=value` overrides and malformed `.npz` files generated
+with hypothesis. Rows marked **known bug** are open bugs; their tests are strict xfails.
+
+To add a row: add a `Case(id, category, kind, setup, regex)` to `CASES` in
+tests/test_bad_input.py (`setup(tmp)` writes the bad input into a tmp directory and returns the
+`kdcache` argv), then regenerate this file:
+
+    .venv/bin/python tests/test_bad_input.py --write-doc
+
+The test of each row fails when its message differs from the one shown here.
+"""
+
+
+def run_for_doc(case: Case) -> str:
+    """Run one case in a fresh tmp dir, as the CLI would, and return its doc row."""
+    old = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="kdcache-doc-") as d:
+        tmp = Path(d).resolve()
+        os.chdir(tmp)
+        try:
+            sink = io.StringIO()
+            with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+                argv = case.setup(tmp)
+            out, err = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), process_warnings():
+                try:
+                    main(argv)
+                    lines = err.getvalue().strip().splitlines()
+                    message = lines[-1] if lines else "(no message)"
+                except Exception as exc:  # a known bug: show what the user sees
+                    message = f"Traceback (most recent call last): … {type(exc).__name__}: {exc}"
+            return doc_row(case, argv, message, tmp)
+        finally:
+            os.chdir(old)
+
+
+def render_doc(rows: list[str]) -> str:
+    counts = ", ".join(f"{sum(c.category == cat for c in CASES)} {cat}" for cat in CATEGORIES)
+    return (INTRO + f"\n{len(CASES)} kinds: {counts}.\n\n"
+            "| category | kind | example | message |\n|---|---|---|---|\n" + "\n".join(rows) + "\n")
+
+
+def write_doc() -> None:
+    rows = []
+    for case in CASES:
+        rows.append(run_for_doc(case))
+        print(f"{case.id:<34} {'bug' if case.bug else 'ok'}", file=sys.stderr)
+    DOC.write_text(render_doc(rows))
+    print(f"wrote {DOC} ({len(rows)} rows)", file=sys.stderr)
+
+
+# =========================================================================== the tests
+
+def _params() -> list:
+    return [pytest.param(case, id=case.id,
+                         marks=[pytest.mark.xfail(strict=True, reason=case.bug)] if case.bug else [])
+            for case in CASES]
+
+
+@pytest.mark.parametrize("case", _params())
+def test_bad_input(case, tmp_path, capsys):
+    argv = case.setup(tmp_path)
+    before = snapshot(tmp_path)
+    capsys.readouterr()
+
+    with process_warnings():
+        code = main(argv)
+
+    out, err = capsys.readouterr()
+    line = assert_one_line_error(argv[0], code, out, err, case.message)
+    assert_unchanged(tmp_path, before)
+    assert not (tmp_path / SENTINEL).exists(), "a pickle was executed"
+    row = doc_row(case, argv, line, tmp_path)
+    assert row in DOC.read_text().splitlines(), (
+        f"{DOC.name} does not show this row as\n{row}\nregenerate it: "
+        ".venv/bin/python tests/test_bad_input.py --write-doc")
+
+
+def test_doc_has_one_row_per_case():
+    """No stale rows, none missing (the messages themselves are checked by test_bad_input)."""
+    rows = doc_rows(DOC.read_text())
+    assert sorted(rows) == sorted(BY_ID), (
+        f"stale: {sorted(set(rows) - set(BY_ID))}, missing: {sorted(set(BY_ID) - set(rows))}; "
+        "regenerate: .venv/bin/python tests/test_bad_input.py --write-doc")
+    for case_id, line in rows.items():
+        assert line.startswith(f"| {BY_ID[case_id].category} | `{case_id}`: {BY_ID[case_id].kind} |"), line
+
+
+def test_every_category_is_covered():
+    counts = {cat: sum(c.category == cat for c in CASES) for cat in CATEGORIES}
+    assert len(CASES) >= 15 and min(counts.values()) >= 5, counts
+
+
+@pytest.mark.parametrize("case_id", ["unknown-key", "npz-object-arrays", "dataset-changed"])
+def test_bad_input_in_a_real_process(tmp_path, case_id):
+    """The installed console script: no traceback escapes at the process level either, and the
+    message is the one the in-process run gives."""
+    case = BY_ID[case_id]
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        argv = case.setup(tmp_path)
+    before = snapshot(tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHONWARNINGS")}
+    proc = subprocess.run([str(KDCACHE), *argv], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    line = assert_one_line_error(argv[0], proc.returncode, proc.stdout, proc.stderr, case.message)
+    assert_unchanged(tmp_path, before)
+    assert not (tmp_path / SENTINEL).exists()
+    assert doc_row(case, argv, line, tmp_path) in DOC.read_text().splitlines()
+
+
+def test_pickle_payloads_are_never_executed(tmp_path, capsys):
+    """The two places a pickle could hide (npz object arrays, a torch checkpoint) are refused
+    without unpickling, even while the checkpoint row is an open bug about its message."""
+    import pickle
+
+    pickle.loads(pickle.dumps(Payload(tmp_path / "probe")))  # the payload works when unpickled
+    assert (tmp_path / "probe").is_dir()
+    for case_id in ("npz-object-arrays", "ckpt-pickle-payload"):
+        work = tmp_path / case_id
+        work.mkdir()
+        assert main(BY_ID[case_id].setup(work)) == 2
+        assert not (work / SENTINEL).exists(), case_id
+    capsys.readouterr()
+
+
+# =========================================================================== hypothesis
+
+# Each example costs milliseconds (everything is refused before any work), so these run 100
+# examples instead of the profile's 25, in about a second each.
+CI = settings(max_examples=100,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _field_types(cls) -> dict[str, type]:
+    return typing.get_type_hints(cls)
+
+
+def _parses(kind: type, text: str) -> bool:
+    """Whether kdcache's coercion (pipeline.config._coerce) would accept text for this type."""
+    try:
+        if kind is bool:
+            return text.strip().lower() in _TRUE | _FALSE
+        if kind is int:
+            int(text.strip())
+            return True
+        if kind is float:
+            v = float(text)
+            return v == v and abs(v) <= 3.4e38
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+def _num(values) -> st.SearchStrategy[str]:
+    return values.map(lambda v: repr(v) if isinstance(v, float) else str(v))
+
+
+def _invalid_text(kind: type) -> st.SearchStrategy[str]:
+    return st.text(max_size=12).filter(lambda s: not _parses(kind, s))
+
+
+# Valid values: small, cheap, and never what makes the run fail.
+VALID_CACHE = {
+    "dtype": st.sampled_from(["float16", "float32"]),
+    "compression": st.sampled_from(["none", "zstd"]),
+    "t": _num(st.floats(0.5, 8.0)),
+    "pool": st.sampled_from(["true", "false", "yes", "no", "on", "off", "1", "0", "True", " off "]),
+    "seed": _num(st.integers(0, 2**32 - 1)),
+    "val_fraction": _num(st.floats(0.05, 0.5)),
+    "workers": _num(st.integers(1, 4)),
+    "threads": _num(st.integers(0, 4)),
+    "infer_batch_size": _num(st.integers(1, 512)),
+    "overwrite": st.sampled_from(["false", "no"]),
+    "epochs": _num(st.integers(1, 50)),
+    "lr": _num(st.floats(1e-5, 1.0)),
+    "weight_decay": _num(st.floats(0.0, 0.1)),
+    "batch_size": _num(st.integers(1, 512)),
+    "augment": st.sampled_from(["true", "false"]),
+    "device": st.sampled_from(["auto", "cpu"]),
+    "layers": st.sampled_from(["embed", "embed,head", "block3 embed"]),
+}
+VALID_STUDENT = {
+    "model": st.sampled_from(["linear_svc", "logreg", "logreg_soft", "sgd", "mlp", "cnn_small"]),
+    "loss": st.sampled_from(["kd", "ce", "mse_logits", "fitnet", "dkd"]),
+    "target": st.sampled_from(["labels", "teacher"]),
+    "layer": st.sampled_from(["", "embed"]),
+    "t": _num(st.floats(0.0, 8.0)),
+    "alpha": _num(st.floats(0.0, 1.0)),
+    "C": st.one_of(st.just("auto"), _num(st.floats(0.01, 100.0))),
+    "epochs": _num(st.integers(1, 3)),
+    "lr": _num(st.floats(1e-4, 0.1)),
+    "batch_size": _num(st.integers(1, 256)),
+    "seed": _num(st.integers(0, 1000)),
+    "width": _num(st.integers(0, 64)),
+    "device": st.sampled_from(["auto", "cpu"]),
+    "hint_weight": _num(st.floats(0.0, 2.0)),
+}
+# Values outside each key's range: refused by the config's checks, whatever else is given.
+OUT_OF_RANGE_CACHE = {
+    "t": _num(st.floats(max_value=0.0, allow_nan=False, allow_infinity=False, min_value=-1e30)),
+    "val_fraction": _num(st.one_of(st.floats(0.9, 1e6), st.floats(-1e6, 0.0))),
+    "shard_size": _num(st.integers(max_value=0, min_value=-(2**70))),
+    "chunk_size": _num(st.one_of(st.integers(-(2**40), 0), st.integers(65537, 2**70))),
+    "workers": _num(st.integers(-(2**40), 0)),
+    "threads": _num(st.integers(-(2**40), -1)),
+    "seed": _num(st.one_of(st.integers(-(2**70), -1), st.integers(2**32, 2**70))),
+    "epochs": _num(st.integers(-(2**40), 0)),
+    "lr": _num(st.one_of(st.floats(-1e30, 0.0), st.floats(3.5e38, 1e300))),
+    "weight_decay": _num(st.floats(-1e30, -1e-9)),
+    "batch_size": _num(st.integers(-(2**40), 0)),
+    "infer_batch_size": _num(st.integers(-(2**40), 0)),
+}
+OUT_OF_RANGE_STUDENT = {
+    "t": _num(st.floats(-1e30, -1e-9)),
+    "alpha": _num(st.one_of(st.floats(-1e30, -1e-9), st.floats(1.000001, 1e30))),
+    "epochs": _num(st.integers(-(2**40), 0)),
+    "lr": _num(st.floats(-1e30, 0.0)),
+    "batch_size": _num(st.integers(-(2**40), 0)),
+    "sgd_alpha": _num(st.floats(-1e30, 0.0)),
+    "width": _num(st.one_of(st.integers(-(2**40), -1), st.integers(4097, 2**40))),
+    "hint_weight": _num(st.floats(-1e30, -1e-9)),
+    "dkd_beta": _num(st.floats(-1e30, -1e-9)),
+    "seed": _num(st.one_of(st.integers(-(2**40), -1), st.integers(2**32, 2**40))),
+    "C": st.one_of(_num(st.floats(-1e30, 0.0)), st.sampled_from(["inf", "nan", "-inf", "1e400", "zero", ""])),
+}
+
+
+def _invalid_enum(valid: set[str] | Callable[[str], bool]) -> st.SearchStrategy[str]:
+    ok = valid if callable(valid) else (lambda s: s in valid)
+    return st.text(max_size=12).filter(lambda s: not ok(s))
+
+
+def _not_a_scheduler(text: str) -> bool:
+    from pipeline.config import _SCHEDULER
+
+    return text not in ("local", "synchronous") and not _SCHEDULER.fullmatch(text)
+
+
+@st.composite
+def invalid_pair(draw, cls, out_of_range: dict, enums: dict) -> tuple[str, str]:
+    """One key=value that config resolution must refuse, by construction."""
+    types = {k: t for k, t in _field_types(cls).items() if t in (int, float, bool)}
+    known = set(_field_types(cls)) | {"config"}
+    how = draw(st.sampled_from(["unknown key", "unicode key", "wrong type", "out of range",
+                                "empty", "second =", "bad name"]))
+    if how == "unknown key":
+        key = draw(st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,15}", fullmatch=True).filter(lambda k: k not in known))
+        return key, draw(st.text(max_size=8))
+    if how == "unicode key":
+        key = draw(st.text(min_size=1, max_size=12).filter(lambda k: "=" not in k and k.strip() not in known))
+        return key, draw(st.text(max_size=8))
+    if how == "out of range":
+        key = draw(st.sampled_from(sorted(out_of_range)))
+        return key, draw(out_of_range[key])
+    if how == "bad name":
+        key = draw(st.sampled_from(sorted(enums)))
+        return key, draw(enums[key])
+    key = draw(st.sampled_from(sorted(types)))
+    kind = types[key]
+    if how == "wrong type":
+        return key, draw(_invalid_text(kind))
+    if how == "empty":
+        return key, ""
+    good = {bool: "true", int: "64", float: "2.5"}[kind]
+    value = f"{good}={draw(st.text(max_size=6))}"  # second =
+    assert not _parses(kind, value)
+    return key, value
+
+
+@st.composite
+def overrides(draw, valid: dict, bad: st.SearchStrategy) -> list[str]:
+    """A shuffle of valid pairs and 1-2 invalid ones; no valid pair reuses an invalid key (a
+    later valid value would override an out-of-range one)."""
+    invalid = draw(st.lists(bad, min_size=1, max_size=2))
+    taken = {k.strip() for k, _ in invalid}
+    keys = draw(st.lists(st.sampled_from(sorted(k for k in valid if k not in taken)), max_size=6, unique=True))
+    pairs = [f"{k}={draw(valid[k])}" for k in keys] + [f"{k}={v}" for k, v in invalid]
+    return draw(st.permutations(pairs))
+
+
+def _teachers() -> set[str]:
+    from pipeline.teachers import TEACHERS
+
+    return set(TEACHERS.names()) | {"auto"}
+
+
+CACHE_ENUMS = {
+    "dtype": _invalid_enum({"float16", "float32"}),
+    "compression": _invalid_enum({"none", "zstd"}),
+    "device": _invalid_enum(lambda s: re.fullmatch(r"auto|cpu|cuda(:\d+)?", s) is not None),
+    "scheduler": st.text(max_size=12).filter(_not_a_scheduler),
+    "teacher": _invalid_enum(lambda s: s in _teachers()),
+    "dataset": st.text(max_size=12).filter(lambda s: s.partition(":")[0] not in
+                                           {"digits", "npz", "synthetic", "imagefolder", "torchvision"}),
+}
+STUDENT_ENUMS = {
+    "model": _invalid_enum({"linear_svc", "logreg", "logreg_soft", "sgd", "mlp", "cnn1d", "cnn_small", "resnet_small"}),
+    "loss": _invalid_enum({"kd", "ce", "mse_logits", "fitnet", "dkd"}),
+    "target": _invalid_enum({"labels", "teacher"}),
+    "layer": _invalid_enum({"", "embed"}),
+    "device": _invalid_enum(lambda s: re.fullmatch(r"auto|cpu|cuda(:\d+)?", s) is not None),
+}
+
+
+def _cache_invalid():
+    from pipeline.config import CacheConfig
+
+    return invalid_pair(CacheConfig, OUT_OF_RANGE_CACHE, CACHE_ENUMS)
+
+
+def _student_invalid():
+    from pipeline.config import StudentConfig
+
+    return invalid_pair(StudentConfig, OUT_OF_RANGE_STUDENT, STUDENT_ENUMS)
+
+
+def _refused(verb: str, argv: list[str], root: Path, capsys) -> None:
+    before = snapshot(root)
+    capsys.readouterr()
+    with process_warnings():
+        code = main(argv)
+    out, err = capsys.readouterr()
+    assert_one_line_error(verb, code, out, err, ".")
+    assert_unchanged(root, before)
+
+
+@CI
+@given(pairs=overrides(VALID_CACHE, _cache_invalid()))
+def test_random_cache_overrides_are_refused(tmp_path, capsys, pairs):
+    _refused("cache", [*cache_cmd(tmp_path), *pairs], tmp_path, capsys)
+
+
+@pytest.fixture
+def student_cache(tmp_path) -> Path:
+    return copy_cache(tmp_path)
+
+
+@CI
+@given(pairs=overrides(VALID_STUDENT, _student_invalid()))
+def test_random_student_overrides_are_refused(tmp_path, student_cache, capsys, pairs):
+    argv = ["student", f"cache={student_cache}", f"runs_dir={tmp_path / 'runs'}", *pairs]
+    _refused("student", argv, tmp_path, capsys)
+
+
+# --------------------------------------------------------------------------- malformed npz
+
+GOOD_X = (np.float32, np.float64, np.float16, np.int8, np.uint8, np.int32, np.int64)
+
+
+@st.composite
+def valid_npz(draw) -> dict[str, np.ndarray]:
+    """A valid npz (any real x dtype, optional val split, extra arrays): the base to break."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    k = draw(st.integers(2, 4))
+    shape = draw(st.sampled_from([(5,), (3, 4), (2, 3, 3), (1, 4, 4)]))
+    dtype = draw(st.sampled_from(GOOD_X))
+    out = {}
+    for split in ["train", "test"] + (["val"] if draw(st.booleans()) else []):
+        n = draw(st.integers(k, 3 * k + 4))
+        out[f"x_{split}"] = (rng.standard_normal((n, *shape)) * 3).astype(dtype)
+        out[f"y_{split}"] = (np.arange(n) % k).astype(draw(st.sampled_from([np.int64, np.int32, np.uint8])))
+    for i in range(draw(st.integers(0, 2))):  # extra keys are ignored, never a problem
+        out[f"extra_{i}"] = rng.standard_normal(draw(st.integers(0, 4)))
+    return out
+
+
+def _rows(v) -> int | None:
+    return len(v) if isinstance(v, np.ndarray) and v.ndim >= 1 else None
+
+
+def _numeric(v) -> bool:
+    return isinstance(v, np.ndarray) and v.dtype.kind in "iuf" and v.ndim >= 2 and v.size > 0
+
+
+def _bad_dtype_array(draw, n: int, labels: bool) -> np.ndarray:
+    kinds = ["object", "str", "bytes", "complex", "bool"] + ([] if labels else ["datetime", "struct"])
+    kinds += ["float16", "float32", "float64"] if labels else []
+    kind = draw(st.sampled_from(kinds))
+    base = np.arange(n) % 2 if labels else np.ones((n, 4))
+    return {
+        "object": lambda: np.array([{"row": i} for i in range(n)] if labels else [[{"v": 1}] * 4] * n,
+                                   dtype=object),
+        "str": lambda: base.astype(str),
+        "bytes": lambda: base.astype("S8"),
+        "complex": lambda: base.astype(np.complex64) + 1j,
+        "bool": lambda: base > 0,
+        "datetime": lambda: np.zeros(base.shape, "datetime64[s]"),
+        "struct": lambda: np.zeros(n, dtype=[("a", "f4"), ("b", "i4")]),
+        "float16": lambda: base.astype(np.float16),
+        "float32": lambda: base.astype(np.float32),
+        "float64": lambda: base.astype(np.float64),
+    }[kind]()
+
+
+def _mutate(draw, a: dict, how: str) -> None:
+    """Break ``a`` so that it is invalid *whatever was done to it before*: every mutation, applied
+    last, leaves a defect kdcache must refuse. (When its precondition does not hold, e.g. x is
+    no longer numeric, it drops x_train, which is invalid too.)"""
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    splits = sorted(k[2:] for k in a if k.startswith("x_"))
+    if not splits:
+        return  # no x at all: x_train is missing
+    split = draw(st.sampled_from(splits))
+    others = [s for s in splits if s != "train"]
+    x, y = a[f"x_{split}"], a.get(f"y_{split}")
+    n = _rows(x) or 3
+    give_up = lambda: a.pop("x_train", None)  # noqa: E731
+    if how == "missing key":
+        a.pop(draw(st.sampled_from(["x_train", "y_train", "x_test", "y_test"])), None)
+    elif how == "x dtype":
+        a[f"x_{split}"] = _bad_dtype_array(draw, n, labels=False)
+    elif how == "y dtype":
+        a[f"y_{split}"] = _bad_dtype_array(draw, n, labels=True)
+    elif how == "length":
+        a[f"y_{split}"] = np.arange(n + draw(st.sampled_from([1, 2, 5]))) % 2
+    elif how == "non-finite":
+        if not _numeric(x):
+            return give_up()
+        with np.errstate(over="ignore"):  # float16 may overflow to inf: all the better
+            bad = x.astype(draw(st.sampled_from([np.float16, np.float32, np.float64])))
+        flat = bad.reshape(-1)
+        flat[rng.integers(0, flat.size, draw(st.integers(1, 3)))] = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
+        a[f"x_{split}"] = bad
+    elif how == "x ndim":
+        a[f"x_{split}"] = draw(st.sampled_from([np.zeros(n, np.float32), np.zeros((n, 1, 1, 1, 2), np.float32),
+                                                np.float32(1.0)]))
+    elif how == "y ndim":
+        a[f"y_{split}"] = draw(st.sampled_from([np.zeros((n, 1), np.int64), np.zeros((n, 2), np.int64),
+                                                np.int64(1)]))
+    elif how == "empty":
+        a[f"x_{split}"], a[f"y_{split}"] = np.zeros((0, 4), np.float32), np.zeros(0, np.int64)
+    elif how == "negative label":
+        y = np.arange(n) % 2
+        y[rng.integers(0, n)] = -draw(st.integers(1, 2**40))
+        a[f"y_{split}"] = y
+    elif how == "sample shape":
+        if not others or not isinstance(a.get("x_train"), np.ndarray):
+            return give_up()
+        target = draw(st.sampled_from(others))
+        rows = _rows(a[f"x_{target}"]) or 3
+        shape = (9,) if a["x_train"].shape[1:] != (9,) else (7, 7)
+        a[f"x_{target}"] = np.zeros((rows, *shape), np.float32)
+    elif how == "zero width":
+        a[f"x_{split}"] = np.zeros((n, 0, 3), np.float32)
+    elif how == "label not in train":
+        train = a.get("y_train")
+        if not others or not isinstance(train, np.ndarray) or train.dtype.kind not in "iu" or train.ndim != 1 or not len(train):
+            return give_up()
+        target = draw(st.sampled_from(others))
+        rows = _rows(a.get(f"y_{target}")) or 3
+        y = np.arange(rows) % 2
+        y[0] = int(train.max()) + draw(st.integers(1, 2**40))
+        a[f"y_{target}"] = y
+    elif how == "single class":
+        for s in splits:
+            a[f"y_{s}"] = np.zeros(_rows(a[f"x_{s}"]) or 3, np.int64)
+        for s in ("train", "test", "val"):  # a lone y_ would keep other classes alive
+            if f"y_{s}" in a and f"x_{s}" not in a:
+                a[f"y_{s}"] = np.zeros(_rows(a[f"y_{s}"]) or 3, np.int64)
+    elif how == "beyond float32":
+        if not _numeric(x):
+            return give_up()
+        big = x.astype(np.float64)
+        big.reshape(-1)[0] = draw(st.sampled_from([1e39, -1e100, 1.7e308]))
+        a[f"x_{split}"] = big
+    elif how == "half a val split":
+        if "x_val" in a and "y_val" in a:
+            del a[draw(st.sampled_from(["x_val", "y_val"]))]
+        elif "x_val" not in a and "y_val" not in a:
+            a["x_val"] = np.zeros((3, 5), np.float32)
+        # exactly one of them present: already half a val split
+    else:
+        raise AssertionError(how)
+
+
+MUTATIONS = ["missing key", "x dtype", "y dtype", "length", "non-finite", "x ndim", "y ndim", "empty",
+             "negative label", "sample shape", "zero width", "label not in train", "single class",
+             "beyond float32", "half a val split"]
+
+
+@st.composite
+def malformed_npz(draw) -> bytes:
+    """The bytes of an .npz kdcache must refuse: a valid one with up to two mutations of any kind
+    and then a final one (which alone guarantees a defect), or random bytes, or a truncated
+    archive of either."""
+    how = draw(st.sampled_from(["arrays"] * 6 + ["random bytes", "truncated"]))
+    if how == "random bytes":
+        return draw(st.binary(max_size=300).filter(lambda b: not b.startswith((b"PK", b"\x93NUMPY"))))
+    a = draw(valid_npz())
+    if how == "arrays" or draw(st.booleans()):
+        for m in draw(st.lists(st.sampled_from(MUTATIONS), max_size=2)) + [draw(st.sampled_from(MUTATIONS))]:
+            _mutate(draw, a, m)
+    buf = io.BytesIO()
+    (np.savez_compressed if draw(st.booleans()) else np.savez)(buf, **a)
+    data = buf.getvalue()
+    if how == "truncated":
+        data = data[: draw(st.integers(0, len(data) - 1))]
+    return data
+
+
+@CI
+@given(data=malformed_npz())
+def test_malformed_npz_is_refused(tmp_path, capsys, data):
+    path = tmp_path / "data.npz"
+    path.write_bytes(data)
+    _refused("cache", npz_cmd(tmp_path, path), tmp_path, capsys)
+    assert not (tmp_path / "cache").exists()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--write-doc"]:
+        sys.exit(f"usage: {sys.argv[0]} --write-doc   (regenerates {DOC.relative_to(ROOT)})")
+    write_doc()
