@@ -56,6 +56,7 @@ class TeacherConfig(DataConfig):
     def check(self) -> None:
         super().check()
         _positive(self, "epochs", "lr", "batch_size")
+        _at_most(self, lr=MAX_LR)
         if self.weight_decay < 0:
             raise KdError(f"weight_decay={self.weight_decay} must be >= 0")
         _check_device(self.device)
@@ -135,10 +136,19 @@ FLOAT32_MAX = 3.4028234663852886e38
 MAX_SEED = 2**32 - 1  # scikit-learn's and numpy's legacy seeds are 32-bit
 MAX_CHUNK_SIZE = 1 << 16  # rows: a chunk is decoded whole on every read
 MAX_CHUNKS_PER_SHARD = 1 << 12  # a shard's index holds one entry per chunk
+MAX_LR = 10.0  # AdamW learning rates far above 1 only diverge
+MAX_SGD_ALPHA = 100.0  # SGDClassifier regularisation: beyond this every weight is ~0
 MAX_WIDTH = 4096  # student width: beyond this a "small" student no longer fits in memory
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 # local | synchronous | [PROTOCOL://]HOST:PORT (IPv6 hosts in brackets) | inproc://ADDRESS
 _SCHEDULER = re.compile(r"(?:[a-z][a-z0-9+.-]*://)?(?:\[[0-9a-fA-F:.]+\]|[^\s/:\[\]]+):\d+|inproc://\S+")
+
+
+def _at_most(cfg: Any, **limits: float) -> None:
+    for name, limit in limits.items():
+        if getattr(cfg, name) > limit:
+            raise KdError(f"{name}={getattr(cfg, name)} is above {limit:g}, where training only diverges; "
+                          f"use a value in (0, {limit:g}]")
 
 
 def _check_seed(name: str, value: int) -> None:
@@ -316,6 +326,7 @@ class StudentConfig:
         if not 0.0 <= self.alpha <= 1.0:
             raise KdError(f"alpha={self.alpha} must be in [0, 1]")
         _positive(self, "epochs", "lr", "batch_size", "sgd_alpha")
+        _at_most(self, lr=MAX_LR, sgd_alpha=MAX_SGD_ALPHA)
         if self.hint_weight < 0 or self.dkd_alpha < 0 or self.dkd_beta < 0 or self.weight_decay < 0:
             raise KdError("hint_weight, dkd_alpha, dkd_beta and weight_decay must be >= 0")
         if not 0 <= self.width <= MAX_WIDTH:

@@ -9,6 +9,7 @@ pass returns the logits and the requested intermediate features (through torchvi
 from __future__ import annotations
 
 import hashlib
+import pickle
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,9 +172,13 @@ def create_teacher(arch: str, input_shape: tuple[int, ...], num_classes: int) ->
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Load a state dict from .safetensors or a torch file, never unpickling code."""
     path = Path(path)
+    if path.is_dir():
+        raise KdError(f"teacher checkpoint {path} is not a file (a directory); pass teacher_ckpt=PATH "
+                      "to a state dict file (.pt/.pth/.safetensors)")
     if not path.is_file():
         raise KdError(f"teacher checkpoint {path} does not exist; pass teacher_ckpt=PATH to a "
                       "state dict (.pt/.pth/.safetensors), or omit it to train one")
+    advice = "save a plain state dict with torch.save(model.state_dict(), ...) or safetensors"
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -181,10 +186,17 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "global" not in str(exc).lower():  # no refused class or function: not a torch file
+            raise KdError(f"teacher checkpoint {path} cannot be read safely (not a torch state dict "
+                          f"file); {advice}") from None
+        # weights_only refused a class, function or other object
+        raise KdError(f"teacher checkpoint {path} holds pickled Python objects besides tensors, "
+                      f"which kdcache never unpickles (they could run code); {advice}") from None
     except Exception as exc:  # any unreadable file is the user's input problem
+        first = (str(exc).splitlines() or [""])[0][:120]
         raise KdError(f"teacher checkpoint {path} cannot be read safely "
-                      f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); save a plain "
-                      "state dict with torch.save(model.state_dict(), ...) or safetensors") from None
+                      f"({type(exc).__name__}{': ' + first if first else ''}); {advice}") from None
     if isinstance(state, dict):
         for key in ("state_dict", "model", "model_state_dict"):
             if isinstance(state.get(key), dict):

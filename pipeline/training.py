@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from pipeline import runtime
+from pipeline.errors import KdError
 
 
 @dataclass
@@ -99,7 +100,8 @@ def fit(model: nn.Module, train_batches: Batches, steps_per_epoch: int, x_val: n
     result = FitResult(best_epoch=-1, best_val_accuracy=-1.0)
     best_state, best_loss = None, float("inf")
     t0, samples = time.perf_counter(), 0
-    bar = tqdm(range(epochs), desc=desc, unit="epoch", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(range(epochs), desc=desc, unit="epoch", disable=None if progress else True,
+               dynamic_ncols=True)  # disable=None: a bar only on a terminal, not in logs
     for epoch in bar:
         model.train()
         total, seen = 0.0, 0
@@ -113,6 +115,9 @@ def fit(model: nn.Module, train_batches: Batches, steps_per_epoch: int, x_val: n
                        for k, v in targets.items()}
             with runtime.autocast(device):
                 loss = loss_fn(model(xb), yb, targets)
+            if not torch.isfinite(loss):
+                raise KdError(f"{desc}: the loss became {float(loss.detach())} in epoch {epoch}; training "
+                              f"diverged: lower lr (now {lr:g}) or use a moderate temperature")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import ReportConfig, resolve
+from pipeline.cache import format as fmt
 from pipeline.errors import KdError
 from pipeline.io import atomic_path, atomic_write_text
 from pipeline.results import read_results, results_dir
@@ -115,6 +116,7 @@ def plots(board: list[dict], teacher_acc: float, out: Path) -> list[Path]:
 def main(args: list[str]) -> dict:
     cfg = resolve(ReportConfig, args, verb="report")
     root = cache_path(cfg)
+    fmt.read_manifest(root)  # a clear error for a path that is no cache
     table_dir = results_dir(root)
     table = read_results(table_dir)
     if table.num_rows == 0:

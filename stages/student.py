@@ -11,6 +11,7 @@ a log) under runs_dir, then appends one row to the results table beside the cach
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import shutil
 import time
@@ -28,7 +29,7 @@ from pipeline.io import atomic_write_text, fsync_dir
 from pipeline.losses import LABELS_ONLY, LOSSES, USES_FEATURES
 from pipeline.results import append_row, results_dir
 from pipeline.rows import LazyRows
-from pipeline.students import STUDENTS, create_student
+from pipeline.students import STUDENTS, SoftLogRegStudent, create_student
 from stages.info import cache_path
 
 C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
@@ -92,6 +93,7 @@ def run_student(cfg: StudentConfig, progress: bool = True) -> dict:
                   batch_size=cfg.batch_size, device=cfg.device, progress=progress)
     student = create_student(cfg.model, **params)
     LOSSES.get(cfg.loss)  # a typo is an error even where the student has no loss axis
+    check_writable(Path(cfg.runs_dir) / cache.root.name, "runs_dir")  # before training, not after
     if student.kind == "inputs":
         loss_name = cfg.loss
         uses_t = cfg.loss in TEMPERATURE_LOSSES
@@ -196,6 +198,11 @@ def fit_feature_student(cfg, student, cache, X, y, T, layer, params):
         return student.fit_stream(batches, classes, X["val"], y["val"]), ""
     if cfg.model == "logreg_soft":
         target = cache.probs("train", T)
+        starved = np.flatnonzero(target.max(axis=0) < SoftLogRegStudent().min_prob)
+        if len(starved):
+            raise KdError(f"at T={T:g} the teacher gives class(es) {starved.tolist()[:5]} almost no "
+                          "probability on any train row, so logreg_soft cannot learn them; use a "
+                          "larger t (e.g. t=2)")
     elif cfg.target == "teacher":
         target = cache.raw_logits("train").argmax(1)
         if len(np.unique(target)) < 2:
@@ -211,6 +218,17 @@ def fit_feature_student(cfg, student, cache, X, y, T, layer, params):
         if best is None or acc > best[0]:
             best = (acc, candidate, c)
     return best[1], best[2] if cfg.C == "auto" else ""
+
+
+def check_writable(path: Path, key: str) -> None:
+    """Refuse a directory that cannot be created or written, without creating anything."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise KdError(f"{key}: cannot create {path}: {existing} is not a directory; pass {key}=DIR")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise KdError(f"{key}: cannot write in {existing} (permission denied); pass {key}=DIR")
 
 
 def write_run(run_dir: Path, cfg: StudentConfig, student, result: dict) -> None:

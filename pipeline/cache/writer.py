@@ -338,7 +338,11 @@ def _storage_errors(root: Path):
         yield
     except OSError as exc:
         what = f"{exc.strerror or exc} ({exc.filename or root})"
-        if not (root / fmt.MANIFEST).is_file():
+        try:
+            started = (root / fmt.MANIFEST).is_file()
+        except OSError:  # e.g. the very path is too long
+            started = False
+        if not started:
             raise StorageError(f"cannot create cache {root}: {what}; choose a writable cache=PATH "
                                "or fix its permissions") from None
         raise StorageError(f"storage failed while building cache {root}: {what}; free space or fix "
@@ -416,7 +420,8 @@ def _run(jobs: list[ShardJob], cfg: CacheConfig, dataset: Dataset, on_done: Call
     from tqdm import tqdm
 
     bar = tqdm(total=total, initial=initial, unit="sample", unit_scale=True, desc="caching",
-               disable=not progress, dynamic_ncols=True, smoothing=0.1)
+               disable=None if progress else True,  # None: only on a terminal, never in logs
+               dynamic_ncols=True, smoothing=0.1)
     # In this process the workers reuse the dataset already opened (and fingerprinted) here.
     _STATE[("dataset", dataset.fingerprint)] = dataset
     try:
@@ -437,7 +442,7 @@ def _run(jobs: list[ShardJob], cfg: CacheConfig, dataset: Dataset, on_done: Call
             cluster = None
             try:
                 client = Client(cfg.scheduler, timeout="10s")
-            except (OSError, TimeoutError) as exc:
+            except (OSError, TimeoutError, ValueError) as exc:  # ValueError: a malformed address
                 raise KdError(f"cannot reach the dask scheduler at {cfg.scheduler} ({exc}); "
                               "start one or use scheduler=local") from None
         try:
