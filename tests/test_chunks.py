@@ -47,6 +47,9 @@ def test_reads_equal_zarr(tmp_path_factory, n, chunk, per_shard, rest, dtype, co
     out = np.full((stop - start,) + rest, np.nan, np.float32)
     assert reader.read(start, stop, 0, out=out) is out
     np.testing.assert_array_equal(out, got)
+    where = np.random.default_rng(n).permutation(stop - start)  # scatter: row i to out[where[i]]
+    reader.read(start, stop, 0, out=out, index=where)
+    np.testing.assert_array_equal(out[where], got)
 
 
 def test_unwritten_chunks_read_as_fill_value(tmp_path):

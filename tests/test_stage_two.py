@@ -336,9 +336,9 @@ def test_sgd_streams_the_train_split_out_of_core(env, capsys, monkeypatch):
         feature_splits.append(split)
         return original_features(self, split, *args, **kwargs)
 
-    def spy_read(self, key, rows, view, out=None):
+    def spy_read(self, key, rows, view, out=None, index=None):
         (train_reads if key.startswith("train/") else other_reads).append((key, rows))
-        return original_read(self, key, rows, view, out)
+        return original_read(self, key, rows, view, out, index)
 
     monkeypatch.setattr(TeacherCache, "stream", spy_stream)
     monkeypatch.setattr(TeacherCache, "features", spy_features)
@@ -380,10 +380,10 @@ def test_input_student_streams_train_inputs_chunk_by_chunk(env, capsys, monkeypa
     def no_whole_split(self, split, start, stop):
         raise AssertionError(f"{split} inputs read whole ({start}:{stop})")
 
-    def spy_read(self, key, rows, view, out=None):
+    def spy_read(self, key, rows, view, out=None, index=None):
         if key.startswith("train/"):
             train_reads.append(rows)
-        return original_read(self, key, rows, view, out)
+        return original_read(self, key, rows, view, out, index)
 
     monkeypatch.setattr(Dataset, "inputs_at", spy_inputs_at)
     monkeypatch.setattr(Dataset, "inputs", no_whole_split)

@@ -55,8 +55,11 @@ class ChunkReader:
     def shard_path(self, shard: int) -> Path:
         return self.directory.joinpath("c", str(shard), *["0"] * (len(self.shape) - 1))
 
-    def read(self, start: int, stop: int, view: int, out: np.ndarray | None = None) -> np.ndarray:
-        """Rows ``[start, stop)`` at ``view`` as float32 ``[stop - start, ...]`` (into ``out``)."""
+    def read(self, start: int, stop: int, view: int, out: np.ndarray | None = None,
+             index: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``[start, stop)`` at ``view`` as float32 ``[stop - start, ...]``, or written into
+        ``out`` (row ``start + i`` to ``out[i]``, or to ``out[index[i]]`` when ``index`` is
+        given: a scatter, which lets a shuffling reader place rows as it decodes them)."""
         if out is None:
             out = np.empty((stop - start,) + self.shape[2:], np.float32)
         row = start
@@ -64,8 +67,11 @@ class ChunkReader:
             chunk = row // self.chunk_rows
             first = chunk * self.chunk_rows
             last = min(stop, first + self.chunk_rows)
-            data = self._chunk(chunk)
-            np.copyto(out[row - start:last - start], data[row - first:last - first, view], casting="unsafe")
+            data = self._chunk(chunk)[row - first:last - first, view]
+            if index is None:
+                np.copyto(out[row - start:last - start], data, casting="unsafe")
+            else:
+                out[index[row - start:last - start]] = data
             row = last
         return out
 

@@ -110,20 +110,22 @@ class TeacherCache:
         self._opened[key] = arr
         return arr
 
-    def _rows(self, key: str, rows: slice | None, view: int, out: np.ndarray | None = None) -> np.ndarray:
+    def _rows(self, key: str, rows: slice | None, view: int, out: np.ndarray | None = None,
+              index: np.ndarray | None = None) -> np.ndarray:
         """Rows of array ``key`` at ``view`` as float32, through the fast chunk reader when the
-        array has kdcache's own layout (see chunks.py), else through zarr-python."""
+        array has kdcache's own layout (see chunks.py), else through zarr-python. With ``out``
+        they are written there (row i to ``out[index[i]]`` when ``index`` is given)."""
         arr = self._array(key)
         if key not in self._readers:
             self._readers[key] = chunk_reader(arr, self.root / fmt.ARRAYS / key)
         reader = self._readers[key]
         rows = rows if rows is not None else slice(0, arr.shape[0])
         if reader is not None:
-            return reader.read(rows.start, rows.stop, view, out)
+            return reader.read(rows.start, rows.stop, view, out, index)
         data = _read(arr, rows, view)
         if out is None:
             return data
-        out[...] = data
+        out[index if index is not None else slice(None)] = data
         return out
 
     def _check_array(self, key: str, arr) -> None:
@@ -233,34 +235,34 @@ class TeacherCache:
             spans = [(int(a), int(min(n, a + chunk))) for a in starts[g:g + group]]
             held = len(next(iter(carry.values()))) if carry else 0
             size = held + sum(b - a for a, b in spans)
-            # One float32 buffer per array; each chunk is decoded straight into its slot, so
-            # the only other copy is the gather of each batch below.
+            # Every row of the buffer gets a random destination: decoding a chunk scatters its
+            # rows there (shuffling and converting to float32 in the one copy), and each batch
+            # is then a contiguous slice of the buffer, not another copy.
+            dest = rng.permutation(size) if shuffle else np.arange(size)
             buf = {name: np.empty((size,) + shapes[name], np.float32) for name in keys}
-            for name in buf:
-                if held:
-                    buf[name][:held] = carry[name]
-            cols: dict[str, list[np.ndarray]] = {"sample_id": [], "label": []}
-            if held:
-                for k in carry:
-                    if k not in buf:
-                        cols.setdefault(k, []).append(carry[k])
+
+            def put(name: str, where: np.ndarray, values: np.ndarray) -> None:
+                if name not in buf:
+                    buf[name] = np.empty((size,) + values.shape[1:], values.dtype)
+                buf[name][where] = values
+
+            for name, values in carry.items():
+                put(name, dest[:held], values)
             at = held
             for a, b in spans:
+                where = dest[at:at + b - a]
                 for name, key in keys.items():
-                    self._rows(key, slice(a, b), view, out=buf[name][at:at + b - a])
-                cols["sample_id"].append(ids[a:b])
-                cols["label"].append(labels[a:b])
+                    self._rows(key, slice(a, b), view, out=buf[name], index=where)
+                put("sample_id", where, ids[a:b])
+                put("label", where, labels[a:b])
                 if extra is not None:
                     for k, v in extra(a, b).items():
-                        cols.setdefault(f"extra:{k}", []).append(v)
+                        put(f"extra:{k}", where, v)
                 at += b - a
-            buf.update({k: np.concatenate(v) for k, v in cols.items()})
-            order = rng.permutation(size) if shuffle else np.arange(size)
             full = size - size % batch_size
             for a in range(0, full, batch_size):
-                take = order[a:a + batch_size]
-                yield _batch({k: v[take] for k, v in buf.items()}, T, layers)
-            carry = {k: v[order[full:]] for k, v in buf.items()} if full < size else {}
+                yield _batch({k: v[a:a + batch_size] for k, v in buf.items()}, T, layers)
+            carry = {k: v[full:] for k, v in buf.items()} if full < size else {}
         if carry:
             yield _batch(carry, T, layers)
 
