@@ -76,7 +76,7 @@ class CacheConfig(TeacherConfig):
     shard_size: int = 1024  # rows per shard: the unit of work, of writing and of resuming
     chunk_size: int = 256  # rows per inner chunk: the unit of reading
     infer_batch_size: int = 256
-    scheduler: str = "local"  # local | synchronous | tcp://HOST:PORT of a dask cluster
+    scheduler: str = "local"  # local (dask threads when workers > 1) | synchronous | tcp://HOST:PORT
     workers: int = 1  # local dask workers (each runs one shard at a time)
     threads: int = 0  # torch threads per worker; 0 = cores / workers
     compile: bool = False  # torch.compile the teacher (worth it on GPU)

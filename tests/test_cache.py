@@ -439,7 +439,7 @@ def test_replaced_checkpoint_at_same_path_is_not_served_stale(tmp_path, builder)
 
 def test_local_dask_scheduler_matches_synchronous(make_cache):
     sync = open_cache(make_cache("sync", dtype="float32"))
-    local = open_cache(make_cache("local", dtype="float32", scheduler="local", workers=1, threads=1))
+    local = open_cache(make_cache("local", dtype="float32", scheduler="local", workers=2, threads=1))
     for split in SPLITS:
         np.testing.assert_array_equal(local.raw_logits(split), sync.raw_logits(split))
         np.testing.assert_array_equal(local.features(split, "embed"), sync.features(split, "embed"))

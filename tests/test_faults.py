@@ -40,7 +40,7 @@ HARNESS_DATASET = "synthetic:2400:3x16x16:4"
 
 def harness_args(root: Path, work: Path) -> list[str]:
     return cache_args(root, work, dataset=HARNESS_DATASET, teacher="resnet_small",
-                      scheduler="local", threads=1)
+                      scheduler="local", workers=2, threads=1)  # dask, two shards at once
 
 
 def run_cli(args: list[str], **kw) -> subprocess.Popen:
@@ -235,7 +235,7 @@ def _patch_parquet(monkeypatch, ok: int):
 def test_failing_writes_leave_the_cache_resumable(tmp_path, capsys, monkeypatch, scheduler, patch,
                                                    message, builder):
     root = tmp_path / "cache"
-    args = ["cache", *cache_args(root, tmp_path, scheduler=scheduler)]
+    args = ["cache", *cache_args(root, tmp_path, scheduler=scheduler, workers=2 if scheduler == "local" else 1)]
     with monkeypatch.context() as m:
         patch(m, ok=8 if patch is _patch_zarr_store else 2)
         assert main(args) == 2
@@ -247,7 +247,7 @@ def test_failing_writes_leave_the_cache_resumable(tmp_path, capsys, monkeypatch,
 
     assert main(args) == 0  # the disk is fine again: resume finishes the job
     fresh = tmp_path / "reference" / "cache"
-    builder(fresh, tmp_path, scheduler=scheduler)
+    builder(fresh, tmp_path, scheduler=scheduler, workers=2 if scheduler == "local" else 1)
     assert array_files(root) == array_files(fresh)
     assert_no_stray_files(root)
 
