@@ -384,7 +384,7 @@ def test_four_concurrent_students_all_land_their_rows(make_cache, tmp_path):
 def test_second_build_is_refused_and_a_killed_builders_lock_is_recovered(tmp_path):
     root = tmp_path / "cache"
     # far more rows than can finish while the second process starts and is refused
-    args = ["cache", *cache_args(root, tmp_path, dataset="synthetic:400000:3x16x16:4",
+    args = ["cache", *cache_args(root, tmp_path, dataset="synthetic:100000:3x16x16:4",
                                  teacher="resnet_small", shard_size=1024, chunk_size=256)]
     first = run_cli(args, cwd=tmp_path)
     deadline = time.monotonic() + 600
