@@ -203,7 +203,7 @@ def _interrupted_build(root: Path) -> None:
     """A real interrupted build: Ctrl-C while the third shard is being computed."""
     from pipeline.cache import writer
 
-    real, calls = writer.build_shard, []
+    real, calls = writer.compute_shard, []
 
     def interrupted(job):
         calls.append(job)
@@ -211,7 +211,7 @@ def _interrupted_build(root: Path) -> None:
             raise KeyboardInterrupt
         return real(job)
 
-    with mock.patch.object(writer, "build_shard", interrupted), pytest.raises(KeyboardInterrupt):
+    with mock.patch.object(writer, "compute_shard", interrupted), pytest.raises(KeyboardInterrupt):
         build(root, root.parent)
 
 

@@ -267,7 +267,7 @@ def test_stream_without_logits(small_cache):
 # --------------------------------------------------------------------------- resume
 
 class FailOnCall:
-    """Wraps build_shard: records every call and raises RuntimeError on call number ``fail_on``."""
+    """Wraps compute_shard: records every call and raises RuntimeError on call number ``fail_on``."""
 
     def __init__(self, real, fail_on: int | None = None):
         self.real, self.fail_on, self.calls = real, fail_on, []
@@ -280,9 +280,9 @@ class FailOnCall:
 
 
 def test_interrupted_build_resumes_byte_identical(tmp_path, builder, monkeypatch):
-    real = writer.build_shard
+    real = writer.compute_shard
     crash = FailOnCall(real, fail_on=3)
-    monkeypatch.setattr(writer, "build_shard", crash)
+    monkeypatch.setattr(writer, "compute_shard", crash)
     root = tmp_path / "resumed"
     with pytest.raises(RuntimeError, match="simulated crash"):
         builder(root, tmp_path)
@@ -298,13 +298,13 @@ def test_interrupted_build_resumes_byte_identical(tmp_path, builder, monkeypatch
     assert info.main([f"cache={root}"])["shards_done"] == "2/6"
 
     spy = FailOnCall(real)
-    monkeypatch.setattr(writer, "build_shard", spy)
+    monkeypatch.setattr(writer, "compute_shard", spy)
     summary = builder(root, tmp_path)
     all_shards = {("train", k) for k in range(4)} | {("val", 0), ("test", 0)}
     assert len(spy.calls) == 4 and set(spy.calls) == all_shards - finished  # only the missing ones
     assert summary["computed_rows"] == 300 - 2 * 64 and not summary["skipped"]
 
-    monkeypatch.setattr(writer, "build_shard", real)
+    monkeypatch.setattr(writer, "compute_shard", real)
     fresh = tmp_path / "fresh"
     builder(fresh, tmp_path)
     assert tree_bytes(root, fmt.ARRAYS, fmt.INDEX) == tree_bytes(fresh, fmt.ARRAYS, fmt.INDEX)
@@ -318,8 +318,8 @@ def test_interrupted_build_resumes_byte_identical(tmp_path, builder, monkeypatch
 def test_complete_cache_is_not_recomputed(make_cache, builder, monkeypatch):
     root = make_cache()
     before = tree_bytes(root, fmt.ARRAYS, fmt.INDEX)
-    spy = FailOnCall(writer.build_shard)
-    monkeypatch.setattr(writer, "build_shard", spy)
+    spy = FailOnCall(writer.compute_shard)
+    monkeypatch.setattr(writer, "compute_shard", spy)
     summary = builder(root)
     assert spy.calls == []
     assert summary["skipped"] is True and summary["computed_rows"] == 0
@@ -327,8 +327,8 @@ def test_complete_cache_is_not_recomputed(make_cache, builder, monkeypatch):
 
 
 def test_shard_without_index_part_is_recomputed(tmp_path, builder, monkeypatch):
-    real = writer.build_shard
-    monkeypatch.setattr(writer, "build_shard", FailOnCall(real, fail_on=4))
+    real = writer.compute_shard
+    monkeypatch.setattr(writer, "compute_shard", FailOnCall(real, fail_on=4))
     root = tmp_path / "c"
     with pytest.raises(RuntimeError):
         builder(root, tmp_path)
@@ -336,7 +336,7 @@ def test_shard_without_index_part_is_recomputed(tmp_path, builder, monkeypatch):
     part, _ = fmt.part_paths(root, "train", 1)
     part.unlink()
     spy = FailOnCall(real)
-    monkeypatch.setattr(writer, "build_shard", spy)
+    monkeypatch.setattr(writer, "compute_shard", spy)
     builder(root, tmp_path)
     assert ("train", 1) in spy.calls and ("train", 0) not in spy.calls
     assert open_cache(root).num_rows("train") == 240

@@ -73,7 +73,7 @@ def test_json_summary_is_last_stdout_line(tmp_path, capsys):
 
 
 def test_ctrl_c_exits_130_and_resumes(tmp_path, capsys, monkeypatch):
-    real = writer.build_shard
+    real = writer.compute_shard
     calls = []
 
     def interrupted(job):
@@ -82,13 +82,13 @@ def test_ctrl_c_exits_130_and_resumes(tmp_path, capsys, monkeypatch):
             raise KeyboardInterrupt
         return real(job)
 
-    monkeypatch.setattr(writer, "build_shard", interrupted)
+    monkeypatch.setattr(writer, "compute_shard", interrupted)
     assert main(cache_cmd(tmp_path)) == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and "re-run the same command to resume" in err
     assert (tmp_path / "cache" / fmt.MANIFEST).is_file()  # kept, resumable
 
-    monkeypatch.setattr(writer, "build_shard", real)
+    monkeypatch.setattr(writer, "compute_shard", real)
     assert main([*cache_cmd(tmp_path), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["computed_rows"] == 300 - 2 * 64

@@ -126,6 +126,7 @@ class ShardJob:
     dtype: str
     batch_size: int
     threads: int
+    cache_key: str
 
 
 # Per-process state of a worker: the dataset and the teacher are loaded once per process and
@@ -161,9 +162,23 @@ def _worker_teacher(spec: TeacherSpec, threads: int) -> tuple[torch.nn.Module, t
 
 
 def build_shard(job: ShardJob) -> dict[str, Any]:
-    """Compute, write and record one shard. Returns its completion record."""
-    import zarr
+    """Compute, write and record one shard. Returns its completion record. (One Dask task.)"""
+    return write_shard(compute_shard(job))
 
+
+@dataclass
+class ComputedShard:
+    """A shard's teacher outputs, in the cache dtype, not yet written."""
+
+    job: ShardJob
+    bufs: dict[str, np.ndarray]
+    inputs_sha256: str
+    started: float
+
+
+def compute_shard(job: ShardJob) -> ComputedShard:
+    """Run the teacher over the shard's rows (the next batch's inputs load on a thread while the
+    current one runs) and check that every output is finite."""
     t0 = time.perf_counter()
     dataset = _worker_dataset(job)
     model, device = _worker_teacher(job.teacher, job.threads)
@@ -197,32 +212,52 @@ def build_shard(job: ShardJob) -> dict[str, Any]:
             hint = " or use dtype=float32 (float16 overflowed)" if store_dtype == np.float16 else ""
             raise KdError(f"teacher produced NaN/inf {what} in {job.split} rows {job.start}-"
                           f"{job.stop}; check the checkpoint and the inputs{hint}")
+    return ComputedShard(job, bufs, inputs_hash.hexdigest(), t0)
 
+
+def write_shard(shard: ComputedShard) -> dict[str, Any]:
+    """Write a computed shard whole, fsync it, write its index part, and only then its
+    completion record. Returns the record."""
+    job, bufs = shard.job, shard.bufs
     root = Path(job.root)
-    group = zarr.open_group(root / fmt.ARRAYS, mode="r+")
+    arrays = _worker_arrays(job)
     sums = {}
     for key, buf in bufs.items():
-        # Store every shard, even an all-zero one, so a missing shard file always means damage
-        # (Zarr would otherwise read it back as fill values, silently).
-        arr = group[key].with_config({"write_empty_chunks": True})
+        arr = arrays[key]
         arr[job.start:job.stop] = buf  # the whole shard, in one write
         _fsync_shard(root / fmt.ARRAYS / key, arr, job.shard)
         sums[key] = hashlib.sha256(buf.tobytes()).hexdigest()
 
-    index = _index_part(job, dataset, bufs[fmt.logits_key(job.split)][:, 0].astype(np.float32))
+    index = _index_part(job, _worker_dataset(job), bufs[fmt.logits_key(job.split)][:, 0].astype(np.float32))
     part_path, record_path = fmt.part_paths(root, job.split, job.shard)
     with atomic_path(part_path) as tmp:
         pq.write_table(index, tmp)
     record = {
         "split": job.split, "shard": job.shard, "start": job.start, "stop": job.stop,
-        "sha256": sums, "inputs_sha256": inputs_hash.hexdigest(),
+        "sha256": sums, "inputs_sha256": shard.inputs_sha256,
         "index_sha256": sha256_file(part_path),
         "correct": int(index.column("correct").to_numpy().sum()),
-        "seconds": round(time.perf_counter() - t0, 4), "host": socket.gethostname(),
+        "seconds": round(time.perf_counter() - shard.started, 4), "host": socket.gethostname(),
     }
     # The record is the only "done" signal, and it is written after the data is durable.
     atomic_write_text(record_path, json.dumps(record, sort_keys=True))
     return record
+
+
+def _worker_arrays(job: ShardJob) -> dict[str, Any]:
+    """The cache's Zarr arrays, opened once per process and cache key (each open costs
+    milliseconds; the key changes when a cache at the same path is rebuilt differently)."""
+    import zarr
+
+    key = ("arrays", job.root, job.cache_key)
+    with _STATE_LOCK:
+        if key not in _STATE:
+            group = zarr.open_group(Path(job.root) / fmt.ARRAYS, mode="r+")
+            # Store every shard, even an all-zero one, so a missing shard file always means
+            # damage (Zarr would otherwise read it back as fill values, silently).
+            _STATE[key] = {name: member.with_config({"write_empty_chunks": True})
+                           for name, member in group.members(max_depth=None) if hasattr(member, "shape")}
+        return _STATE[key]
 
 
 def _fsync_shard(array_dir: Path, arr, shard: int) -> None:
@@ -412,7 +447,7 @@ def _jobs(root, cfg, dataset, spec, manifest, done) -> Iterable[ShardJob]:
             start = shard * cfg.shard_size
             yield ShardJob(str(root), split, shard, start, min(info["rows"], start + cfg.shard_size),
                            manifest["dataset"]["config"], dataset.fingerprint, spec, cfg.dtype,
-                           cfg.infer_batch_size, threads)
+                           cfg.infer_batch_size, threads, manifest["key"])
 
 
 def _run(jobs: list[ShardJob], cfg: CacheConfig, dataset: Dataset, on_done: Callable,
@@ -428,9 +463,21 @@ def _run(jobs: list[ShardJob], cfg: CacheConfig, dataset: Dataset, on_done: Call
         # One local worker gains nothing from dask but its start-up (~0.5 s): run in-process.
         in_process = cfg.scheduler == "synchronous" or (cfg.scheduler == "local" and cfg.workers == 1)
         if in_process or not jobs:
-            for job in jobs:
-                on_done(build_shard(job))
-                bar.update(job.stop - job.start)
+            # Compute shard k+1 while shard k is written and fsynced on a thread: the disk's
+            # latency hides behind the forward pass. At most two shards are held in memory.
+            def finish(record: dict) -> None:
+                on_done(record)
+                bar.update(record["stop"] - record["start"])
+
+            with ThreadPoolExecutor(1, thread_name_prefix="kdcache-writer") as writer:
+                pending = None
+                for job in jobs:
+                    computed = compute_shard(job)
+                    if pending is not None:
+                        finish(pending.result())
+                    pending = writer.submit(write_shard, computed)
+                if pending is not None:
+                    finish(pending.result())
             return
         from dask.distributed import Client, LocalCluster, as_completed
 
