@@ -49,6 +49,12 @@ test: setup
 test-fast: setup
 	$(VENV)/bin/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
+bench: setup
+	$(VENV)/bin/python -m bench.run $(BENCH_ARGS)
+
+bench-quick: setup
+	$(VENV)/bin/python -m bench.run --quick $(BENCH_ARGS)
+
 # The fault tests with the full 20 seeded kill trials (make test runs 3).
 soak: setup
 	KDCACHE_KILL_TRIALS=20 $(VENV)/bin/python -m pytest -q tests/test_faults.py $(PYTEST_ARGS)

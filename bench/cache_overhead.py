@@ -1,0 +1,167 @@
+"""Cache overhead: how close stage one comes to the teacher's bare forward throughput.
+
+Measured (floor: cached / bare >= 0.90)
+    cached throughput = rows / wall time of ``pipeline.cache.writer.build_cache(...)`` on a fresh
+        cache directory: the lock, array creation, the dask local cluster, reading (here:
+        generating) the inputs, the teacher forward through the feature taps, the float16 cast,
+        the NaN check, zstd + CRC encoding, the shard writes and fsyncs, the per-shard sha256,
+        the index parts, the final index and the manifest. The teacher is loaded inside the
+        timed region too (the worker state ``writer._STATE`` is cleared before every build,
+        as in a fresh ``kdcache cache`` process).
+    bare throughput = rows / time of plain ``model(x)`` (the untapped teacher) under
+        ``torch.inference_mode`` over the same rows, already materialised in memory as one
+        float32 array, in batches of the same ``infer_batch_size``, on the same number of torch
+        threads (the builder's default, cores / workers). Nothing else happens in that loop, so
+        it is the physical limit of the forward pass on this machine.
+
+Why fair: same rows, same batch size, same threads, same process, arms alternated in every
+repeat; the bare arm is given its best case (inputs precomputed, no taps, no copies out).
+A fourth arm, for context, runs the FX-tapped teacher the builder uses (``Tapped``) on the same
+in-memory inputs, which separates the cost of the taps from the cost of the pipeline.
+
+Cases: a compute-heavy teacher (resnet18 on 3x32x32), where the forward should dominate, and a
+light teacher (cnn_small on 1x8x8, digits-shaped) with many rows so that fixed costs are
+amortised; each with the default tap (1 layer) and 3 taps. For context (no floor): the same
+synthetic rows written to an ``.npz`` (inputs become an in-memory gather instead of
+regenerated noise, which isolates the cost of the ``synthetic:`` generator), and the real
+``digits`` dataset (1,797 rows: its build is all fixed cost). The ``synchronous`` scheduler
+is measured alongside the default ``local`` one, for reference (no floor).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import (alternate, base_dirs, figure, log, main_for, median, prepare_build, result,
+                          spread, synthetic_npz, table)
+
+NAME = "cache_overhead"
+FLOOR = 0.90
+
+
+def cases(quick: bool) -> list[dict]:
+    n_heavy = 1_000 if quick else 6_000
+    n_light = 10_000 if quick else 50_000
+    heavy3 = ("layer2.1.relu_1", "layer3.1.relu_1", "flatten")
+    light3 = ("block1.2", "block2.2", "embed")
+    return [
+        dict(case="resnet18 1 tap", dataset=f"synthetic:{n_heavy}:3x32x32:10", teacher="resnet18", layers=()),
+        dict(case="resnet18 3 taps", dataset=f"synthetic:{n_heavy}:3x32x32:10", teacher="resnet18", layers=heavy3),
+        dict(case="cnn_small 1 tap", dataset=f"synthetic:{n_light}:1x8x8:10", teacher="cnn_small", layers=()),
+        dict(case="cnn_small 3 taps", dataset=f"synthetic:{n_light}:1x8x8:10", teacher="cnn_small", layers=light3),
+        dict(case="resnet18 1 tap, npz", dataset=f"npz-of:synthetic:{n_heavy}:3x32x32:10", teacher="resnet18",
+             layers=(), context=True),
+        dict(case="cnn_small 1 tap, npz", dataset=f"npz-of:synthetic:{n_light}:1x8x8:10", teacher="cnn_small",
+             layers=(), context=True),
+        dict(case="cnn_small 1 tap, digits", dataset="digits", teacher="cnn_small", layers=(), context=True),
+        dict(case="cnn_small 3 taps, digits", dataset="digits", teacher="cnn_small", layers=light3, context=True),
+    ]
+
+
+def measure(case: dict, workdir: Path, repeats: int) -> dict:
+    import torch
+
+    from pipeline.cache import writer
+    from pipeline.teachers import Tapped, build_teacher
+
+    where = workdir / NAME / case["case"].replace(" ", "_").replace(",", "")
+    shutil.rmtree(where, ignore_errors=True)
+    dataset_spec = case["dataset"]
+    if dataset_spec.startswith("npz-of:"):  # the same synthetic rows, held in memory
+        dataset_spec = f"npz:{synthetic_npz(workdir, dataset_spec[len('npz-of:'):])}"
+    builds = {}
+    for sched in ("local", "synchronous"):
+        args = dict(dataset=dataset_spec, teacher=case["teacher"], teacher_ckpt="random",
+                    layers=case["layers"], scheduler=sched, cache=where / sched, **base_dirs(workdir))
+        builds[sched] = prepare_build(args)
+    _, cfg, dataset, spec, _ = builds["local"]
+    rows = sum(len(s) for s in dataset.splits.values())
+
+    # The bare arm: the plain teacher, the same rows as one in-memory float32 array.
+    model = build_teacher(spec)
+    tapped = Tapped(build_teacher(spec), spec.layers, spec.pool, spec.arch).eval()
+    x = torch.from_numpy(np.concatenate([dataset.inputs(s, 0, len(dataset.splits[s]))
+                                         for s in dataset.splits]))
+    bs = cfg.infer_batch_size
+
+    def forward(net) -> float:
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            for a in range(0, rows, bs):
+                net(x[a:a + bs])
+            return time.perf_counter() - t0
+
+    def cached(sched: str):
+        def arm() -> float:
+            root, cfg_, ds, sp, manifest = builds[sched]
+            shutil.rmtree(root, ignore_errors=True)
+            writer._STATE.clear()  # a fresh process: the worker loads its teacher again
+            t0 = time.perf_counter()
+            writer.build_cache(root, cfg_, ds, sp, manifest, progress=False)
+            return time.perf_counter() - t0
+        return arm
+
+    with torch.inference_mode():
+        model(x[:bs])  # warm-up (allocator, kernels) outside the timed loop
+    times = alternate({"bare": lambda: forward(model), "local": cached("local"),
+                       "synchronous": cached("synchronous"), "tapped": lambda: forward(tapped)},
+                      repeats, label=case["case"])
+    shutil.rmtree(where, ignore_errors=True)
+    bare_s, local_s, sync_s, tapped_s = (median(times[k]) for k in ("bare", "local", "synchronous", "tapped"))
+    return {**case, "layers": list(spec.layers), "rows": rows, "batch_size": bs,
+            "threads": torch.get_num_threads(),
+            "bare_samples_s": rows / bare_s, "local_samples_s": rows / local_s,
+            "sync_samples_s": rows / sync_s, "tapped_samples_s": rows / tapped_s,
+            # ratio of medians of seconds = ratio of median throughputs
+            "ratio_local": bare_s / local_s, "ratio_sync": bare_s / sync_s,
+            "ratio_tapped": bare_s / tapped_s,
+            # robustness check: the same ratio from the fastest repeat of each arm
+            "ratio_local_min": min(times["bare"]) / min(times["local"]),
+            "seconds": {k: spread(v) for k, v in times.items()}}
+
+
+def run(quick: bool, workdir: Path) -> dict:
+    t0 = time.perf_counter()
+    repeats = 3 if quick else 7
+    measured = []
+    for case in cases(quick):
+        log(f"{NAME}: {case['case']} on {case['dataset']}")
+        measured.append(measure(case, workdir, repeats + (4 if case["dataset"] == "digits" else 0)))
+    figures = [figure(f"cache/bare throughput, {m['case']}", round(m["ratio_local"], 3), "x",
+                      floor=None if m.get("context") else FLOOR, op=">=",
+                      rows=m["rows"], bare_samples_s=round(m["bare_samples_s"], 1),
+                      cached_samples_s=round(m["local_samples_s"], 1),
+                      synchronous_ratio=round(m["ratio_sync"], 3),
+                      ratio_from_fastest_repeats=round(m["ratio_local_min"], 3),
+                      tapped_forward_ratio=round(m["ratio_tapped"], 3))
+               for m in measured]
+    rows = [[m["case"], m["dataset"], f"{m['rows']:,}", ", ".join(m["layers"]),
+             f"{m['bare_samples_s']:,.0f}", f"{m['local_samples_s']:,.0f}", f"{m['ratio_local']:.3f}",
+             f"{m['sync_samples_s']:,.0f}", f"{m['ratio_sync']:.3f}",
+             f"{m['ratio_local_min']:.3f}", f"{m['tapped_samples_s']:,.0f}",
+             "context" if m.get("context") else ("PASS" if m["ratio_local"] >= FLOOR else "FAIL")]
+            for m in measured]
+    tables = [table("Stage one vs the bare teacher forward",
+                    ["case", "dataset", "rows", "tapped layers", "bare samples/s",
+                     "cached samples/s (local)", "ratio (floor ≥ 0.90)",
+                     "cached samples/s (synchronous)", "ratio sync", "ratio, fastest repeats",
+                     "tapped forward samples/s", "verdict"], rows,
+                    note=f"median of {repeats} alternated repeats (digits: {repeats + 4}) after one warm-up; "
+                         f"batch {measured[0]['batch_size']}, {measured[0]['threads']} torch threads, "
+                         "random teacher weights, float16 cache, default shard 1024 / chunk 256.")]
+    notes = ["The bare arm runs the plain teacher (no feature taps) on precomputed inputs: its "
+             "best case. The cached arm pays for taps, input generation, encoding and I/O.",
+             "'tapped forward' (context) runs the FX-tapped teacher the builder uses on the same "
+             "in-memory inputs: the cost of the taps alone. 'ratio, fastest repeats' is the same "
+             "ratio from the fastest repeat of each arm (a check against load bursts)."]
+    return result(NAME, "stage-one throughput vs bare teacher forward", figures, tables, notes,
+                  {"quick": quick, "repeats": repeats, "cases": [c["case"] + ": " + c["dataset"] for c in cases(quick)]},
+                  time.perf_counter() - t0) | {"measured": measured}
+
+
+if __name__ == "__main__":
+    main_for(run)
