@@ -455,3 +455,33 @@ def test_extra_layers_and_unpooled_maps(make_cache):
     assert maps.shape == (cache.num_rows("val"), 64, 8, 8)
     batches = list(cache.stream("val", batch_size=7, layers=("block2.2",), shuffle=False))
     np.testing.assert_array_equal(np.concatenate([b.features["block2.2"] for b in batches]), maps)
+
+
+def test_all_zero_outputs_are_stored_and_read_back(tmp_path, builder):
+    """A shard of all-zero outputs must still have its shard file (or it could not be told from a
+    deleted one), while empty padding chunks past the end of a split are not stored."""
+    import torch
+
+    from pipeline.teachers import TeacherSpec, build_teacher
+
+    state = build_teacher(TeacherSpec("cnn_small", SMALL_SHAPE, SMALL_CLASSES, "random", 0)).state_dict()
+    zeroed = {k: (torch.zeros_like(v) if k.endswith(("weight", "bias")) else v) for k, v in state.items()}
+    torch.save(zeroed, tmp_path / "zero.pt")
+    root = tmp_path / "zero"
+    builder(root, tmp_path, teacher_ckpt=tmp_path / "zero.pt")
+    cache = open_cache(root)
+    for split in SPLITS:
+        assert not cache.raw_logits(split).any() and not cache.features(split, "embed").any()
+        assert not np.signbit(cache.raw_logits(split)).any()  # +0.0, as an empty chunk reads
+
+
+
+def test_padding_chunks_past_the_end_of_a_split_are_not_stored(small_cache_f16):
+    from pipeline.cache.chunks import EMPTY, chunk_reader
+
+    # val: 30 rows in one 64-row shard of 16-row chunks: chunks 0-1 hold rows, 2-3 are padding
+    where = small_cache_f16 / fmt.ARRAYS / "val" / "logits"
+    reader = chunk_reader(zarr.open_array(where, mode="r"), where)
+    reader.read(0, 30, 0)
+    offsets = reader._indexes[0][:, 0]
+    assert (offsets != EMPTY).tolist() == [True, True, False, False]

@@ -207,6 +207,9 @@ def compute_shard(job: ShardJob) -> ComputedShard:
                     bufs[key][a - job.start:b - job.start, 0] = value
 
     for key, buf in bufs.items():
+        # -0.0 -> +0.0: Zarr stores an all-zero chunk as "empty" and reads it back as +0.0, so
+        # the bytes hashed below must already be the ones that read back.
+        np.add(buf, 0, out=buf)
         if not np.isfinite(buf).all():
             what = "logits" if key.endswith("logits") else f"features {key}"
             hint = " or use dtype=float32 (float16 overflowed)" if store_dtype == np.float16 else ""
@@ -223,7 +226,10 @@ def write_shard(shard: ComputedShard) -> dict[str, Any]:
     arrays = _worker_arrays(job)
     sums = {}
     for key, buf in bufs.items():
-        arr = arrays[key]
+        # Inner chunks equal to the fill value are not stored (nor the padding chunks past the
+        # end of a split), but the shard file itself must exist, or a missing file could not be
+        # told from damage: only an all-zero shard needs write_empty_chunks to be stored at all.
+        arr = arrays[key].with_config({"write_empty_chunks": not buf.any()})
         arr[job.start:job.stop] = buf  # the whole shard, in one write
         _fsync_shard(root / fmt.ARRAYS / key, arr, job.shard)
         sums[key] = hashlib.sha256(buf.tobytes()).hexdigest()
@@ -253,10 +259,8 @@ def _worker_arrays(job: ShardJob) -> dict[str, Any]:
     with _STATE_LOCK:
         if key not in _STATE:
             group = zarr.open_group(Path(job.root) / fmt.ARRAYS, mode="r+")
-            # Store every shard, even an all-zero one, so a missing shard file always means
-            # damage (Zarr would otherwise read it back as fill values, silently).
-            _STATE[key] = {name: member.with_config({"write_empty_chunks": True})
-                           for name, member in group.members(max_depth=None) if hasattr(member, "shape")}
+            _STATE[key] = {name: member for name, member in group.members(max_depth=None)
+                           if hasattr(member, "shape")}
         return _STATE[key]
 
 
