@@ -2,12 +2,13 @@
 
 Measured (floor: cached / bare >= 0.90)
     cached throughput = rows / wall time of ``pipeline.cache.writer.build_cache(...)`` on a fresh
-        cache directory: the lock, array creation, the dask local cluster, reading (here:
-        generating) the inputs, the teacher forward through the feature taps, the float16 cast,
-        the NaN check, zstd + CRC encoding, the shard writes and fsyncs, the per-shard sha256,
-        the index parts, the final index and the manifest. The teacher is loaded inside the
-        timed region too (the worker state ``writer._STATE`` is cleared before every build,
-        as in a fresh ``kdcache cache`` process).
+        cache directory, with the default scheduler (``local``) and everything it does: the
+        lock, array creation, the scheduler (a dask local cluster, or in-process when it has
+        one worker), reading (here: generating) the inputs, the teacher forward through the
+        feature taps, the float16 cast, the NaN check, chunk encoding (codecs and CRC), the
+        shard writes and fsyncs, the per-shard sha256, the index parts, the final index and the
+        manifest. The teacher is loaded inside the timed region too (the worker state
+        ``writer._STATE`` is cleared before every build, as in a fresh ``kdcache cache``).
     bare throughput = rows / time of plain ``model(x)`` (the untapped teacher) under
         ``torch.inference_mode`` over the same rows, already materialised in memory as one
         float32 array, in batches of the same ``infer_batch_size``, on the same number of torch

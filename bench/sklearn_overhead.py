@@ -44,7 +44,7 @@ def run(quick: bool, workdir: Path) -> dict:
     from stages.student import run_student
 
     t_start = time.perf_counter()
-    n = 8_000 if quick else 20_000
+    n = 8_000 if quick else 40_000
     repeats = 2 if quick else 7
     root = ensure_cache({"dataset": f"synthetic:{n}:3x16x16:10", "teacher": "mlp",
                          "teacher_ckpt": "random", "cache": workdir / "caches" / f"sklearn-mlp-{n}",
