@@ -504,12 +504,25 @@ def _run(jobs: list[ShardJob], cfg: CacheConfig, dataset: Dataset, on_done: Call
                 record = future.result()
                 on_done(record)
                 bar.update(record["stop"] - record["start"])
+        except BaseException:
+            _quiet_distributed()
+            raise
         finally:
             client.close()
             if cluster is not None:
                 cluster.close()
     finally:
         bar.close()
+
+
+def _quiet_distributed() -> None:
+    """Silence dask.distributed for the rest of the process. After Ctrl-C or a failed shard the
+    cluster's comms are torn down mid-flight, and distributed logs each closed comm with a
+    traceback, some of them after ``cluster.close()`` has restored its log levels. The user is
+    owed one line saying what happened, not that noise; real errors still raise."""
+    for name in ["distributed", *logging.root.manager.loggerDict]:
+        if name == "distributed" or name.startswith("distributed."):
+            logging.getLogger(name).setLevel(logging.CRITICAL + 1)
 
 
 def _finalise(root: Path, manifest: dict, done: dict, run: dict) -> dict:
