@@ -13,9 +13,11 @@ inputs by it, never by position.
 from __future__ import annotations
 
 import hashlib
+import threading
 import zipfile
 import zlib
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Callable, Protocol
@@ -499,6 +501,7 @@ def _path_id(rel: Path) -> int:
 
 SYNTHETIC_VERSION = 1
 SYNTHETIC_BLOCK = 1024
+SYNTHETIC_CACHE_BYTES = 64 << 20  # generated blocks kept per pool (at least one)
 
 
 @dataclass
@@ -510,6 +513,10 @@ class SyntheticPool:
     shape: tuple[int, ...]
     classes: int
     seed: int
+    # Readers ask for batches smaller than a block (e.g. 256 of 1024 rows, in order): without
+    # this, every batch would regenerate its whole block. A few recent blocks, bounded in bytes.
+    _blocks: OrderedDict = field(default_factory=OrderedDict, init=False, repr=False, compare=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     @cached_property
     def ids(self) -> np.ndarray:
@@ -529,17 +536,28 @@ class SyntheticPool:
         rng = np.random.default_rng([self.seed, 2**31])
         return (0.35 * rng.standard_normal((self.classes,) + self.shape)).astype(np.float32)
 
+    def _block(self, b: int) -> np.ndarray:
+        """All rows of block ``b``: noise from its own seed plus its rows' class prototypes."""
+        with self._lock:
+            if b in self._blocks:
+                self._blocks.move_to_end(b)
+                return self._blocks[b]
+        x = np.random.default_rng([self.seed, b, 0]).standard_normal(
+            (SYNTHETIC_BLOCK,) + self.shape, dtype=np.float32)
+        x += self._prototypes[self._block_labels(b)]
+        with self._lock:
+            self._blocks[b] = x
+            while len(self._blocks) > max(1, SYNTHETIC_CACHE_BYTES // x.nbytes):
+                self._blocks.popitem(last=False)
+        return x
+
     def read(self, positions: np.ndarray) -> np.ndarray:
         ids = self.start + np.asarray(positions, np.int64)
         out = np.empty((len(ids),) + self.shape, np.float32)
         blocks = ids // SYNTHETIC_BLOCK
         for b in np.unique(blocks):
-            rng = np.random.default_rng([self.seed, int(b), 0])
-            noise = rng.standard_normal((SYNTHETIC_BLOCK,) + self.shape, dtype=np.float32)
-            y = self._block_labels(int(b))
             mask = blocks == b
-            local = ids[mask] - b * SYNTHETIC_BLOCK
-            out[mask] = noise[local] + self._prototypes[y[local]]
+            out[mask] = self._block(int(b))[ids[mask] - b * SYNTHETIC_BLOCK]
         return out
 
 
