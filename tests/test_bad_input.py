@@ -205,11 +205,11 @@ def _interrupted_build(root: Path) -> None:
 
     real, calls = writer.compute_shard, []
 
-    def interrupted(job):
+    def interrupted(job, *args):
         calls.append(job)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real(job)
+        return real(job, *args)
 
     with mock.patch.object(writer, "compute_shard", interrupted), pytest.raises(KeyboardInterrupt):
         build(root, root.parent)

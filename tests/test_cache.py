@@ -272,11 +272,11 @@ class FailOnCall:
     def __init__(self, real, fail_on: int | None = None):
         self.real, self.fail_on, self.calls = real, fail_on, []
 
-    def __call__(self, job):
+    def __call__(self, job, *args):
         self.calls.append((job.split, job.shard))
         if len(self.calls) == self.fail_on:
             raise RuntimeError("simulated crash")
-        return self.real(job)
+        return self.real(job, *args)
 
 
 def test_interrupted_build_resumes_byte_identical(tmp_path, builder, monkeypatch):

@@ -76,11 +76,11 @@ def test_ctrl_c_exits_130_and_resumes(tmp_path, capsys, monkeypatch):
     real = writer.compute_shard
     calls = []
 
-    def interrupted(job):
+    def interrupted(job, *args):
         calls.append(job)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real(job)
+        return real(job, *args)
 
     monkeypatch.setattr(writer, "compute_shard", interrupted)
     assert main(cache_cmd(tmp_path)) == 130

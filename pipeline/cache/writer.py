@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -26,10 +27,10 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -43,6 +44,8 @@ from pipeline.data import Dataset, open_dataset
 from pipeline.errors import KdError
 from pipeline.io import atomic_path, atomic_write_text, fsync_dir, fsync_file, sha256_file
 from pipeline.teachers import Tapped, TeacherSpec, build_teacher
+
+T = TypeVar("T")
 
 
 # =========================================================================== the plan
@@ -176,46 +179,82 @@ class ComputedShard:
     started: float
 
 
-def compute_shard(job: ShardJob) -> ComputedShard:
-    """Run the teacher over the shard's rows (the next batch's inputs load on a thread while the
-    current one runs) and check that every output is finite."""
+@dataclass
+class ShardInputs:
+    """How to load a shard's input batches, in order, and the running sha256 of their bytes.
+    Loading hashes too, so the hash is computed off the forward pass's thread."""
+
+    job: ShardJob
+    bounds: list[tuple[int, int]]
+    sha256: Any = field(default_factory=hashlib.sha256)
+
+    @classmethod
+    def of(cls, job: ShardJob) -> "ShardInputs":
+        return cls(job, [(a, min(a + job.batch_size, job.stop))
+                         for a in range(job.start, job.stop, job.batch_size)])
+
+    def loads(self) -> list[Callable[[], np.ndarray]]:
+        dataset = _worker_dataset(self.job)
+
+        def load(a: int, b: int) -> np.ndarray:
+            x = np.ascontiguousarray(dataset.inputs(self.job.split, a, b), np.float32)
+            self.sha256.update(x)  # loads of one shard run in order, on one thread
+            return x
+        return [functools.partial(load, a, b) for a, b in self.bounds]
+
+
+def prefetched(loads: Iterable[Callable[[], T]]) -> Iterator[T]:
+    """Each load's result in order, the next one running on a thread while the caller works on
+    the current one (including across shard boundaries, when given several shards' loads)."""
+    with ThreadPoolExecutor(1, thread_name_prefix="kdcache-prefetch") as pool:
+        pending = None
+        for load in loads:
+            ahead = pool.submit(load)
+            if pending is not None:
+                yield pending.result()
+            pending = ahead
+        if pending is not None:
+            yield pending.result()
+
+
+def compute_shard(job: ShardJob, inputs: ShardInputs | None = None,
+                  batches: Iterator[np.ndarray] | None = None) -> ComputedShard:
+    """Run the teacher over the shard's rows and check that every output is finite.
+
+    ``batches`` yields the input batches of ``inputs`` (by default, prefetched here); a caller
+    running many shards passes one stream across them, so no shard starts with a cold load."""
     t0 = time.perf_counter()
-    dataset = _worker_dataset(job)
+    if inputs is None:
+        inputs = ShardInputs.of(job)
+    if batches is None:
+        batches = prefetched(inputs.loads())
     model, device = _worker_teacher(job.teacher, job.threads)
     n = job.stop - job.start
-    store_dtype = np.dtype(job.dtype)
+    store_dtype = {"float16": torch.float16, "float32": torch.float32}[job.dtype]
     bufs: dict[str, np.ndarray] = {}
-    inputs_hash = hashlib.sha256()
-    batches = [(a, min(a + job.batch_size, job.stop)) for a in range(job.start, job.stop, job.batch_size)]
-
-    with ThreadPoolExecutor(1, thread_name_prefix="kdcache-prefetch") as prefetch:
-        pending = prefetch.submit(dataset.inputs, job.split, *batches[0])
-        for i, (a, b) in enumerate(batches):
-            x = pending.result()
-            if i + 1 < len(batches):  # overlap reading the next batch with this forward pass
-                pending = prefetch.submit(dataset.inputs, job.split, *batches[i + 1])
-            inputs_hash.update(np.ascontiguousarray(x).tobytes())
-            with torch.inference_mode(), runtime.autocast(device):
-                logits, feats = model(runtime.to_device(torch.from_numpy(x), device))
+    finite = True
+    for a, b in inputs.bounds:
+        x = next(batches)
+        with torch.inference_mode(), runtime.autocast(device):
+            logits, feats = model(runtime.to_device(torch.from_numpy(x), device))
             outputs = {fmt.logits_key(job.split): logits,
                        **{fmt.feature_key(job.split, k): v for k, v in feats.items()}}
             for key, value in outputs.items():
-                value = value.float().cpu().numpy()
+                # + 0.0 turns -0.0 into +0.0: Zarr stores an all-zero chunk as "empty" and reads
+                # it back as +0.0, so the bytes hashed on writing must be the ones read back.
+                # A float16 overflow becomes inf here and is reported below.
+                value = (value.float() + 0.0).to(store_dtype).cpu()
+                finite &= bool(torch.isfinite(value).all())
                 if key not in bufs:
-                    bufs[key] = np.empty((n, fmt.VIEWS) + value.shape[1:], store_dtype)
-                with np.errstate(over="ignore"):  # float16 overflow -> inf, reported below
-                    bufs[key][a - job.start:b - job.start, 0] = value
-
-    for key, buf in bufs.items():
-        # -0.0 -> +0.0: Zarr stores an all-zero chunk as "empty" and reads it back as +0.0, so
-        # the bytes hashed below must already be the ones that read back.
-        np.add(buf, 0, out=buf)
-        if not np.isfinite(buf).all():
-            what = "logits" if key.endswith("logits") else f"features {key}"
-            hint = " or use dtype=float32 (float16 overflowed)" if store_dtype == np.float16 else ""
-            raise KdError(f"teacher produced NaN/inf {what} in {job.split} rows {job.start}-"
-                          f"{job.stop}; check the checkpoint and the inputs{hint}")
-    return ComputedShard(job, bufs, inputs_hash.hexdigest(), t0)
+                    bufs[key] = np.empty((n, fmt.VIEWS) + tuple(value.shape[1:]), job.dtype)
+                bufs[key][a - job.start:b - job.start, 0] = value.numpy()
+    if not finite:
+        bad = next(k for k, buf in bufs.items() if not np.isfinite(buf).all())
+        what = "logits" if bad.endswith("logits") else f"features {bad}"
+        hint = " or use dtype=float32 (float16 overflowed)" if job.dtype == "float16" else ""
+        raise KdError(f"teacher produced NaN/inf {what} in {job.split} rows {job.start}-"
+                      f"{job.stop}; check the checkpoint and the inputs{hint}")
+    return ComputedShard(job, bufs, inputs.sha256.hexdigest(), t0)
 
 
 def write_shard(shard: ComputedShard) -> dict[str, Any]:
@@ -473,10 +512,14 @@ def _run(jobs: list[ShardJob], cfg: CacheConfig, dataset: Dataset, on_done: Call
                 on_done(record)
                 bar.update(record["stop"] - record["start"])
 
-            with ThreadPoolExecutor(1, thread_name_prefix="kdcache-writer") as writer:
+            # One input stream across all shards: no shard starts with a cold load.
+            inputs = [ShardInputs.of(job) for job in jobs]
+            batches = prefetched(load for shard in inputs for load in shard.loads())
+            with ThreadPoolExecutor(1, thread_name_prefix="kdcache-writer") as writer, \
+                    contextlib.closing(batches):
                 pending = None
-                for job in jobs:
-                    computed = compute_shard(job)
+                for job, shard_inputs in zip(jobs, inputs):
+                    computed = compute_shard(job, shard_inputs, batches)
                     if pending is not None:
                         finish(pending.result())
                     pending = writer.submit(write_shard, computed)
