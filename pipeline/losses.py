@@ -21,14 +21,24 @@ LOSSES: Registry[Loss] = Registry("loss")
 
 # Losses that read the cached teacher logits / a cached teacher feature. `ce` reads neither.
 USES_FEATURES = {"fitnet"}  # losses that take the teacher's features f_t
+SOFT_TARGETS = {"kd", "fitnet"}  # losses that accept the teacher's soft targets precomputed
 LABELS_ONLY = {"ce"}  # losses that ignore the teacher: a student trained with one reads no logits
 
 
-def soft_kl(z_s: torch.Tensor, z_t: torch.Tensor, T: float) -> torch.Tensor:
-    """KL(softmax(z_t/T) ‖ softmax(z_s/T)), summed over classes, averaged over the batch."""
+def soft_kl(z_s: torch.Tensor, z_t: torch.Tensor, T: float, log_p_t: torch.Tensor | None = None,
+            p_t: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(softmax(z_t/T) ‖ softmax(z_s/T)), summed over classes, averaged over the batch.
+
+    ``log_p_t`` = log softmax(z_t/T) and ``p_t`` = softmax(z_t/T) may be passed precomputed:
+    they are constants of the teacher, and on small students each op of a training step
+    counts (see ``TorchStudent.fit_stream``, which computes them in NumPy per batch).
+    """
     log_p_s = F.log_softmax(z_s / T, dim=1)
-    log_p_t = F.log_softmax(z_t / T, dim=1)
-    return (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1).mean()
+    if log_p_t is None:
+        log_p_t = F.log_softmax(z_t / T, dim=1)
+    if p_t is None:
+        p_t = log_p_t.exp()
+    return (p_t * (log_p_t - log_p_s)).sum(dim=1).mean()
 
 
 @LOSSES.register("ce")
@@ -42,16 +52,19 @@ def ce(z_s: torch.Tensor, y: torch.Tensor, **_) -> torch.Tensor:
 
 @LOSSES.register("kd")
 def kd(z_s: torch.Tensor, y: torch.Tensor, *, z_t: torch.Tensor, T: float = 4.0,
-       alpha: float = 0.9, **_) -> torch.Tensor:
+       alpha: float = 0.9, log_p_t: torch.Tensor | None = None, p_t: torch.Tensor | None = None,
+       **_) -> torch.Tensor:
     """Hinton knowledge distillation.
 
     L = α · T² · KL(softmax(z_t/T) ‖ softmax(z_s/T)) + (1 − α) · CE(z_s, y)
 
-    The T² keeps the soft term's gradient scale independent of T.
+    The T² keeps the soft term's gradient scale independent of T. ``log_p_t`` / ``p_t``: the
+    teacher's soft targets, if precomputed (see :func:`soft_kl`).
     Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network", 2015
     (arXiv:1503.02531).
     """
-    return alpha * T * T * soft_kl(z_s, z_t, T) + (1.0 - alpha) * F.cross_entropy(z_s, y)
+    return (alpha * T * T * soft_kl(z_s, z_t, T, log_p_t, p_t)
+            + (1.0 - alpha) * F.cross_entropy(z_s, y))
 
 
 @LOSSES.register("mse_logits")
@@ -70,6 +83,7 @@ def mse_logits(z_s: torch.Tensor, y: torch.Tensor, *, z_t: torch.Tensor, alpha: 
 @LOSSES.register("fitnet")
 def fitnet(z_s: torch.Tensor, y: torch.Tensor, *, z_t: torch.Tensor, hint: torch.Tensor,
            f_t: torch.Tensor, T: float = 4.0, alpha: float = 0.9, hint_weight: float = 1.0,
+           log_p_t: torch.Tensor | None = None, p_t: torch.Tensor | None = None,
            **_) -> torch.Tensor:
     """FitNets hint loss on top of KD.
 
@@ -80,7 +94,8 @@ def fitnet(z_s: torch.Tensor, y: torch.Tensor, *, z_t: torch.Tensor, hint: torch
     trains the hint stage first; here both terms are optimised jointly, as most libraries do.
     Romero et al., "FitNets: Hints for Thin Deep Nets", ICLR 2015 (arXiv:1412.6550).
     """
-    return kd(z_s, y, z_t=z_t, T=T, alpha=alpha) + hint_weight * F.mse_loss(hint, f_t)
+    return (kd(z_s, y, z_t=z_t, T=T, alpha=alpha, log_p_t=log_p_t, p_t=p_t)
+            + hint_weight * F.mse_loss(hint, f_t))
 
 
 @LOSSES.register("dkd")

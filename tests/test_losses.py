@@ -29,7 +29,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from pipeline.losses import LOSSES
+from pipeline.cache.reader import log_softmax
+from pipeline.losses import LOSSES, SOFT_TARGETS
 
 REFERENCE_FILE = Path(__file__).parent / "data" / "loss_reference.json"
 
@@ -381,3 +382,23 @@ if __name__ == "__main__" and "--regenerate" in sys.argv:
     REFERENCE_FILE.parent.mkdir(parents=True, exist_ok=True)
     REFERENCE_FILE.write_text(json.dumps(_generate(), indent=1) + "\n")
     print(f"wrote {REFERENCE_FILE}")
+
+
+@pytest.mark.parametrize("name", sorted(SOFT_TARGETS))
+@PROPERTY_SETTINGS
+@given(t=batches())
+def test_precomputed_soft_targets_give_the_same_loss_and_gradient(name, t):
+    """TorchStudent hands these losses the teacher's soft targets computed in NumPy; the value
+    and the student's gradient must be those of the loss computing them itself."""
+    kwargs = CASES[name]["kwargs"]
+    log_p_t = log_softmax(t["z_t"].numpy() / kwargs["T"], axis=1)
+    soft = {"log_p_t": torch.from_numpy(log_p_t), "p_t": torch.from_numpy(np.exp(log_p_t))}
+    values, grads = [], []
+    for extra in ({}, soft):
+        z_s = t["z_s"].clone().requires_grad_(True)
+        loss = call(name, {**t, "z_s": z_s}, **kwargs, **extra)
+        loss.backward()
+        values.append(loss.detach())
+        grads.append(z_s.grad)
+    torch.testing.assert_close(values[1], values[0], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-9, atol=1e-9)

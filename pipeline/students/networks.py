@@ -9,8 +9,8 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from torch import nn
 
 from pipeline import runtime, training
-from pipeline.cache.reader import softmax
-from pipeline.losses import LOSSES, USES_FEATURES
+from pipeline.cache.reader import log_softmax, softmax
+from pipeline.losses import LOSSES, SOFT_TARGETS, USES_FEATURES
 from pipeline.students.registry import STUDENTS
 from pipeline.teachers import DEFAULT_LAYER, TEACHERS, Tapped
 
@@ -108,6 +108,8 @@ class TorchStudent(BaseEstimator, ClassifierMixin):
                            hint_weight=self.hint_weight, dkd_alpha=self.dkd_alpha,
                            dkd_beta=self.dkd_beta, **targets)
 
+        if self.loss in SOFT_TARGETS:
+            batches = _with_soft_targets(batches, self.T)
         result = training.fit(self.model_, batches, steps_per_epoch, X_val, y_val, objective,
                               epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay,
                               seed=self.seed, device=self.device_, augment=False,
@@ -134,6 +136,17 @@ class TorchStudent(BaseEstimator, ClassifierMixin):
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().contiguous() for k, v in self.model_.net.state_dict().items()}
+
+
+def _with_soft_targets(batches: training.Batches, T: float) -> training.Batches:
+    """Add the teacher's soft targets log softmax(z_t/T) and softmax(z_t/T) to every batch,
+    computed in NumPy: they carry no gradient, and as torch ops each would cost a step of a
+    small student tens of microseconds (most of it waking the intra-op thread pool)."""
+    def soft(epoch: int):
+        for x, y, targets in batches(epoch):
+            log_p_t = log_softmax(np.asarray(targets["z_t"], np.float32) / np.float32(T), axis=1)
+            yield x, y, {**targets, "log_p_t": log_p_t, "p_t": np.exp(log_p_t)}
+    return soft
 
 
 def _torch_factory(arch: str):
