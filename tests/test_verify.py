@@ -1,0 +1,95 @@
+"""`kdcache verify`: a healthy cache passes every check; each way a cache can be wrong while
+still reading cleanly is caught by the check made for it, with exit code 1.
+
+Checksums alone cannot catch a cache that was *written* wrong (a writer bug, another teacher's
+weights, other preprocessing): its checksums are self-consistent. The fidelity check re-runs the
+teacher on sampled rows, and the fingerprint checks compare the teacher and the dataset on disk
+with the ones recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import torch
+
+from pipeline.cache import writer
+from pipeline.teachers import create_teacher
+from stages.cli import main
+from tests.conftest import SMALL_CLASSES, SMALL_SHAPE
+
+CHECKS = ["shard checksums", "index checksums", "dataset fingerprint", "teacher fingerprint",
+          "teacher fidelity"]
+
+
+def verify(root, capsys, rows: int = 64) -> tuple[int, dict, str]:
+    code = main(["verify", f"cache={root}", f"rows={rows}", "--json"])
+    out = capsys.readouterr().out
+    return code, json.loads(out.strip().splitlines()[-1]), out
+
+
+def test_a_healthy_cache_passes_every_check(make_cache, capsys):
+    root = make_cache(dtype="float16")
+    code, summary, out = verify(root, capsys)
+    assert code == 0 and summary["ok"] is True
+    assert sorted(summary["checks"]) == sorted(CHECKS)
+    assert all(v.startswith("ok") for v in summary["checks"].values()), summary["checks"]
+    checked = int(re.match(r"ok \((\d+) rows", summary["checks"]["teacher fidelity"]).group(1))
+    assert 60 <= checked <= 64  # rows=64, shared among the splits by size
+    assert f"verdict: PASS — {root}" in out
+
+
+def test_logits_written_wrong_are_caught_by_the_fidelity_check(make_cache, capsys, monkeypatch):
+    """A writer that stores slightly wrong logits (here: every logit + 0.25) produces a cache
+    whose checksums all match: only re-running the teacher can tell."""
+    real = writer.compute_shard
+
+    def skewed(job, *args):
+        shard = real(job, *args)
+        for key, buf in shard.bufs.items():
+            if key.endswith("logits"):
+                buf += np.float16(0.25)
+        return shard
+
+    monkeypatch.setattr(writer, "compute_shard", skewed)
+    root = make_cache()
+    monkeypatch.setattr(writer, "compute_shard", real)
+    code, summary, out = verify(root, capsys)
+    assert code == 1 and summary["ok"] is False
+    checks = summary["checks"]
+    assert checks["shard checksums"] == "ok" and checks["index checksums"] == "ok"
+    assert checks["teacher fidelity"].startswith("FAILED: cached logits differ from a fresh forward")
+    assert "verdict: FAIL" in out
+
+
+def test_a_replaced_teacher_checkpoint_fails_the_teacher_fingerprint(make_cache, tmp_path, capsys):
+    ckpt = tmp_path / "teacher.pt"
+    torch.manual_seed(0)
+    torch.save(create_teacher("cnn_small", SMALL_SHAPE, SMALL_CLASSES).state_dict(), ckpt)
+    root = make_cache(teacher_ckpt=ckpt)
+    torch.manual_seed(1)  # retrained in place: same path, other weights
+    torch.save(create_teacher("cnn_small", SMALL_SHAPE, SMALL_CLASSES).state_dict(), ckpt)
+    code, summary, _ = verify(root, capsys)
+    assert code == 1
+    assert summary["checks"]["teacher fingerprint"].startswith("FAILED")
+    assert "teacher fidelity" not in summary["checks"]  # not compared against the wrong weights
+    assert summary["checks"]["shard checksums"] == "ok"
+
+
+def test_a_changed_dataset_fails_the_dataset_fingerprint(make_cache, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    npz = tmp_path / "data.npz"
+    arrays = {"x_train": rng.normal(size=(160, *SMALL_SHAPE)).astype(np.float32),
+              "y_train": rng.integers(0, 3, 160),
+              "x_test": rng.normal(size=(40, *SMALL_SHAPE)).astype(np.float32),
+              "y_test": rng.integers(0, 3, 40)}
+    np.savez(npz, **arrays)
+    root = make_cache(dataset=f"npz:{npz}")
+    arrays["x_train"][17, 0, 3, 3] += 1.0  # one value of one sample
+    np.savez(npz, **arrays)
+    code, summary, _ = verify(root, capsys)
+    assert code == 1
+    assert summary["checks"]["dataset fingerprint"].startswith("FAILED")
+    assert "differs" in summary["checks"]["dataset fingerprint"]
