@@ -234,12 +234,13 @@ def base_dirs(workdir: Path) -> dict:
     return {"cache_root": workdir / "caches", "teacher_dir": workdir / "teachers"}
 
 
-def digits_cache(workdir: Path, dtype: str = "float16") -> Path:
+def digits_cache(workdir: Path, dtype: str = "float16", compression: str = "none") -> Path:
     """The digits cache of the *trained* default teacher (cnn_small), as `make teacher-cache`
     builds it, inside the work dir (the teacher is trained there once, ~10 s)."""
-    name = "digits-cnn_small" + ("" if dtype == "float16" else f"-{dtype}")
+    name = ("digits-cnn_small" + ("" if dtype == "float16" else f"-{dtype}")
+            + ("" if compression == "none" else f"-{compression}"))
     return ensure_cache({"dataset": "digits", "cache": workdir / "caches" / name, "dtype": dtype,
-                         **base_dirs(workdir)})
+                         "compression": compression, **base_dirs(workdir)})
 
 
 def synthetic_npz(workdir: Path, spec: str) -> Path:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from bench.common import DEFAULT_WORKDIR, REPO, fmt_num, log, machine, set_threads
 
+FINDINGS = Path(__file__).with_name("FINDINGS.md")
 BENCHMARKS = ("cache_overhead", "kd_training", "streaming", "storage", "memory",
               "sklearn_overhead", "accuracy")
 
@@ -138,6 +139,8 @@ def render(report: dict) -> str:
                    f"{f['op']} {f['floor']}", "PASS" if f["passed"] else "**FAIL**"] for name, f in figs]),
         "",
     ]
+    if FINDINGS.is_file():  # the hand-written history: fixes, before/after, misses explained
+        parts += [FINDINGS.read_text().strip(), ""]
     for name, b in bench.items():
         parts += [f"## {name}: {b['what']}", ""]
         doc = (importlib.import_module(f"bench.{name}").__doc__ or "").strip()

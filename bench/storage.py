@@ -1,14 +1,15 @@
 """Storage: bytes per sample on disk vs dense float32.
 
-Measured (floor, for the default dtype float16: on-disk / dense float32 ≤ 0.55)
+Measured at each setting, dtype float16 / float32 × compression none / zstd (floor, for the
+default float16 + none: on-disk / dense float32 ≤ 0.55)
     on disk      the sum of the sizes of every file under ``arrays.zarr/<split>/logits`` (and,
                  separately, ``arrays.zarr/<split>/features/<layer>``) over all three splits:
                  compressed chunks, shard indexes, CRCs and Zarr metadata included.
     dense f32    rows × values per row × 4 bytes: what the same numbers take as one plain
                  float32 array (e.g. a ``.npy``, minus its header).
 
-float16 halves the dense size, so the floor allows 10% for metadata, shard indexes and CRCs
-(zstd usually wins some of that back). float32 caches are reported for comparison (no floor).
+float16 halves the dense size, so the floor allows 10% for metadata, shard indexes and CRCs.
+The other settings are reported for comparison (no floor).
 Values must be realistic for compression to mean anything: a *trained* digits teacher
 (cnn_small, trained once in the work dir) and a random-weight resnet18 on synthetic 3x32x32.
 The whole cache directory (index Parquet files, manifest) is reported too, for context.
@@ -41,7 +42,8 @@ def measure(root: Path) -> list[dict]:
         values = int(np.prod(cache._array(keys[0]).shape[1:]))  # per row (views x values)
         disk = sum(dir_bytes(root / fmt.ARRAYS / k) for k in keys)
         dense = rows * values * 4
-        out.append({"cache": root.name, "dtype": cache.manifest["dtype"], "array": kind,
+        out.append({"cache": root.name, "dtype": cache.manifest["dtype"],
+                    "compression": cache.manifest["compression"], "array": kind,
                     "rows": rows, "values_per_row": values, "disk_bytes": disk,
                     "dense_f32_bytes": dense, "bytes_per_sample": disk / rows,
                     "dense_bytes_per_sample": dense / rows, "ratio": disk / dense,
@@ -54,27 +56,33 @@ def run(quick: bool, workdir: Path) -> dict:
     n = 2_000 if quick else 10_000
     caches = []
     for dtype in ("float16", "float32"):
-        caches.append(digits_cache(workdir, dtype))
-        caches.append(ensure_cache({"dataset": f"synthetic:{n}:3x32x32:10", "teacher": "resnet18",
-                                    "teacher_ckpt": "random", "dtype": dtype,
-                                    "cache": workdir / "caches" / f"storage-resnet18-{n}-{dtype}",
-                                    **base_dirs(workdir)}))
+        for compression in ("none", "zstd"):
+            caches.append(digits_cache(workdir, dtype, compression))
+            caches.append(ensure_cache({
+                "dataset": f"synthetic:{n}:3x32x32:10", "teacher": "resnet18",
+                "teacher_ckpt": "random", "dtype": dtype, "compression": compression,
+                "cache": workdir / "caches" / f"storage-resnet18-{n}-{dtype}-{compression}",
+                **base_dirs(workdir)}))
     measured = [m for root in caches for m in measure(root)]
     log(f"{NAME}: measured {len(caches)} caches")
     figures, rows = [], []
-    for m in sorted(measured, key=lambda m: (m["cache"].replace("-float32", ""), m["dtype"], m["array"])):
-        floor = FLOOR if m["dtype"] == "float16" else None
-        figures.append(figure(f"on-disk/dense f32, {m['cache']} {m['array']} ({m['dtype']})",
+    for m in sorted(measured, key=lambda m: (m["cache"][:6], m["dtype"], m["compression"], m["array"])):
+        default = m["dtype"] == "float16" and m["compression"] == "none"
+        floor = FLOOR if default else None  # the floor is for the default settings
+        figures.append(figure(f"on-disk/dense f32, {m['cache']} {m['array']} ({m['dtype']}, "
+                              f"compression {m['compression']})",
                               round(m["ratio"], 4), "x", floor=floor, op="<=",
                               bytes_per_sample=round(m["bytes_per_sample"], 2),
                               dense_bytes_per_sample=m["dense_bytes_per_sample"], rows=m["rows"]))
         verdict = "—" if floor is None else ("PASS" if m["ratio"] <= floor else "FAIL")
-        rows.append([m["cache"], m["dtype"], m["array"], f"{m['rows']:,}", m["values_per_row"],
+        rows.append([m["cache"], m["dtype"], m["compression"], m["array"], f"{m['rows']:,}",
+                     m["values_per_row"],
                      f"{m['bytes_per_sample']:.2f}", f"{m['dense_bytes_per_sample']:.0f}",
                      f"{m['ratio']:.3f}", verdict, f"{m['cache_dir_bytes'] / m['rows']:.1f}"])
     tables = [table("Bytes per sample on disk vs dense float32",
-                    ["cache", "dtype", "array", "rows", "values/row", "bytes/sample on disk",
-                     "dense f32 bytes/sample", "ratio (f16 floor ≤ 0.55)", "verdict",
+                    ["cache", "dtype", "compression", "array", "rows", "values/row",
+                     "bytes/sample on disk", "dense f32 bytes/sample",
+                     "ratio (default float16 + none: floor ≤ 0.55)", "verdict",
                      "whole cache dir bytes/sample"], rows,
                     note="on disk = every file under arrays.zarr/<split>/<array> summed over the "
                          "three splits (chunks, shard indexes, CRCs, zarr.json).")]

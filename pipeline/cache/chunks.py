@@ -19,10 +19,22 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from pipeline.errors import KdError
 
 EMPTY = 2**64 - 1  # offset and length of an inner chunk that was never written
+
+
+def to_float32(dst: np.ndarray, src: np.ndarray) -> None:
+    """``dst[...] = src`` (``dst`` float32, C-contiguous). NumPy casts float16 to float32 one
+    value at a time, ~10x slower than torch's vectorised cast (17 ms vs 1.7 ms for 10M values
+    here), and stage two converts every cached float16 value it reads."""
+    if src.dtype == np.float16:
+        # .copy(): the chunk's buffer is read-only bytes, which torch refuses to wrap
+        torch.from_numpy(dst).copy_(torch.from_numpy(src.copy()))
+    else:
+        np.copyto(dst, src, casting="unsafe")
 
 
 def _crc32c(data: bytes) -> int:
@@ -69,9 +81,11 @@ class ChunkReader:
             last = min(stop, first + self.chunk_rows)
             data = self._chunk(chunk)[row - first:last - first, view]
             if index is None:
-                np.copyto(out[row - start:last - start], data, casting="unsafe")
+                to_float32(out[row - start:last - start], data)
             else:
-                out[index[row - start:last - start]] = data
+                decoded = np.empty(data.shape, np.float32)
+                to_float32(decoded, data)
+                out[index[row - start:last - start]] = decoded
             row = last
         return out
 
