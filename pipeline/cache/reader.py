@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.cache import format as fmt
-from pipeline.cache.chunks import ChunkReader, chunk_reader
+from pipeline.cache.chunks import ChunkReader, chunk_reader, to_float32
 from pipeline.errors import KdError
 
 
@@ -229,6 +229,7 @@ class TeacherCache:
         keys = {"__logits__": fmt.logits_key(split)} if logits else {}
         keys.update({name: fmt.feature_key(split, name) for name in layers})
         shapes = {name: tuple(self._array(key).shape[2:]) for name, key in keys.items()}
+        dtypes = {name: self._array(key).dtype for name, key in keys.items()}
         ids, labels = self.sample_ids(split), self.labels(split)
         rng = np.random.default_rng(seed)
         starts = np.arange(0, n, chunk)
@@ -241,10 +242,11 @@ class TeacherCache:
             held = len(next(iter(carry.values()))) if carry else 0
             size = held + sum(b - a for a, b in spans)
             # Every row of the buffer gets a random destination: decoding a chunk scatters its
-            # rows there (shuffling and converting to float32 in the one copy), and each batch
-            # is then a contiguous slice of the buffer, not another copy.
+            # rows there in the stored dtype, the filled buffer is cast to float32 in one pass,
+            # and each batch is then a contiguous slice of it, not another copy.
             dest = rng.permutation(size) if shuffle else np.arange(size)
-            buf = {name: np.empty((size,) + shapes[name], np.float32) for name in keys}
+            stored = {name: np.empty((size,) + shapes[name], dtypes[name]) for name in keys}
+            buf = {}
 
             def put(name: str, where: np.ndarray, values: np.ndarray) -> None:
                 if name not in buf:
@@ -252,18 +254,27 @@ class TeacherCache:
                 buf[name][where] = values
 
             for name, values in carry.items():
-                put(name, dest[:held], values)
+                if name in stored:  # float32 back to the stored dtype: exact, they came from it
+                    stored[name][dest[:held]] = values
+                else:
+                    put(name, dest[:held], values)
             at = held
             for a, b in spans:
                 where = dest[at:at + b - a]
                 for name, key in keys.items():
-                    self._rows(key, slice(a, b), view, out=buf[name], index=where)
+                    self._rows(key, slice(a, b), view, out=stored[name], index=where)
                 put("sample_id", where, ids[a:b])
                 put("label", where, labels[a:b])
                 if extra is not None:
                     for k, v in extra(a, b).items():
                         put(f"extra:{k}", where, v)
                 at += b - a
+            for name, values in stored.items():
+                if values.dtype == np.float32:
+                    buf[name] = values
+                else:
+                    buf[name] = np.empty(values.shape, np.float32)
+                    to_float32(buf[name], values)
             full = size - size % batch_size
             for a in range(0, full, batch_size):
                 yield _batch({k: v[a:a + batch_size] for k, v in buf.items()}, T, layers)
