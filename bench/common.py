@@ -167,7 +167,7 @@ def prepare_build(args: dict):
     ``build_cache(root, cfg, dataset, spec, manifest)`` alone.
     """
     from pipeline import runtime
-    from pipeline.cache.writer import plan, probe
+    from pipeline.cache.writer import plan, probe, resolve_layout
     from pipeline.config import CacheConfig, resolve
     from pipeline.data import open_dataset
     from pipeline.teachers import (Tapped, TeacherSpec, build_teacher, default_layers,
@@ -177,6 +177,7 @@ def prepare_build(args: dict):
     cfg = resolve(CacheConfig, {k: v for k, v in args.items()}, verb="cache")
     assert cfg.teacher_ckpt, "prepare_build needs teacher_ckpt=random or a checkpoint path"
     dataset = open_dataset(cfg)
+    cfg = resolve_layout(cfg, dataset)
     arch = teacher_arch(cfg, dataset)
     device = runtime.pick_device(cfg.device)
     spec = TeacherSpec(arch, dataset.input_shape, dataset.num_classes, cfg.teacher_ckpt, cfg.seed,

@@ -76,7 +76,9 @@ class CacheConfig(TeacherConfig):
     # rows per shard: the unit of work, of writing and of resuming. Each shard costs a few
     # fsyncs and Zarr calls (~10 ms): 4096 rows amortise them even for a light teacher.
     shard_size: int = 4096
-    chunk_size: int = 256  # rows per inner chunk: the unit of reading
+    # rows per inner chunk, the unit of reading; 0 = auto: up to 256, sized so that the last
+    # chunk of each split (stored whole) pads little (see pipeline.cache.writer.resolve_layout)
+    chunk_size: int = 0
     infer_batch_size: int = 256
     scheduler: str = "local"  # local (dask threads when workers > 1) | synchronous | tcp://HOST:PORT
     workers: int = 1  # local dask workers (each runs one shard at a time)
@@ -86,12 +88,14 @@ class CacheConfig(TeacherConfig):
 
     def check(self) -> None:
         super().check()
-        _positive(self, "t", "shard_size", "chunk_size", "infer_batch_size", "workers")
+        _positive(self, "t", "shard_size", "infer_batch_size", "workers")
+        if self.chunk_size < 0:
+            raise KdError(f"chunk_size={self.chunk_size} must be >= 0 (0 = auto)")
         if self.dtype not in ("float16", "float32"):
             raise KdError(f"dtype={self.dtype!r} is not supported; use float16 or float32")
         if self.compression not in ("none", "zstd"):
             raise KdError(f"compression={self.compression!r} is not supported; use none or zstd")
-        if self.shard_size % self.chunk_size:
+        if self.chunk_size and self.shard_size % self.chunk_size:
             raise KdError(
                 f"shard_size={self.shard_size} must be a multiple of chunk_size={self.chunk_size}"
             )
@@ -100,7 +104,7 @@ class CacheConfig(TeacherConfig):
         if self.chunk_size > MAX_CHUNK_SIZE:
             raise KdError(f"chunk_size={self.chunk_size} must be at most {MAX_CHUNK_SIZE} rows "
                           "(a chunk is read whole)")
-        if self.shard_size // self.chunk_size > MAX_CHUNKS_PER_SHARD:
+        if self.chunk_size and self.shard_size // self.chunk_size > MAX_CHUNKS_PER_SHARD:
             raise KdError(f"shard_size={self.shard_size} must be at most {MAX_CHUNKS_PER_SHARD} "
                           f"chunks of chunk_size={self.chunk_size} rows")
         if not (self.scheduler in ("local", "synchronous") or _SCHEDULER.fullmatch(self.scheduler)):

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline import runtime
-from pipeline.cache.writer import build_cache, plan, probe
+from pipeline.cache.writer import build_cache, plan, probe, resolve_layout
 from pipeline.config import CacheConfig, resolve
 from pipeline.data import dataset_slug, open_dataset
 from pipeline.errors import KdError
@@ -35,6 +35,7 @@ def default_cache_path(cache_root: str, dataset_spec: str, arch: str, teacher_ck
 def main(args: list[str]) -> dict:
     cfg = resolve(CacheConfig, args, verb="cache")
     dataset = open_dataset(cfg)
+    cfg = resolve_layout(cfg, dataset)  # chunk_size=0 (auto) made concrete, saved as such
     arch = teacher_arch(cfg, dataset)
 
     create_teacher(arch, dataset.input_shape, dataset.num_classes)  # fail fast if it cannot fit

@@ -1042,7 +1042,7 @@ OUT_OF_RANGE_CACHE = {
     "t": _num(st.floats(max_value=0.0, allow_nan=False, allow_infinity=False, min_value=-1e30)),
     "val_fraction": _num(st.one_of(st.floats(0.9, 1e6), st.floats(-1e6, 0.0))),
     "shard_size": _num(st.integers(max_value=0, min_value=-(2**70))),
-    "chunk_size": _num(st.one_of(st.integers(-(2**40), 0), st.integers(65537, 2**70))),
+    "chunk_size": _num(st.one_of(st.integers(-(2**40), -1), st.integers(65537, 2**70))),
     "workers": _num(st.integers(-(2**40), 0)),
     "threads": _num(st.integers(-(2**40), -1)),
     "seed": _num(st.one_of(st.integers(-(2**70), -1), st.integers(2**32, 2**70))),
