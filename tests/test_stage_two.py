@@ -351,13 +351,15 @@ def test_sgd_streams_the_train_split_out_of_core(env, capsys, monkeypatch):
 
     cache = open_cache(env.cache)
     chunk = int(cache.manifest["chunk_size"])
-    buffer_rows = inspect.signature(original_stream).parameters["buffer_chunks"].default * chunk
+    buffer_chunks = inspect.signature(original_stream).parameters["buffer_chunks"].default
     assert "train" not in feature_splits  # val/test may be loaded whole, train never
     assert len(passes) == 1 + 3  # a scaling pass, then one per epoch
     train_ids = sorted(cache.sample_ids("train").tolist())
     for p in passes:
         assert p["split"] == "train"
-        assert p["sizes"] and max(p["sizes"]) <= min(p["kwargs"]["batch_size"], buffer_rows)
+        batch = p["kwargs"]["batch_size"]
+        buffer_rows = max(buffer_chunks, -(-batch // chunk)) * chunk  # at least one batch
+        assert p["sizes"] and max(p["sizes"]) <= min(batch, buffer_rows)
         assert sorted(np.concatenate(p["ids"]).tolist()) == train_ids
     # Memory: the train split is only ever read a chunk at a time, val and test a block at a time.
     assert train_reads and all(r is not None and r.stop - r.start <= chunk for _, r in train_reads)

@@ -216,7 +216,8 @@ class TeacherCache:
         """Yield batches in bounded memory, reading whole chunks only.
 
         With ``shuffle``, chunk order is permuted and rows are shuffled inside a buffer of
-        ``buffer_chunks`` chunks (the block shuffling of webdataset / mosaicml-streaming):
+        ``buffer_chunks`` chunks, or enough chunks for one batch if that is more (the block
+        shuffling of webdataset / mosaicml-streaming):
         random single-row reads would be ~100x slower.
 
         ``extra(start, stop)``, if given, returns more arrays for cache rows ``[start, stop)``
@@ -235,7 +236,7 @@ class TeacherCache:
         starts = np.arange(0, n, chunk)
         if shuffle:
             rng.shuffle(starts)
-        group = max(1, buffer_chunks)
+        group = max(1, buffer_chunks, -(-batch_size // chunk))  # a buffer holds at least one batch
         carry: dict[str, np.ndarray] = {}
         for g in range(0, len(starts), group):
             spans = [(int(a), int(min(n, a + chunk))) for a in starts[g:g + group]]
