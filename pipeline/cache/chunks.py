@@ -72,9 +72,8 @@ class ChunkReader:
              index: np.ndarray | None = None) -> np.ndarray:
         """Rows ``[start, stop)`` at ``view`` as float32 ``[stop - start, ...]``, or written into
         ``out`` (row ``start + i`` to ``out[i]``, or to ``out[index[i]]`` when ``index`` is
-        given: a scatter, which lets a shuffling reader place rows as it decodes them). A
-        scatter's ``out`` may have the stored dtype (no conversion: the caller casts the whole
-        buffer once, which is cheaper than casting each chunk), else it is float32."""
+        given: a scatter, which lets a shuffling reader place rows as it decodes them; the
+        stream scatters into a buffer of the stored dtype and casts the whole buffer once)."""
         if out is None:
             out = np.empty((stop - start,) + self.shape[2:], np.float32)
         row = start
@@ -85,12 +84,8 @@ class ChunkReader:
             data = self._chunk(chunk)[row - first:last - first, view]
             if index is None:
                 to_float32(out[row - start:last - start], data)
-            elif out.dtype == data.dtype:  # a scatter in the stored dtype (half the bytes)
-                out[index[row - start:last - start]] = data
             else:
-                decoded = np.empty(data.shape, np.float32)
-                to_float32(decoded, data)
-                out[index[row - start:last - start]] = decoded
+                out[index[row - start:last - start]] = data
             row = last
         return out
 
