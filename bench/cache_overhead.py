@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +70,7 @@ def cases(quick: bool) -> list[dict]:
 def measure(case: dict, workdir: Path, repeats: int) -> dict:
     import torch
 
+    from pipeline import runtime
     from pipeline.cache import writer
     from pipeline.teachers import Tapped, build_teacher
 
@@ -89,11 +91,27 @@ def measure(case: dict, workdir: Path, repeats: int) -> dict:
                                          for s in dataset.splits]))
     bs = cfg.infer_batch_size
 
+    cores = runtime.cores()
+    streams = writer.forward_streams(cfg, spec)
+
     def forward(net) -> float:
+        runtime.set_threads(cores)  # the build leaves torch at cores / streams threads
         with torch.inference_mode():
             t0 = time.perf_counter()
             for a in range(0, rows, bs):
                 net(x[a:a + bs])
+            return time.perf_counter() - t0
+
+    def forward_streams(net) -> float:
+        """The plain teacher as the builder runs it: ``streams`` batches at once on threads."""
+        runtime.set_threads(max(1, cores // streams))
+
+        def run(a: int) -> None:
+            with torch.inference_mode():
+                net(x[a:a + bs])
+        with ThreadPoolExecutor(streams) as pool:
+            t0 = time.perf_counter()
+            list(pool.map(run, range(0, rows, bs)))
             return time.perf_counter() - t0
 
     shard_phase: list[float] = []
@@ -110,18 +128,20 @@ def measure(case: dict, workdir: Path, repeats: int) -> dict:
     with torch.inference_mode():
         model(x[:bs])  # warm-up (allocator, kernels) outside the timed loop
     times = alternate({"bare": lambda: forward(model), "local": cached,
-                       "tapped": lambda: forward(tapped)}, repeats, label=case["case"])
+                       "tapped": lambda: forward(tapped),
+                       "bare_streams": lambda: forward_streams(model)}, repeats, label=case["case"])
     shutil.rmtree(where, ignore_errors=True)
-    bare_s, local_s, tapped_s = (median(times[k]) for k in ("bare", "local", "tapped"))
+    bare_s, local_s, tapped_s, streams_s = (median(times[k]) for k in ("bare", "local", "tapped", "bare_streams"))
     shard_s = median(shard_phase[-repeats:])  # the timed repeats, not the warm-up
     return {**case, "layers": list(spec.layers), "rows": rows, "batch_size": bs,
             "shard_size": cfg.shard_size, "chunk_size": cfg.chunk_size,
-            "threads": torch.get_num_threads(),
+            "threads": cores, "streams": streams,
             "bare_samples_s": rows / bare_s, "local_samples_s": rows / local_s,
             "shard_phase_samples_s": rows / shard_s, "tapped_samples_s": rows / tapped_s,
             # ratio of medians of seconds = ratio of median throughputs
             "ratio_local": bare_s / local_s, "ratio_shard_phase": bare_s / shard_s,
             "ratio_tapped": bare_s / tapped_s,
+            "bare_streams_samples_s": rows / streams_s, "ratio_to_bare_streams": streams_s / local_s,
             # robustness check: the same ratio from the fastest repeat of each arm
             "ratio_local_min": min(times["bare"]) / min(times["local"]),
             "seconds": {k: spread(v) for k, v in times.items()}}

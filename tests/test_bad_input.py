@@ -442,6 +442,8 @@ CASES: list[Case] = [
          lambda tmp: cache_cmd(tmp, compression="lz4"), r"compression='lz4' is not supported; use none or zstd"),
     Case("negative-threads", CONFIG, "threads=-1",
          lambda tmp: cache_cmd(tmp, threads=-1), r"threads=-1 must be >= 0"),
+    Case("negative-streams", CONFIG, "streams=-1",
+         lambda tmp: cache_cmd(tmp, streams=-1), r"streams=-1 must be >= 0 \(0 = auto\)"),
     Case("negative-seed", CONFIG, "seed=-1",
          lambda tmp: cache_cmd(tmp, seed=-1), r"seed=-1 must be in 0..4294967295"),
     Case("unknown-device", CONFIG, "device=banana",

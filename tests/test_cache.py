@@ -447,6 +447,71 @@ def test_local_dask_scheduler_matches_synchronous(make_cache):
     assert local.manifest["key"] == sync.manifest["key"]
 
 
+def test_concurrent_forwards_write_the_same_cache(make_cache):
+    """Batches of one shard finish out of order on several threads: each must still land in
+    its own rows (and 8-row batches make every shard many batches)."""
+    one = make_cache("one", streams=1, threads=1, infer_batch_size=8)
+    many = make_cache("many", streams=3, threads=1, infer_batch_size=8)
+    assert tree_bytes(many, fmt.ARRAYS, fmt.INDEX) == tree_bytes(one, fmt.ARRAYS, fmt.INDEX)
+
+    def records(root: Path) -> list[dict]:  # checksums of arrays, inputs and index; no timings
+        shards = open_cache(root).manifest["shards"]
+        return [{k: v for k, v in r.items() if k != "seconds"} for s in SPLITS for r in shards[s]]
+    assert records(many) == records(one)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (dict(), min(4, writer.runtime.cores())),  # auto on CPU: one forward per core, at most 4
+    (dict(streams=3), 3),
+    (dict(compile=True), 1),  # compiled graphs run on one thread
+    (dict(scheduler="local", workers=2), 1),  # a dask worker runs one forward
+])
+def test_forward_streams(overrides, expected):
+    from pipeline.config import CacheConfig
+
+    cfg = CacheConfig(**overrides)
+    spec = TeacherSpec("cnn_small", SMALL_SHAPE, SMALL_CLASSES, "random", compile=cfg.compile)
+    assert writer.forward_streams(cfg, spec) == expected
+
+
+def test_ordered_keeps_order_and_bounds_the_look_ahead():
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    started, consumed, lock = [], [], threading.Lock()
+
+    def call(i: int) -> int:
+        with lock:
+            started.append(i)
+            assert i - len(consumed) <= 3  # ahead=2: at most 3 calls beyond what was consumed
+        time.sleep(0.002 * (i % 3 == 0))  # some calls finish after later ones
+        return i
+
+    with ThreadPoolExecutor(3) as pool:
+        for result in writer.ordered((lambda i=i: call(i) for i in range(30)), pool, ahead=2):
+            consumed.append(result)
+    assert consumed == list(range(30)) and sorted(started) == consumed
+
+
+def test_ordered_raises_a_call_error_and_cancels_the_rest():
+    from concurrent.futures import ThreadPoolExecutor
+
+    ran = []
+
+    def call(i: int) -> int:
+        ran.append(i)
+        if i == 2:
+            raise RuntimeError("batch 2 failed")
+        return i
+
+    with ThreadPoolExecutor(1) as pool:
+        results = writer.ordered((lambda i=i: call(i) for i in range(100)), pool, ahead=4)
+        with pytest.raises(RuntimeError, match="batch 2 failed"):
+            list(results)
+    assert len(ran) <= 2 + 4 + 1  # nothing past the look-ahead ran
+
+
 def test_extra_layers_and_unpooled_maps(make_cache):
     root = make_cache(layers="block2.2,embed", pool="false", dtype="float32")
     cache = open_cache(root)
