@@ -256,35 +256,41 @@ def prefetched(loads: Iterable[Callable[[], T]]) -> Iterator[T]:
         yield from ordered(loads, pool, ahead=1)
 
 
-def compute_shard(job: ShardJob, inputs: ShardInputs | None = None,
-                  batches: Iterator[np.ndarray] | None = None,
-                  forwards: Executor | None = None, streams: int = 1) -> ComputedShard:
-    """Run the teacher over the shard's rows and check that every output is finite.
+def forwarded(job: ShardJob, batches: Iterable[np.ndarray], pool: Executor | None = None,
+              streams: int = 1) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray], bool]]:
+    """The teacher's outputs (see ``_forward``) for each input batch, in order. With ``pool``
+    (``streams`` threads) up to ``streams`` batches go through the teacher at once; without
+    it, one after another on this thread. The batches may span several shards of one build."""
+    model, device = _worker_teacher(job.teacher, job.threads)
+    calls = (functools.partial(_forward, model, device, job.dtype, x) for x in batches)
+    return ordered(calls, pool, ahead=2 * streams) if pool else (call() for call in calls)
 
-    ``batches`` yields the input batches of ``inputs`` (by default, prefetched here); a caller
-    running many shards passes one stream across them, so no shard starts with a cold load.
-    With ``forwards`` (a pool of ``streams`` threads) up to ``streams`` batches go through the
-    teacher at once; without it, one after another on this thread."""
+
+def compute_shard(job: ShardJob, inputs: ShardInputs | None = None,
+                  outputs: Iterator | None = None) -> ComputedShard:
+    """Collect the teacher's outputs for the shard's rows and check that every one is finite.
+
+    ``outputs`` yields the outputs of the batches of ``inputs``, in order (by default computed
+    here: inputs prefetched on a thread, forwards one after another). A caller running many
+    shards passes one stream across them, so neither loading nor the forwards stall at a
+    shard boundary."""
     t0 = time.perf_counter()
     if inputs is None:
         inputs = ShardInputs.of(job)
-    if batches is None:
-        batches = prefetched(inputs.loads())
-    model, device = _worker_teacher(job.teacher, job.threads)
-    calls = (functools.partial(_forward, model, device, job.dtype, next(batches)) for _ in inputs.bounds)
-    outputs = ordered(calls, forwards, ahead=2 * streams) if forwards else (call() for call in calls)
+    if outputs is None:
+        outputs = forwarded(job, prefetched(inputs.loads()))
     n = job.stop - job.start
     bufs: dict[str, np.ndarray] = {}
     finite = True
-    with contextlib.closing(outputs):
-        for (a, b), (logits, feats, ok) in zip(inputs.bounds, outputs):
-            finite &= ok
-            named = {fmt.logits_key(job.split): logits,
-                     **{fmt.feature_key(job.split, k): v for k, v in feats.items()}}
-            for key, value in named.items():
-                if key not in bufs:
-                    bufs[key] = np.empty((n, fmt.VIEWS) + value.shape[1:], job.dtype)
-                bufs[key][a - job.start:b - job.start, 0] = value
+    for a, b in inputs.bounds:
+        logits, feats, ok = next(outputs)
+        finite &= ok
+        named = {fmt.logits_key(job.split): logits,
+                 **{fmt.feature_key(job.split, k): v for k, v in feats.items()}}
+        for key, value in named.items():
+            if key not in bufs:
+                bufs[key] = np.empty((n, fmt.VIEWS) + value.shape[1:], job.dtype)
+            bufs[key][a - job.start:b - job.start, 0] = value
     if not finite:
         bad = next(k for k, buf in bufs.items() if not np.isfinite(buf).all())
         what = "logits" if bad.endswith("logits") else f"features {bad}"
@@ -591,27 +597,29 @@ def _run(jobs: list[ShardJob], cfg: CacheConfig, dataset: Dataset, on_done: Call
     # In this process the workers reuse the dataset already opened (and fingerprinted) here.
     _STATE[("dataset", dataset.fingerprint)] = dataset
     try:
-        if in_process(cfg) or not jobs:
+        if not jobs:
+            return
+        if in_process(cfg):
             # Compute shard k+1 while shard k is written and fsynced on a thread: the disk's
             # latency hides behind the forward pass. At most two shards are held in memory.
             def finish(record: dict) -> None:
                 on_done(record)
                 bar.update(record["stop"] - record["start"])
 
-            # One input stream across all shards: no shard starts with a cold load.
+            # One stream of inputs and forwards across all shards: none starts or ends cold.
             inputs = [ShardInputs.of(job) for job in jobs]
-            batches = prefetched(load for shard in inputs for load in shard.loads())
-            streams = forward_streams(cfg, jobs[0].teacher) if jobs else 1
+            streams = forward_streams(cfg, jobs[0].teacher)
             with ThreadPoolExecutor(1, thread_name_prefix="kdcache-writer") as writer, \
-                    ThreadPoolExecutor(streams, thread_name_prefix="kdcache-forward") as forwards, \
-                    contextlib.closing(batches):
+                    ThreadPoolExecutor(streams, thread_name_prefix="kdcache-forward") as forwards:
+                batches = prefetched(load for shard in inputs for load in shard.loads())
+                outputs = forwarded(jobs[0], batches, forwards if streams > 1 else None, streams)
                 pending = None
-                for job, shard_inputs in zip(jobs, inputs):
-                    computed = compute_shard(job, shard_inputs, batches,
-                                             forwards if streams > 1 else None, streams)
-                    if pending is not None:
-                        finish(pending.result())
-                    pending = writer.submit(write_shard, computed)
+                with contextlib.closing(batches), contextlib.closing(outputs):
+                    for job, shard_inputs in zip(jobs, inputs):
+                        computed = compute_shard(job, shard_inputs, outputs)
+                        if pending is not None:
+                            finish(pending.result())
+                        pending = writer.submit(write_shard, computed)
                 if pending is not None:
                     finish(pending.result())
             return
