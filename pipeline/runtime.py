@@ -40,6 +40,19 @@ def set_threads(n: int) -> None:
         torch.set_num_threads(n)
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op threads set to ``n`` inside the block and restored after it: the
+    setting is process-wide, and a cache build must not leave, say, a notebook's later
+    training on one thread."""
+    before = torch.get_num_threads()
+    set_threads(n)
+    try:
+        yield
+    finally:
+        set_threads(before)
+
+
 def autocast(device: torch.device):
     """Mixed precision on CUDA (float16 activations, float32 accumulation); a no-op on CPU so
     that cached values on CPU are exact float32 forward passes."""

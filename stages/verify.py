@@ -77,10 +77,9 @@ def main(args: list[str]) -> dict:
         rtol, atol = TOLERANCE[m["dtype"]]
         rng = np.random.default_rng(cfg.seed)
         worst, checked = 0.0, 0
-        for split in cache.splits:
-            n = cache.num_rows(split)
-            k = min(n, max(1, round(cfg.rows * n / sum(cache.num_rows(s) for s in cache.splits))))
-            for row in np.sort(rng.choice(n, size=k, replace=False)):
+        sizes = {split: cache.num_rows(split) for split in cache.splits}
+        for split, k in apportion(cfg.rows, sizes).items():
+            for row in np.sort(rng.choice(sizes[split], size=k, replace=False)):
                 x = torch.from_numpy(dataset.inputs(split, int(row), int(row) + 1))
                 with torch.inference_mode():
                     fresh = model(x)[0].float().numpy()[0]
@@ -98,3 +97,16 @@ def main(args: list[str]) -> dict:
         print(f"{name:<20} {verdict}")
     print(f"verdict: {'PASS' if ok else 'FAIL'} — {cache.root}")
     return {"ok": ok, "cache": str(cache.root), "checks": checks}
+
+
+def apportion(rows: int, sizes: dict[str, int]) -> dict[str, int]:
+    """``rows`` shared among splits in proportion to their sizes so that the shares add up to
+    exactly ``rows`` (largest remainders get the leftovers), each split at least 1 row and at
+    most all of its rows."""
+    total = sum(sizes.values())
+    exact = {split: min(rows, total) * n / total for split, n in sizes.items()}
+    share = {split: int(q) for split, q in exact.items()}
+    by_remainder = sorted(sizes, key=lambda split: exact[split] - share[split], reverse=True)
+    for split in by_remainder[:min(rows, total) - sum(share.values())]:
+        share[split] += 1
+    return {split: min(sizes[split], max(1, k)) for split, k in share.items()}

@@ -56,6 +56,21 @@ def build(root: Path, work: Path | None = None, **overrides) -> dict:
     return cache_stage.main(cache_args(Path(root), work, **overrides))
 
 
+class FailOnCall:
+    """Wraps ``writer.compute_shard``: records each call's (split, shard) and raises ``error``
+    (a simulated crash, or e.g. KeyboardInterrupt for Ctrl-C) on call number ``fail_on``."""
+
+    def __init__(self, real, fail_on: int | None = None,
+                 error: type[BaseException] = RuntimeError):
+        self.real, self.fail_on, self.error, self.calls = real, fail_on, error, []
+
+    def __call__(self, job, *args):
+        self.calls.append((job.split, job.shard))
+        if len(self.calls) == self.fail_on:
+            raise self.error("simulated crash")
+        return self.real(job, *args)
+
+
 @pytest.fixture(autouse=True)
 def _run_in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -48,7 +48,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import SMALL_CLASSES, SMALL_SHAPE, cache_args
+from conftest import SMALL_CLASSES, SMALL_SHAPE, FailOnCall, cache_args
 from stages.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -203,14 +203,7 @@ def _interrupted_build(root: Path) -> None:
     """A real interrupted build: Ctrl-C while the third shard is being computed."""
     from pipeline.cache import writer
 
-    real, calls = writer.compute_shard, []
-
-    def interrupted(job, *args):
-        calls.append(job)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(job, *args)
-
+    interrupted = FailOnCall(writer.compute_shard, fail_on=3, error=KeyboardInterrupt)
     with mock.patch.object(writer, "compute_shard", interrupted), pytest.raises(KeyboardInterrupt):
         build(root, root.parent)
 

@@ -15,7 +15,7 @@ import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import SMALL_CLASSES, SMALL_DATASET, SMALL_SHAPE
+from conftest import SMALL_CLASSES, SMALL_DATASET, SMALL_SHAPE, FailOnCall
 from pipeline.cache import format as fmt
 from pipeline.cache import open_cache, writer
 from pipeline.cache.writer import CacheLock
@@ -266,19 +266,6 @@ def test_stream_without_logits(small_cache):
 
 # --------------------------------------------------------------------------- resume
 
-class FailOnCall:
-    """Wraps compute_shard: records every call and raises RuntimeError on call number ``fail_on``."""
-
-    def __init__(self, real, fail_on: int | None = None):
-        self.real, self.fail_on, self.calls = real, fail_on, []
-
-    def __call__(self, job, *args):
-        self.calls.append((job.split, job.shard))
-        if len(self.calls) == self.fail_on:
-            raise RuntimeError("simulated crash")
-        return self.real(job, *args)
-
-
 def test_interrupted_build_resumes_byte_identical(tmp_path, builder, monkeypatch):
     real = writer.compute_shard
     crash = FailOnCall(real, fail_on=3)
@@ -458,6 +445,19 @@ def test_concurrent_forwards_write_the_same_cache(make_cache):
         shards = open_cache(root).manifest["shards"]
         return [{k: v for k, v in r.items() if k != "seconds"} for s in SPLITS for r in shards[s]]
     assert records(many) == records(one)
+
+
+@pytest.mark.parametrize("scheduler", ["synchronous", "local"])
+def test_a_build_leaves_torch_threads_as_it_found_them(make_cache, scheduler):
+    """A build runs its forwards on 1 thread each here; torch's setting is process-wide, and a
+    user's training after a build in the same process must keep its threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        make_cache(scheduler=scheduler, workers=2 if scheduler == "local" else 1, threads=1)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("overrides, expected", [

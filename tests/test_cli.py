@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SMALL_CLASSES, SMALL_SHAPE, cache_args
+from conftest import SMALL_CLASSES, SMALL_SHAPE, FailOnCall, cache_args
 from pipeline.cache import format as fmt
 from pipeline.cache import open_cache, writer
 from pipeline.teachers import TeacherSpec, build_teacher
@@ -74,15 +74,7 @@ def test_json_summary_is_last_stdout_line(tmp_path, capsys):
 
 def test_ctrl_c_exits_130_and_resumes(tmp_path, capsys, monkeypatch):
     real = writer.compute_shard
-    calls = []
-
-    def interrupted(job, *args):
-        calls.append(job)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(job, *args)
-
-    monkeypatch.setattr(writer, "compute_shard", interrupted)
+    monkeypatch.setattr(writer, "compute_shard", FailOnCall(real, fail_on=3, error=KeyboardInterrupt))
     assert main(cache_cmd(tmp_path)) == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and "re-run the same command to resume" in err

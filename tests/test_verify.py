@@ -13,6 +13,7 @@ import json
 import re
 
 import numpy as np
+import pytest
 import torch
 
 from pipeline.cache import writer
@@ -37,7 +38,7 @@ def test_a_healthy_cache_passes_every_check(make_cache, capsys):
     assert sorted(summary["checks"]) == sorted(CHECKS)
     assert all(v.startswith("ok") for v in summary["checks"].values()), summary["checks"]
     checked = int(re.match(r"ok \((\d+) rows", summary["checks"]["teacher fidelity"]).group(1))
-    assert 60 <= checked <= 64  # rows=64, shared among the splits by size
+    assert checked == 64  # rows=64, shared among the splits by size
     assert f"verdict: PASS — {root}" in out
 
 
@@ -93,3 +94,18 @@ def test_a_changed_dataset_fails_the_dataset_fingerprint(make_cache, tmp_path, c
     assert code == 1
     assert summary["checks"]["dataset fingerprint"].startswith("FAILED")
     assert "differs" in summary["checks"]["dataset fingerprint"]
+
+
+@pytest.mark.parametrize("rows, sizes, expected", [
+    (64, {"train": 240, "val": 30, "test": 30}, {"train": 51, "val": 7, "test": 6}),
+    (256, {"train": 1221, "val": 216, "test": 360}, {"train": 174, "val": 31, "test": 51}),
+    (10, {"train": 5, "val": 2, "test": 2}, {"train": 5, "val": 2, "test": 2}),  # all rows
+    (2, {"train": 100, "val": 10, "test": 10}, {"train": 2, "val": 1, "test": 1}),  # >= 1 each
+])
+def test_verify_apportions_rows_among_splits_exactly(rows, sizes, expected):
+    from stages.verify import apportion
+
+    shares = apportion(rows, sizes)
+    assert shares == expected
+    if rows >= len(sizes):
+        assert sum(shares.values()) == min(rows, sum(sizes.values()))

@@ -181,13 +181,12 @@ def _worker_dataset(job: ShardJob) -> Dataset:
         return _STATE[key]
 
 
-def _worker_teacher(spec: TeacherSpec, threads: int) -> tuple[torch.nn.Module, torch.device]:
+def _worker_teacher(spec: TeacherSpec) -> tuple[torch.nn.Module, torch.device]:
     # TeacherSpec's equality ignores the fingerprint, but a checkpoint file can be replaced at
     # the same path (e.g. a retrained teacher): key by the weights too, never reuse stale ones.
     key = ("teacher", spec, spec.fingerprint)
     with _STATE_LOCK:
         if key not in _STATE:
-            runtime.set_threads(threads)
             device = runtime.pick_device(spec.device)
             model = Tapped(build_teacher(spec), spec.layers, spec.pool, spec.arch).to(device).eval()
             _STATE[key] = (runtime.maybe_compile(model, spec.compile), device)
@@ -196,6 +195,7 @@ def _worker_teacher(spec: TeacherSpec, threads: int) -> tuple[torch.nn.Module, t
 
 def build_shard(job: ShardJob) -> dict[str, Any]:
     """Compute, write and record one shard. Returns its completion record. (One Dask task.)"""
+    runtime.set_threads(job.threads)  # a dask worker's own process starts at 1 (its nanny's OMP_NUM_THREADS)
     return write_shard(compute_shard(job))
 
 
@@ -261,7 +261,7 @@ def forwarded(job: ShardJob, batches: Iterable[np.ndarray], pool: Executor | Non
     """The teacher's outputs (see ``_forward``) for each input batch, in order. With ``pool``
     (``streams`` threads) up to ``streams`` batches go through the teacher at once; without
     it, one after another on this thread. The batches may span several shards of one build."""
-    model, device = _worker_teacher(job.teacher, job.threads)
+    model, device = _worker_teacher(job.teacher)
     calls = (functools.partial(_forward, model, device, job.dtype, x) for x in batches)
     return ordered(calls, pool, ahead=2 * streams) if pool else (call() for call in calls)
 
@@ -594,65 +594,70 @@ def _run(jobs: list[ShardJob], cfg: CacheConfig, dataset: Dataset, on_done: Call
     bar = tqdm(total=total, initial=initial, unit="sample", unit_scale=True, desc="caching",
                disable=None if progress else True,  # None: only on a terminal, never in logs
                dynamic_ncols=True, smoothing=0.1)
+
+    def finish(record: dict) -> None:
+        on_done(record)
+        bar.update(record["stop"] - record["start"])
+
     # In this process the workers reuse the dataset already opened (and fingerprinted) here.
     _STATE[("dataset", dataset.fingerprint)] = dataset
     try:
-        if not jobs:
-            return
-        if in_process(cfg):
-            # Compute shard k+1 while shard k is written and fsynced on a thread: the disk's
-            # latency hides behind the forward pass. At most two shards are held in memory.
-            def finish(record: dict) -> None:
-                on_done(record)
-                bar.update(record["stop"] - record["start"])
-
-            # One stream of inputs and forwards across all shards: none starts or ends cold.
-            inputs = [ShardInputs.of(job) for job in jobs]
-            streams = forward_streams(cfg, jobs[0].teacher)
-            with ThreadPoolExecutor(1, thread_name_prefix="kdcache-writer") as writer, \
-                    ThreadPoolExecutor(streams, thread_name_prefix="kdcache-forward") as forwards:
-                batches = prefetched(load for shard in inputs for load in shard.loads())
-                outputs = forwarded(jobs[0], batches, forwards if streams > 1 else None, streams)
-                pending = None
-                with contextlib.closing(batches), contextlib.closing(outputs):
-                    for job, shard_inputs in zip(jobs, inputs):
-                        computed = compute_shard(job, shard_inputs, outputs)
-                        if pending is not None:
-                            finish(pending.result())
-                        pending = writer.submit(write_shard, computed)
-                if pending is not None:
-                    finish(pending.result())
-            return
-        from dask.distributed import Client, LocalCluster, as_completed
-
-        if cfg.scheduler == "local":
-            # ":0" = a free port: None still binds 8787 and warns when another cluster has it
-            # (distributed #8136), e.g. two builds of different caches at once.
-            cluster = LocalCluster(n_workers=cfg.workers, threads_per_worker=1, processes=False,
-                                   dashboard_address=":0", silence_logs=logging.ERROR)
-            client = Client(cluster)
-        else:
-            cluster = None
-            try:
-                client = Client(cfg.scheduler, timeout="10s")
-            except (OSError, TimeoutError, ValueError) as exc:  # ValueError: a malformed address
-                raise KdError(f"cannot reach the dask scheduler at {cfg.scheduler} ({exc}); "
-                              "start one or use scheduler=local") from None
-        try:
-            futures = client.map(build_shard, jobs, pure=False)
-            for future in as_completed(futures):
-                record = future.result()
-                on_done(record)
-                bar.update(record["stop"] - record["start"])
-        except BaseException:
-            _quiet_distributed()
-            raise
-        finally:
-            client.close()
-            if cluster is not None:
-                cluster.close()
+        if jobs:
+            with runtime.torch_threads(jobs[0].threads):
+                (_run_in_process if in_process(cfg) else _run_on_dask)(jobs, cfg, finish)
     finally:
         bar.close()
+
+
+def _run_in_process(jobs: list[ShardJob], cfg: CacheConfig, finish: Callable) -> None:
+    """One stream of input loads and teacher forwards across all shards, so none starts or ends
+    cold; shard k is written and fsynced on a thread while shard k+1 is computed, so the disk's
+    latency hides behind the forwards. At most two shards are held in memory."""
+    inputs = [ShardInputs.of(job) for job in jobs]
+    streams = forward_streams(cfg, jobs[0].teacher)
+    with ThreadPoolExecutor(1, thread_name_prefix="kdcache-writer") as writer, \
+            ThreadPoolExecutor(streams, thread_name_prefix="kdcache-forward") as forwards:
+        batches = prefetched(load for shard in inputs for load in shard.loads())
+        outputs = forwarded(jobs[0], batches, forwards if streams > 1 else None, streams)
+        pending = None
+        with contextlib.closing(batches), contextlib.closing(outputs):
+            for job, shard_inputs in zip(jobs, inputs):
+                computed = compute_shard(job, shard_inputs, outputs)
+                if pending is not None:
+                    finish(pending.result())
+                pending = writer.submit(write_shard, computed)
+        if pending is not None:
+            finish(pending.result())
+
+
+def _run_on_dask(jobs: list[ShardJob], cfg: CacheConfig, finish: Callable) -> None:
+    """Each shard a dask task (``build_shard``), on a local cluster or the given scheduler."""
+    from dask.distributed import Client, LocalCluster, as_completed
+
+    if cfg.scheduler == "local":
+        # ":0" = a free port: None still binds 8787 and warns when another cluster has it
+        # (distributed #8136), e.g. two builds of different caches at once.
+        cluster = LocalCluster(n_workers=cfg.workers, threads_per_worker=1, processes=False,
+                               dashboard_address=":0", silence_logs=logging.ERROR)
+        client = Client(cluster)
+    else:
+        cluster = None
+        try:
+            client = Client(cfg.scheduler, timeout="10s")
+        except (OSError, TimeoutError, ValueError) as exc:  # ValueError: a malformed address
+            raise KdError(f"cannot reach the dask scheduler at {cfg.scheduler} ({exc}); "
+                          "start one or use scheduler=local") from None
+    try:
+        futures = client.map(build_shard, jobs, pure=False)
+        for future in as_completed(futures):
+            finish(future.result())
+    except BaseException:
+        _quiet_distributed()
+        raise
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
 
 
 def _quiet_distributed() -> None:
