@@ -186,8 +186,9 @@ def run(quick: bool, workdir: Path) -> dict:
                          f"{max(1, measured[0]['threads'] // measured[0]['streams'])} torch thread(s); "
                          "random teacher weights, float16 cache, default shard "
                          f"{measured[0]['shard_size']} / chunk {measured[0]['chunk_size']} rows.")]
-    notes = ["The bare arm runs the plain teacher (no feature taps) on precomputed inputs: its "
-             "best case. The cached arm pays for taps, input generation, encoding and I/O.",
+    notes = ["The bare arm runs the plain teacher (no feature taps) on precomputed inputs, one "
+             "batch after another on all cores: what a `model(x)` loop gets. The cached arm pays "
+             "for taps, input generation, encoding and I/O.",
              "'tapped forward' (context) runs the FX-tapped teacher the builder uses on the same "
              "in-memory inputs: the cost of the taps alone. 'ratio, fastest repeats' is the same "
              "ratio from the fastest repeat of each arm (a check against load bursts).",
