@@ -43,9 +43,16 @@ def harness_args(root: Path, work: Path) -> list[str]:
                       scheduler="local", workers=2, threads=1)  # dask, two shards at once
 
 
+def _default_sigint() -> None:
+    # A shell's background job (`make soak &`, nohup) starts with SIGINT ignored, and children
+    # inherit that: Python then never raises KeyboardInterrupt, and the SIGINT tests would
+    # test nothing. Ctrl-C reaches kdcache with the default disposition, so give it that.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_cli(args: list[str], **kw) -> subprocess.Popen:
     return subprocess.Popen([KDCACHE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, **kw)
+                            text=True, preexec_fn=_default_sigint, **kw)
 
 
 def array_files(root: Path) -> dict[str, bytes]:

@@ -7,6 +7,11 @@ writes the shard's index part, and only then writes its completion record. A re-
 exactly the shards without a record, so an interrupted build resumes and ends byte-identical to
 an uninterrupted one. Tasks are idempotent, so Dask may safely run one twice.
 
+In one process (the default, ``workers=1``) the shards share one pipeline: a thread loads
+input batches ahead, ``streams`` threads run batches through the teacher side by side (on CPU,
+one per core: see ``forward_streams``), the main thread collects each shard's outputs in batch
+order, and a writer thread writes shard k while shard k+1 is computed.
+
 Why whole shards, written once by one task: with Zarr v3 sharding, concurrent writers of one
 shard lose rows silently, and many small writes into a shard are ~20x slower (PITFALLS.md).
 """
