@@ -200,7 +200,8 @@ def _worker_teacher(spec: TeacherSpec) -> tuple[torch.nn.Module, torch.device]:
 
 def build_shard(job: ShardJob) -> dict[str, Any]:
     """Compute, write and record one shard. Returns its completion record. (One Dask task.)"""
-    runtime.set_threads(job.threads)  # a dask worker's own process starts at 1 (its nanny's OMP_NUM_THREADS)
+    # a dask worker's own process starts on 1 thread (its nanny sets OMP_NUM_THREADS=1)
+    runtime.set_threads(job.threads)
     return write_shard(compute_shard(job))
 
 
