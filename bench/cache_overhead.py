@@ -104,7 +104,7 @@ def measure(case: dict, workdir: Path, repeats: int) -> dict:
                 net(x[a:a + bs])
             return time.perf_counter() - t0
 
-    def forward_streams(net) -> float:
+    def forward_side_by_side(net) -> float:
         """The plain teacher as the builder runs it: ``streams`` batches at once on threads."""
         runtime.set_threads(max(1, cores // streams))
 
@@ -131,7 +131,7 @@ def measure(case: dict, workdir: Path, repeats: int) -> dict:
         model(x[:bs])  # warm-up (allocator, kernels) outside the timed loop
     times = alternate({"bare": lambda: forward(model), "local": cached,
                        "tapped": lambda: forward(tapped),
-                       "bare_streams": lambda: forward_streams(model)}, repeats, label=case["case"])
+                       "bare_streams": lambda: forward_side_by_side(model)}, repeats, label=case["case"])
     shutil.rmtree(where, ignore_errors=True)
     bare_s, local_s, tapped_s, streams_s = (median(times[k]) for k in ("bare", "local", "tapped", "bare_streams"))
     shard_s = median(shard_phase[-repeats:])  # the timed repeats, not the warm-up
