@@ -1,14 +1,14 @@
 """Cache overhead: how close stage one comes to the teacher's bare forward throughput.
 
 Measured (floor: cached / bare >= 0.90)
-    cached throughput = rows / wall time of ``pipeline.cache.writer.build_cache(...)`` on a fresh
+    cached throughput = rows / wall time of ``pipeline.cache.build.build_cache(...)`` on a fresh
         cache directory, with the default scheduler (``local``) and everything it does: the
         lock, array creation, the scheduler (a dask local cluster, or in-process when it has
         one worker), reading (here: generating) the inputs, the teacher forward through the
         feature taps, the float16 cast, the NaN check, chunk encoding (codecs and CRC), the
         shard writes and fsyncs, the per-shard sha256, the index parts, the final index and the
         manifest. The teacher is loaded inside the timed region too (the worker state
-        ``writer._STATE`` is cleared before every build, as in a fresh ``kdcache cache``).
+        ``shard._STATE`` is cleared before every build, as in a fresh ``kdcache cache``).
     shard-phase throughput (context) = rows / the seconds ``build_cache`` reports for its shard
         work alone (teacher load, inputs, forward, encoding, writes), i.e. without the one-off
         lock, array creation, final index and manifest: the steady state of a large cache.
@@ -22,7 +22,7 @@ repeat; the bare arm has no pipeline at all (inputs precomputed, no taps, no cop
 Two more arms, for context, run on the same in-memory inputs: the FX-tapped teacher the
 builder uses (``Tapped``), which separates the cost of the taps from the cost of the pipeline,
 and the plain teacher in the builder's own layout (``streams`` batches at once, each on
-cores / streams threads, see ``writer.forward_streams``), which separates what running
+cores / streams threads, see ``execute.forward_streams``), which separates what running
 forwards side by side gains from what the pipeline costs.
 
 Cases: a compute-heavy teacher (resnet18 on 3x32x32), where the forward should dominate, and a
@@ -73,7 +73,7 @@ def measure(case: dict, workdir: Path, repeats: int) -> dict:
     import torch
 
     from pipeline import runtime
-    from pipeline.cache import writer
+    from pipeline.cache import build, execute, shard
     from pipeline.teachers import Tapped, build_teacher
 
     where = workdir / NAME / case["case"].replace(" ", "_").replace(",", "")
@@ -94,7 +94,7 @@ def measure(case: dict, workdir: Path, repeats: int) -> dict:
     bs = cfg.infer_batch_size
 
     cores = runtime.cores()
-    streams = writer.forward_streams(cfg, spec)
+    streams = execute.forward_streams(cfg, spec)
 
     def forward(net) -> float:
         runtime.set_threads(cores)  # the build leaves torch at cores / streams threads
@@ -120,9 +120,9 @@ def measure(case: dict, workdir: Path, repeats: int) -> dict:
 
     def cached() -> float:
         shutil.rmtree(root, ignore_errors=True)
-        writer._STATE.clear()  # a fresh process: the worker loads its teacher again
+        shard._STATE.clear()  # a fresh process: the worker loads its teacher again
         t0 = time.perf_counter()
-        _, stats = writer.build_cache(root, cfg, dataset, spec, manifest, progress=False)
+        _, stats = build.build_cache(root, cfg, dataset, spec, manifest, progress=False)
         seconds = time.perf_counter() - t0
         shard_phase.append(stats["seconds"])
         return seconds

@@ -167,7 +167,7 @@ def prepare_build(args: dict):
     ``build_cache(root, cfg, dataset, spec, manifest)`` alone.
     """
     from pipeline import runtime
-    from pipeline.cache.writer import plan, probe, resolve_layout
+    from pipeline.cache.plan import plan, probe, resolve_layout
     from pipeline.config import CacheConfig, resolve
     from pipeline.data import open_dataset
     from pipeline.teachers import (Tapped, TeacherSpec, build_teacher, default_layers,

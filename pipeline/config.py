@@ -77,7 +77,7 @@ class CacheConfig(TeacherConfig):
     # fsyncs and Zarr calls (~10 ms): 4096 rows amortise them even for a light teacher.
     shard_size: int = 4096
     # rows per inner chunk, the unit of reading; 0 = auto: up to 256, sized so that the last
-    # chunk of each split (stored whole) pads little (see pipeline.cache.writer.resolve_layout)
+    # chunk of each split (stored whole) pads little (see pipeline.cache.plan.resolve_layout)
     chunk_size: int = 0
     infer_batch_size: int = 256
     scheduler: str = "local"  # local (dask threads when workers > 1) | synchronous | tcp://HOST:PORT

@@ -12,7 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline import runtime
-from pipeline.cache.writer import build_cache, plan, probe, resolve_layout
+from pipeline.cache.build import build_cache
+from pipeline.cache.plan import plan, probe, resolve_layout
 from pipeline.config import CacheConfig, resolve
 from pipeline.data import dataset_slug, open_dataset
 from pipeline.errors import KdError

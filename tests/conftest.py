@@ -57,7 +57,7 @@ def build(root: Path, work: Path | None = None, **overrides) -> dict:
 
 
 class FailOnCall:
-    """Wraps ``writer.compute_shard``: records each call's (split, shard) and raises ``error``
+    """Wraps ``shard.compute_shard``: records each call's (split, shard) and raises ``error``
     (a simulated crash, or e.g. KeyboardInterrupt for Ctrl-C) on call number ``fail_on``."""
 
     def __init__(self, real, fail_on: int | None = None,

@@ -201,10 +201,10 @@ def build(root: Path, work: Path, **overrides) -> dict:
 
 def _interrupted_build(root: Path) -> None:
     """A real interrupted build: Ctrl-C while the third shard is being computed."""
-    from pipeline.cache import writer
+    from pipeline.cache import shard
 
-    interrupted = FailOnCall(writer.compute_shard, fail_on=3, error=KeyboardInterrupt)
-    with mock.patch.object(writer, "compute_shard", interrupted), pytest.raises(KeyboardInterrupt):
+    interrupted = FailOnCall(shard.compute_shard, fail_on=3, error=KeyboardInterrupt)
+    with mock.patch.object(shard, "compute_shard", interrupted), pytest.raises(KeyboardInterrupt):
         build(root, root.parent)
 
 

@@ -17,8 +17,9 @@ from hypothesis import strategies as st
 
 from conftest import SMALL_CLASSES, SMALL_DATASET, SMALL_SHAPE, FailOnCall
 from pipeline.cache import format as fmt
-from pipeline.cache import open_cache, writer
-from pipeline.cache.writer import CacheLock
+from pipeline.cache import execute, open_cache, plan, shard
+from pipeline.cache.build import CacheLock
+from pipeline.lookahead import ordered
 from pipeline.config import DataConfig
 from pipeline.data import SPLITS, open_dataset
 from pipeline.errors import KdError
@@ -267,9 +268,9 @@ def test_stream_without_logits(small_cache):
 # --------------------------------------------------------------------------- resume
 
 def test_interrupted_build_resumes_byte_identical(tmp_path, builder, monkeypatch):
-    real = writer.compute_shard
+    real = shard.compute_shard
     crash = FailOnCall(real, fail_on=3)
-    monkeypatch.setattr(writer, "compute_shard", crash)
+    monkeypatch.setattr(shard, "compute_shard", crash)
     root = tmp_path / "resumed"
     with pytest.raises(RuntimeError, match="simulated crash"):
         builder(root, tmp_path)
@@ -285,13 +286,13 @@ def test_interrupted_build_resumes_byte_identical(tmp_path, builder, monkeypatch
     assert info.main([f"cache={root}"])["shards_done"] == "2/6"
 
     spy = FailOnCall(real)
-    monkeypatch.setattr(writer, "compute_shard", spy)
+    monkeypatch.setattr(shard, "compute_shard", spy)
     summary = builder(root, tmp_path)
     all_shards = {("train", k) for k in range(4)} | {("val", 0), ("test", 0)}
     assert len(spy.calls) == 4 and set(spy.calls) == all_shards - finished  # only the missing ones
     assert summary["computed_rows"] == 300 - 2 * 64 and not summary["skipped"]
 
-    monkeypatch.setattr(writer, "compute_shard", real)
+    monkeypatch.setattr(shard, "compute_shard", real)
     fresh = tmp_path / "fresh"
     builder(fresh, tmp_path)
     assert tree_bytes(root, fmt.ARRAYS, fmt.INDEX) == tree_bytes(fresh, fmt.ARRAYS, fmt.INDEX)
@@ -305,8 +306,8 @@ def test_interrupted_build_resumes_byte_identical(tmp_path, builder, monkeypatch
 def test_complete_cache_is_not_recomputed(make_cache, builder, monkeypatch):
     root = make_cache()
     before = tree_bytes(root, fmt.ARRAYS, fmt.INDEX)
-    spy = FailOnCall(writer.compute_shard)
-    monkeypatch.setattr(writer, "compute_shard", spy)
+    spy = FailOnCall(shard.compute_shard)
+    monkeypatch.setattr(shard, "compute_shard", spy)
     summary = builder(root)
     assert spy.calls == []
     assert summary["skipped"] is True and summary["computed_rows"] == 0
@@ -314,8 +315,8 @@ def test_complete_cache_is_not_recomputed(make_cache, builder, monkeypatch):
 
 
 def test_shard_without_index_part_is_recomputed(tmp_path, builder, monkeypatch):
-    real = writer.compute_shard
-    monkeypatch.setattr(writer, "compute_shard", FailOnCall(real, fail_on=4))
+    real = shard.compute_shard
+    monkeypatch.setattr(shard, "compute_shard", FailOnCall(real, fail_on=4))
     root = tmp_path / "c"
     with pytest.raises(RuntimeError):
         builder(root, tmp_path)
@@ -323,7 +324,7 @@ def test_shard_without_index_part_is_recomputed(tmp_path, builder, monkeypatch):
     part, _ = fmt.part_paths(root, "train", 1)
     part.unlink()
     spy = FailOnCall(real)
-    monkeypatch.setattr(writer, "compute_shard", spy)
+    monkeypatch.setattr(shard, "compute_shard", spy)
     builder(root, tmp_path)
     assert ("train", 1) in spy.calls and ("train", 0) not in spy.calls
     assert open_cache(root).num_rows("train") == 240
@@ -461,7 +462,7 @@ def test_a_build_leaves_torch_threads_as_it_found_them(make_cache, scheduler):
 
 
 @pytest.mark.parametrize("overrides, expected", [
-    (dict(), min(4, writer.runtime.cores())),  # auto on CPU: one forward per core, at most 4
+    (dict(), min(4, execute.runtime.cores())),  # auto on CPU: one forward per core, at most 4
     (dict(streams=3), 3),
     (dict(compile=True), 1),  # compiled graphs run on one thread
     (dict(scheduler="local", workers=2), 1),  # a dask worker runs one forward
@@ -471,7 +472,7 @@ def test_forward_streams(overrides, expected):
 
     cfg = CacheConfig(**overrides)
     spec = TeacherSpec("cnn_small", SMALL_SHAPE, SMALL_CLASSES, "random", compile=cfg.compile)
-    assert writer.forward_streams(cfg, spec) == expected
+    assert execute.forward_streams(cfg, spec) == expected
 
 
 def test_ordered_keeps_order_and_bounds_the_look_ahead():
@@ -489,7 +490,7 @@ def test_ordered_keeps_order_and_bounds_the_look_ahead():
         return i
 
     with ThreadPoolExecutor(3) as pool:
-        for result in writer.ordered((lambda i=i: call(i) for i in range(30)), pool, ahead=2):
+        for result in ordered((lambda i=i: call(i) for i in range(30)), pool, ahead=2):
             consumed.append(result)
     assert consumed == list(range(30)) and sorted(started) == consumed
 
@@ -506,7 +507,7 @@ def test_ordered_raises_a_call_error_and_cancels_the_rest():
         return i
 
     with ThreadPoolExecutor(1) as pool:
-        results = writer.ordered((lambda i=i: call(i) for i in range(100)), pool, ahead=4)
+        results = ordered((lambda i=i: call(i) for i in range(100)), pool, ahead=4)
         with pytest.raises(RuntimeError, match="batch 2 failed"):
             list(results)
     assert len(ran) <= 2 + 4 + 1  # nothing past the look-ahead ran
@@ -564,7 +565,7 @@ def test_auto_chunk_size_pads_the_splits_little(rows, shard, chunk, shard_out):
     from pipeline.config import CacheConfig, resolve
 
     dataset = SimpleNamespace(splits={name: range(n) for name, n in zip(("train", "val", "test"), rows)})
-    cfg = writer.resolve_layout(resolve(CacheConfig, [f"shard_size={shard}"]), dataset)
+    cfg = plan.resolve_layout(resolve(CacheConfig, [f"shard_size={shard}"]), dataset)
     if chunk is not None:
         assert (cfg.chunk_size, cfg.shard_size) == (chunk, shard_out)
     assert cfg.shard_size % cfg.chunk_size == 0 and cfg.chunk_size <= min(256, shard)
@@ -574,4 +575,4 @@ def test_auto_chunk_size_pads_the_splits_little(rows, shard, chunk, shard_out):
     others = [sum(-n % c for n in rows) for c in range(min(32, largest), largest + 1)]
     assert pad <= 0.01 * sum(rows) or pad == min(others)
     explicit = resolve(CacheConfig, ["chunk_size=16", "shard_size=64"])
-    assert writer.resolve_layout(explicit, dataset) is explicit  # an explicit chunk is kept
+    assert plan.resolve_layout(explicit, dataset) is explicit  # an explicit chunk is kept

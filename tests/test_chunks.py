@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pipeline.cache.chunks import chunk_reader
-from pipeline.cache.writer import codecs
+from pipeline.cache.plan import codecs
 from pipeline.errors import KdError
 
 

@@ -13,7 +13,7 @@ import torch
 
 from conftest import SMALL_CLASSES, SMALL_SHAPE, FailOnCall, cache_args
 from pipeline.cache import format as fmt
-from pipeline.cache import open_cache, writer
+from pipeline.cache import open_cache, shard
 from pipeline.teachers import TeacherSpec, build_teacher
 from stages.cli import main
 
@@ -73,14 +73,14 @@ def test_json_summary_is_last_stdout_line(tmp_path, capsys):
 
 
 def test_ctrl_c_exits_130_and_resumes(tmp_path, capsys, monkeypatch):
-    real = writer.compute_shard
-    monkeypatch.setattr(writer, "compute_shard", FailOnCall(real, fail_on=3, error=KeyboardInterrupt))
+    real = shard.compute_shard
+    monkeypatch.setattr(shard, "compute_shard", FailOnCall(real, fail_on=3, error=KeyboardInterrupt))
     assert main(cache_cmd(tmp_path)) == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and "re-run the same command to resume" in err
     assert (tmp_path / "cache" / fmt.MANIFEST).is_file()  # kept, resumable
 
-    monkeypatch.setattr(writer, "compute_shard", real)
+    monkeypatch.setattr(shard, "compute_shard", real)
     assert main([*cache_cmd(tmp_path), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["computed_rows"] == 300 - 2 * 64

@@ -229,9 +229,9 @@ def _patch_zarr_store(monkeypatch, ok: int):
 
 
 def _patch_parquet(monkeypatch, ok: int):
-    from pipeline.cache import writer
+    from pipeline.cache import shard
 
-    monkeypatch.setattr(writer.pq, "write_table", FailingWrites(writer.pq.write_table, ok, errno.EIO))
+    monkeypatch.setattr(shard.pq, "write_table", FailingWrites(shard.pq.write_table, ok, errno.EIO))
 
 
 @pytest.mark.parametrize("scheduler", ["synchronous", "local"])
@@ -407,7 +407,7 @@ def test_second_build_is_refused_and_a_killed_builders_lock_is_recovered(tmp_pat
     first.send_signal(signal.SIGKILL)  # the holder dies without releasing anything
     first.communicate()
     assert (tmp_path / ".cache.lock").is_file()
-    from pipeline.cache.writer import CacheLock
+    from pipeline.cache.build import CacheLock
 
     with CacheLock(root):  # the kernel released the dead holder's flock: not a stale lock
         pass

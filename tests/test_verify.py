@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cache import writer
+from pipeline.cache import shard
 from pipeline.teachers import create_teacher
 from stages.cli import main
 from tests.conftest import SMALL_CLASSES, SMALL_SHAPE
@@ -45,7 +45,7 @@ def test_a_healthy_cache_passes_every_check(make_cache, capsys):
 def test_logits_written_wrong_are_caught_by_the_fidelity_check(make_cache, capsys, monkeypatch):
     """A writer that stores slightly wrong logits (here: every logit + 0.25) produces a cache
     whose checksums all match: only re-running the teacher can tell."""
-    real = writer.compute_shard
+    real = shard.compute_shard
 
     def skewed(job, *args):
         shard = real(job, *args)
@@ -54,9 +54,9 @@ def test_logits_written_wrong_are_caught_by_the_fidelity_check(make_cache, capsy
                 buf += np.float16(0.25)
         return shard
 
-    monkeypatch.setattr(writer, "compute_shard", skewed)
+    monkeypatch.setattr(shard, "compute_shard", skewed)
     root = make_cache()
-    monkeypatch.setattr(writer, "compute_shard", real)
+    monkeypatch.setattr(shard, "compute_shard", real)
     code, summary, out = verify(root, capsys)
     assert code == 1 and summary["ok"] is False
     checks = summary["checks"]

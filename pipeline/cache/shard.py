@@ -1,0 +1,276 @@
+"""One shard: ``shard_size`` consecutive rows of one split, the unit of work, of writing and of
+resuming.
+
+A shard's inputs are loaded batch by batch (hashed on the loading thread), run through the
+teacher under ``torch.inference_mode``, collected whole in the cache dtype and checked finite
+(:func:`compute_shard`); then each array's whole Zarr shard is written in one call and fsynced,
+the shard's index part is written, and only then its completion record (:func:`write_shard`).
+The record is the only "done" signal, so a killed build resumes from the shards that have one.
+Writing is idempotent, so Dask may safely run a shard's task twice.
+
+Why whole shards, written once by one task: with Zarr v3 sharding, concurrent writers of one
+shard lose rows silently, and many small writes into a shard are ~20x slower.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import socket
+import threading
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from pipeline import runtime
+from pipeline.cache import format as fmt
+from pipeline.config import DataConfig, resolve
+from pipeline.data import Dataset, open_dataset
+from pipeline.errors import KdError
+from pipeline.io import atomic_path, atomic_write_text, fsync_dir, fsync_file, sha256_file
+from pipeline.lookahead import ordered, prefetched
+from pipeline.teachers import Tapped, TeacherSpec, build_teacher
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    root: str
+    split: str
+    shard: int
+    start: int
+    stop: int
+    data_cfg: dict
+    dataset_fingerprint: str
+    teacher: TeacherSpec
+    dtype: str
+    batch_size: int
+    threads: int
+    cache_key: str
+
+
+# Per-process state of a worker: the dataset and the teacher are loaded once per process and
+# reused by every shard task that lands there (Dask workers, or this process when local).
+_STATE: dict[Any, Any] = {}
+_STATE_LOCK = threading.Lock()
+
+
+def share_dataset(dataset: Dataset) -> None:
+    """Let shards computed in this process reuse a dataset already opened (and fingerprinted)."""
+    with _STATE_LOCK:
+        _STATE[("dataset", dataset.fingerprint)] = dataset
+
+
+def _worker_dataset(job: ShardJob) -> Dataset:
+    key = ("dataset", job.dataset_fingerprint)
+    with _STATE_LOCK:
+        if key not in _STATE:
+            dataset = open_dataset(resolve(DataConfig, job.data_cfg))
+            if dataset.fingerprint != job.dataset_fingerprint:
+                raise KdError(f"dataset {dataset.spec} on worker {socket.gethostname()} differs "
+                              "from the one the cache was planned with; workers must see the "
+                              "same files (shared storage)")
+            _STATE[key] = dataset
+        return _STATE[key]
+
+
+def _worker_teacher(spec: TeacherSpec) -> tuple[torch.nn.Module, torch.device]:
+    # TeacherSpec's equality ignores the fingerprint, but a checkpoint file can be replaced at
+    # the same path (e.g. a retrained teacher): key by the weights too, never reuse stale ones.
+    key = ("teacher", spec, spec.fingerprint)
+    with _STATE_LOCK:
+        if key not in _STATE:
+            device = runtime.pick_device(spec.device)
+            model = Tapped(build_teacher(spec), spec.layers, spec.pool, spec.arch).to(device).eval()
+            _STATE[key] = (runtime.maybe_compile(model, spec.compile), device)
+        return _STATE[key]
+
+
+def build_shard(job: ShardJob) -> dict[str, Any]:
+    """Compute, write and record one shard. Returns its completion record. (One Dask task.)"""
+    # a dask worker's own process starts on 1 thread (its nanny sets OMP_NUM_THREADS=1)
+    runtime.set_threads(job.threads)
+    return write_shard(compute_shard(job))
+
+
+@dataclass
+class ComputedShard:
+    """A shard's teacher outputs, in the cache dtype, not yet written."""
+
+    job: ShardJob
+    bufs: dict[str, np.ndarray]
+    inputs_sha256: str
+    started: float
+
+
+@dataclass
+class ShardInputs:
+    """How to load a shard's input batches, in order, and the running sha256 of their bytes.
+    Loading hashes too, so the hash is computed off the forward pass's thread."""
+
+    job: ShardJob
+    bounds: list[tuple[int, int]]
+    sha256: Any = field(default_factory=hashlib.sha256)
+
+    @classmethod
+    def of(cls, job: ShardJob) -> "ShardInputs":
+        return cls(job, [(a, min(a + job.batch_size, job.stop))
+                         for a in range(job.start, job.stop, job.batch_size)])
+
+    def loads(self) -> list[Callable[[], np.ndarray]]:
+        dataset = _worker_dataset(self.job)
+
+        def load(a: int, b: int) -> np.ndarray:
+            x = np.ascontiguousarray(dataset.inputs(self.job.split, a, b), np.float32)
+            self.sha256.update(x)  # loads of one shard run in order, on one thread
+            return x
+        return [functools.partial(load, a, b) for a, b in self.bounds]
+
+
+def forwarded(job: ShardJob, batches: Iterable[np.ndarray], pool: Executor | None = None,
+              streams: int = 1) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray], bool]]:
+    """The teacher's outputs (see ``_forward``) for each input batch, in order. With ``pool``
+    (``streams`` threads) up to ``streams`` batches go through the teacher at once; without
+    it, one after another on this thread. The batches may span several shards of one build."""
+    model, device = _worker_teacher(job.teacher)
+    calls = (functools.partial(_forward, model, device, job.dtype, x) for x in batches)
+    return ordered(calls, pool, ahead=2 * streams) if pool else (call() for call in calls)
+
+
+def compute_shard(job: ShardJob, inputs: ShardInputs | None = None,
+                  outputs: Iterator | None = None) -> ComputedShard:
+    """Collect the teacher's outputs for the shard's rows and check that every one is finite.
+
+    ``outputs`` yields the outputs of the batches of ``inputs``, in order (by default computed
+    here: inputs prefetched on a thread, forwards one after another). A caller running many
+    shards passes one stream across them, so neither loading nor the forwards stall at a
+    shard boundary."""
+    t0 = time.perf_counter()
+    if inputs is None:
+        inputs = ShardInputs.of(job)
+    if outputs is None:
+        outputs = forwarded(job, prefetched(inputs.loads()))
+    n = job.stop - job.start
+    bufs: dict[str, np.ndarray] = {}
+    finite = True
+    for a, b in inputs.bounds:
+        logits, feats, ok = next(outputs)
+        finite &= ok
+        named = {fmt.logits_key(job.split): logits,
+                 **{fmt.feature_key(job.split, k): v for k, v in feats.items()}}
+        for key, value in named.items():
+            if key not in bufs:
+                bufs[key] = np.empty((n, fmt.VIEWS) + value.shape[1:], job.dtype)
+            bufs[key][a - job.start:b - job.start, 0] = value
+    if not finite:
+        bad = next(k for k, buf in bufs.items() if not np.isfinite(buf).all())
+        what = "logits" if bad.endswith("logits") else f"features {bad}"
+        hint = " or use dtype=float32 (float16 overflowed)" if job.dtype == "float16" else ""
+        raise KdError(f"teacher produced NaN/inf {what} in {job.split} rows {job.start}-"
+                      f"{job.stop}; check the checkpoint and the inputs{hint}")
+    return ComputedShard(job, bufs, inputs.sha256.hexdigest(), t0)
+
+
+def _forward(model: Tapped, device: torch.device, dtype: str,
+             x: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray], bool]:
+    """One batch through the teacher: (logits, {layer: features}) in the cache dtype on the
+    host, and whether all of them are finite. Safe to run on several threads at once."""
+    store_dtype = {"float16": torch.float16, "float32": torch.float32}[dtype]
+    finite = True
+
+    def stored(value: torch.Tensor) -> np.ndarray:
+        nonlocal finite
+        # + 0.0 turns -0.0 into +0.0: Zarr stores an all-zero chunk as "empty" and reads it
+        # back as +0.0, so the bytes hashed on writing must be the ones read back. A float16
+        # overflow becomes inf here and is reported by the caller.
+        value = (value.float() + 0.0).to(store_dtype).cpu()
+        finite &= bool(torch.isfinite(value).all())
+        return value.numpy()
+
+    with torch.inference_mode(), runtime.autocast(device):
+        logits, feats = model(runtime.to_device(torch.from_numpy(x), device))
+        return stored(logits), {name: stored(f) for name, f in feats.items()}, finite
+
+
+def write_shard(shard: ComputedShard) -> dict[str, Any]:
+    """Write a computed shard whole, fsync it, write its index part, and only then its
+    completion record. Returns the record."""
+    job, bufs = shard.job, shard.bufs
+    root = Path(job.root)
+    arrays = _worker_arrays(job)
+    sums = {}
+    for key, buf in bufs.items():
+        # Inner chunks equal to the fill value are not stored (nor the padding chunks past the
+        # end of a split), but the shard file itself must exist, or a missing file could not be
+        # told from damage: only an all-zero shard needs write_empty_chunks to be stored at all.
+        arr = arrays[key].with_config({"write_empty_chunks": not buf.any()})
+        arr[job.start:job.stop] = buf  # the whole shard, in one write
+        _fsync_shard(root / fmt.ARRAYS / key, arr, job.shard)
+        sums[key] = hashlib.sha256(buf.tobytes()).hexdigest()
+
+    index = _index_part(job, _worker_dataset(job), bufs[fmt.logits_key(job.split)][:, 0].astype(np.float32))
+    part_path, record_path = fmt.part_paths(root, job.split, job.shard)
+    with atomic_path(part_path) as tmp:
+        pq.write_table(index, tmp)
+    record = {
+        "split": job.split, "shard": job.shard, "start": job.start, "stop": job.stop,
+        "sha256": sums, "inputs_sha256": shard.inputs_sha256,
+        "index_sha256": sha256_file(part_path),
+        "correct": int(index.column("correct").to_numpy().sum()),
+        "seconds": round(time.perf_counter() - shard.started, 4), "host": socket.gethostname(),
+    }
+    # The record is the only "done" signal, and it is written after the data is durable.
+    atomic_write_text(record_path, json.dumps(record, sort_keys=True))
+    return record
+
+
+def _worker_arrays(job: ShardJob) -> dict[str, Any]:
+    """The cache's Zarr arrays, opened once per process and cache key (each open costs
+    milliseconds; the key changes when a cache at the same path is rebuilt differently)."""
+    import zarr
+
+    key = ("arrays", job.root, job.cache_key)
+    with _STATE_LOCK:
+        if key not in _STATE:
+            group = zarr.open_group(Path(job.root) / fmt.ARRAYS, mode="r+")
+            _STATE[key] = {name: member for name, member in group.members(max_depth=None)
+                           if hasattr(member, "shape")}
+        return _STATE[key]
+
+
+def _fsync_shard(array_dir: Path, arr, shard: int) -> None:
+    coords = (shard,) + (0,) * (arr.ndim - 1)
+    path = array_dir / arr.metadata.encode_chunk_key(coords)
+    fsync_file(path)
+    fsync_dir(path.parent)
+
+
+def _index_part(job: ShardJob, dataset: Dataset, logits: np.ndarray) -> pa.Table:
+    split = dataset.splits[job.split]
+    labels = split.labels[job.start:job.stop]
+    z = logits - logits.max(axis=1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(axis=1, keepdims=True)
+    top2 = np.sort(p, axis=1)[:, -2:] if p.shape[1] > 1 else np.concatenate([np.zeros_like(p), p], 1)
+    pred = p.argmax(axis=1)
+    entropy = -(p * np.log(np.clip(p, 1e-12, None))).sum(axis=1)
+    return pa.table({
+        "sample_id": pa.array(split.sample_ids[job.start:job.stop], pa.int64()),
+        "row": pa.array(np.arange(job.start, job.stop), pa.int64()),
+        "label": pa.array(labels, pa.int32()),
+        "teacher_pred": pa.array(pred, pa.int32()),
+        "teacher_prob": pa.array(top2[:, 1], pa.float32()),
+        "margin": pa.array(top2[:, 1] - top2[:, 0], pa.float32()),
+        "entropy": pa.array(entropy, pa.float32()),
+        "correct": pa.array(pred == labels, pa.bool_()),
+        "shard": pa.array(np.full(len(labels), job.shard), pa.int32()),
+    })
+
+
