@@ -3,7 +3,7 @@
 Not a speed benchmark and no floor: the table shows what the cache is for. The digits teacher
 (cnn_small, trained once in the work dir as `make teacher-cache` does) is cached; then
 ``stages.sweep`` trains, from that one cache, label-only students (loss=ce), KD students
-(loss=kd, the cache's default T=4, alpha=0.9) and feature students (linear_svc, logreg,
+(loss=kd, the cache's default temperature 4, alpha=0.9) and feature students (linear_svc, logreg,
 logreg_soft on the teacher's cached features, C=1), over seeds 0, 1, 2 (quick mode: seed 0
 and fewer epochs). Figures are read back from the cache's results table
 (``pipeline.results.read_results``): mean ± sample std over seeds of test accuracy, and of the
@@ -45,9 +45,14 @@ def run(quick: bool, workdir: Path) -> dict:
     print(out.getvalue(), end="", flush=True)
     rows = read_results(results_dir(root)).to_pylist()
 
+    def trained_on(r: dict) -> str:
+        if r["loss"]:
+            return r["loss"]
+        return f"target={r['target']}" if r["target"] else f"soft, temperature {r['temperature']:g}"
+
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["model"], r["loss"]), []).append(r)
+        groups.setdefault((r["model"], trained_on(r)), []).append(r)
 
     def ms(values: list[float]) -> tuple[float, float]:
         return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
@@ -70,12 +75,12 @@ def run(quick: bool, workdir: Path) -> dict:
                     ["model", "training", "test accuracy (mean ± std)", "teacher agreement",
                      "seeds", "params", "fit s (mean)"], table_rows,
                     note=f"seeds {', '.join(map(str, seeds))}; torch students {epochs} epochs, "
-                         "batch 64, T=4, alpha=0.9; feature students C=1 on the cached 'embed' "
+                         "batch 64, temperature 4, alpha=0.9; feature students C=1 on the cached 'embed' "
                          "features (128-d).")]
     return result(NAME, "digits accuracy table", figures, tables, [],
                   {"quick": quick, "seeds": list(seeds), "models": list(models), "epochs": epochs},
                   time.perf_counter() - t_start) | {"rows": [{k: r[k] for k in (
-                      "model", "loss", "seed", "test_accuracy", "teacher_agreement", "fit_seconds")}
+                      "model", "loss", "target", "temperature", "seed", "test_accuracy", "teacher_agreement", "fit_seconds")}
                       for r in rows]}
 
 

@@ -160,37 +160,23 @@ def kdcache_json(verb: str, args: dict, cwd: Path) -> dict:
 # =========================================================================== caches
 
 def prepare_build(args: dict):
-    """Everything ``stages.cache.main`` does before it calls ``build_cache``, replicated
-    (for random or existing teacher weights: this never trains a teacher).
+    """Everything ``stages.cache.main`` does before it calls ``build_cache`` (for random or
+    existing teacher weights: this never trains a teacher).
 
     Returns ``(root, cfg, dataset, spec, manifest)`` so that a benchmark can time
     ``build_cache(root, cfg, dataset, spec, manifest)`` alone.
     """
-    from pipeline import runtime
-    from pipeline.cache.plan import plan, probe, resolve_layout
+    from pipeline.cache.plan import describe_teacher, plan, resolve_layout
     from pipeline.config import CacheConfig, resolve
     from pipeline.data import open_dataset
-    from pipeline.teachers import (Tapped, TeacherSpec, build_teacher, default_layers,
-                                   state_fingerprint)
-    from stages.teacher import teacher_arch
+    from pipeline.teacher_training import teacher_arch
 
     cfg = resolve(CacheConfig, {k: v for k, v in args.items()}, verb="cache")
     assert cfg.teacher_ckpt, "prepare_build needs teacher_ckpt=random or a checkpoint path"
     dataset = open_dataset(cfg)
     cfg = resolve_layout(cfg, dataset)
-    arch = teacher_arch(cfg, dataset)
-    device = runtime.pick_device(cfg.device)
-    spec = TeacherSpec(arch, dataset.input_shape, dataset.num_classes, cfg.teacher_ckpt, cfg.seed,
-                       device=str(device), compile=cfg.compile, pool=cfg.pool)
-    model = build_teacher(spec)
-    layers = cfg.layers or default_layers(model)
-    shapes, finite = probe(Tapped(model, layers, cfg.pool, arch), dataset)
-    assert finite
-    spec = TeacherSpec(arch, dataset.input_shape, dataset.num_classes, cfg.teacher_ckpt, cfg.seed,
-                       layers=tuple(layers), pool=cfg.pool, device=str(device), compile=cfg.compile,
-                       fingerprint=state_fingerprint(model, arch, dataset.input_shape,
-                                                     dataset.num_classes))
-    manifest = plan(cfg, dataset, spec, shapes, sum(p.numel() for p in model.parameters()))
+    spec, shapes, num_params = describe_teacher(cfg, dataset, teacher_arch(cfg, dataset), cfg.teacher_ckpt)
+    manifest = plan(cfg, dataset, spec, shapes, num_params)
     dataset.fingerprint  # computed now, outside any timed region (plan already needs it)
     return Path(cfg.cache), cfg, dataset, spec, manifest
 

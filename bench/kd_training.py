@@ -1,12 +1,12 @@
 """KD from the cache vs plain training, and vs online KD (the teacher run at every step).
 
 Measured, per student (cnn_small and mlp, kdcache's torch students), wall seconds per epoch:
-    kd (cache)   the path of ``kdcache student loss=kd``: ``stages.student.fit_input_student``
+    kd (cache)   the path of ``kdcache student loss=kd``: ``TorchStudent.fit_cache``
                  streams the train split's cached logits from the cache (block-shuffled chunks)
                  and joins each chunk's inputs by sample_id.
     ce (cache)   the same with loss=ce (labels only; the same stream, the same loop).
     online kd    the same student, loss, batch size, optimiser, schedule and training loop
-                 (``TorchStudent.fit_stream`` → ``pipeline.training.fit``) fed in-memory batches
+                 (``TorchStudent._fit_batches`` → ``pipeline.training.fit``) fed in-memory batches
                  whose teacher logits come from a forward pass of the teacher (resnet18, the
                  very weights the cache holds) at every step, as frameworks without a cache do.
                  Its inputs are held in memory: the online arm's best case.
@@ -71,9 +71,10 @@ def run(quick: bool, workdir: Path) -> dict:
     from pipeline import training
     from pipeline.cache import open_cache
     from pipeline.config import StudentConfig, resolve
-    from pipeline.students import create_student
+    from pipeline.runs import resolve_run
+    from pipeline.students import StudentData, create_student
+    from pipeline.students.data import joined_inputs
     from pipeline.teachers import TeacherSpec, build_teacher, state_fingerprint
-    from stages.student import fit_input_student, joined_inputs, reopen_dataset
 
     t_start = time.perf_counter()
     n = 2_000 if quick else 8_000
@@ -84,7 +85,7 @@ def run(quick: bool, workdir: Path) -> dict:
     root = ensure_cache({"dataset": f"npz:{npz}", "teacher": "resnet18", "teacher_ckpt": "random",
                          "cache": workdir / "caches" / f"kd-resnet18-{n}", **base_dirs(workdir)})
     cache = open_cache(root)
-    dataset = reopen_dataset(cache)
+    dataset = cache.open_dataset()
     X = {s: joined_inputs(dataset, cache, s) for s in ("train", "val")}
     y = {s: cache.labels(s) for s in ("train", "val")}
     n_train = len(y["train"])
@@ -99,45 +100,38 @@ def run(quick: bool, workdir: Path) -> dict:
                                        "runs_dir": workdir / "runs", "seed": 0})
 
     def student(model: str, loss: str):
-        c = cfg(model, loss)  # exactly the parameters stages.student.run_student passes
-        return create_student(model, C=1.0, seed=c.seed, epochs=c.epochs, sgd_alpha=c.sgd_alpha,
-                              loss=loss, T=cache.temperature, alpha=c.alpha,
-                              hint_weight=c.hint_weight, dkd_alpha=c.dkd_alpha,
-                              dkd_beta=c.dkd_beta, width=c.width, lr=c.lr,
-                              weight_decay=c.weight_decay, batch_size=c.batch_size,
-                              device=c.device, progress=False)
+        # exactly the student pipeline.runs.train_student builds
+        return create_student(model, resolve_run(cfg(model, loss), cache)[0])
 
     bs = cfg("mlp", "kd").batch_size
     per_epoch: dict[str, list[float]] = {}
     setup: dict[str, list[float]] = {}
 
     def clocked(s, key: str, t0: float):
-        """Make ``s.fit_stream`` stamp its epochs; record them (and the set-up) under ``key``."""
-        inner = s.fit_stream
+        """Make ``s._fit_batches`` stamp its epochs; record them (and the set-up) under ``key``."""
+        inner = s._fit_batches
 
-        def fit_stream(batches, *a, **kw):
+        def fit_batches(batches, *a, **kw):
             clock = EpochClock(batches)
             out = inner(clock, *a, **kw)
             end = time.perf_counter()
             per_epoch.setdefault(key, []).extend(clock.epochs(end))
             setup.setdefault(key, []).append(clock.starts[0] - t0)
             return out
-        s.fit_stream = fit_stream
+        s._fit_batches = fit_batches
         return s
 
     def cached(model: str, loss: str):
         key = f"{loss}_cache"
 
         def arm() -> float:
-            # stages.student.run_student's fit step for input students, with a clocked student
+            # pipeline.runs.train_student's fit step, with a clocked student
             t0 = time.perf_counter()
             c = cfg(model, loss)
             ch = open_cache(c.cache)
-            ds = reopen_dataset(ch)
-            x_val = joined_inputs(ds, ch, "val")
             s = clocked(student(model, loss), key, t0)
             with contextlib.redirect_stdout(io.StringIO()):
-                fit_input_student(c, s, ch, ds, ch.layers[0], x_val, ch.labels("val"))
+                s.fit_cache(StudentData(ch))
             return time.perf_counter() - t0
         return arm
 
@@ -153,17 +147,17 @@ def run(quick: bool, workdir: Path) -> dict:
 
         def arm() -> float:
             t0 = time.perf_counter()
-            clocked(student(model, "kd"), "online_kd", t0).fit_stream(
-                batches, -(-n_train // bs), X_val=X["val"], y_val=y["val"], num_classes=cache.num_classes)
+            clocked(student(model, "kd"), "online_kd", t0)._fit_batches(
+                batches, -(-n_train // bs), X["val"], y["val"], cache.num_classes, 0, cache.temperature)
             return time.perf_counter() - t0
         return arm
 
     def ce_memory(model: str):
         def arm() -> float:
             t0 = time.perf_counter()
-            clocked(student(model, "ce"), "ce_memory", t0).fit_stream(
+            clocked(student(model, "ce"), "ce_memory", t0)._fit_batches(
                 training.array_batches(X["train"], y["train"], bs, 0), -(-n_train // bs),
-                X_val=X["val"], y_val=y["val"], num_classes=cache.num_classes)
+                X["val"], y["val"], cache.num_classes, 0, None)
             return time.perf_counter() - t0
         return arm
 

@@ -1,7 +1,7 @@
 """scikit-learn overhead: ``kdcache student`` with a linear feature student vs scikit-learn alone.
 
 Measured (floor: kdcache fit time / direct fit time ≤ 1.15)
-    kdcache  ``stages.student.run_student`` with ``model=linear_svc C=1`` (and ``model=logreg
+    kdcache  ``pipeline.runs.train_student`` with ``model=linear_svc C=1`` (and ``model=logreg
              C=1``): a fixed C, not the auto grid. Its ``fit_seconds`` covers reading the
              train/val/test features from the cache (Zarr decode, float16 → float32) and the
              fit (StandardScaler + estimator), plus the one validation prediction of the
@@ -41,7 +41,7 @@ def run(quick: bool, workdir: Path) -> dict:
 
     from pipeline.cache import open_cache
     from pipeline.config import StudentConfig, resolve
-    from stages.student import run_student
+    from pipeline.runs import train_student
 
     t_start = time.perf_counter()
     n = 8_000 if quick else 40_000
@@ -61,7 +61,7 @@ def run(quick: bool, workdir: Path) -> dict:
             cfg = resolve(StudentConfig, {"cache": root, "model": model, "C": "1",
                                           "runs_dir": workdir / "runs", "seed": 0})
             with contextlib.redirect_stdout(io.StringIO()):
-                return run_student(cfg, progress=False)["fit_seconds"]
+                return train_student(cfg, progress=False)["fit_seconds"]
         return arm
 
     def direct(model: str):

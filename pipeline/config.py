@@ -4,6 +4,14 @@
 Unknown keys and values of the wrong type are errors, never ignored. The fully resolved config
 is saved beside every artifact (teacher checkpoint, cache, student run) so that any result can
 be traced back to exactly what produced it.
+
+Paths are stored absolute: :func:`resolve` makes every path field (declared with
+:func:`path_field`) and the file of a path-taking dataset (``npz:rel.npz``) absolute against
+the working directory, so caches, manifests and run configs mean the same from anywhere.
+
+A field typed ``X | None`` is optional: None (``key=none``, ``key=``, or YAML ``null``) means
+"not given", and whoever reads the config says what that means (e.g. a student run's
+``temperature=None`` takes the cache's default when the run uses a temperature at all).
 """
 
 from __future__ import annotations
@@ -13,8 +21,9 @@ import hashlib
 import json
 import os
 import re
+import types
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,12 +32,23 @@ from pipeline.errors import KdError
 C = TypeVar("C")
 
 
+def path_field(default: str, keywords: tuple[str, ...] = ()) -> Any:
+    """A config field holding a filesystem path, stored absolute (""  and ``keywords`` such
+    as ``random`` are kept as they are)."""
+    return field(default=default, metadata={"path": True, "keywords": keywords})
+
+
+def dataset_field(default: str) -> Any:
+    """The ``dataset=NAME[:ARG]`` field: ARG is made absolute for sources that take a path."""
+    return field(default=default, metadata={"dataset": True})
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Which dataset, and how it is split. Shared by every stage that reads inputs."""
 
-    dataset: str = "digits"  # registry name, e.g. digits, npz:PATH, synthetic:N:SHAPE[:K]
-    data_root: str = "data/datasets"  # where torchvision / downloaded datasets live
+    dataset: str = dataset_field("digits")  # registry name, e.g. digits, npz:PATH, synthetic:N:SHAPE[:K]
+    data_root: str = path_field("data/datasets")  # where torchvision / downloaded datasets live
     download: bool = False  # torchvision datasets: download when missing (needs internet)
     val_fraction: float = 0.15  # carved from train (stratified) when a dataset has no val split
     seed: int = 0  # seeds the val split, synthetic data and teacher training
@@ -43,8 +63,8 @@ class TeacherConfig(DataConfig):
     """The teacher: its architecture, its weights, and how `kdcache teacher` trains it."""
 
     teacher: str = "auto"  # registry name, or auto: picked by the input's rank
-    teacher_ckpt: str = ""  # "" = the trained teacher under teacher_dir; "random"; or a PATH
-    teacher_dir: str = "data/teachers"
+    teacher_ckpt: str = path_field("", ("random",))  # "" = the trained teacher under teacher_dir; "random"; or a PATH
+    teacher_dir: str = path_field("data/teachers")
     pretrained: bool = False  # start training from torchvision weights found locally
     epochs: int = 40
     lr: float = 3e-3
@@ -66,13 +86,13 @@ class TeacherConfig(DataConfig):
 class CacheConfig(TeacherConfig):
     """Stage one: how the teacher's outputs are written to the cache."""
 
-    cache: str = ""  # "" = <cache_root>/<dataset>-<teacher>
-    cache_root: str = "data/caches"
+    cache: str = path_field("")  # "" = <cache_root>/<dataset>-<teacher>
+    cache_root: str = path_field("data/caches")
     layers: tuple[str, ...] = ()  # feature taps by node name; () = the penultimate layer
     pool: bool = True  # global-average-pool spatial feature maps to vectors
     dtype: str = "float16"  # float16 | float32
     compression: str = "none"  # none | zstd: ~10% smaller on dense features, ~2x slower to stream
-    t: float = 4.0  # default distillation temperature recorded for students
+    temperature: float = 4.0  # default distillation temperature recorded for students
     # rows per shard: the unit of work, of writing and of resuming. Each shard costs a few
     # fsyncs and Zarr calls (~10 ms): 4096 rows amortise them even for a light teacher.
     shard_size: int = 4096
@@ -93,7 +113,7 @@ class CacheConfig(TeacherConfig):
 
     def check(self) -> None:
         super().check()
-        _positive(self, "t", "shard_size", "infer_batch_size", "workers")
+        _positive(self, "temperature", "shard_size", "infer_batch_size", "workers")
         if self.chunk_size < 0:
             raise KdError(f"chunk_size={self.chunk_size} must be >= 0 (0 = auto)")
         if self.dtype not in ("float16", "float32"):
@@ -123,9 +143,9 @@ class CacheConfig(TeacherConfig):
 class InfoConfig:
     """`kdcache info` / `kdcache verify`: which cache to look at."""
 
-    cache: str = ""
-    cache_root: str = "data/caches"
-    dataset: str = "digits"  # used only to find the default cache when cache is empty
+    cache: str = path_field("")
+    cache_root: str = path_field("data/caches")
+    dataset: str = dataset_field("digits")  # used only to find the default cache when cache is empty
     teacher: str = "auto"
     rows: int = 256  # verify: rows re-run through the teacher
     seed: int = 0
@@ -181,8 +201,22 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
+def _optional(annotation: Any) -> Any:
+    """``X`` for an annotation ``X | None``, else None."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(annotation)) == 2:
+            return args[0]
+    return None
+
+
 def _coerce(cls: type, name: str, annotation: Any, value: Any) -> Any:
     """Convert a YAML or command-line value to the field's declared type."""
+    inner = _optional(annotation)
+    if inner is not None:
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+            return None
+        return _coerce(cls, name, inner, value)
     origin = typing.get_origin(annotation)
     if value is None:  # `key:` with nothing after it in a YAML file
         raise KdError(f"{name} has no value (null) in the config file; give it one or remove the key")
@@ -251,9 +285,30 @@ def resolve(cls: type[C], overrides: list[str] | dict[str, Any] = (), verb: str 
             where = f" for `kdcache {verb}`" if verb else ""
             raise KdError(f"unknown key {key!r}{where}; known keys: {', '.join(sorted(known))}")
         values[key] = _coerce(cls, key, hints[key], value)
-    cfg = cls(**values)
+    cfg = _absolute_paths(cls(**values))
     cfg.check()
     return cfg
+
+
+def from_record(cls: type[C], record: dict[str, Any]) -> C:
+    """A config rebuilt exactly as it was recorded (e.g. a manifest's dataset config): its
+    values were resolved when it was saved, so paths are taken as they are."""
+    known = {f.name for f in fields(cls)}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in record.items() if k in known})
+
+
+def _absolute_paths(cfg: C) -> C:
+    """``cfg`` with its path fields and its dataset's file absolute (see :func:`path_field`)."""
+    changes = {}
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.metadata.get("path") and value and value not in f.metadata["keywords"]:
+            changes[f.name] = os.path.abspath(os.path.expanduser(value))
+        elif f.metadata.get("dataset"):
+            from pipeline.data import absolute_spec  # the data package imports this module
+
+            changes[f.name] = absolute_spec(value)
+    return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
 def _split(text: str) -> tuple[str, str]:
@@ -307,17 +362,23 @@ def save_config(cfg: Any, path: str | os.PathLike) -> None:
 
 @dataclass(frozen=True)
 class StudentConfig:
-    """Stage two: one student trained from a cache (the teacher is never loaded)."""
+    """Stage two: one student trained from a cache (the teacher is never loaded).
 
-    cache: str = ""  # "" = the default cache of dataset/teacher under cache_root
-    cache_root: str = "data/caches"
-    dataset: str = "digits"  # only to find the default cache when cache is empty
+    ``loss``, ``target``, ``temperature`` and ``layer`` apply only to the students (and losses)
+    that declare them (see pipeline.students.registry.uses): None = not given (the default
+    where the axis applies); a value given where it does not apply is refused. In a run's
+    resolved config and results row, None means the run does not use it.
+    """
+
+    cache: str = path_field("")  # "" = the default cache of dataset/teacher under cache_root
+    cache_root: str = path_field("data/caches")
+    dataset: str = dataset_field("digits")  # only to find the default cache when cache is empty
     teacher: str = "auto"
     model: str = "linear_svc"  # a student registry name
-    loss: str = "kd"  # input students: a loss registry name
-    target: str = "labels"  # feature students: labels | teacher (logreg_soft: teacher probabilities)
-    layer: str = ""  # feature students / fitnet: cached layer; "" = the cache's first layer
-    t: float = 0.0  # temperature; 0 = the cache's default
+    loss: str | None = None  # students trained with a loss: a loss registry name (default kd)
+    target: str | None = None  # students fitting hard targets: labels (default) | teacher
+    layer: str | None = None  # cached feature read by feature students and feature losses (default: the first)
+    temperature: float | None = None  # softening temperature; default: the cache's
     alpha: float = 0.9  # weight of the teacher term (kd, mse_logits, fitnet)
     hint_weight: float = 1.0  # fitnet
     dkd_alpha: float = 1.0  # dkd: weight of target-class KD
@@ -331,11 +392,11 @@ class StudentConfig:
     batch_size: int = 64
     seed: int = 0
     device: str = "auto"
-    runs_dir: str = "data/runs"
+    runs_dir: str = path_field("data/runs")
 
     def check(self) -> None:
-        if self.t < 0:
-            raise KdError(f"t={self.t} must be > 0 (or 0 for the cache's default)")
+        if self.temperature is not None and not self.temperature > 0:
+            raise KdError(f"temperature={self.temperature} must be > 0 (or none for the cache's default)")
         if not 0.0 <= self.alpha <= 1.0:
             raise KdError(f"alpha={self.alpha} must be in [0, 1]")
         _positive(self, "epochs", "lr", "batch_size", "sgd_alpha")
@@ -346,7 +407,7 @@ class StudentConfig:
             raise KdError(f"width={self.width} must be in 0..{MAX_WIDTH} (0 = the student's default)")
         _check_seed("seed", self.seed)
         _check_device(self.device)
-        if self.target not in ("labels", "teacher"):
+        if self.target not in (None, "labels", "teacher"):
             raise KdError(f"target={self.target!r} must be labels or teacher")
         if self.C != "auto":
             try:
@@ -359,12 +420,14 @@ class StudentConfig:
 
 @dataclass(frozen=True)
 class SweepConfig(StudentConfig):
-    """A grid of students from one cache: every combination of the lists below."""
+    """A grid of students from one cache: every combination of the lists below that applies
+    (a student without a loss has no loss axis; a run without a temperature no temperature
+    axis)."""
 
     models: tuple[str, ...] = ("linear_svc", "logreg", "cnn_small")
     losses: tuple[str, ...] = ("kd", "ce")
     seeds: tuple[int, ...] = (0, 1, 2)
-    temperatures: tuple[float, ...] = ()  # () = just t
+    temperatures: tuple[float, ...] = ()  # () = just temperature (default: the cache's)
 
     def check(self) -> None:
         super().check()
@@ -383,11 +446,11 @@ class SweepConfig(StudentConfig):
 
 @dataclass(frozen=True)
 class ReportConfig:
-    cache: str = ""
-    cache_root: str = "data/caches"
-    dataset: str = "digits"
+    cache: str = path_field("")
+    cache_root: str = path_field("data/caches")
+    dataset: str = dataset_field("digits")
     teacher: str = "auto"
-    out: str = ""  # "" = <results table>/report
+    out: str = path_field("")  # "" = <results table>/report
 
     def check(self) -> None:
         pass

@@ -1,14 +1,19 @@
 """Distillation losses (a registry). Each is a pure function of the student's outputs and the
 cached teacher targets; each docstring gives the formula and the paper.
 
-Common arguments: ``z_s`` student logits [B, C]; ``z_t`` raw cached teacher logits [B, C];
-``y`` labels [B]; ``T`` temperature; KL(p ‖ q) = Σ p (log p − log q), averaged over the batch.
-Every loss returns a scalar tensor. Extra keyword arguments a loss does not use are ignored, so
-the training loop can call every loss the same way.
+Common arguments, named as in the formulas: ``z_s`` student logits [B, C]; ``z_t`` raw cached
+teacher logits [B, C]; ``y`` labels [B]; ``T`` the temperature; KL(p ‖ q) = Σ p (log p − log q),
+averaged over the batch. Every loss returns a scalar tensor. Extra keyword arguments a loss does
+not use are ignored, so the training loop can call every loss the same way.
+
+Each loss declares at registration what it needs (:class:`LossNeeds`): whether it reads the
+cached logits, a cached feature, and whether it softens by a temperature. Students, sweeps,
+results rows and CLI checks all derive from that one declaration.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -16,13 +21,28 @@ import torch.nn.functional as F
 
 from pipeline.registry import Registry
 
-Loss = Callable[..., torch.Tensor]
-LOSSES: Registry[Loss] = Registry("loss")
 
-# Losses that read the cached teacher logits / a cached teacher feature. `ce` reads neither.
-USES_FEATURES = {"fitnet"}  # losses that take the teacher's features f_t
-SOFT_TARGETS = {"kd", "fitnet"}  # losses that accept the teacher's soft targets precomputed
-LABELS_ONLY = {"ce"}  # losses that ignore the teacher: a student trained with one reads no logits
+@dataclass(frozen=True)
+class LossNeeds:
+    """What a loss reads from the cache and uses from the run, declared once at registration.
+
+    - ``logits``: reads the cached teacher logits ``z_t``. False for a label-only baseline,
+      whose runs read no teacher output at all.
+    - ``features``: reads a cached teacher feature ``f_t`` (flattened) and the student's hint
+      ``hint`` (its penultimate activation through a learned adapter to ``f_t``'s width); the
+      run's ``layer`` names the cached feature.
+    - ``temperature``: softens by ``T``. The trainer then passes ``T`` and the teacher's soft
+      targets ``log_p_t = log softmax(z_t / T)`` and ``p_t = softmax(z_t / T)``, computed off
+      the autograd graph; runs record the temperature (otherwise it is recorded as unused).
+    """
+
+    logits: bool = True
+    features: bool = False
+    temperature: bool = False
+
+
+Loss = Callable[..., torch.Tensor]
+LOSSES: Registry[Loss] = Registry("loss", LossNeeds)
 
 
 def soft_kl(z_s: torch.Tensor, z_t: torch.Tensor, T: float, log_p_t: torch.Tensor | None = None,
@@ -31,7 +51,7 @@ def soft_kl(z_s: torch.Tensor, z_t: torch.Tensor, T: float, log_p_t: torch.Tenso
 
     ``log_p_t`` = log softmax(z_t/T) and ``p_t`` = softmax(z_t/T) may be passed precomputed:
     they are constants of the teacher, and on small students each op of a training step
-    counts (see ``TorchStudent.fit_stream``, which computes them in NumPy per batch).
+    counts (the trainer computes them in NumPy per batch).
     """
     log_p_s = F.log_softmax(z_s / T, dim=1)
     if log_p_t is None:
@@ -41,7 +61,7 @@ def soft_kl(z_s: torch.Tensor, z_t: torch.Tensor, T: float, log_p_t: torch.Tenso
     return (p_t * (log_p_t - log_p_s)).sum(dim=1).mean()
 
 
-@LOSSES.register("ce")
+@LOSSES.register("ce", logits=False)
 def ce(z_s: torch.Tensor, y: torch.Tensor, **_) -> torch.Tensor:
     """Cross-entropy on the labels only: L = CE(z_s, y) = −log softmax(z_s)_y.
 
@@ -50,7 +70,7 @@ def ce(z_s: torch.Tensor, y: torch.Tensor, **_) -> torch.Tensor:
     return F.cross_entropy(z_s, y)
 
 
-@LOSSES.register("kd")
+@LOSSES.register("kd", temperature=True)
 def kd(z_s: torch.Tensor, y: torch.Tensor, *, z_t: torch.Tensor, T: float = 4.0,
        alpha: float = 0.9, log_p_t: torch.Tensor | None = None, p_t: torch.Tensor | None = None,
        **_) -> torch.Tensor:
@@ -80,7 +100,7 @@ def mse_logits(z_s: torch.Tensor, y: torch.Tensor, *, z_t: torch.Tensor, alpha: 
     return alpha * F.mse_loss(z_s, z_t) + (1.0 - alpha) * F.cross_entropy(z_s, y)
 
 
-@LOSSES.register("fitnet")
+@LOSSES.register("fitnet", features=True, temperature=True)
 def fitnet(z_s: torch.Tensor, y: torch.Tensor, *, z_t: torch.Tensor, hint: torch.Tensor,
            f_t: torch.Tensor, T: float = 4.0, alpha: float = 0.9, hint_weight: float = 1.0,
            log_p_t: torch.Tensor | None = None, p_t: torch.Tensor | None = None,
@@ -98,7 +118,7 @@ def fitnet(z_s: torch.Tensor, y: torch.Tensor, *, z_t: torch.Tensor, hint: torch
             + hint_weight * F.mse_loss(hint, f_t))
 
 
-@LOSSES.register("dkd")
+@LOSSES.register("dkd", temperature=True)
 def dkd(z_s: torch.Tensor, y: torch.Tensor, *, z_t: torch.Tensor, T: float = 4.0,
         dkd_alpha: float = 1.0, dkd_beta: float = 8.0, **_) -> torch.Tensor:
     """Decoupled knowledge distillation.

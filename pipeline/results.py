@@ -15,10 +15,13 @@ import pyarrow.parquet as pq
 
 from pipeline.io import atomic_path
 
+# One column per concept. None (null) in loss, target, temperature, layer or C means the run
+# does not use it (e.g. a feature student has no loss; label-only training no temperature).
 SCHEMA = pa.schema([
     ("run_id", pa.string()), ("time", pa.string()), ("model", pa.string()), ("kind", pa.string()),
-    ("loss", pa.string()), ("T", pa.float64()), ("alpha", pa.float64()), ("seed", pa.int64()),
-    ("epochs", pa.int64()), ("C", pa.string()), ("layer", pa.string()),
+    ("loss", pa.string()), ("target", pa.string()), ("temperature", pa.float64()),
+    ("layer", pa.string()), ("alpha", pa.float64()), ("seed", pa.int64()), ("epochs", pa.int64()),
+    ("C", pa.string()),
     ("test_accuracy", pa.float64()), ("val_accuracy", pa.float64()),
     ("teacher_agreement", pa.float64()), ("kl_teacher_student", pa.float64()), ("ece", pa.float64()),
     ("params", pa.int64()), ("fit_seconds", pa.float64()), ("latency_ms", pa.float64()),
@@ -33,7 +36,12 @@ def results_dir(cache_root: str | Path) -> Path:
 
 
 def append_row(directory: Path, row: dict[str, Any]) -> Path:
-    table = pa.Table.from_pylist([{name: row.get(name) for name in SCHEMA.names}], schema=SCHEMA)
+    """Write ``row`` (exactly the SCHEMA's keys: a key the schema lacks would vanish from the
+    table, so it is a bug, not a choice) as one new Parquet file of the table."""
+    if set(row) != set(SCHEMA.names):
+        raise ValueError(f"a results row must hold exactly the SCHEMA's columns; extra: "
+                         f"{sorted(set(row) - set(SCHEMA.names))}, missing: {sorted(set(SCHEMA.names) - set(row))}")
+    table = pa.Table.from_pylist([row], schema=SCHEMA)
     path = Path(directory) / f"{row['run_id']}.parquet"
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)

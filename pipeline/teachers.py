@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,12 +181,16 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                       "state dict (.pt/.pth/.safetensors), or omit it to train one")
     advice = "save a plain state dict with torch.save(model.state_dict(), ...) or safetensors"
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+        # torch warns about files it then refuses (e.g. "Detected pickle protocol 4"): the user
+        # is owed kdcache's one line, not two lines of torch's own first
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if path.suffix == ".safetensors":
+                from safetensors.torch import load_file
 
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+                state = load_file(str(path))
+            else:
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "global" not in str(exc).lower():  # no refused class or function: not a torch file
             raise KdError(f"teacher checkpoint {path} cannot be read safely (not a torch state dict "

@@ -187,6 +187,13 @@ class Payload:
 SENTINEL = "UNPICKLED"
 
 
+def _pickle_dump(path: Path, obj) -> Path:
+    import pickle
+
+    path.write_bytes(pickle.dumps(obj, protocol=4))
+    return path
+
+
 # --------------------------------------------------------------------------- caches
 
 _TEMPLATE_DIRS: list[Path] = []
@@ -414,13 +421,14 @@ CASES: list[Case] = [
     Case("value-with-second-equals", CONFIG, "key=value=value",
          lambda tmp: cache_cmd(tmp, shard_size="64=3"), r"shard_size='64=3' is not valid"),
     Case("float-not-finite", CONFIG, "nan for a number",
-         lambda tmp: cache_cmd(tmp, t="nan"), r"t='nan' is not valid: t expects a finite number"),
+         lambda tmp: cache_cmd(tmp, temperature="nan"),
+         r"temperature='nan' is not valid: temperature expects a finite number"),
     Case("float-beyond-float32", CONFIG, "a number beyond float32",
          lambda tmp: cache_cmd(tmp, lr="1e39"), r"lr='1e39' is beyond the float32 range"),
     Case("bool-not-a-bool", CONFIG, "a bool key given maybe",
          lambda tmp: cache_cmd(tmp, pool="maybe"), r"pool='maybe' is not valid: pool expects true or false"),
-    Case("temperature-zero", CONFIG, "t=0 for the cache",
-         lambda tmp: cache_cmd(tmp, t="0"), r"t=0.0 must be > 0"),
+    Case("temperature-zero", CONFIG, "temperature=0 for the cache",
+         lambda tmp: cache_cmd(tmp, temperature="0"), r"temperature=0.0 must be > 0"),
     Case("val-fraction-out-of-range", CONFIG, "val_fraction outside (0, 0.9)",
          lambda tmp: cache_cmd(tmp, val_fraction="0.95"), r"val_fraction=0.95 must be in \(0, 0.9\)"),
     Case("shard-not-multiple-of-chunk", CONFIG, "shard_size not a multiple of chunk_size",
@@ -573,6 +581,9 @@ CASES: list[Case] = [
     Case("ckpt-pickle-payload", CKPT, "a torch.save of Python objects (never unpickled)",
          ckpt_case(lambda tmp: saved("payload.pt", {"w": Payload(tmp / SENTINEL)})(tmp)),  # unpickling it makes a dir
          r"teacher checkpoint .*payload.pt .*(pickled|Python objects)"),
+    Case("ckpt-plain-pickle", CKPT, "a pickle.dump file (torch warns before refusing it)",
+         ckpt_case(lambda tmp: _pickle_dump(tmp / "plain.pt", {"w": Payload(tmp / SENTINEL)})),
+         r"teacher checkpoint .*plain.pt cannot be read safely \(not a torch state dict file\)"),
     Case("ckpt-not-tensors", CKPT, "a dict of lists, not tensors",
          ckpt_case(saved("lists.pt", {"w": [1.0, 2.0]})), r"teacher checkpoint .*lists.pt does not hold a state dict of tensors"),
     Case("ckpt-bare-tensor", CKPT, "one tensor, not a state dict",
@@ -657,8 +668,23 @@ CASES: list[Case] = [
          student_cmd("model=linear_svc", "loss=nope"), r"unknown loss 'nope'"),
     Case("layer-not-in-cache", STAGE2, "a layer the cache did not store",
          student_cmd("layer=block9"), r"cache .*cache holds no layer 'block9'; it holds embed"),
-    Case("negative-temperature", STAGE2, "t=-1",
-         student_cmd("t=-1"), r"t=-1.0 must be > 0 \(or 0 for the cache's default\)"),
+    Case("negative-temperature", STAGE2, "temperature=-1",
+         student_cmd("model=mlp", "temperature=-1"),
+         r"temperature=-1.0 must be > 0 \(or none for the cache's default\)"),
+    Case("loss-does-not-apply", STAGE2, "loss= for a student trained without a loss",
+         student_cmd("model=linear_svc", "loss=kd"),
+         r"loss=kd does not apply: model linear_svc trains without a loss; drop loss= or pick a "
+         r"student that takes one \(cnn1d, cnn_small, mlp, resnet_small\)"),
+    Case("temperature-does-not-apply", STAGE2, "temperature= for a loss without one",
+         student_cmd("model=mlp", "loss=ce", "temperature=2"),
+         r"temperature=2 does not apply: loss ce uses no temperature; drop temperature="),
+    Case("target-does-not-apply", STAGE2, "target= for a student that fits no hard targets",
+         student_cmd("model=mlp", "target=teacher"),
+         r"target=teacher does not apply: model mlp fits no hard targets; drop target= or pick "
+         r"linear_svc, logreg, sgd"),
+    Case("layer-does-not-apply", STAGE2, "layer= for a loss that reads no feature",
+         student_cmd("model=mlp", "loss=kd", "layer=embed"),
+         r"layer=embed does not apply: loss kd reads no cached feature; drop layer="),
     Case("alpha-above-1", STAGE2, "alpha=1.5",
          student_cmd("alpha=1.5"), r"alpha=1.5 must be in \[0, 1\]"),
     Case("alpha-below-0", STAGE2, "alpha=-0.1",
@@ -679,12 +705,13 @@ CASES: list[Case] = [
          student_cmd("model=mlp", "lr=3e38"), r"lr=3e\+38 is above 10, where training only diverges"),
     Case("sgd-alpha-too-large", STAGE2, "sgd_alpha=3e38",
          student_cmd("model=sgd", "sgd_alpha=3e38"), r"sgd_alpha=3e\+38 is above 100"),
-    Case("training-diverges", STAGE2, "kd at t=1e30: T² overflows float32 and the loss is inf",
-         student_cmd("model=mlp", "loss=kd", "t=1e30", "epochs=1"),
+    Case("training-diverges", STAGE2, "kd at temperature=1e30: T² overflows float32 and the loss is inf",
+         student_cmd("model=mlp", "loss=kd", "temperature=1e30", "epochs=1"),
          r"student mlp/kd: the loss became (inf|nan) in epoch 0; training diverged"),
-    Case("soft-targets-starved", STAGE2, "logreg_soft at t=1e-30: one-hot soft targets",
-         student_cmd("model=logreg_soft", "t=1e-30"),
-         r"at T=1e-30 the teacher gives class\(es\) .* almost no probability .*use a larger t"),
+    Case("soft-targets-starved", STAGE2, "logreg_soft at temperature=1e-30: one-hot soft targets",
+         student_cmd("model=logreg_soft", "temperature=1e-30"),
+         r"at temperature 1e-30 the teacher gives class\(es\) .* almost no probability .*use a "
+         r"larger temperature"),
     Case("student-too-wide", STAGE2, "width=100000000",
          student_cmd("model=mlp", "width=100000000"), r"width=100000000 must be in 0..4096"),
     Case("dataset-changed", STAGE2, "the npz rewritten after caching",
@@ -926,7 +953,8 @@ def test_every_category_is_covered():
     assert len(CASES) >= 15 and min(counts.values()) >= 5, counts
 
 
-@pytest.mark.parametrize("case_id", ["unknown-key", "npz-object-arrays", "dataset-changed"])
+@pytest.mark.parametrize("case_id", ["unknown-key", "npz-object-arrays", "dataset-changed",
+                                     "ckpt-plain-pickle"])
 def test_bad_input_in_a_real_process(tmp_path, case_id):
     """The installed console script: no traceback escapes at the process level either, and the
     message is the one the in-process run gives."""
@@ -1000,7 +1028,7 @@ def _invalid_text(kind: type) -> st.SearchStrategy[str]:
 VALID_CACHE = {
     "dtype": st.sampled_from(["float16", "float32"]),
     "compression": st.sampled_from(["none", "zstd"]),
-    "t": _num(st.floats(0.5, 8.0)),
+    "temperature": _num(st.floats(0.5, 8.0)),
     "pool": st.sampled_from(["true", "false", "yes", "no", "on", "off", "1", "0", "True", " off "]),
     "seed": _num(st.integers(0, 2**32 - 1)),
     "val_fraction": _num(st.floats(0.05, 0.5)),
@@ -1021,7 +1049,7 @@ VALID_STUDENT = {
     "loss": st.sampled_from(["kd", "ce", "mse_logits", "fitnet", "dkd"]),
     "target": st.sampled_from(["labels", "teacher"]),
     "layer": st.sampled_from(["", "embed"]),
-    "t": _num(st.floats(0.0, 8.0)),
+    "temperature": _num(st.floats(0.5, 8.0)),
     "alpha": _num(st.floats(0.0, 1.0)),
     "C": st.one_of(st.just("auto"), _num(st.floats(0.01, 100.0))),
     "epochs": _num(st.integers(1, 3)),
@@ -1034,7 +1062,7 @@ VALID_STUDENT = {
 }
 # Values outside each key's range: refused by the config's checks, whatever else is given.
 OUT_OF_RANGE_CACHE = {
-    "t": _num(st.floats(max_value=0.0, allow_nan=False, allow_infinity=False, min_value=-1e30)),
+    "temperature": _num(st.floats(max_value=0.0, allow_nan=False, allow_infinity=False, min_value=-1e30)),
     "val_fraction": _num(st.one_of(st.floats(0.9, 1e6), st.floats(-1e6, 0.0))),
     "shard_size": _num(st.integers(max_value=0, min_value=-(2**70))),
     "chunk_size": _num(st.one_of(st.integers(-(2**40), -1), st.integers(65537, 2**70))),
@@ -1048,7 +1076,7 @@ OUT_OF_RANGE_CACHE = {
     "infer_batch_size": _num(st.integers(-(2**40), 0)),
 }
 OUT_OF_RANGE_STUDENT = {
-    "t": _num(st.floats(-1e30, -1e-9)),
+    "temperature": _num(st.floats(-1e30, -1e-9)),
     "alpha": _num(st.one_of(st.floats(-1e30, -1e-9), st.floats(1.000001, 1e30))),
     "epochs": _num(st.integers(-(2**40), 0)),
     "lr": _num(st.floats(-1e30, 0.0)),

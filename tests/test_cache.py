@@ -144,7 +144,7 @@ def test_temperature_must_be_positive(small_cache, T):
     with pytest.raises(KdError, match="must be > 0"):
         cache.logits("train", T)
     with pytest.raises(KdError, match="must be > 0"):
-        next(cache.stream("train", T=T))
+        next(cache.stream("train", temperature=T))
 
 
 def test_reader_names_missing_split_and_layer(small_cache):
@@ -215,7 +215,7 @@ def test_stream_yields_every_row_once_and_joins_by_id(small_cache, shuffle):
     ids, labels = cache.sample_ids(split), cache.labels(split)
     row_of = {int(i): r for r, i in enumerate(ids)}
     for epoch in range(2):
-        batches, seen = collect(cache, split, batch_size=20, T=T, layers=("embed",), shuffle=shuffle,
+        batches, seen = collect(cache, split, batch_size=20, temperature=T, layers=("embed",), shuffle=shuffle,
                                 seed=epoch, buffer_chunks=3)
         assert sorted(seen.tolist()) == sorted(ids.tolist())  # every row, exactly once
         if shuffle:

@@ -139,3 +139,35 @@ def test_signal_npz_with_cnn1d_end_to_end(tmp_path, capsys):
     cache = open_cache(summary["cache"])
     np.testing.assert_array_equal(cache.sample_ids("test"), np.arange(150, 180))
     np.testing.assert_array_equal(cache.labels("test"), y_test)
+
+
+def test_a_cache_built_with_relative_paths_works_from_any_directory(tmp_path, monkeypatch, capsys):
+    """Manifests and run configs hold absolute paths: a cache built in one directory from a
+    relative npz, default teacher and relative cache path verifies and trains students from
+    another directory."""
+    here, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    here.mkdir(), elsewhere.mkdir()
+    monkeypatch.chdir(here)
+    rng = np.random.default_rng(0)
+    y = np.arange(120) % 3
+    np.savez("signals.npz", x_train=(rng.normal(size=(120, 12)) + y[:, None]).astype(np.float32),
+             y_train=y, x_test=(rng.normal(size=(30, 12)) + y[:30, None]).astype(np.float32),
+             y_test=y[:30])
+    assert main(["cache", "dataset=npz:signals.npz", "teacher=mlp", "epochs=2",
+                 "scheduler=synchronous", "cache=caches/signals"]) == 0
+    manifest = json.loads((here / "caches/signals/manifest.json").read_text())
+    assert manifest["teacher"]["ckpt"] == str(here / "data/teachers/npz-signals/mlp/model.safetensors")
+    assert manifest["dataset"]["config"]["dataset"] == f"npz:{here}/signals.npz"
+    assert manifest["dataset"]["config"]["data_root"] == str(here / "data/datasets")
+
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["verify", f"cache={here}/caches/signals", "--json"]) == 0
+    checks = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["checks"]
+    assert all(v.startswith("ok") for v in checks.values()), checks
+    assert main(["student", "cache=../project/caches/signals", "model=mlp", "epochs=1", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["cache"] == str(here / "caches/signals")
+    assert row["run_dir"].startswith(str(elsewhere / "data/runs/signals/"))
+    config = json.loads((Path(row["run_dir"]) / "config.json").read_text())["config"]
+    assert config["cache"] == str(here / "caches/signals") and config["runs_dir"] == str(elsewhere / "data/runs")

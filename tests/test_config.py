@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -23,8 +24,8 @@ from pipeline.errors import KdError
         ("overwrite=on", "overwrite", True),
         ("epochs=7", "epochs", 7),
         ("epochs= 12 ", "epochs", 12),
-        ("t=2.5", "t", 2.5),
-        ("t=3", "t", 3.0),
+        ("temperature=2.5", "temperature", 2.5),
+        ("temperature=3", "temperature", 3.0),
         ("lr=1e-4", "lr", 1e-4),
         ("dataset=npz:/tmp/a=b.npz", "dataset", "npz:/tmp/a=b.npz"),
         ("layers=embed", "layers", ("embed",)),
@@ -41,7 +42,9 @@ def test_key_value_coercion(arg, field, expected):
 
 def test_defaults_without_overrides():
     cfg = resolve(CacheConfig, [])
-    assert cfg == CacheConfig()
+    assert cfg == dataclasses.replace(CacheConfig(), cache_root=str(Path.cwd() / "data/caches"),
+                                      teacher_dir=str(Path.cwd() / "data/teachers"),
+                                      data_root=str(Path.cwd() / "data/datasets"))
     assert cfg.dtype == "float16" and cfg.layers == () and cfg.chunk_size == 0  # auto: resolved per dataset
 
 
@@ -64,9 +67,9 @@ def test_key_of_another_stage_is_unknown():
         ("epochs=many", "an integer"),
         ("epochs=2.5", "an integer"),
         ("epochs=true", "an integer"),
-        ("t=hot", "a finite number"),
-        ("t=nan", "a finite number"),
-        ("t=inf", "a finite number"),
+        ("temperature=hot", "a finite number"),
+        ("temperature=nan", "a finite number"),
+        ("temperature=inf", "a finite number"),
         ("pool=maybe", "true or false"),
     ],
 )
@@ -84,11 +87,11 @@ def test_argument_that_is_not_key_value(arg):
 
 def test_yaml_file_then_overrides_win(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text("dataset: synthetic:100:8:2\nt: 3\nepochs: 5\npool: false\nlayers: [embed, head]\n")
+    path.write_text("dataset: synthetic:100:8:2\ntemperature: 3\nepochs: 5\npool: false\nlayers: [embed, head]\n")
     # key=value arguments win whether they come before or after config=FILE
-    for args in (["t=2", f"config={path}"], [f"config={path}", "t=2"]):
+    for args in (["temperature=2", f"config={path}"], [f"config={path}", "temperature=2"]):
         cfg = resolve(CacheConfig, args)
-        assert cfg.t == 2.0
+        assert cfg.temperature == 2.0
         assert cfg.dataset == "synthetic:100:8:2"
         assert cfg.epochs == 5
         assert cfg.pool is False
@@ -118,16 +121,16 @@ def test_bad_config_file(tmp_path, text, match):
 
 
 def test_config_is_frozen():
-    cfg = resolve(CacheConfig, ["t=2"])
+    cfg = resolve(CacheConfig, ["temperature=2"])
     with pytest.raises(dataclasses.FrozenInstanceError):
-        cfg.t = 3.0  # type: ignore[misc]
+        cfg.temperature = 3.0  # type: ignore[misc]
 
 
 @pytest.mark.parametrize(
     ("cls", "arg", "match"),
     [
-        (CacheConfig, "t=0", "t=0.0 must be > 0"),
-        (CacheConfig, "t=-1", "must be > 0"),
+        (CacheConfig, "temperature=0", "temperature=0.0 must be > 0"),
+        (CacheConfig, "temperature=-1", "must be > 0"),
         (CacheConfig, "chunk_size=256 shard_size=100", "shard_size=100 must be a multiple of chunk_size=256"),
         (CacheConfig, "chunk_size=-1", r"chunk_size=-1 must be >= 0 \(0 = auto\)"),
         (CacheConfig, "dtype=bfloat16", "dtype='bfloat16' is not supported"),
@@ -161,5 +164,43 @@ def test_integer_round_trip(value):
 
 def test_error_message_is_one_line():
     with pytest.raises(KdError) as info:
-        resolve(CacheConfig, ["t=not\na\nnumber"])
+        resolve(CacheConfig, ["temperature=not\na\nnumber"])
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("text", ["none", "None", "", " none "])
+def test_optional_fields_take_none(text):
+    from pipeline.config import StudentConfig
+
+    assert resolve(StudentConfig, [f"temperature={text}"]).temperature is None
+    assert resolve(StudentConfig, ["temperature=2"]).temperature == 2.0
+
+
+def test_yaml_null_is_none_only_for_optional_fields(tmp_path):
+    from pipeline.config import StudentConfig
+
+    path = tmp_path / "run.yaml"
+    path.write_text("temperature: null\nloss: null\n")
+    cfg = resolve(StudentConfig, [f"config={path}"])
+    assert cfg.temperature is None and cfg.loss is None
+    path.write_text("epochs: null\n")
+    with pytest.raises(KdError, match="epochs has no value"):
+        resolve(StudentConfig, [f"config={path}"])
+
+
+def test_paths_are_stored_absolute(tmp_path, monkeypatch):
+    """A config resolved in one directory means the same from any other."""
+    from pipeline.config import StudentConfig
+
+    monkeypatch.chdir(tmp_path)
+    cfg = resolve(CacheConfig, ["dataset=npz:data/x.npz", "teacher_ckpt=w/t.pt", "cache=c",
+                                "teacher_dir=../teachers"])
+    assert cfg.dataset == f"npz:{tmp_path}/data/x.npz"
+    assert cfg.teacher_ckpt == f"{tmp_path}/w/t.pt"
+    assert cfg.cache == f"{tmp_path}/c" and cfg.teacher_dir == f"{tmp_path.parent}/teachers"
+    assert cfg.cache_root == f"{tmp_path}/data/caches" and cfg.data_root == f"{tmp_path}/data/datasets"
+    assert resolve(CacheConfig, ["dataset=imagefolder:imgs:64"]).dataset == f"imagefolder:{tmp_path}/imgs:64"
+    # keywords, empty values and specs without a path stay as they are
+    cfg = resolve(CacheConfig, ["teacher_ckpt=random", "dataset=synthetic:300:8"])
+    assert cfg.teacher_ckpt == "random" and cfg.cache == "" and cfg.dataset == "synthetic:300:8"
+    assert resolve(StudentConfig, ["runs_dir=runs"]).runs_dir == f"{tmp_path}/runs"

@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from pipeline.cache.reader import log_softmax
-from pipeline.losses import LOSSES, SOFT_TARGETS
+from pipeline.losses import LOSSES
 
 REFERENCE_FILE = Path(__file__).parent / "data" / "loss_reference.json"
 
@@ -384,12 +384,16 @@ if __name__ == "__main__" and "--regenerate" in sys.argv:
     print(f"wrote {REFERENCE_FILE}")
 
 
-@pytest.mark.parametrize("name", sorted(SOFT_TARGETS))
+TEMPERATURE_LOSSES = [name for name in LOSSES if LOSSES.declared(name).temperature]
+
+
+@pytest.mark.parametrize("name", TEMPERATURE_LOSSES)
 @PROPERTY_SETTINGS
 @given(t=batches())
 def test_precomputed_soft_targets_give_the_same_loss_and_gradient(name, t):
-    """TorchStudent hands these losses the teacher's soft targets computed in NumPy; the value
-    and the student's gradient must be those of the loss computing them itself."""
+    """The trainer hands every loss that declares a temperature the teacher's soft targets
+    computed in NumPy; the value and the student's gradient must be those of the loss computing
+    them itself (or ignoring them)."""
     kwargs = CASES[name]["kwargs"]
     log_p_t = log_softmax(t["z_t"].numpy() / kwargs["T"], axis=1)
     soft = {"log_p_t": torch.from_numpy(log_p_t), "p_t": torch.from_numpy(np.exp(log_p_t))}
@@ -402,3 +406,24 @@ def test_precomputed_soft_targets_give_the_same_loss_and_gradient(name, t):
         grads.append(z_s.grad)
     torch.testing.assert_close(values[1], values[0], rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+@PROPERTY_SETTINGS
+@given(t=batches(), data=st.data())
+def test_declarations_are_honest(name, t, data):
+    """What a loss declares it does not read must not change its value: a loss that declares
+    ``logits=False`` ignores ``z_t``, ``features=False`` ignores ``f_t`` and the hint, and
+    ``temperature=False`` ignores ``T``. (Students skip reading what is not declared, so an
+    undeclared dependency would silently train on missing targets.)"""
+    needs = LOSSES.declared(name)
+    kwargs = {k: v for k, v in CASES[name]["kwargs"].items() if k != "T"}
+    value = float(call(name, t, T=3.0, **kwargs))
+    noise = data.draw(st.floats(0.5, 3.0))
+    if not needs.logits:
+        assert float(call(name, {**t, "z_t": t["z_t"] * -noise}, T=3.0, **kwargs)) == value
+    if not needs.features:
+        assert float(call(name, {**t, "f_t": t["f_t"] + noise, "hint": t["hint"] - noise},
+                          T=3.0, **kwargs)) == value
+    if not needs.temperature:
+        assert float(call(name, t, T=3.0 + noise, **kwargs)) == value

@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.cache import format as fmt
 from pipeline.data import dataset_slug
-from stages.cache import default_cache_path
+from pipeline.paths import default_cache_path
 from stages.cli import main
 
 PICKLE_OR_TORCH_ZIP = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")

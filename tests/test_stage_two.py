@@ -29,7 +29,8 @@ from pipeline.io import sha256_file
 from pipeline.results import read_results, results_dir
 from pipeline.rows import BLOCK_ROWS
 from stages.cli import main as cli
-from stages.student import joined_inputs, run_student
+from pipeline.runs import train_student
+from pipeline.students.data import joined_inputs
 
 SUMMARY_KEYS = {"model", "loss", "test_accuracy", "val_accuracy", "teacher_agreement",
                 "teacher_test_accuracy", "params", "fit_seconds", "run_dir"}
@@ -199,11 +200,11 @@ def test_stream_batches_match_rows_of_their_sample_ids(env, shuffled, which):
     cache = open_cache(env.cache if which == "original" else shuffled.root)
     layer = cache.layers[0]
     for split in ("train", "test"):
-        full_logits = cache.logits(split, T=2.0)
+        full_logits = cache.logits(split, temperature=2.0)
         full_feats = cache.features(split, layer)
         ids, labels = cache.sample_ids(split), cache.labels(split)
         seen = []
-        for batch in cache.stream(split, batch_size=50, T=2.0, layers=(layer,), shuffle=True,
+        for batch in cache.stream(split, batch_size=50, temperature=2.0, layers=(layer,), shuffle=True,
                                   seed=5, buffer_chunks=2):
             rows = positions_of(ids, batch.sample_id)
             np.testing.assert_array_equal(batch.logits, full_logits[rows])
@@ -237,8 +238,8 @@ def test_student_json_summary_run_dir_and_results_row(env, capsys):
     assert rc == 0, err
     summary = last_json(out)
     assert SUMMARY_KEYS <= set(summary)
-    assert summary["model"] == "linear_svc" and summary["loss"] == "target=labels"
-    assert summary["kind"] == "features" and summary["layer"] == "embed" and summary["T"] == 0.0
+    assert summary["model"] == "linear_svc" and summary["loss"] is None and summary["target"] == "labels"
+    assert summary["kind"] == "features" and summary["layer"] == "embed" and summary["temperature"] is None
     assert 0.8 < summary["test_accuracy"] <= 1.0
     assert summary["teacher_test_accuracy"] == pytest.approx(open_cache(env.cache).teacher_accuracy("test"))
 
@@ -274,10 +275,13 @@ def test_torch_student_run_files(env, capsys):
     from safetensors.torch import load_file
 
     rc, out, err = student(capsys, env.cache, env.runs, "model=cnn_small", "loss=kd", "epochs=2",
-                           "t=3", "--json")
+                           "temperature=3", "--json")
     assert rc == 0, err
     summary = last_json(out)
-    assert summary["kind"] == "inputs" and summary["loss"] == "kd" and summary["T"] == 3.0
+    assert summary["kind"] == "inputs" and summary["loss"] == "kd" and summary["temperature"] == 3.0
+    assert summary["target"] is None and summary["layer"] is None
+    config = json.loads((Path(summary["run_dir"]) / "config.json").read_text())["config"]
+    assert (config["loss"], config["temperature"], config["target"]) == ("kd", 3.0, None)
     run_dir = Path(summary["run_dir"])
     assert {p.name for p in run_dir.iterdir()} == RUN_FILES
     state = load_file(str(run_dir / "student.safetensors"))
@@ -402,18 +406,17 @@ def test_input_student_streams_train_inputs_chunk_by_chunk(env, capsys, monkeypa
 
 
 def test_logreg_soft_with_temperature(env, capsys):
-    rc, out, err = student(capsys, env.cache, env.runs, "model=logreg_soft", "t=2", "--json")
+    rc, out, err = student(capsys, env.cache, env.runs, "model=logreg_soft", "temperature=2", "--json")
     assert rc == 0, err
     summary = last_json(out)
-    assert summary["loss"] == "soft" and summary["T"] == 2.0
+    assert summary["loss"] is None and summary["target"] is None and summary["temperature"] == 2.0
     assert summary["test_accuracy"] > 0.8 and np.isfinite(summary["kl_teacher_student"])
     row = [r for r in read_results(results_dir(env.cache)).to_pylist() if r["run_id"] == summary["run_id"]]
-    assert row and row[0]["T"] == 2.0
+    assert row and row[0]["temperature"] == 2.0
 
 
 def test_c_auto_picks_the_best_validation_c(env, capsys):
-    from pipeline.students import create_student
-    from stages.student import C_GRID
+    from pipeline.students import C_GRID, create_student
 
     rc, out, err = student(capsys, env.cache, env.runs, "model=linear_svc", "C=auto", "--json")
     assert rc == 0, err
@@ -430,9 +433,11 @@ def test_c_auto_picks_the_best_validation_c(env, capsys):
     assert row["val_accuracy"] == pytest.approx(best)
 
 
-def test_fixed_c_is_not_recorded_as_chosen(env, capsys):
+def test_fixed_c_is_recorded_as_given(env, capsys):
     rc, out, _ = student(capsys, env.cache, env.runs, "model=logreg", "C=0.5", "--json")
-    assert rc == 0 and last_json(out)["C"] == ""
+    assert rc == 0 and last_json(out)["C"] == "0.5"
+    rc, out, _ = student(capsys, env.cache, env.runs, "model=cnn_small", "epochs=1", "--json")
+    assert rc == 0 and last_json(out)["C"] is None  # no C at all
 
 
 @pytest.mark.parametrize("loss", ["fitnet", "dkd"])
@@ -440,8 +445,8 @@ def test_fitnet_and_dkd(env, capsys, loss):
     rc, out, err = student(capsys, env.cache, env.runs, "model=cnn_small", f"loss={loss}", "epochs=2", "--json")
     assert rc == 0, err
     summary = last_json(out)
-    assert summary["loss"] == loss and summary["T"] == 4.0  # the cache's default temperature
-    assert summary["layer"] == ("embed" if loss == "fitnet" else "")
+    assert summary["loss"] == loss and summary["temperature"] == 4.0  # the cache's default
+    assert summary["layer"] == ("embed" if loss == "fitnet" else None)
     assert 0.0 <= summary["test_accuracy"] <= 1.0 and np.isfinite(summary["kl_teacher_student"])
 
 
@@ -468,7 +473,7 @@ def test_target_teacher_missing_classes(env, capsys, monkeypatch, model):
     rc, out, err = student(capsys, env.cache, env.runs, f"model={model}", "target=teacher", "--json")
     assert rc == 0, err
     summary = last_json(out)
-    assert summary["loss"] == "target=teacher"
+    assert summary["loss"] is None and summary["target"] == "teacher"
     assert np.isfinite(summary["kl_teacher_student"]) and np.isfinite(summary["ece"])
 
 
@@ -493,12 +498,12 @@ def test_sweep_then_report(env, capsys, tmp_path):
     assert summary["runs"] == 6
     rows = read_results(results_dir(cache)).to_pylist()
     assert len(rows) == 6
-    combos = sorted((r["model"], r["loss"], r["seed"]) for r in rows)
-    assert combos == sorted([("linear_svc", "target=labels", 0), ("linear_svc", "target=labels", 1),
-                             ("cnn_small", "kd", 0), ("cnn_small", "kd", 1),
-                             ("cnn_small", "ce", 0), ("cnn_small", "ce", 1)])
-    assert {r["T"] for r in rows if r["loss"] == "kd"} == {4.0}
-    assert {r["T"] for r in rows if r["loss"] != "kd"} == {0.0}
+    combos = sorted((r["model"], str(r["loss"]), str(r["target"]), r["seed"]) for r in rows)
+    assert combos == sorted([("linear_svc", "None", "labels", 0), ("linear_svc", "None", "labels", 1),
+                             ("cnn_small", "kd", "None", 0), ("cnn_small", "kd", "None", 1),
+                             ("cnn_small", "ce", "None", 0), ("cnn_small", "ce", "None", 1)])
+    assert {r["temperature"] for r in rows if r["loss"] == "kd"} == {4.0}
+    assert {r["temperature"] for r in rows if r["loss"] != "kd"} == {None}
 
     rc = cli(["report", f"cache={cache}", "--json"])
     out, err = capsys.readouterr()
@@ -506,13 +511,14 @@ def test_sweep_then_report(env, capsys, tmp_path):
     report = last_json(out)
     text = (Path(report["report"])).read_text()
     assert text.strip() in out
-    assert "| model | loss | T | test accuracy |" in text and "±" in text
+    assert "| model | loss | target | temperature | test accuracy |" in text and "±" in text
     assert "Against the label-only baseline" in text
     assert report["runs"] == 6 and report["groups"] == 3
-    for (model, loss) in [("linear_svc", "target=labels"), ("cnn_small", "kd"), ("cnn_small", "ce")]:
+    for (model, loss, cells) in [("linear_svc", None, "– | labels | –"), ("cnn_small", "kd", "kd | – | 4"),
+                                 ("cnn_small", "ce", "ce | – | –")]:
         acc = np.array([r["test_accuracy"] for r in rows if r["model"] == model and r["loss"] == loss])
         cell = f"{acc.mean():.4f} ± {acc.std(ddof=1):.4f}"
-        assert any(line.startswith(f"| {model} | {loss} |") and cell in line for line in text.splitlines()), cell
+        assert any(line.startswith(f"| {model} | {cells} |") and cell in line for line in text.splitlines()), cell
     out_dir = Path(report["report"]).parent
     assert out_dir == results_dir(cache) / "report"
     pngs = sorted(out_dir.glob("*.png"))
@@ -523,10 +529,10 @@ def test_sweep_then_report(env, capsys, tmp_path):
         assert len(data) > 1000 and data.startswith(b"\x89PNG\r\n\x1a\n")
 
 
-def test_run_student_api(env, tmp_path):
+def test_train_student_api(env, tmp_path):
     """The Python entry point behind the CLI: a resolved config in, the summary out."""
     cfg = resolve(StudentConfig, {"cache": str(env.cache), "model": "logreg", "runs_dir": str(tmp_path / "runs")})
-    summary = run_student(cfg, progress=False)
+    summary = train_student(cfg, progress=False)
     assert summary["model"] == "logreg" and Path(summary["results"]).is_file()
     assert Path(summary["run_dir"]).is_dir()
 

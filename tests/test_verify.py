@@ -103,7 +103,7 @@ def test_a_changed_dataset_fails_the_dataset_fingerprint(make_cache, tmp_path, c
     (2, {"train": 100, "val": 10, "test": 10}, {"train": 2, "val": 1, "test": 1}),  # >= 1 each
 ])
 def test_verify_apportions_rows_among_splits_exactly(rows, sizes, expected):
-    from stages.verify import apportion
+    from pipeline.cache.verify import apportion
 
     shares = apportion(rows, sizes)
     assert shares == expected

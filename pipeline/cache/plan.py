@@ -12,10 +12,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from pipeline import runtime
 from pipeline.cache import format as fmt
 from pipeline.config import CacheConfig, DataConfig, fingerprint
 from pipeline.data import Dataset
-from pipeline.teachers import Tapped, TeacherSpec
+from pipeline.errors import KdError
+from pipeline.teachers import Tapped, TeacherSpec, build_teacher, default_layers, state_fingerprint
 
 def codecs(compression: str) -> list:
     """Inner-chunk codecs: optionally zstd, then always a CRC32C so a flipped byte fails loudly
@@ -87,7 +89,7 @@ def plan(cfg: CacheConfig, dataset: Dataset, spec: TeacherSpec, shapes: dict[str
                     "input_shape": list(spec.input_shape), "num_classes": spec.num_classes},
         "dataset": {**dataset.describe(), "fingerprint": dataset.fingerprint, "config": data_cfg},
         "preprocessing": dataset.preprocessing,
-        "temperature": cfg.t, "views": fmt.VIEWS, "dtype": cfg.dtype,
+        "temperature": cfg.temperature, "views": fmt.VIEWS, "dtype": cfg.dtype,
         "shard_size": cfg.shard_size, "chunk_size": cfg.chunk_size,
         "compression": cfg.compression, "codecs": codec_names(cfg.compression),
         "layers": {name: list(shape) for name, shape in shapes.items() if name != "logits"},
@@ -124,3 +126,26 @@ def versions() -> dict[str, str]:
             "torch": torch.__version__, "torchvision": torchvision.__version__,
             "zarr": zarr.__version__, "pyarrow": pa.__version__, "numpy": np.__version__,
             "dask": dask.__version__, "scikit-learn": sklearn.__version__}
+
+
+def describe_teacher(cfg: CacheConfig, dataset: Dataset, arch: str,
+                     ckpt: str) -> tuple[TeacherSpec, dict[str, tuple[int, ...]], int]:
+    """Build the teacher once here (on the CPU) to fingerprint its weights and learn the tapped
+    layers' shapes. Returns (spec for the workers, per-sample output shapes, parameters).
+    Weights that emit NaN/inf, or logits of the wrong width, are refused before anything is
+    written."""
+    device = runtime.pick_device(cfg.device)
+    spec = TeacherSpec(arch, dataset.input_shape, dataset.num_classes, ckpt, cfg.seed,
+                       device=str(device), compile=cfg.compile, pool=cfg.pool)
+    model = build_teacher(spec)
+    layers = cfg.layers or default_layers(model)
+    shapes, finite = probe(Tapped(model, layers, cfg.pool, arch), dataset)
+    if not finite:
+        raise KdError(f"teacher {arch} produced NaN/inf outputs on the first training rows; check "
+                      f"the checkpoint {ckpt} and the inputs")
+    if shapes["logits"] != (dataset.num_classes,):
+        raise KdError(f"teacher {arch} outputs {shapes['logits']} logits but {dataset.spec} has "
+                      f"{dataset.num_classes} classes; use a checkpoint trained on this dataset")
+    spec = dataclasses.replace(spec, layers=tuple(layers), fingerprint=state_fingerprint(
+        model, arch, dataset.input_shape, dataset.num_classes))
+    return spec, shapes, sum(p.numel() for p in model.parameters())

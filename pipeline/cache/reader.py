@@ -1,8 +1,9 @@
 """Reading a finished cache: whole arrays, temperature-softened logits, and a streaming
 iterator with block shuffling for training on caches larger than memory.
 
-The cache stores **raw** logits z. Any temperature is applied at read time:
-``logits(split, T)`` returns z / T and ``probs(split, T)`` returns softmax(z / T).
+The cache stores **raw** logits z. Any temperature T is applied at read time:
+``logits(split, temperature=T)`` returns z / T and ``probs(split, temperature=T)`` returns
+softmax(z / T).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import pyarrow.parquet as pq
 
 from pipeline.cache import format as fmt
 from pipeline.cache.chunks import ChunkReader, chunk_reader, to_float32
+from pipeline.config import DataConfig, from_record
+from pipeline.data import Dataset, open_dataset
 from pipeline.errors import KdError
 
 
@@ -39,7 +42,7 @@ class Batch:
 
     sample_id: np.ndarray  # int64 [B]
     label: np.ndarray  # int64 [B]
-    logits: np.ndarray  # float32 [B, C], already divided by T
+    logits: np.ndarray | None  # float32 [B, C], already divided by the temperature
     features: dict[str, np.ndarray]  # float32 [B, ...] per requested layer
     extra: dict[str, np.ndarray] = field(default_factory=dict)  # from stream(extra=...)
 
@@ -85,6 +88,16 @@ class TeacherCache:
     @property
     def dataset_fingerprint(self) -> str:
         return self.manifest["dataset"]["fingerprint"]
+
+    def open_dataset(self) -> Dataset:
+        """The dataset this cache was built from, checked against the cache's fingerprint."""
+        config = from_record(DataConfig, self.manifest["dataset"]["config"])
+        dataset = open_dataset(config)
+        if dataset.fingerprint != self.dataset_fingerprint:
+            raise KdError(f"dataset {dataset.spec} on disk differs from the one cache {self.root} was "
+                          f"built from (fingerprint {dataset.fingerprint[:12]} != "
+                          f"{self.dataset_fingerprint[:12]}); restore the data or rebuild the cache")
+        return dataset
 
     def num_rows(self, split: str) -> int:
         return int(self._split(split)["rows"])
@@ -158,14 +171,14 @@ class TeacherCache:
         """Stored logits z as float32 [N, C]."""
         return self._rows(fmt.logits_key(split), rows, view)
 
-    def logits(self, split: str, T: float = 1.0, view: int = 0) -> np.ndarray:
-        """Softened logits z / T, float32 [N, C]."""
-        _check_t(T)
-        return self.raw_logits(split, view) / np.float32(T)
+    def logits(self, split: str, temperature: float = 1.0, view: int = 0) -> np.ndarray:
+        """Softened logits z / T at T = ``temperature``, float32 [N, C]."""
+        _check_temperature(temperature)
+        return self.raw_logits(split, view) / np.float32(temperature)
 
-    def probs(self, split: str, T: float = 1.0, view: int = 0) -> np.ndarray:
-        """softmax(z / T), float32 [N, C]."""
-        return softmax(self.logits(split, T, view))
+    def probs(self, split: str, temperature: float = 1.0, view: int = 0) -> np.ndarray:
+        """softmax(z / T) at T = ``temperature``, float32 [N, C]."""
+        return softmax(self.logits(split, temperature, view))
 
     def features(self, split: str, layer: str, view: int = 0, rows: slice | None = None) -> np.ndarray:
         """Tapped activations of ``layer``, float32 [N, ...] (or just ``rows``)."""
@@ -209,7 +222,7 @@ class TeacherCache:
         return self._ids_labels[split][1]
 
     # ------------------------------------------------------------------ streaming
-    def stream(self, split: str, batch_size: int = 256, *, T: float = 1.0,
+    def stream(self, split: str, batch_size: int = 256, *, temperature: float = 1.0,
                layers: tuple[str, ...] = (), shuffle: bool = True, seed: int = 0,
                buffer_chunks: int = 8, logits: bool = True, view: int = 0,
                extra: Callable[[int, int], dict[str, np.ndarray]] | None = None) -> Iterator[Batch]:
@@ -224,7 +237,7 @@ class TeacherCache:
         (e.g. the inputs of those samples); they are shuffled along and arrive in
         ``Batch.extra``, so whatever is attached stays joined to its sample_id.
         """
-        _check_t(T)
+        _check_temperature(temperature)
         n = self.num_rows(split)
         chunk = int(self.manifest["chunk_size"])
         keys = {"__logits__": fmt.logits_key(split)} if logits else {}
@@ -278,17 +291,17 @@ class TeacherCache:
                     to_float32(buf[name], values)
             full = size - size % batch_size
             for a in range(0, full, batch_size):
-                yield _batch({k: v[a:a + batch_size] for k, v in buf.items()}, T, layers)
+                yield _batch({k: v[a:a + batch_size] for k, v in buf.items()}, temperature, layers)
             carry = {k: v[full:] for k, v in buf.items()} if full < size else {}
         if carry:
-            yield _batch(carry, T, layers)
+            yield _batch(carry, temperature, layers)
 
 
-def _batch(buf: dict, T: float, layers) -> Batch:
+def _batch(buf: dict, temperature: float, layers) -> Batch:
     """A Batch from freshly gathered (owned) arrays; logits are softened in place."""
     logits = buf.get("__logits__")
-    if logits is not None and T != 1.0:
-        logits /= np.float32(T)
+    if logits is not None and temperature != 1.0:
+        logits /= np.float32(temperature)
     return Batch(buf["sample_id"], buf["label"], logits,
                  {name: buf[name] for name in layers},
                  {k[len("extra:"):]: v for k, v in buf.items() if k.startswith("extra:")})
@@ -304,9 +317,9 @@ def _read(arr, rows: slice | None, view: int) -> np.ndarray:
                       "run `kdcache verify` or rebuild it") from None
 
 
-def _check_t(T: float) -> None:
-    if not T > 0:
-        raise KdError(f"temperature T={T} must be > 0")
+def _check_temperature(temperature: float) -> None:
+    if not temperature > 0:
+        raise KdError(f"temperature={temperature} must be > 0")
 
 
 def open_cache(path: str | Path) -> TeacherCache:

@@ -32,7 +32,7 @@ import torch
 
 from pipeline import runtime
 from pipeline.cache import format as fmt
-from pipeline.config import DataConfig, resolve
+from pipeline.config import DataConfig, from_record
 from pipeline.data import Dataset, open_dataset
 from pipeline.errors import KdError
 from pipeline.io import atomic_path, atomic_write_text, fsync_dir, fsync_file, sha256_file
@@ -72,7 +72,7 @@ def _worker_dataset(job: ShardJob) -> Dataset:
     key = ("dataset", job.dataset_fingerprint)
     with _STATE_LOCK:
         if key not in _STATE:
-            dataset = open_dataset(resolve(DataConfig, job.data_cfg))
+            dataset = open_dataset(from_record(DataConfig, job.data_cfg))
             if dataset.fingerprint != job.dataset_fingerprint:
                 raise KdError(f"dataset {dataset.spec} on worker {socket.gethostname()} differs "
                               "from the one the cache was planned with; workers must see the "

@@ -1,17 +1,24 @@
-"""Students (a registry). Every student follows scikit-learn's estimator contract: the
-constructor only stores parameters, ``fit`` returns self, learned attributes end in ``_``, and
-``predict`` / ``decision_function`` / ``predict_proba`` score new rows.
+"""Students (a registry). Every student follows the student contract (:mod:`.base`): a
+scikit-learn estimator trained from an opened cache through ``fit_cache(data)``.
 
 Two kinds:
-- *feature* students (``kind = "features"``) are scikit-learn linear models on the cached
-  teacher features: they never see the inputs;
-- *input* students (``kind = "inputs"``) are small PyTorch networks trained on the original
-  inputs against the cached teacher logits, with a loss from :mod:`pipeline.losses`.
+- *feature* students are scikit-learn linear models on the cached teacher features: they never
+  see the inputs (:mod:`.features`);
+- *input* students are small PyTorch networks trained on the original inputs against the cached
+  teacher targets, with a loss from :mod:`pipeline.losses` (:mod:`.networks`).
+
+The student modules are imported here, explicitly, so that ``STUDENTS`` is complete once this
+package is.
 """
 
-from pipeline.students.features import (FeatureStudent, SoftLogRegStudent, StreamingSGDStudent)
+from pipeline.students.base import Student
+from pipeline.students.data import StudentData
+from pipeline.students.registry import STUDENTS, StudentNeeds, Uses, create_student, uses
+from pipeline.students import features, networks  # noqa: F401,E402  (registration)
+from pipeline.students.features import (C_GRID, FeatureStudent, SoftLogRegStudent,
+                                        StreamingSGDStudent)
 from pipeline.students.networks import STUDENT_WIDTHS, TorchStudent
-from pipeline.students.registry import STUDENTS, create_student
 
-__all__ = ["STUDENTS", "create_student", "FeatureStudent", "SoftLogRegStudent",
-           "StreamingSGDStudent", "TorchStudent", "STUDENT_WIDTHS"]
+__all__ = ["C_GRID", "STUDENTS", "STUDENT_WIDTHS", "FeatureStudent", "SoftLogRegStudent",
+           "StreamingSGDStudent", "Student", "StudentData", "StudentNeeds", "TorchStudent", "Uses",
+           "create_student", "uses"]

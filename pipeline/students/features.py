@@ -10,30 +10,59 @@ import copy
 from typing import Callable, Iterable
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegression, SGDClassifier
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
+from pipeline.cache.reader import softmax
+from pipeline.errors import KdError
 from pipeline.rows import map_blocks
-from pipeline.students.registry import STUDENTS
+from pipeline.students.base import Student
+from pipeline.students.data import StudentData
+from pipeline.students.registry import DEFAULT_TARGET, STUDENTS
+
+C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)  # C=auto: the values tried, best validation accuracy wins
 
 
 def as_f32(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-class _LinearBase(BaseEstimator, ClassifierMixin):
-    """Shared scoring of a fitted ``scaler_`` + linear ``model_``."""
+def hard_targets(data: StudentData, target: str) -> np.ndarray:
+    """The train split's labels, or the teacher's argmax (``target=teacher``)."""
+    if target == "labels":
+        return data.labels("train")
+    argmax = data.teacher_logits("train").argmax(1)
+    if len(np.unique(argmax)) < 2:
+        raise KdError(f"the teacher of cache {data.cache.root} predicts a single class on every train "
+                      "row, so target=teacher leaves nothing to learn; use target=labels")
+    return argmax
 
-    kind = "features"
+
+class _LinearBase(Student):
+    """Shared scoring of a fitted ``scaler_`` + linear ``model_``, and C=auto selection."""
 
     def _fit_scaler(self, X: np.ndarray) -> np.ndarray:
         """Learn train statistics and return the standardised float32 rows."""
         self.scaler_ = StandardScaler().fit(as_f32(X))
         return as_f32(self.scaler_.transform(as_f32(X)))
 
-    def decision_function(self, X: np.ndarray) -> np.ndarray:
+    def _fit_cache_selecting_c(self, data: StudentData, target: np.ndarray) -> "_LinearBase":
+        """``fit(train features, target)``; with ``C="auto"`` once per value of ``C_GRID``,
+        keeping the first with the best validation accuracy. ``C_`` is the C used."""
+        X, X_val, y_val = data.features("train"), data.features("val"), data.labels("val")
+        grid = C_GRID if self.C == "auto" else (float(self.C),)
+        best = None
+        for c in grid:  # model selection on the validation split
+            candidate = copy.copy(self).set_params(C=c).fit(X, target)
+            acc = float(np.mean(candidate.predict(X_val) == y_val))
+            if best is None or acc > best[0]:
+                best = (acc, candidate, c)
+        self.__dict__.update({k: v for k, v in vars(best[1]).items() if k.endswith("_")})
+        self.C_ = best[2]
+        return self
+
+    def decision_function(self, X) -> np.ndarray:
         """Class scores [N, K]; ``X`` may be a :class:`~pipeline.rows.LazyRows`."""
         return map_blocks(self._scores, X)
 
@@ -42,9 +71,6 @@ class _LinearBase(BaseEstimator, ClassifierMixin):
         if scores.ndim == 1:  # binary: scikit-learn returns one margin, > 0 for classes_[1]
             scores = np.stack([-scores, scores], axis=1)
         return scores
-
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        return self.classes_[np.argmax(self.decision_function(X), axis=1)]
 
     @property
     def has_proba(self) -> bool:
@@ -58,7 +84,6 @@ class _LinearBase(BaseEstimator, ClassifierMixin):
         return int(self.model_.coef_.size + np.size(self.model_.intercept_))
 
     def tensors(self) -> dict[str, np.ndarray]:
-        """Everything needed to score new rows, as plain arrays (saved with safetensors)."""
         return {"scaler_mean": self.scaler_.mean_, "scaler_scale": self.scaler_.scale_,
                 "coef": self.model_.coef_, "intercept": np.atleast_1d(self.model_.intercept_),
                 "classes": self.classes_}
@@ -67,14 +92,17 @@ class _LinearBase(BaseEstimator, ClassifierMixin):
 class FeatureStudent(_LinearBase):
     """StandardScaler + LinearSVC / LogisticRegression on hard targets (labels or teacher argmax)."""
 
-    def __init__(self, estimator: str = "linear_svc", C: float = 1.0, max_iter: int = 5000,
-                 seed: int = 0):
+    def __init__(self, estimator: str = "linear_svc", C: float | str = 1.0, target: str = "labels",
+                 max_iter: int = 5000, seed: int = 0):
         self.estimator = estimator
         self.C = C
+        self.target = target
         self.max_iter = max_iter
         self.seed = seed
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> "FeatureStudent":
+        if self.C == "auto":
+            raise ValueError("C='auto' chooses C on a validation split: use fit_cache")
         Xs = self._fit_scaler(X)
         if self.estimator == "linear_svc":
             model = LinearSVC(C=self.C, max_iter=self.max_iter, random_state=self.seed)
@@ -86,24 +114,31 @@ class FeatureStudent(_LinearBase):
         self.classes_ = self.model_.classes_
         return self
 
+    def fit_cache(self, data: StudentData) -> "FeatureStudent":
+        return self._fit_cache_selecting_c(data, hard_targets(data, self.target))
+
 
 class SoftLogRegStudent(_LinearBase):
-    """Logistic regression on the teacher's *soft* targets.
+    """Logistic regression on the teacher's *soft* targets softmax(z / T).
 
     scikit-learn's LogisticRegression takes no 2-D probability target (scikit-learn #12342), so
     each row is expanded once per class c with label c and sample weight p_teacher(c | x; T).
     Minimising the weighted log loss then minimises the cross-entropy to the teacher's
     distribution, Σ_c p_t(c) · (−log q(c | x)). Classes with p < ``min_prob`` are dropped to
-    bound the expansion.
+    bound the expansion. ``temperature=None`` takes the cache's default in ``fit_cache``.
     """
 
-    def __init__(self, C: float = 1.0, max_iter: int = 5000, min_prob: float = 1e-4, seed: int = 0):
+    def __init__(self, C: float | str = 1.0, temperature: float | None = None, max_iter: int = 5000,
+                 min_prob: float = 1e-4, seed: int = 0):
         self.C = C
+        self.temperature = temperature
         self.max_iter = max_iter
         self.min_prob = min_prob
         self.seed = seed
 
     def fit(self, X: np.ndarray, soft_targets: np.ndarray) -> "SoftLogRegStudent":
+        if self.C == "auto":
+            raise ValueError("C='auto' chooses C on a validation split: use fit_cache")
         n, k = soft_targets.shape
         Xs = self._fit_scaler(X)
         rows, cls = np.nonzero(soft_targets >= self.min_prob)
@@ -115,25 +150,38 @@ class SoftLogRegStudent(_LinearBase):
         self.classes_ = self.model_.classes_
         return self
 
+    def fit_cache(self, data: StudentData) -> "SoftLogRegStudent":
+        temperature = self.temperature if self.temperature is not None else data.temperature
+        target = softmax(data.teacher_logits("train") / np.float32(temperature))
+        starved = np.flatnonzero(target.max(axis=0) < self.min_prob)
+        if len(starved):
+            raise KdError(f"at temperature {temperature:g} the teacher gives class(es) "
+                          f"{starved.tolist()[:5]} almost no probability on any train row, so "
+                          "logreg_soft cannot learn them; use a larger temperature (e.g. temperature=2)")
+        self._fit_cache_selecting_c(data, target)
+        self.temperature_ = temperature
+        return self
+
 
 class StreamingSGDStudent(_LinearBase):
     """SGDClassifier (log loss) trained out of core with ``partial_fit``.
 
-    ``fit_stream`` makes one pass to standardise (StandardScaler.partial_fit), then ``epochs``
-    passes of partial_fit over freshly shuffled chunk streams; after each epoch it scores the
-    validation rows and keeps the best epoch's weights. Memory is bounded by the stream's
-    buffer, not by the number of rows.
+    One pass standardises (StandardScaler.partial_fit), then ``epochs`` passes of partial_fit
+    over freshly shuffled chunk streams; after each epoch it scores the validation rows and
+    keeps the best epoch's weights. Memory is bounded by the stream's buffer, not by the number
+    of rows.
     """
 
-    def __init__(self, alpha: float = 1e-4, epochs: int = 20, seed: int = 0):
+    def __init__(self, alpha: float = 1e-4, epochs: int = 20, target: str = "labels", seed: int = 0):
         self.alpha = alpha
         self.epochs = epochs
+        self.target = target
         self.seed = seed
 
     def fit(self, X: np.ndarray, y: np.ndarray, X_val: np.ndarray | None = None,
             y_val: np.ndarray | None = None) -> "StreamingSGDStudent":
-        """The in-memory form of :meth:`fit_stream` (scikit-learn's ``fit(X, y)``): rows are
-        streamed in chunks of 1024, reshuffled every epoch; validation defaults to the train rows."""
+        """The in-memory form (scikit-learn's ``fit(X, y)``): rows are streamed in chunks of
+        1024, reshuffled every epoch; validation defaults to the train rows."""
         X, y = np.asarray(X), np.asarray(y)
         X_val, y_val = (X, y) if X_val is None else (X_val, y_val)
 
@@ -143,10 +191,20 @@ class StreamingSGDStudent(_LinearBase):
             for a in range(0, len(X), 1024):
                 yield X[rows[a:a + 1024]], y[rows[a:a + 1024]]
 
-        return self.fit_stream(batches, np.unique(y), X_val, y_val)
+        return self._fit_batches(batches, np.unique(y), X_val, y_val)
 
-    def fit_stream(self, batches: Callable[[int], Iterable[tuple[np.ndarray, np.ndarray]]],
-                   classes: np.ndarray, X_val: np.ndarray, y_val: np.ndarray) -> "StreamingSGDStudent":
+    def fit_cache(self, data: StudentData) -> "StreamingSGDStudent":
+        teacher = self.target == "teacher"
+
+        def batches(epoch: int):
+            for x, labels, logits in data.feature_batches(epoch, self.seed, logits=teacher):
+                yield x, (logits.argmax(1) if teacher else labels)
+
+        return self._fit_batches(batches, np.arange(data.num_classes), data.rows("val", "features"),
+                                 data.labels("val"))
+
+    def _fit_batches(self, batches: Callable[[int], Iterable[tuple[np.ndarray, np.ndarray]]],
+                     classes: np.ndarray, X_val, y_val: np.ndarray) -> "StreamingSGDStudent":
         """``batches(epoch)`` yields ``(X, y)`` chunks; epoch −1 is the scaling pass."""
         self.scaler_ = StandardScaler()
         for xb, _ in batches(-1):
@@ -167,25 +225,30 @@ class StreamingSGDStudent(_LinearBase):
         return self
 
 
-@STUDENTS.register("linear_svc")
-def linear_svc(C: float = 1.0, seed: int = 0, **_) -> FeatureStudent:
+def _c(text: str) -> float | str:
+    return "auto" if text == "auto" else float(text)
+
+
+@STUDENTS.register("linear_svc", kind="features", target=True)
+def linear_svc(cfg) -> FeatureStudent:
     """LinearSVC on standardised teacher features."""
-    return FeatureStudent("linear_svc", C=C, seed=seed)
+    return FeatureStudent("linear_svc", C=_c(cfg.C), target=cfg.target or DEFAULT_TARGET, seed=cfg.seed)
 
 
-@STUDENTS.register("logreg")
-def logreg(C: float = 1.0, seed: int = 0, **_) -> FeatureStudent:
+@STUDENTS.register("logreg", kind="features", target=True)
+def logreg(cfg) -> FeatureStudent:
     """LogisticRegression on standardised teacher features."""
-    return FeatureStudent("logreg", C=C, seed=seed)
+    return FeatureStudent("logreg", C=_c(cfg.C), target=cfg.target or DEFAULT_TARGET, seed=cfg.seed)
 
 
-@STUDENTS.register("logreg_soft")
-def logreg_soft(C: float = 1.0, seed: int = 0, **_) -> SoftLogRegStudent:
+@STUDENTS.register("logreg_soft", kind="features", temperature=True)
+def logreg_soft(cfg) -> SoftLogRegStudent:
     """LogisticRegression fitted to the teacher's softmax(z/T) by sample-weight expansion."""
-    return SoftLogRegStudent(C=C, seed=seed)
+    return SoftLogRegStudent(C=_c(cfg.C), temperature=cfg.temperature, seed=cfg.seed)
 
 
-@STUDENTS.register("sgd")
-def sgd(seed: int = 0, epochs: int = 20, sgd_alpha: float = 1e-4, **_) -> StreamingSGDStudent:
+@STUDENTS.register("sgd", kind="features", target=True)
+def sgd(cfg) -> StreamingSGDStudent:
     """SGDClassifier streamed chunk by chunk from the cache (works on caches larger than RAM)."""
-    return StreamingSGDStudent(alpha=sgd_alpha, epochs=epochs, seed=seed)
+    return StreamingSGDStudent(alpha=cfg.sgd_alpha, epochs=cfg.epochs,
+                               target=cfg.target or DEFAULT_TARGET, seed=cfg.seed)

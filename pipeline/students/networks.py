@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, ClassifierMixin
 from torch import nn
 
 from pipeline import runtime, training
 from pipeline.cache.reader import log_softmax, softmax
-from pipeline.losses import LOSSES, SOFT_TARGETS, USES_FEATURES
-from pipeline.students.registry import STUDENTS
+from pipeline.losses import LOSSES
+from pipeline.students.base import Student
+from pipeline.students.data import StudentData
+from pipeline.students.registry import DEFAULT_LOSS, STUDENTS
 from pipeline.teachers import DEFAULT_LAYER, TEACHERS, Tapped
 
 # Default widths: small enough to be worth distilling into (a few thousand parameters).
@@ -41,26 +42,26 @@ class _Net(nn.Module):
         return logits, (self.adapter(hint) if self.adapter is not None else hint)
 
 
-class TorchStudent(BaseEstimator, ClassifierMixin):
-    """A small network distilled from cached teacher logits (and features, for ``fitnet``).
+class TorchStudent(Student):
+    """A small network distilled from cached teacher logits (and features, for feature losses).
 
-    ``fit(X, y, teacher_logits=..., teacher_features=..., X_val=..., y_val=...)``: row i of
-    every array describes the same sample (the caller joins them by sample_id). Training is
-    seeded and deterministic on CPU; the epoch with the best validation accuracy is kept.
+    ``fit_cache(data)`` streams the train split from the cache (inputs joined to the cached
+    targets by sample_id); ``fit(X, y, teacher_logits=..., teacher_features=..., X_val=...,
+    y_val=...)`` trains on in-memory arrays whose row i describes one sample. What the loss
+    reads (logits, a feature) and whether it takes a temperature is the loss's declaration.
+    Training is seeded and deterministic on CPU; the epoch with the best validation accuracy is
+    kept. ``temperature=None`` takes the cache's default in ``fit_cache``.
     """
 
-    kind = "inputs"
-    has_proba = True
-
-    def __init__(self, arch: str = "cnn_small", width: int = 0, loss: str = "kd", T: float = 4.0,
-                 alpha: float = 0.9, hint_weight: float = 1.0, dkd_alpha: float = 1.0,
-                 dkd_beta: float = 8.0, epochs: int = 60, lr: float = 3e-3,
+    def __init__(self, arch: str = "cnn_small", width: int = 0, loss: str = "kd",
+                 temperature: float | None = None, alpha: float = 0.9, hint_weight: float = 1.0,
+                 dkd_alpha: float = 1.0, dkd_beta: float = 8.0, epochs: int = 60, lr: float = 3e-3,
                  weight_decay: float = 5e-4, batch_size: int = 128, seed: int = 0,
-                 device: str = "auto", progress: bool = False):
+                 device: str = "auto"):
         self.arch = arch
         self.width = width
         self.loss = loss
-        self.T = T
+        self.temperature = temperature
         self.alpha = alpha
         self.hint_weight = hint_weight
         self.dkd_alpha = dkd_alpha
@@ -71,49 +72,60 @@ class TorchStudent(BaseEstimator, ClassifierMixin):
         self.batch_size = batch_size
         self.seed = seed
         self.device = device
-        self.progress = progress
+
+    def fit_cache(self, data: StudentData) -> "TorchStudent":
+        needs = LOSSES.declared(self.loss)
+        batches = data.input_batches(self.batch_size, self.seed, logits=needs.logits,
+                                     features=needs.features)
+        temperature = self.temperature if self.temperature is not None else data.temperature
+        return self._fit_batches(batches, data.steps_per_epoch(self.batch_size),
+                                 data.rows("val", "inputs"), data.labels("val"), data.num_classes,
+                                 data.feature_dim if needs.features else 0, temperature,
+                                 data.progress)
 
     def fit(self, X: np.ndarray, y: np.ndarray, *, teacher_logits: np.ndarray | None = None,
             teacher_features: np.ndarray | None = None, X_val: np.ndarray, y_val: np.ndarray):
         """Train on in-memory arrays (row i of each describes one sample)."""
-        if self.loss != "ce" and teacher_logits is None:
+        needs = LOSSES.declared(self.loss)
+        if needs.logits and teacher_logits is None:
             raise ValueError(f"loss {self.loss} needs teacher_logits")
-        if self.loss in USES_FEATURES and teacher_features is None:
+        if needs.features and teacher_features is None:
             raise ValueError(f"loss {self.loss} needs teacher_features")
+        if needs.temperature and self.temperature is None:
+            raise ValueError(f"loss {self.loss} needs a temperature (temperature=...)")
         num_classes = (teacher_logits.shape[1] if teacher_logits is not None
                        else int(max(y.max(), y_val.max())) + 1)
-        feats = teacher_features.reshape(len(X), -1) if self.loss in USES_FEATURES else None
-        batches = training.array_batches(X, y, self.batch_size, self.seed,
-                                         {"z_t": teacher_logits, "f_t": feats})
-        return self.fit_stream(batches, -(-len(X) // self.batch_size), X_val=X_val, y_val=y_val,
-                               num_classes=num_classes, hint_dim=0 if feats is None else feats.shape[1])
+        feats = teacher_features.reshape(len(X), -1) if needs.features else None
+        targets = {"z_t": teacher_logits if needs.logits else None, "f_t": feats}
+        batches = training.array_batches(X, y, self.batch_size, self.seed, targets)
+        return self._fit_batches(batches, -(-len(X) // self.batch_size), X_val, y_val, num_classes,
+                                 0 if feats is None else feats.shape[1], self.temperature)
 
-    def fit_stream(self, batches: training.Batches, steps_per_epoch: int, *, X_val: np.ndarray,
-                   y_val: np.ndarray, num_classes: int, hint_dim: int = 0):
+    def _fit_batches(self, batches: training.Batches, steps_per_epoch: int, X_val, y_val: np.ndarray,
+                     num_classes: int, hint_dim: int, temperature: float | None,
+                     progress: bool = False) -> "TorchStudent":
         """Train from ``batches(epoch)``, which yields ``(x, y, {"z_t": raw teacher logits,
-        "f_t": teacher features})`` batches: e.g. block-shuffled chunks streamed from a cache,
-        so training memory is bounded by the stream's buffer, not by the number of rows."""
-        loss_fn = LOSSES.get(self.loss)
-        if self.loss in USES_FEATURES and not hint_dim:
-            raise ValueError(f"loss {self.loss} needs teacher features (hint_dim > 0)")
+        "f_t": teacher features})`` batches (only what the loss reads)."""
+        loss_fn, needs = LOSSES.get(self.loss), LOSSES.declared(self.loss)
         self.device_ = runtime.pick_device(self.device)
         torch.manual_seed(self.seed)
         self.classes_ = np.arange(num_classes)
         width = self.width or STUDENT_WIDTHS.get(self.arch, 0)
         self.model_ = _Net(self.arch, width, X_val.shape[1:], num_classes, hint_dim)
+        self.temperature_ = temperature if needs.temperature else None
 
         def objective(out, labels, targets):
             z_s, hint = out
-            return loss_fn(z_s, labels, hint=hint, T=self.T, alpha=self.alpha,
+            return loss_fn(z_s, labels, hint=hint, T=self.temperature_, alpha=self.alpha,
                            hint_weight=self.hint_weight, dkd_alpha=self.dkd_alpha,
                            dkd_beta=self.dkd_beta, **targets)
 
-        if self.loss in SOFT_TARGETS:
-            batches = _with_soft_targets(batches, self.T)
+        if needs.temperature:
+            batches = _with_soft_targets(batches, self.temperature_)
         result = training.fit(self.model_, batches, steps_per_epoch, X_val, y_val, objective,
                               epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay,
-                              seed=self.seed, device=self.device_, augment=False,
-                              progress=self.progress, desc=f"student {self.arch}/{self.loss}")
+                              seed=self.seed, device=self.device_, progress=progress,
+                              desc=f"student {self.arch}/{self.loss}")
         self.history_ = result.history
         self.best_epoch_ = result.best_epoch
         self.fit_seconds_ = result.seconds
@@ -131,11 +143,8 @@ class TorchStudent(BaseEstimator, ClassifierMixin):
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         return softmax(self.decision_function(X))
 
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        return self.classes_[self.decision_function(X).argmax(1)]
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().contiguous() for k, v in self.model_.net.state_dict().items()}
+    def tensors(self) -> dict[str, np.ndarray]:
+        return {k: v.detach().cpu().contiguous().numpy() for k, v in self.model_.net.state_dict().items()}
 
 
 def _with_soft_targets(batches: training.Batches, T: float) -> training.Batches:
@@ -150,13 +159,16 @@ def _with_soft_targets(batches: training.Batches, T: float) -> training.Batches:
 
 
 def _torch_factory(arch: str):
-    def factory(loss: str = "kd", **params) -> TorchStudent:
-        known = TorchStudent._get_param_names()
-        return TorchStudent(arch=arch, loss=loss, **{k: v for k, v in params.items() if k in known})
+    def factory(cfg) -> TorchStudent:
+        return TorchStudent(arch=arch, width=cfg.width, loss=cfg.loss or DEFAULT_LOSS,
+                            temperature=cfg.temperature, alpha=cfg.alpha, hint_weight=cfg.hint_weight,
+                            dkd_alpha=cfg.dkd_alpha, dkd_beta=cfg.dkd_beta, epochs=cfg.epochs,
+                            lr=cfg.lr, weight_decay=cfg.weight_decay, batch_size=cfg.batch_size,
+                            seed=cfg.seed, device=cfg.device)
 
     factory.__doc__ = f"A narrow {arch} (width {STUDENT_WIDTHS[arch]}) trained on inputs."
     return factory
 
 
 for _arch in STUDENT_WIDTHS:
-    STUDENTS.register(_arch)(_torch_factory(_arch))
+    STUDENTS.register(_arch, kind="inputs", loss=True)(_torch_factory(_arch))

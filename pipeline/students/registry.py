@@ -1,13 +1,98 @@
-"""The student registry: name → factory(params) → an unfitted estimator."""
+"""The student registry: name → ``factory(cfg: StudentConfig) -> Student``, and what each
+student declares when it registers."""
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Any, Callable
 
+from pipeline.config import StudentConfig
+from pipeline.errors import KdError
+from pipeline.losses import LOSSES
 from pipeline.registry import Registry
 
-STUDENTS: Registry[Callable[..., Any]] = Registry("student")
+KINDS = ("features", "inputs")
+DEFAULT_LOSS = "kd"  # students that train with a loss, when loss= is not given
+DEFAULT_TARGET = "labels"  # students that fit hard targets, when target= is not given
 
 
-def create_student(name: str, **params: Any):
-    return STUDENTS.get(name)(**params)
+@dataclass(frozen=True)
+class StudentNeeds:
+    """What a student declares at registration; runs, sweeps and results rows derive from it.
+
+    - ``kind``: ``features`` (fits cached teacher features; never sees an input) or ``inputs``
+      (trains on the dataset's inputs, joined to the cached targets by sample_id).
+    - ``loss``: trains with a registered loss (``loss=``; what the loss needs is the loss's
+      own declaration, :class:`pipeline.losses.LossNeeds`).
+    - ``target``: fits hard targets, the labels or the teacher's argmax (``target=``).
+    - ``temperature``: softens the teacher's logits itself (not through a loss).
+    """
+
+    kind: str
+    loss: bool = False
+    target: bool = False
+    temperature: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"student kind {self.kind!r} is not one of {KINDS}")
+
+
+STUDENTS: Registry[Callable[[StudentConfig], Any]] = Registry("student", StudentNeeds)
+
+
+@dataclass(frozen=True)
+class Uses:
+    """What one run of a student reads and records: ``loss`` / ``target`` are names or None
+    (the student has no such axis), ``temperature`` whether T applies, ``layer`` whether it
+    reads a cached feature, ``logits`` whether it reads the cached logits at all."""
+
+    kind: str
+    loss: str | None
+    target: str | None
+    temperature: bool
+    layer: bool
+    logits: bool
+
+
+def uses(cfg: StudentConfig) -> Uses:
+    """What a run of ``cfg.model`` with ``cfg``'s loss uses, from the declarations alone.
+    Unknown names and values given for an axis the run does not have are refused."""
+    needs = STUDENTS.declared(cfg.model)
+    loss = None
+    if cfg.loss is not None:
+        LOSSES.get(cfg.loss)  # a typo is an error before "does not apply"
+    if needs.loss:
+        loss = cfg.loss or DEFAULT_LOSS
+    elif cfg.loss is not None:
+        raise KdError(f"loss={cfg.loss} does not apply: model {cfg.model} trains without a loss; "
+                      f"drop loss= or pick a student that takes one ({', '.join(_with('loss'))})")
+    if cfg.target is not None and not needs.target:
+        raise KdError(f"target={cfg.target} does not apply: model {cfg.model} fits no hard targets; "
+                      f"drop target= or pick {', '.join(_with('target'))}")
+    loss_needs = LOSSES.declared(loss) if loss else None
+    temperature = needs.temperature or bool(loss_needs and loss_needs.temperature)
+    if cfg.temperature is not None and not temperature:
+        what = f"loss {loss}" if loss else f"model {cfg.model}"
+        raise KdError(f"temperature={cfg.temperature:g} does not apply: {what} uses no temperature; "
+                      "drop temperature=")
+    layer = needs.kind == "features" or bool(loss_needs and loss_needs.features)
+    if cfg.layer and not layer:
+        raise KdError(f"layer={cfg.layer} does not apply: {f'loss {loss}' if loss else cfg.model} "
+                      "reads no cached feature; drop layer=")
+    logits = (loss_needs.logits if loss_needs else
+              needs.temperature or (needs.target and (cfg.target or DEFAULT_TARGET) == "teacher"))
+    return Uses(needs.kind, loss, (cfg.target or DEFAULT_TARGET) if needs.target else None,
+                temperature, layer, bool(logits))
+
+
+def _with(axis: str) -> list[str]:
+    return [name for name in STUDENTS if getattr(STUDENTS.declared(name), axis)]
+
+
+def create_student(name: str, cfg: StudentConfig | None = None, **overrides: Any):
+    """An unfitted student ``name`` with its parameters taken from ``cfg`` (default: the
+    defaults) and ``overrides`` (StudentConfig keys, e.g. ``C=0.5``)."""
+    cfg = dataclasses.replace(cfg or StudentConfig(), model=name, **overrides)
+    return STUDENTS.get(name)(cfg)

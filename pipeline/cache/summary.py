@@ -1,0 +1,44 @@
+"""A cache in a few lines: what `kdcache cache` and `kdcache info` print (and return as JSON)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.cache import format as fmt
+
+
+def summarise(root: Path, manifest: dict) -> dict:
+    splits = manifest["splits"]
+    summary = {
+        "cache": str(root), "status": manifest["status"],
+        "dataset": manifest["dataset"]["spec"], "teacher": manifest["teacher"]["arch"],
+        "teacher_fingerprint": manifest["teacher"]["fingerprint"][:16],
+        "dataset_fingerprint": manifest["dataset"]["fingerprint"][:16],
+        "rows": {s: v["rows"] for s, v in splits.items()},
+        "teacher_accuracy": {s: v.get("accuracy") for s, v in splits.items()},
+        "layers": manifest["layers"], "num_classes": manifest["num_classes"],
+        "temperature": manifest["temperature"], "dtype": manifest["dtype"],
+        "bytes": manifest.get("bytes") or sum(p.stat().st_size for p in root.rglob("*") if p.is_file()),
+    }
+    if manifest["status"] != "complete":
+        summary["shards_done"] = "{}/{}".format(*fmt.shard_progress(root, manifest))
+    return summary
+
+
+def describe(s: dict) -> str:
+    rows = ", ".join(f"{k} {v:,}" for k, v in s["rows"].items())
+    acc = ", ".join(f"{k} {v:.4f}" for k, v in s["teacher_accuracy"].items() if v is not None) or "n/a"
+    layers = ", ".join(f"{k} {tuple(v)}" for k, v in s["layers"].items())
+    lines = [
+        f"cache      {s['cache']} ({s['status']})",
+        f"dataset    {s['dataset']}  [{s['dataset_fingerprint']}]",
+        f"teacher    {s['teacher']}  [{s['teacher_fingerprint']}]",
+        f"rows       {rows}",
+        f"accuracy   teacher: {acc}",
+        f"stored     logits ({s['num_classes']},), features {layers}; {s['dtype']}, "
+        f"default temperature {s['temperature']:g}",
+        f"on disk    {s['bytes'] / 1e6:.2f} MB",
+    ]
+    if "shards_done" in s:
+        lines.append(f"incomplete: {s['shards_done']} shards done; re-run `kdcache cache` with the same settings")
+    return "\n".join(lines)

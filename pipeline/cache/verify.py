@@ -1,0 +1,99 @@
+"""Re-checking a cache end to end (``kdcache verify``):
+
+1. every shard's stored bytes against the sha256 recorded when it was written (and every
+   chunk's CRC32C on the way);
+2. every split's Parquet index against its recorded sha256;
+3. the dataset on disk against the dataset fingerprint;
+4. the teacher: its weights against the teacher fingerprint, then a fresh forward pass on a
+   seeded sample of rows compared with the cached logits within the dtype's tolerance.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+
+from pipeline.cache import format as fmt
+from pipeline.cache.reader import TeacherCache
+from pipeline.errors import KdError
+from pipeline.io import sha256_file
+from pipeline.teachers import Tapped, TeacherSpec, build_teacher
+
+TOLERANCE = {"float16": (2e-3, 2e-2), "float32": (1e-4, 1e-4)}  # (rtol, atol) vs a fresh forward
+
+
+def verify(cache: TeacherCache, rows: int, seed: int) -> dict[str, str]:
+    """Every check's verdict: ``"ok ..."`` or ``"FAILED: ..."``."""
+    m = cache.manifest
+    checks: dict[str, str] = {}
+
+    bad = []
+    for split, records in m["shards"].items():
+        for rec in records:
+            for key, expected in rec["sha256"].items():
+                try:
+                    data = cache.stored(key, rec["start"], rec["stop"])
+                    ok = hashlib.sha256(data.tobytes()).hexdigest() == expected
+                except Exception:  # a CRC failure or a missing chunk
+                    ok = False
+                if not ok:
+                    bad.append(f"{key} shard {rec['shard']}")
+    checks["shard checksums"] = "ok" if not bad else f"FAILED: {', '.join(bad[:5])}"
+
+    bad = [s for s, info in m["splits"].items()
+           if not fmt.index_path(cache.root, s).is_file()
+           or sha256_file(fmt.index_path(cache.root, s)) != info["index_sha256"]]
+    checks["index checksums"] = "ok" if not bad else f"FAILED: {', '.join(bad)}"
+
+    try:
+        dataset = cache.open_dataset()
+        checks["dataset fingerprint"] = "ok"
+    except KdError as exc:
+        dataset = None
+        checks["dataset fingerprint"] = f"FAILED: {exc}"
+
+    t = m["teacher"]
+    spec = TeacherSpec(t["arch"], tuple(t["input_shape"]), t["num_classes"], t["ckpt"],
+                       t["seed"] or 0, layers=tuple(m["layers"]), pool=m["pool"],
+                       fingerprint=t["fingerprint"])
+    try:
+        model = Tapped(build_teacher(spec), spec.layers, spec.pool, spec.arch).eval()
+        checks["teacher fingerprint"] = "ok"
+    except KdError as exc:
+        model = None
+        checks["teacher fingerprint"] = f"FAILED: {exc}"
+
+    if model is not None and dataset is not None and rows:
+        rtol, atol = TOLERANCE[m["dtype"]]
+        rng = np.random.default_rng(seed)
+        worst, checked = 0.0, 0
+        sizes = {split: cache.num_rows(split) for split in cache.splits}
+        for split, k in apportion(rows, sizes).items():
+            for row in np.sort(rng.choice(sizes[split], size=k, replace=False)):
+                x = torch.from_numpy(dataset.inputs(split, int(row), int(row) + 1))
+                with torch.inference_mode():
+                    fresh = model(x)[0].float().numpy()[0]
+                cached = cache.raw_logits(split, rows=slice(int(row), int(row) + 1))[0]
+                err = np.abs(fresh - cached) / (atol + rtol * np.abs(fresh))
+                worst = max(worst, float(err.max()))
+                checked += 1
+        checks["teacher fidelity"] = (f"ok ({checked} rows, worst {worst:.2f} of tolerance)"
+                                      if worst <= 1.0 else
+                                      f"FAILED: cached logits differ from a fresh forward pass "
+                                      f"({worst:.1f}x the {m['dtype']} tolerance)")
+    return checks
+
+
+def apportion(rows: int, sizes: dict[str, int]) -> dict[str, int]:
+    """``rows`` shared among splits in proportion to their sizes so that the shares add up to
+    exactly ``rows`` (largest remainders get the leftovers), each split at least 1 row and at
+    most all of its rows."""
+    total = sum(sizes.values())
+    exact = {split: min(rows, total) * n / total for split, n in sizes.items()}
+    share = {split: int(q) for split, q in exact.items()}
+    by_remainder = sorted(sizes, key=lambda split: exact[split] - share[split], reverse=True)
+    for split in by_remainder[:min(rows, total) - sum(share.values())]:
+        share[split] += 1
+    return {split: min(sizes[split], max(1, k)) for split, k in share.items()}

@@ -1,0 +1,48 @@
+"""Where things live by default: caches, results, run directories. Every path a config holds
+is absolute already (see pipeline.config.path_field), so these are too."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pipeline.errors import KdError
+
+
+def default_cache_path(cache_root: str, dataset_spec: str, arch: str, teacher_ckpt: str = "",
+                       seed: int = 0) -> Path:
+    """Where a cache lives when no cache= is given: one name per dataset, teacher and weights."""
+    from pipeline.data import dataset_slug
+
+    name = f"{dataset_slug(dataset_spec)}-{arch}"
+    if teacher_ckpt == "random":
+        name += f"-random{seed}"
+    elif teacher_ckpt:
+        name += f"-{Path(teacher_ckpt).stem}"
+    return Path(cache_root) / name
+
+
+def cache_path(cfg) -> Path:
+    """The cache a verb reads: ``cfg.cache``, or the default cache of ``cfg.dataset`` and
+    ``cfg.teacher`` under ``cfg.cache_root``."""
+    if cfg.cache:
+        return Path(cfg.cache)
+    from pipeline.config import DataConfig
+    from pipeline.data import open_dataset
+    from pipeline.teachers import auto_teacher
+
+    # The dataset's canonical spec names the cache (synthetic:N:8 and synthetic:N:8:10 are one).
+    dataset = open_dataset(DataConfig(dataset=cfg.dataset))
+    teacher = auto_teacher(dataset.input_shape) if cfg.teacher == "auto" else cfg.teacher
+    return default_cache_path(cfg.cache_root, dataset.spec, teacher)
+
+
+def check_writable(path: Path, key: str) -> None:
+    """Refuse a directory that cannot be created or written, without creating anything."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise KdError(f"{key}: cannot create {path}: {existing} is not a directory; pass {key}=DIR")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise KdError(f"{key}: cannot write in {existing} (permission denied); pass {key}=DIR")

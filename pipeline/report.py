@@ -1,0 +1,130 @@
+"""The leaderboard and plots of a results table (``kdcache report``).
+
+Runs that differ only by seed are repeats of one experiment: the leaderboard gives their test
+accuracy as mean ± std (sample std, n runs). Everything else a row records (model, loss,
+target, temperature, alpha, epochs, C, layer) makes another experiment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.io import atomic_path
+from pipeline.losses import LOSSES
+
+# What makes two rows the same experiment (the seed aside).
+EXPERIMENT = ("model", "loss", "target", "temperature", "alpha", "epochs", "C", "layer")
+
+
+def label_only(loss: str | None) -> bool:
+    """Whether ``loss`` is a label-only baseline (it declares that it reads no teacher logits)."""
+    return loss is not None and loss in LOSSES and not LOSSES.declared(loss).logits
+
+
+def leaderboard(rows: list[dict]) -> list[dict]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in EXPERIMENT), []).append(r)
+    board = []
+    for key, rs in groups.items():
+        acc = np.array([r["test_accuracy"] for r in rs])
+        board.append({**dict(zip(EXPERIMENT, key)), "n": len(rs),
+                      "mean": float(acc.mean()), "std": float(acc.std(ddof=1)) if len(rs) > 1 else 0.0,
+                      "val": float(np.mean([r["val_accuracy"] for r in rs])),
+                      "agreement": float(np.mean([r["teacher_agreement"] for r in rs])),
+                      "kl": float(np.mean([r["kl_teacher_student"] for r in rs])),
+                      "ece": float(np.mean([r["ece"] for r in rs])),
+                      "params": int(rs[0]["params"]),
+                      "fit_s": float(np.mean([r["fit_seconds"] for r in rs]))})
+    return sorted(board, key=lambda b: -b["mean"])
+
+
+def _text(value) -> str:
+    """A cell: '–' for what a run does not use."""
+    if value is None:
+        return "–"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def name(b: dict) -> str:
+    """A short label of an experiment for plots, e.g. ``cnn_small/kd/T4``."""
+    parts = [b["model"], b["loss"], b["target"] and f"target={b['target']}",
+             b["temperature"] is not None and f"T{b['temperature']:g}"]
+    return "/".join(p for p in parts if p)
+
+
+def markdown(board: list[dict], teacher_acc: float, source: str) -> str:
+    lines = [f"# Leaderboard: {source}", "",
+             f"Teacher test accuracy: {teacher_acc:.4f}. Test accuracy is mean ± std over seeds "
+             "(n runs); – marks what a run does not use.", "",
+             "| model | loss | target | temperature | test accuracy | n | val | teacher agreement "
+             "| KL(t‖s) | ECE | params | fit s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for b in board:
+        lines.append(f"| {b['model']} | {_text(b['loss'])} | {_text(b['target'])} | "
+                     f"{_text(b['temperature'])} | {b['mean']:.4f} ± {b['std']:.4f} | "
+                     f"{b['n']} | {b['val']:.4f} | {b['agreement']:.4f} | {b['kl']:.4f} | "
+                     f"{b['ece']:.4f} | {b['params']:,} | {b['fit_s']:.2f} |")
+    baselines = {b["model"]: b for b in board if label_only(b["loss"])}
+    versus = [(b, baselines[b["model"]]) for b in board
+              if b["model"] in baselines and b["loss"] is not None and not label_only(b["loss"])]
+    if versus:
+        lines += ["", "## Against the label-only baseline (same student, a loss that reads no teacher)", "",
+                  "| model | loss | temperature | test accuracy | baseline | gain |", "|---|---|---|---|---|---|"]
+        for b, base in versus:
+            lines.append(f"| {b['model']} | {b['loss']} | {_text(b['temperature'])} | {b['mean']:.4f} | "
+                         f"{base['mean']:.4f} ({base['loss']}) | {b['mean'] - base['mean']:+.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(board: list[dict], teacher_acc: float, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+
+    def save(fig, filename):
+        path = out / filename
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(path)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for b in board:
+        ax.errorbar(b["params"], b["mean"], yerr=b["std"], fmt="o", capsize=3)
+        ax.annotate(name(b), (b["params"], b["mean"]), fontsize=7)
+    ax.axhline(teacher_acc, ls="--", c="gray", label="teacher")
+    ax.set(xscale="log", xlabel="student parameters", ylabel="test accuracy", title="Accuracy vs size")
+    ax.legend()
+    save(fig, "accuracy_vs_params.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    series: dict[tuple, list] = {}
+    for b in board:
+        if b["temperature"] is not None:
+            series.setdefault((b["model"], b["loss"] or "-"), []).append(b)
+    for (model, loss), bs in sorted(series.items()):
+        bs = sorted(bs, key=lambda b: b["temperature"])
+        ax.errorbar([b["temperature"] for b in bs], [b["mean"] for b in bs], yerr=[b["std"] for b in bs],
+                    marker="o", capsize=3, label=f"{model}/{loss}")
+    ax.axhline(teacher_acc, ls="--", c="gray", label="teacher")
+    ax.set(xlabel="temperature", ylabel="test accuracy", title="Accuracy vs temperature (runs that use one)")
+    ax.legend(fontsize=7)
+    save(fig, "accuracy_vs_temperature.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    colors = ["tab:gray" if label_only(b["loss"]) else "tab:blue" for b in board]
+    ax.barh([name(b) for b in board], [b["mean"] for b in board], xerr=[b["std"] for b in board],
+            color=colors)
+    ax.axvline(teacher_acc, ls="--", c="k", label="teacher")
+    lo = min(b["mean"] - b["std"] for b in board)
+    ax.set(xlim=(max(0.0, lo - 0.02), 1.0), xlabel="test accuracy",
+           title="Students vs label-only baseline (grey = label-only loss)")
+    ax.tick_params(axis="y", labelsize=7)
+    save(fig, "students_vs_baseline.png")
+    return paths

@@ -1,0 +1,172 @@
+"""One student run, start to finish, and the grid of runs of a sweep.
+
+A run: open the cache, resolve what the run uses (loss, target, temperature, layer: from the
+student's and the loss's declarations), check everything that can fail before any work,
+``student.fit_cache(data)``, score val and then test exactly once, write the run directory
+(privately, then renamed into place), and append one row to the results table. A killed run
+leaves no row and no run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import secrets
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import metrics
+from pipeline.cache import TeacherCache, open_cache, softmax
+from pipeline.config import StudentConfig, SweepConfig, save_config
+from pipeline.errors import KdError
+from pipeline.io import atomic_write_text, fsync_dir
+from pipeline.losses import LOSSES
+from pipeline.paths import cache_path, check_writable
+from pipeline.results import append_row, results_dir
+from pipeline.students import STUDENTS, Student, StudentData, Uses, create_student, uses
+
+LATENCY_ROWS = 1024  # test rows the prediction latency is timed on (already in memory)
+
+
+def resolve_run(cfg: StudentConfig, cache: TeacherCache) -> tuple[StudentConfig, Uses]:
+    """``cfg`` with what the run uses made concrete (the default loss or target, the cache's
+    temperature, its first layer) and what it does not use set to None."""
+    use = uses(cfg)
+    temperature = None
+    if use.temperature:
+        temperature = cfg.temperature if cfg.temperature is not None else cache.temperature
+    layer = None
+    if use.layer:
+        layer = cfg.layer or cache.layers[0]
+        if layer not in cache.layers:
+            raise KdError(f"cache {cache.root} holds no layer {layer!r}; it holds {', '.join(cache.layers)}")
+    return dataclasses.replace(cfg, loss=use.loss, target=use.target, temperature=temperature,
+                               layer=layer), use
+
+
+def train_student(cfg: StudentConfig, progress: bool = True) -> dict:
+    """Run one student; returns its results row plus ``results`` (the row's file)."""
+    # 1. The cache, and every check that can fail before any work is done.
+    cache = open_cache(cache_path(cfg))
+    cfg, use = resolve_run(cfg, cache)
+    check_writable(Path(cfg.runs_dir) / cache.root.name, "runs_dir")  # before training, not after
+    data = StudentData(cache, cfg.layer, progress)
+    student = create_student(cfg.model, cfg)
+
+    # 2. Fit, from the cache only (the teacher is never loaded).
+    t0 = time.perf_counter()
+    student.fit_cache(data)
+    fit_seconds = time.perf_counter() - t0
+
+    # 3. Score: validation for the record, test exactly once.
+    scores = score(student, data, use.kind)
+    row = {
+        "model": cfg.model, "kind": use.kind, "loss": cfg.loss, "target": cfg.target,
+        "temperature": cfg.temperature, "layer": cfg.layer, "alpha": cfg.alpha, "seed": cfg.seed,
+        "epochs": cfg.epochs, "C": None if getattr(student, "C_", None) is None else str(student.C_),
+        **scores, "params": int(student.n_params_), "fit_seconds": round(fit_seconds, 3),
+        "teacher_test_accuracy": cache.teacher_accuracy("test"),
+        "teacher_fingerprint": cache.teacher_fingerprint, "dataset_fingerprint": cache.dataset_fingerprint,
+        "cache": str(cache.root),
+    }
+
+    # 4. The run directory (written privately, then renamed), then the results row.
+    what = cfg.loss or (cfg.target and f"target-{cfg.target}")
+    run_id = "-".join(p for p in (f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}", cfg.model, what,
+                                  f"s{cfg.seed}", secrets.token_hex(3)) if p)
+    run_dir = Path(cfg.runs_dir) / cache.root.name / run_id
+    row.update(run_id=run_id, time=datetime.now(timezone.utc).isoformat(), run_dir=str(run_dir))
+    write_run(run_dir, cfg, student, row, use.kind)
+    path = append_row(results_dir(cache.root), row)
+    return {**row, "results": str(path)}
+
+
+def score(student: Student, data: StudentData, kind: str) -> dict:
+    """Validation accuracy, and every test metric from one pass over test."""
+    X = {s: data.rows(s, kind) for s in ("val", "test")}
+    y = {s: data.labels(s) for s in ("val", "test")}
+    val_acc = metrics.accuracy(student.predict(X["val"]), y["val"])
+    test_scores = student.decision_function(X["test"])
+    test_pred = student.classes_[test_scores.argmax(1)]
+    if student.has_proba:
+        test_probs = student.predict_proba(X["test"])
+    else:  # LinearSVC: calibrate margins with a temperature fitted on val
+        known = np.isin(y["val"], student.classes_)  # score columns are positions in classes_
+        scale = metrics.fit_temperature(student.decision_function(X["val"])[known],
+                                        np.searchsorted(student.classes_, y["val"][known]))
+        test_probs = softmax(test_scores / scale)
+    if len(student.classes_) != data.num_classes:  # target=teacher never named some class:
+        full = np.zeros((len(test_probs), data.num_classes), np.float32)  # column = class id
+        full[:, student.classes_] = test_probs
+        test_probs = full
+    teacher_test = data.teacher_logits("test")
+    # Latency: prediction alone, on rows already in memory (reading them is not the model's cost).
+    block = X["test"][0:min(LATENCY_ROWS, len(X["test"]))]
+    t0 = time.perf_counter()
+    student.decision_function(block)
+    latency_ms = (time.perf_counter() - t0) * 1000 / max(1, len(block))
+    return {"test_accuracy": metrics.accuracy(test_pred, y["test"]), "val_accuracy": val_acc,
+            "teacher_agreement": metrics.teacher_agreement(test_pred, teacher_test),
+            "kl_teacher_student": metrics.kl_teacher_student(teacher_test, test_probs),
+            "ece": metrics.ece(test_probs, y["test"]), "latency_ms": round(latency_ms, 5)}
+
+
+def write_run(run_dir: Path, cfg: StudentConfig, student: Student, row: dict, kind: str) -> None:
+    """``config.json`` (the run's resolved config), ``student.safetensors``, ``metrics.json``
+    and ``log.jsonl``, assembled in a private directory and renamed into place."""
+    from safetensors.numpy import save_file
+
+    tmp = run_dir.parent / f".{run_dir.name}.incomplete"
+    tmp.mkdir(parents=True)
+    try:
+        save_config(cfg, tmp / "config.json")
+        meta = {"model": cfg.model, "kind": kind, "params": json.dumps(student.get_params(), default=str)}
+        save_file({k: np.ascontiguousarray(v) for k, v in student.tensors().items()},
+                  str(tmp / "student.safetensors"), metadata=meta)
+        atomic_write_text(tmp / "metrics.json", json.dumps(row, indent=2, default=str) + "\n")
+        history = getattr(student, "history_", [])
+        log = [json.dumps(h) for h in history] + [json.dumps({"final": row}, default=str)]
+        atomic_write_text(tmp / "log.jsonl", "\n".join(log) + "\n")
+        tmp.rename(run_dir)
+        fsync_dir(run_dir.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def sweep_runs(cfg: SweepConfig) -> list[StudentConfig]:
+    """Every combination of models × losses × temperatures × seeds that applies: a student
+    without a loss runs once per seed (and temperature, if it uses one); a loss without a
+    temperature once per seed. Every name is checked before the first run."""
+    base = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(StudentConfig)}
+    for name in cfg.models:
+        STUDENTS.get(name)
+    for name in cfg.losses:
+        LOSSES.get(name)
+    temperatures = cfg.temperatures or (cfg.temperature,)
+    runs, seen = [], set()
+    for model, loss, temperature, seed in itertools.product(cfg.models, cfg.losses, temperatures,
+                                                            cfg.seeds):
+        run = applicable(StudentConfig(**{**base, "model": model, "loss": loss,
+                                          "temperature": temperature, "seed": seed}))
+        key = (model, run.loss, run.temperature, seed)
+        if key not in seen:
+            seen.add(key)
+            runs.append(run)
+    return runs
+
+
+def applicable(cfg: StudentConfig) -> StudentConfig:
+    """``cfg`` without the values of axes its student (and loss) do not have."""
+    needs = STUDENTS.declared(cfg.model)
+    cfg = dataclasses.replace(cfg, loss=cfg.loss if needs.loss else None,
+                              target=cfg.target if needs.target else None)
+    use = uses(dataclasses.replace(cfg, temperature=None, layer=None))
+    return dataclasses.replace(cfg, temperature=cfg.temperature if use.temperature else None,
+                               layer=cfg.layer if use.layer else None)
+

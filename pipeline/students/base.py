@@ -1,0 +1,51 @@
+"""The student contract: what every student, scikit-learn or PyTorch, implements.
+
+A student is a scikit-learn estimator: the constructor only stores parameters (taken from a
+resolved :class:`~pipeline.config.StudentConfig` by its registered factory), learned
+attributes end in ``_``, and it scores rows with ``decision_function`` / ``predict`` (and
+``predict_proba`` when ``has_proba``). It is trained from an opened cache through **one**
+method, :meth:`Student.fit_cache`, whatever it reads (cached features, streamed or in memory;
+inputs joined to cached logits and features). Students may also offer scikit-learn's in-memory
+``fit(X, y, ...)``.
+
+Adding a student: subclass :class:`Student` in one module of ``pipeline/students/``, implement
+``fit_cache``, ``decision_function``, ``n_params_`` and ``tensors``, and register a factory
+``cfg -> Student`` with what it needs (:class:`~pipeline.students.registry.StudentNeeds`). The
+tests parametrized over ``STUDENTS`` then cover it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+
+if TYPE_CHECKING:
+    from pipeline.students.data import StudentData
+
+
+class Student(BaseEstimator, ClassifierMixin):
+    """Base class of every student (see the module docstring for the contract)."""
+
+    has_proba = True  # False: scores are margins, calibrated by the run on val (LinearSVC)
+
+    def fit_cache(self, data: "StudentData") -> "Student":
+        """Train from an opened cache; model selection may use val, never test. Returns self."""
+        raise NotImplementedError
+
+    def decision_function(self, X) -> np.ndarray:
+        """Class scores [N, K] for rows ``X`` (an array or :class:`~pipeline.rows.LazyRows`)."""
+        raise NotImplementedError
+
+    def predict(self, X) -> np.ndarray:
+        return self.classes_[np.argmax(self.decision_function(X), axis=1)]
+
+    @property
+    def n_params_(self) -> int:
+        """Parameters of the deployed student."""
+        raise NotImplementedError
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        """Everything needed to score new rows, as named arrays (saved with safetensors)."""
+        raise NotImplementedError

@@ -1,0 +1,135 @@
+"""What every student is trained from: :class:`StudentData`, the one argument of the student
+contract (``student.fit_cache(data)``).
+
+It wraps an opened cache and serves its rows the way students read them: cached features (in
+memory, or streamed chunk by chunk), cached logits, and the dataset's inputs joined to the
+cached rows **by sample_id** (never by position). The train split is streamed in bounded
+memory: whole cache chunks, block-shuffled, each chunk's inputs read from the dataset along
+with it. Val and test are read block by block on demand (:class:`pipeline.rows.LazyRows`).
+The teacher is never loaded.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Iterator
+
+import numpy as np
+
+from pipeline.cache import TeacherCache
+from pipeline.data import Dataset, positions_of
+from pipeline.errors import KdError
+from pipeline.rows import LazyRows
+from pipeline.training import Batches
+
+FEATURE_BATCH = 1024  # rows per partial_fit call of streamed feature students
+
+
+def stream_seed(seed: int, epoch: int) -> int:
+    """The shuffle seed of epoch ``epoch`` (>= -1) of a run seeded ``seed``."""
+    return seed * 100_003 + epoch + 1
+
+
+class StudentData:
+    """An opened cache as a student reads it. ``layer`` is the cached feature the run reads
+    (None: the cache's first layer); ``progress`` shows training progress bars."""
+
+    def __init__(self, cache: TeacherCache, layer: str | None = None, progress: bool = False):
+        self.cache = cache
+        self.progress = progress
+        self.layer = layer or cache.layers[0]
+        if self.layer not in cache.layers:
+            raise KdError(f"cache {cache.root} holds no layer {self.layer!r}; it holds "
+                          f"{', '.join(cache.layers)}")
+
+    # ------------------------------------------------------------------ description
+    @property
+    def num_classes(self) -> int:
+        return self.cache.num_classes
+
+    @property
+    def temperature(self) -> float:
+        """The cache's default distillation temperature."""
+        return self.cache.temperature
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of the flattened cached feature ``layer``."""
+        return int(np.prod(self.cache.manifest["layers"][self.layer]))
+
+    def num_rows(self, split: str) -> int:
+        return self.cache.num_rows(split)
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return -(-self.num_rows("train") // batch_size)
+
+    @cached_property
+    def dataset(self) -> Dataset:
+        """The dataset the cache was built from, reopened and checked against its fingerprint
+        (only input students need it)."""
+        return self.cache.open_dataset()
+
+    # ------------------------------------------------------------------ whole splits
+    def labels(self, split: str) -> np.ndarray:
+        return self.cache.labels(split)
+
+    def teacher_logits(self, split: str) -> np.ndarray:
+        """Raw cached logits z, float32 [N, C]."""
+        return self.cache.raw_logits(split)
+
+    def features(self, split: str) -> np.ndarray:
+        """Flattened cached features of ``layer``, float32 [N, D], in memory."""
+        return self.cache.features(split, self.layer).reshape(self.num_rows(split), -1)
+
+    def rows(self, split: str, kind: str) -> LazyRows:
+        """What a student of ``kind`` scores on, in cache row order, read block by block:
+        flattened cached features, or the inputs joined by sample_id."""
+        if kind == "features":
+            dim, layer = self.feature_dim, self.layer
+            return LazyRows(self.num_rows(split), (dim,), lambda a, b: self.cache.features(
+                split, layer, rows=slice(a, b)).reshape(b - a, dim))
+        return lazy_inputs(self.dataset, self.cache, split)
+
+    # ------------------------------------------------------------------ streamed train split
+    def feature_batches(self, epoch: int, seed: int, logits: bool = False,
+                        batch_size: int = FEATURE_BATCH) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+        """``(features, labels, raw logits or None)`` batches of the train split, block-shuffled
+        with a seed per epoch; epoch -1 is one pass in row order (e.g. to fit a scaler)."""
+        for b in self.cache.stream("train", batch_size=batch_size, layers=(self.layer,),
+                                   logits=logits, shuffle=epoch >= 0, seed=stream_seed(seed, epoch)):
+            yield b.features[self.layer].reshape(len(b.sample_id), -1), b.label, b.logits
+
+    def input_batches(self, batch_size: int, seed: int, *, logits: bool = True,
+                      features: bool = False) -> Batches:
+        """``batches(epoch)`` yielding ``(inputs, labels, targets)`` of the train split for
+        :func:`pipeline.training.fit`: ``targets`` holds ``z_t`` (raw cached logits) when
+        ``logits`` and ``f_t`` (the flattened cached feature) when ``features``. Cached
+        targets arrive chunk by chunk, and each chunk's inputs are read from the dataset by
+        sample_id and shuffled along with them."""
+        dataset = self.dataset
+        positions = positions_of(dataset.splits["train"].sample_ids, self.cache.sample_ids("train"))
+        layers = (self.layer,) if features else ()
+
+        def batches(epoch: int):
+            for b in self.cache.stream("train", batch_size=batch_size, layers=layers,
+                                       logits=logits, seed=stream_seed(seed, epoch),
+                                       extra=lambda a, z: {"x": dataset.inputs_at("train", positions[a:z])}):
+                targets = {"z_t": b.logits} if logits else {}
+                if features:
+                    targets["f_t"] = b.features[self.layer].reshape(len(b.label), -1)
+                yield b.extra["x"], b.label, targets
+
+        return batches
+
+
+def joined_inputs(dataset: Dataset, cache: TeacherCache, split: str) -> np.ndarray:
+    """Inputs in cache row order: row r is the sample named by the cache index's sample_id r."""
+    positions = positions_of(dataset.splits[split].sample_ids, cache.sample_ids(split))
+    return dataset.inputs(split, 0, len(dataset.splits[split]))[positions]
+
+
+def lazy_inputs(dataset: Dataset, cache: TeacherCache, split: str) -> LazyRows:
+    """:func:`joined_inputs`, read block by block on demand (evaluation never holds a split)."""
+    positions = positions_of(dataset.splits[split].sample_ids, cache.sample_ids(split))
+    return LazyRows(len(positions), dataset.input_shape,
+                    lambda a, b: dataset.inputs_at(split, positions[a:b]))

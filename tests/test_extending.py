@@ -1,0 +1,161 @@
+"""Extending kdcache: a loss or a student registered from outside (here, inside a test) works end
+to end through `kdcache student` and `kdcache sweep`, and what it declares once decides what is
+read, recorded and swept. Also: every key a run produces is a column of the results table."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch.nn.functional as F
+
+from pipeline.losses import LOSSES, soft_kl
+from pipeline.results import SCHEMA, append_row, read_results, results_dir
+from pipeline.students import STUDENTS, FeatureStudent
+from stages.cli import main as cli
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    from conftest import build
+
+    work = tmp_path_factory.mktemp("extending")
+    build(work / "cache", work)
+    return work / "cache"
+
+
+def run(capsys, *argv: str) -> dict:
+    capsys.readouterr()
+    rc = cli([*argv, "--json"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def half_kd():
+    """A temperature loss declared once, at registration (and removed after the test)."""
+    seen = []
+
+    @LOSSES.register("half_kd", temperature=True)
+    def half_kd(z_s, y, *, z_t, T, log_p_t, p_t, **_):
+        """L = ½ · T² · KL(softmax(z_t/T) ‖ softmax(z_s/T)) + ½ · CE(z_s, y)."""
+        seen.append(T)
+        return 0.5 * T * T * soft_kl(z_s, z_t, T, log_p_t, p_t) + 0.5 * F.cross_entropy(z_s, y)
+
+    yield seen
+    LOSSES.unregister("half_kd")
+
+
+@pytest.fixture
+def hint_only():
+    """A feature loss that declares it reads no logits: the trainer must not hand it any."""
+
+    @LOSSES.register("hint_only", logits=False, features=True)
+    def hint_only(z_s, y, *, hint, f_t, **kwargs):
+        """L = CE(z_s, y) + mean (r(h_s) − f_t)²."""
+        assert "z_t" not in kwargs and "T" in kwargs and kwargs["T"] is None
+        return F.cross_entropy(z_s, y) + F.mse_loss(hint, f_t)
+
+    yield
+    LOSSES.unregister("hint_only")
+
+
+def test_a_registered_loss_runs_end_to_end_with_its_temperature(cache, tmp_path, capsys, half_kd):
+    row = run(capsys, "student", f"cache={cache}", f"runs_dir={tmp_path}/runs", "model=mlp",
+              "loss=half_kd", "epochs=1")
+    assert row["loss"] == "half_kd" and row["temperature"] == 4.0  # the cache's default
+    assert set(half_kd) == {4.0}
+    config = json.loads((tmp_path / "runs" / cache.name / row["run_id"] / "config.json").read_text())
+    assert config["config"]["temperature"] == 4.0 and config["config"]["loss"] == "half_kd"
+
+    copy = tmp_path / "sweep-cache"
+    import shutil
+
+    shutil.copytree(cache, copy)
+    summary = run(capsys, "sweep", f"cache={copy}", f"runs_dir={tmp_path}/runs", "models=mlp",
+                  "losses=half_kd ce", "temperatures=2 3", "seeds=0", "epochs=1")
+    got = sorted((r["loss"], r["temperature"] or 0.0) for r in read_results(results_dir(copy)).to_pylist())
+    assert summary["runs"] == 3 and got == [("ce", 0.0), ("half_kd", 2.0), ("half_kd", 3.0)]
+    assert {2.0, 3.0} <= set(half_kd)
+
+
+def test_a_loss_that_reads_no_logits_gets_none(cache, tmp_path, capsys, hint_only):
+    row = run(capsys, "student", f"cache={cache}", f"runs_dir={tmp_path}/runs", "model=mlp",
+              "loss=hint_only", "epochs=1")
+    assert row["loss"] == "hint_only" and row["temperature"] is None and row["layer"] == "embed"
+    with _refused(capsys, "temperature=2 does not apply: loss hint_only uses no temperature"):
+        assert cli(["student", f"cache={cache}", f"runs_dir={tmp_path}/runs", "model=mlp",
+                    "loss=hint_only", "temperature=2"]) == 2
+
+
+class _refused:
+    """Context: the CLI call inside exits 2 with a one-line message containing ``text``."""
+
+    def __init__(self, capsys, text: str):
+        self.capsys, self.text = capsys, text
+
+    def __enter__(self):
+        self.capsys.readouterr()
+
+    def __exit__(self, *exc):
+        _, err = self.capsys.readouterr()
+        assert len(err.strip().splitlines()) == 1 and self.text in err, err
+
+
+def test_a_registered_student_runs_through_the_contract(cache, tmp_path, capsys):
+    """A student from outside: one class with fit_cache, one registration."""
+
+    class Centroids(FeatureStudent):
+        """Nearest class mean of the cached features (a toy, but a whole student)."""
+
+        def __init__(self, seed: int = 0):
+            self.seed = seed
+
+        def fit_cache(self, data):
+            X, y = data.features("train"), data.labels("train")
+            self.classes_ = np.arange(data.num_classes)
+            self.means_ = np.stack([X[y == k].mean(0) for k in self.classes_])
+            return self
+
+        def decision_function(self, X):
+            X = np.asarray(X[0:len(X)])
+            return -((X[:, None, :] - self.means_[None]) ** 2).sum(-1)
+
+        has_proba = False
+
+        @property
+        def n_params_(self):
+            return int(self.means_.size)
+
+        def tensors(self):
+            return {"means": self.means_}
+
+    STUDENTS.register("centroids", kind="features")(lambda cfg: Centroids(seed=cfg.seed))
+    try:
+        row = run(capsys, "student", f"cache={cache}", f"runs_dir={tmp_path}/runs", "model=centroids")
+        assert row["model"] == "centroids" and row["kind"] == "features" and row["layer"] == "embed"
+        assert row["loss"] is None and row["target"] is None and row["temperature"] is None
+        assert 0.0 <= row["test_accuracy"] <= 1.0
+    finally:
+        STUDENTS.unregister("centroids")
+
+
+@pytest.mark.parametrize("model", ["linear_svc", "logreg_soft", "mlp"])
+def test_every_key_a_run_produces_is_a_results_column(cache, tmp_path, capsys, model):
+    row = run(capsys, "student", f"cache={cache}", f"runs_dir={tmp_path}/runs", f"model={model}", "epochs=1")
+    assert set(row) - {"results"} == set(SCHEMA.names)
+    stored = [r for r in read_results(results_dir(cache)).to_pylist() if r["run_id"] == row["run_id"]]
+    assert stored == [{k: row[k] for k in SCHEMA.names}]
+
+
+def test_append_row_refuses_keys_the_schema_lacks(tmp_path):
+    row = {name: None for name in SCHEMA.names} | {"run_id": "r1"}
+    with pytest.raises(ValueError, match=r"extra: \['new_metric'\]"):
+        append_row(tmp_path, {**row, "new_metric": 1.0})
+    with pytest.raises(ValueError, match=r"missing: \['ece'\]"):
+        append_row(tmp_path, {k: v for k, v in row.items() if k != "ece"})
+    assert not list(tmp_path.iterdir())
+    append_row(tmp_path, row)
+    assert read_results(tmp_path).num_rows == 1
