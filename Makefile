@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 kv = $(if $(strip $($(1))),'$(2)=$(strip $($(1)))')
 DATA_ARGS  = $(call kv,DATASET,dataset) $(call kv,TEACHER,teacher) $(call kv,TEACHER_CKPT,teacher_ckpt) \
              $(call kv,CACHE,cache) $(call kv,SCHEDULER,scheduler)
-STUDENT_ARGS = $(call kv,CACHE,cache) $(call kv,MODEL,model) $(call kv,LOSS,loss) $(call kv,T,t) \
+STUDENT_ARGS = $(call kv,CACHE,cache) $(call kv,MODEL,model) $(call kv,LOSS,loss) $(call kv,TEMPERATURE,temperature) \
              $(call kv,ALPHA,alpha) $(call kv,EPOCHS,epochs) $(call kv,LR,lr) $(call kv,SEED,seed)
 
 .PHONY: setup teacher teacher-cache info student sweep report verify test test-fast bench bench-quick soak clean-venv
@@ -35,7 +35,7 @@ student: setup
 
 sweep: setup
 	$(KD) sweep $(call kv,CACHE,cache) $(call kv,MODELS,models) $(call kv,LOSSES,losses) \
-	  $(call kv,SEEDS,seeds) $(call kv,T,temperatures) $(ARGS)
+	  $(call kv,SEEDS,seeds) $(call kv,TEMPERATURES,temperatures) $(ARGS)
 
 report: setup
 	$(KD) report $(call kv,CACHE,cache) $(ARGS)

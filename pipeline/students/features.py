@@ -43,7 +43,10 @@ class _LinearBase(Student):
     """Shared scoring of a fitted ``scaler_`` + linear ``model_``, and C=auto selection."""
 
     def _fit_scaler(self, X: np.ndarray) -> np.ndarray:
-        """Learn train statistics and return the standardised float32 rows."""
+        """Learn train statistics and return the standardised float32 rows (the first step of
+        every in-memory ``fit``, which takes one C: ``C="auto"`` needs ``fit_cache``'s val)."""
+        if getattr(self, "C", None) == "auto":
+            raise ValueError("C='auto' chooses C on a validation split: use fit_cache")
         self.scaler_ = StandardScaler().fit(as_f32(X))
         return as_f32(self.scaler_.transform(as_f32(X)))
 
@@ -101,8 +104,6 @@ class FeatureStudent(_LinearBase):
         self.seed = seed
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> "FeatureStudent":
-        if self.C == "auto":
-            raise ValueError("C='auto' chooses C on a validation split: use fit_cache")
         Xs = self._fit_scaler(X)
         if self.estimator == "linear_svc":
             model = LinearSVC(C=self.C, max_iter=self.max_iter, random_state=self.seed)
@@ -137,8 +138,6 @@ class SoftLogRegStudent(_LinearBase):
         self.seed = seed
 
     def fit(self, X: np.ndarray, soft_targets: np.ndarray) -> "SoftLogRegStudent":
-        if self.C == "auto":
-            raise ValueError("C='auto' chooses C on a validation split: use fit_cache")
         n, k = soft_targets.shape
         Xs = self._fit_scaler(X)
         rows, cls = np.nonzero(soft_targets >= self.min_prob)
