@@ -70,7 +70,9 @@ class TeacherConfig(DataConfig):
     lr: float = 3e-3
     weight_decay: float = 5e-4
     batch_size: int = 128
-    augment: bool = True  # light shift augmentation while *training* the teacher only
+    # augmentation while *training* the teacher (a policy, see pipeline.augment); auto = shift:1
+    # for inputs with a channel axis and none for flat (D,) rows, which may be tabular
+    teacher_augment: str = "auto"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
     def check(self) -> None:
@@ -80,6 +82,8 @@ class TeacherConfig(DataConfig):
         if self.weight_decay < 0:
             raise KdError(f"weight_decay={self.weight_decay} must be >= 0")
         _check_device(self.device)
+        if self.teacher_augment != "auto":
+            _check_policy("teacher_augment", self.teacher_augment)
 
 
 @dataclass(frozen=True)
@@ -93,8 +97,13 @@ class CacheConfig(TeacherConfig):
     dtype: str = "float16"  # float16 | float32
     compression: str = "none"  # none | zstd: ~10% smaller on dense features, ~2x slower to stream
     temperature: float = 4.0  # default distillation temperature recorded for students
-    # rows per shard: the unit of work, of writing and of resuming. Each shard costs a few
-    # fsyncs and Zarr calls (~10 ms): 4096 rows amortise them even for a light teacher.
+    # teacher outputs per train row: view 0 is the input as it is, views 1.. are augmented by
+    # `augment` with parameters drawn from (seed, split, sample_id, view); val and test hold view 0
+    views: int = 1
+    augment: str = "none"  # the views' policy: NAME[:ARG] joined by +, e.g. shift:3, crop:4+flip
+    # teacher outputs (rows x views) per shard: the unit of work, of writing and of resuming.
+    # Each shard costs a few fsyncs and Zarr calls (~10 ms): 4096 amortise them even for a light
+    # teacher. Resolved to whole rows (shard_size // views, a multiple of the chunk).
     shard_size: int = 4096
     # rows per inner chunk, the unit of reading; 0 = auto: up to 256, sized so that the last
     # chunk of each split (stored whole) pads little (see pipeline.cache.plan.resolve_layout)
@@ -124,6 +133,15 @@ class CacheConfig(TeacherConfig):
             raise KdError(
                 f"shard_size={self.shard_size} must be a multiple of chunk_size={self.chunk_size}"
             )
+        if not 1 <= self.views <= MAX_VIEWS:
+            raise KdError(f"views={self.views} must be in 1..{MAX_VIEWS} (view 0 is the input itself)")
+        _check_policy("augment", self.augment)
+        if self.views > 1 and self.augment == "none":
+            raise KdError(f"views={self.views} with augment=none would cache {self.views} identical "
+                          "views; pass augment=POLICY (e.g. augment=shift:3) or views=1")
+        if self.views == 1 and self.augment != "none":
+            raise KdError(f"augment={self.augment} with views=1 caches no augmented view (view 0 is "
+                          "the input itself); pass views=K with K > 1, e.g. views=8")
         if self.threads < 0:
             raise KdError(f"threads={self.threads} must be >= 0")
         if self.streams < 0:
@@ -172,6 +190,7 @@ MAX_CHUNKS_PER_SHARD = 1 << 12  # a shard's index holds one entry per chunk
 MAX_LR = 10.0  # AdamW learning rates far above 1 only diverge
 MAX_SGD_ALPHA = 100.0  # SGDClassifier regularisation: beyond this every weight is ~0
 MAX_WIDTH = 4096  # student width: beyond this a "small" student no longer fits in memory
+MAX_VIEWS = 256  # cached views per row: each one is a full teacher forward and its outputs on disk
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 # local | synchronous | [PROTOCOL://]HOST:PORT (IPv6 hosts in brackets) | inproc://ADDRESS
 _SCHEDULER = re.compile(r"(?:[a-z][a-z0-9+.-]*://)?(?:\[[0-9a-fA-F:.]+\]|[^\s/:\[\]]+):\d+|inproc://\S+")
@@ -187,6 +206,15 @@ def _at_most(cfg: Any, **limits: float) -> None:
 def _check_seed(name: str, value: int) -> None:
     if not 0 <= value <= MAX_SEED:
         raise KdError(f"{name}={value} must be in 0..{MAX_SEED}")
+
+
+def _check_policy(key: str, spec: str) -> None:
+    from pipeline.augment import check  # imports torch: only when a config is checked
+
+    try:
+        check(spec)
+    except KdError as exc:
+        raise KdError(f"{key}={spec}: {exc}") from None
 
 
 def _check_device(device: str) -> None:
@@ -379,6 +407,10 @@ class StudentConfig:
     target: str | None = None  # students fitting hard targets: labels (default) | teacher
     layer: str | None = None  # cached feature read by feature students and feature losses (default: the first)
     temperature: float | None = None  # softening temperature; default: the cache's
+    views: str = "all"  # cached views drawn from, one per train row per epoch: all | N (views 0..N-1)
+    # fresh random augmentation every step (a policy): only for losses that read no teacher
+    # output, since cached targets are valid only for the inputs the teacher saw
+    augment: str = "none"
     alpha: float = 0.9  # weight of the teacher term (kd, mse_logits, fitnet)
     hint_weight: float = 1.0  # fitnet
     dkd_alpha: float = 1.0  # dkd: weight of target-class KD
@@ -409,6 +441,9 @@ class StudentConfig:
         _check_device(self.device)
         if self.target not in (None, "labels", "teacher"):
             raise KdError(f"target={self.target!r} must be labels or teacher")
+        if self.views != "all" and not (self.views.isdigit() and 1 <= int(self.views) <= MAX_VIEWS):
+            raise KdError(f"views={self.views!r} must be all or a number of views in 1..{MAX_VIEWS}")
+        _check_policy("augment", self.augment)
         if self.C != "auto":
             try:
                 c = float(self.C)

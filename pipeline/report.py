@@ -2,7 +2,8 @@
 
 Runs that differ only by seed are repeats of one experiment: the leaderboard gives their test
 accuracy as mean ± std (sample std, n runs). Everything else a row records (model, loss,
-target, temperature, alpha, epochs, C, layer) makes another experiment.
+target, temperature, views, augment, alpha, epochs, C, layer) makes another experiment, so a
+student trained with and without augmentation shows as two rows.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from pipeline.io import atomic_path
 from pipeline.losses import LOSSES
 
 # What makes two rows the same experiment (the seed aside).
-EXPERIMENT = ("model", "loss", "target", "temperature", "alpha", "epochs", "C", "layer")
+EXPERIMENT = ("model", "loss", "target", "temperature", "views", "augment", "alpha", "epochs", "C",
+              "layer")
 
 
 def label_only(loss: str | None) -> bool:
@@ -51,7 +53,8 @@ def _text(value) -> str:
 def name(b: dict) -> str:
     """A short label of an experiment for plots, e.g. ``cnn_small/kd/T4``."""
     parts = [b["model"], b["loss"], b["target"] and f"target={b['target']}",
-             b["temperature"] is not None and f"T{b['temperature']:g}"]
+             b["temperature"] is not None and f"T{b['temperature']:g}",
+             b.get("views", 1) > 1 and f"{b['views']}views", b.get("augment") and f"aug={b['augment']}"]
     return "/".join(p for p in parts if p)
 
 
@@ -59,23 +62,30 @@ def markdown(board: list[dict], teacher_acc: float, source: str) -> str:
     lines = [f"# Leaderboard: {source}", "",
              f"Teacher test accuracy: {teacher_acc:.4f}. Test accuracy is mean ± std over seeds "
              "(n runs); – marks what a run does not use.", "",
-             "| model | loss | target | temperature | test accuracy | n | val | teacher agreement "
-             "| KL(t‖s) | ECE | params | fit s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | loss | target | temperature | views | augment | test accuracy | n | val "
+             "| teacher agreement | KL(t‖s) | ECE | params | fit s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for b in board:
         lines.append(f"| {b['model']} | {_text(b['loss'])} | {_text(b['target'])} | "
-                     f"{_text(b['temperature'])} | {b['mean']:.4f} ± {b['std']:.4f} | "
+                     f"{_text(b['temperature'])} | {_text(b['views'])} | {_text(b['augment'])} | "
+                     f"{b['mean']:.4f} ± {b['std']:.4f} | "
                      f"{b['n']} | {b['val']:.4f} | {b['agreement']:.4f} | {b['kl']:.4f} | "
                      f"{b['ece']:.4f} | {b['params']:,} | {b['fit_s']:.2f} |")
-    baselines = {b["model"]: b for b in board if label_only(b["loss"])}
+    baselines: dict[str, dict] = {}  # the strongest label-only experiment of each model
+    for b in board:  # (board is sorted best first)
+        if label_only(b["loss"]):
+            baselines.setdefault(b["model"], b)
     versus = [(b, baselines[b["model"]]) for b in board
               if b["model"] in baselines and b["loss"] is not None and not label_only(b["loss"])]
     if versus:
-        lines += ["", "## Against the label-only baseline (same student, a loss that reads no teacher)", "",
-                  "| model | loss | temperature | test accuracy | baseline | gain |", "|---|---|---|---|---|---|"]
+        lines += ["", "## Against the best label-only baseline (same student, a loss that reads no "
+                  "teacher, with or without augmentation)", "",
+                  "| model | loss | temperature | views | test accuracy | baseline | gain |",
+                  "|---|---|---|---|---|---|---|"]
         for b, base in versus:
-            lines.append(f"| {b['model']} | {b['loss']} | {_text(b['temperature'])} | {b['mean']:.4f} | "
-                         f"{base['mean']:.4f} ({base['loss']}) | {b['mean'] - base['mean']:+.4f} |")
+            how = base["loss"] + (f", augment={base['augment']}" if base.get("augment") else "")
+            lines.append(f"| {b['model']} | {b['loss']} | {_text(b['temperature'])} | {_text(b['views'])} | "
+                         f"{b['mean']:.4f} | {base['mean']:.4f} ({how}) | {b['mean'] - base['mean']:+.4f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -17,10 +17,12 @@ from pipeline.io import atomic_path
 
 # One column per concept. None (null) in loss, target, temperature, layer or C means the run
 # does not use it (e.g. a feature student has no loss; label-only training no temperature).
+# views: the cached views the student drew from (1: view 0 only); augment: the policy its
+# training inputs went through (the cache's, replayed, with views > 1; fresh with views = 1).
 SCHEMA = pa.schema([
     ("run_id", pa.string()), ("time", pa.string()), ("model", pa.string()), ("kind", pa.string()),
     ("loss", pa.string()), ("target", pa.string()), ("temperature", pa.float64()),
-    ("layer", pa.string()), ("alpha", pa.float64()), ("seed", pa.int64()), ("epochs", pa.int64()),
+    ("layer", pa.string()), ("views", pa.int64()), ("augment", pa.string()), ("alpha", pa.float64()), ("seed", pa.int64()), ("epochs", pa.int64()),
     ("C", pa.string()),
     ("test_accuracy", pa.float64()), ("val_accuracy", pa.float64()),
     ("teacher_agreement", pa.float64()), ("kl_teacher_student", pa.float64()), ("ece", pa.float64()),

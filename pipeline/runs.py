@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import metrics
+from pipeline.augment import parse
 from pipeline.cache import TeacherCache, open_cache, softmax
 from pipeline.config import StudentConfig, SweepConfig, save_config
 from pipeline.errors import KdError
@@ -35,8 +36,14 @@ LATENCY_ROWS = 1024  # test rows the prediction latency is timed on (already in 
 
 def resolve_run(cfg: StudentConfig, cache: TeacherCache) -> tuple[StudentConfig, Uses]:
     """``cfg`` with what the run uses made concrete (the default loss or target, the cache's
-    temperature, its first layer) and what it does not use set to None."""
+    temperature, its first layer, the number of views) and what it does not use set to None."""
     use = uses(cfg)
+    views = 1 if use.augment else cache.views("train") if cfg.views == "all" else int(cfg.views)
+    if views > cache.views("train"):
+        raise KdError(f"views={views} is more than cache {cache.root} holds ({cache.views('train')}); "
+                      f"pass views=all or views=N with N <= {cache.views('train')}")
+    if use.augment:
+        parse(use.augment, tuple(cache.manifest["teacher"]["input_shape"]))  # fits the inputs?
     temperature = None
     if use.temperature:
         temperature = cfg.temperature if cfg.temperature is not None else cache.temperature
@@ -46,7 +53,7 @@ def resolve_run(cfg: StudentConfig, cache: TeacherCache) -> tuple[StudentConfig,
         if layer not in cache.layers:
             raise KdError(f"cache {cache.root} holds no layer {layer!r}; it holds {', '.join(cache.layers)}")
     return dataclasses.replace(cfg, loss=use.loss, target=use.target, temperature=temperature,
-                               layer=layer), use
+                               layer=layer, views=str(views)), use
 
 
 def train_student(cfg: StudentConfig, progress: bool = True) -> dict:
@@ -55,7 +62,7 @@ def train_student(cfg: StudentConfig, progress: bool = True) -> dict:
     cache = open_cache(cache_path(cfg))
     cfg, use = resolve_run(cfg, cache)
     check_writable(Path(cfg.runs_dir) / cache.root.name, "runs_dir")  # before training, not after
-    data = StudentData(cache, cfg.layer, progress)
+    data = StudentData(cache, cfg.layer, progress, views=int(cfg.views))
     student = create_student(cfg.model, cfg)
 
     # 2. Fit, from the cache only (the teacher is never loaded).
@@ -67,7 +74,9 @@ def train_student(cfg: StudentConfig, progress: bool = True) -> dict:
     scores = score(student, data, use.kind)
     row = {
         "model": cfg.model, "kind": use.kind, "loss": cfg.loss, "target": cfg.target,
-        "temperature": cfg.temperature, "layer": cfg.layer, "alpha": cfg.alpha, "seed": cfg.seed,
+        "temperature": cfg.temperature, "layer": cfg.layer, "views": int(cfg.views),
+        "augment": use.augment or (cache.augment["policy"] if int(cfg.views) > 1 else None),
+        "alpha": cfg.alpha, "seed": cfg.seed,
         "epochs": cfg.epochs, "C": None if getattr(student, "C_", None) is None else str(student.C_),
         **scores, "params": int(student.n_params_), "fit_seconds": round(fit_seconds, 3),
         "teacher_test_accuracy": cache.teacher_accuracy("test"),

@@ -1,6 +1,6 @@
 """Training the teacher of a dataset (``kdcache teacher``, and the first ``kdcache cache`` of a
-dataset that has none): light shift augmentation, the best validation epoch kept, test scored
-once, saved as ``model.safetensors`` + ``config.json`` + ``metrics.json`` under
+dataset that has none): augmentation by ``teacher_augment`` (default: a shift of ±1), the best
+validation epoch kept, test scored once, saved as ``model.safetensors`` + ``config.json`` + ``metrics.json`` under
 ``<teacher_dir>/<dataset>/<arch>/``."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from pipeline import runtime, training
+from pipeline.augment import Policy, parse
 from pipeline.config import TeacherConfig, save_config
 from pipeline.data import Dataset, dataset_slug
 from pipeline.io import atomic_write_text, fsync_dir
@@ -28,6 +29,15 @@ def teacher_arch(cfg: TeacherConfig, dataset: Dataset) -> str:
 def teacher_dir(cfg: TeacherConfig, dataset: Dataset) -> Path:
     """Where the trained default teacher of this dataset and architecture lives."""
     return Path(cfg.teacher_dir) / dataset_slug(dataset.spec) / teacher_arch(cfg, dataset)
+
+
+def teacher_policy(cfg: TeacherConfig, dataset: Dataset) -> Policy | None:
+    """``teacher_augment``; ``auto`` is a shift of ±1 for inputs with a channel axis (signals
+    (C, L), images (C, H, W)) and none for flat rows, which may be tabular features."""
+    spec = cfg.teacher_augment
+    if spec == "auto":
+        spec = "shift:1" if len(dataset.input_shape) >= 2 else "none"
+    return parse(spec, dataset.input_shape, key="teacher_augment")
 
 
 def default_checkpoint(cfg: TeacherConfig, dataset: Dataset) -> Path:
@@ -56,7 +66,8 @@ def train_teacher(cfg: TeacherConfig, dataset: Dataset, progress: bool = True) -
                           lambda out, labels, targets: ce(out, labels),
                           epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay,
                           seed=cfg.seed, device=device,
-                          augment=cfg.augment, progress=progress, desc=f"teacher {arch}")
+                          augment=teacher_policy(cfg, dataset), progress=progress,
+                          desc=f"teacher {arch}")
     test_logits = training.predict_logits(model, x["test"], device)
     test_acc = float((test_logits.argmax(1) == y["test"]).mean())  # scored once
     metrics = {"arch": arch, "dataset": dataset.spec, "params": sum(p.numel() for p in model.parameters()),

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from pipeline import runtime
+from pipeline.augment import Policy
 from pipeline.errors import KdError
 
 
@@ -25,26 +26,6 @@ class FitResult:
     best_val_accuracy: float
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
-
-
-def shift_augment(x: torch.Tensor, generator: torch.Generator, max_shift: int = 1) -> torch.Tensor:
-    """Random translation by up to ``max_shift`` pixels (images) or samples (signals), per
-    sample, zero-padded. Used only for training teachers: cached targets are valid only for the
-    exact input the teacher saw, so students train without augmentation."""
-    if x.dim() < 3:  # flat rows: no spatial axis to shift
-        return x
-    n = x.shape[0]
-    spatial = x.shape[2:]
-    pad = [max_shift] * (2 * len(spatial))
-    xp = nn.functional.pad(x, pad)
-    offsets = torch.randint(0, 2 * max_shift + 1, (n, len(spatial)), generator=generator)
-    out = torch.empty_like(x)
-    # 9 (or 3) distinct shifts: one gather per shift value instead of a loop over samples.
-    for combo in torch.unique(offsets, dim=0):
-        mask = (offsets == combo).all(dim=1)
-        sl = [slice(None), slice(None)] + [slice(int(o), int(o) + s) for o, s in zip(combo, spatial)]
-        out[mask] = xp[mask][tuple(sl)]
-    return out
 
 
 Batches = Callable[[int], Iterable[tuple[np.ndarray, np.ndarray, dict]]]
@@ -82,17 +63,20 @@ def predict_logits(model: nn.Module, x: np.ndarray, device: torch.device, batch_
 def fit(model: nn.Module, train_batches: Batches, steps_per_epoch: int, x_val: np.ndarray,
         y_val: np.ndarray, loss_fn: Callable[[object, torch.Tensor, dict], torch.Tensor],
         *, epochs: int, lr: float, weight_decay: float, seed: int, device: torch.device,
-        augment: bool = False, progress: bool = True, desc: str = "training") -> FitResult:
+        augment: Policy | None = None, progress: bool = True, desc: str = "training") -> FitResult:
     """Train ``model`` in place; on return it holds the weights of the best validation epoch.
 
     ``train_batches(epoch)`` yields ``(x, y, targets)`` numpy batches (in memory with
     :func:`array_batches`, or streamed from a cache); ``loss_fn(outputs, labels, targets)``
     gets the model's outputs, the labels and the batch's targets as tensors on the device.
+    ``augment``: a policy applied afresh to every batch, with parameters from a generator
+    seeded by ``seed`` (teachers, and students trained on labels only: cached targets are
+    valid only for the inputs the teacher saw).
     """
     from tqdm import tqdm
 
     torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng([seed, 0x5EED])
     model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps = max(1, epochs * steps_per_epoch)
@@ -106,10 +90,9 @@ def fit(model: nn.Module, train_batches: Batches, steps_per_epoch: int, x_val: n
         model.train()
         total, seen = 0.0, 0
         for xb, yb, targets in train_batches(epoch):
-            xb = torch.from_numpy(np.ascontiguousarray(xb, np.float32))
-            if augment:
-                xb = shift_augment(xb, gen)
-            xb = runtime.to_device(xb, device)
+            xb = runtime.to_device(torch.from_numpy(np.ascontiguousarray(xb, np.float32)), device)
+            if augment is not None:
+                xb = augment.apply(xb, augment.sample(rng, len(xb)))
             yb = runtime.to_device(torch.from_numpy(np.asarray(yb, np.int64)), device)
             targets = {k: runtime.to_device(torch.from_numpy(np.ascontiguousarray(v, np.float32)), device)
                        for k, v in targets.items()}

@@ -21,6 +21,6 @@ def main(args: list[str]) -> dict:
     checks = verify(cache, cfg.rows, cfg.seed)
     ok = all(v.startswith("ok") for v in checks.values())
     for name, verdict in checks.items():
-        print(f"{name:<20} {verdict}")
+        print(f"{name:<24} {verdict}")
     print(f"verdict: {'PASS' if ok else 'FAIL'} — {cache.root}")
     return {"ok": ok, "cache": str(cache.root), "checks": checks}

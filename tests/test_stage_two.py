@@ -511,11 +511,11 @@ def test_sweep_then_report(env, capsys, tmp_path):
     report = last_json(out)
     text = (Path(report["report"])).read_text()
     assert text.strip() in out
-    assert "| model | loss | target | temperature | test accuracy |" in text and "±" in text
-    assert "Against the label-only baseline" in text
+    assert "| model | loss | target | temperature | views | augment | test accuracy |" in text and "±" in text
+    assert "Against the best label-only baseline" in text
     assert report["runs"] == 6 and report["groups"] == 3
-    for (model, loss, cells) in [("linear_svc", None, "– | labels | –"), ("cnn_small", "kd", "kd | – | 4"),
-                                 ("cnn_small", "ce", "ce | – | –")]:
+    for (model, loss, cells) in [("linear_svc", None, "– | labels | – | 1 | –"), ("cnn_small", "kd", "kd | – | 4 | 1 | –"),
+                                 ("cnn_small", "ce", "ce | – | – | 1 | –")]:
         acc = np.array([r["test_accuracy"] for r in rows if r["model"] == model and r["loss"] == loss])
         cell = f"{acc.mean():.4f} ± {acc.std(ddof=1):.4f}"
         assert any(line.startswith(f"| {model} | {cells} |") and cell in line for line in text.splitlines()), cell

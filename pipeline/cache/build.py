@@ -132,6 +132,9 @@ def _difference(old: dict, new: dict) -> str:
                 f"this one is {new['dataset']['fingerprint'][:12]})")
     if old["preprocessing"] != new["preprocessing"]:
         return "other preprocessing"
+    if (old["views"], old.get("augment")) != (new["views"], new.get("augment")):
+        return (f"other views ({old['views']} views, augment "
+                f"{(old.get('augment') or {}).get('policy', 'none')})")
     return "other cache settings (layers, pool, dtype, compression or shard layout)"
 
 
@@ -161,12 +164,15 @@ def _initialise(root: Path, cfg: CacheConfig, manifest: dict) -> None:
 
 def _create_arrays(group, cfg: CacheConfig, manifest: dict) -> None:
     for split, info in manifest["splits"].items():
-        shapes = {fmt.logits_key(split): (manifest["num_classes"],)}
-        shapes.update({fmt.feature_key(split, k): tuple(v) for k, v in manifest["layers"].items()})
-        for key, shape in shapes.items():
-            group.create_array(key, shape=(info["rows"], fmt.VIEWS) + shape, dtype=cfg.dtype,
-                               shards=(cfg.shard_size, fmt.VIEWS) + shape,
-                               chunks=(cfg.chunk_size, fmt.VIEWS) + shape,
+        views = fmt.split_views(manifest, split)
+        arrays = {fmt.logits_key(split): ((manifest["num_classes"],), cfg.dtype)}
+        arrays.update({fmt.feature_key(split, k): (tuple(v), cfg.dtype) for k, v in manifest["layers"].items()})
+        if views > 1:
+            arrays[fmt.augment_key(split)] = ((len(manifest["augment"]["params"]),), fmt.AUGMENT_DTYPE)
+        for key, (shape, dtype) in arrays.items():
+            group.create_array(key, shape=(info["rows"], views) + shape, dtype=dtype,
+                               shards=(cfg.shard_size, views) + shape,
+                               chunks=(cfg.chunk_size, views) + shape,
                                compressors=codecs(cfg.compression), fill_value=0,
                                dimension_names=("row", "view") + tuple(f"d{i}" for i in range(len(shape))))
 

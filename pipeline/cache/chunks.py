@@ -68,20 +68,25 @@ class ChunkReader:
     def shard_path(self, shard: int) -> Path:
         return self.directory.joinpath("c", str(shard), *["0"] * (len(self.shape) - 1))
 
-    def read(self, start: int, stop: int, view: int, out: np.ndarray | None = None,
+    def read(self, start: int, stop: int, view: int | np.ndarray, out: np.ndarray | None = None,
              index: np.ndarray | None = None) -> np.ndarray:
-        """Rows ``[start, stop)`` at ``view`` as float32 ``[stop - start, ...]``, or written into
-        ``out`` (row ``start + i`` to ``out[i]``, or to ``out[index[i]]`` when ``index`` is
-        given: a scatter, which lets a shuffling reader place rows as it decodes them; the
-        stream scatters into a buffer of the stored dtype and casts the whole buffer once)."""
+        """Rows ``[start, stop)`` at ``view`` (one view, or one per row) as float32 (integer
+        arrays: as stored) ``[stop - start, ...]``, or written into ``out`` (row ``start + i``
+        to ``out[i]``, or to ``out[index[i]]`` when ``index`` is given: a scatter, which lets a
+        shuffling reader place rows as it decodes them; the stream scatters into a buffer of
+        the stored dtype and casts the whole buffer once)."""
         if out is None:
-            out = np.empty((stop - start,) + self.shape[2:], np.float32)
+            out = np.empty((stop - start,) + self.shape[2:],
+                           np.float32 if self.dtype.kind == "f" else self.dtype.newbyteorder("="))
+        per_row = np.ndim(view) > 0
         row = start
         while row < stop:
             chunk = row // self.chunk_rows
             first = chunk * self.chunk_rows
             last = min(stop, first + self.chunk_rows)
-            data = self._chunk(chunk)[row - first:last - first, view]
+            rows = self._chunk(chunk)[row - first:last - first]
+            data = (rows[np.arange(last - row), view[row - start:last - start]] if per_row
+                    else rows[:, view])
             if index is None:
                 to_float32(out[row - start:last - start], data)
             else:
@@ -154,7 +159,7 @@ def chunk_reader(arr, directory: Path) -> ChunkReader | None:
             or conf.get("index_location", "end") != "end"
             or spec.get("chunk_key_encoding") != {"name": "default", "configuration": {"separator": "/"}}
             or shard_shape[1:] != tuple(arr.shape[1:]) or chunk_shape[1:] != tuple(arr.shape[1:])
-            or shard_shape[0] % chunk_shape[0] or np.dtype(arr.dtype).kind != "f"):
+            or shard_shape[0] % chunk_shape[0] or np.dtype(arr.dtype).kind not in "fi"):
         return None
     return ChunkReader(directory, tuple(arr.shape), np.dtype(arr.dtype), shard_shape[0],
                        chunk_shape[0], "zstd" in inner, float(spec.get("fill_value") or 0))

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable
 
 from pipeline import runtime
+from pipeline.cache import format as fmt
 from pipeline.cache import shard
 from pipeline.cache.shard import ShardInputs, ShardJob
 from pipeline.config import CacheConfig
@@ -58,7 +59,8 @@ def shard_jobs(root, cfg, dataset, spec, manifest, done) -> Iterable[ShardJob]:
             start = k * cfg.shard_size
             yield ShardJob(str(root), split, k, start, min(info["rows"], start + cfg.shard_size),
                            manifest["dataset"]["config"], dataset.fingerprint, spec, cfg.dtype,
-                           cfg.infer_batch_size, threads, manifest["key"])
+                           cfg.infer_batch_size, threads, manifest["key"],
+                           fmt.split_views(manifest, split), cfg.augment, cfg.seed)
 
 
 def run_jobs(jobs: list[ShardJob], cfg: CacheConfig, dataset: Dataset, on_done: Callable,

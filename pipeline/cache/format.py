@@ -6,12 +6,16 @@
       arrays.zarr/                      Zarr v3 group
         <split>/logits                  [N, V, C]      raw teacher logits (not softened)
         <split>/features/<layer>        [N, V, ...]    tapped activations
+        <split>/augment                 [N, V, P]      int16 augmentation parameters of each view
+                                                       (format 2, multi-view splits only)
       index/<split>.parquet             one row per sample, in cache row order
       parts/<split>/<shard>.parquet     per-shard index parts (only while building)
       parts/<split>/<shard>.json        per-shard completion records (only while building)
 
 Row r of every array of a split and row r of its index describe the same sample; the index's
-``sample_id`` column names it. Shards are runs of ``shard_size`` rows; each is written whole,
+``sample_id`` column names it. View v of row r is the teacher's output on the input augmented
+with ``augment[r, v]`` (view 0: the input itself). Single-view caches are written as format 1,
+exactly as before views existed; multi-view caches as format 2. Shards are runs of ``shard_size`` rows; each is written whole,
 once, by one task, and recorded done only after its data is on disk.
 """
 
@@ -27,13 +31,19 @@ from pipeline.errors import KdError
 from pipeline.io import atomic_write_text
 
 FORMAT = "kdcache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this kdcache writes (multi-view caches); it reads 1 and 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 CONFIG = "config.json"
 ARRAYS = "arrays.zarr"
 INDEX = "index"
 PARTS = "parts"
-VIEWS = 1  # augmentation views per sample; the axis exists so multi-view needs no new format
+AUGMENT_DTYPE = "int16"  # augmentation parameters: pixel offsets and boxes, |value| < 32768
+
+
+def version_for(views: int) -> int:
+    """The format a cache of ``views`` train views is written as (1 when it needs nothing new)."""
+    return 1 if views == 1 else 2
 
 INDEX_COLUMNS = ("sample_id", "row", "label", "teacher_pred", "teacher_prob", "margin",
                  "entropy", "correct", "shard")
@@ -45,6 +55,15 @@ def logits_key(split: str) -> str:
 
 def feature_key(split: str, layer: str) -> str:
     return f"{split}/features/{layer}"
+
+
+def augment_key(split: str) -> str:
+    return f"{split}/augment"
+
+
+def split_views(manifest: dict[str, Any], split: str) -> int:
+    """Views cached per row of ``split`` (format 1: always 1)."""
+    return int(manifest["splits"][split].get("views", 1))
 
 
 def index_path(root: Path, split: str) -> Path:
@@ -85,9 +104,10 @@ def read_manifest(root: Path) -> dict[str, Any]:
         raise KdError(f"{path} is not valid JSON ({exc}); the cache is damaged, rebuild it") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise KdError(f"{path} is not a kdcache manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise KdError(f"{root} has cache format version {manifest.get('format_version')}; this "
-                      f"kdcache reads version {FORMAT_VERSION}; rebuild the cache")
+                      f"kdcache reads versions {' and '.join(map(str, READABLE_VERSIONS))}; rebuild "
+                      "the cache (or upgrade kdcache)")
     if manifest.get("checksum") != manifest_checksum(manifest):
         raise KdError(f"{path} was modified after kdcache wrote it (its checksum does not match); "
                       "restore the original or rebuild the cache")

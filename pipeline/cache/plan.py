@@ -13,6 +13,7 @@ import pyarrow as pa
 import torch
 
 from pipeline import runtime
+from pipeline.augment import RNG, parse
 from pipeline.cache import format as fmt
 from pipeline.config import CacheConfig, DataConfig, fingerprint
 from pipeline.data import Dataset
@@ -36,19 +37,25 @@ AUTO_CHUNK_ROWS = (32, 256)  # the chunk sizes chunk_size=0 chooses from (rows)
 
 
 def resolve_layout(cfg: CacheConfig, dataset: Dataset) -> CacheConfig:
-    """``cfg`` with ``chunk_size=0`` (auto) made concrete for this dataset.
+    """``cfg`` with its layout made concrete for this dataset: ``chunk_size=0`` (auto) chosen,
+    and ``shard_size`` (teacher outputs, rows × views) turned into rows per shard.
 
     Zarr stores the last chunk of every split whole, padding included: a fixed 256-row chunk
     pads digits' splits (1,221 / 216 / 360 rows) by 251 rows, 14% of the data. Auto takes the
-    largest chunk of 32-256 rows (at most ``shard_size``) that pads the splits by at most 1% of
+    largest chunk of 32-256 rows (at most a shard's rows) that pads the splits by at most 1% of
     their rows (256 for any large dataset; 72 for digits, 3 rows of padding), or failing that
-    the one that pads least. ``shard_size`` is rounded down to a multiple of the chunk and
-    capped at the largest split (a shard index has an entry per chunk, used or not).
+    the one that pads least. A shard holds ``shard_size // views`` rows rounded down to a
+    multiple of the chunk (at least one chunk), capped at the largest split (a shard index has
+    an entry per chunk, used or not): so a build's memory is bounded by ``shard_size`` whatever
+    the number of views. With one view and an explicit chunk, ``cfg`` is kept as it is.
     """
+    target = max(1, cfg.shard_size // cfg.views)  # rows per shard
     if cfg.chunk_size:
-        return cfg
+        if cfg.views == 1:
+            return cfg
+        return dataclasses.replace(cfg, shard_size=max(1, target // cfg.chunk_size) * cfg.chunk_size)
     rows = [len(split) for split in dataset.splits.values()]
-    smallest, largest = AUTO_CHUNK_ROWS[0], min(AUTO_CHUNK_ROWS[1], cfg.shard_size)
+    smallest, largest = AUTO_CHUNK_ROWS[0], min(AUTO_CHUNK_ROWS[1], target)
     candidates = range(largest, min(smallest, largest) - 1, -1)
 
     def padding(chunk: int) -> int:
@@ -56,7 +63,7 @@ def resolve_layout(cfg: CacheConfig, dataset: Dataset) -> CacheConfig:
 
     fitting = [c for c in candidates if padding(c) <= 0.01 * sum(rows)]
     chunk = fitting[0] if fitting else min(candidates, key=lambda c: (padding(c), -c))
-    shard = min(max(1, cfg.shard_size // chunk), -(-max(rows) // chunk)) * chunk
+    shard = min(max(1, target // chunk), -(-max(rows) // chunk)) * chunk
     return dataclasses.replace(cfg, chunk_size=chunk, shard_size=shard)
 
 
@@ -67,21 +74,30 @@ def plan(cfg: CacheConfig, dataset: Dataset, spec: TeacherSpec, shapes: dict[str
     ``key`` hashes everything that determines the cached bytes; two builds with the same key
     produce identical caches, and a cache is only ever resumed by a build with its own key.
     """
+    version = fmt.version_for(cfg.views)
     splits = {}
     for name, split in dataset.splits.items():
         n = len(split)
         splits[name] = {"rows": n, "shards": -(-n // cfg.shard_size)}
+        if version >= 2:  # only the train split is augmented: val and test are scored on view 0
+            splits[name]["views"] = cfg.views if name == "train" else 1
     identity = {
         "teacher_fingerprint": spec.fingerprint,
         "dataset_fingerprint": dataset.fingerprint,
         "preprocessing": dataset.preprocessing,
         "layers": list(spec.layers), "pool": spec.pool,
         "dtype": cfg.dtype, "shard_size": cfg.shard_size, "chunk_size": cfg.chunk_size,
-        "compression": cfg.compression, "views": fmt.VIEWS, "format_version": fmt.FORMAT_VERSION,
+        "compression": cfg.compression, "views": cfg.views, "format_version": version,
     }
+    augment = None
+    if cfg.views > 1:
+        policy = parse(cfg.augment, dataset.input_shape)
+        augment = {"policy": policy.spec, "params": list(policy.columns), "seed": cfg.seed,
+                   "rng": RNG, "dtype": fmt.AUGMENT_DTYPE}
+        identity["augment"] = augment
     data_cfg = {f: getattr(cfg, f) for f in DataConfig.__dataclass_fields__}
-    return {
-        "format": fmt.FORMAT, "format_version": fmt.FORMAT_VERSION,
+    manifest = {
+        "format": fmt.FORMAT, "format_version": version,
         "status": "building", "key": fingerprint(identity),
         "created": now(),
         "teacher": {"arch": spec.arch, "ckpt": spec.ckpt, "seed": spec.seed if spec.ckpt == "random" else None,
@@ -89,7 +105,7 @@ def plan(cfg: CacheConfig, dataset: Dataset, spec: TeacherSpec, shapes: dict[str
                     "input_shape": list(spec.input_shape), "num_classes": spec.num_classes},
         "dataset": {**dataset.describe(), "fingerprint": dataset.fingerprint, "config": data_cfg},
         "preprocessing": dataset.preprocessing,
-        "temperature": cfg.temperature, "views": fmt.VIEWS, "dtype": cfg.dtype,
+        "temperature": cfg.temperature, "views": cfg.views, "dtype": cfg.dtype,
         "shard_size": cfg.shard_size, "chunk_size": cfg.chunk_size,
         "compression": cfg.compression, "codecs": codec_names(cfg.compression),
         "layers": {name: list(shape) for name, shape in shapes.items() if name != "logits"},
@@ -97,6 +113,9 @@ def plan(cfg: CacheConfig, dataset: Dataset, spec: TeacherSpec, shapes: dict[str
         "splits": splits,
         "versions": versions(),
     }
+    if augment is not None:
+        manifest["augment"] = augment
+    return manifest
 
 
 def probe(model: Tapped, dataset: Dataset) -> tuple[dict[str, tuple[int, ...]], bool]:

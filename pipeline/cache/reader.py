@@ -45,6 +45,8 @@ class Batch:
     logits: np.ndarray | None  # float32 [B, C], already divided by the temperature
     features: dict[str, np.ndarray]  # float32 [B, ...] per requested layer
     extra: dict[str, np.ndarray] = field(default_factory=dict)  # from stream(extra=...)
+    view: np.ndarray | None = None  # int64 [B]: the view each row's values are of (view_of=...)
+    augment: np.ndarray | None = None  # int16 [B, P]: that view's augmentation parameters
 
 
 class TeacherCache:
@@ -102,6 +104,24 @@ class TeacherCache:
     def num_rows(self, split: str) -> int:
         return int(self._split(split)["rows"])
 
+    def views(self, split: str = "train") -> int:
+        """Views cached per row of ``split``: view 0 is the input itself; only train has more."""
+        self._split(split)
+        return fmt.split_views(self.manifest, split)
+
+    @property
+    def augment(self) -> dict | None:
+        """The views' policy (``policy``, parameter names ``params``, ``seed``, ``rng``), or None
+        for a single-view cache."""
+        return self.manifest.get("augment")
+
+    def augment_params(self, split: str, rows: slice | None = None) -> np.ndarray:
+        """Every view's augmentation parameters, int16 [N, V, P] (a multi-view split only)."""
+        if self.views(split) == 1:
+            raise KdError(f"cache {self.root} holds one view of {split}; it has no augmentation parameters")
+        return self.stored(fmt.augment_key(split), *(
+            (rows.start, rows.stop) if rows is not None else (0, self.num_rows(split))))
+
     def teacher_accuracy(self, split: str) -> float:
         return float(self._split(split)["accuracy"])
 
@@ -128,7 +148,7 @@ class TeacherCache:
         self._opened[key] = arr
         return arr
 
-    def _rows(self, key: str, rows: slice | None, view: int, out: np.ndarray | None = None,
+    def _rows(self, key: str, rows: slice | None, view: int | np.ndarray, out: np.ndarray | None = None,
               index: np.ndarray | None = None) -> np.ndarray:
         """Rows of array ``key`` at ``view`` as float32, through the fast chunk reader when the
         array has kdcache's own layout (see chunks.py), else through zarr-python. With ``out``
@@ -151,10 +171,13 @@ class TeacherCache:
         Zarr reads a missing shard back as fill values, which would pass for teacher outputs."""
         split = key.partition("/")[0]
         where = self.root / fmt.ARRAYS / key
-        if arr.shape[0] != self.num_rows(split) or str(arr.dtype) != self.manifest["dtype"]:
+        dtype = fmt.AUGMENT_DTYPE if key == fmt.augment_key(split) else self.manifest["dtype"]
+        if arr.shape[0] != self.num_rows(split) or str(arr.dtype) != dtype:
             raise KdError(f"cache array {where} has {arr.shape[0]} rows of {arr.dtype}, the manifest "
-                          f"says {self.num_rows(split)} of {self.manifest['dtype']}; the cache is "
-                          "damaged, rebuild it")
+                          f"says {self.num_rows(split)} of {dtype}; the cache is damaged, rebuild it")
+        if arr.ndim < 2 or arr.shape[1] != self.views(split):
+            raise KdError(f"cache array {where} has {arr.shape[1] if arr.ndim > 1 else 0} views, the "
+                          f"manifest says {self.views(split)}; the cache is damaged, rebuild it")
         expected = -(-self.num_rows(split) // int(self.manifest["shard_size"]))
         found = sum(1 for p in (where / "c").rglob("*") if p.is_file())
         if found != expected:
@@ -167,8 +190,8 @@ class TeacherCache:
         in the cache dtype: the bytes the manifest's shard checksums are computed over."""
         return np.ascontiguousarray(self._array(key)[start:stop])
 
-    def raw_logits(self, split: str, view: int = 0, rows: slice | None = None) -> np.ndarray:
-        """Stored logits z as float32 [N, C]."""
+    def raw_logits(self, split: str, view: int | np.ndarray = 0, rows: slice | None = None) -> np.ndarray:
+        """Stored logits z as float32 [N, C], of view ``view`` (or of one view per row)."""
         return self._rows(fmt.logits_key(split), rows, view)
 
     def logits(self, split: str, temperature: float = 1.0, view: int = 0) -> np.ndarray:
@@ -180,8 +203,10 @@ class TeacherCache:
         """softmax(z / T) at T = ``temperature``, float32 [N, C]."""
         return softmax(self.logits(split, temperature, view))
 
-    def features(self, split: str, layer: str, view: int = 0, rows: slice | None = None) -> np.ndarray:
-        """Tapped activations of ``layer``, float32 [N, ...] (or just ``rows``)."""
+    def features(self, split: str, layer: str, view: int | np.ndarray = 0,
+                 rows: slice | None = None) -> np.ndarray:
+        """Tapped activations of ``layer``, float32 [N, ...] (or just ``rows``), of view ``view``
+        (or of one view per row)."""
         return self._rows(fmt.feature_key(split, layer), rows, view)
 
     def index(self, split: str) -> pa.Table:
@@ -225,6 +250,7 @@ class TeacherCache:
     def stream(self, split: str, batch_size: int = 256, *, temperature: float = 1.0,
                layers: tuple[str, ...] = (), shuffle: bool = True, seed: int = 0,
                buffer_chunks: int = 8, logits: bool = True, view: int = 0,
+               view_of: Callable[[int, int], np.ndarray] | None = None, augment: bool = False,
                extra: Callable[[int, int], dict[str, np.ndarray]] | None = None) -> Iterator[Batch]:
         """Yield batches in bounded memory, reading whole chunks only.
 
@@ -236,12 +262,20 @@ class TeacherCache:
         ``extra(start, stop)``, if given, returns more arrays for cache rows ``[start, stop)``
         (e.g. the inputs of those samples); they are shuffled along and arrive in
         ``Batch.extra``, so whatever is attached stays joined to its sample_id.
+
+        ``view_of(start, stop)``, if given, names the view of each of the cache rows
+        ``[start, stop)`` to read (instead of ``view`` for all): the batch's logits, features
+        and, with ``augment``, the view's augmentation parameters (``Batch.augment``) are those
+        of that view, and ``Batch.view`` says which, so a row's values are always of one
+        (sample_id, view) pair.
         """
         _check_temperature(temperature)
         n = self.num_rows(split)
         chunk = int(self.manifest["chunk_size"])
         keys = {"__logits__": fmt.logits_key(split)} if logits else {}
         keys.update({name: fmt.feature_key(split, name) for name in layers})
+        if augment:
+            keys["__augment__"] = fmt.augment_key(split)
         shapes = {name: tuple(self._array(key).shape[2:]) for name, key in keys.items()}
         dtypes = {name: self._array(key).dtype for name, key in keys.items()}
         ids, labels = self.sample_ids(split), self.labels(split)
@@ -275,8 +309,12 @@ class TeacherCache:
             at = held
             for a, b in spans:
                 where = dest[at:at + b - a]
+                views = view
+                if view_of is not None:
+                    views = np.asarray(view_of(a, b), np.int64)
+                    put("__view__", where, views)
                 for name, key in keys.items():
-                    self._rows(key, slice(a, b), view, out=stored[name], index=where)
+                    self._rows(key, slice(a, b), views, out=stored[name], index=where)
                 put("sample_id", where, ids[a:b])
                 put("label", where, labels[a:b])
                 if extra is not None:
@@ -284,7 +322,7 @@ class TeacherCache:
                         put(f"extra:{k}", where, v)
                 at += b - a
             for name, values in stored.items():
-                if values.dtype == np.float32:
+                if values.dtype == np.float32 or values.dtype.kind != "f":  # integers stay as stored
                     buf[name] = values
                 else:
                     buf[name] = np.empty(values.shape, np.float32)
@@ -304,13 +342,17 @@ def _batch(buf: dict, temperature: float, layers) -> Batch:
         logits /= np.float32(temperature)
     return Batch(buf["sample_id"], buf["label"], logits,
                  {name: buf[name] for name in layers},
-                 {k[len("extra:"):]: v for k, v in buf.items() if k.startswith("extra:")})
+                 {k[len("extra:"):]: v for k, v in buf.items() if k.startswith("extra:")},
+                 buf.get("__view__"), buf.get("__augment__"))
 
 
-def _read(arr, rows: slice | None, view: int) -> np.ndarray:
-    sel = (rows if rows is not None else slice(None), view)
+def _read(arr, rows: slice | None, view: int | np.ndarray) -> np.ndarray:
+    dtype = np.float32 if np.dtype(arr.dtype).kind == "f" else arr.dtype
     try:
-        return np.asarray(arr[sel], dtype=np.float32)
+        if np.ndim(view) > 0:  # one view per row
+            block = np.asarray(arr[rows if rows is not None else slice(None)])
+            return np.asarray(block[np.arange(len(block)), view], dtype=dtype)
+        return np.asarray(arr[(rows if rows is not None else slice(None), view)], dtype=dtype)
     except Exception as exc:  # zarr raises assorted errors on a damaged chunk (CRC mismatch, …)
         raise KdError(f"cache array {Path(arr.store_path.store.root) / arr.path} cannot be read ({type(exc).__name__}: "
                       f"{str(exc).splitlines()[0][:100] if str(exc) else ''}); the cache is damaged, "

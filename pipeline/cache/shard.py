@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline import runtime
+from pipeline.augment import Policy, parse, view_random
 from pipeline.cache import format as fmt
 from pipeline.config import DataConfig, from_record
 from pipeline.data import Dataset, open_dataset
@@ -54,6 +55,9 @@ class ShardJob:
     batch_size: int
     threads: int
     cache_key: str
+    views: int = 1  # of this split: view 0 is the input itself, views 1.. are augmented
+    augment: str = "none"  # the views' policy
+    seed: int = 0  # keys the views' augmentation parameters (with split, sample_id, view)
 
 
 # Per-process state of a worker: the dataset and the teacher are loaded once per process and
@@ -93,6 +97,26 @@ def _worker_teacher(spec: TeacherSpec) -> tuple[torch.nn.Module, torch.device]:
         return _STATE[key]
 
 
+def _worker_policy(job: ShardJob) -> Policy | None:
+    """The views' policy, parsed once per process (None with one view)."""
+    if job.views == 1:
+        return None
+    shape = tuple(_worker_dataset(job).input_shape)
+    key = ("policy", job.augment, shape)
+    with _STATE_LOCK:
+        if key not in _STATE:
+            _STATE[key] = parse(job.augment, shape)
+        return _STATE[key]
+
+
+def view_params(policy: Policy, seed: int, split: str, sample_ids: np.ndarray, views: int) -> np.ndarray:
+    """Augmentation parameters [n, views, P] of these samples' views: view 0 the identity,
+    view v drawn from (seed, split, sample_id, v)."""
+    n = len(sample_ids)
+    return np.stack([policy.identity(n)] + [policy.sample(view_random(seed, split, sample_ids, v), n)
+                                            for v in range(1, views)], axis=1)
+
+
 def build_shard(job: ShardJob) -> dict[str, Any]:
     """Compute, write and record one shard. Returns its completion record. (One Dask task.)"""
     # a dask worker's own process starts on 1 thread (its nanny sets OMP_NUM_THREADS=1)
@@ -113,7 +137,9 @@ class ComputedShard:
 @dataclass
 class ShardInputs:
     """How to load a shard's input batches, in order, and the running sha256 of their bytes.
-    Loading hashes too, so the hash is computed off the forward pass's thread."""
+    Loading hashes too, so the hash is computed off the forward pass's thread. Each load gives
+    ``(x, params)``: the normalised inputs, and their views' augmentation parameters (None
+    with one view)."""
 
     job: ShardJob
     bounds: list[tuple[int, int]]
@@ -124,23 +150,29 @@ class ShardInputs:
         return cls(job, [(a, min(a + job.batch_size, job.stop))
                          for a in range(job.start, job.stop, job.batch_size)])
 
-    def loads(self) -> list[Callable[[], np.ndarray]]:
-        dataset = _worker_dataset(self.job)
+    def loads(self) -> list[Callable[[], tuple[np.ndarray, np.ndarray | None]]]:
+        job = self.job
+        dataset, policy = _worker_dataset(job), _worker_policy(job)
+        ids = dataset.splits[job.split].sample_ids
 
-        def load(a: int, b: int) -> np.ndarray:
-            x = np.ascontiguousarray(dataset.inputs(self.job.split, a, b), np.float32)
+        def load(a: int, b: int) -> tuple[np.ndarray, np.ndarray | None]:
+            x = np.ascontiguousarray(dataset.inputs(job.split, a, b), np.float32)
             self.sha256.update(x)  # loads of one shard run in order, on one thread
-            return x
+            params = None if policy is None else view_params(policy, job.seed, job.split, ids[a:b], job.views)
+            return x, params
         return [functools.partial(load, a, b) for a, b in self.bounds]
 
 
-def forwarded(job: ShardJob, batches: Iterable[np.ndarray], pool: Executor | None = None,
+def forwarded(job: ShardJob, batches: Iterable[tuple[np.ndarray, np.ndarray | None]],
+              pool: Executor | None = None,
               streams: int = 1) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray], bool]]:
     """The teacher's outputs (see ``_forward``) for each input batch, in order. With ``pool``
     (``streams`` threads) up to ``streams`` batches go through the teacher at once; without
     it, one after another on this thread. The batches may span several shards of one build."""
     model, device = _worker_teacher(job.teacher)
-    calls = (functools.partial(_forward, model, device, job.dtype, x) for x in batches)
+    policy = _worker_policy(job)
+    calls = (functools.partial(_forward, model, device, job.dtype, x, params, policy)
+             for x, params in batches)
     return ordered(calls, pool, ahead=2 * streams) if pool else (call() for call in calls)
 
 
@@ -161,16 +193,18 @@ def compute_shard(job: ShardJob, inputs: ShardInputs | None = None,
     bufs: dict[str, np.ndarray] = {}
     finite = True
     for a, b in inputs.bounds:
-        logits, feats, ok = next(outputs)
+        logits, feats, params, ok = next(outputs)
         finite &= ok
         named = {fmt.logits_key(job.split): logits,
                  **{fmt.feature_key(job.split, k): v for k, v in feats.items()}}
+        if params is not None:
+            named[fmt.augment_key(job.split)] = params.astype(fmt.AUGMENT_DTYPE)
         for key, value in named.items():
             if key not in bufs:
-                bufs[key] = np.empty((n, fmt.VIEWS) + value.shape[1:], job.dtype)
-            bufs[key][a - job.start:b - job.start, 0] = value
+                bufs[key] = np.empty((n,) + value.shape[1:], value.dtype)
+            bufs[key][a - job.start:b - job.start] = value
     if not finite:
-        bad = next(k for k, buf in bufs.items() if not np.isfinite(buf).all())
+        bad = next(k for k, buf in bufs.items() if buf.dtype.kind == "f" and not np.isfinite(buf).all())
         what = "logits" if bad.endswith("logits") else f"features {bad}"
         hint = " or use dtype=float32 (float16 overflowed)" if job.dtype == "float16" else ""
         raise KdError(f"teacher produced NaN/inf {what} in {job.split} rows {job.start}-"
@@ -178,10 +212,12 @@ def compute_shard(job: ShardJob, inputs: ShardInputs | None = None,
     return ComputedShard(job, bufs, inputs.sha256.hexdigest(), t0)
 
 
-def _forward(model: Tapped, device: torch.device, dtype: str,
-             x: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray], bool]:
-    """One batch through the teacher: (logits, {layer: features}) in the cache dtype on the
-    host, and whether all of them are finite. Safe to run on several threads at once."""
+def _forward(model: Tapped, device: torch.device, dtype: str, x: np.ndarray,
+             params: np.ndarray | None = None, policy: Policy | None = None):
+    """One batch through the teacher, once per view: (logits [B, V, C], {layer: features
+    [B, V, ...]}) in the cache dtype on the host, the views' parameters [B, V, P] (or None),
+    and whether every output is finite. The inputs move to the device once; view v > 0 is
+    ``policy.apply(x, params[:, v])`` there. Safe to run on several threads at once."""
     store_dtype = {"float16": torch.float16, "float32": torch.float32}[dtype]
     finite = True
 
@@ -194,9 +230,17 @@ def _forward(model: Tapped, device: torch.device, dtype: str,
         finite &= bool(torch.isfinite(value).all())
         return value.numpy()
 
-    with torch.inference_mode(), runtime.autocast(device):
-        logits, feats = model(runtime.to_device(torch.from_numpy(x), device))
-        return stored(logits), {name: stored(f) for name, f in feats.items()}, finite
+    with torch.inference_mode():
+        x_dev = runtime.to_device(torch.from_numpy(x), device)
+        outputs = []
+        for v in range(1 if params is None else params.shape[1]):
+            xv = x_dev if v == 0 else policy.apply(x_dev, torch.from_numpy(params[:, v]).to(device))
+            with runtime.autocast(device):
+                logits, feats = model(xv)
+            outputs.append((stored(logits), {name: stored(f) for name, f in feats.items()}))
+    logits = np.stack([o[0] for o in outputs], axis=1)
+    feats = {name: np.stack([o[1][name] for o in outputs], axis=1) for name in outputs[0][1]}
+    return logits, feats, params, finite
 
 
 def write_shard(shard: ComputedShard) -> dict[str, Any]:

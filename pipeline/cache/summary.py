@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.cache import format as fmt
+from pipeline.data import SPLITS
 
 
 def summarise(root: Path, manifest: dict) -> dict:
-    splits = manifest["splits"]
+    # in split order (the manifest's JSON sorts its keys)
+    splits = {s: manifest["splits"][s] for s in SPLITS if s in manifest["splits"]}
     summary = {
         "cache": str(root), "status": manifest["status"],
         "dataset": manifest["dataset"]["spec"], "teacher": manifest["teacher"]["arch"],
@@ -18,6 +20,10 @@ def summarise(root: Path, manifest: dict) -> dict:
         "teacher_accuracy": {s: v.get("accuracy") for s, v in splits.items()},
         "layers": manifest["layers"], "num_classes": manifest["num_classes"],
         "temperature": manifest["temperature"], "dtype": manifest["dtype"],
+        "views": {s: fmt.split_views(manifest, s) for s in splits},
+        "augment": (manifest.get("augment") or {}).get("policy"),
+        "augment_seed": (manifest.get("augment") or {}).get("seed"),
+        "format_version": manifest["format_version"],
         "bytes": manifest.get("bytes") or sum(p.stat().st_size for p in root.rglob("*") if p.is_file()),
     }
     if manifest["status"] != "complete":
@@ -39,6 +45,9 @@ def describe(s: dict) -> str:
         f"default temperature {s['temperature']:g}",
         f"on disk    {s['bytes'] / 1e6:.2f} MB",
     ]
+    if s["augment"]:
+        lines.insert(5, f"views      train {s['views']['train']} (view 0 as is, the rest augment="
+                        f"{s['augment']}, seed {s['augment_seed']}); val and test 1")
     if "shards_done" in s:
         lines.append(f"incomplete: {s['shards_done']} shards done; re-run `kdcache cache` with the same settings")
     return "\n".join(lines)

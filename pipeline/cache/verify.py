@@ -4,8 +4,11 @@
    chunk's CRC32C on the way);
 2. every split's Parquet index against its recorded sha256;
 3. the dataset on disk against the dataset fingerprint;
-4. the teacher: its weights against the teacher fingerprint, then a fresh forward pass on a
-   seeded sample of rows compared with the cached logits within the dtype's tolerance.
+4. multi-view caches: every stored augmentation parameter against the one drawn again from
+   (seed, split, sample_id, view);
+5. the teacher: its weights against the teacher fingerprint, then a fresh forward pass on a
+   seeded sample of (row, view) pairs, each input rebuilt by replaying the view's stored
+   parameters, compared with the cached logits within the dtype's tolerance.
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ import hashlib
 import numpy as np
 import torch
 
+from pipeline.augment import parse
 from pipeline.cache import format as fmt
 from pipeline.cache.reader import TeacherCache
+from pipeline.cache.shard import view_params
 from pipeline.errors import KdError
 from pipeline.io import sha256_file
 from pipeline.teachers import Tapped, TeacherSpec, build_teacher
@@ -54,6 +59,18 @@ def verify(cache: TeacherCache, rows: int, seed: int) -> dict[str, str]:
         dataset = None
         checks["dataset fingerprint"] = f"FAILED: {exc}"
 
+    policy = None
+    if dataset is not None and cache.views("train") > 1:
+        policy = parse(cache.augment["policy"], dataset.input_shape)
+        ids = cache.sample_ids("train")
+        drawn = view_params(policy, int(cache.augment["seed"]), "train", ids, cache.views("train"))
+        stored = cache.augment_params("train")
+        same = np.array_equal(stored, drawn.astype(stored.dtype))
+        checks["augmentation parameters"] = (
+            f"ok ({stored.shape[0]:,} rows x {stored.shape[1]} views)" if same else
+            f"FAILED: {int((stored != drawn).any(axis=(1, 2)).sum())} rows hold parameters other than "
+            f"those drawn from seed {cache.augment['seed']}")
+
     t = m["teacher"]
     spec = TeacherSpec(t["arch"], tuple(t["input_shape"]), t["num_classes"], t["ckpt"],
                        t["seed"] or 0, layers=tuple(m["layers"]), pool=m["pool"],
@@ -72,14 +89,19 @@ def verify(cache: TeacherCache, rows: int, seed: int) -> dict[str, str]:
         sizes = {split: cache.num_rows(split) for split in cache.splits}
         for split, k in apportion(rows, sizes).items():
             for row in np.sort(rng.choice(sizes[split], size=k, replace=False)):
+                view = int(rng.integers(cache.views(split)))
                 x = torch.from_numpy(dataset.inputs(split, int(row), int(row) + 1))
+                if view:  # rebuild the input the teacher saw from the stored parameters
+                    params = cache.augment_params(split, slice(int(row), int(row) + 1))[:, view]
+                    x = policy.apply(x, torch.from_numpy(params.astype(np.int64)))
                 with torch.inference_mode():
                     fresh = model(x)[0].float().numpy()[0]
-                cached = cache.raw_logits(split, rows=slice(int(row), int(row) + 1))[0]
+                cached = cache.raw_logits(split, view, rows=slice(int(row), int(row) + 1))[0]
                 err = np.abs(fresh - cached) / (atol + rtol * np.abs(fresh))
                 worst = max(worst, float(err.max()))
                 checked += 1
-        checks["teacher fidelity"] = (f"ok ({checked} rows, worst {worst:.2f} of tolerance)"
+        at = ", each at a random view" if cache.views("train") > 1 else ""
+        checks["teacher fidelity"] = (f"ok ({checked} rows{at}, worst {worst:.2f} of tolerance)"
                                       if worst <= 1.0 else
                                       f"FAILED: cached logits differ from a fresh forward pass "
                                       f"({worst:.1f}x the {m['dtype']} tolerance)")

@@ -15,8 +15,12 @@ from functools import cached_property
 from typing import Iterator
 
 import numpy as np
+import torch
 
+from pipeline.augment import KeyedRandom, key, parse
 from pipeline.cache import TeacherCache
+from pipeline.cache import format as fmt
+from pipeline.cache.chunks import to_float32
 from pipeline.data import Dataset, positions_of
 from pipeline.errors import KdError
 from pipeline.rows import LazyRows
@@ -32,15 +36,31 @@ def stream_seed(seed: int, epoch: int) -> int:
 
 class StudentData:
     """An opened cache as a student reads it. ``layer`` is the cached feature the run reads
-    (None: the cache's first layer); ``progress`` shows training progress bars."""
+    (None: the cache's first layer); ``views`` how many of the train split's cached views it
+    draws from (views 0..views-1; None: all); ``progress`` shows training progress bars.
 
-    def __init__(self, cache: TeacherCache, layer: str | None = None, progress: bool = False):
+    With several views, every epoch each train row uses one view drawn from (seed, epoch,
+    sample_id): its cached targets, and its input rebuilt by replaying that view's stored
+    augmentation parameters on the original input. Feature students, which need no input,
+    instead see every view's features as rows of their own (:meth:`features`).
+    """
+
+    def __init__(self, cache: TeacherCache, layer: str | None = None, progress: bool = False,
+                 views: int | None = None):
         self.cache = cache
         self.progress = progress
         self.layer = layer or cache.layers[0]
         if self.layer not in cache.layers:
             raise KdError(f"cache {cache.root} holds no layer {self.layer!r}; it holds "
                           f"{', '.join(cache.layers)}")
+        self.views = cache.views("train") if views is None else int(views)
+        if not 1 <= self.views <= cache.views("train"):
+            raise KdError(f"views={self.views} is more than cache {cache.root} holds "
+                          f"({cache.views('train')}); pass views=all or views=N with N <= "
+                          f"{cache.views('train')}")
+        self.policy = None
+        if self.views > 1:
+            self.policy = parse(cache.augment["policy"], tuple(cache.manifest["teacher"]["input_shape"]))
 
     # ------------------------------------------------------------------ description
     @property
@@ -70,16 +90,42 @@ class StudentData:
         return self.cache.open_dataset()
 
     # ------------------------------------------------------------------ whole splits
+    def _every_view(self, split: str) -> bool:
+        return split == "train" and self.views > 1
+
     def labels(self, split: str) -> np.ndarray:
-        return self.cache.labels(split)
+        """Labels of ``split``'s rows (train with several views: of every (row, view) row)."""
+        labels = self.cache.labels(split)
+        return np.repeat(labels, self.views) if self._every_view(split) else labels
 
     def teacher_logits(self, split: str) -> np.ndarray:
-        """Raw cached logits z, float32 [N, C]."""
-        return self.cache.raw_logits(split)
+        """Raw cached logits z, float32 [N, C] (train with several views: [N · views, C], row
+        r's view v at r · views + v)."""
+        if not self._every_view(split):
+            return self.cache.raw_logits(split)
+        return self._every_view_rows(fmt.logits_key(split))
 
     def features(self, split: str) -> np.ndarray:
-        """Flattened cached features of ``layer``, float32 [N, D], in memory."""
-        return self.cache.features(split, self.layer).reshape(self.num_rows(split), -1)
+        """Flattened cached features of ``layer``, float32 [N, D], in memory (train with several
+        views: every view's features as rows, [N · views, D], row r's view v at r · views + v)."""
+        if not self._every_view(split):
+            return self.cache.features(split, self.layer).reshape(self.num_rows(split), -1)
+        return self._every_view_rows(fmt.feature_key(split, self.layer))
+
+    def _every_view_rows(self, key: str) -> np.ndarray:
+        """Views 0..views-1 of every row of array ``key`` as float32 rows [N · views, D]."""
+        stored = self.cache.stored(key, 0, self.num_rows("train"))[:, :self.views]
+        out = np.empty(stored.shape, np.float32)
+        to_float32(out, np.ascontiguousarray(stored))
+        return out.reshape(len(out) * self.views, -1)
+
+    def view_of(self, seed: int, epoch: int):
+        """``views(start, stop)``: the view each train row of ``[start, stop)`` uses in this
+        epoch, drawn from (seed, epoch, sample_id), or None with one view."""
+        if self.views == 1:
+            return None
+        ids = self.cache.sample_ids("train")
+        return lambda a, b: KeyedRandom(key(seed, epoch, ids[a:b])).integers(0, self.views)
 
     def rows(self, split: str, kind: str) -> LazyRows:
         """What a student of ``kind`` scores on, in cache row order, read block by block:
@@ -96,7 +142,8 @@ class StudentData:
         """``(features, labels, raw logits or None)`` batches of the train split, block-shuffled
         with a seed per epoch; epoch -1 is one pass in row order (e.g. to fit a scaler)."""
         for b in self.cache.stream("train", batch_size=batch_size, layers=(self.layer,),
-                                   logits=logits, shuffle=epoch >= 0, seed=stream_seed(seed, epoch)):
+                                   logits=logits, shuffle=epoch >= 0, seed=stream_seed(seed, epoch),
+                                   view_of=self.view_of(seed, epoch)):
             yield b.features[self.layer].reshape(len(b.sample_id), -1), b.label, b.logits
 
     def input_batches(self, batch_size: int, seed: int, *, logits: bool = True,
@@ -105,7 +152,8 @@ class StudentData:
         :func:`pipeline.training.fit`: ``targets`` holds ``z_t`` (raw cached logits) when
         ``logits`` and ``f_t`` (the flattened cached feature) when ``features``. Cached
         targets arrive chunk by chunk, and each chunk's inputs are read from the dataset by
-        sample_id and shuffled along with them."""
+        sample_id and shuffled along with them. With several views, each row's input is its
+        drawn view: the stored parameters replayed on the original input."""
         dataset = self.dataset
         positions = positions_of(dataset.splits["train"].sample_ids, self.cache.sample_ids("train"))
         layers = (self.layer,) if features else ()
@@ -113,11 +161,15 @@ class StudentData:
         def batches(epoch: int):
             for b in self.cache.stream("train", batch_size=batch_size, layers=layers,
                                        logits=logits, seed=stream_seed(seed, epoch),
+                                       view_of=self.view_of(seed, epoch), augment=self.views > 1,
                                        extra=lambda a, z: {"x": dataset.inputs_at("train", positions[a:z])}):
                 targets = {"z_t": b.logits} if logits else {}
                 if features:
                     targets["f_t"] = b.features[self.layer].reshape(len(b.label), -1)
-                yield b.extra["x"], b.label, targets
+                x = b.extra["x"]
+                if self.policy is not None:
+                    x = self.policy.apply(torch.from_numpy(x), torch.from_numpy(b.augment)).numpy()
+                yield x, b.label, targets
 
         return batches
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from pipeline import runtime, training
+from pipeline.augment import parse
 from pipeline.cache.reader import log_softmax, softmax
 from pipeline.losses import LOSSES
 from pipeline.students.base import Student
@@ -50,14 +51,16 @@ class TorchStudent(Student):
     y_val=...)`` trains on in-memory arrays whose row i describes one sample. What the loss
     reads (logits, a feature) and whether it takes a temperature is the loss's declaration.
     Training is seeded and deterministic on CPU; the epoch with the best validation accuracy is
-    kept. ``temperature=None`` takes the cache's default in ``fit_cache``.
+    kept. ``temperature=None`` takes the cache's default in ``fit_cache``. ``augment`` is a
+    policy applied afresh to every batch (label-only losses: cached targets are valid only for
+    the inputs the teacher saw; a multi-view cache replays its own views in ``fit_cache``).
     """
 
     def __init__(self, arch: str = "cnn_small", width: int = 0, loss: str = "kd",
                  temperature: float | None = None, alpha: float = 0.9, hint_weight: float = 1.0,
                  dkd_alpha: float = 1.0, dkd_beta: float = 8.0, epochs: int = 60, lr: float = 3e-3,
                  weight_decay: float = 5e-4, batch_size: int = 128, seed: int = 0,
-                 device: str = "auto"):
+                 device: str = "auto", augment: str = "none"):
         self.arch = arch
         self.width = width
         self.loss = loss
@@ -72,6 +75,7 @@ class TorchStudent(Student):
         self.batch_size = batch_size
         self.seed = seed
         self.device = device
+        self.augment = augment
 
     def fit_cache(self, data: StudentData) -> "TorchStudent":
         needs = LOSSES.declared(self.loss)
@@ -125,6 +129,7 @@ class TorchStudent(Student):
         result = training.fit(self.model_, batches, steps_per_epoch, X_val, y_val, objective,
                               epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay,
                               seed=self.seed, device=self.device_, progress=progress,
+                              augment=parse(self.augment, tuple(X_val.shape[1:])),
                               desc=f"student {self.arch}/{self.loss}")
         self.history_ = result.history
         self.best_epoch_ = result.best_epoch
@@ -164,7 +169,7 @@ def _torch_factory(arch: str):
                             temperature=cfg.temperature, alpha=cfg.alpha, hint_weight=cfg.hint_weight,
                             dkd_alpha=cfg.dkd_alpha, dkd_beta=cfg.dkd_beta, epochs=cfg.epochs,
                             lr=cfg.lr, weight_decay=cfg.weight_decay, batch_size=cfg.batch_size,
-                            seed=cfg.seed, device=cfg.device)
+                            seed=cfg.seed, device=cfg.device, augment=cfg.augment)
 
     factory.__doc__ = f"A narrow {arch} (width {STUDENT_WIDTHS[arch]}) trained on inputs."
     return factory

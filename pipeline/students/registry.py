@@ -46,7 +46,8 @@ STUDENTS: Registry[Callable[[StudentConfig], Any]] = Registry("student", Student
 class Uses:
     """What one run of a student reads and records: ``loss`` / ``target`` are names or None
     (the student has no such axis), ``temperature`` whether T applies, ``layer`` whether it
-    reads a cached feature, ``logits`` whether it reads the cached logits at all."""
+    reads a cached feature, ``logits`` whether it reads the cached logits at all, ``augment``
+    the policy of fresh augmentation (None: none)."""
 
     kind: str
     loss: str | None
@@ -54,6 +55,7 @@ class Uses:
     temperature: bool
     layer: bool
     logits: bool
+    augment: str | None = None
 
 
 def uses(cfg: StudentConfig) -> Uses:
@@ -83,8 +85,22 @@ def uses(cfg: StudentConfig) -> Uses:
                       "reads no cached feature; drop layer=")
     logits = (loss_needs.logits if loss_needs else
               needs.temperature or (needs.target and (cfg.target or DEFAULT_TARGET) == "teacher"))
+    augment = None if cfg.augment == "none" else cfg.augment
+    if augment is not None:
+        if needs.kind != "inputs":
+            raise KdError(f"augment={augment} does not apply: model {cfg.model} reads cached features, "
+                          "not inputs; cache augmented views instead (kdcache cache views=K "
+                          f"augment={augment}) and train with views=all")
+        if logits:
+            raise KdError(f"augment={augment} does not apply to loss {loss}: it reads the teacher's "
+                          "cached logits, valid only for the inputs the teacher saw; cache augmented "
+                          f"views instead (kdcache cache views=K augment={augment}) and train with "
+                          "views=all, or use a label-only loss (loss=ce)")
+        if cfg.views not in ("all", "1"):
+            raise KdError(f"views={cfg.views} with augment={augment}: fresh augmentation trains on "
+                          "view 0 of each row; drop views= or augment=")
     return Uses(needs.kind, loss, (cfg.target or DEFAULT_TARGET) if needs.target else None,
-                temperature, layer, bool(logits))
+                temperature, layer, bool(logits), augment)
 
 
 def _with(axis: str) -> list[str]:
