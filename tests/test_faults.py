@@ -38,9 +38,13 @@ STUDENT_KILL_TRIALS = max(2, KILL_TRIALS // 4)
 HARNESS_DATASET = "synthetic:2400:3x16x16:4"
 
 
-def harness_args(root: Path, work: Path) -> list[str]:
+def harness_args(root: Path, work: Path, **views) -> list[str]:
     return cache_args(root, work, dataset=HARNESS_DATASET, teacher="resnet_small",
-                      scheduler="local", workers=2, threads=1)  # dask, two shards at once
+                      scheduler="local", workers=2, threads=1, **views)  # dask, two shards at once
+
+
+# A multi-view build of the same rows: 4 views per train row, 64 rows (256 outputs) per shard.
+VIEWS = {"views": 4, "augment": "crop:2+flip", "shard_size": 256}
 
 
 def _default_sigint() -> None:
@@ -103,16 +107,24 @@ def assert_no_stray_files(root: Path) -> None:
     assert ours <= {f".{root.name}.lock"}, ours
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> tuple[Path, float]:
-    """An uninterrupted build by the same command, and how long the whole process took."""
-    work = tmp_path_factory.mktemp("reference")
+def uninterrupted(work: Path, **views) -> tuple[Path, float]:
+    """An uninterrupted build by the harness command, and how long the whole process took."""
     root = work / "cache"
     t0 = time.perf_counter()
-    proc = run_cli(["cache", *harness_args(root, work)], cwd=work)
+    proc = run_cli(["cache", *harness_args(root, work, **views)], cwd=work)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
     return root, time.perf_counter() - t0
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> tuple[Path, float]:
+    return uninterrupted(tmp_path_factory.mktemp("reference"))
+
+
+@pytest.fixture(scope="module")
+def reference_views(tmp_path_factory) -> tuple[Path, float]:
+    return uninterrupted(tmp_path_factory.mktemp("reference_views"), **VIEWS)
 
 
 # =========================================================================== kill during caching
@@ -120,10 +132,24 @@ def reference(tmp_path_factory) -> tuple[Path, float]:
 @pytest.mark.slow
 @pytest.mark.parametrize("trial", range(KILL_TRIALS))
 def test_sigkill_during_caching_then_resume(tmp_path, reference, trial):
+    kill_and_resume(tmp_path, reference, trial)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trial", range(max(1, KILL_TRIALS - 1)))
+def test_sigkill_during_multiview_caching_then_resume(tmp_path, reference_views, trial):
+    """The same with views: every recorded shard holds all its views and their parameters, and
+    the resumed cache is byte-identical to the uninterrupted one, augmentation arrays included."""
+    kill_and_resume(tmp_path, reference_views, 2000 + trial, **VIEWS)
+    assert (tmp_path / "cache" / fmt.ARRAYS / "train" / "augment").is_dir()
+
+
+def kill_and_resume(tmp_path: Path, reference: tuple[Path, float], trial: int, **views) -> None:
+    """SIGKILL a build at seeded random moments until it finishes; check what each kill left."""
     ref_root, full_seconds = reference
     rng = np.random.default_rng(1000 + trial)
     root = tmp_path / "cache"
-    args = ["cache", *harness_args(root, tmp_path)]
+    args = ["cache", *harness_args(root, tmp_path, **views)]
     kills = 0
     last_records: list[dict] = []
     mtimes: dict[tuple, int] = {}

@@ -139,7 +139,7 @@ class ShardInputs:
     """How to load a shard's input batches, in order, and the running sha256 of their bytes.
     Loading hashes too, so the hash is computed off the forward pass's thread. Each load gives
     ``(x, params)``: the normalised inputs, and their views' augmentation parameters (None
-    with one view)."""
+    with one view), and the policy that applies them."""
 
     job: ShardJob
     bounds: list[tuple[int, int]]
@@ -150,29 +150,29 @@ class ShardInputs:
         return cls(job, [(a, min(a + job.batch_size, job.stop))
                          for a in range(job.start, job.stop, job.batch_size)])
 
-    def loads(self) -> list[Callable[[], tuple[np.ndarray, np.ndarray | None]]]:
+    def loads(self) -> list[Callable[[], tuple[np.ndarray, np.ndarray | None, Policy | None]]]:
         job = self.job
         dataset, policy = _worker_dataset(job), _worker_policy(job)
         ids = dataset.splits[job.split].sample_ids
 
-        def load(a: int, b: int) -> tuple[np.ndarray, np.ndarray | None]:
+        def load(a: int, b: int) -> tuple[np.ndarray, np.ndarray | None, Policy | None]:
             x = np.ascontiguousarray(dataset.inputs(job.split, a, b), np.float32)
             self.sha256.update(x)  # loads of one shard run in order, on one thread
             params = None if policy is None else view_params(policy, job.seed, job.split, ids[a:b], job.views)
-            return x, params
+            return x, params, policy
         return [functools.partial(load, a, b) for a, b in self.bounds]
 
 
-def forwarded(job: ShardJob, batches: Iterable[tuple[np.ndarray, np.ndarray | None]],
+def forwarded(job: ShardJob, batches: Iterable[tuple[np.ndarray, np.ndarray | None, Policy | None]],
               pool: Executor | None = None,
               streams: int = 1) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray], bool]]:
     """The teacher's outputs (see ``_forward``) for each input batch, in order. With ``pool``
     (``streams`` threads) up to ``streams`` batches go through the teacher at once; without
-    it, one after another on this thread. The batches may span several shards of one build."""
+    it, one after another on this thread. The batches may span several shards (and splits,
+    with their own views) of one build."""
     model, device = _worker_teacher(job.teacher)
-    policy = _worker_policy(job)
     calls = (functools.partial(_forward, model, device, job.dtype, x, params, policy)
-             for x, params in batches)
+             for x, params, policy in batches)
     return ordered(calls, pool, ahead=2 * streams) if pool else (call() for call in calls)
 
 
