@@ -74,6 +74,7 @@ def run(quick: bool, workdir: Path) -> dict:
     from pipeline.runs import resolve_run
     from pipeline.students import StudentData, create_student
     from pipeline.students.data import joined_inputs
+    from pipeline.students.networks import _with_soft_targets as with_soft_targets
     from pipeline.teachers import TeacherSpec, build_teacher, state_fingerprint
 
     t_start = time.perf_counter()
@@ -148,7 +149,8 @@ def run(quick: bool, workdir: Path) -> dict:
         def arm() -> float:
             t0 = time.perf_counter()
             clocked(student(model, "kd"), "online_kd", t0)._fit_batches(
-                batches, -(-n_train // bs), X["val"], y["val"], cache.num_classes, 0, cache.temperature)
+                with_soft_targets(batches, cache.temperature), -(-n_train // bs), X["val"], y["val"],
+                cache.num_classes, 0, cache.temperature)
             return time.perf_counter() - t0
         return arm
 

@@ -146,20 +146,23 @@ def _as_index(params, device) -> torch.Tensor:
 
 def translate(x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """``out[..., i, j] = x[..., i - dy, j - dx]`` (0 outside the input), per sample, for
-    ``offsets`` [B, axes] (dy, dx) over the last ``axes`` dimensions: exact copies."""
+    ``offsets`` [B, axes] (dy, dx) over the last ``axes`` dimensions: exact copies. A
+    translation is separable, so it is one gather per axis."""
     axes = offsets.shape[1]
-    spatial_sizes = x.shape[-axes:]
-    pad = int(offsets.abs().max()) if offsets.numel() else 0
-    if pad == 0:
-        return x.clone()
-    xp = F.pad(x, [pad] * (2 * axes))
-    out = torch.empty_like(x)
-    # one gather per distinct offset (at most (2S + 1)^2) instead of a loop over samples
-    for combo in torch.unique(offsets, dim=0):
-        mask = (offsets == combo).all(dim=1)
-        window = [slice(pad - int(d), pad - int(d) + s) for d, s in zip(combo, spatial_sizes)]
-        out[mask] = xp[mask][(Ellipsis, *window)]
-    return out
+    for k in range(axes):
+        x = _translate_axis(x, offsets[:, k], x.dim() - axes + k)
+    return x
+
+
+def _translate_axis(x: torch.Tensor, d: torch.Tensor, axis: int) -> torch.Tensor:
+    """``out[..., i, ...] = x[..., i - d, ...]`` along ``axis``, 0 where ``i - d`` falls outside."""
+    n = x.shape[axis]
+    source = torch.arange(n, device=x.device)[None, :] - d[:, None]  # [B, n]
+    shape = [x.shape[0]] + [1] * (x.dim() - 1)
+    shape[axis] = n
+    inside = ((source >= 0) & (source < n)).view(shape)
+    gathered = torch.gather(x, axis, source.clamp(0, n - 1).view(shape).expand_as(x))
+    return gathered.masked_fill(~inside, 0.0)
 
 
 @POLICIES.register("shift")

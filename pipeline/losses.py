@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -83,8 +84,55 @@ def kd(z_s: torch.Tensor, y: torch.Tensor, *, z_t: torch.Tensor, T: float = 4.0,
     Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network", 2015
     (arXiv:1503.02531).
     """
+    if p_t is not None and log_p_t is not None and z_s.device.type == "cpu" and z_s.requires_grad:
+        return _CpuHintonKD.apply(z_s, y, p_t, log_p_t, float(T), float(alpha))
     return (alpha * T * T * soft_kl(z_s, z_t, T, log_p_t, p_t)
             + (1.0 - alpha) * F.cross_entropy(z_s, y))
+
+
+def _log_softmax_np(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+class _CpuHintonKD(torch.autograd.Function):
+    """:func:`kd` on CPU tensors with precomputed soft targets: its value and its gradient
+
+        ∂L/∂z_s = [α · T · (softmax(z_s/T) − p_t) + (1 − α) · (softmax(z_s) − onehot(y))] / B
+
+    computed together in NumPy in the forward pass. The same arithmetic as torch's graph, but a
+    training step of a small student is dominated by per-op costs: ~a dozen NumPy ops on
+    [B, C] take ~30 µs where the torch graph's forward and backward take ~150 µs (~10 µs per
+    op), which made KD epochs of a 23k-parameter MLP 1.2x CE epochs. Tests hold it equal to the
+    torch graph in value and gradient."""
+
+    @staticmethod
+    def forward(ctx, z_s, y, p_t, log_p_t, T, alpha):
+        z = z_s.detach().numpy()
+        # scalars in the logits' dtype, as in torch's graph (a T whose T² overflows float32 makes
+        # the loss non-finite there too, and training refuses it)
+        real = z.dtype.type
+        T, alpha, n = real(T), real(alpha), len(z)
+        rows, labels = np.arange(n), y.numpy()
+        log_q_t = _log_softmax_np(z / T)
+        log_q = _log_softmax_np(z)
+        p, log_p = p_t.numpy(), log_p_t.numpy()
+        with np.errstate(over="ignore", invalid="ignore"):
+            kl = (p * (log_p - log_q_t)).sum(dtype=real) / real(n)
+            ce = -log_q[rows, labels].sum(dtype=real) / real(n)
+            value = alpha * T * T * kl + (real(1) - alpha) * ce
+            grad = alpha * T * (np.exp(log_q_t) - p)
+            soft = np.exp(log_q)
+            soft[rows, labels] -= real(1)
+            grad += (real(1) - alpha) * soft
+            grad /= real(n)
+        ctx.save_for_backward(torch.from_numpy(grad))
+        return torch.tensor(value, dtype=z_s.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output, None, None, None, None, None
 
 
 @LOSSES.register("mse_logits")

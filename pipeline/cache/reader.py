@@ -251,7 +251,8 @@ class TeacherCache:
                layers: tuple[str, ...] = (), shuffle: bool = True, seed: int = 0,
                buffer_chunks: int = 8, logits: bool = True, view: int = 0,
                view_of: Callable[[int, int], np.ndarray] | None = None, augment: bool = False,
-               extra: Callable[[int, int], dict[str, np.ndarray]] | None = None) -> Iterator[Batch]:
+               extra: Callable[[int, int], dict[str, np.ndarray]] | None = None,
+               buffers: bool = False) -> Iterator[Batch]:
         """Yield batches in bounded memory, reading whole chunks only.
 
         With ``shuffle``, chunk order is permuted and rows are shuffled inside a buffer of
@@ -268,6 +269,11 @@ class TeacherCache:
         and, with ``augment``, the view's augmentation parameters (``Batch.augment``) are those
         of that view, and ``Batch.view`` says which, so a row's values are always of one
         (sample_id, view) pair.
+
+        With ``buffers``, each filled buffer comes as one Batch of a whole number of
+        ``batch_size`` rows (the last one: the rest), already shuffled, for callers that
+        transform many rows at once before cutting them into batches (per-op costs paid once
+        per buffer, not once per batch).
         """
         _check_temperature(temperature)
         n = self.num_rows(split)
@@ -328,8 +334,9 @@ class TeacherCache:
                     buf[name] = np.empty(values.shape, np.float32)
                     to_float32(buf[name], values)
             full = size - size % batch_size
-            for a in range(0, full, batch_size):
-                yield _batch({k: v[a:a + batch_size] for k, v in buf.items()}, temperature, layers)
+            step = full if buffers else batch_size
+            for a in range(0, full, max(1, step)):
+                yield _batch({k: v[a:a + step] for k, v in buf.items()}, temperature, layers)
             carry = {k: v[full:] for k, v in buf.items()} if full < size else {}
         if carry:
             yield _batch(carry, temperature, layers)

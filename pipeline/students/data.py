@@ -19,6 +19,7 @@ import torch
 
 from pipeline.augment import KeyedRandom, key, parse
 from pipeline.cache import TeacherCache
+from pipeline.cache.reader import log_softmax
 from pipeline.cache import format as fmt
 from pipeline.cache.chunks import to_float32
 from pipeline.data import Dataset, positions_of
@@ -147,13 +148,16 @@ class StudentData:
             yield b.features[self.layer].reshape(len(b.sample_id), -1), b.label, b.logits
 
     def input_batches(self, batch_size: int, seed: int, *, logits: bool = True,
-                      features: bool = False) -> Batches:
+                      features: bool = False, temperature: float | None = None) -> Batches:
         """``batches(epoch)`` yielding ``(inputs, labels, targets)`` of the train split for
         :func:`pipeline.training.fit`: ``targets`` holds ``z_t`` (raw cached logits) when
-        ``logits`` and ``f_t`` (the flattened cached feature) when ``features``. Cached
-        targets arrive chunk by chunk, and each chunk's inputs are read from the dataset by
-        sample_id and shuffled along with them. With several views, each row's input is its
-        drawn view: the stored parameters replayed on the original input."""
+        ``logits``, the teacher's soft targets ``log_p_t`` = log softmax(z_t / T) and ``p_t``
+        at T = ``temperature`` when given, and ``f_t`` (the flattened cached feature) when
+        ``features``. Cached targets arrive chunk by chunk, and each chunk's inputs are read
+        from the dataset by sample_id and shuffled along with them. With several views, each
+        row's input is its drawn view: the stored parameters replayed on the original input.
+        Augmentation and soft targets are computed once per shuffle buffer, then cut into
+        batches."""
         dataset = self.dataset
         positions = positions_of(dataset.splits["train"].sample_ids, self.cache.sample_ids("train"))
         layers = (self.layer,) if features else ()
@@ -162,14 +166,20 @@ class StudentData:
             for b in self.cache.stream("train", batch_size=batch_size, layers=layers,
                                        logits=logits, seed=stream_seed(seed, epoch),
                                        view_of=self.view_of(seed, epoch), augment=self.views > 1,
-                                       extra=lambda a, z: {"x": dataset.inputs_at("train", positions[a:z])}):
-                targets = {"z_t": b.logits} if logits else {}
-                if features:
-                    targets["f_t"] = b.features[self.layer].reshape(len(b.label), -1)
+                                       extra=lambda a, z: {"x": dataset.inputs_at("train", positions[a:z])},
+                                       buffers=True):
                 x = b.extra["x"]
                 if self.policy is not None:
                     x = self.policy.apply(torch.from_numpy(x), torch.from_numpy(b.augment)).numpy()
-                yield x, b.label, targets
+                targets = {"z_t": b.logits} if logits else {}
+                if logits and temperature is not None:
+                    targets["log_p_t"] = log_softmax(b.logits / np.float32(temperature), axis=1)
+                    targets["p_t"] = np.exp(targets["log_p_t"])
+                if features:
+                    targets["f_t"] = b.features[self.layer].reshape(len(b.label), -1)
+                for a in range(0, len(x), batch_size):
+                    yield x[a:a + batch_size], b.label[a:a + batch_size], {
+                        k: v[a:a + batch_size] for k, v in targets.items()}
 
         return batches
 

@@ -79,9 +79,10 @@ class TorchStudent(Student):
 
     def fit_cache(self, data: StudentData) -> "TorchStudent":
         needs = LOSSES.declared(self.loss)
-        batches = data.input_batches(self.batch_size, self.seed, logits=needs.logits,
-                                     features=needs.features)
         temperature = self.temperature if self.temperature is not None else data.temperature
+        batches = data.input_batches(self.batch_size, self.seed, logits=needs.logits,
+                                     features=needs.features,
+                                     temperature=temperature if needs.temperature else None)
         return self._fit_batches(batches, data.steps_per_epoch(self.batch_size),
                                  data.rows("val", "inputs"), data.labels("val"), data.num_classes,
                                  data.feature_dim if needs.features else 0, temperature,
@@ -102,6 +103,8 @@ class TorchStudent(Student):
         feats = teacher_features.reshape(len(X), -1) if needs.features else None
         targets = {"z_t": teacher_logits if needs.logits else None, "f_t": feats}
         batches = training.array_batches(X, y, self.batch_size, self.seed, targets)
+        if needs.temperature and needs.logits:
+            batches = _with_soft_targets(batches, self.temperature)
         return self._fit_batches(batches, -(-len(X) // self.batch_size), X_val, y_val, num_classes,
                                  0 if feats is None else feats.shape[1], self.temperature)
 
@@ -109,7 +112,8 @@ class TorchStudent(Student):
                      num_classes: int, hint_dim: int, temperature: float | None,
                      progress: bool = False) -> "TorchStudent":
         """Train from ``batches(epoch)``, which yields ``(x, y, {"z_t": raw teacher logits,
-        "f_t": teacher features})`` batches (only what the loss reads)."""
+        "log_p_t", "p_t": its soft targets at the temperature, "f_t": teacher features})``
+        batches (only what the loss reads)."""
         loss_fn, needs = LOSSES.get(self.loss), LOSSES.declared(self.loss)
         self.device_ = runtime.pick_device(self.device)
         torch.manual_seed(self.seed)
@@ -124,8 +128,6 @@ class TorchStudent(Student):
                            hint_weight=self.hint_weight, dkd_alpha=self.dkd_alpha,
                            dkd_beta=self.dkd_beta, **targets)
 
-        if needs.temperature:
-            batches = _with_soft_targets(batches, self.temperature_)
         result = training.fit(self.model_, batches, steps_per_epoch, X_val, y_val, objective,
                               epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay,
                               seed=self.seed, device=self.device_, progress=progress,
