@@ -50,9 +50,11 @@ test-fast: setup
 	$(VENV)/bin/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 bench: setup
+	$(VENV)/bin/pip install --quiet -e '.[test,bench]'
 	$(VENV)/bin/python -m bench.run $(BENCH_ARGS)
 
 bench-quick: setup
+	$(VENV)/bin/pip install --quiet -e '.[test,bench]'
 	$(VENV)/bin/python -m bench.run --quick $(BENCH_ARGS)
 
 # The fault tests with the full 20 seeded kill trials (make test runs 3).

@@ -174,8 +174,8 @@ def prepare_build(args: dict):
     cfg = resolve(CacheConfig, {k: v for k, v in args.items()}, verb="cache")
     assert cfg.teacher_ckpt, "prepare_build needs teacher_ckpt=random or a checkpoint path"
     dataset = open_dataset(cfg)
-    cfg = resolve_layout(cfg, dataset)
     spec, shapes, num_params = describe_teacher(cfg, dataset, teacher_arch(cfg, dataset), cfg.teacher_ckpt)
+    cfg = resolve_layout(cfg, dataset, shapes)
     manifest = plan(cfg, dataset, spec, shapes, num_params)
     dataset.fingerprint  # computed now, outside any timed region (plan already needs it)
     return Path(cfg.cache), cfg, dataset, spec, manifest

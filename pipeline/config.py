@@ -101,9 +101,9 @@ class CacheConfig(TeacherConfig):
     # `augment` with parameters drawn from (seed, split, sample_id, view); val and test hold view 0
     views: int = 1
     augment: str = "none"  # the views' policy: NAME[:ARG] joined by +, e.g. shift:3, crop:4+flip
-    # teacher outputs (rows x views) per shard: the unit of work, of writing and of resuming.
-    # Each shard costs a few fsyncs and Zarr calls (~10 ms): 4096 amortise them even for a light
-    # teacher. Resolved to whole rows (shard_size // views, a multiple of the chunk).
+    # rows per shard: the unit of work, of writing and of resuming. Each shard costs a few
+    # fsyncs and Zarr calls (~10 ms): 4096 rows amortise them even for a light teacher. With
+    # views, capped at 64 MiB of outputs (see pipeline.cache.plan.resolve_layout).
     shard_size: int = 4096
     # rows per inner chunk, the unit of reading; 0 = auto: up to 256, sized so that the last
     # chunk of each split (stored whole) pads little (see pipeline.cache.plan.resolve_layout)

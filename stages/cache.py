@@ -24,7 +24,6 @@ from pipeline.teachers import create_teacher
 def main(args: list[str]) -> dict:
     cfg = resolve(CacheConfig, args, verb="cache")
     dataset = open_dataset(cfg)
-    cfg = resolve_layout(cfg, dataset)  # chunk_size=0 (auto) made concrete, saved as such
     arch = teacher_arch(cfg, dataset)
     create_teacher(arch, dataset.input_shape, dataset.num_classes)  # fail fast if it cannot fit
 
@@ -34,8 +33,9 @@ def main(args: list[str]) -> dict:
         print(f"no trained {arch} teacher for {dataset.spec} yet; training one first")
         train_teacher(cfg, dataset)
 
-    # 2. Fingerprint the teacher and learn its output shapes; plan the manifest.
+    # 2. Fingerprint the teacher and learn its output shapes; lay out and plan the cache.
     spec, shapes, num_params = describe_teacher(cfg, dataset, arch, ckpt)
+    cfg = resolve_layout(cfg, dataset, shapes)  # chunk_size=0 (auto) made concrete, saved as such
     manifest = plan(cfg, dataset, spec, shapes, num_params)
 
     # 3. Compute the shards that are not done yet (all of them, on a fresh cache).
@@ -45,13 +45,14 @@ def main(args: list[str]) -> dict:
 
     # 4. Summarise.
     summary = summarise(root, manifest)
-    summary.update(computed_rows=run["computed_rows"], skipped=run["skipped"],
-                   samples_per_s=round(run["computed_rows"] / run["seconds"], 1) if run["seconds"] else None,
-                   seconds=round(run["seconds"], 2))
+    summary.update(computed_rows=run["computed_rows"], computed_outputs=run["computed_outputs"],
+                   skipped=run["skipped"], seconds=round(run["seconds"], 2),
+                   samples_per_s=round(run["computed_outputs"] / run["seconds"], 1) if run["seconds"] else None)
     print(describe(summary))
     if run["skipped"]:
         print("(cache was already complete: nothing recomputed)")
     else:
-        print(f"computed {run['computed_rows']:,} rows in {run['seconds']:.1f}s "
-              f"({summary['samples_per_s']:,.0f} samples/s)")
+        views = f" ({run['computed_outputs']:,} with their views)" if cfg.views > 1 else ""
+        print(f"computed {run['computed_rows']:,} rows{views} in {run['seconds']:.1f}s "
+              f"({summary['samples_per_s']:,.0f} teacher outputs/s)")
     return summary

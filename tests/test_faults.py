@@ -43,8 +43,8 @@ def harness_args(root: Path, work: Path, **views) -> list[str]:
                       scheduler="local", workers=2, threads=1, **views)  # dask, two shards at once
 
 
-# A multi-view build of the same rows: 4 views per train row, 64 rows (256 outputs) per shard.
-VIEWS = {"views": 4, "augment": "crop:2+flip", "shard_size": 256}
+# A multi-view build of the same rows: 4 views per train row, 64-row shards as above.
+VIEWS = {"views": 4, "augment": "crop:2+flip"}
 
 
 def _default_sigint() -> None:

@@ -173,7 +173,7 @@ def test_bad_policies_are_refused_with_the_key(spec, shape, match):
 
 def build_views(builder, root: Path, spec: str = "crop:1+flip", views: int = 4, **overrides) -> Path:
     """A tiny cache (synthetic 1x8x8, 240 train rows) with ``views`` views, 64 rows per shard."""
-    builder(root, views=views, augment=spec, shard_size=64 * views, **overrides)
+    builder(root, views=views, augment=spec, shard_size=64, **overrides)
     return root
 
 
@@ -432,3 +432,46 @@ def test_teacher_augment_auto_keeps_flat_rows_as_they_are():
         assert (policy.spec if policy else None) == expected
     cfg = TeacherConfig(dataset="synthetic:300:1x8x8:3", teacher_augment="crop:2+flip")
     assert teacher_policy(cfg, open_dataset(cfg)).spec == "crop:2+flip"
+
+
+def test_the_documented_generator_draws_the_stored_parameters(views_cache):
+    """docs/CACHE_FORMAT.md's generator, in plain Python integers, draws exactly the parameters
+    the cache stores (crop:1+flip: crop_y, crop_x in [0, 3), then flip in [0, 2))."""
+    M = (1 << 64) - 1
+    gamma = 0x9E3779B97F4A7C15
+
+    def mix(z):
+        z ^= z >> 30
+        z = (z * 0xBF58476D1CE4E5B9) & M
+        z ^= z >> 27
+        z = (z * 0x94D049BB133111EB) & M
+        return z ^ (z >> 31)
+
+    cache = open_cache(views_cache)
+    params = cache.augment_params("train")
+    for row, sample_id in list(enumerate(cache.sample_ids("train")))[:40]:
+        for view in range(1, 4):
+            key = 0
+            for part in (cache.augment["seed"], 0, int(sample_id), view):
+                key = mix((key + gamma + part) & M)
+            draws = [(mix((key + d * gamma) & M) >> 11) * 2.0 ** -53 for d in (1, 2, 3)]
+            expected = [int(draws[0] * 3), int(draws[1] * 3), int(draws[2] * 2)]
+            assert params[row, view].tolist() == expected, (row, view)
+
+
+def test_shards_and_chunks_stay_bounded_whatever_the_views():
+    from types import SimpleNamespace
+
+    from pipeline.cache.plan import MAX_CHUNK_BYTES, MAX_SHARD_BYTES, resolve_layout
+    from pipeline.config import CacheConfig, resolve
+
+    dataset = SimpleNamespace(splits={"train": range(100_000), "val": range(10_000), "test": range(10_000)})
+    shapes = {"logits": (1000,), "layer4": (2048,)}  # a resnet50 teacher: 6 KB per float16 output
+    single = resolve_layout(resolve(CacheConfig, []), dataset, shapes)
+    assert (single.chunk_size, single.shard_size) == (256, 4096)  # as without views
+    for views in (4, 32, 256):
+        cfg = resolve_layout(resolve(CacheConfig, [f"views={views}", "augment=crop:4+flip"]), dataset, shapes)
+        row = views * 2 * 3048
+        assert cfg.shard_size * row <= MAX_SHARD_BYTES or cfg.shard_size == cfg.chunk_size
+        assert cfg.chunk_size * row <= MAX_CHUNK_BYTES or cfg.chunk_size == 1
+        assert cfg.shard_size % cfg.chunk_size == 0

@@ -72,7 +72,8 @@ def build_cache(root: Path, cfg: CacheConfig, dataset: Dataset, spec: TeacherSpe
             elif existing["status"] == "complete":
                 # A run killed between the final manifest and the clean-up leaves parts/ behind.
                 shutil.rmtree(root / fmt.PARTS, ignore_errors=True)
-                return existing, {"computed_rows": 0, "skipped": True, "seconds": 0.0}
+                return existing, {"computed_rows": 0, "computed_outputs": 0, "skipped": True,
+                                  "seconds": 0.0}
             else:
                 manifest = existing  # resume: keep the original creation record
         elif root.exists() and (not root.is_dir() or any(root.iterdir())):
@@ -85,6 +86,7 @@ def build_cache(root: Path, cfg: CacheConfig, dataset: Dataset, spec: TeacherSpe
         jobs = list(shard_jobs(root, cfg, dataset, spec, manifest, done))
         total = sum(s["rows"] for s in manifest["splits"].values())
         todo_rows = sum(j.stop - j.start for j in jobs)
+        todo_outputs = sum((j.stop - j.start) * j.views for j in jobs)  # teacher forwards, per row and view
         t0 = time.perf_counter()
         try:
             run_jobs(jobs, cfg, dataset, lambda r: done.__setitem__((r["split"], r["shard"]), r),
@@ -98,7 +100,8 @@ def build_cache(root: Path, cfg: CacheConfig, dataset: Dataset, spec: TeacherSpe
         seconds = time.perf_counter() - t0
         manifest = _finalise(root, manifest, done, {"seconds": round(seconds, 3),
                                                     "computed_rows": todo_rows})
-        return manifest, {"computed_rows": todo_rows, "skipped": False, "seconds": seconds}
+        return manifest, {"computed_rows": todo_rows, "computed_outputs": todo_outputs,
+                          "skipped": False, "seconds": seconds}
 
 
 class StorageError(KdError):

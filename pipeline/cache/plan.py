@@ -36,34 +36,48 @@ def codec_names(compression: str) -> list[str]:
 AUTO_CHUNK_ROWS = (32, 256)  # the chunk sizes chunk_size=0 chooses from (rows)
 
 
-def resolve_layout(cfg: CacheConfig, dataset: Dataset) -> CacheConfig:
-    """``cfg`` with its layout made concrete for this dataset: ``chunk_size=0`` (auto) chosen,
-    and ``shard_size`` (teacher outputs, rows × views) turned into rows per shard.
+MAX_SHARD_BYTES = 64 << 20  # a multi-view shard's outputs in memory (two are in flight)
+MAX_CHUNK_BYTES = 4 << 20  # a multi-view chunk, decoded whole on every read
+
+
+def resolve_layout(cfg: CacheConfig, dataset: Dataset,
+                   shapes: dict[str, tuple[int, ...]] | None = None) -> CacheConfig:
+    """``cfg`` with ``chunk_size=0`` (auto) made concrete for this dataset, and, with several
+    views, shards and chunks capped so that memory stays bounded whatever the views.
 
     Zarr stores the last chunk of every split whole, padding included: a fixed 256-row chunk
     pads digits' splits (1,221 / 216 / 360 rows) by 251 rows, 14% of the data. Auto takes the
-    largest chunk of 32-256 rows (at most a shard's rows) that pads the splits by at most 1% of
+    largest chunk of 32-256 rows (at most ``shard_size``) that pads the splits by at most 1% of
     their rows (256 for any large dataset; 72 for digits, 3 rows of padding), or failing that
-    the one that pads least. A shard holds ``shard_size // views`` rows rounded down to a
-    multiple of the chunk (at least one chunk), capped at the largest split (a shard index has
-    an entry per chunk, used or not): so a build's memory is bounded by ``shard_size`` whatever
-    the number of views. With one view and an explicit chunk, ``cfg`` is kept as it is.
+    the one that pads least. ``shard_size`` is rounded down to a multiple of the chunk and
+    capped at the largest split (a shard index has an entry per chunk, used or not).
+
+    A chunk and a shard hold every view of their rows. With ``views > 1`` and the teacher's
+    per-sample output ``shapes``, a shard holds at most 64 MiB of outputs and a chunk at most
+    4 MiB (at least one row), so neither grows with the number of views; single-view layouts
+    are exactly as they were.
     """
-    target = max(1, cfg.shard_size // cfg.views)  # rows per shard
+    shard_rows, chunk_rows = cfg.shard_size, AUTO_CHUNK_ROWS[1]
+    if cfg.views > 1 and shapes:
+        itemsize = np.dtype(cfg.dtype).itemsize
+        row_bytes = cfg.views * itemsize * sum(int(np.prod(shape)) for shape in shapes.values())
+        shard_rows = min(shard_rows, max(1, MAX_SHARD_BYTES // row_bytes))
+        chunk_rows = min(chunk_rows, max(1, MAX_CHUNK_BYTES // row_bytes))
     if cfg.chunk_size:
-        if cfg.views == 1:
+        if shard_rows == cfg.shard_size:
             return cfg
-        return dataclasses.replace(cfg, shard_size=max(1, target // cfg.chunk_size) * cfg.chunk_size)
+        return dataclasses.replace(cfg, shard_size=max(1, shard_rows // cfg.chunk_size) * cfg.chunk_size)
     rows = [len(split) for split in dataset.splits.values()]
-    smallest, largest = AUTO_CHUNK_ROWS[0], min(AUTO_CHUNK_ROWS[1], target)
-    candidates = range(largest, min(smallest, largest) - 1, -1)
+    largest = min(chunk_rows, shard_rows)
+    smallest = min(AUTO_CHUNK_ROWS[0], largest)
+    candidates = range(largest, smallest - 1, -1)
 
     def padding(chunk: int) -> int:
         return sum(-n % chunk for n in rows)
 
     fitting = [c for c in candidates if padding(c) <= 0.01 * sum(rows)]
     chunk = fitting[0] if fitting else min(candidates, key=lambda c: (padding(c), -c))
-    shard = min(max(1, target // chunk), -(-max(rows) // chunk)) * chunk
+    shard = min(max(1, shard_rows // chunk), -(-max(rows) // chunk)) * chunk
     return dataclasses.replace(cfg, chunk_size=chunk, shard_size=shard)
 
 
