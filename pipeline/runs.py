@@ -38,10 +38,8 @@ def resolve_run(cfg: StudentConfig, cache: TeacherCache) -> tuple[StudentConfig,
     """``cfg`` with what the run uses made concrete (the default loss or target, the cache's
     temperature, its first layer, the number of views) and what it does not use set to None."""
     use = uses(cfg)
+    # (more views than the cache holds: refused by StudentData, before any training)
     views = 1 if use.augment else cache.views("train") if cfg.views == "all" else int(cfg.views)
-    if views > cache.views("train"):
-        raise KdError(f"views={views} is more than cache {cache.root} holds ({cache.views('train')}); "
-                      f"pass views=all or views=N with N <= {cache.views('train')}")
     if use.augment:
         parse(use.augment, tuple(cache.manifest["teacher"]["input_shape"]))  # fits the inputs?
     temperature = None

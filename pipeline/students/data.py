@@ -19,9 +19,9 @@ import torch
 
 from pipeline.augment import KeyedRandom, key, parse
 from pipeline.cache import TeacherCache
-from pipeline.cache.reader import log_softmax
 from pipeline.cache import format as fmt
 from pipeline.cache.chunks import to_float32
+from pipeline.cache.reader import log_softmax
 from pipeline.data import Dataset, positions_of
 from pipeline.errors import KdError
 from pipeline.rows import LazyRows
