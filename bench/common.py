@@ -166,7 +166,7 @@ def prepare_build(args: dict):
     Returns ``(root, cfg, dataset, spec, manifest)`` so that a benchmark can time
     ``build_cache(root, cfg, dataset, spec, manifest)`` alone.
     """
-    from pipeline.cache.plan import describe_teacher, plan, resolve_layout
+    from pipeline.cache.plan import prepare
     from pipeline.config import CacheConfig, resolve
     from pipeline.data import open_dataset
     from pipeline.teacher_training import teacher_arch
@@ -174,9 +174,7 @@ def prepare_build(args: dict):
     cfg = resolve(CacheConfig, {k: v for k, v in args.items()}, verb="cache")
     assert cfg.teacher_ckpt, "prepare_build needs teacher_ckpt=random or a checkpoint path"
     dataset = open_dataset(cfg)
-    spec, shapes, num_params = describe_teacher(cfg, dataset, teacher_arch(cfg, dataset), cfg.teacher_ckpt)
-    cfg = resolve_layout(cfg, dataset, shapes)
-    manifest = plan(cfg, dataset, spec, shapes, num_params)
+    cfg, spec, manifest = prepare(cfg, dataset, teacher_arch(cfg, dataset), cfg.teacher_ckpt)
     dataset.fingerprint  # computed now, outside any timed region (plan already needs it)
     return Path(cfg.cache), cfg, dataset, spec, manifest
 

@@ -264,7 +264,7 @@ def rrc(arg: str, shape: tuple[int, ...]) -> Policy:
                 patch, size=(H, W), mode="bilinear", align_corners=False, antialias=False)[0]
         return out
 
-    return Policy(f"rrc:{smin:g}", ("rrc_top", "rrc_left", "rrc_height", "rrc_width"), sample, apply,
+    return Policy(f"rrc:{smin!r}", ("rrc_top", "rrc_left", "rrc_height", "rrc_width"), sample, apply,
                   lambda n: np.tile(np.array([[0, 0, H, W]], np.int64), (n, 1)))
 
 
@@ -292,7 +292,8 @@ def parse(spec: str, shape: tuple[int, ...], key: str = "augment") -> Policy | N
         raise KdError(f"{key}={spec}: {exc}") from None
 
 
-def _parse(spec: str, shape: tuple[int, ...]) -> Policy | None:
+def _parse(spec: str, shape: tuple[int, ...] | None) -> Policy | None:
+    """``shape`` None: check names and arguments only (on a stand-in input of a fitting rank)."""
     text = spec.strip()
     if text == NONE:
         return None
@@ -303,13 +304,17 @@ def _parse(spec: str, shape: tuple[int, ...]) -> Policy | None:
     policies = []
     for part in parts:
         name, _, arg = part.partition(":")
-        make = POLICIES.get(name)
-        rank = len(shape)
-        if rank not in POLICIES.declared(name).ranks:
-            kind = "images (C, H, W)" if POLICIES.declared(name).ranks == (3,) else "these inputs"
+        make, ranks = POLICIES.get(name), POLICIES.declared(name).ranks
+        if shape is None:
+            make(arg, (1, 8, 8) if 3 in ranks else (8,))  # validates the argument
+            continue
+        if len(shape) not in ranks:
+            kind = "images (C, H, W)" if ranks == (3,) else "these inputs"
             raise KdError(f"{name} applies only to {kind}, not to inputs shaped {tuple(shape)}; "
                           "use shift:S or crop:P for signals")
         policies.append(make(arg, tuple(shape)))
+    if shape is None:
+        return None
     return policies[0] if len(policies) == 1 else _combined(policies)
 
 
@@ -332,13 +337,4 @@ def _combined(policies: list[Policy]) -> Policy:
 def check(spec: str) -> None:
     """Refuse a malformed or unknown policy before any data is opened (its fit to the inputs is
     checked by :func:`parse` once the input shape is known)."""
-    if spec.strip() == NONE:
-        return
-    for part in spec.split("+"):
-        name, _, arg = part.strip().partition(":")
-        if not name:
-            raise KdError(f"{spec!r} is malformed; write NAME[:ARG] joined by +, e.g. "
-                          "crop:4+flip, or none")
-        POLICIES.get(name)
-        ranks = POLICIES.declared(name).ranks
-        POLICIES.get(name)(arg, (1, 8, 8) if 3 in ranks else (8,))  # validates the argument
+    _parse(spec, None)

@@ -209,7 +209,7 @@ def _check_seed(name: str, value: int) -> None:
 
 
 def _check_policy(key: str, spec: str) -> None:
-    from pipeline.augment import check  # imports torch: only when a config is checked
+    from pipeline.augment import check  # imports torch: resolving a config may, importing this module not
 
     try:
         check(spec)
@@ -407,7 +407,9 @@ class StudentConfig:
     target: str | None = None  # students fitting hard targets: labels (default) | teacher
     layer: str | None = None  # cached feature read by feature students and feature losses (default: the first)
     temperature: float | None = None  # softening temperature; default: the cache's
-    views: str = "all"  # cached views drawn from, one per train row per epoch: all | N (views 0..N-1)
+    # cached views drawn from: all | N (views 0..N-1): input students and sgd draw one per train
+    # row per epoch, in-memory feature students take every view's features as rows
+    views: str = "all"
     # fresh random augmentation every step (a policy): only for losses that read no teacher
     # output, since cached targets are valid only for the inputs the teacher saw
     augment: str = "none"

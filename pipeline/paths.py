@@ -10,8 +10,9 @@ from pipeline.errors import KdError
 
 
 def default_cache_path(cache_root: str, dataset_spec: str, arch: str, teacher_ckpt: str = "",
-                       seed: int = 0) -> Path:
-    """Where a cache lives when no cache= is given: one name per dataset, teacher and weights."""
+                       seed: int = 0, views: int = 1, augment: str = "none") -> Path:
+    """Where a cache lives when no cache= is given: one name per dataset, teacher, weights and
+    views (``digits-cnn_small``, ``digits-cnn_small-views16-crop4-flip``)."""
     from pipeline.data import dataset_slug
 
     name = f"{dataset_slug(dataset_spec)}-{arch}"
@@ -19,6 +20,8 @@ def default_cache_path(cache_root: str, dataset_spec: str, arch: str, teacher_ck
         name += f"-random{seed}"
     elif teacher_ckpt:
         name += f"-{Path(teacher_ckpt).stem}"
+    if views > 1:
+        name += f"-views{views}-" + "".join(c if c.isalnum() or c in "._" else "-" for c in augment.replace(":", ""))
     return Path(cache_root) / name
 
 

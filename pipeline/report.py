@@ -54,7 +54,7 @@ def name(b: dict) -> str:
     """A short label of an experiment for plots, e.g. ``cnn_small/kd/T4``."""
     parts = [b["model"], b["loss"], b["target"] and f"target={b['target']}",
              b["temperature"] is not None and f"T{b['temperature']:g}",
-             b.get("views", 1) > 1 and f"{b['views']}views", b.get("augment") and f"aug={b['augment']}"]
+             (b["views"] or 1) > 1 and f"{b['views']}views", b["augment"] and f"aug={b['augment']}"]
     return "/".join(p for p in parts if p)
 
 
@@ -83,7 +83,7 @@ def markdown(board: list[dict], teacher_acc: float, source: str) -> str:
                   "| model | loss | temperature | views | test accuracy | baseline | gain |",
                   "|---|---|---|---|---|---|---|"]
         for b, base in versus:
-            how = base["loss"] + (f", augment={base['augment']}" if base.get("augment") else "")
+            how = base["loss"] + (f", augment={base['augment']}" if base["augment"] else "")
             lines.append(f"| {b['model']} | {b['loss']} | {_text(b['temperature'])} | {_text(b['views'])} | "
                          f"{b['mean']:.4f} | {base['mean']:.4f} ({how}) | {b['mean'] - base['mean']:+.4f} |")
     return "\n".join(lines) + "\n"

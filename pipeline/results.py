@@ -54,4 +54,24 @@ def read_results(directory: Path) -> pa.Table:
     files = sorted(Path(directory).glob("*.parquet")) if Path(directory).is_dir() else []
     if not files:
         return SCHEMA.empty_table()
-    return pa.concat_tables([pq.read_table(f, schema=SCHEMA) for f in files]).sort_by("time")
+    return pa.concat_tables([_read_row(f) for f in files]).sort_by("time")
+
+
+def _read_row(path: Path) -> pa.Table:
+    """One row file as the current SCHEMA. Rows written before the results table had one name
+    per concept (a column ``T``, 0 for "unused"; ``loss`` holding ``target=labels``, ``soft`` or
+    ``-`` for students without a loss) are translated; columns they lack get their "unused"
+    value (``views``: 1, the others null)."""
+    table = pq.read_table(path)
+    if set(table.column_names) == set(SCHEMA.names):
+        return table.select(SCHEMA.names).cast(SCHEMA)
+    row = table.to_pylist()[0]
+    if "T" in row:
+        loss = row.get("loss") or ""
+        row["temperature"] = row.pop("T") or None
+        row["target"] = loss[len("target="):] if loss.startswith("target=") else None
+        row["loss"] = None if loss in ("-", "soft", "") or loss.startswith("target=") else loss
+        row["layer"] = row.get("layer") or None
+        row["C"] = row.get("C") or None
+    row.setdefault("views", 1)
+    return pa.Table.from_pylist([{n: row.get(n) for n in SCHEMA.names}], schema=SCHEMA)

@@ -40,8 +40,8 @@ def resolve_run(cfg: StudentConfig, cache: TeacherCache) -> tuple[StudentConfig,
     use = uses(cfg)
     # (more views than the cache holds: refused by StudentData, before any training)
     views = 1 if use.augment else cache.views("train") if cfg.views == "all" else int(cfg.views)
-    if use.augment:
-        parse(use.augment, tuple(cache.manifest["teacher"]["input_shape"]))  # fits the inputs?
+    if use.augment:  # fits the inputs? recorded as parsed (shift:03 and shift:3 are one policy)
+        use = dataclasses.replace(use, augment=parse(use.augment, tuple(cache.manifest["teacher"]["input_shape"])).spec)
     temperature = None
     if use.temperature:
         temperature = cfg.temperature if cfg.temperature is not None else cache.temperature
@@ -51,7 +51,7 @@ def resolve_run(cfg: StudentConfig, cache: TeacherCache) -> tuple[StudentConfig,
         if layer not in cache.layers:
             raise KdError(f"cache {cache.root} holds no layer {layer!r}; it holds {', '.join(cache.layers)}")
     return dataclasses.replace(cfg, loss=use.loss, target=use.target, temperature=temperature,
-                               layer=layer, views=str(views)), use
+                               layer=layer, views=str(views), augment=use.augment or "none"), use
 
 
 def train_student(cfg: StudentConfig, progress: bool = True) -> dict:

@@ -12,7 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.cache.build import build_cache
-from pipeline.cache.plan import describe_teacher, plan, resolve_layout
+from pipeline.augment import parse
+from pipeline.cache.plan import prepare
 from pipeline.cache.summary import describe, summarise
 from pipeline.config import CacheConfig, resolve
 from pipeline.data import open_dataset
@@ -26,6 +27,7 @@ def main(args: list[str]) -> dict:
     dataset = open_dataset(cfg)
     arch = teacher_arch(cfg, dataset)
     create_teacher(arch, dataset.input_shape, dataset.num_classes)  # fail fast if it cannot fit
+    parse(cfg.augment, dataset.input_shape)  # ... and a views policy that does not fit the inputs
 
     # 1. Which weights: the user's checkpoint, seeded random ones, or the trained default.
     ckpt = cfg.teacher_ckpt or str(default_checkpoint(cfg, dataset))
@@ -34,25 +36,23 @@ def main(args: list[str]) -> dict:
         train_teacher(cfg, dataset)
 
     # 2. Fingerprint the teacher and learn its output shapes; lay out and plan the cache.
-    spec, shapes, num_params = describe_teacher(cfg, dataset, arch, ckpt)
-    cfg = resolve_layout(cfg, dataset, shapes)  # chunk_size=0 (auto) made concrete, saved as such
-    manifest = plan(cfg, dataset, spec, shapes, num_params)
+    cfg, spec, manifest = prepare(cfg, dataset, arch, ckpt)
 
     # 3. Compute the shards that are not done yet (all of them, on a fresh cache).
     root = Path(cfg.cache) if cfg.cache else default_cache_path(
-        cfg.cache_root, dataset.spec, arch, cfg.teacher_ckpt, cfg.seed)
+        cfg.cache_root, dataset.spec, arch, cfg.teacher_ckpt, cfg.seed, cfg.views, cfg.augment)
     manifest, run = build_cache(root, cfg, dataset, spec, manifest)
 
     # 4. Summarise.
     summary = summarise(root, manifest)
     summary.update(computed_rows=run["computed_rows"], computed_outputs=run["computed_outputs"],
                    skipped=run["skipped"], seconds=round(run["seconds"], 2),
-                   samples_per_s=round(run["computed_outputs"] / run["seconds"], 1) if run["seconds"] else None)
+                   outputs_per_s=round(run["computed_outputs"] / run["seconds"], 1) if run["seconds"] else None)
     print(describe(summary))
     if run["skipped"]:
         print("(cache was already complete: nothing recomputed)")
     else:
         views = f" ({run['computed_outputs']:,} with their views)" if cfg.views > 1 else ""
         print(f"computed {run['computed_rows']:,} rows{views} in {run['seconds']:.1f}s "
-              f"({summary['samples_per_s']:,.0f} teacher outputs/s)")
+              f"({summary['outputs_per_s']:,.0f} teacher outputs/s)")
     return summary

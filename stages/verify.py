@@ -18,7 +18,7 @@ from pipeline.paths import cache_path
 def main(args: list[str]) -> dict:
     cfg = resolve(InfoConfig, args, verb="verify")
     cache = open_cache(cache_path(cfg))
-    checks = verify(cache, cfg.rows, cfg.seed)
+    checks = verify(cache, cfg.rows, cfg.seed, cfg.device)
     ok = all(v.startswith("ok") for v in checks.values())
     for name, verdict in checks.items():
         print(f"{name:<24} {verdict}")

@@ -469,6 +469,10 @@ CASES: list[Case] = [
     Case("augment-flip-on-signals", CONFIG, "flip on 1-D signals",
          lambda tmp: cache_cmd(tmp, dataset="synthetic:300:16:3", teacher="mlp", views=2, augment="flip"),
          r"augment=flip: flip applies only to images \(C, H, W\), not to inputs shaped \(16,\)"),
+    Case("augment-misfit-before-training", CONFIG, "a policy that does not fit, with no teacher trained yet",
+         lambda tmp: cache_cmd(tmp, dataset="synthetic:300:16:3", teacher="mlp", teacher_ckpt="",
+                               views=2, augment="flip"),
+         r"augment=flip: flip applies only to images"),  # refused before a teacher is trained
     Case("augment-rrc-on-signals", CONFIG, "rrc on 1-D signals",
          lambda tmp: cache_cmd(tmp, dataset="synthetic:300:16:3", teacher="mlp", views=2, augment="rrc:0.3"),
          r"augment=rrc:0.3: rrc applies only to images"),

@@ -565,7 +565,7 @@ def test_auto_chunk_size_pads_the_splits_little(rows, shard, chunk, shard_out):
     from pipeline.config import CacheConfig, resolve
 
     dataset = SimpleNamespace(splits={name: range(n) for name, n in zip(("train", "val", "test"), rows)})
-    cfg = plan.resolve_layout(resolve(CacheConfig, [f"shard_size={shard}"]), dataset)
+    cfg = plan.resolve_layout(resolve(CacheConfig, [f"shard_size={shard}"]), dataset, {})
     if chunk is not None:
         assert (cfg.chunk_size, cfg.shard_size) == (chunk, shard_out)
     assert cfg.shard_size % cfg.chunk_size == 0 and cfg.chunk_size <= min(256, shard)
@@ -575,4 +575,4 @@ def test_auto_chunk_size_pads_the_splits_little(rows, shard, chunk, shard_out):
     others = [sum(-n % c for n in rows) for c in range(min(32, largest), largest + 1)]
     assert pad <= 0.01 * sum(rows) or pad == min(others)
     explicit = resolve(CacheConfig, ["chunk_size=16", "shard_size=64"])
-    assert plan.resolve_layout(explicit, dataset) is explicit  # an explicit chunk is kept
+    assert plan.resolve_layout(explicit, dataset, {}) is explicit  # an explicit chunk is kept

@@ -102,7 +102,7 @@ def test_digits_end_to_end(tmp_path, capsys):
     assert sum(summary["rows"].values()) == 1797 and summary["rows"]["test"] == 360
     assert set(summary["teacher_accuracy"]) == {"train", "val", "test"}
     assert all(0.0 <= a <= 1.0 for a in summary["teacher_accuracy"].values())
-    assert summary["samples_per_s"] > 0 and summary["bytes"] > 0
+    assert summary["outputs_per_s"] > 0 and summary["bytes"] > 0
     # the teacher was trained and saved under teacher_dir, then used for the cache
     assert (tmp_path / "teachers" / "digits" / "cnn_small" / "model.safetensors").is_file()
     assert not (tmp_path / "data").exists()

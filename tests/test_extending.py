@@ -159,3 +159,29 @@ def test_append_row_refuses_keys_the_schema_lacks(tmp_path):
     assert not list(tmp_path.iterdir())
     append_row(tmp_path, row)
     assert read_results(tmp_path).num_rows == 1
+
+
+def test_rows_written_before_one_name_per_concept_still_read_and_report(cache, tmp_path, capsys):
+    """A results table from an earlier kdcache (column T, 0 for unused; loss = target=labels or
+    soft for feature students) reads as today's columns, and report works on the mix."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    copy = tmp_path / "cache"
+    shutil.copytree(cache, copy)
+    run(capsys, "student", f"cache={copy}", f"runs_dir={tmp_path}/runs", "model=logreg")
+    old = {"run_id": "old-1", "time": "2026-11-01T00:00:00", "model": "linear_svc", "kind": "features",
+           "loss": "target=labels", "T": 0.0, "alpha": 0.9, "seed": 0, "epochs": 60, "C": "",
+           "layer": "embed", "test_accuracy": 0.5, "val_accuracy": 0.5, "teacher_agreement": 0.5,
+           "kl_teacher_student": 1.0, "ece": 0.1, "params": 10, "fit_seconds": 0.1, "latency_ms": 0.01,
+           "teacher_test_accuracy": 0.4, "teacher_fingerprint": "f", "dataset_fingerprint": "d",
+           "cache": str(copy), "run_dir": "/nowhere"}
+    pq.write_table(pa.Table.from_pylist([old]), results_dir(copy) / "old-1.parquet")
+    rows = {r["run_id"]: r for r in read_results(results_dir(copy)).to_pylist()}
+    legacy = rows["old-1"]
+    assert (legacy["loss"], legacy["target"], legacy["temperature"], legacy["views"], legacy["C"]) == \
+        (None, "labels", None, 1, None)
+    report = run(capsys, "report", f"cache={copy}")
+    assert report["runs"] == 2 and report["groups"] == 2

@@ -475,3 +475,8 @@ def test_shards_and_chunks_stay_bounded_whatever_the_views():
         assert cfg.shard_size * row <= MAX_SHARD_BYTES or cfg.shard_size == cfg.chunk_size
         assert cfg.chunk_size * row <= MAX_CHUNK_BYTES or cfg.chunk_size == 1
         assert cfg.shard_size % cfg.chunk_size == 0
+    from pipeline.errors import KdError
+
+    explicit = resolve(CacheConfig, ["views=32", "augment=shift:1", "chunk_size=256"])
+    with pytest.raises(KdError, match=r"chunk_size=256 with views=32 makes chunks of 47.6 MiB .*chunk_size <= 21"):
+        resolve_layout(explicit, dataset, shapes)

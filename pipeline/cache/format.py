@@ -40,11 +40,6 @@ INDEX = "index"
 PARTS = "parts"
 AUGMENT_DTYPE = "int16"  # augmentation parameters: pixel offsets and boxes, |value| < 32768
 
-
-def version_for(views: int) -> int:
-    """The format a cache of ``views`` train views is written as (1 when it needs nothing new)."""
-    return 1 if views == 1 else 2
-
 INDEX_COLUMNS = ("sample_id", "row", "label", "teacher_pred", "teacher_prob", "margin",
                  "entropy", "correct", "shard")
 
@@ -55,6 +50,11 @@ def logits_key(split: str) -> str:
 
 def feature_key(split: str, layer: str) -> str:
     return f"{split}/features/{layer}"
+
+
+def version_for(views: int) -> int:
+    """The format a cache of ``views`` train views is written as (1 when it needs nothing new)."""
+    return 1 if views == 1 else 2
 
 
 def augment_key(split: str) -> str:

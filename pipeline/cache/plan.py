@@ -41,7 +41,7 @@ MAX_CHUNK_BYTES = 4 << 20  # a multi-view chunk, decoded whole on every read
 
 
 def resolve_layout(cfg: CacheConfig, dataset: Dataset,
-                   shapes: dict[str, tuple[int, ...]] | None = None) -> CacheConfig:
+                   shapes: dict[str, tuple[int, ...]]) -> CacheConfig:
     """``cfg`` with ``chunk_size=0`` (auto) made concrete for this dataset, and, with several
     views, shards and chunks capped so that memory stays bounded whatever the views.
 
@@ -52,17 +52,22 @@ def resolve_layout(cfg: CacheConfig, dataset: Dataset,
     the one that pads least. ``shard_size`` is rounded down to a multiple of the chunk and
     capped at the largest split (a shard index has an entry per chunk, used or not).
 
-    A chunk and a shard hold every view of their rows. With ``views > 1`` and the teacher's
+    A chunk and a shard hold every view of their rows. With ``views > 1``, given the teacher's
     per-sample output ``shapes``, a shard holds at most 64 MiB of outputs and a chunk at most
-    4 MiB (at least one row), so neither grows with the number of views; single-view layouts
-    are exactly as they were.
+    4 MiB (at least one row), so neither grows with the number of views (an explicit
+    ``chunk_size`` beyond that is refused); single-view layouts are exactly as they were.
     """
     shard_rows, chunk_rows = cfg.shard_size, AUTO_CHUNK_ROWS[1]
-    if cfg.views > 1 and shapes:
+    if cfg.views > 1:
         itemsize = np.dtype(cfg.dtype).itemsize
         row_bytes = cfg.views * itemsize * sum(int(np.prod(shape)) for shape in shapes.values())
         shard_rows = min(shard_rows, max(1, MAX_SHARD_BYTES // row_bytes))
         chunk_rows = min(chunk_rows, max(1, MAX_CHUNK_BYTES // row_bytes))
+        if cfg.chunk_size > chunk_rows:
+            raise KdError(f"chunk_size={cfg.chunk_size} with views={cfg.views} makes chunks of "
+                          f"{cfg.chunk_size * row_bytes / 2**20:.1f} MiB (a chunk is decoded whole, "
+                          f"every view of its rows); use chunk_size <= {chunk_rows} or leave it to "
+                          "auto (chunk_size=0)")
     if cfg.chunk_size:
         if shard_rows == cfg.shard_size:
             return cfg
@@ -182,3 +187,13 @@ def describe_teacher(cfg: CacheConfig, dataset: Dataset, arch: str,
     spec = dataclasses.replace(spec, layers=tuple(layers), fingerprint=state_fingerprint(
         model, arch, dataset.input_shape, dataset.num_classes))
     return spec, shapes, sum(p.numel() for p in model.parameters())
+
+
+def prepare(cfg: CacheConfig, dataset: Dataset, arch: str,
+            ckpt: str) -> tuple[CacheConfig, TeacherSpec, dict[str, Any]]:
+    """Everything a build needs before its first shard: the teacher described (fingerprint,
+    output shapes), the layout resolved for them and the manifest planned. Returns the
+    resolved config (saved with the cache), the teacher's spec and the manifest."""
+    spec, shapes, num_params = describe_teacher(cfg, dataset, arch, ckpt)
+    cfg = resolve_layout(cfg, dataset, shapes)  # chunk_size=0 (auto) made concrete, saved as such
+    return cfg, spec, plan(cfg, dataset, spec, shapes, num_params)

@@ -138,7 +138,7 @@ class ComputedShard:
 class ShardInputs:
     """How to load a shard's input batches, in order, and the running sha256 of their bytes.
     Loading hashes too, so the hash is computed off the forward pass's thread. Each load gives
-    ``(x, params)``: the normalised inputs, and their views' augmentation parameters (None
+    ``(x, params, policy)``: the normalised inputs, their views' augmentation parameters (None
     with one view), and the policy that applies them."""
 
     job: ShardJob
@@ -164,9 +164,9 @@ class ShardInputs:
 
 
 def forwarded(job: ShardJob, batches: Iterable[tuple[np.ndarray, np.ndarray | None, Policy | None]],
-              pool: Executor | None = None,
-              streams: int = 1) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray], bool]]:
-    """The teacher's outputs (see ``_forward``) for each input batch, in order. With ``pool``
+              pool: Executor | None = None, streams: int = 1) -> Iterator[tuple]:
+    """The teacher's outputs (``_forward``'s (logits, features, params, finite)) for each input
+    batch, in order. With ``pool``
     (``streams`` threads) up to ``streams`` batches go through the teacher at once; without
     it, one after another on this thread. The batches may span several shards (and splits,
     with their own views) of one build."""
@@ -234,7 +234,7 @@ def _forward(model: Tapped, device: torch.device, dtype: str, x: np.ndarray,
         x_dev = runtime.to_device(torch.from_numpy(x), device)
         outputs = []
         for v in range(1 if params is None else params.shape[1]):
-            xv = x_dev if v == 0 else policy.apply(x_dev, torch.from_numpy(params[:, v]).to(device))
+            xv = x_dev if v == 0 else policy.apply(x_dev, params[:, v])  # moved where needed
             with runtime.autocast(device):
                 logits, feats = model(xv)
             outputs.append((stored(logits), {name: stored(f) for name, f in feats.items()}))

@@ -18,10 +18,12 @@ import hashlib
 import numpy as np
 import torch
 
+from pipeline import runtime
 from pipeline.augment import parse
 from pipeline.cache import format as fmt
 from pipeline.cache.reader import TeacherCache
 from pipeline.cache.shard import view_params
+from pipeline.data import positions_of
 from pipeline.errors import KdError
 from pipeline.io import sha256_file
 from pipeline.teachers import Tapped, TeacherSpec, build_teacher
@@ -29,8 +31,10 @@ from pipeline.teachers import Tapped, TeacherSpec, build_teacher
 TOLERANCE = {"float16": (2e-3, 2e-2), "float32": (1e-4, 1e-4)}  # (rtol, atol) vs a fresh forward
 
 
-def verify(cache: TeacherCache, rows: int, seed: int) -> dict[str, str]:
-    """Every check's verdict: ``"ok ..."`` or ``"FAILED: ..."``."""
+def verify(cache: TeacherCache, rows: int, seed: int, device: str = "cpu") -> dict[str, str]:
+    """Every check's verdict: ``"ok ..."`` or ``"FAILED: ..."``. The teacher runs on ``device``
+    as a build does there (mixed precision on CUDA), so a cache built on a GPU is checked
+    against the same arithmetic."""
     m = cache.manifest
     checks: dict[str, str] = {}
 
@@ -76,7 +80,8 @@ def verify(cache: TeacherCache, rows: int, seed: int) -> dict[str, str]:
                        t["seed"] or 0, layers=tuple(m["layers"]), pool=m["pool"],
                        fingerprint=t["fingerprint"])
     try:
-        model = Tapped(build_teacher(spec), spec.layers, spec.pool, spec.arch).eval()
+        model = Tapped(build_teacher(spec), spec.layers, spec.pool, spec.arch).to(
+            runtime.pick_device(device)).eval()
         checks["teacher fingerprint"] = "ok"
     except KdError as exc:
         model = None
@@ -87,15 +92,18 @@ def verify(cache: TeacherCache, rows: int, seed: int) -> dict[str, str]:
         rng = np.random.default_rng(seed)
         worst, checked = 0.0, 0
         sizes = {split: cache.num_rows(split) for split in cache.splits}
+        on = runtime.pick_device(device)
         for split, k in apportion(rows, sizes).items():
+            # cached row r is the sample the index names, wherever the dataset holds it
+            positions = positions_of(dataset.splits[split].sample_ids, cache.sample_ids(split))
             for row in np.sort(rng.choice(sizes[split], size=k, replace=False)):
-                view = int(rng.integers(cache.views(split)))
-                x = torch.from_numpy(dataset.inputs(split, int(row), int(row) + 1))
+                view = int(rng.integers(cache.views(split))) if cache.views(split) > 1 else 0
+                x = runtime.to_device(torch.from_numpy(dataset.inputs_at(split, positions[[row]])), on)
                 if view:  # rebuild the input the teacher saw from the stored parameters
                     params = cache.augment_params(split, slice(int(row), int(row) + 1))[:, view]
-                    x = policy.apply(x, torch.from_numpy(params.astype(np.int64)))
-                with torch.inference_mode():
-                    fresh = model(x)[0].float().numpy()[0]
+                    x = policy.apply(x, params.astype(np.int64))
+                with torch.inference_mode(), runtime.autocast(on):
+                    fresh = model(x)[0].float().cpu().numpy()[0]
                 cached = cache.raw_logits(split, view, rows=slice(int(row), int(row) + 1))[0]
                 err = np.abs(fresh - cached) / (atol + rtol * np.abs(fresh))
                 worst = max(worst, float(err.max()))

@@ -210,8 +210,6 @@ def carve(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, n
     return np.sort(keep), np.sort(carved)
 
 
-# =========================================================================== the registry
-
 
 def positions_of(ids: np.ndarray, wanted: np.ndarray, what: str = "cache") -> np.ndarray:
     """Positions p with ``ids[p] == wanted``: the join of cached rows to dataset rows by

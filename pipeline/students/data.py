@@ -42,8 +42,9 @@ class StudentData:
 
     With several views, every epoch each train row uses one view drawn from (seed, epoch,
     sample_id): its cached targets, and its input rebuilt by replaying that view's stored
-    augmentation parameters on the original input. Feature students, which need no input,
-    instead see every view's features as rows of their own (:meth:`features`).
+    augmentation parameters on the original input (:meth:`input_batches`; streamed features,
+    :meth:`feature_batches`, the same way). In-memory feature students instead see every
+    view's features as rows of their own (:meth:`features`): memory N · views rows.
     """
 
     def __init__(self, cache: TeacherCache, layer: str | None = None, progress: bool = False,
