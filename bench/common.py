@@ -104,6 +104,22 @@ def alternate(arms: dict[str, Callable[[], float]], repeats: int, label: str = "
     return out
 
 
+class EpochClock:
+    """Wraps a ``batches(epoch)`` callable and stamps the start of every epoch."""
+
+    def __init__(self, batches):
+        self.batches, self.starts = batches, []
+
+    def __call__(self, epoch: int):
+        self.starts.append(time.perf_counter())
+        return self.batches(epoch)
+
+    def epochs(self, end: float) -> list[float]:
+        """Seconds of each epoch, the last one ending at ``end``."""
+        marks = self.starts + [end]
+        return [b - a for a, b in zip(marks, marks[1:])]
+
+
 def timed(fn: Callable[[], Any]) -> float:
     t0 = time.perf_counter()
     fn()

@@ -42,27 +42,12 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import (alternate, base_dirs, ensure_cache, figure, log, main_for, median, result,
-                          synthetic_npz, table)
+from bench.common import (EpochClock, alternate, base_dirs, ensure_cache, figure, log, main_for,
+                          median, result, synthetic_npz, table)
 
 NAME = "kd_training"
 KD_CE_FLOOR = 1.15
 SPEEDUP_FLOOR = 0.8
-
-
-class EpochClock:
-    """Wraps a ``batches(epoch)`` callable and stamps the start of every epoch."""
-
-    def __init__(self, batches):
-        self.batches, self.starts = batches, []
-
-    def __call__(self, epoch: int):
-        self.starts.append(time.perf_counter())
-        return self.batches(epoch)
-
-    def epochs(self, end: float) -> list[float]:
-        marks = self.starts + [end]
-        return [b - a for a, b in zip(marks, marks[1:])]
 
 
 def run(quick: bool, workdir: Path) -> dict:

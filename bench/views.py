@@ -47,8 +47,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import (alternate, base_dirs, dir_bytes, ensure_cache, figure, log, main_for,
-                          median, prepare_build, result, synthetic_npz, table)
+from bench.common import (EpochClock, alternate, base_dirs, dir_bytes, ensure_cache, figure, log,
+                          main_for, median, prepare_build, result, synthetic_npz, table)
 
 NAME = "views"
 ACCURACY_FLOOR = 0.80
@@ -175,17 +175,6 @@ def accuracy(trainer: Trainer, students: tuple[str, ...], seeds: tuple[int, ...]
     return rows, measured
 
 
-class EpochClock:
-    """Wraps a ``batches(epoch)`` callable and stamps the start of every epoch."""
-
-    def __init__(self, batches):
-        self.batches, self.starts = batches, []
-
-    def __call__(self, epoch: int):
-        self.starts.append(time.perf_counter())
-        return self.batches(epoch)
-
-
 def cost(trainer: Trainer, epochs: int, repeats: int) -> tuple[dict, dict]:
     """Median seconds per epoch of the mlp arms on MNIST-1D, alternated."""
     import torch
@@ -206,8 +195,7 @@ def cost(trainer: Trainer, epochs: int, repeats: int) -> tuple[dict, dict]:
         def fit_batches(batches, *a, **kw):
             clock = EpochClock(batches)
             out = inner(clock, *a, **kw)
-            marks = clock.starts + [time.perf_counter()]
-            per_epoch.setdefault(key, []).extend(b - a for a, b in zip(marks, marks[1:]))
+            per_epoch.setdefault(key, []).extend(clock.epochs(time.perf_counter()))
             return out
         student._fit_batches = fit_batches
         return student
