@@ -185,10 +185,11 @@ class TeacherCache:
                           "is damaged, rebuild it")
 
     # ------------------------------------------------------------------ whole arrays
-    def stored(self, key: str, start: int, stop: int) -> np.ndarray:
+    def stored(self, key: str, start: int, stop: int, views: int | None = None) -> np.ndarray:
         """Rows ``[start, stop)`` of array ``key`` (e.g. ``train/logits``) exactly as stored,
-        in the cache dtype: the bytes the manifest's shard checksums are computed over."""
-        return np.ascontiguousarray(self._array(key)[start:stop])
+        in the cache dtype: the bytes the manifest's shard checksums are computed over (with
+        ``views``, only views ``0..views-1``)."""
+        return np.ascontiguousarray(self._array(key)[start:stop, :views])
 
     def raw_logits(self, split: str, view: int | np.ndarray = 0, rows: slice | None = None) -> np.ndarray:
         """Stored logits z as float32 [N, C], of view ``view`` (or of one view per row)."""

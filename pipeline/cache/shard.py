@@ -238,8 +238,11 @@ def _forward(model: Tapped, device: torch.device, dtype: str, x: np.ndarray,
             with runtime.autocast(device):
                 logits, feats = model(xv)
             outputs.append((stored(logits), {name: stored(f) for name, f in feats.items()}))
-    logits = np.stack([o[0] for o in outputs], axis=1)
-    feats = {name: np.stack([o[1][name] for o in outputs], axis=1) for name in outputs[0][1]}
+    def by_view(values: list[np.ndarray]) -> np.ndarray:  # [B, V, ...]; one view: no copy
+        return values[0][:, None] if len(values) == 1 else np.stack(values, axis=1)
+
+    logits = by_view([o[0] for o in outputs])
+    feats = {name: by_view([o[1][name] for o in outputs]) for name in outputs[0][1]}
     return logits, feats, params, finite
 
 

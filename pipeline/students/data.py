@@ -116,9 +116,9 @@ class StudentData:
 
     def _every_view_rows(self, key: str) -> np.ndarray:
         """Views 0..views-1 of every row of array ``key`` as float32 rows [N · views, D]."""
-        stored = self.cache.stored(key, 0, self.num_rows("train"))[:, :self.views]
+        stored = self.cache.stored(key, 0, self.num_rows("train"), views=self.views)
         out = np.empty(stored.shape, np.float32)
-        to_float32(out, np.ascontiguousarray(stored))
+        to_float32(out, stored)
         return out.reshape(len(out) * self.views, -1)
 
     def view_of(self, seed: int, epoch: int):
