@@ -191,6 +191,7 @@ MAX_LR = 10.0  # AdamW learning rates far above 1 only diverge
 MAX_SGD_ALPHA = 100.0  # SGDClassifier regularisation: beyond this every weight is ~0
 MAX_WIDTH = 4096  # student width: beyond this a "small" student no longer fits in memory
 MAX_VIEWS = 256  # cached views per row: each one is a full teacher forward and its outputs on disk
+MAX_LOSS_WEIGHT = 1e6  # pkt's paper weight is 3·10⁴; far beyond that the CE term vanishes
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 # local | synchronous | [PROTOCOL://]HOST:PORT (IPv6 hosts in brackets) | inproc://ADDRESS
 _SCHEDULER = re.compile(r"(?:[a-z][a-z0-9+.-]*://)?(?:\[[0-9a-fA-F:.]+\]|[^\s/:\[\]]+):\d+|inproc://\S+")
@@ -414,7 +415,14 @@ class StudentConfig:
     # output, since cached targets are valid only for the inputs the teacher saw
     augment: str = "none"
     alpha: float = 0.9  # weight of the teacher term (kd, mse_logits, fitnet)
-    hint_weight: float = 1.0  # fitnet
+    # weight of the method's own term added to CE (fitnet's hint, dist, nkd, rkd, pkt, sp, crd,
+    # at); default: the loss's declared paper value
+    loss_weight: float | None = None
+    # temperature losses: soften standardised logits Z(z) (Sun et al., CVPR 2024)
+    standardize_logits: bool = False
+    # the student's layer a feature loss reads; default: the cached layer's name where the
+    # student has a layer of that name, else its penultimate (embed)
+    student_layer: str | None = None
     dkd_alpha: float = 1.0  # dkd: weight of target-class KD
     dkd_beta: float = 8.0  # dkd: weight of non-target-class KD
     C: str = "1.0"  # feature students: inverse regularisation, or auto (chosen on val)
@@ -435,8 +443,11 @@ class StudentConfig:
             raise KdError(f"alpha={self.alpha} must be in [0, 1]")
         _positive(self, "epochs", "lr", "batch_size", "sgd_alpha")
         _at_most(self, lr=MAX_LR, sgd_alpha=MAX_SGD_ALPHA)
-        if self.hint_weight < 0 or self.dkd_alpha < 0 or self.dkd_beta < 0 or self.weight_decay < 0:
-            raise KdError("hint_weight, dkd_alpha, dkd_beta and weight_decay must be >= 0")
+        if self.loss_weight is not None and not 0 <= self.loss_weight <= MAX_LOSS_WEIGHT:
+            raise KdError(f"loss_weight={self.loss_weight} must be in [0, {MAX_LOSS_WEIGHT:g}] "
+                          "(or none for the loss's default)")
+        if self.dkd_alpha < 0 or self.dkd_beta < 0 or self.weight_decay < 0:
+            raise KdError("dkd_alpha, dkd_beta and weight_decay must be >= 0")
         if not 0 <= self.width <= MAX_WIDTH:
             raise KdError(f"width={self.width} must be in 0..{MAX_WIDTH} (0 = the student's default)")
         _check_seed("seed", self.seed)

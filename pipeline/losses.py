@@ -2,13 +2,20 @@
 cached teacher targets; each docstring gives the formula and the paper.
 
 Common arguments, named as in the formulas: ``z_s`` student logits [B, C]; ``z_t`` raw cached
-teacher logits [B, C]; ``y`` labels [B]; ``T`` the temperature; KL(p ‖ q) = Σ p (log p − log q),
-averaged over the batch. Every loss returns a scalar tensor. Extra keyword arguments a loss does
-not use are ignored, so the training loop can call every loss the same way.
+teacher logits [B, C]; ``y`` labels [B]; ``T`` the temperature; ``h_s`` the student's feature
+(``hint``, [B, ...]) and ``f_t`` the cached teacher feature of the same rows ([B, ...], the
+cached shape); ``w`` the weight of the method's own term (``weight``). KL(p ‖ q) =
+Σ p (log p − log q), averaged over the batch. Every loss returns a scalar tensor. Extra keyword
+arguments a loss does not use are ignored, so the training loop can call every loss the same
+way.
 
 Each loss declares at registration what it needs (:class:`LossNeeds`): whether it reads the
-cached logits, a cached feature, and whether it softens by a temperature. Students, sweeps,
-results rows and CLI checks all derive from that one declaration.
+cached logits, a cached feature (and whether a spatial map), whether it softens by a
+temperature, the default weight of its term, and a learned head that trains with the student.
+Students, sweeps, results rows and CLI checks all derive from that one declaration.
+
+Offline, every target is a constant of the teacher: nothing here ever back-propagates into
+``z_t`` or ``f_t``.
 """
 
 from __future__ import annotations
@@ -35,15 +42,77 @@ class LossNeeds:
     - ``temperature``: softens by ``T``. The trainer then passes ``T`` and the teacher's soft
       targets ``log_p_t = log softmax(z_t / T)`` and ``p_t = softmax(z_t / T)``, computed off
       the autograd graph; runs record the temperature (otherwise it is recorded as unused).
+      Every such loss also takes ``standardize`` (logit standardisation, see
+      :func:`standardize`): it then softens Z(z) instead of z, and so do the soft targets.
+    - ``maps``: reads spatial feature maps ([B, C, H, W] or [B, C, L]): the cached layer must
+      be unpooled (a ``pool=false`` cache) and the student's matching layer is taken unpooled.
+    - ``weight``: the default weight ``w`` of the method's own term (its paper's value), which
+      runs may override with ``loss_weight=``; None: the loss has no such weight.
+    - ``head``: ``head(student_shape, teacher_shape) -> LossHead``, a module with learned
+      parameters (an adapter, projection heads) built once per run, trained with the student
+      and dropped when it is deployed; the loss receives it as ``head``.
     """
 
     logits: bool = True
     features: bool = False
     temperature: bool = False
+    maps: bool = False
+    weight: float | None = None
+    head: Callable[..., "LossHead"] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.maps or self.head) and not self.features:
+            raise ValueError("maps and head are for losses that read features (features=True)")
+
+
+class LossHead(torch.nn.Module):
+    """Learned parts of a loss (see :class:`LossNeeds`.head). ``remember(f_t)`` is called by the
+    trainer after every step with the batch's teacher features, for heads that keep a memory;
+    the loss itself never changes the head's state, so it stays a pure function of its inputs."""
+
+    def remember(self, f_t: torch.Tensor) -> None:
+        pass
 
 
 Loss = Callable[..., torch.Tensor]
 LOSSES: Registry[Loss] = Registry("loss", LossNeeds)
+
+STANDARDIZE_EPS = 1e-7  # as in the reference code of Sun et al.
+
+
+def standardize(z: torch.Tensor) -> torch.Tensor:
+    """Logit standardisation: Z(z) = (z − mean(z)) / (std(z) + ε) per row, with the sample
+    (n − 1) standard deviation as in the paper's code.
+
+    Softening Z(z)/T instead of z/T lets the student match the teacher's logit *relations*
+    without matching their range (a small student cannot reach a large teacher's logit
+    magnitudes). The temperature then acts as a base temperature on standardised logits.
+    Sun et al., "Logit Standardization in Knowledge Distillation", CVPR 2024
+    (arXiv:2403.01427).
+    """
+    return (z - z.mean(dim=1, keepdim=True)) / (z.std(dim=1, keepdim=True) + STANDARDIZE_EPS)
+
+
+def standardize_np(z: np.ndarray) -> np.ndarray:
+    """:func:`standardize` in NumPy (float32 stays float32)."""
+    sd = z.std(axis=1, ddof=1, keepdims=True) if z.shape[1] > 1 else np.zeros((len(z), 1), z.dtype)
+    return (z - z.mean(axis=1, keepdims=True)) / (sd + z.dtype.type(STANDARDIZE_EPS))
+
+
+def soft_targets(z_t: np.ndarray, T: float, standardize: bool = False) -> dict[str, np.ndarray]:
+    """The teacher's soft targets ``log_p_t`` = log softmax(z_t / T) and ``p_t`` (of Z(z_t)
+    with ``standardize``), computed in NumPy off the autograd graph: on small students each
+    torch op of a step costs tens of microseconds (most of it waking the intra-op pool)."""
+    z = np.asarray(z_t, np.float32)
+    if standardize:
+        z = standardize_np(z)
+    log_p_t = _log_softmax_np(z / np.float32(T))
+    return {"log_p_t": log_p_t, "p_t": np.exp(log_p_t)}
+
+
+def _soft(z: torch.Tensor, standardized: bool) -> torch.Tensor:
+    """The logits a temperature loss softens: Z(z) with standardisation, else z."""
+    return standardize(z) if standardized else z
 
 
 def soft_kl(z_s: torch.Tensor, z_t: torch.Tensor, T: float, log_p_t: torch.Tensor | None = None,
@@ -74,19 +143,22 @@ def ce(z_s: torch.Tensor, y: torch.Tensor, **_) -> torch.Tensor:
 @LOSSES.register("kd", temperature=True)
 def kd(z_s: torch.Tensor, y: torch.Tensor, *, z_t: torch.Tensor, T: float = 4.0,
        alpha: float = 0.9, log_p_t: torch.Tensor | None = None, p_t: torch.Tensor | None = None,
-       **_) -> torch.Tensor:
+       standardize: bool = False, **_) -> torch.Tensor:
     """Hinton knowledge distillation.
 
     L = α · T² · KL(softmax(z_t/T) ‖ softmax(z_s/T)) + (1 − α) · CE(z_s, y)
 
     The T² keeps the soft term's gradient scale independent of T. ``log_p_t`` / ``p_t``: the
-    teacher's soft targets, if precomputed (see :func:`soft_kl`).
+    teacher's soft targets, if precomputed (see :func:`soft_kl`). With ``standardize`` the
+    soft term compares softmax(Z(z_t)/T) and softmax(Z(z_s)/T) (:func:`standardize`); the CE
+    term always sees the raw logits.
     Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network", 2015
     (arXiv:1503.02531).
     """
-    if p_t is not None and log_p_t is not None and z_s.device.type == "cpu" and z_s.requires_grad:
+    if (not standardize and p_t is not None and log_p_t is not None and z_s.device.type == "cpu"
+            and z_s.requires_grad):
         return _CpuHintonKD.apply(z_s, y, p_t, log_p_t, float(T), float(alpha))
-    return (alpha * T * T * soft_kl(z_s, z_t, T, log_p_t, p_t)
+    return (alpha * T * T * soft_kl(_soft(z_s, standardize), _soft(z_t, standardize), T, log_p_t, p_t)
             + (1.0 - alpha) * F.cross_entropy(z_s, y))
 
 
@@ -148,34 +220,47 @@ def mse_logits(z_s: torch.Tensor, y: torch.Tensor, *, z_t: torch.Tensor, alpha: 
     return alpha * F.mse_loss(z_s, z_t) + (1.0 - alpha) * F.cross_entropy(z_s, y)
 
 
-@LOSSES.register("fitnet", features=True, temperature=True)
+class Adapter(LossHead):
+    """A learned linear map r from the student's (flattened) feature to the teacher's width."""
+
+    def __init__(self, student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]):
+        super().__init__()
+        self.linear = torch.nn.Linear(int(np.prod(student_shape)), int(np.prod(teacher_shape)))
+
+    def forward(self, h_s: torch.Tensor) -> torch.Tensor:
+        return self.linear(h_s.flatten(1))
+
+
+@LOSSES.register("fitnet", features=True, temperature=True, weight=1.0, head=Adapter)
 def fitnet(z_s: torch.Tensor, y: torch.Tensor, *, z_t: torch.Tensor, hint: torch.Tensor,
-           f_t: torch.Tensor, T: float = 4.0, alpha: float = 0.9, hint_weight: float = 1.0,
-           log_p_t: torch.Tensor | None = None, p_t: torch.Tensor | None = None,
-           **_) -> torch.Tensor:
+           f_t: torch.Tensor, head: Adapter, T: float = 4.0, alpha: float = 0.9,
+           weight: float = 1.0, log_p_t: torch.Tensor | None = None,
+           p_t: torch.Tensor | None = None, standardize: bool = False, **_) -> torch.Tensor:
     """FitNets hint loss on top of KD.
 
     L = KD(z_s, z_t, y; T, α) + w · mean (r(h_s) − f_t)²
 
-    where h_s is the student's penultimate activation, r a learned linear adapter to the
-    teacher's feature width, f_t the cached teacher feature and w = ``hint_weight``. The paper
-    trains the hint stage first; here both terms are optimised jointly, as most libraries do.
+    where h_s is the student's feature at the run's ``student_layer``, r a learned linear
+    adapter to the teacher's feature width (the head), f_t the cached teacher feature,
+    flattened. The paper trains the hint stage first; here both terms are optimised jointly,
+    as most libraries do.
     Romero et al., "FitNets: Hints for Thin Deep Nets", ICLR 2015 (arXiv:1412.6550).
     """
-    return (kd(z_s, y, z_t=z_t, T=T, alpha=alpha, log_p_t=log_p_t, p_t=p_t)
-            + hint_weight * F.mse_loss(hint, f_t))
+    return (kd(z_s, y, z_t=z_t, T=T, alpha=alpha, log_p_t=log_p_t, p_t=p_t, standardize=standardize)
+            + weight * F.mse_loss(head(hint), f_t.flatten(1)))
 
 
 @LOSSES.register("dkd", temperature=True)
 def dkd(z_s: torch.Tensor, y: torch.Tensor, *, z_t: torch.Tensor, T: float = 4.0,
-        dkd_alpha: float = 1.0, dkd_beta: float = 8.0, **_) -> torch.Tensor:
+        dkd_alpha: float = 1.0, dkd_beta: float = 8.0, standardize: bool = False,
+        **_) -> torch.Tensor:
     """Decoupled knowledge distillation.
 
     L = CE(z_s, y) + a · T² · KL(b_t ‖ b_s) + b · T² · KL(p̂_t ‖ p̂_s)
 
     b = [p_y, 1 − p_y] is the binary target-vs-rest distribution (TCKD term) and p̂ the softmax
-    over the non-target classes only (NCKD term), all at temperature T; a = ``dkd_alpha``,
-    b = ``dkd_beta`` (the paper uses 1 and 8).
+    over the non-target classes only (NCKD term), all at temperature T (of Z(z) with
+    ``standardize``); a = ``dkd_alpha``, b = ``dkd_beta`` (the paper uses 1 and 8).
     Zhao et al., "Decoupled Knowledge Distillation", CVPR 2022 (arXiv:2203.08679).
     """
     gt = F.one_hot(y, z_s.shape[1]).bool()
@@ -186,9 +271,290 @@ def dkd(z_s: torch.Tensor, y: torch.Tensor, *, z_t: torch.Tensor, T: float = 4.0
         log_p = F.log_softmax(z / T, dim=1)
         return torch.stack([log_p[gt], torch.logsumexp(log_p.masked_fill(gt, float("-inf")), 1)], 1)
 
-    log_b_s, log_b_t = log_binary(z_s), log_binary(z_t)
+    soft_s, soft_t = _soft(z_s, standardize), _soft(z_t, standardize)
+    log_b_s, log_b_t = log_binary(soft_s), log_binary(soft_t)
     tckd = (log_b_t.exp() * (log_b_t - log_b_s)).sum(1).mean()
     # Remove the target class from both distributions by pushing its logit to −∞ (−1000·T).
     mask = gt.float() * 1000.0
-    nckd = soft_kl(z_s / T - mask, z_t / T - mask, 1.0)
+    nckd = soft_kl(soft_s / T - mask, soft_t / T - mask, 1.0)
     return F.cross_entropy(z_s, y) + (dkd_alpha * tckd + dkd_beta * nckd) * T * T
+
+
+def _pearson_rows(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Pearson correlation of each row of ``a`` with the same row of ``b``."""
+    a = a - a.mean(dim=1, keepdim=True)
+    b = b - b.mean(dim=1, keepdim=True)
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+
+
+@LOSSES.register("dist", temperature=True, weight=2.0)
+def dist(z_s: torch.Tensor, y: torch.Tensor, *, z_t: torch.Tensor, T: float = 4.0,
+         weight: float = 2.0, p_t: torch.Tensor | None = None, standardize: bool = False,
+         **_) -> torch.Tensor:
+    """DIST: distillation from a stronger teacher by matching relations, not values.
+
+    L = CE(z_s, y) + w · T² · [(1 − (1/B) Σ_i ρ(P_s[i, :], P_t[i, :]))
+                               + (1 − (1/C) Σ_c ρ(P_s[:, c], P_t[:, c]))]
+
+    P = softmax(z/T) row by row ([B, C]), ρ the Pearson correlation: the first term matches
+    each sample's class ranking (inter-class relation), the second how the batch's samples
+    rank for each class (intra-class relation). Pearson's invariance to scale and shift lets
+    a weak student match a strong teacher's relations without its exact probabilities.
+    β = γ = w (the paper's CIFAR setting: β = γ = 2 at τ = 4). The intra-class term is a
+    batch statistic: it depends on which rows share a batch.
+    Huang et al., "Knowledge Distillation from A Stronger Teacher", NeurIPS 2022
+    (arXiv:2205.10536).
+    """
+    p_s = F.softmax(_soft(z_s, standardize) / T, dim=1)
+    if p_t is None:
+        p_t = F.softmax(_soft(z_t, standardize) / T, dim=1)
+    inter = 1.0 - _pearson_rows(p_s, p_t).mean()
+    intra = 1.0 - _pearson_rows(p_s.T, p_t.T).mean()
+    return F.cross_entropy(z_s, y) + weight * T * T * (inter + intra)
+
+
+NKD_GAMMA = 1.5  # the paper's weight of the non-target term
+
+
+@LOSSES.register("nkd", temperature=True, weight=1.0)
+def nkd(z_s: torch.Tensor, y: torch.Tensor, *, z_t: torch.Tensor, T: float = 4.0,
+        weight: float = 1.0, standardize: bool = False, **_) -> torch.Tensor:
+    """Normalized KD: KD split into a target and a normalised non-target cross-entropy.
+
+    L = CE(z_s, y) + w · [−p_t[y] · log p_s[y] − γ · T² · Σ_{i≠y} p̂_t[i] · log p̂_s[i]]
+
+    p = softmax(z) (T = 1) and p̂ = softmax over the non-target logits only, at T (of Z(z)
+    with ``standardize``); γ = 1.5 (the paper's). Both terms are cross-entropies, so L is not
+    zero when the student equals the teacher (its minimum over the student is not there
+    either: the target term keeps pushing p_s[y] up, weighted by the teacher's confidence).
+    Yang et al., "From Knowledge Distillation to Self-Knowledge Distillation: A Unified
+    Approach with Normalized Loss and Customized Soft Labels", ICCV 2023 (arXiv:2303.13005).
+    """
+    n, c = z_s.shape
+    gt = F.one_hot(y, c).bool()
+    log_p_s_y = F.log_softmax(z_s, dim=1)[gt]
+    p_t_y = F.softmax(z_t, dim=1)[gt]
+    target = -(p_t_y * log_p_s_y).mean()
+    rest_s = _soft(z_s, standardize)[~gt].view(n, c - 1)
+    rest_t = _soft(z_t, standardize)[~gt].view(n, c - 1)
+    non_target = -(F.softmax(rest_t / T, dim=1) * F.log_softmax(rest_s / T, dim=1)).sum(1).mean()
+    return F.cross_entropy(z_s, y) + weight * (target + NKD_GAMMA * T * T * non_target)
+
+
+# --------------------------------------------------------------------------- feature losses
+# The student's feature h_s and the teacher's f_t are compared through relations among the
+# batch's rows (rkd, pkt, sp), attention maps (at) or a contrastive embedding (crd), so their
+# widths may differ. A batch of one row has no relations: those terms are 0 there.
+
+RKD_DISTANCE, RKD_ANGLE = 25.0, 50.0  # the paper's λ_D and λ_A
+RKD_EPS = 1e-12
+
+
+def _pairwise_distances(e: torch.Tensor) -> torch.Tensor:
+    """Euclidean distances between the rows of ``e`` [B, D]: 0 on the diagonal and between
+    equal rows. From the differences themselves, not ‖a‖² + ‖b‖² − 2a·b, which loses the
+    small distances to cancellation; the square root's infinite slope at 0 is kept out of
+    the gradient."""
+    sq = (e[:, None, :] - e[None, :, :]).pow(2).sum(2)
+    return torch.where(sq > 0, sq.clamp(min=RKD_EPS).sqrt(), torch.zeros_like(sq))
+
+
+def _mean_normalised(d: torch.Tensor) -> torch.Tensor:
+    """``d`` divided by the mean of its positive entries (RKD's distance normaliser μ)."""
+    positive = d > 0
+    mean = d.sum() / positive.sum().clamp(min=1)
+    return d / mean.clamp(min=RKD_EPS)
+
+
+def _angles(e: torch.Tensor) -> torch.Tensor:
+    """cos ∠(e_i, e_j, e_k) for every triplet, flattened: the cosine between e_i − e_j and
+    e_k − e_j."""
+    diff = F.normalize(e[None, :, :] - e[:, None, :], p=2, dim=2)  # [j, i] = e_i − e_j
+    return torch.bmm(diff, diff.transpose(1, 2)).reshape(-1)
+
+
+@LOSSES.register("rkd", logits=False, features=True, weight=1.0)
+def rkd(z_s: torch.Tensor, y: torch.Tensor, *, hint: torch.Tensor, f_t: torch.Tensor,
+        weight: float = 1.0, **_) -> torch.Tensor:
+    """Relational KD: match the batch's distance and angle structure.
+
+    L = CE(z_s, y) + w · [λ_D · Σ_{i,j} ℓ(ψ_D(s_i, s_j), ψ_D(t_i, t_j)) / B²
+                          + λ_A · Σ_{i,j,k} ℓ(ψ_A(s_i, s_j, s_k), ψ_A(t_i, t_j, t_k)) / B³]
+
+    ψ_D = ‖x_i − x_j‖ / μ with μ the mean distance of the batch's pairs, ψ_A = the cosine of
+    the angle at x_j, ℓ the Huber (smooth L1) loss; λ_D = 25, λ_A = 50 (the paper's); s, t
+    the flattened student and teacher features.
+    Park et al., "Relational Knowledge Distillation", CVPR 2019 (arXiv:1904.05068).
+    """
+    ce_term = F.cross_entropy(z_s, y)
+    if len(hint) < 2:
+        return ce_term
+    s, t = hint.flatten(1), f_t.flatten(1)
+    loss_d = F.smooth_l1_loss(_mean_normalised(_pairwise_distances(s)),
+                              _mean_normalised(_pairwise_distances(t)))
+    loss_a = F.smooth_l1_loss(_angles(s), _angles(t))
+    return ce_term + weight * (RKD_DISTANCE * loss_d + RKD_ANGLE * loss_a)
+
+
+PKT_EPS = 1e-7
+
+
+def _cosine_affinities(e: torch.Tensor) -> torch.Tensor:
+    """Row-stochastic affinities: the cosine similarities of ``e``'s rows mapped to [0, 1],
+    each row normalised to sum to 1."""
+    e = e / (e.norm(dim=1, keepdim=True) + PKT_EPS)
+    k = (e @ e.T + 1.0) / 2.0
+    return k / k.sum(dim=1, keepdim=True)
+
+
+@LOSSES.register("pkt", logits=False, features=True, weight=30000.0)
+def pkt(z_s: torch.Tensor, y: torch.Tensor, *, hint: torch.Tensor, f_t: torch.Tensor,
+        weight: float = 30000.0, **_) -> torch.Tensor:
+    """Probabilistic knowledge transfer: match the conditional probability distributions of
+    the batch's samples in feature space.
+
+    L = CE(z_s, y) + w · (1/B²) Σ_{i,j} q_{j|i} · log((q_{j|i} + ε) / (p_{j|i} + ε))
+
+    p_{j|i} = K(s_i, s_j) / Σ_j K(s_i, s_j) with the cosine kernel K = (cos + 1)/2 (q from the
+    teacher's features likewise), ε = 1e-7. The 1/B² mean and the weight w = 3·10⁴ are those
+    of the reference implementations (RepDistiller).
+    Passalis & Tefas, "Learning Deep Representations with Probabilistic Knowledge Transfer",
+    ECCV 2018 (arXiv:1803.10837).
+    """
+    ce_term = F.cross_entropy(z_s, y)
+    if len(hint) < 2:
+        return ce_term
+    p = _cosine_affinities(hint.flatten(1))
+    q = _cosine_affinities(f_t.flatten(1))
+    return ce_term + weight * (q * torch.log((q + PKT_EPS) / (p + PKT_EPS))).mean()
+
+
+def _similarity(e: torch.Tensor) -> torch.Tensor:
+    """G̃ = row-L2-normalised Gram matrix of ``e``'s rows."""
+    return F.normalize(e @ e.T, p=2, dim=1)
+
+
+@LOSSES.register("sp", logits=False, features=True, weight=3000.0)
+def sp(z_s: torch.Tensor, y: torch.Tensor, *, hint: torch.Tensor, f_t: torch.Tensor,
+       weight: float = 3000.0, **_) -> torch.Tensor:
+    """Similarity-preserving KD: inputs the teacher finds similar should look similar to the
+    student.
+
+    L = CE(z_s, y) + w · (1/B²) ‖G̃_t − G̃_s‖²_F,    G̃ = rownorm(F · Fᵀ)
+
+    with F the batch's flattened features; w = 3000 (the reference implementations').
+    Tung & Mori, "Similarity-Preserving Knowledge Distillation", ICCV 2019 (arXiv:1907.09682).
+    """
+    ce_term = F.cross_entropy(z_s, y)
+    b = len(hint)
+    diff = _similarity(f_t.flatten(1)) - _similarity(hint.flatten(1))
+    return ce_term + weight * diff.pow(2).sum() / (b * b)
+
+
+def _attention_map(f: torch.Tensor) -> torch.Tensor:
+    """Q = vec(Σ_c A_c²) / ‖vec(Σ_c A_c²)‖₂ (channel mean, as the reference code: the same
+    direction) for feature maps [B, C, *spatial]."""
+    return F.normalize(f.pow(2).mean(1).flatten(1), p=2, dim=1)
+
+
+def _common_size(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Average-pool the larger of two maps to the other's spatial size."""
+    if a.shape[2:] == b.shape[2:]:
+        return a, b
+    pool = F.adaptive_avg_pool2d if a.dim() == 4 else F.adaptive_avg_pool1d
+    small = tuple(min(x, z) for x, z in zip(a.shape[2:], b.shape[2:]))
+    return pool(a, small), pool(b, small)
+
+
+@LOSSES.register("at", logits=False, features=True, maps=True, weight=1000.0)
+def at(z_s: torch.Tensor, y: torch.Tensor, *, hint: torch.Tensor, f_t: torch.Tensor,
+       weight: float = 1000.0, **_) -> torch.Tensor:
+    """Attention transfer: match where the networks' activations concentrate.
+
+    L = CE(z_s, y) + w · mean_{b, p} (Q_s − Q_t)²,    Q = vec(Σ_c A_c²) / ‖vec(Σ_c A_c²)‖₂
+
+    A the spatial feature map [C, H, W] (or [C, L]) of the student's layer and the cached
+    teacher's layer of the same name; channel counts may differ, and a larger map is average
+    pooled to the smaller's size. w = 1000 (the reference implementations', with the mean over
+    positions in place of the paper's β/2 · ‖·‖₂ sum). Needs an unpooled cache (pool=false).
+    Zagoruyko & Komodakis, "Paying More Attention to Attention", ICLR 2017 (arXiv:1612.03928).
+    """
+    s, t = _common_size(hint, f_t)
+    return F.cross_entropy(z_s, y) + weight * (_attention_map(s) - _attention_map(t)).pow(2).mean()
+
+
+CRD_EMBED = 128  # embedding width (the paper's)
+CRD_TEMPERATURE = 0.07  # softmax temperature of the critic (the paper's τ)
+CRD_MEMORY = 4096  # teacher features kept as negatives (the paper: 16384 drawn from all N)
+
+
+class ContrastHead(LossHead):
+    """CRD's learned embeddings g_s, g_t (linear, then L2-normalised) and its memory: a ring
+    of the last ``memory`` cached teacher features, which are exact (a cache's features never
+    go stale, so unlike the paper's momentum memory nothing is averaged)."""
+
+    def __init__(self, student_shape: tuple[int, ...], teacher_shape: tuple[int, ...],
+                 embed: int = CRD_EMBED, memory: int = CRD_MEMORY):
+        super().__init__()
+        width = int(np.prod(teacher_shape))
+        self.embed_s = torch.nn.Linear(int(np.prod(student_shape)), embed)
+        self.embed_t = torch.nn.Linear(width, embed)
+        # not saved with the student: a training-time buffer, refilled from the cache
+        self.register_buffer("memory", torch.zeros(memory, width), persistent=False)
+        # an exact fingerprint per row (integer arithmetic on the float's bits: the same for a
+        # row whatever batch it arrives in, unlike a float projection), kept for the memory
+        gen = torch.Generator().manual_seed(0)
+        self.register_buffer("key_multipliers", torch.randint(-2**62, 2**62, (width,), generator=gen) | 1,
+                             persistent=False)
+        self.register_buffer("memory_keys", torch.zeros(memory, dtype=torch.int64), persistent=False)
+        self.filled, self.next = 0, 0
+
+    def keys(self, f: torch.Tensor) -> torch.Tensor:
+        """Row fingerprints: equal rows have equal keys; distinct rows collide with odds ~2⁻⁶⁴."""
+        bits = f.detach().flatten(1).to(torch.float64).contiguous().view(torch.int64)
+        return (bits * self.key_multipliers).sum(1)
+
+    def negatives(self) -> torch.Tensor:
+        return self.memory[:self.filled]
+
+    def remember(self, f_t: torch.Tensor) -> None:
+        rows = f_t.detach().flatten(1)[-len(self.memory):].to(self.memory.dtype)
+        at = (self.next + torch.arange(len(rows), device=rows.device)) % len(self.memory)
+        self.memory[at] = rows
+        self.memory_keys[at] = self.keys(rows)
+        self.next = (self.next + len(rows)) % len(self.memory)
+        self.filled = min(len(self.memory), self.filled + len(rows))
+
+
+@LOSSES.register("crd", logits=False, features=True, weight=0.8, head=ContrastHead)
+def crd(z_s: torch.Tensor, y: torch.Tensor, *, hint: torch.Tensor, f_t: torch.Tensor,
+        head: ContrastHead, weight: float = 0.8, **_) -> torch.Tensor:
+    """Contrastive representation distillation: the student's embedding of a sample should
+    pick out the teacher's embedding of the same sample among many others.
+
+    L = CE(z_s, y) − w · (1/B) Σ_i log [exp(g_s(s_i)·g_t(t_i)/τ) / Σ_{k ∈ batch ∪ memory} exp(g_s(s_i)·g_t(t_k)/τ)]
+
+    g_s, g_t learned linear maps to 128 dimensions, L2-normalised; τ = 0.07; w = 0.8 (the
+    paper's). The negatives t_k are the batch's other teacher features and a memory of the
+    last 4096 cached ones. The offline setting changes the method in three ways: the memory
+    holds raw cached teacher features, re-embedded by the current g_t at every step (exact,
+    where the paper keeps momentum-averaged embeddings); it holds teacher features only, so
+    only the student-anchored half of the paper's symmetric objective remains (a memory of
+    student embeddings would be stale by construction); and the critic is the softmax
+    (InfoNCE) form of the contrastive bound rather than the paper's NCE with its constant Z.
+    A memory row equal to a batch row (the same sample, seen again) is left out: it would be
+    that row's positive posing as a negative, and a second copy of a negative for the others.
+    Tian, Krishnan & Isola, "Contrastive Representation Distillation", ICLR 2020
+    (arXiv:1910.10699).
+    """
+    t_batch = f_t.flatten(1)
+    bank = torch.cat([t_batch, head.negatives().to(t_batch.dtype)])
+    s = F.normalize(head.embed_s(hint.flatten(1)), dim=1)
+    t = F.normalize(head.embed_t(bank), dim=1)
+    scores = s @ t.T / CRD_TEMPERATURE
+    if head.filled:  # a memory row that is a batch row is a positive or counted already
+        seen = torch.zeros(len(bank), dtype=torch.bool, device=bank.device)
+        seen[len(t_batch):] = (head.keys(t_batch)[:, None] == head.memory_keys[None, :head.filled]).any(0)
+        scores = scores.masked_fill(seen[None, :], float("-inf"))
+    contrast = F.cross_entropy(scores, torch.arange(len(s), device=s.device))
+    return F.cross_entropy(z_s, y) + weight * contrast

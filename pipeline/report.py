@@ -2,7 +2,8 @@
 
 Runs that differ only by seed are repeats of one experiment: the leaderboard gives their test
 accuracy as mean ± std (sample std, n runs). Everything else a row records (model, loss,
-target, temperature, views, augment, alpha, epochs, C, layer) makes another experiment, so a
+target, temperature, views, augment, alpha, epochs, C, layer, loss_weight,
+standardize_logits, student_layer) makes another experiment, so a
 student trained with and without augmentation shows as two rows.
 """
 
@@ -17,12 +18,16 @@ from pipeline.losses import LOSSES
 
 # What makes two rows the same experiment (the seed aside).
 EXPERIMENT = ("model", "loss", "target", "temperature", "views", "augment", "alpha", "epochs", "C",
-              "layer")
+              "layer", "loss_weight", "standardize_logits", "student_layer")
 
 
 def label_only(loss: str | None) -> bool:
-    """Whether ``loss`` is a label-only baseline (it declares that it reads no teacher logits)."""
-    return loss is not None and loss in LOSSES and not LOSSES.declared(loss).logits
+    """Whether ``loss`` is a label-only baseline (it declares that it reads no teacher output:
+    neither logits nor features)."""
+    if loss is None or loss not in LOSSES:
+        return False
+    needs = LOSSES.declared(loss)
+    return not needs.logits and not needs.features
 
 
 def leaderboard(rows: list[dict]) -> list[dict]:
@@ -50,12 +55,34 @@ def _text(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def loss_text(b: dict) -> str:
+    """The loss cell: its name, ``+Z`` with logit standardisation, and its weight where it
+    is not the loss's default (e.g. ``kd+Z``, ``pkt w=1e+04``)."""
+    if b["loss"] is None:
+        return "–"
+    text = b["loss"] + ("+Z" if b.get("standardize_logits") else "")
+    weight = b.get("loss_weight")
+    default = LOSSES.declared(b["loss"]).weight if b["loss"] in LOSSES else None
+    return text + (f" w={weight:g}" if weight is not None and weight != default else "")
+
+
 def name(b: dict) -> str:
     """A short label of an experiment for plots, e.g. ``cnn_small/kd/T4``."""
-    parts = [b["model"], b["loss"], b["target"] and f"target={b['target']}",
+    parts = [b["model"], b["loss"] and loss_text(b), b["target"] and f"target={b['target']}",
              b["temperature"] is not None and f"T{b['temperature']:g}",
              (b["views"] or 1) > 1 and f"{b['views']}views", b["augment"] and f"aug={b['augment']}"]
     return "/".join(p for p in parts if p)
+
+
+def by_loss_table(board: list[dict]) -> list[dict]:
+    """The best experiment of each (model, loss, standardisation) pair, for models trained
+    with more than one loss: grouped by model, best first."""
+    best: dict[tuple, dict] = {}
+    for b in board:  # sorted best first
+        if b["loss"] is not None:
+            best.setdefault((b["model"], b["loss"], bool(b.get("standardize_logits"))), b)
+    models = {m for m, _, _ in best if sum(1 for k in best if k[0] == m) > 1}
+    return sorted((b for (m, _, _), b in best.items() if m in models), key=lambda b: (b["model"], -b["mean"]))
 
 
 def markdown(board: list[dict], teacher_acc: float, source: str) -> str:
@@ -66,11 +93,19 @@ def markdown(board: list[dict], teacher_acc: float, source: str) -> str:
              "| teacher agreement | KL(t‖s) | ECE | params | fit s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for b in board:
-        lines.append(f"| {b['model']} | {_text(b['loss'])} | {_text(b['target'])} | "
+        lines.append(f"| {b['model']} | {loss_text(b)} | {_text(b['target'])} | "
                      f"{_text(b['temperature'])} | {_text(b['views'])} | {_text(b['augment'])} | "
                      f"{b['mean']:.4f} ± {b['std']:.4f} | "
                      f"{b['n']} | {b['val']:.4f} | {b['agreement']:.4f} | {b['kl']:.4f} | "
                      f"{b['ece']:.4f} | {b['params']:,} | {b['fit_s']:.2f} |")
+    by_loss = by_loss_table(board)
+    if by_loss:
+        lines += ["", "## By loss (each student's best experiment with each loss)", "",
+                  "| model | loss | test accuracy | n | teacher agreement | fit s |",
+                  "|---|---|---|---|---|---|"]
+        for b in by_loss:
+            lines.append(f"| {b['model']} | {loss_text(b)} | {b['mean']:.4f} ± {b['std']:.4f} | "
+                         f"{b['n']} | {b['agreement']:.4f} | {b['fit_s']:.2f} |")
     baselines: dict[str, dict] = {}  # the strongest label-only experiment of each model
     for b in board:  # (board is sorted best first)
         if label_only(b["loss"]):
@@ -84,7 +119,7 @@ def markdown(board: list[dict], teacher_acc: float, source: str) -> str:
                   "|---|---|---|---|---|---|---|"]
         for b, base in versus:
             how = base["loss"] + (f", augment={base['augment']}" if base["augment"] else "")
-            lines.append(f"| {b['model']} | {b['loss']} | {_text(b['temperature'])} | {_text(b['views'])} | "
+            lines.append(f"| {b['model']} | {loss_text(b)} | {_text(b['temperature'])} | {_text(b['views'])} | "
                          f"{b['mean']:.4f} | {base['mean']:.4f} ({how}) | {b['mean'] - base['mean']:+.4f} |")
     return "\n".join(lines) + "\n"
 

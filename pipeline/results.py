@@ -22,7 +22,9 @@ from pipeline.io import atomic_path
 SCHEMA = pa.schema([
     ("run_id", pa.string()), ("time", pa.string()), ("model", pa.string()), ("kind", pa.string()),
     ("loss", pa.string()), ("target", pa.string()), ("temperature", pa.float64()),
-    ("layer", pa.string()), ("views", pa.int64()), ("augment", pa.string()), ("alpha", pa.float64()), ("seed", pa.int64()), ("epochs", pa.int64()),
+    ("layer", pa.string()), ("views", pa.int64()), ("augment", pa.string()), ("alpha", pa.float64()),
+    ("loss_weight", pa.float64()), ("standardize_logits", pa.bool_()), ("student_layer", pa.string()),
+    ("seed", pa.int64()), ("epochs", pa.int64()),
     ("C", pa.string()),
     ("test_accuracy", pa.float64()), ("val_accuracy", pa.float64()),
     ("teacher_agreement", pa.float64()), ("kl_teacher_student", pa.float64()), ("ece", pa.float64()),

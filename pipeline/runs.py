@@ -50,8 +50,19 @@ def resolve_run(cfg: StudentConfig, cache: TeacherCache) -> tuple[StudentConfig,
         layer = cfg.layer or cache.layers[0]
         if layer not in cache.layers:
             raise KdError(f"cache {cache.root} holds no layer {layer!r}; it holds {', '.join(cache.layers)}")
+    loss_needs = LOSSES.declared(use.loss) if use.loss else None
+    if loss_needs and loss_needs.maps and len(cache.manifest["layers"][layer]) < 2:
+        raise KdError(f"loss {use.loss} compares spatial feature maps, but cache {cache.root} holds "
+                      f"layer {layer} pooled to {tuple(cache.manifest['layers'][layer])}; build a cache "
+                      "of a map with kdcache cache layers=NAME pool=false (e.g. layers=block3.2 for "
+                      "cnn_small) and train with layer=NAME")
+    loss_weight = None
+    if use.loss_weight:
+        loss_weight = cfg.loss_weight if cfg.loss_weight is not None else loss_needs.weight
     return dataclasses.replace(cfg, loss=use.loss, target=use.target, temperature=temperature,
-                               layer=layer, views=str(views), augment=use.augment or "none"), use
+                               layer=layer, views=str(views), augment=use.augment or "none",
+                               loss_weight=loss_weight,
+                               standardize_logits=cfg.standardize_logits and use.standardize_logits), use
 
 
 def train_student(cfg: StudentConfig, progress: bool = True) -> dict:
@@ -67,6 +78,8 @@ def train_student(cfg: StudentConfig, progress: bool = True) -> dict:
     t0 = time.perf_counter()
     student.fit_cache(data)
     fit_seconds = time.perf_counter() - t0
+    # the student's layer a feature loss read, as the student resolved it
+    cfg = dataclasses.replace(cfg, student_layer=getattr(student, "student_layer_", None))
 
     # 3. Score: validation for the record, test exactly once.
     scores = score(student, data, use.kind)
@@ -74,7 +87,9 @@ def train_student(cfg: StudentConfig, progress: bool = True) -> dict:
         "model": cfg.model, "kind": use.kind, "loss": cfg.loss, "target": cfg.target,
         "temperature": cfg.temperature, "layer": cfg.layer, "views": int(cfg.views),
         "augment": use.augment or (cache.augment["policy"] if int(cfg.views) > 1 else None),
-        "alpha": cfg.alpha, "seed": cfg.seed,
+        "alpha": cfg.alpha, "loss_weight": cfg.loss_weight,
+        "standardize_logits": cfg.standardize_logits if use.standardize_logits else None,
+        "student_layer": cfg.student_layer, "seed": cfg.seed,
         "epochs": cfg.epochs, "C": None if getattr(student, "C_", None) is None else str(student.C_),
         **scores, "params": int(student.n_params_), "fit_seconds": round(fit_seconds, 3),
         "teacher_test_accuracy": cache.teacher_accuracy("test"),
@@ -173,7 +188,11 @@ def applicable(cfg: StudentConfig) -> StudentConfig:
     needs = STUDENTS.declared(cfg.model)
     cfg = dataclasses.replace(cfg, loss=cfg.loss if needs.loss else None,
                               target=cfg.target if needs.target else None)
-    use = uses(dataclasses.replace(cfg, temperature=None, layer=None))
+    use = uses(dataclasses.replace(cfg, temperature=None, layer=None, loss_weight=None,
+                                   standardize_logits=False, student_layer=None))
     return dataclasses.replace(cfg, temperature=cfg.temperature if use.temperature else None,
-                               layer=cfg.layer if use.layer else None)
+                               layer=cfg.layer if use.layer else None,
+                               loss_weight=cfg.loss_weight if use.loss_weight else None,
+                               standardize_logits=cfg.standardize_logits and use.standardize_logits,
+                               student_layer=cfg.student_layer if use.student_layer else None)
 

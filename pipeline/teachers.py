@@ -275,7 +275,8 @@ def default_layers(model: nn.Module) -> tuple[str, ...]:
 class Tapped(nn.Module):
     """A teacher that returns ``(logits, {layer: features})`` from one forward pass."""
 
-    def __init__(self, model: nn.Module, layers: tuple[str, ...], pool: bool, arch: str = "teacher"):
+    def __init__(self, model: nn.Module, layers: tuple[str, ...], pool: bool, arch: str = "teacher",
+                 role: str = "teacher"):
         super().__init__()
         from torchvision.models.feature_extraction import create_feature_extractor
 
@@ -283,7 +284,7 @@ class Tapped(nn.Module):
         unknown = [l for l in layers if l not in nodes]
         if unknown:
             sample = ", ".join(nodes[-8:])
-            raise KdError(f"teacher {arch} has no layer {unknown[0]!r}; layers include: {sample} "
+            raise KdError(f"{role} {arch} has no layer {unknown[0]!r}; layers include: {sample} "
                           f"({len(nodes)} in all)")
         self.layers = tuple(layers)
         self.pool = pool

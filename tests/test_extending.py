@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch.nn.functional as F
 
-from pipeline.losses import LOSSES, soft_kl
+from pipeline.losses import LOSSES, Adapter, soft_kl
 from pipeline.results import SCHEMA, append_row, read_results, results_dir
 from pipeline.students import STUDENTS, FeatureStudent
 from stages.cli import main as cli
@@ -52,11 +52,11 @@ def half_kd():
 def hint_only():
     """A feature loss that declares it reads no logits: the trainer must not hand it any."""
 
-    @LOSSES.register("hint_only", logits=False, features=True)
-    def hint_only(z_s, y, *, hint, f_t, **kwargs):
-        """L = CE(z_s, y) + mean (r(h_s) − f_t)²."""
+    @LOSSES.register("hint_only", logits=False, features=True, head=Adapter)
+    def hint_only(z_s, y, *, hint, f_t, head, **kwargs):
+        """L = CE(z_s, y) + mean (r(h_s) − f_t)², r a learned adapter (the declared head)."""
         assert "z_t" not in kwargs and "T" in kwargs and kwargs["T"] is None
-        return F.cross_entropy(z_s, y) + F.mse_loss(hint, f_t)
+        return F.cross_entropy(z_s, y) + F.mse_loss(head(hint), f_t)
 
     yield
     LOSSES.unregister("hint_only")

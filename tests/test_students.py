@@ -18,6 +18,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from pipeline.cache.reader import softmax
 from pipeline.errors import KdError
+from pipeline.losses import LOSSES
 from pipeline.students import STUDENTS, StreamingSGDStudent, StudentData, create_student
 
 K = 3  # classes
@@ -233,16 +234,52 @@ def test_torch_students_keep_best_validation_epoch(fitted):
     assert acc == pytest.approx(est.history_[est.best_epoch_]["val_accuracy"])
 
 
-@pytest.mark.parametrize("loss", ["ce", "mse_logits", "dkd", "fitnet"])
+@pytest.mark.parametrize("loss", sorted(n for n in LOSSES if not LOSSES.declared(n).maps))
 def test_torch_student_with_each_loss(loss):
     d = make_data("mlp", n=48)
     feats = np.random.default_rng(5).normal(size=(48, 7)).astype(np.float32)
     est = new("mlp", loss=loss, epochs=1)
     est.fit(d["X"], d["y"], teacher_logits=d["z_t"], teacher_features=feats, X_val=d["X_val"], y_val=d["y_val"])
     assert est.decision_function(d["X_val"]).shape == (len(d["X_val"]), K)
+    assert np.isfinite(est.history_[0]["train_loss"])
+    needs = LOSSES.declared(loss)
+    assert est.student_layer_ == ("embed" if needs.features else None)
+    assert est.loss_weight_ == needs.weight
     if loss == "fitnet":  # the hint adapter maps to the teacher's feature width, but is not deployed
-        assert est.model_.adapter.out_features == 7
+        assert est.model_.head.linear.out_features == 7
+    if needs.head is not None:
+        head_params = sum(p.numel() for p in est.model_.head.parameters())
+        assert head_params > 0
         assert est.n_params_ == sum(p.numel() for p in est.model_.net.parameters())
+        assert set(est.tensors()) == set(est.model_.net.state_dict())  # heads are not deployed
+
+
+@pytest.mark.parametrize("loss", sorted(n for n in LOSSES if LOSSES.declared(n).maps))
+def test_torch_student_with_each_map_loss_reads_the_named_layer_unpooled(loss):
+    d = make_data("cnn_small", n=48)
+    maps = np.random.default_rng(6).normal(size=(48, 24, 4, 4)).astype(np.float32)  # 24 channels
+    est = new("cnn_small", loss=loss, epochs=1)
+    est.fit(d["X"], d["y"], teacher_features=maps, teacher_layer="block3.2", X_val=d["X_val"], y_val=d["y_val"])
+    assert est.student_layer_ == "block3.2" and np.isfinite(est.history_[0]["train_loss"])
+    assert est.model_.feature_shape((1, 8, 8)) == (16, 4, 4)  # width 4: 4·4 channels, unpooled
+    with pytest.raises(KdError, match="compares spatial feature maps"):
+        new("cnn_small", loss=loss, epochs=1).fit(
+            d["X"], d["y"], teacher_features=maps.mean(axis=(2, 3)), teacher_layer="block3.2",
+            X_val=d["X_val"], y_val=d["y_val"])
+
+
+def test_feature_losses_take_the_student_layer_by_name():
+    d = make_data("cnn_small", n=48)
+    feats = np.random.default_rng(7).normal(size=(48, 9)).astype(np.float32)
+    est = new("cnn_small", loss="rkd", epochs=1)
+    est.fit(d["X"], d["y"], teacher_features=feats, teacher_layer="block2.2", X_val=d["X_val"], y_val=d["y_val"])
+    assert est.student_layer_ == "block2.2"  # the cached layer's name, which the student has
+    est = new("cnn_small", loss="rkd", epochs=1)
+    est.fit(d["X"], d["y"], teacher_features=feats, teacher_layer="layer4", X_val=d["X_val"], y_val=d["y_val"])
+    assert est.student_layer_ == "embed"  # a name it lacks: its penultimate layer
+    with pytest.raises(KdError, match="student cnn_small has no layer 'nope'"):
+        new("cnn_small", loss="rkd", epochs=1, student_layer="nope").fit(
+            d["X"], d["y"], teacher_features=feats, X_val=d["X_val"], y_val=d["y_val"])
 
 
 def test_torch_student_refuses_missing_targets():

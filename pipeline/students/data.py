@@ -21,9 +21,9 @@ from pipeline.augment import KeyedRandom, key, parse
 from pipeline.cache import TeacherCache
 from pipeline.cache import format as fmt
 from pipeline.cache.chunks import to_float32
-from pipeline.cache.reader import log_softmax
 from pipeline.data import Dataset, positions_of
 from pipeline.errors import KdError
+from pipeline.losses import soft_targets
 from pipeline.rows import LazyRows
 from pipeline.training import Batches
 
@@ -75,9 +75,14 @@ class StudentData:
         return self.cache.temperature
 
     @property
+    def feature_shape(self) -> tuple[int, ...]:
+        """Shape of one row's cached feature ``layer`` ((D,) pooled, (C, H, W) a map)."""
+        return tuple(self.cache.manifest["layers"][self.layer])
+
+    @property
     def feature_dim(self) -> int:
         """Width of the flattened cached feature ``layer``."""
-        return int(np.prod(self.cache.manifest["layers"][self.layer]))
+        return int(np.prod(self.feature_shape))
 
     def num_rows(self, split: str) -> int:
         return self.cache.num_rows(split)
@@ -149,12 +154,14 @@ class StudentData:
             yield b.features[self.layer].reshape(len(b.sample_id), -1), b.label, b.logits
 
     def input_batches(self, batch_size: int, seed: int, *, logits: bool = True,
-                      features: bool = False, temperature: float | None = None) -> Batches:
+                      features: bool = False, temperature: float | None = None,
+                      standardize_logits: bool = False) -> Batches:
         """``batches(epoch)`` yielding ``(inputs, labels, targets)`` of the train split for
         :func:`pipeline.training.fit`: ``targets`` holds ``z_t`` (raw cached logits) when
         ``logits``, the teacher's soft targets ``log_p_t`` = log softmax(z_t / T) and ``p_t``
-        at T = ``temperature`` when given, and ``f_t`` (the flattened cached feature) when
-        ``features``. Cached targets arrive chunk by chunk, and each chunk's inputs are read
+        at T = ``temperature`` when given (of the standardised logits with
+        ``standardize_logits``: :func:`pipeline.losses.soft_targets`), and ``f_t`` (the cached
+        feature, in its cached shape) when ``features``. Cached targets arrive chunk by chunk, and each chunk's inputs are read
         from the dataset by sample_id and shuffled along with them. With several views, each
         row's input is its drawn view: the stored parameters replayed on the original input.
         Augmentation and soft targets are computed once per shuffle buffer, then cut into
@@ -174,10 +181,9 @@ class StudentData:
                     x = self.policy.apply(torch.from_numpy(x), torch.from_numpy(b.augment)).numpy()
                 targets = {"z_t": b.logits} if logits else {}
                 if logits and temperature is not None:
-                    targets["log_p_t"] = log_softmax(b.logits / np.float32(temperature), axis=1)
-                    targets["p_t"] = np.exp(targets["log_p_t"])
+                    targets.update(soft_targets(b.logits, temperature, standardize_logits))
                 if features:
-                    targets["f_t"] = b.features[self.layer].reshape(len(b.label), -1)
+                    targets["f_t"] = b.features[self.layer].reshape(len(b.label), *self.feature_shape)
                 for a in range(0, len(x), batch_size):
                     yield x[a:a + batch_size], b.label[a:a + batch_size], {
                         k: v[a:a + batch_size] for k, v in targets.items()}

@@ -9,38 +9,60 @@ from torch import nn
 
 from pipeline import runtime, training
 from pipeline.augment import parse
-from pipeline.cache.reader import log_softmax, softmax
-from pipeline.losses import LOSSES
+from pipeline.cache.reader import softmax
+from pipeline.errors import KdError
+from pipeline.losses import LOSSES, soft_targets
 from pipeline.students.base import Student
 from pipeline.students.data import StudentData
 from pipeline.students.registry import DEFAULT_LOSS, STUDENTS
-from pipeline.teachers import DEFAULT_LAYER, TEACHERS, Tapped
+from pipeline.teachers import DEFAULT_LAYER, TEACHERS, Tapped, layer_names
 
 # Default widths: small enough to be worth distilling into (a few thousand parameters).
 STUDENT_WIDTHS = {"mlp": 32, "cnn1d": 8, "cnn_small": 4, "resnet_small": 4}
 
 
 class _Net(nn.Module):
-    """The student network, returning (logits, penultimate features); plus, for hint losses,
-    a linear adapter from the student's feature width to the teacher's."""
+    """The student network, returning (logits, its feature at ``layer``); plus, for losses with
+    learned parts (an adapter, projection heads), the loss's head, which trains with the
+    network and is dropped when it is deployed."""
 
-    def __init__(self, arch: str, width: int, input_shape, num_classes: int, hint_dim: int = 0):
+    def __init__(self, arch: str, width: int, input_shape, num_classes: int,
+                 layer: str = DEFAULT_LAYER, pool: bool = True):
         super().__init__()
         base = TEACHERS.get(arch)
         net = base(tuple(input_shape), num_classes, width) if width else base(tuple(input_shape), num_classes)
-        self.net = Tapped(net, (DEFAULT_LAYER,), pool=True, arch=arch)
-        self.adapter = None
-        if hint_dim:
-            self.net.eval()  # probe the feature width without touching BatchNorm statistics
-            with torch.no_grad():
-                _, feats = self.net(torch.zeros((2, *input_shape)))
-            self.net.train()
-            self.adapter = nn.Linear(feats[DEFAULT_LAYER].shape[1], hint_dim)
+        self.net = Tapped(net, (layer,), pool=pool, arch=arch, role="student")
+        self.layer = layer
+        self.head: nn.Module | None = None
+
+    def feature_shape(self, input_shape) -> tuple[int, ...]:
+        """The shape of one sample's feature at ``layer`` (probed without touching BatchNorm's
+        running statistics)."""
+        was_training = self.net.training
+        self.net.eval()
+        with torch.no_grad():
+            _, feats = self.net(torch.zeros((2, *input_shape)))
+        self.net.train(was_training)
+        return tuple(feats[self.layer].shape[1:])
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits, feats = self.net(x)
-        hint = feats[DEFAULT_LAYER]
-        return logits, (self.adapter(hint) if self.adapter is not None else hint)
+        return logits, feats[self.layer]
+
+
+def student_layer(arch: str, width: int, input_shape, num_classes: int, asked: str | None,
+                  cached: str | None) -> str:
+    """The student's layer a feature loss reads: ``asked`` (checked), else the cached layer's
+    name where the student has a layer of that name, else its penultimate (``embed``)."""
+    base = TEACHERS.get(arch)
+    net = base(tuple(input_shape), num_classes, width) if width else base(tuple(input_shape), num_classes)
+    names = layer_names(net)
+    if asked is not None:
+        if asked not in names:
+            raise KdError(f"student {arch} has no layer {asked!r}; its layers include: "
+                          f"{', '.join(names[-10:])} ({len(names)} in all)")
+        return asked
+    return cached if cached in names else DEFAULT_LAYER
 
 
 class TorchStudent(Student):
@@ -51,22 +73,28 @@ class TorchStudent(Student):
     y_val=...)`` trains on in-memory arrays whose row i describes one sample. What the loss
     reads (logits, a feature) and whether it takes a temperature is the loss's declaration.
     Training is seeded and deterministic on CPU; the epoch with the best validation accuracy is
-    kept. ``temperature=None`` takes the cache's default in ``fit_cache``. ``augment`` is a
-    policy applied afresh to every batch (label-only losses: cached targets are valid only for
-    the inputs the teacher saw; a multi-view cache replays its own views in ``fit_cache``).
+    kept. ``temperature=None`` takes the cache's default in ``fit_cache``; ``loss_weight=None``
+    the loss's declared default. ``student_layer`` names the layer a feature loss reads
+    (default: the cached layer's name if the student has one, else ``embed``); it is tapped
+    unpooled when the cached feature is a spatial map. ``augment`` is a policy applied afresh
+    to every batch (label-only losses: cached targets are valid only for the inputs the
+    teacher saw; a multi-view cache replays its own views in ``fit_cache``).
     """
 
     def __init__(self, arch: str = "cnn_small", width: int = 0, loss: str = "kd",
-                 temperature: float | None = None, alpha: float = 0.9, hint_weight: float = 1.0,
-                 dkd_alpha: float = 1.0, dkd_beta: float = 8.0, epochs: int = 60, lr: float = 3e-3,
-                 weight_decay: float = 5e-4, batch_size: int = 128, seed: int = 0,
-                 device: str = "auto", augment: str = "none"):
+                 temperature: float | None = None, alpha: float = 0.9,
+                 loss_weight: float | None = None, standardize_logits: bool = False,
+                 student_layer: str | None = None, dkd_alpha: float = 1.0, dkd_beta: float = 8.0,
+                 epochs: int = 60, lr: float = 3e-3, weight_decay: float = 5e-4,
+                 batch_size: int = 128, seed: int = 0, device: str = "auto", augment: str = "none"):
         self.arch = arch
         self.width = width
         self.loss = loss
         self.temperature = temperature
         self.alpha = alpha
-        self.hint_weight = hint_weight
+        self.loss_weight = loss_weight
+        self.standardize_logits = standardize_logits
+        self.student_layer = student_layer
         self.dkd_alpha = dkd_alpha
         self.dkd_beta = dkd_beta
         self.epochs = epochs
@@ -82,15 +110,20 @@ class TorchStudent(Student):
         temperature = self.temperature if self.temperature is not None else data.temperature
         batches = data.input_batches(self.batch_size, self.seed, logits=needs.logits,
                                      features=needs.features,
-                                     temperature=temperature if needs.temperature else None)
+                                     temperature=temperature if needs.temperature else None,
+                                     standardize_logits=self.standardize_logits)
+        teacher_shape = tuple(data.feature_shape) if needs.features else None
         return self._fit_batches(batches, data.steps_per_epoch(self.batch_size),
                                  data.rows("val", "inputs"), data.labels("val"), data.num_classes,
-                                 data.feature_dim if needs.features else 0, temperature,
-                                 data.progress)
+                                 teacher_shape, data.layer if needs.features else None,
+                                 temperature, data.progress)
 
     def fit(self, X: np.ndarray, y: np.ndarray, *, teacher_logits: np.ndarray | None = None,
-            teacher_features: np.ndarray | None = None, X_val: np.ndarray, y_val: np.ndarray):
-        """Train on in-memory arrays (row i of each describes one sample)."""
+            teacher_features: np.ndarray | None = None, X_val: np.ndarray, y_val: np.ndarray,
+            teacher_layer: str | None = None):
+        """Train on in-memory arrays (row i of each describes one sample); ``teacher_features``
+        keep their shape ([N, D], or [N, C, H, W] maps for map losses); ``teacher_layer`` names
+        the teacher's layer they come from (for the student's matching layer)."""
         needs = LOSSES.declared(self.loss)
         if needs.logits and teacher_logits is None:
             raise ValueError(f"loss {self.loss} needs teacher_logits")
@@ -100,16 +133,18 @@ class TorchStudent(Student):
             raise ValueError(f"loss {self.loss} needs a temperature (temperature=...)")
         num_classes = (teacher_logits.shape[1] if teacher_logits is not None
                        else int(max(y.max(), y_val.max())) + 1)
-        feats = teacher_features.reshape(len(X), -1) if needs.features else None
+        feats = teacher_features if needs.features else None
         targets = {"z_t": teacher_logits if needs.logits else None, "f_t": feats}
         batches = training.array_batches(X, y, self.batch_size, self.seed, targets)
         if needs.temperature and needs.logits:
-            batches = _with_soft_targets(batches, self.temperature)
+            batches = _with_soft_targets(batches, self.temperature, self.standardize_logits)
         return self._fit_batches(batches, -(-len(X) // self.batch_size), X_val, y_val, num_classes,
-                                 0 if feats is None else feats.shape[1], self.temperature)
+                                 None if feats is None else tuple(feats.shape[1:]), teacher_layer,
+                                 self.temperature)
 
     def _fit_batches(self, batches: training.Batches, steps_per_epoch: int, X_val, y_val: np.ndarray,
-                     num_classes: int, hint_dim: int, temperature: float | None,
+                     num_classes: int, teacher_shape: tuple[int, ...] | None,
+                     teacher_layer: str | None, temperature: float | None,
                      progress: bool = False) -> "TorchStudent":
         """Train from ``batches(epoch)``, which yields ``(x, y, {"z_t": raw teacher logits,
         "log_p_t", "p_t": its soft targets at the temperature, "f_t": teacher features})``
@@ -119,19 +154,40 @@ class TorchStudent(Student):
         torch.manual_seed(self.seed)
         self.classes_ = np.arange(num_classes)
         width = self.width or STUDENT_WIDTHS.get(self.arch, 0)
-        self.model_ = _Net(self.arch, width, X_val.shape[1:], num_classes, hint_dim)
+        input_shape = tuple(X_val.shape[1:])
+        self.student_layer_ = None
+        layer, pool = DEFAULT_LAYER, True
+        if needs.features:
+            layer = self.student_layer_ = student_layer(self.arch, width, input_shape, num_classes,
+                                                        self.student_layer, teacher_layer)
+            pool = len(teacher_shape) == 1  # a spatial cached map is compared with a spatial map
+        self.model_ = _Net(self.arch, width, input_shape, num_classes, layer, pool)
+        if needs.features:
+            own = self.model_.feature_shape(input_shape)
+            if needs.maps and (len(own) < 2 or len(teacher_shape) < 2 or len(own) != len(teacher_shape)):
+                raise KdError(f"loss {self.loss} compares spatial feature maps, but the cached "
+                              f"feature is shaped {teacher_shape} and student layer {layer!r} "
+                              f"{own}; build a cache with pool=false and train with a "
+                              "student_layer= of the same kind of map")
+            if needs.head is not None:
+                self.model_.head = needs.head(own, teacher_shape)
         self.temperature_ = temperature if needs.temperature else None
+        self.loss_weight_ = needs.weight if self.loss_weight is None else self.loss_weight
+        head = self.model_.head
 
         def objective(out, labels, targets):
             z_s, hint = out
-            return loss_fn(z_s, labels, hint=hint, T=self.temperature_, alpha=self.alpha,
-                           hint_weight=self.hint_weight, dkd_alpha=self.dkd_alpha,
-                           dkd_beta=self.dkd_beta, **targets)
+            value = loss_fn(z_s, labels, hint=hint, head=head, T=self.temperature_, alpha=self.alpha,
+                            weight=self.loss_weight_, standardize=self.standardize_logits,
+                            dkd_alpha=self.dkd_alpha, dkd_beta=self.dkd_beta, **targets)
+            if head is not None:  # after the step's loss: a memory never holds its own batch yet
+                head.remember(targets["f_t"])
+            return value
 
         result = training.fit(self.model_, batches, steps_per_epoch, X_val, y_val, objective,
                               epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay,
                               seed=self.seed, device=self.device_, progress=progress,
-                              augment=parse(self.augment, tuple(X_val.shape[1:])),
+                              augment=parse(self.augment, input_shape),
                               desc=f"student {self.arch}/{self.loss}")
         self.history_ = result.history
         self.best_epoch_ = result.best_epoch
@@ -154,22 +210,20 @@ class TorchStudent(Student):
         return {k: v.detach().cpu().contiguous().numpy() for k, v in self.model_.net.state_dict().items()}
 
 
-def _with_soft_targets(batches: training.Batches, T: float) -> training.Batches:
-    """Add the teacher's soft targets log softmax(z_t/T) and softmax(z_t/T) to every batch,
-    computed in NumPy: they carry no gradient, and as torch ops each would cost a step of a
-    small student tens of microseconds (most of it waking the intra-op thread pool)."""
+def _with_soft_targets(batches: training.Batches, T: float, standardize: bool) -> training.Batches:
+    """Add the teacher's soft targets (:func:`pipeline.losses.soft_targets`) to every batch."""
     def soft(epoch: int):
         for x, y, targets in batches(epoch):
-            log_p_t = log_softmax(np.asarray(targets["z_t"], np.float32) / np.float32(T), axis=1)
-            yield x, y, {**targets, "log_p_t": log_p_t, "p_t": np.exp(log_p_t)}
+            yield x, y, {**targets, **soft_targets(targets["z_t"], T, standardize)}
     return soft
 
 
 def _torch_factory(arch: str):
     def factory(cfg) -> TorchStudent:
         return TorchStudent(arch=arch, width=cfg.width, loss=cfg.loss or DEFAULT_LOSS,
-                            temperature=cfg.temperature, alpha=cfg.alpha, hint_weight=cfg.hint_weight,
-                            dkd_alpha=cfg.dkd_alpha, dkd_beta=cfg.dkd_beta, epochs=cfg.epochs,
+                            temperature=cfg.temperature, alpha=cfg.alpha, loss_weight=cfg.loss_weight,
+                            standardize_logits=cfg.standardize_logits,
+                            student_layer=cfg.student_layer, dkd_alpha=cfg.dkd_alpha, dkd_beta=cfg.dkd_beta, epochs=cfg.epochs,
                             lr=cfg.lr, weight_decay=cfg.weight_decay, batch_size=cfg.batch_size,
                             seed=cfg.seed, device=cfg.device, augment=cfg.augment)
 

@@ -47,7 +47,9 @@ class Uses:
     """What one run of a student reads and records: ``loss`` / ``target`` are names or None
     (the student has no such axis), ``temperature`` whether T applies, ``layer`` whether it
     reads a cached feature, ``logits`` whether it reads the cached logits at all, ``augment``
-    the policy of fresh augmentation (None: none)."""
+    the policy of fresh augmentation (None: none); ``loss_weight``, ``standardize_logits`` and
+    ``student_layer`` whether those options apply (the loss declares a weight, a temperature,
+    a feature)."""
 
     kind: str
     loss: str | None
@@ -56,6 +58,9 @@ class Uses:
     layer: bool
     logits: bool
     augment: str | None = None
+    loss_weight: bool = False
+    standardize_logits: bool = False
+    student_layer: bool = False
 
 
 def uses(cfg: StudentConfig) -> Uses:
@@ -83,6 +88,21 @@ def uses(cfg: StudentConfig) -> Uses:
     if cfg.layer and not layer:
         raise KdError(f"layer={cfg.layer} does not apply: {f'loss {loss}' if loss else cfg.model} "
                       "reads no cached feature; drop layer=")
+    what = f"loss {loss}" if loss else f"model {cfg.model}"
+    loss_weight = bool(loss_needs and loss_needs.weight is not None)
+    if cfg.loss_weight is not None and not loss_weight:
+        raise KdError(f"loss_weight={cfg.loss_weight:g} does not apply: {what} adds no weighted term "
+                      f"of its own (kd, mse_logits weigh theirs by alpha); drop loss_weight= or "
+                      f"pick {', '.join(n for n in LOSSES if LOSSES.declared(n).weight is not None)}")
+    standardize = bool(loss_needs and loss_needs.temperature)
+    if cfg.standardize_logits and not standardize:
+        raise KdError(f"standardize_logits=true does not apply: {what} softens no logits by a "
+                      "temperature; drop it or pick a temperature loss "
+                      f"({', '.join(n for n in LOSSES if LOSSES.declared(n).temperature)})")
+    student_layer = bool(loss_needs and loss_needs.features)
+    if cfg.student_layer and not student_layer:
+        raise KdError(f"student_layer={cfg.student_layer} does not apply: {what} reads no "
+                      "student feature; drop student_layer=")
     logits = (loss_needs.logits if loss_needs else
               needs.temperature or (needs.target and (cfg.target or DEFAULT_TARGET) == "teacher"))
     augment = None if cfg.augment == "none" else cfg.augment
@@ -91,16 +111,16 @@ def uses(cfg: StudentConfig) -> Uses:
             raise KdError(f"augment={augment} does not apply: model {cfg.model} reads cached features, "
                           "not inputs; cache augmented views instead (kdcache cache views=K "
                           f"augment={augment}) and train with views=all")
-        if logits:
+        if logits or (loss_needs and loss_needs.features):
             raise KdError(f"augment={augment} does not apply to loss {loss}: it reads the teacher's "
-                          "cached logits, valid only for the inputs the teacher saw; cache augmented "
+                          "cached outputs, valid only for the inputs the teacher saw; cache augmented "
                           f"views instead (kdcache cache views=K augment={augment}) and train with "
                           "views=all, or use a label-only loss (loss=ce)")
         if cfg.views not in ("all", "1"):
             raise KdError(f"views={cfg.views} with augment={augment}: fresh augmentation trains on "
                           "view 0 of each row; drop views= or augment=")
     return Uses(needs.kind, loss, (cfg.target or DEFAULT_TARGET) if needs.target else None,
-                temperature, layer, bool(logits), augment)
+                temperature, layer, bool(logits), augment, loss_weight, standardize, student_layer)
 
 
 def _with(axis: str) -> list[str]:
