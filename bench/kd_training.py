@@ -134,8 +134,8 @@ def run(quick: bool, workdir: Path) -> dict:
         def arm() -> float:
             t0 = time.perf_counter()
             clocked(student(model, "kd"), "online_kd", t0)._fit_batches(
-                with_soft_targets(batches, cache.temperature), -(-n_train // bs), X["val"], y["val"],
-                cache.num_classes, 0, cache.temperature)
+                with_soft_targets(batches, cache.temperature, False), -(-n_train // bs), X["val"], y["val"],
+                cache.num_classes, None, None, cache.temperature)
             return time.perf_counter() - t0
         return arm
 
@@ -144,7 +144,7 @@ def run(quick: bool, workdir: Path) -> dict:
             t0 = time.perf_counter()
             clocked(student(model, "ce"), "ce_memory", t0)._fit_batches(
                 training.array_batches(X["train"], y["train"], bs, 0), -(-n_train // bs),
-                X["val"], y["val"], cache.num_classes, 0, None)
+                X["val"], y["val"], cache.num_classes, None, None, None)
             return time.perf_counter() - t0
         return arm
 

@@ -138,9 +138,9 @@ class Trainer:
                     z = teacher(xb).numpy()
                 yield xb.numpy(), y[rows], {"z_t": z}
 
-        student._fit_batches(_with_soft_targets(batches, cfg.temperature), -(-len(x) // bs),
-                             data.rows("val", "inputs"), data.labels("val"), cache.num_classes, 0,
-                             cfg.temperature)
+        student._fit_batches(_with_soft_targets(batches, cfg.temperature, False), -(-len(x) // bs),
+                             data.rows("val", "inputs"), data.labels("val"), cache.num_classes, None,
+                             None, cfg.temperature)
         return float(np.mean(student.predict(data.rows("test", "inputs")) == data.labels("test")))
 
 

@@ -350,13 +350,18 @@ RKD_DISTANCE, RKD_ANGLE = 25.0, 50.0  # the paper's λ_D and λ_A
 RKD_EPS = 1e-12
 
 
-def _pairwise_distances(e: torch.Tensor) -> torch.Tensor:
-    """Euclidean distances between the rows of ``e`` [B, D]: 0 on the diagonal and between
-    equal rows. From the differences themselves, not ‖a‖² + ‖b‖² − 2a·b, which loses the
-    small distances to cancellation; the square root's infinite slope at 0 is kept out of
-    the gradient."""
-    sq = (e[:, None, :] - e[None, :, :]).pow(2).sum(2)
-    return torch.where(sq > 0, sq.clamp(min=RKD_EPS).sqrt(), torch.zeros_like(sq))
+def _squared_distances(e: torch.Tensor) -> torch.Tensor:
+    """‖e_i − e_j‖² between the rows of ``e`` [B, D], in float64 from the differences
+    themselves (exactly 0 between equal rows; ‖a‖² + ‖b‖² − 2a·b would lose the small
+    distances to cancellation)."""
+    e = e.to(torch.float64)
+    return (e[:, None, :] - e[None, :, :]).pow(2).sum(2)
+
+
+def _distances(sq: torch.Tensor) -> torch.Tensor:
+    """Square roots of ``sq``, with 0 where it is 0 (the root's infinite slope at 0 is kept
+    out of the gradient)."""
+    return torch.where(sq > 0, sq.clamp(min=torch.finfo(sq.dtype).tiny).sqrt(), torch.zeros_like(sq))
 
 
 def _mean_normalised(d: torch.Tensor) -> torch.Tensor:
@@ -367,10 +372,15 @@ def _mean_normalised(d: torch.Tensor) -> torch.Tensor:
 
 
 def _angles(e: torch.Tensor) -> torch.Tensor:
-    """cos ∠(e_i, e_j, e_k) for every triplet, flattened: the cosine between e_i − e_j and
-    e_k − e_j."""
-    diff = F.normalize(e[None, :, :] - e[:, None, :], p=2, dim=2)  # [j, i] = e_i − e_j
-    return torch.bmm(diff, diff.transpose(1, 2)).reshape(-1)
+    """cos ∠(e_i, e_j, e_k) for every triplet [j, i, k], flattened: the cosine between
+    e_i − e_j and e_k − e_j (0 where a side is 0: a degenerate angle). From the normalised
+    differences (B³·D products): the law of cosines would need only B³, but cancels to
+    nonsense where two rows nearly coincide."""
+    diff = e[None, :, :] - e[:, None, :]  # [j, i] = e_i − e_j
+    norm = diff.pow(2).sum(2, keepdim=True)
+    norm = torch.where(norm > 0, norm.clamp(min=torch.finfo(norm.dtype).tiny).sqrt(), torch.ones_like(norm))
+    unit = diff / norm
+    return torch.bmm(unit, unit.transpose(1, 2)).reshape(-1)
 
 
 @LOSSES.register("rkd", logits=False, features=True, weight=1.0)
@@ -390,10 +400,10 @@ def rkd(z_s: torch.Tensor, y: torch.Tensor, *, hint: torch.Tensor, f_t: torch.Te
     if len(hint) < 2:
         return ce_term
     s, t = hint.flatten(1), f_t.flatten(1)
-    loss_d = F.smooth_l1_loss(_mean_normalised(_pairwise_distances(s)),
-                              _mean_normalised(_pairwise_distances(t)))
+    loss_d = F.smooth_l1_loss(_mean_normalised(_distances(_squared_distances(s))),
+                              _mean_normalised(_distances(_squared_distances(t))))
     loss_a = F.smooth_l1_loss(_angles(s), _angles(t))
-    return ce_term + weight * (RKD_DISTANCE * loss_d + RKD_ANGLE * loss_a)
+    return ce_term + weight * (RKD_DISTANCE * loss_d.to(ce_term.dtype) + RKD_ANGLE * loss_a)
 
 
 PKT_EPS = 1e-7
@@ -485,13 +495,14 @@ def at(z_s: torch.Tensor, y: torch.Tensor, *, hint: torch.Tensor, f_t: torch.Ten
 
 CRD_EMBED = 128  # embedding width (the paper's)
 CRD_TEMPERATURE = 0.07  # softmax temperature of the critic (the paper's τ)
-CRD_MEMORY = 4096  # teacher features kept as negatives (the paper: 16384 drawn from all N)
+CRD_MEMORY = 1024  # embeddings kept as negatives (the paper: 16384, from all N rows)
 
 
 class ContrastHead(LossHead):
-    """CRD's learned embeddings g_s, g_t (linear, then L2-normalised) and its memory: a ring
-    of the last ``memory`` cached teacher features, which are exact (a cache's features never
-    go stale, so unlike the paper's momentum memory nothing is averaged)."""
+    """CRD's learned embeddings g_s, g_t (linear, then L2-normalised) and its memory: the
+    teacher embeddings g_t(f_t) of the last ``memory`` cached rows, as they were when their
+    batch passed (the paper's memory bank, replaced rather than momentum-averaged), each with
+    an exact fingerprint of its feature row."""
 
     def __init__(self, student_shape: tuple[int, ...], teacher_shape: tuple[int, ...],
                  embed: int = CRD_EMBED, memory: int = CRD_MEMORY):
@@ -499,10 +510,10 @@ class ContrastHead(LossHead):
         width = int(np.prod(teacher_shape))
         self.embed_s = torch.nn.Linear(int(np.prod(student_shape)), embed)
         self.embed_t = torch.nn.Linear(width, embed)
-        # not saved with the student: a training-time buffer, refilled from the cache
-        self.register_buffer("memory", torch.zeros(memory, width), persistent=False)
+        # training-time state, not saved with the student
+        self.register_buffer("memory", torch.zeros(memory, embed), persistent=False)
         # an exact fingerprint per row (integer arithmetic on the float's bits: the same for a
-        # row whatever batch it arrives in, unlike a float projection), kept for the memory
+        # row whatever batch it arrives in, unlike a float projection)
         gen = torch.Generator().manual_seed(0)
         self.register_buffer("key_multipliers", torch.randint(-2**62, 2**62, (width,), generator=gen) | 1,
                              persistent=False)
@@ -514,13 +525,19 @@ class ContrastHead(LossHead):
         bits = f.detach().flatten(1).to(torch.float64).contiguous().view(torch.int64)
         return (bits * self.key_multipliers).sum(1)
 
+    def embed_teacher(self, f_t: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.embed_t(f_t.flatten(1)), dim=1)
+
     def negatives(self) -> torch.Tensor:
+        """The remembered teacher embeddings [filled, embed] (no gradient flows into them)."""
         return self.memory[:self.filled]
 
     def remember(self, f_t: torch.Tensor) -> None:
-        rows = f_t.detach().flatten(1)[-len(self.memory):].to(self.memory.dtype)
+        rows = f_t.detach()[-len(self.memory):]
+        with torch.no_grad():
+            embedded = self.embed_teacher(rows.to(self.embed_t.weight.dtype))
         at = (self.next + torch.arange(len(rows), device=rows.device)) % len(self.memory)
-        self.memory[at] = rows
+        self.memory[at] = embedded.to(self.memory.dtype)
         self.memory_keys[at] = self.keys(rows)
         self.next = (self.next + len(rows)) % len(self.memory)
         self.filled = min(len(self.memory), self.filled + len(rows))
@@ -535,26 +552,26 @@ def crd(z_s: torch.Tensor, y: torch.Tensor, *, hint: torch.Tensor, f_t: torch.Te
     L = CE(z_s, y) − w · (1/B) Σ_i log [exp(g_s(s_i)·g_t(t_i)/τ) / Σ_{k ∈ batch ∪ memory} exp(g_s(s_i)·g_t(t_k)/τ)]
 
     g_s, g_t learned linear maps to 128 dimensions, L2-normalised; τ = 0.07; w = 0.8 (the
-    paper's). The negatives t_k are the batch's other teacher features and a memory of the
-    last 4096 cached ones. The offline setting changes the method in three ways: the memory
-    holds raw cached teacher features, re-embedded by the current g_t at every step (exact,
-    where the paper keeps momentum-averaged embeddings); it holds teacher features only, so
-    only the student-anchored half of the paper's symmetric objective remains (a memory of
-    student embeddings would be stale by construction); and the critic is the softmax
-    (InfoNCE) form of the contrastive bound rather than the paper's NCE with its constant Z.
-    A memory row equal to a batch row (the same sample, seen again) is left out: it would be
-    that row's positive posing as a negative, and a second copy of a negative for the others.
+    paper's). The negatives are the batch's other teacher embeddings and a memory of the
+    teacher embeddings of the last 1024 cached rows, kept from when their batch passed (no
+    gradient flows into them, as in the paper's memory bank). The offline setting changes the
+    method: the memory holds teacher embeddings only, so only the student-anchored half of the
+    paper's symmetric objective remains (the student's embeddings of other rows are not at
+    hand); and the critic is the softmax (InfoNCE) form of the contrastive bound rather than
+    the paper's NCE with its constant Z. A memory row whose feature row is a batch row (the
+    same sample, seen again) is left out: it would be that row's positive posing as a
+    negative, and a second copy of a negative for the others. 1024 negatives, not the paper's
+    16384: the contrast against M negatives costs B·M·128 multiply-adds a step, which on the
+    small students kdcache trains would dominate the step (bench/loss_zoo.py).
     Tian, Krishnan & Isola, "Contrastive Representation Distillation", ICLR 2020
     (arXiv:1910.10699).
     """
-    t_batch = f_t.flatten(1)
-    bank = torch.cat([t_batch, head.negatives().to(t_batch.dtype)])
     s = F.normalize(head.embed_s(hint.flatten(1)), dim=1)
-    t = F.normalize(head.embed_t(bank), dim=1)
-    scores = s @ t.T / CRD_TEMPERATURE
+    t = head.embed_teacher(f_t)
+    scores = s @ torch.cat([t, head.negatives().to(t.dtype)]).T / CRD_TEMPERATURE
     if head.filled:  # a memory row that is a batch row is a positive or counted already
-        seen = torch.zeros(len(bank), dtype=torch.bool, device=bank.device)
-        seen[len(t_batch):] = (head.keys(t_batch)[:, None] == head.memory_keys[None, :head.filled]).any(0)
-        scores = scores.masked_fill(seen[None, :], float("-inf"))
+        seen = (head.keys(f_t)[:, None] == head.memory_keys[None, :head.filled]).any(0)
+        mask = torch.cat([torch.zeros(len(t), dtype=torch.bool, device=t.device), seen])
+        scores = scores.masked_fill(mask[None, :], float("-inf"))
     contrast = F.cross_entropy(scores, torch.arange(len(s), device=s.device))
     return F.cross_entropy(z_s, y) + weight * contrast

@@ -7,6 +7,7 @@ best validation epoch kept (model selection on val; test is scored once, by the 
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -60,6 +61,28 @@ def predict_logits(model: nn.Module, x: np.ndarray, device: torch.device, batch_
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, xb: np.ndarray, yb: np.ndarray,
+               targets: dict[str, np.ndarray], loss_fn, device: torch.device,
+               augment: Policy | None = None, rng: np.random.Generator | None = None) -> float:
+    """One optimisation step on a numpy batch; returns the loss (the step is skipped, not
+    taken, when the loss is not finite: the caller refuses to go on)."""
+    xb = runtime.to_device(torch.from_numpy(np.ascontiguousarray(xb, np.float32)), device)
+    if augment is not None:
+        xb = augment.apply(xb, augment.sample(rng, len(xb)))
+    yb = runtime.to_device(torch.from_numpy(np.asarray(yb, np.int64)), device)
+    targets = {k: runtime.to_device(torch.from_numpy(np.ascontiguousarray(v, np.float32)), device)
+               for k, v in targets.items()}
+    with runtime.autocast(device):
+        loss = loss_fn(model(xb), yb, targets)
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        return value
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return value
+
+
 def fit(model: nn.Module, train_batches: Batches, steps_per_epoch: int, x_val: np.ndarray,
         y_val: np.ndarray, loss_fn: Callable[[object, torch.Tensor, dict], torch.Tensor],
         *, epochs: int, lr: float, weight_decay: float, seed: int, device: torch.device,
@@ -90,23 +113,13 @@ def fit(model: nn.Module, train_batches: Batches, steps_per_epoch: int, x_val: n
         model.train()
         total, seen = 0.0, 0
         for xb, yb, targets in train_batches(epoch):
-            xb = runtime.to_device(torch.from_numpy(np.ascontiguousarray(xb, np.float32)), device)
-            if augment is not None:
-                xb = augment.apply(xb, augment.sample(rng, len(xb)))
-            yb = runtime.to_device(torch.from_numpy(np.asarray(yb, np.int64)), device)
-            targets = {k: runtime.to_device(torch.from_numpy(np.ascontiguousarray(v, np.float32)), device)
-                       for k, v in targets.items()}
-            with runtime.autocast(device):
-                loss = loss_fn(model(xb), yb, targets)
-            if not torch.isfinite(loss):
-                raise KdError(f"{desc}: the loss became {float(loss.detach())} in epoch {epoch}; training "
+            loss = train_step(model, opt, xb, yb, targets, loss_fn, device, augment, rng)
+            if not math.isfinite(loss):
+                raise KdError(f"{desc}: the loss became {loss} in epoch {epoch}; training "
                               f"diverged: lower lr (now {lr:g}) or use a moderate temperature")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
             if sched.last_epoch + 1 < steps:  # a stream may yield one short batch more
                 sched.step()
-            total += float(loss.detach()) * len(yb)
+            total += loss * len(yb)
             seen += len(yb)
         samples += seen
         val_logits = predict_logits(model, x_val, device)

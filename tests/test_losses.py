@@ -170,8 +170,12 @@ def ref_rkd(z_s, y, *, hint, f_t, weight=1.0, **_) -> float:
         positive = d[d > 0]
         return d / max(positive.mean() if positive.size else 0.0, 1e-12)
 
+    def direction(v):  # exact: the formula has no ε (a zero side: a degenerate angle, 0)
+        norm = float(np.linalg.norm(v))
+        return v / norm if norm > 0 else v
+
     def psi_a(e):
-        return np.array([unit(e[i] - e[j]) @ unit(e[k] - e[j])
+        return np.array([direction(e[i] - e[j]) @ direction(e[k] - e[j])
                          for j in range(n) for i in range(n) for k in range(n)])
 
     return np_ce(z_s, y) + weight * (25 * huber(psi_d(s) - psi_d(t)) + 50 * huber(psi_a(s) - psi_a(t)))
@@ -216,23 +220,21 @@ def ref_at(z_s, y, *, hint, f_t, weight=1000.0, **_) -> float:
 
 
 def ref_crd(z_s, y, *, hint, f_t, head, weight=0.8, **_) -> float:
-    """CE − w·(1/B)·Σ_i log softmax_k(g_s(s_i)·g_t(t_k)/τ)_i over the batch and the memory,
-    τ = 0.07, memory rows equal to a batch row left out (Tian et al.,
-    ICLR 2020, InfoNCE form), written per row."""
+    """CE − w·(1/B)·Σ_i log softmax_k(g_s(s_i)·g_t(t_k)/τ)_i over the batch's teacher
+    embeddings and the remembered ones, τ = 0.07, remembered rows whose feature row is a batch
+    row left out (Tian et al., ICLR 2020, InfoNCE form), written per row."""
     w = head_arrays(head)
     n = len(hint)
-    memory = head.negatives().detach().numpy().astype(np.float64)
     s = [unit(h.ravel() @ w["embed_s.weight"].T + w["embed_s.bias"]) for h in hint]
-    bank = list(f_t.reshape(n, -1)) + list(memory)
-    t = [unit(row @ w["embed_t.weight"].T + w["embed_t.bias"]) for row in bank]
+    t = [unit(row @ w["embed_t.weight"].T + w["embed_t.bias"]) for row in f_t.reshape(n, -1)]
+    batch_keys = set(head.keys(torch.from_numpy(f_t)).tolist())
+    remembered = [row for row, key in zip(head.negatives().detach().numpy().astype(np.float64),
+                                          head.memory_keys[:head.filled].tolist())
+                  if key not in batch_keys]  # a batch row again: already in the batch
+    bank = t + remembered
     total = 0.0
     for i in range(n):
-        scores = []
-        for k, row in enumerate(bank):
-            if k >= n and any(np.array_equal(row, f) for f in f_t.reshape(n, -1)):
-                continue  # a batch row again: already in the batch
-            scores.append(s[i] @ t[k] / 0.07)
-        scores = np.array(scores)
+        scores = np.array([s[i] @ row / 0.07 for row in bank])
         top = scores.max()
         total += -(scores[i] - top - math.log(np.sum(np.exp(scores - top))))
     return np_ce(z_s, y) + weight * total / n
@@ -785,9 +787,14 @@ def test_crd_memory_adds_negatives_and_never_its_own_positive():
 
 def test_crd_memory_is_a_ring_of_the_latest_rows():
     head = LOSSES.declared("crd").head((2,), (3,), memory=5)
+    rows = torch.arange(27, dtype=torch.float32).reshape(9, 3)
     for start in (0, 3, 6):
-        head.remember(torch.arange(start * 3, start * 3 + 9, dtype=torch.float32).reshape(3, 3))
+        head.remember(rows[start:start + 3])
     assert head.filled == 5
-    kept = sorted(float(r[0]) for r in head.negatives())
-    assert kept == [12.0, 15.0, 18.0, 21.0, 24.0]  # rows 4..8 of the 9 remembered
+    assert sorted(head.memory_keys.tolist()) == sorted(head.keys(rows[4:]).tolist())  # rows 4..8
+    with torch.no_grad():
+        expected = head.embed_teacher(rows[4:])
+    got = {k: v for k, v in zip(head.memory_keys.tolist(), head.negatives())}
+    for key, row in zip(head.keys(rows[4:]).tolist(), expected):
+        torch.testing.assert_close(got[key], row)
 

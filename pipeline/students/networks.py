@@ -149,12 +149,28 @@ class TorchStudent(Student):
         """Train from ``batches(epoch)``, which yields ``(x, y, {"z_t": raw teacher logits,
         "log_p_t", "p_t": its soft targets at the temperature, "f_t": teacher features})``
         batches (only what the loss reads)."""
+        input_shape = tuple(X_val.shape[1:])
+        objective = self._build(input_shape, num_classes, teacher_shape, teacher_layer, temperature)
+        result = training.fit(self.model_, batches, steps_per_epoch, X_val, y_val, objective,
+                              epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay,
+                              seed=self.seed, device=self.device_, progress=progress,
+                              augment=parse(self.augment, input_shape),
+                              desc=f"student {self.arch}/{self.loss}")
+        self.history_ = result.history
+        self.best_epoch_ = result.best_epoch
+        self.fit_seconds_ = result.seconds
+        return self
+
+    def _build(self, input_shape: tuple[int, ...], num_classes: int,
+               teacher_shape: tuple[int, ...] | None, teacher_layer: str | None,
+               temperature: float | None):
+        """Build the untrained network (and the loss's head) as ``model_``; returns the
+        objective ``(outputs, labels, targets) -> loss`` that training minimises."""
         loss_fn, needs = LOSSES.get(self.loss), LOSSES.declared(self.loss)
         self.device_ = runtime.pick_device(self.device)
         torch.manual_seed(self.seed)
         self.classes_ = np.arange(num_classes)
         width = self.width or STUDENT_WIDTHS.get(self.arch, 0)
-        input_shape = tuple(X_val.shape[1:])
         self.student_layer_ = None
         layer, pool = DEFAULT_LAYER, True
         if needs.features:
@@ -184,15 +200,7 @@ class TorchStudent(Student):
                 head.remember(targets["f_t"])
             return value
 
-        result = training.fit(self.model_, batches, steps_per_epoch, X_val, y_val, objective,
-                              epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay,
-                              seed=self.seed, device=self.device_, progress=progress,
-                              augment=parse(self.augment, input_shape),
-                              desc=f"student {self.arch}/{self.loss}")
-        self.history_ = result.history
-        self.best_epoch_ = result.best_epoch
-        self.fit_seconds_ = result.seconds
-        return self
+        return objective
 
     @property
     def n_params_(self) -> int:

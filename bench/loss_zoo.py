@@ -1,0 +1,194 @@
+"""Loss zoo: every registered loss, trained from a cache, against CE and KD.
+
+Students and data: digits (scikit-learn's 8×8 digits; teacher cnn_small as `make teacher-cache`
+trains it) with the cnn_small student, and MNIST-1D (the views benchmark's dataset and cnn1d
+teacher) with the cnn1d and mlp (width 128) students. Every arm is the same student, optimiser,
+schedule, batch size (64) and epochs (digits 60, MNIST-1D 100); losses run with their declared
+defaults (the papers' weights), temperature losses at the cache's temperature 4, `kd+Z` is KD
+with logit standardisation. Feature losses read the cache's pooled penultimate features
+(`embed`, 128-d) and the student's `embed`; `at` reads an unpooled cache of the teacher's last
+conv block (digits: `block3.2`, [128, 4, 4]; MNIST-1D: `act3`, [128, 40]) and the student's
+layer of that name (the mlp has no maps: no `at` arm).
+
+Accuracy: `kdcache student` runs (the real path: a row in the results table each), test split,
+mean ± sample std over seeds 0, 1, 2. Floor: on digits every loss ≥ CE − 0.01 (it trains; it is
+not broken).
+
+Step time: one optimisation step as training takes it (`pipeline.training.train_step`: the batch
+to tensors, forward, loss, backward, AdamW), batch 64, on in-memory cached targets (temperature
+losses also compute their soft targets per batch, in the timed loop); the median over alternated
+repeats of a fixed set of batches, relative to CE's. Floor: every loss ≤ 1.3× CE for every
+student.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import alternate, base_dirs, digits_cache, ensure_cache, figure, log, main_for, median, result, table
+
+NAME = "loss_zoo"
+STEP_FLOOR = 1.3
+ACCURACY_MARGIN = 0.01  # each loss ≥ CE − this, on digits
+BATCH = 64
+
+
+def arms() -> list[tuple[str, dict]]:
+    """(arm name, StudentConfig overrides): every registered loss, and KD with standardisation."""
+    from pipeline.losses import LOSSES
+
+    out = [(name, {"loss": name}) for name in ["ce", "kd"] + sorted(set(LOSSES) - {"ce", "kd"})]
+    out.insert(2, ("kd+Z", {"loss": "kd", "standardize_logits": True}))
+    return out
+
+
+class Setting:
+    """One dataset and student: its caches (pooled features; a map for map losses)."""
+
+    def __init__(self, workdir: Path, dataset: str, model: str, width: int, epochs: int,
+                 pooled: Path, maps: Path | None):
+        self.workdir, self.dataset, self.model, self.width, self.epochs = workdir, dataset, model, width, epochs
+        self.pooled, self.maps = pooled, maps
+
+    def cache_for(self, overrides: dict) -> Path | None:
+        from pipeline.losses import LOSSES
+
+        return self.maps if LOSSES.declared(overrides["loss"]).maps else self.pooled
+
+    def cfg(self, overrides: dict, seed: int, **extra):
+        from pipeline.config import StudentConfig, resolve
+
+        return resolve(StudentConfig, {"cache": self.cache_for(overrides), "model": self.model,
+                                       "width": self.width, "epochs": self.epochs, "seed": seed,
+                                       "batch_size": BATCH, "runs_dir": self.workdir / "runs",
+                                       **overrides, **extra})
+
+    def accuracy(self, overrides: dict, seed: int) -> float:
+        from pipeline.runs import train_student
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            return train_student(self.cfg(overrides, seed), progress=False)["test_accuracy"]
+
+    def step_arm(self, overrides: dict, steps: int):
+        """A callable timing ``steps`` training steps of this arm (seconds per step)."""
+        import torch
+
+        from pipeline import training
+        from pipeline.cache import open_cache
+        from pipeline.losses import LOSSES, soft_targets
+        from pipeline.runs import resolve_run
+        from pipeline.students import StudentData, create_student
+        from pipeline.students.data import joined_inputs
+
+        cache = open_cache(self.cache_for(overrides))
+        cfg, _ = resolve_run(self.cfg(overrides, 0), cache)
+        needs = LOSSES.declared(cfg.loss)
+        data = StudentData(cache, cfg.layer)
+        x = joined_inputs(data.dataset, cache, "train")
+        y = cache.labels("train")
+        z_t = cache.raw_logits("train")
+        f_t = cache.features("train", data.layer).reshape(len(y), *data.feature_shape) if needs.features else None
+        order = np.random.default_rng(0).permutation(len(y))[:steps * BATCH]
+        batches = [order[a:a + BATCH] for a in range(0, len(order), BATCH)]
+        student = create_student(cfg.model, cfg)
+        objective = student._build(tuple(x.shape[1:]), cache.num_classes,
+                                   data.feature_shape if needs.features else None,
+                                   data.layer if needs.features else None, cfg.temperature)
+        model = student.model_.to(student.device_).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+        def run() -> float:
+            t0 = time.perf_counter()
+            for rows in batches:
+                targets = {}
+                if needs.logits:
+                    targets["z_t"] = z_t[rows]
+                    if needs.temperature:
+                        targets.update(soft_targets(targets["z_t"], cfg.temperature, cfg.standardize_logits))
+                if needs.features:
+                    targets["f_t"] = f_t[rows]
+                training.train_step(model, opt, x[rows], y[rows], targets, objective, student.device_)
+            return (time.perf_counter() - t0) / len(batches)
+
+        return run
+
+
+def settings(workdir: Path, quick: bool) -> list[Setting]:
+    from bench.views import mnist1d_npz
+
+    digits = digits_cache(workdir)
+    digits_maps = ensure_cache({"dataset": "digits", "layers": "block3.2", "pool": "false",
+                                "cache": workdir / "caches" / "zoo-digits-block3.2", **base_dirs(workdir)})
+    spec = f"npz:{mnist1d_npz(workdir)}"
+    teacher = {"dataset": spec, "teacher": "cnn1d", "teacher_augment": "shift:3",
+               "epochs": 20 if quick else 60, **base_dirs(workdir)}
+    # the views benchmark's single-view cache (same teacher), and a map of its last conv block
+    mnist = ensure_cache({**teacher, "cache": workdir / "caches" / "views-mnist1d-1"})
+    mnist_maps = ensure_cache({**teacher, "layers": "act3", "pool": "false",
+                               "cache": workdir / "caches" / "zoo-mnist1d-act3"})
+    return [Setting(workdir, "digits", "cnn_small", 0, 15 if quick else 60, digits, digits_maps),
+            Setting(workdir, "MNIST-1D", "cnn1d", 0, 20 if quick else 100, mnist, mnist_maps),
+            Setting(workdir, "MNIST-1D", "mlp", 128, 20 if quick else 100, mnist, None)]
+
+
+def run(quick: bool, workdir: Path) -> dict:
+    from pipeline.losses import LOSSES
+
+    t_start = time.perf_counter()
+    seeds = (0,) if quick else (0, 1, 2)
+    steps, repeats = (20, 3) if quick else (60, 7)
+    figures, acc_rows, step_rows, measured, step_s = [], [], [], {}, {}
+    for s in settings(workdir, quick):
+        usable = [(arm, o) for arm, o in arms() if not (LOSSES.declared(o["loss"]).maps and s.maps is None)]
+        label = f"{s.dataset} {s.model}"
+        timed = alternate({arm: s.step_arm(o, steps) for arm, o in usable}, repeats, label=f"{NAME}: {label} steps")
+        step_s[label] = {arm: median(v) for arm, v in timed.items()}
+        for arm, o in usable:
+            t0 = time.perf_counter()
+            accs = [s.accuracy(o, seed) for seed in seeds]
+            measured[(label, arm)] = accs
+            mean = statistics.mean(accs)
+            std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+            ratio = step_s[label][arm] / step_s[label]["ce"]
+            log(f"{NAME}: {label} {arm}: {mean:.4f} ± {std:.4f}, step {step_s[label][arm] * 1e3:.2f} ms "
+                f"({ratio:.2f}x ce) ({time.perf_counter() - t0:.0f}s)")
+            acc_rows.append([s.dataset, s.model, arm, f"{mean:.4f} ± {std:.4f}", len(accs)])
+            step_rows.append([s.dataset, s.model, arm, f"{step_s[label][arm] * 1e3:.3f}", f"{ratio:.2f}"])
+        worst = max((a for a, _ in usable if a != "ce"), key=lambda a: step_s[label][a])
+        figures.append(figure(f"{label}: slowest loss step / ce step ({worst})",
+                              round(step_s[label][worst] / step_s[label]["ce"], 3), "x", floor=STEP_FLOOR,
+                              op="<=", ms={a: round(v * 1e3, 4) for a, v in step_s[label].items()}))
+        if s.dataset == "digits":
+            ce = statistics.mean(measured[(label, "ce")])
+            lowest = min((a for a, _ in usable), key=lambda a: statistics.mean(measured[(label, a)]))
+            figures.append(figure(f"{label}: lowest loss accuracy - ce ({lowest})",
+                                  round(statistics.mean(measured[(label, lowest)]) - ce, 4),
+                                  floor=-ACCURACY_MARGIN, op=">="))
+    tables = [
+        table("Test accuracy, mean ± std over seeds (every arm the same student and schedule)",
+              ["dataset", "student", "loss", "test accuracy", "seeds"], acc_rows,
+              note="Losses at their declared defaults (the papers' weights); temperature losses at "
+                   "the cache's temperature 4 (kd, fitnet alpha 0.9); kd+Z = kd with "
+                   "standardize_logits=true. digits: 60 epochs; MNIST-1D: 100 epochs, no "
+                   "augmentation (a single-view cache); batch 64, lr 1e-2."),
+        table("Seconds per training step, batch 64, median of alternated repeats",
+              ["dataset", "student", "loss", "ms / step", "vs ce (≤ 1.30)"], step_rows,
+              note=f"{steps} steps per repeat, {repeats} repeats after a warm-up; a step: tensors, "
+                   "forward, loss, backward, AdamW (pipeline.training.train_step), soft targets "
+                   "computed per batch for temperature losses."),
+    ]
+    return result(NAME, "every loss from the cache: accuracy and step time against CE", figures, tables, [],
+                  {"quick": quick, "seeds": list(seeds), "steps": steps, "repeats": repeats},
+                  time.perf_counter() - t_start) | {
+        "accuracy": {" / ".join(k): v for k, v in measured.items()},
+        "step_seconds": step_s}
+
+
+if __name__ == "__main__":
+    main_for(run)
