@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline import losses_cpu
 from pipeline.registry import Registry
 
 
@@ -106,7 +107,7 @@ def soft_targets(z_t: np.ndarray, T: float, standardize: bool = False) -> dict[s
     z = np.asarray(z_t, np.float32)
     if standardize:
         z = standardize_np(z)
-    log_p_t = _log_softmax_np(z / np.float32(T))
+    log_p_t = losses_cpu.log_softmax(z / np.float32(T))
     return {"log_p_t": log_p_t, "p_t": np.exp(log_p_t)}
 
 
@@ -155,56 +156,11 @@ def kd(z_s: torch.Tensor, y: torch.Tensor, *, z_t: torch.Tensor, T: float = 4.0,
     Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network", 2015
     (arXiv:1503.02531).
     """
-    if (not standardize and p_t is not None and log_p_t is not None and z_s.device.type == "cpu"
-            and z_s.requires_grad):
-        return _CpuHintonKD.apply(z_s, y, p_t, log_p_t, float(T), float(alpha))
+    if p_t is not None and log_p_t is not None and losses_cpu.usable(z_s):
+        return losses_cpu.apply(losses_cpu.kd, z_s, None, y=y, p_t=p_t, log_p_t=log_p_t, T=float(T),
+                                alpha=float(alpha), standardize_eps=STANDARDIZE_EPS if standardize else None)
     return (alpha * T * T * soft_kl(_soft(z_s, standardize), _soft(z_t, standardize), T, log_p_t, p_t)
             + (1.0 - alpha) * F.cross_entropy(z_s, y))
-
-
-def _log_softmax_np(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-
-
-class _CpuHintonKD(torch.autograd.Function):
-    """:func:`kd` on CPU tensors with precomputed soft targets: its value and its gradient
-
-        ∂L/∂z_s = [α · T · (softmax(z_s/T) − p_t) + (1 − α) · (softmax(z_s) − onehot(y))] / B
-
-    computed together in NumPy in the forward pass. The same arithmetic as torch's graph, but a
-    training step of a small student is dominated by per-op costs: ~a dozen NumPy ops on
-    [B, C] take ~30 µs where the torch graph's forward and backward take ~150 µs (~10 µs per
-    op), which made KD epochs of a 23k-parameter MLP 1.2x CE epochs. Tests hold it equal to the
-    torch graph in value and gradient."""
-
-    @staticmethod
-    def forward(ctx, z_s, y, p_t, log_p_t, T, alpha):
-        z = z_s.detach().numpy()
-        # scalars in the logits' dtype, as in torch's graph (a T whose T² overflows float32 makes
-        # the loss non-finite there too, and training refuses it)
-        real = z.dtype.type
-        T, alpha, n = real(T), real(alpha), len(z)
-        rows, labels = np.arange(n), y.numpy()
-        log_q_t = _log_softmax_np(z / T)
-        log_q = _log_softmax_np(z)
-        p, log_p = p_t.numpy(), log_p_t.numpy()
-        with np.errstate(over="ignore", invalid="ignore"):
-            kl = (p * (log_p - log_q_t)).sum(dtype=real) / real(n)
-            ce = -log_q[rows, labels].sum(dtype=real) / real(n)
-            value = alpha * T * T * kl + (real(1) - alpha) * ce
-            grad = alpha * T * (np.exp(log_q_t) - p)
-            soft = np.exp(log_q)
-            soft[rows, labels] -= real(1)
-            grad += (real(1) - alpha) * soft
-            grad /= real(n)
-        ctx.save_for_backward(torch.from_numpy(grad))
-        return torch.tensor(value, dtype=z_s.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_output, None, None, None, None, None
 
 
 @LOSSES.register("mse_logits")
@@ -246,6 +202,10 @@ def fitnet(z_s: torch.Tensor, y: torch.Tensor, *, z_t: torch.Tensor, hint: torch
     as most libraries do.
     Romero et al., "FitNets: Hints for Thin Deep Nets", ICLR 2015 (arXiv:1412.6550).
     """
+    if p_t is not None and log_p_t is not None and losses_cpu.usable(z_s, hint):
+        return losses_cpu.apply(losses_cpu.fitnet, z_s, hint, (head.linear.weight, head.linear.bias),
+                                y=y, p_t=p_t, log_p_t=log_p_t, f_t=f_t, T=float(T), alpha=float(alpha),
+                                weight=float(weight), standardize_eps=STANDARDIZE_EPS if standardize else None)
     return (kd(z_s, y, z_t=z_t, T=T, alpha=alpha, log_p_t=log_p_t, p_t=p_t, standardize=standardize)
             + weight * F.mse_loss(head(hint), f_t.flatten(1)))
 
@@ -263,6 +223,9 @@ def dkd(z_s: torch.Tensor, y: torch.Tensor, *, z_t: torch.Tensor, T: float = 4.0
     ``standardize``); a = ``dkd_alpha``, b = ``dkd_beta`` (the paper uses 1 and 8).
     Zhao et al., "Decoupled Knowledge Distillation", CVPR 2022 (arXiv:2203.08679).
     """
+    if losses_cpu.usable(z_s):
+        return losses_cpu.apply(losses_cpu.dkd, z_s, None, y=y, z_t=z_t, T=float(T), a=float(dkd_alpha),
+                                b=float(dkd_beta), standardize_eps=STANDARDIZE_EPS if standardize else None)
     gt = F.one_hot(y, z_s.shape[1]).bool()
 
     def log_binary(z: torch.Tensor) -> torch.Tensor:
@@ -280,7 +243,10 @@ def dkd(z_s: torch.Tensor, y: torch.Tensor, *, z_t: torch.Tensor, T: float = 4.0
     return F.cross_entropy(z_s, y) + (dkd_alpha * tckd + dkd_beta * nckd) * T * T
 
 
-def _pearson_rows(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+PEARSON_EPS = 1e-8  # as in the paper's code
+
+
+def _pearson_rows(a: torch.Tensor, b: torch.Tensor, eps: float = PEARSON_EPS) -> torch.Tensor:
     """Pearson correlation of each row of ``a`` with the same row of ``b``."""
     a = a - a.mean(dim=1, keepdim=True)
     b = b - b.mean(dim=1, keepdim=True)
@@ -305,9 +271,12 @@ def dist(z_s: torch.Tensor, y: torch.Tensor, *, z_t: torch.Tensor, T: float = 4.
     Huang et al., "Knowledge Distillation from A Stronger Teacher", NeurIPS 2022
     (arXiv:2205.10536).
     """
-    p_s = F.softmax(_soft(z_s, standardize) / T, dim=1)
     if p_t is None:
         p_t = F.softmax(_soft(z_t, standardize) / T, dim=1)
+    if losses_cpu.usable(z_s):
+        return losses_cpu.apply(losses_cpu.dist, z_s, None, y=y, p_t=p_t, T=float(T), weight=float(weight),
+                                eps=PEARSON_EPS, standardize_eps=STANDARDIZE_EPS if standardize else None)
+    p_s = F.softmax(_soft(z_s, standardize) / T, dim=1)
     inter = 1.0 - _pearson_rows(p_s, p_t).mean()
     intra = 1.0 - _pearson_rows(p_s.T, p_t.T).mean()
     return F.cross_entropy(z_s, y) + weight * T * T * (inter + intra)
@@ -330,6 +299,9 @@ def nkd(z_s: torch.Tensor, y: torch.Tensor, *, z_t: torch.Tensor, T: float = 4.0
     Yang et al., "From Knowledge Distillation to Self-Knowledge Distillation: A Unified
     Approach with Normalized Loss and Customized Soft Labels", ICCV 2023 (arXiv:2303.13005).
     """
+    if losses_cpu.usable(z_s):
+        return losses_cpu.apply(losses_cpu.nkd, z_s, None, y=y, z_t=z_t, T=float(T), weight=float(weight),
+                                gamma=NKD_GAMMA, standardize_eps=STANDARDIZE_EPS if standardize else None)
     n, c = z_s.shape
     gt = F.one_hot(y, c).bool()
     log_p_s_y = F.log_softmax(z_s, dim=1)[gt]
@@ -431,6 +403,8 @@ def pkt(z_s: torch.Tensor, y: torch.Tensor, *, hint: torch.Tensor, f_t: torch.Te
     Passalis & Tefas, "Learning Deep Representations with Probabilistic Knowledge Transfer",
     ECCV 2018 (arXiv:1803.10837).
     """
+    if losses_cpu.usable(z_s, hint):
+        return losses_cpu.apply(losses_cpu.pkt, z_s, hint, y=y, f_t=f_t, weight=float(weight), eps=PKT_EPS)
     ce_term = F.cross_entropy(z_s, y)
     if len(hint) < 2:
         return ce_term
@@ -455,6 +429,8 @@ def sp(z_s: torch.Tensor, y: torch.Tensor, *, hint: torch.Tensor, f_t: torch.Ten
     with F the batch's flattened features; w = 3000 (the reference implementations').
     Tung & Mori, "Similarity-Preserving Knowledge Distillation", ICCV 2019 (arXiv:1907.09682).
     """
+    if losses_cpu.usable(z_s, hint):
+        return losses_cpu.apply(losses_cpu.sp, z_s, hint, y=y, f_t=f_t, weight=float(weight))
     ce_term = F.cross_entropy(z_s, y)
     b = len(hint)
     diff = _similarity(f_t.flatten(1)) - _similarity(hint.flatten(1))
@@ -490,12 +466,14 @@ def at(z_s: torch.Tensor, y: torch.Tensor, *, hint: torch.Tensor, f_t: torch.Ten
     Zagoruyko & Komodakis, "Paying More Attention to Attention", ICLR 2017 (arXiv:1612.03928).
     """
     s, t = _common_size(hint, f_t)
+    if s is hint and losses_cpu.usable(z_s, hint):  # (maps of one size: no pooling to undo)
+        return losses_cpu.apply(losses_cpu.at, z_s, hint, y=y, f_t=t, weight=float(weight))
     return F.cross_entropy(z_s, y) + weight * (_attention_map(s) - _attention_map(t)).pow(2).mean()
 
 
 CRD_EMBED = 128  # embedding width (the paper's)
 CRD_TEMPERATURE = 0.07  # softmax temperature of the critic (the paper's τ)
-CRD_MEMORY = 1024  # embeddings kept as negatives (the paper: 16384, from all N rows)
+CRD_MEMORY = 512  # embeddings kept as negatives (the paper: 16384, from all N rows)
 
 
 class ContrastHead(LossHead):
@@ -553,25 +531,31 @@ def crd(z_s: torch.Tensor, y: torch.Tensor, *, hint: torch.Tensor, f_t: torch.Te
 
     g_s, g_t learned linear maps to 128 dimensions, L2-normalised; τ = 0.07; w = 0.8 (the
     paper's). The negatives are the batch's other teacher embeddings and a memory of the
-    teacher embeddings of the last 1024 cached rows, kept from when their batch passed (no
+    teacher embeddings of the last 512 cached rows, kept from when their batch passed (no
     gradient flows into them, as in the paper's memory bank). The offline setting changes the
     method: the memory holds teacher embeddings only, so only the student-anchored half of the
     paper's symmetric objective remains (the student's embeddings of other rows are not at
     hand); and the critic is the softmax (InfoNCE) form of the contrastive bound rather than
     the paper's NCE with its constant Z. A memory row whose feature row is a batch row (the
     same sample, seen again) is left out: it would be that row's positive posing as a
-    negative, and a second copy of a negative for the others. 1024 negatives, not the paper's
+    negative, and a second copy of a negative for the others. 512 negatives, not the paper's
     16384: the contrast against M negatives costs B·M·128 multiply-adds a step, which on the
     small students kdcache trains would dominate the step (bench/loss_zoo.py).
     Tian, Krishnan & Isola, "Contrastive Representation Distillation", ICLR 2020
     (arXiv:1910.10699).
     """
+    # a memory row whose feature row is a batch row: a positive, or a negative counted already
+    seen = torch.from_numpy(np.isin(head.memory_keys[:head.filled].cpu().numpy(), head.keys(f_t).cpu().numpy()))
+    if losses_cpu.usable(z_s, hint):
+        return losses_cpu.apply(losses_cpu.crd, z_s, hint, (head.embed_s.weight, head.embed_s.bias,
+                                                            head.embed_t.weight, head.embed_t.bias),
+                                y=y, f_t=f_t, memory=head.negatives(), seen=seen.numpy(),
+                                temperature=CRD_TEMPERATURE, weight=float(weight))
     s = F.normalize(head.embed_s(hint.flatten(1)), dim=1)
     t = head.embed_teacher(f_t)
     scores = s @ torch.cat([t, head.negatives().to(t.dtype)]).T / CRD_TEMPERATURE
-    if head.filled:  # a memory row that is a batch row is a positive or counted already
-        seen = (head.keys(f_t)[:, None] == head.memory_keys[None, :head.filled]).any(0)
-        mask = torch.cat([torch.zeros(len(t), dtype=torch.bool, device=t.device), seen])
+    if head.filled:
+        mask = torch.cat([torch.zeros(len(t), dtype=torch.bool, device=t.device), seen.to(t.device)])
         scores = scores.masked_fill(mask[None, :], float("-inf"))
     contrast = F.cross_entropy(scores, torch.arange(len(s), device=s.device))
     return F.cross_entropy(z_s, y) + weight * contrast

@@ -61,6 +61,12 @@ def predict_logits(model: nn.Module, x: np.ndarray, device: torch.device, batch_
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
+def optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW, fused (one kernel for all parameters, on CPU and CUDA): on a small student the
+    per-tensor loop of the default implementation took a third of a training step."""
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
+
+
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, xb: np.ndarray, yb: np.ndarray,
                targets: dict[str, np.ndarray], loss_fn, device: torch.device,
                augment: Policy | None = None, rng: np.random.Generator | None = None) -> float:
@@ -101,7 +107,7 @@ def fit(model: nn.Module, train_batches: Batches, steps_per_epoch: int, x_val: n
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 0x5EED])
     model.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = optimizer(model, lr, weight_decay)
     steps = max(1, epochs * steps_per_epoch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     result = FitResult(best_epoch=-1, best_val_accuracy=-1.0)

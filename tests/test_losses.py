@@ -798,3 +798,50 @@ def test_crd_memory_is_a_ring_of_the_latest_rows():
     for key, row in zip(head.keys(rows[4:]).tolist(), expected):
         torch.testing.assert_close(got[key], row)
 
+
+
+# =========================================================================== CPU kernels
+
+@pytest.mark.parametrize("standardize", [False, True])
+@pytest.mark.parametrize("name", ALL)
+@PROPERTY_SETTINGS
+@given(t=batches(max_abs=8.0))
+def test_cpu_kernels_equal_the_torch_graphs(name, standardize, t):
+    """Training on CPU takes a loss's NumPy kernel (pipeline.losses_cpu) where it has one: its
+    value and its gradients (student logits, feature, the head's parameters) must be the torch
+    graph's."""
+    from pipeline import losses_cpu
+
+    needs = LOSSES.declared(name)
+    if standardize and not needs.temperature:
+        return
+    kwargs = {**CASES[name]["kwargs"], "standardize": standardize} if standardize else dict(CASES[name]["kwargs"])
+    if needs.temperature:  # the trainer hands temperature losses the teacher's soft targets
+        log_p_t = np_log_softmax(softened(t["z_t"].numpy(), standardize) / kwargs["T"])  # (float64)
+        kwargs.update(log_p_t=torch.from_numpy(log_p_t), p_t=torch.from_numpy(np.exp(log_p_t)))
+    t = as_maps(name, t)
+    if standardize and (t["z_s"].std(1) < 1e-3).any():  # Z(z) of a constant row: 0/0
+        return
+    head = make_head(name, t)
+    values, grads = [], []
+    for enabled in (True, False):
+        z_s = t["z_s"].clone().requires_grad_(True)
+        hint = t["hint"].clone().requires_grad_(True)
+        losses_cpu.ENABLED = enabled
+        if head is not None:
+            head.zero_grad(set_to_none=True)
+        try:
+            loss = LOSSES.get(name)(z_s, t["y"], z_t=t["z_t"], hint=hint, f_t=t["f_t"], head=head, **kwargs)
+        finally:
+            losses_cpu.ENABLED = True
+        loss.backward()
+        values.append(float(loss))
+        head_grads = [] if head is None else [p.grad for p in head.parameters()]
+        grads.append((z_s.grad, hint.grad, *head_grads))
+    assert values[0] == pytest.approx(values[1], rel=1e-7, abs=1e-9)
+    for kernel, graph in zip(*grads):
+        if graph is None or kernel is None:  # an input the loss does not differentiate
+            assert kernel is None or float(kernel.abs().max()) == 0.0
+            assert graph is None or float(graph.abs().max()) == 0.0
+        else:
+            torch.testing.assert_close(kernel, graph, rtol=1e-6, atol=1e-8)
