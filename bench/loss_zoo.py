@@ -4,7 +4,8 @@ Students and data: digits (scikit-learn's 8×8 digits; teacher cnn_small as `mak
 trains it) with the cnn_small student, and MNIST-1D (the views benchmark's dataset and cnn1d
 teacher) with the cnn1d and mlp (width 128) students. Every arm is the same student, optimiser,
 schedule, batch size (64) and epochs (digits 60, MNIST-1D 100); losses run with their declared
-defaults (the papers' weights), temperature losses at the cache's temperature 4, `kd+Z` is KD
+defaults (the papers' weights, except pkt, sp and at, whose docstrings say why), temperature
+losses at the cache's temperature 4, `kd+Z` is KD
 with logit standardisation. Feature losses read the cache's pooled penultimate features
 (`embed`, 128-d) and the student's `embed`; `at` reads an unpooled cache of the teacher's last
 conv block (digits: `block3.2`, [128, 4, 4]; MNIST-1D: `act3`, [128, 40]) and the student's
@@ -195,7 +196,8 @@ def run(quick: bool, workdir: Path) -> dict:
     tables = [
         table("Test accuracy, mean ± std over seeds (every arm the same student and schedule)",
               ["dataset", "student", "loss", "test accuracy", "seeds"], acc_rows,
-              note="Losses at their declared defaults (the papers' weights); temperature losses at "
+              note="Losses at their declared defaults (the papers' weights; pkt, sp, at: see their "
+                   "docstrings); temperature losses at "
                    "the cache's temperature 4 (kd, fitnet alpha 0.9); kd+Z = kd with "
                    "standardize_logits=true. digits: 60 epochs; MNIST-1D: 100 epochs, no "
                    "augmentation (a single-view cache); batch 64, lr 1e-2."),

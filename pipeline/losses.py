@@ -389,17 +389,20 @@ def _cosine_affinities(e: torch.Tensor) -> torch.Tensor:
     return k / k.sum(dim=1, keepdim=True)
 
 
-@LOSSES.register("pkt", logits=False, features=True, weight=30000.0)
+@LOSSES.register("pkt", logits=False, features=True, weight=3000.0)
 def pkt(z_s: torch.Tensor, y: torch.Tensor, *, hint: torch.Tensor, f_t: torch.Tensor,
-        weight: float = 30000.0, **_) -> torch.Tensor:
+        weight: float = 3000.0, **_) -> torch.Tensor:
     """Probabilistic knowledge transfer: match the conditional probability distributions of
     the batch's samples in feature space.
 
     L = CE(z_s, y) + w · (1/B²) Σ_{i,j} q_{j|i} · log((q_{j|i} + ε) / (p_{j|i} + ε))
 
     p_{j|i} = K(s_i, s_j) / Σ_j K(s_i, s_j) with the cosine kernel K = (cos + 1)/2 (q from the
-    teacher's features likewise), ε = 1e-7. The 1/B² mean and the weight w = 3·10⁴ are those
-    of the reference implementations (RepDistiller).
+    teacher's features likewise), ε = 1e-7. The 1/B² mean is the reference implementation's
+    (RepDistiller); its weight 3·10⁴, set for CIFAR, dominates CE on kdcache's small students
+    (digits validation accuracy 0.935 against 0.970 at 3·10³). The default w = 3·10³ was
+    picked from {3·10², 3·10³, 3·10⁴} by the mean validation accuracy on digits (cnn_small) and
+    MNIST-1D (mlp); pass loss_weight=30000 for the reference's.
     Passalis & Tefas, "Learning Deep Representations with Probabilistic Knowledge Transfer",
     ECCV 2018 (arXiv:1803.10837).
     """
@@ -418,15 +421,19 @@ def _similarity(e: torch.Tensor) -> torch.Tensor:
     return F.normalize(e @ e.T, p=2, dim=1)
 
 
-@LOSSES.register("sp", logits=False, features=True, weight=3000.0)
+@LOSSES.register("sp", logits=False, features=True, weight=30.0)
 def sp(z_s: torch.Tensor, y: torch.Tensor, *, hint: torch.Tensor, f_t: torch.Tensor,
-       weight: float = 3000.0, **_) -> torch.Tensor:
+       weight: float = 30.0, **_) -> torch.Tensor:
     """Similarity-preserving KD: inputs the teacher finds similar should look similar to the
     student.
 
     L = CE(z_s, y) + w · (1/B²) ‖G̃_t − G̃_s‖²_F,    G̃ = rownorm(F · Fᵀ)
 
-    with F the batch's flattened features; w = 3000 (the reference implementations').
+    with F the batch's flattened features. The reference implementations' w = 3000, set for
+    CIFAR, dominates CE on kdcache's small students (digits validation accuracy 0.935 against
+    0.982 at 30); the default w = 30 was picked from {30, 300, 3000} by the mean validation
+    accuracy on digits (cnn_small) and MNIST-1D (mlp); pass loss_weight=3000 for the
+    reference's.
     Tung & Mori, "Similarity-Preserving Knowledge Distillation", ICCV 2019 (arXiv:1907.09682).
     """
     if losses_cpu.usable(z_s, hint):
@@ -452,23 +459,28 @@ def _common_size(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.
     return pool(a, small), pool(b, small)
 
 
-@LOSSES.register("at", logits=False, features=True, maps=True, weight=1000.0)
+@LOSSES.register("at", logits=False, features=True, maps=True, weight=1.0)
 def at(z_s: torch.Tensor, y: torch.Tensor, *, hint: torch.Tensor, f_t: torch.Tensor,
-       weight: float = 1000.0, **_) -> torch.Tensor:
+       weight: float = 1.0, **_) -> torch.Tensor:
     """Attention transfer: match where the networks' activations concentrate.
 
-    L = CE(z_s, y) + w · mean_{b, p} (Q_s − Q_t)²,    Q = vec(Σ_c A_c²) / ‖vec(Σ_c A_c²)‖₂
+    L = CE(z_s, y) + w · (1/B) Σ_b ‖Q_s − Q_t‖²,    Q = vec(Σ_c A_c²) / ‖vec(Σ_c A_c²)‖₂
 
     A the spatial feature map [C, H, W] (or [C, L]) of the student's layer and the cached
     teacher's layer of the same name; channel counts may differ, and a larger map is average
-    pooled to the smaller's size. w = 1000 (the reference implementations', with the mean over
-    positions in place of the paper's β/2 · ‖·‖₂ sum). Needs an unpooled cache (pool=false).
+    pooled to the smaller's size. The reference code averages (Q_s − Q_t)² over the P
+    positions too, with β = 10³ set for CIFAR's 32×32 maps; a mean over positions makes the
+    term's strength fall as 1/P (on digits' 4×4 maps β = 10³ is 64 times stronger than on
+    32×32 ones, and costs 6 points of accuracy). kdcache sums over positions instead:
+    w = 1 is β = 10³ at 32×32 (10³/1024) and keeps that strength on any map size. Needs an
+    unpooled cache (pool=false).
     Zagoruyko & Komodakis, "Paying More Attention to Attention", ICLR 2017 (arXiv:1612.03928).
     """
     s, t = _common_size(hint, f_t)
     if s is hint and losses_cpu.usable(z_s, hint):  # (maps of one size: no pooling to undo)
         return losses_cpu.apply(losses_cpu.at, z_s, hint, y=y, f_t=t, weight=float(weight))
-    return F.cross_entropy(z_s, y) + weight * (_attention_map(s) - _attention_map(t)).pow(2).mean()
+    diff = _attention_map(s) - _attention_map(t)
+    return F.cross_entropy(z_s, y) + weight * diff.pow(2).sum(1).mean()
 
 
 CRD_EMBED = 128  # embedding width (the paper's)

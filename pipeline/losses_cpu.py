@@ -284,8 +284,8 @@ def pkt(z, h, *, y, f_t, weight, eps):
 
 
 def at(z, h, *, y, f_t, weight):
-    """CE + w·mean (Q_s − Q_t)², Q = rownorm(mean_c A²) (see :func:`pipeline.losses.at`), for
-    maps of one spatial size; ∂/∂A = ∂L/∂(mean_c A²)·2A/C."""
+    """CE + w·(1/B)·Σ_b ‖Q_s − Q_t‖², Q = rownorm(mean_c A²) (see :func:`pipeline.losses.at`),
+    for maps of one spatial size; ∂/∂A = ∂L/∂(mean_c A²)·2A/C."""
     real = h.dtype.type
     b, c = h.shape[:2]
     a = (h * h).mean(axis=1).reshape(b, -1)
@@ -293,7 +293,7 @@ def at(z, h, *, y, f_t, weight):
     q_t, _ = _rownorm((f_t * f_t).mean(axis=1).reshape(b, -1), 1e-12)
     diff = q_s - q_t
     ce, g_ce = ce_value_grad(z, y)
-    scale = real(weight) / real(diff.size)
+    scale = real(weight) / real(b)
     g_a = back(2 * scale * diff).reshape(b, 1, *h.shape[2:])
     return ce + scale * (diff * diff).sum(dtype=h.dtype), g_ce, g_a * 2 * h / real(c)
 

@@ -48,6 +48,19 @@ def cache_args(root: Path, work: Path, **overrides) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
+def run_cli(capsys, *argv: str) -> dict:
+    """Run ``kdcache ARGV --json`` in-process; it must succeed. Returns its JSON summary."""
+    import json
+
+    from stages.cli import main as cli
+
+    capsys.readouterr()
+    rc = cli([*argv, "--json"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def build(root: Path, work: Path | None = None, **overrides) -> dict:
     """Build (or resume) a cache in-process; KdError propagates. Returns the stage summary."""
     from stages import cache as cache_stage

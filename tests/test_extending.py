@@ -26,11 +26,9 @@ def cache(tmp_path_factory):
 
 
 def run(capsys, *argv: str) -> dict:
-    capsys.readouterr()
-    rc = cli([*argv, "--json"])
-    out, err = capsys.readouterr()
-    assert rc == 0, err
-    return json.loads(out.strip().splitlines()[-1])
+    from conftest import run_cli
+
+    return run_cli(capsys, *argv)
 
 
 @pytest.fixture

@@ -35,11 +35,9 @@ def maps(tmp_path_factory):
 
 
 def run(capsys, *argv: str) -> dict:
-    capsys.readouterr()
-    rc = cli([*argv, "--json"])
-    out, err = capsys.readouterr()
-    assert rc == 0, err
-    return json.loads(out.strip().splitlines()[-1])
+    from conftest import run_cli
+
+    return run_cli(capsys, *argv)
 
 
 def config_of(row: dict) -> dict:
@@ -80,7 +78,7 @@ def test_options_a_loss_declares_are_recorded(pooled, tmp_path, capsys):
     row = run(capsys, "student", f"cache={pooled}", f"runs_dir={tmp_path}/runs", "model=cnn_small",
               "loss=sp", "student_layer=block2.2", "epochs=1")
     assert row["student_layer"] == "block2.2" and config_of(row)["student_layer"] == "block2.2"
-    assert row["loss_weight"] == 3000.0 and row["standardize_logits"] is None
+    assert row["loss_weight"] == LOSSES.declared("sp").weight and row["standardize_logits"] is None
 
 
 def test_attention_transfer_reads_the_cached_map_and_the_students_layer_of_that_name(maps, tmp_path, capsys):
@@ -89,7 +87,7 @@ def test_attention_transfer_reads_the_cached_map_and_the_students_layer_of_that_
     row = run(capsys, "student", f"cache={maps}", f"runs_dir={tmp_path}/runs", "model=cnn_small",
               "loss=at", "epochs=1")
     assert row["layer"] == "block3.2" and row["student_layer"] == "block3.2"
-    assert row["loss_weight"] == 1000.0 and 0.0 <= row["test_accuracy"] <= 1.0
+    assert row["loss_weight"] == 1.0 and 0.0 <= row["test_accuracy"] <= 1.0
     # relational losses compare the flattened maps
     row = run(capsys, "student", f"cache={maps}", f"runs_dir={tmp_path}/runs", "model=cnn_small",
               "loss=rkd", "epochs=1")

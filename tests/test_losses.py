@@ -211,12 +211,12 @@ def ref_sp(z_s, y, *, hint, f_t, weight=3000.0, **_) -> float:
     return np_ce(z_s, y) + weight * float(np.sum((gram(f_t) - gram(hint)) ** 2)) / (n * n)
 
 
-def ref_at(z_s, y, *, hint, f_t, weight=1000.0, **_) -> float:
-    """CE + w·mean (Q_s − Q_t)², Q = unit(vec(mean_c A_c²))  (Zagoruyko & Komodakis, ICLR 2017),
-    for maps of one spatial size."""
+def ref_at(z_s, y, *, hint, f_t, weight=1.0, **_) -> float:
+    """CE + w·(1/B)·Σ_b ‖Q_s − Q_t‖², Q = unit(vec(mean_c A_c²))  (Zagoruyko & Komodakis,
+    ICLR 2017; summed over positions), for maps of one spatial size."""
     q_s = np.array([unit((a ** 2).mean(axis=0).ravel()) for a in hint])
     q_t = np.array([unit((a ** 2).mean(axis=0).ravel()) for a in f_t])
-    return np_ce(z_s, y) + weight * float(np.mean((q_s - q_t) ** 2))
+    return np_ce(z_s, y) + weight * float(np.sum((q_s - q_t) ** 2)) / len(hint)
 
 
 def ref_crd(z_s, y, *, hint, f_t, head, weight=0.8, **_) -> float:
@@ -266,7 +266,7 @@ CASES = {
     # ε = 1e-7 inside PKT's log lets its KL dip below 0 by at most ~ε·ln(1/ε) per row
     "pkt": dict(kwargs={"weight": 30000.0}, shift_invariant=True, zero="minus_ce", below_zero=0.1),
     "sp": dict(kwargs={"weight": 3000.0}, shift_invariant=True, zero="minus_ce"),
-    "at": dict(kwargs={"weight": 1000.0}, shift_invariant=True, zero="minus_ce"),
+    "at": dict(kwargs={"weight": 1.0}, shift_invariant=True, zero="minus_ce"),
     # contrastive: the positive must still beat the negatives, so it does not vanish
     "crd": dict(kwargs={"weight": 0.8}, shift_invariant=True, zero=None),
 }
@@ -635,8 +635,8 @@ def _generate() -> dict:
           "f_t": [[0.0, 0.0, 0.0], [2.0, 0.0, 0.0], [6.0, 0.0, 0.0]]}, None),
         ("pkt-w30000", "pkt", {"weight": 30000.0}, base, None),
         ("sp-w3000", "sp", {"weight": 3000.0}, base, None),
-        ("at-w1000", "at", {"weight": 1000.0}, {**base, "hint": maps_s, "f_t": maps_t}, None),
-        ("at-proportional", "at", {"weight": 1000.0},
+        ("at-w1", "at", {"weight": 1.0}, {**base, "hint": maps_s, "f_t": maps_t}, None),
+        ("at-proportional", "at", {"weight": 1.0},
          {**base, "hint": maps_s, "f_t": (np.asarray(maps_s) * -3.0).tolist()}, None),
         ("crd-w0.8", "crd", {"weight": 0.8}, base, contrast),
         ("crd-w0.8-memory", "crd", {"weight": 0.8}, {**base, "memory": memory}, contrast),
