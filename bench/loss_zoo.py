@@ -129,7 +129,15 @@ class Setting:
 def interleaved(steps: dict, cycles: int, seed: int = 0) -> dict[str, float]:
     """Median seconds per step of each arm, the arms' steps interleaved one by one in a fresh
     random order every cycle (so that no arm always follows the same one: a heavy step leaves
-    the thread pool awake, which speeds the next) after a warm-up cycle of ten steps each."""
+    the thread pool awake, which speeds the next) after a warm-up cycle of ten steps each; with
+    NumPy's BLAS on one thread, as ``pipeline.training.fit`` runs it."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1, user_api="blas"):
+        return _interleaved(steps, cycles, seed)
+
+
+def _interleaved(steps: dict, cycles: int, seed: int) -> dict[str, float]:
     rng = np.random.default_rng(seed)
     names = list(steps)
     for name in names:

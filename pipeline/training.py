@@ -102,6 +102,19 @@ def fit(model: nn.Module, train_batches: Batches, steps_per_epoch: int, x_val: n
     seeded by ``seed`` (teachers, and students trained on labels only: cached targets are
     valid only for the inputs the teacher saw).
     """
+    from threadpoolctl import threadpool_limits
+
+    # NumPy's share of a step (soft targets, augmentation, the CPU loss kernels) is small
+    # arrays; with a BLAS pool of all cores, its threads spin after each call and slowed
+    # torch's next ops by up to 1.7x (bench/FINDINGS.md). One BLAS thread while torch trains.
+    with threadpool_limits(1, user_api="blas"):
+        return _fit(model, train_batches, steps_per_epoch, x_val, y_val, loss_fn, epochs=epochs, lr=lr,
+                    weight_decay=weight_decay, seed=seed, device=device, augment=augment,
+                    progress=progress, desc=desc)
+
+
+def _fit(model, train_batches, steps_per_epoch, x_val, y_val, loss_fn, *, epochs, lr, weight_decay,
+         seed, device, augment, progress, desc) -> FitResult:
     from tqdm import tqdm
 
     torch.manual_seed(seed)
