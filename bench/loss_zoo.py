@@ -209,7 +209,7 @@ def run(quick: bool, workdir: Path) -> dict:
                    "the cache's temperature 4 (kd, fitnet alpha 0.9); kd+Z = kd with "
                    "standardize_logits=true. digits: 60 epochs; MNIST-1D: 100 epochs, no "
                    "augmentation (a single-view cache); batch 64, lr 1e-2."),
-        table("Seconds per training step, batch 64, median of alternated repeats",
+        table("Seconds per training step, batch 64, median of steps interleaved across the losses",
               ["dataset", "student", "loss", "ms / step", "vs ce (≤ 1.30)"], step_rows,
               note=f"median of {cycles} steps of each loss, interleaved one by one in a random order "
                    "per cycle after a warm-up; a step: tensors, forward, loss, backward, fused AdamW "

@@ -1,5 +1,7 @@
 """Distillation losses (a registry). Each is a pure function of the student's outputs and the
-cached teacher targets; each docstring gives the formula and the paper.
+cached teacher targets; each docstring gives the formula and the paper. The torch code here is
+the reference (and the path on GPUs); on CPU, training takes the NumPy kernels of
+:mod:`pipeline.losses_cpu` where a loss has one, tested equal to it.
 
 Common arguments, named as in the formulas: ``z_s`` student logits [B, C]; ``z_t`` raw cached
 teacher logits [B, C]; ``y`` labels [B]; ``T`` the temperature; ``h_s`` the student's feature
@@ -37,9 +39,9 @@ class LossNeeds:
 
     - ``logits``: reads the cached teacher logits ``z_t``. False for a label-only baseline,
       whose runs read no teacher output at all.
-    - ``features``: reads a cached teacher feature ``f_t`` (flattened) and the student's hint
-      ``hint`` (its penultimate activation through a learned adapter to ``f_t``'s width); the
-      run's ``layer`` names the cached feature.
+    - ``features``: reads a cached teacher feature ``f_t`` (in its cached shape) and the
+      student's feature ``hint`` at the run's ``student_layer``; the run's ``layer`` names the
+      cached feature. Widths may differ (a loss that compares them directly declares a head).
     - ``temperature``: softens by ``T``. The trainer then passes ``T`` and the teacher's soft
       targets ``log_p_t = log softmax(z_t / T)`` and ``p_t = softmax(z_t / T)``, computed off
       the autograd graph; runs record the temperature (otherwise it is recorded as unused).
@@ -47,8 +49,9 @@ class LossNeeds:
       :func:`standardize`): it then softens Z(z) instead of z, and so do the soft targets.
     - ``maps``: reads spatial feature maps ([B, C, H, W] or [B, C, L]): the cached layer must
       be unpooled (a ``pool=false`` cache) and the student's matching layer is taken unpooled.
-    - ``weight``: the default weight ``w`` of the method's own term (its paper's value), which
-      runs may override with ``loss_weight=``; None: the loss has no such weight.
+    - ``weight``: the default weight ``w`` of the method's own term (its paper's value unless
+      its docstring says why not), which runs may override with ``loss_weight=``; None: the
+      loss has no such weight.
     - ``head``: ``head(student_shape, teacher_shape) -> LossHead``, a module with learned
       parameters (an adapter, projection heads) built once per run, trained with the student
       and dropped when it is deployed; the loss receives it as ``head``.
