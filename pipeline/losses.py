@@ -97,19 +97,13 @@ def standardize(z: torch.Tensor) -> torch.Tensor:
     return (z - z.mean(dim=1, keepdim=True)) / (z.std(dim=1, keepdim=True) + STANDARDIZE_EPS)
 
 
-def standardize_np(z: np.ndarray) -> np.ndarray:
-    """:func:`standardize` in NumPy (float32 stays float32)."""
-    sd = z.std(axis=1, ddof=1, keepdims=True) if z.shape[1] > 1 else np.zeros((len(z), 1), z.dtype)
-    return (z - z.mean(axis=1, keepdims=True)) / (sd + z.dtype.type(STANDARDIZE_EPS))
-
-
 def soft_targets(z_t: np.ndarray, T: float, standardize: bool = False) -> dict[str, np.ndarray]:
     """The teacher's soft targets ``log_p_t`` = log softmax(z_t / T) and ``p_t`` (of Z(z_t)
     with ``standardize``), computed in NumPy off the autograd graph: on small students each
     torch op of a step costs tens of microseconds (most of it waking the intra-op pool)."""
     z = np.asarray(z_t, np.float32)
     if standardize:
-        z = standardize_np(z)
+        z = losses_cpu.standardize(z, STANDARDIZE_EPS)[0]
     log_p_t = losses_cpu.log_softmax(z / np.float32(T))
     return {"log_p_t": log_p_t, "p_t": np.exp(log_p_t)}
 

@@ -20,6 +20,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from pipeline.cache.reader import log_softmax
+
 ENABLED = True  # tests switch the kernels off to compare with the torch graphs
 
 
@@ -63,11 +65,6 @@ def apply(kernel: Callable, z: torch.Tensor | None, h: torch.Tensor | None,
 
 
 # --------------------------------------------------------------------------- helpers
-
-def log_softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-
 
 def _onehot(y: np.ndarray, like: np.ndarray) -> np.ndarray:
     out = np.zeros_like(like)
