@@ -19,6 +19,11 @@ from pipeline.io import atomic_path
 # does not use it (e.g. a feature student has no loss; label-only training no temperature).
 # views: the cached views the student drew from (1: view 0 only); augment: the policy its
 # training inputs went through (the cache's, replayed, with views > 1; fresh with views = 1).
+# Costs: weights_bytes is the size on disk of the weights as safetensors, latency_b1_ms and
+# latency_b256_ms the CPU milliseconds per sample at batch 1 and 256 (pipeline.latency); the
+# teacher_ columns are the same figures of the teacher, measured when its cache was built
+# (null for caches built before). calibration_temperature: the temperature fitted on val that
+# turns a margin student's scores (LinearSVC) into the probabilities KL and ECE are scored on.
 SCHEMA = pa.schema([
     ("run_id", pa.string()), ("time", pa.string()), ("model", pa.string()), ("kind", pa.string()),
     ("loss", pa.string()), ("target", pa.string()), ("temperature", pa.float64()),
@@ -28,7 +33,11 @@ SCHEMA = pa.schema([
     ("C", pa.string()),
     ("test_accuracy", pa.float64()), ("val_accuracy", pa.float64()),
     ("teacher_agreement", pa.float64()), ("kl_teacher_student", pa.float64()), ("ece", pa.float64()),
-    ("params", pa.int64()), ("fit_seconds", pa.float64()), ("latency_ms", pa.float64()),
+    ("calibration_temperature", pa.float64()),
+    ("params", pa.int64()), ("weights_bytes", pa.int64()), ("fit_seconds", pa.float64()),
+    ("latency_b1_ms", pa.float64()), ("latency_b256_ms", pa.float64()),
+    ("teacher_params", pa.int64()), ("teacher_weights_bytes", pa.int64()),
+    ("teacher_latency_b1_ms", pa.float64()), ("teacher_latency_b256_ms", pa.float64()),
     ("teacher_test_accuracy", pa.float64()), ("teacher_fingerprint", pa.string()),
     ("dataset_fingerprint", pa.string()), ("cache", pa.string()), ("run_dir", pa.string()),
 ])
@@ -76,4 +85,6 @@ def _read_row(path: Path) -> pa.Table:
         row["layer"] = row.get("layer") or None
         row["C"] = row.get("C") or None
     row.setdefault("views", 1)
+    # latency_ms (rows before the teacher comparison) timed a block of up to 1,024 rows: no
+    # column now measures that, so it is dropped rather than renamed
     return pa.Table.from_pylist([{n: row.get(n) for n in SCHEMA.names}], schema=SCHEMA)

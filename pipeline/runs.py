@@ -25,13 +25,15 @@ from pipeline.augment import parse
 from pipeline.cache import TeacherCache, open_cache, softmax
 from pipeline.config import StudentConfig, SweepConfig, save_config
 from pipeline.errors import KdError
-from pipeline.io import atomic_write_text, fsync_dir
+from pipeline.io import atomic_write_bytes, atomic_write_text, fsync_dir
+from pipeline.latency import per_sample_ms
 from pipeline.losses import LOSSES
 from pipeline.paths import cache_path, check_writable
 from pipeline.results import append_row, results_dir
 from pipeline.students import STUDENTS, Student, StudentData, Uses, create_student, uses
 
-LATENCY_ROWS = 1024  # test rows the prediction latency is timed on (already in memory)
+WEIGHTS = "student.safetensors"  # in every run directory
+LATENCY_ROWS = 256  # test rows the prediction latency is timed on (already in memory)
 
 
 def resolve_run(cfg: StudentConfig, cache: TeacherCache) -> tuple[StudentConfig, Uses]:
@@ -91,8 +93,9 @@ def train_student(cfg: StudentConfig, progress: bool = True) -> dict:
         "standardize_logits": cfg.standardize_logits if use.standardize_logits else None,
         "student_layer": cfg.student_layer, "seed": cfg.seed,
         "epochs": cfg.epochs, "C": None if getattr(student, "C_", None) is None else str(student.C_),
-        **scores, "params": int(student.n_params_), "fit_seconds": round(fit_seconds, 3),
-        "teacher_test_accuracy": cache.teacher_accuracy("test"),
+        **scores, "params": int(student.n_params_), "weights_bytes": None,  # known once saved
+        "fit_seconds": round(fit_seconds, 3),
+        **teacher_cost(cache), "teacher_test_accuracy": cache.teacher_accuracy("test"),
         "teacher_fingerprint": cache.teacher_fingerprint, "dataset_fingerprint": cache.dataset_fingerprint,
         "cache": str(cache.root),
     }
@@ -115,6 +118,7 @@ def score(student: Student, data: StudentData, kind: str) -> dict:
     val_acc = metrics.accuracy(student.predict(X["val"]), y["val"])
     test_scores = student.decision_function(X["test"])
     test_pred = student.classes_[test_scores.argmax(1)]
+    scale = None
     if student.has_proba:
         test_probs = student.predict_proba(X["test"])
     else:  # LinearSVC: calibrate margins with a temperature fitted on val
@@ -127,29 +131,40 @@ def score(student: Student, data: StudentData, kind: str) -> dict:
         full[:, student.classes_] = test_probs
         test_probs = full
     teacher_test = data.teacher_logits("test")
-    # Latency: prediction alone, on rows already in memory (reading them is not the model's cost).
-    block = X["test"][0:min(LATENCY_ROWS, len(X["test"]))]
-    t0 = time.perf_counter()
-    student.decision_function(block)
-    latency_ms = (time.perf_counter() - t0) * 1000 / max(1, len(block))
+    # Latency: the deployed student on the CPU, timed like the teacher was (pipeline.latency)
+    latency = per_sample_ms(student.cpu_predict(), X["test"][0:min(LATENCY_ROWS, len(X["test"]))])
     return {"test_accuracy": metrics.accuracy(test_pred, y["test"]), "val_accuracy": val_acc,
             "teacher_agreement": metrics.teacher_agreement(test_pred, teacher_test),
             "kl_teacher_student": metrics.kl_teacher_student(teacher_test, test_probs),
-            "ece": metrics.ece(test_probs, y["test"]), "latency_ms": round(latency_ms, 5)}
+            "ece": metrics.ece(test_probs, y["test"]),
+            "calibration_temperature": None if scale is None else round(float(scale), 6),
+            "latency_b1_ms": latency["batch_1_ms"], "latency_b256_ms": latency["batch_256_ms"]}
+
+
+def teacher_cost(cache: TeacherCache) -> dict:
+    """The teacher's size and CPU latency as its cache recorded them when it was built (None
+    for caches built before kdcache measured them): students never load the teacher."""
+    teacher = cache.manifest["teacher"]
+    latency = teacher.get("latency") or {}
+    return {"teacher_params": teacher.get("num_params"),
+            "teacher_weights_bytes": teacher.get("weights_bytes"),
+            "teacher_latency_b1_ms": latency.get("batch_1_ms"),
+            "teacher_latency_b256_ms": latency.get("batch_256_ms")}
 
 
 def write_run(run_dir: Path, cfg: StudentConfig, student: Student, row: dict, kind: str) -> None:
     """``config.json`` (the run's resolved config), ``student.safetensors``, ``metrics.json``
     and ``log.jsonl``, assembled in a private directory and renamed into place."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     tmp = run_dir.parent / f".{run_dir.name}.incomplete"
     tmp.mkdir(parents=True)
     try:
         save_config(cfg, tmp / "config.json")
         meta = {"model": cfg.model, "kind": kind, "params": json.dumps(student.get_params(), default=str)}
-        save_file({k: np.ascontiguousarray(v) for k, v in student.tensors().items()},
-                  str(tmp / "student.safetensors"), metadata=meta)
+        weights = save({k: np.ascontiguousarray(v) for k, v in student.tensors().items()}, metadata=meta)
+        row["weights_bytes"] = len(weights)  # the student's size on disk
+        atomic_write_bytes(tmp / WEIGHTS, weights)
         atomic_write_text(tmp / "metrics.json", json.dumps(row, indent=2, default=str) + "\n")
         history = getattr(student, "history_", [])
         log = [json.dumps(h) for h in history] + [json.dumps({"final": row}, default=str)]

@@ -82,10 +82,8 @@ def new(name: str, **extra):
 _FITTED: dict[str, tuple] = {}
 
 
-@pytest.fixture
-def fitted(request):
+def fitted_once(name: str) -> tuple:
     """(unfitted attribute names, fitted estimator, what fit returned, data), fitted once per name."""
-    name = request.param
     if name not in _FITTED:
         d = make_data(name)
         est = new(name)
@@ -93,6 +91,11 @@ def fitted(request):
         returned = fit(est, name, d)
         _FITTED[name] = (before, est, returned, d)
     return _FITTED[name]
+
+
+@pytest.fixture
+def fitted(request):
+    return fitted_once(request.param)
 
 
 def by_name(test):
@@ -182,6 +185,26 @@ def test_tensors_are_plain_arrays(fitted):
     assert tensors
     for key, value in tensors.items():
         assert np.asarray(value).size > 0, key
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_load_tensors_restores_the_fitted_student(name):
+    """What a run saves is enough to score again: a fresh student loaded from the tensors
+    (through a safetensors file, as a run directory holds them) gives the same scores."""
+    from safetensors.numpy import load, save
+
+    _, est, _, d = fitted_once(name)
+    saved = load(save({k: np.ascontiguousarray(v) for k, v in est.tensors().items()}))
+    restored = new(name).load_tensors(saved, SPECS[name][0], K)
+    X = d["X_val"]
+    np.testing.assert_array_equal(restored.decision_function(X), est.decision_function(X))
+    np.testing.assert_array_equal(restored.predict(X), est.predict(X))
+    if est.has_proba:
+        np.testing.assert_allclose(restored.predict_proba(X), est.predict_proba(X), rtol=1e-6)
+    assert restored.n_params_ == est.n_params_
+    cpu = restored.cpu_predict()(np.ascontiguousarray(X[:4]))
+    scores = cpu.numpy() if hasattr(cpu, "numpy") else cpu
+    np.testing.assert_allclose(scores, est.decision_function(X[:4]), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if SPECS[n][2] == "features"])

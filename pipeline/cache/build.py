@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from pipeline.cache import format as fmt
 from pipeline.cache.execute import run_jobs, shard_jobs
-from pipeline.cache.plan import codecs, now
+from pipeline.cache.plan import codecs, now, teacher_cost
 from pipeline.config import CacheConfig, save_config
 from pipeline.data import Dataset
 from pipeline.errors import KdError
@@ -80,6 +80,7 @@ def build_cache(root: Path, cfg: CacheConfig, dataset: Dataset, spec: TeacherSpe
             raise KdError(f"{root} exists and is not a kdcache cache; choose another cache=PATH")
         created = not (root / fmt.MANIFEST).is_file()
         if created:
+            manifest = {**manifest, "teacher": {**manifest["teacher"], **teacher_cost(spec, dataset)}}
             _initialise(root, cfg, manifest)
 
         done = _records(root, manifest)

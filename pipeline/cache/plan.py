@@ -18,6 +18,7 @@ from pipeline.cache import format as fmt
 from pipeline.config import CacheConfig, DataConfig, fingerprint
 from pipeline.data import Dataset
 from pipeline.errors import KdError
+from pipeline.latency import per_sample_ms, torch_predict
 from pipeline.teachers import Tapped, TeacherSpec, build_teacher, default_layers, state_fingerprint
 
 def codecs(compression: str) -> list:
@@ -197,3 +198,16 @@ def prepare(cfg: CacheConfig, dataset: Dataset, arch: str,
     spec, shapes, num_params = describe_teacher(cfg, dataset, arch, ckpt)
     cfg = resolve_layout(cfg, dataset, shapes)  # chunk_size=0 (auto) made concrete, saved as such
     return cfg, spec, plan(cfg, dataset, spec, shapes, num_params)
+
+
+def teacher_cost(spec: TeacherSpec, dataset: Dataset) -> dict[str, Any]:
+    """What deploying the teacher costs, measured once, when its cache is created (students
+    compare themselves with it and never load it): the bytes of its weights saved as
+    safetensors, and its CPU latency per sample at batch 1 and 256 (:mod:`pipeline.latency`),
+    on real training rows."""
+    from safetensors.torch import save
+
+    model = build_teacher(dataclasses.replace(spec, device="cpu", compile=False))
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    rows = dataset.inputs("train", 0, min(256, len(dataset.splits["train"])))
+    return {"weights_bytes": len(save(state)), "latency": per_sample_ms(torch_predict(model), rows)}

@@ -9,14 +9,15 @@ inputs joined to cached logits and features). Students may also offer scikit-lea
 ``fit(X, y, ...)``.
 
 Adding a student: subclass :class:`Student` in one module of ``pipeline/students/``, implement
-``fit_cache``, ``decision_function``, ``n_params_`` and ``tensors``, and register a factory
+``fit_cache``, ``decision_function``, ``n_params_``, ``tensors`` and its inverse
+``load_tensors`` (a run directory is exported from its saved tensors), and register a factory
 ``cfg -> Student`` with what it needs (:class:`~pipeline.students.registry.StudentNeeds`). The
 tests parametrized over ``STUDENTS`` then cover it.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
@@ -49,3 +50,15 @@ class Student(BaseEstimator, ClassifierMixin):
     def tensors(self) -> dict[str, np.ndarray]:
         """Everything needed to score new rows, as named arrays (saved with safetensors)."""
         raise NotImplementedError
+
+    def load_tensors(self, tensors: dict[str, np.ndarray], input_shape: tuple[int, ...],
+                     num_classes: int) -> "Student":
+        """The inverse of :meth:`tensors`: this unfitted student (built from the run's config)
+        becomes the fitted one the tensors were saved from, scoring rows shaped
+        ``input_shape`` into ``num_classes`` classes. Returns self."""
+        raise NotImplementedError
+
+    def cpu_predict(self) -> Callable[[np.ndarray], object]:
+        """``predict(batch)``: the deployed student scoring one batch on the CPU, the call
+        :mod:`pipeline.latency` times."""
+        return self.decision_function

@@ -86,10 +86,41 @@ class _LinearBase(Student):
     def n_params_(self) -> int:
         return int(self.model_.coef_.size + np.size(self.model_.intercept_))
 
+    def _estimator(self):
+        """The unfitted scikit-learn estimator this student fits (its parameters)."""
+        raise NotImplementedError
+
     def tensors(self) -> dict[str, np.ndarray]:
         return {"scaler_mean": self.scaler_.mean_, "scaler_scale": self.scaler_.scale_,
+                "scaler_var": self.scaler_.var_,
+                "scaler_n_samples_seen": np.atleast_1d(self.scaler_.n_samples_seen_),
                 "coef": self.model_.coef_, "intercept": np.atleast_1d(self.model_.intercept_),
                 "classes": self.classes_}
+
+    def load_tensors(self, tensors: dict[str, np.ndarray], input_shape=None,
+                     num_classes=None) -> "_LinearBase":
+        """The fitted scaler and estimator rebuilt from :meth:`tensors`: plain scikit-learn
+        objects with the learned attributes that scoring reads."""
+        scaler = StandardScaler()
+        scaler.mean_, scaler.scale_ = tensors["scaler_mean"], tensors["scaler_scale"]
+        # (runs saved before the variance was: the scale is its square root where it is not 0)
+        scaler.var_ = tensors.get("scaler_var", scaler.scale_ ** 2)
+        seen = tensors.get("scaler_n_samples_seen")
+        if seen is not None:
+            scaler.n_samples_seen_ = seen if seen.size > 1 else int(seen[0])
+        model = self._estimator()
+        model.coef_, model.classes_ = tensors["coef"], tensors["classes"]
+        model.intercept_ = tensors["intercept"]
+        scaler.n_features_in_ = model.n_features_in_ = int(tensors["coef"].shape[1])
+        self.scaler_, self.model_, self.classes_ = scaler, model, tensors["classes"]
+        return self
+
+    def to_sklearn(self):
+        """The deployed student as one plain scikit-learn estimator: a Pipeline of the
+        fitted StandardScaler and classifier, scoring float32 teacher features."""
+        from sklearn.pipeline import Pipeline
+
+        return Pipeline([("scaler", self.scaler_), ("classifier", self.model_)])
 
 
 class FeatureStudent(_LinearBase):
@@ -103,15 +134,16 @@ class FeatureStudent(_LinearBase):
         self.max_iter = max_iter
         self.seed = seed
 
+    def _estimator(self):
+        if self.estimator == "linear_svc":
+            return LinearSVC(C=self.C, max_iter=self.max_iter, random_state=self.seed)
+        if self.estimator == "logreg":
+            return LogisticRegression(C=self.C, max_iter=self.max_iter, random_state=self.seed)
+        raise ValueError(f"unknown estimator {self.estimator!r}")
+
     def fit(self, X: np.ndarray, y: np.ndarray) -> "FeatureStudent":
         Xs = self._fit_scaler(X)
-        if self.estimator == "linear_svc":
-            model = LinearSVC(C=self.C, max_iter=self.max_iter, random_state=self.seed)
-        elif self.estimator == "logreg":
-            model = LogisticRegression(C=self.C, max_iter=self.max_iter, random_state=self.seed)
-        else:
-            raise ValueError(f"unknown estimator {self.estimator!r}")
-        self.model_ = model.fit(Xs, y)
+        self.model_ = self._estimator().fit(Xs, y)
         self.classes_ = self.model_.classes_
         return self
 
@@ -142,12 +174,15 @@ class SoftLogRegStudent(_LinearBase):
         Xs = self._fit_scaler(X)
         rows, cls = np.nonzero(soft_targets >= self.min_prob)
         weights = soft_targets[rows, cls].astype(np.float64)
-        self.model_ = LogisticRegression(C=self.C, max_iter=self.max_iter, random_state=self.seed)
+        self.model_ = self._estimator()
         self.model_.fit(Xs[rows], cls, sample_weight=weights * (n / weights.sum()))
         if len(self.model_.classes_) != k:
             raise ValueError("some class never received teacher probability mass")
         self.classes_ = self.model_.classes_
         return self
+
+    def _estimator(self):
+        return LogisticRegression(C=self.C, max_iter=self.max_iter, random_state=self.seed)
 
     def fit_cache(self, data: StudentData) -> "SoftLogRegStudent":
         temperature = self.temperature if self.temperature is not None else data.temperature
@@ -192,6 +227,10 @@ class StreamingSGDStudent(_LinearBase):
 
         return self._fit_batches(batches, np.unique(y), X_val, y_val)
 
+    def _estimator(self):
+        return SGDClassifier(loss="log_loss", alpha=self.alpha, random_state=self.seed,
+                             learning_rate="optimal")
+
     def fit_cache(self, data: StudentData) -> "StreamingSGDStudent":
         teacher = self.target == "teacher"
 
@@ -208,8 +247,7 @@ class StreamingSGDStudent(_LinearBase):
         self.scaler_ = StandardScaler()
         for xb, _ in batches(-1):
             self.scaler_.partial_fit(as_f32(xb))
-        self.model_ = SGDClassifier(loss="log_loss", alpha=self.alpha, random_state=self.seed,
-                                    learning_rate="optimal")
+        self.model_ = self._estimator()
         self.classes_ = np.asarray(classes)
         best, self.history_ = (-1.0, None), []
         for epoch in range(self.epochs):

@@ -3,6 +3,8 @@ teacher targets. The architectures are the teacher registry's, built narrower.""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 from torch import nn
@@ -216,6 +218,38 @@ class TorchStudent(Student):
 
     def tensors(self) -> dict[str, np.ndarray]:
         return {k: v.detach().cpu().contiguous().numpy() for k, v in self.model_.net.state_dict().items()}
+
+    def load_tensors(self, tensors: dict[str, np.ndarray], input_shape: tuple[int, ...],
+                     num_classes: int) -> "TorchStudent":
+        """The trained network rebuilt from :meth:`tensors` (every weight and BatchNorm
+        statistic must fit: a strict load), on the CPU, in eval mode."""
+        width = self.width or STUDENT_WIDTHS.get(self.arch, 0)
+        self.model_ = _Net(self.arch, width, tuple(input_shape), num_classes)
+        self.model_.net.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()})
+        self.model_.eval()
+        self.classes_, self.device_ = np.arange(num_classes), torch.device("cpu")
+        return self
+
+    def deployed_module(self) -> nn.Module:
+        """A CPU copy of the trained network that returns the logits only (no features, no
+        loss head): what is timed and exported."""
+        return _Logits(copy.deepcopy(self.model_.net).cpu().eval())
+
+    def cpu_predict(self):
+        from pipeline.latency import torch_predict
+
+        return torch_predict(self.deployed_module())
+
+
+class _Logits(nn.Module):
+    """A tapped network without its taps: input -> logits."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)[0]
 
 
 def _with_soft_targets(batches: training.Batches, T: float, standardize: bool) -> training.Batches:
