@@ -12,7 +12,7 @@ DATA_ARGS  = $(call kv,DATASET,dataset) $(call kv,TEACHER,teacher) $(call kv,TEA
 STUDENT_ARGS = $(call kv,CACHE,cache) $(call kv,MODEL,model) $(call kv,LOSS,loss) $(call kv,TEMPERATURE,temperature) \
              $(call kv,ALPHA,alpha) $(call kv,EPOCHS,epochs) $(call kv,LR,lr) $(call kv,SEED,seed)
 
-.PHONY: setup teacher teacher-cache info student sweep report verify test test-fast bench bench-quick soak clean-venv
+.PHONY: setup teacher teacher-cache info student sweep report verify export test test-fast bench bench-quick soak clean-venv
 
 setup: $(STAMP)
 $(STAMP): pyproject.toml
@@ -42,6 +42,9 @@ report: setup
 
 verify: setup
 	$(KD) verify $(call kv,CACHE,cache) $(ARGS)
+
+export: setup
+	$(KD) export $(call kv,RUN,run) $(call kv,FORMAT,format) $(ARGS)
 
 test: setup
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)

@@ -502,3 +502,22 @@ class ReportConfig:
 
     def check(self) -> None:
         pass
+
+
+EXPORT_FORMATS = ("auto", "onnx", "skops")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """`kdcache export`: a finished student run, exported for deployment."""
+
+    run: str = path_field("")  # a run directory, as `kdcache student` prints it
+    format: str = "auto"  # onnx (torch students) | skops (scikit-learn students) | auto: the one that fits
+
+    def check(self) -> None:
+        if not self.run:
+            raise KdError("export needs run=RUN_DIR, a run directory `kdcache student` printed "
+                          "(under runs_dir)")
+        if self.format not in EXPORT_FORMATS:
+            raise KdError(f"format={self.format!r} is not an export format; use "
+                          f"{', '.join(EXPORT_FORMATS)}")

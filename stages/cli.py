@@ -21,6 +21,7 @@ VERBS = {
     "sweep": ("stages.sweep", "train a grid of students from one cache"),
     "report": ("stages.report", "leaderboard and plots of a cache's results table"),
     "verify": ("stages.verify", "re-check a cache's checksums, teacher outputs and dataset"),
+    "export": ("stages.export", "export a trained student as ONNX or skops, checked against its run"),
 }
 
 

@@ -61,7 +61,8 @@ DATASET = "dataset files"
 CKPT = "checkpoints"
 CACHE = "cache directories"
 STAGE2 = "student / stage two"
-CATEGORIES = (CLI, CONFIG, DATASET, CKPT, CACHE, STAGE2)
+EXPORT = "export"
+CATEGORIES = (CLI, CONFIG, DATASET, CKPT, CACHE, STAGE2, EXPORT)
 
 
 @dataclass(frozen=True)
@@ -392,6 +393,40 @@ def _mkfile(name: str, content: str = "precious") -> Callable[[Path], Path]:
 
 def with_path(make: Callable[[Path], Path], argv: Callable[[Path, Path], list[str]]) -> Callable[[Path], list[str]]:
     return lambda tmp: argv(tmp, make(tmp))
+
+
+def trained_run(tmp: Path, model: str) -> Path:
+    """A finished run of ``model`` (one epoch) on a copy of the synthetic template cache."""
+    root = copy_cache(tmp)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert main(["student", f"cache={root}", f"runs_dir={tmp / 'runs'}", f"model={model}",
+                     "epochs=1"]) == 0
+    return next((tmp / "runs" / "cache").iterdir())
+
+
+def export_cmd(model: str, *args: str, edit: Callable[[Path], None] = lambda run: None) -> Callable[[Path], list[str]]:
+    """`kdcache export` of a finished ``model`` run, its directory edited first."""
+    def setup(tmp: Path) -> list[str]:
+        run = trained_run(tmp, model)
+        edit(run)
+        return ["export", f"run={run}", *args]
+    return setup
+
+
+def _remove_cache(run: Path) -> None:
+    shutil.rmtree(run.parents[2] / "cache")
+
+
+def _tear_weights(run: Path) -> None:
+    path = run / "student.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+
+
+def _other_model(run: Path) -> None:
+    path = run / "config.json"
+    record = json.loads(path.read_text())
+    record["config"]["width"] = 7
+    path.write_text(json.dumps(record))
 
 
 # =========================================================================== the table
@@ -795,6 +830,27 @@ CASES: list[Case] = [
          r"temperatures holds -1.0; every temperature must be > 0"),
     Case("report-without-results", STAGE2, "report before any student ran",
          damaged("report", lambda root: None), r"no results for cache .*cache yet .*run `make student`"),
+    Case("export-without-run", EXPORT, "export with no run=",
+         lambda tmp: ["export"], r"export needs run=RUN_DIR"),
+    Case("export-run-missing", EXPORT, "run= a directory that does not exist",
+         lambda tmp: ["export", f"run={tmp / 'nowhere'}"], r"run .*nowhere does not exist or is not a directory"),
+    Case("export-not-a-run", EXPORT, "run= a directory that is no run",
+         lambda tmp: ["export", f"run={tmp}"],
+         r"is not a kdcache run directory \(no config.json, metrics.json, student.safetensors\)"),
+    Case("export-unknown-format", EXPORT, "format=tflite",
+         export_cmd("logreg", "format=tflite"), r"format='tflite' is not an export format; use auto, onnx, skops"),
+    Case("export-onnx-for-sklearn", EXPORT, "format=onnx for a scikit-learn student",
+         export_cmd("linear_svc", "format=onnx"),
+         r"format=onnx does not fit model linear_svc, a scikit-learn student; export it with format=skops"),
+    Case("export-skops-for-torch", EXPORT, "format=skops for a torch student",
+         export_cmd("mlp", "format=skops"),
+         r"format=skops does not fit model mlp, a PyTorch student; export it with format=onnx"),
+    Case("export-cache-gone", EXPORT, "the run's cache was deleted",
+         export_cmd("logreg", edit=_remove_cache), r"the cache run .* was trained from, .*cache, is not there"),
+    Case("export-weights-torn", EXPORT, "student.safetensors cut short",
+         export_cmd("mlp", edit=_tear_weights), r"student.safetensors cannot be read .*train the student again"),
+    Case("export-config-edited", EXPORT, "config.json edited to another width",
+         export_cmd("mlp", edit=_other_model), r"the weights in .* do not fit model mlp as config.json describes it"),
 ]
 
 BY_ID = {case.id: case for case in CASES}

@@ -1,0 +1,271 @@
+"""Export a finished student run for deployment, verified before it is kept (``kdcache export``).
+
+- A torch student becomes ``student.onnx``: the network alone (input -> logits; no feature taps,
+  no training-only loss head), ONNX opset :data:`OPSET`, input ``input`` float32
+  ``[batch, *input_shape]`` with a dynamic batch axis, output ``logits`` ``[batch, classes]``.
+  It takes inputs preprocessed as the cache's were, ``(x - mean) / std``; the statistics (and
+  the run, teacher and dataset it comes from) are recorded in the model's metadata under
+  ``kdcache.*`` keys.
+- A scikit-learn student becomes ``student.skops``: a plain scikit-learn ``Pipeline`` of the
+  fitted StandardScaler and classifier that scores the teacher's cached features (float32,
+  the cache's layer, pooled as cached); ``skops.io.load(path)`` loads it with no types to trust
+  beyond scikit-learn's own. A margin student's (LinearSVC's) calibration temperature is in
+  ``export.json``: ``softmax(decision_function(x) / T)`` are the probabilities the run scored.
+
+Both are checked before they are kept: the exported file, loaded back with onnxruntime or
+skops, scores the run's whole test split and must reproduce the student's own scores (the
+largest |logit difference| is reported) and predictions. The file and ``export.json`` (what
+was exported, how to feed it, the check's figures) are written beside the run's weights,
+atomically; a failed check leaves nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.cache import TeacherCache, open_cache
+from pipeline.cache import format as fmt
+from pipeline.config import StudentConfig, from_record
+from pipeline.errors import KdError
+from pipeline.io import atomic_path, atomic_write_text, sha256_file
+from pipeline.runs import WEIGHTS
+from pipeline.students import STUDENTS, Student, StudentData, create_student
+
+OPSET = 18  # ONNX opset of torch's exporter; onnxruntime >= 1.14 runs it
+FORMATS = {"onnx": "inputs", "skops": "features"}  # format -> the student kind it exports
+EXPORT_RECORD = "export.json"
+BLOCK = 1024  # test rows scored at a time while checking
+# the exported ONNX graph may differ from torch by float32 rounding, nothing more
+LOGIT_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class Run:
+    """A finished run directory, opened: its resolved config and its results row."""
+
+    root: Path
+    config: StudentConfig
+    row: dict
+
+
+def open_run(path: str | Path) -> Run:
+    """Open the run directory ``path`` (written by ``kdcache student`` / ``sweep``)."""
+    root = Path(path)
+    hint = ("pass run=RUN_DIR, a directory `kdcache student` printed (under runs_dir, "
+            "e.g. data/runs/CACHE/RUN_ID)")
+    if not root.is_dir():
+        raise KdError(f"run {root} does not exist or is not a directory; {hint}")
+    missing = [n for n in ("config.json", "metrics.json", WEIGHTS) if not (root / n).is_file()]
+    if missing:
+        raise KdError(f"{root} is not a kdcache run directory (no {', '.join(missing)}); {hint}")
+    try:
+        config = json.loads((root / "config.json").read_text())
+        row = json.loads((root / "metrics.json").read_text())
+    except (ValueError, OSError) as exc:
+        raise KdError(f"run {root} cannot be read ({type(exc).__name__}); {hint}") from None
+    if config.get("kind") != "StudentConfig":
+        raise KdError(f"{root} is not a kdcache run directory (its config.json is a "
+                      f"{config.get('kind')}); {hint}")
+    return Run(root, from_record(StudentConfig, config["config"]), row)
+
+
+def fitting_format(run: Run) -> str:
+    """The format that fits the run's student: onnx for torch students, skops for
+    scikit-learn ones."""
+    kind = STUDENTS.declared(run.config.model).kind
+    return next(f for f, k in FORMATS.items() if k == kind)
+
+
+def restore(run: Run) -> tuple[Student, TeacherCache]:
+    """The run's trained student rebuilt from its saved weights, and the cache it was trained
+    from (whose test split the export is checked on)."""
+    from safetensors.numpy import load_file
+
+    cache_root = Path(run.row["cache"])
+    if not (cache_root / fmt.MANIFEST).is_file():
+        raise KdError(f"the cache run {run.root.name} was trained from, {cache_root}, is not there; "
+                      "export checks the student on that cache's test split: restore the cache "
+                      "or rebuild it with the same settings")
+    cache = open_cache(cache_root)
+    overrides = {"C": run.row["C"]} if run.row.get("C") else {}  # the C chosen by C=auto
+    student = create_student(run.config.model, run.config, **overrides)
+    shape = tuple(cache.manifest["teacher"]["input_shape"])
+    try:
+        tensors = load_file(str(run.root / WEIGHTS))
+    except Exception as exc:  # safetensors' own error types: a torn or foreign file
+        raise KdError(f"{run.root / WEIGHTS} cannot be read ({(str(exc).splitlines() or [''])[0][:80]}); "
+                      "the run's weights are damaged: train the student again") from None
+    try:
+        student.load_tensors(tensors, shape, cache.num_classes)
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise KdError(f"the weights in {run.root / WEIGHTS} do not fit model {run.config.model} "
+                      f"as config.json describes it ({type(exc).__name__}); was the run directory "
+                      "edited? train the student again") from None
+    return student, cache
+
+
+def export_run(run: Run, format: str = "auto") -> dict:
+    """Export ``run`` as ``format`` (``auto``: the one that fits), checked; returns the
+    export record (also written as ``export.json`` in the run directory)."""
+    kind = STUDENTS.declared(run.config.model).kind
+    format = fitting_format(run) if format == "auto" else format
+    if FORMATS[format] != kind:
+        what = "a PyTorch" if kind == "inputs" else "a scikit-learn"
+        raise KdError(f"format={format} does not fit model {run.config.model}, {what} student; "
+                      f"export it with format={fitting_format(run)}")
+    _check_installed(format)
+    student, cache = restore(run)
+    data = StudentData(cache, run.config.layer)
+    rows, labels = data.rows("test", kind), data.labels("test")
+    target = run.root / f"student.{format}"
+    with atomic_path(target) as tmp:
+        if format == "onnx":
+            detail = _write_onnx(student, tmp, cache, run)
+            check = _check(student, _onnx_scorer(tmp), rows, labels)
+        else:
+            detail = _write_skops(student, tmp, run, data)
+            check = _check(student, _skops_scorer(tmp), rows, labels)
+        if not check["ok"]:
+            raise KdError(f"the exported {format} model does not reproduce run {run.root.name}: "
+                          f"{check['problem']}; nothing was written (please report this)")
+    record = {
+        "format": format, "file": target.name, "bytes": target.stat().st_size,
+        "sha256": sha256_file(target), **detail,
+        "check": {k: v for k, v in check.items() if k not in ("ok", "problem")},
+        "run_id": run.row.get("run_id"), "model": run.config.model,
+        "teacher_fingerprint": cache.teacher_fingerprint,
+        "dataset_fingerprint": cache.dataset_fingerprint,
+        "recorded_test_accuracy": run.row.get("test_accuracy"),
+    }
+    atomic_write_text(run.root / EXPORT_RECORD, json.dumps(record, indent=2) + "\n")
+    return {**record, "path": str(target)}
+
+
+def _check_installed(format: str) -> None:
+    import importlib
+
+    missing = []
+    for module in {"onnx": ("onnx", "onnxscript", "onnxruntime"), "skops": ("skops",)}[format]:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise KdError(f"format={format} needs {', '.join(missing)}, not installed here; "
+                      "pip install 'kdcache[export]'")
+
+
+# --------------------------------------------------------------------------- onnx
+
+def _write_onnx(student, path: Path, cache: TeacherCache, run: Run) -> dict:
+    """Export the student's deployed network to ``path`` (opset OPSET, dynamic batch) with
+    kdcache's metadata; returns what export.json records about it."""
+    import contextlib
+    import io
+    import warnings
+
+    import onnx
+    import torch
+
+    shape = tuple(cache.manifest["teacher"]["input_shape"])
+    example = torch.zeros((2, *shape))  # batch 2: a batch of 1 would be specialised away
+    batch = torch.export.Dim("batch", min=1)
+    # the exporter reports its stages on stdout and warns about what it decomposes: the user
+    # is owed kdcache's summary only
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(student.deployed_module(), (example,), dynamo=True,
+                                    opset_version=OPSET, input_names=["input"],
+                                    output_names=["logits"], dynamic_shapes=({0: batch},))
+    model = program.model_proto
+    preprocessing = cache.manifest["preprocessing"]
+    metadata = {
+        "kdcache.preprocessing": json.dumps(preprocessing),
+        "kdcache.input_shape": json.dumps(list(shape)),
+        "kdcache.classes": json.dumps(student.classes_.tolist()),
+        "kdcache.run_id": str(run.row.get("run_id")),
+        "kdcache.model": run.config.model,
+        "kdcache.teacher_fingerprint": cache.teacher_fingerprint,
+        "kdcache.dataset_fingerprint": cache.dataset_fingerprint,
+    }
+    onnx.helper.set_model_props(model, metadata)
+    model.doc_string = (f"kdcache student {run.config.model} from run {run.row.get('run_id')}: "
+                        "input (x - mean) / std as in kdcache.preprocessing, output logits")
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return {"opset": OPSET, "input": {"name": "input", "dtype": "float32", "shape": ["batch", *shape]},
+            "output": {"name": "logits", "dtype": "float32", "shape": ["batch", cache.num_classes]},
+            "preprocessing": preprocessing, "metadata_keys": sorted(metadata)}
+
+
+def _onnx_scorer(path: Path):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return lambda x: session.run(["logits"], {"input": np.ascontiguousarray(x, np.float32)})[0]
+
+
+# --------------------------------------------------------------------------- skops
+
+def _write_skops(student, path: Path, run: Run, data: StudentData) -> dict:
+    import skops.io as sio
+
+    sio.dump(student.to_sklearn(), path)
+    untrusted = sio.get_untrusted_types(file=path)
+    if untrusted:  # kdcache's own bug: users must be able to load it without trusting anything
+        raise KdError(f"the skops file would need trusted types {untrusted}; please report this")
+    return {"estimator": "sklearn.pipeline.Pipeline(StandardScaler, "
+                         f"{type(student.model_).__name__})",
+            "input": {"what": "the teacher's cached features, flattened", "layer": data.layer,
+                      "dtype": "float32", "shape": ["batch", data.feature_dim],
+                      "cached_shape": list(data.feature_shape)},
+            "classes": student.classes_.tolist(),
+            "calibration_temperature": run.row.get("calibration_temperature"),
+            "temperature": getattr(student, "temperature_", None)}
+
+
+def _skops_scorer(path: Path):
+    import skops.io as sio
+
+    pipeline = sio.load(path)
+    return lambda x: _two_columns(pipeline.decision_function(np.ascontiguousarray(x, np.float32)))
+
+
+def _two_columns(scores: np.ndarray) -> np.ndarray:
+    """scikit-learn's binary margin (one column) as kdcache's two class scores."""
+    return np.stack([-scores, scores], axis=1) if scores.ndim == 1 else scores
+
+
+# --------------------------------------------------------------------------- the check
+
+def _check(student, exported, rows, labels: np.ndarray) -> dict:
+    """Score every test row with the student and with the exported model: the largest |logit
+    difference|, how many predictions agree, and the exported model's test accuracy. The check
+    fails when a difference exceeds float32 rounding (LOGIT_TOLERANCE, relative to the logits'
+    size) or a prediction differs where the student's top two scores are not tied within it."""
+    worst, scale, agree, correct, unexplained = 0.0, 1.0, 0, 0, 0
+    for a in range(0, len(rows), BLOCK):
+        x = rows[a:a + BLOCK]
+        own, theirs = student.decision_function(x), exported(x)
+        if theirs.shape != own.shape:
+            return {"ok": False, "problem": f"scores shaped {theirs.shape}, expected {own.shape}"}
+        diff = float(np.abs(own - theirs).max(initial=0.0))
+        worst, scale = max(worst, diff), max(scale, float(np.abs(own).max(initial=0.0)))
+        pred, own_pred = student.classes_[theirs.argmax(1)], student.classes_[own.argmax(1)]
+        top2 = np.sort(own, axis=1)[:, -2:] if own.shape[1] > 1 else np.zeros((len(own), 2))
+        tied = (top2[:, 1] - top2[:, 0]) <= 2 * max(diff, LOGIT_TOLERANCE * scale)
+        agree += int((pred == own_pred).sum())
+        unexplained += int(((pred != own_pred) & ~tied).sum())
+        correct += int((pred == labels[a:a + BLOCK]).sum())
+    n = len(rows)
+    check = {"rows": n, "max_abs_logit_diff": worst, "predictions_agree": agree,
+             "test_accuracy": correct / n if n else None, "ok": True, "problem": ""}
+    if worst > LOGIT_TOLERANCE * scale:
+        check.update(ok=False, problem=f"max |logit difference| {worst:.3g} on the test split")
+    elif unexplained:
+        check.update(ok=False, problem=f"{unexplained} of {n} test predictions differ")
+    return check
