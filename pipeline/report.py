@@ -43,9 +43,51 @@ def leaderboard(rows: list[dict]) -> list[dict]:
                       "agreement": float(np.mean([r["teacher_agreement"] for r in rs])),
                       "kl": float(np.mean([r["kl_teacher_student"] for r in rs])),
                       "ece": float(np.mean([r["ece"] for r in rs])),
-                      "params": int(rs[0]["params"]),
+                      "params": int(rs[0]["params"]), "kind": rs[0]["kind"],
+                      "weights_bytes": _mean(rs, "weights_bytes"),
+                      "latency_b1_ms": _mean(rs, "latency_b1_ms"),
+                      "latency_b256_ms": _mean(rs, "latency_b256_ms"),
                       "fit_s": float(np.mean([r["fit_seconds"] for r in rs]))})
     return sorted(board, key=lambda b: -b["mean"])
+
+
+def _mean(rows: list[dict], key: str) -> float | None:
+    """The mean of ``key`` over the rows that recorded it (None: none did)."""
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return float(np.mean(values)) if values else None
+
+
+def teacher_of(rows: list[dict]) -> dict:
+    """The teacher's test accuracy, parameters, weights bytes and CPU latencies, as the newest
+    row recorded them (one cache: one teacher); None where its cache did not record them."""
+    last = rows[-1]
+    return {"accuracy": float(last["teacher_test_accuracy"]), "params": last.get("teacher_params"),
+            "weights_bytes": last.get("teacher_weights_bytes"),
+            "latency_b1_ms": last.get("teacher_latency_b1_ms"),
+            "latency_b256_ms": last.get("teacher_latency_b256_ms")}
+
+
+def _ratio(teacher: float | None, student: float | None) -> str:
+    if not teacher or not student:
+        return "?"
+    r = teacher / student
+    return f"{r:,.0f}×" if r >= 10 else f"{r:.1f}×"
+
+
+def against_teacher(b: dict, teacher: dict) -> str:
+    """One experiment against its teacher, e.g. "55× smaller, 12× faster (batch 1; 9.1× at
+    batch 256), 98.6% of the teacher's accuracy kept". A feature student is a head on the
+    teacher's features: deployed, it runs after the teacher's backbone, so it is smaller but
+    not faster."""
+    kept = f"{100 * b['mean'] / teacher['accuracy']:.1f}% of the teacher's accuracy kept"
+    smaller = f"{_ratio(teacher['params'], b['params'])} smaller"
+    if b.get("kind") == "features":
+        return (f"head {smaller} than the teacher, but it scores the teacher's features: "
+                f"deployed with the teacher's backbone, it is not faster; {kept}")
+    if teacher["latency_b1_ms"] is None:
+        return f"{smaller}, speed not compared (the cache did not record the teacher's latency: rebuild it); {kept}"
+    return (f"{smaller}, {_ratio(teacher['latency_b1_ms'], b['latency_b1_ms'])} faster (batch 1; "
+            f"{_ratio(teacher['latency_b256_ms'], b['latency_b256_ms'])} at batch 256), {kept}")
 
 
 def _text(value) -> str:
@@ -85,7 +127,21 @@ def by_loss_table(board: list[dict]) -> list[dict]:
     return sorted((b for (m, _, _), b in best.items() if m in models), key=lambda b: (b["model"], -b["mean"]))
 
 
-def markdown(board: list[dict], teacher_acc: float, source: str) -> str:
+def _ms(value: float | None) -> str:
+    return "?" if value is None else f"{value:.4g}"
+
+
+def teacher_line(teacher: dict) -> str:
+    def count(value) -> str:
+        return "?" if value is None else f"{value:,}"
+
+    return (f"Teacher: {count(teacher['params'])} params, {count(teacher['weights_bytes'])} bytes "
+            f"of weights, {_ms(teacher['latency_b1_ms'])} / {_ms(teacher['latency_b256_ms'])} ms, "
+            f"test accuracy {teacher['accuracy']:.4f}.")
+
+
+def markdown(board: list[dict], teacher: dict, source: str) -> str:
+    teacher_acc = teacher["accuracy"]
     lines = [f"# Leaderboard: {source}", "",
              f"Teacher test accuracy: {teacher_acc:.4f}. Test accuracy is mean ± std over seeds "
              "(n runs); – marks what a run does not use.", "",
@@ -106,6 +162,14 @@ def markdown(board: list[dict], teacher_acc: float, source: str) -> str:
         for b in by_loss:
             lines.append(f"| {b['model']} | {loss_text(b)} | {b['mean']:.4f} ± {b['std']:.4f} | "
                          f"{b['n']} | {b['agreement']:.4f} | {b['fit_s']:.2f} |")
+    lines += ["", "## Against the teacher (size: parameters; CPU milliseconds per sample at "
+              "batch 1 / 256)", "", teacher_line(teacher),
+              "", "| model | loss | test accuracy | params | ms b1 / b256 | against the teacher |",
+              "|---|---|---|---|---|---|"]
+    for b in board:
+        lines.append(f"| {b['model']} | {loss_text(b)} | {b['mean']:.4f} | {b['params']:,} | "
+                     f"{_ms(b['latency_b1_ms'])} / {_ms(b['latency_b256_ms'])} | "
+                     f"{against_teacher(b, teacher)} |")
     baselines: dict[str, dict] = {}  # the strongest label-only experiment of each model
     for b in board:  # (board is sorted best first)
         if label_only(b["loss"]):
@@ -124,7 +188,7 @@ def markdown(board: list[dict], teacher_acc: float, source: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plots(board: list[dict], teacher_acc: float, out: Path) -> list[Path]:
+def plots(board: list[dict], teacher: dict, out: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -139,14 +203,35 @@ def plots(board: list[dict], teacher_acc: float, out: Path) -> list[Path]:
         plt.close(fig)
         paths.append(path)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for b in board:
-        ax.errorbar(b["params"], b["mean"], yerr=b["std"], fmt="o", capsize=3)
-        ax.annotate(name(b), (b["params"], b["mean"]), fontsize=7)
-    ax.axhline(teacher_acc, ls="--", c="gray", label="teacher")
-    ax.set(xscale="log", xlabel="student parameters", ylabel="test accuracy", title="Accuracy vs size")
-    ax.legend()
-    save(fig, "accuracy_vs_params.png")
+    teacher_acc = teacher["accuracy"]
+
+    def versus_teacher(x_of, teacher_x, xlabel: str, title: str, filename: str, note: str) -> None:
+        """Test accuracy against a cost, one point per experiment and one for the teacher;
+        feature students (a head on the teacher's features) marked apart."""
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for kind, marker, label in (("inputs", "o", "students"), ("features", "s", note)):
+            points = [(x_of(b), b) for b in board if b["kind"] == kind and x_of(b) is not None]
+            for i, (x, b) in enumerate(points):
+                ax.errorbar(x, b["mean"], yerr=b["std"], fmt=marker, capsize=3, c="tab:blue"
+                            if kind == "inputs" else "tab:orange", label=label if i == 0 else None)
+                ax.annotate(name(b), (x, b["mean"]), fontsize=7)
+        if teacher_x is not None:
+            ax.plot([teacher_x], [teacher_acc], "*", ms=14, c="k", label="teacher")
+            ax.annotate("teacher", (teacher_x, teacher_acc), fontsize=8)
+        ax.axhline(teacher_acc, ls="--", c="gray")
+        ax.set(xscale="log", xlabel=xlabel, ylabel="test accuracy", title=title)
+        ax.legend(fontsize=7)
+        save(fig, filename)
+
+    versus_teacher(lambda b: b["params"], teacher["params"], "parameters", "Accuracy vs size",
+                   "accuracy_vs_params.png", "feature students (the head only)")
+    # a feature student's deployed latency is the teacher's (its features) plus the head's
+    head_after_teacher = teacher["latency_b1_ms"] or 0.0
+    versus_teacher(lambda b: None if b["latency_b1_ms"] is None else b["latency_b1_ms"] + (
+                       head_after_teacher if b["kind"] == "features" else 0.0),
+                   teacher["latency_b1_ms"], "CPU latency per sample at batch 1 (ms)",
+                   "Accuracy vs latency", "accuracy_vs_latency.png",
+                   "feature students (teacher + head)")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     series: dict[tuple, list] = {}

@@ -521,9 +521,25 @@ def test_sweep_then_report(env, capsys, tmp_path):
         assert any(line.startswith(f"| {model} | {cells} |") and cell in line for line in text.splitlines()), cell
     out_dir = Path(report["report"]).parent
     assert out_dir == results_dir(cache) / "report"
+    # each experiment against the teacher, from the figures the rows and the cache recorded
+    teacher = open_cache(cache).manifest["teacher"]
+    assert teacher["latency"]["batch_1_ms"] > 0 and teacher["weights_bytes"] > 0
+    assert f"Teacher: {teacher['num_params']:,} params, {teacher['weights_bytes']:,} bytes" in text
+    for r in rows:
+        assert r["teacher_latency_b1_ms"] == teacher["latency"]["batch_1_ms"]
+        assert r["latency_b1_ms"] > 0 and r["latency_b256_ms"] > 0 and r["weights_bytes"] > 0
+    board = {(b["model"], b["loss"]): b for b in report["leaderboard"]}
+    kd = board[("cnn_small", "kd")]
+    smaller = teacher["num_params"] / kd["params"]
+    kept = 100 * kd["mean"] / rows[-1]["teacher_test_accuracy"]
+    line = next(l for l in text.splitlines() if l.startswith("| cnn_small | kd | ") and "smaller" in l)
+    assert f"{smaller:,.0f}× smaller" in line or f"{smaller:.1f}× smaller" in line, line
+    assert " faster (batch 1; " in line and f"{kept:.1f}% of the teacher's accuracy kept" in line
+    svc = next(l for l in text.splitlines() if l.startswith("| linear_svc |") and "smaller" in l)
+    assert "deployed with the teacher's backbone, it is not faster" in svc
     pngs = sorted(out_dir.glob("*.png"))
-    assert [p.name for p in pngs] == ["accuracy_vs_params.png", "accuracy_vs_temperature.png",
-                                      "students_vs_baseline.png"]
+    assert [p.name for p in pngs] == ["accuracy_vs_latency.png", "accuracy_vs_params.png",
+                                      "accuracy_vs_temperature.png", "students_vs_baseline.png"]
     for p in pngs:
         data = p.read_bytes()
         assert len(data) > 1000 and data.startswith(b"\x89PNG\r\n\x1a\n")
