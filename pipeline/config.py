@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 from pipeline.errors import KdError
 
 C = TypeVar("C")
+TRACKERS = ("none", "mlflow")  # tracking=: where student runs are also logged (pipeline.tracking)
 
 
 def path_field(default: str, keywords: tuple[str, ...] = ()) -> Any:
@@ -435,8 +436,11 @@ class StudentConfig:
     seed: int = 0
     device: str = "auto"
     runs_dir: str = path_field("data/runs")
+    tracking: str = "none"  # none | mlflow: also log the run to MLFLOW_TRACKING_URI (pipeline.tracking)
 
     def check(self) -> None:
+        if self.tracking not in TRACKERS:
+            raise KdError(f"tracking={self.tracking!r} is not a tracker; use {' or '.join(TRACKERS)}")
         if self.temperature is not None and not self.temperature > 0:
             raise KdError(f"temperature={self.temperature} must be > 0 (or none for the cache's default)")
         if not 0.0 <= self.alpha <= 1.0:

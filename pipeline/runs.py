@@ -3,8 +3,9 @@
 A run: open the cache, resolve what the run uses (loss, target, temperature, layer: from the
 student's and the loss's declarations), check everything that can fail before any work,
 ``student.fit_cache(data)``, score val and then test exactly once, write the run directory
-(privately, then renamed into place), and append one row to the results table. A killed run
-leaves no row and no run directory.
+(privately, then renamed into place), append one row to the results table, and (with
+``tracking=mlflow``) log a copy to the experiment tracker. A killed run leaves no row and no
+run directory.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pipeline.losses import LOSSES
 from pipeline.paths import cache_path, check_writable
 from pipeline.results import append_row, results_dir
 from pipeline.students import STUDENTS, Student, StudentData, Uses, create_student, uses
+from pipeline.tracking import track
 
 WEIGHTS = "student.safetensors"  # in every run directory
 LATENCY_ROWS = 256  # test rows the prediction latency is timed on (already in memory)
@@ -108,7 +110,9 @@ def train_student(cfg: StudentConfig, progress: bool = True) -> dict:
     row.update(run_id=run_id, time=datetime.now(timezone.utc).isoformat(), run_dir=str(run_dir))
     write_run(run_dir, cfg, student, row, use.kind)
     path = append_row(results_dir(cache.root), row)
-    return {**row, "results": str(path)}
+    # 5. A copy to the experiment tracker, once the run is safe (a failure is a warning).
+    tracked = track(cfg, row, run_dir, getattr(student, "history_", []))
+    return {**row, "results": str(path), "tracking_run_id": tracked}
 
 
 def score(student: Student, data: StudentData, kind: str) -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pipeline.config import StudentConfig, resolve
 from pipeline.runs import train_student
+from pipeline.tracking import tracking_uri
 
 
 def main(args: list[str]) -> dict:
@@ -24,4 +25,6 @@ def main(args: list[str]) -> dict:
           f"agreement {row['teacher_agreement']:.4f} (teacher test {row['teacher_test_accuracy']:.4f}); "
           f"{row['params']:,} params, fit {row['fit_seconds']:.1f}s\n"
           f"run  {row['run_dir']}\nrow  {row['results']}")
+    if row["tracking_run_id"]:
+        print(f"mlflow run {row['tracking_run_id']} (MLFLOW_TRACKING_URI: {tracking_uri()})")
     return row

@@ -830,6 +830,8 @@ CASES: list[Case] = [
          r"temperatures holds -1.0; every temperature must be > 0"),
     Case("report-without-results", STAGE2, "report before any student ran",
          damaged("report", lambda root: None), r"no results for cache .*cache yet .*run `make student`"),
+    Case("unknown-tracker", STAGE2, "tracking=wandb",
+         student_cmd("tracking=wandb"), r"tracking='wandb' is not a tracker; use none or mlflow"),
     Case("export-without-run", EXPORT, "export with no run=",
          lambda tmp: ["export"], r"export needs run=RUN_DIR"),
     Case("export-run-missing", EXPORT, "run= a directory that does not exist",

@@ -117,14 +117,16 @@ def test_skops_round_trip(model, caches, tmp_path, capsys):
         assert record["calibration_temperature"] is None and row["calibration_temperature"] is None
 
 
-def test_export_without_its_packages(caches, tmp_path, capsys, monkeypatch):
-    run_dir, _ = trained(capsys, caches["digits"], tmp_path / "runs", "mlp")
+@pytest.mark.parametrize("model, format, module", [("mlp", "onnx", "onnxruntime"),
+                                                   ("logreg", "skops", "skops")])
+def test_export_without_its_packages(model, format, module, caches, tmp_path, capsys, monkeypatch):
+    run_dir, _ = trained(capsys, caches["digits"], tmp_path / "runs", model)
     before = sorted(p.name for p in run_dir.iterdir())
-    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now fails
+    monkeypatch.setitem(sys.modules, module, None)  # `import MODULE` now fails
     capsys.readouterr()
     assert main(["export", f"run={run_dir}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["kdcache export: error: format=onnx needs onnxruntime, not installed here; "
+    assert err == [f"kdcache export: error: format={format} needs {module}, not installed here; "
                    "pip install 'kdcache[export]'"]
     assert sorted(p.name for p in run_dir.iterdir()) == before
 

@@ -24,6 +24,7 @@ def summarise(root: Path, manifest: dict) -> dict:
         "augment": (manifest.get("augment") or {}).get("policy"),
         "augment_seed": (manifest.get("augment") or {}).get("seed"),
         "format_version": manifest["format_version"],
+        "teacher_cost": {k: manifest["teacher"].get(k) for k in ("num_params", "weights_bytes", "latency")},
         "bytes": manifest.get("bytes") or sum(p.stat().st_size for p in root.rglob("*") if p.is_file()),
     }
     if manifest["status"] != "complete":
@@ -45,6 +46,12 @@ def describe(s: dict) -> str:
         f"default temperature {s['temperature']:g}",
         f"on disk    {s['bytes'] / 1e6:.2f} MB",
     ]
+    cost = s["teacher_cost"]
+    if cost["latency"]:  # (caches built before kdcache measured it have none)
+        lat = cost["latency"]
+        lines.insert(5, f"teacher    {cost['num_params']:,} params, {cost['weights_bytes'] / 1e6:.2f} MB; CPU "
+                        f"{lat['batch_1_ms']:.4g} ms/sample at batch 1, {lat['batch_256_ms']:.4g} at "
+                        f"batch 256 ({lat['threads']} threads)")
     if s["augment"]:
         lines.insert(5, f"views      train {s['views']['train']} (view 0 as is, the rest augment="
                         f"{s['augment']}, seed {s['augment_seed']}); val and test 1")

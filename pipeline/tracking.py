@@ -1,0 +1,89 @@
+"""Experiment tracking: every student run also logged to MLflow, with ``tracking=mlflow``.
+
+kdcache's results table stays the source of truth; the tracker gets a copy. The run directory
+and its results row are written *before* tracking starts, so a tracking failure (MLflow not
+installed, a store that refuses the run) costs one warning line on stderr, never the run.
+
+The store is MLflow's: ``MLFLOW_TRACKING_URI`` (``sqlite:///mlflow.db`` works offline;
+``http://HOST:5000`` for a tracking server). One MLflow experiment per cache,
+``kdcache/<cache name>``; one MLflow run per student run, named by kdcache's run id, with
+
+- params: the run's resolved config (every StudentConfig key; None as ``None``);
+- metrics: the results row's numbers (test_accuracy, val_accuracy, teacher_agreement, ...),
+  and each epoch's training loss, validation accuracy and loss as series ``epoch/train_loss``,
+  ``epoch/val_accuracy``, ``epoch/val_loss`` (step = epoch);
+- tags: ``kdcache.run_id``, ``kdcache.cache``, ``kdcache.model``, ``kdcache.loss`` and the
+  teacher's and dataset's fingerprints;
+- artifacts: the run directory (config.json, metrics.json, student.safetensors, log.jsonl).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from pathlib import Path
+
+from pipeline.config import StudentConfig, to_dict
+
+MAX_PARAM = 6000  # characters MLflow stores per param value
+
+
+def track(cfg: StudentConfig, row: dict, run_dir: Path, history: list[dict]) -> str | None:
+    """Log one finished run to ``cfg.tracking``; returns the tracker's run id (None: no
+    tracking, or it failed and said so in one warning line)."""
+    if cfg.tracking == "none":
+        return None
+    try:
+        return _mlflow(cfg, row, run_dir, history)
+    except Exception as exc:  # the run is already saved: a tracker must never lose it
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        print(f"kdcache: warning: tracking={cfg.tracking} failed ({type(exc).__name__}: {first}); "
+              f"the run is saved in {run_dir} and the results table", file=sys.stderr)
+        return None
+
+
+def _mlflow(cfg: StudentConfig, row: dict, run_dir: Path, history: list[dict]) -> str:
+    try:
+        import mlflow
+    except ImportError:
+        raise ImportError("mlflow is not installed: pip install 'kdcache[tracking]'") from None
+
+    with _quiet("mlflow", "alembic"):
+        mlflow.set_experiment(f"kdcache/{Path(row['cache']).name}")
+        with mlflow.start_run(run_name=row["run_id"]) as active:
+            mlflow.log_params({k: str(v)[:MAX_PARAM] for k, v in to_dict(cfg).items()})
+            mlflow.log_metrics({k: float(v) for k, v in row.items()
+                                if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            for entry in history:
+                if "epoch" in entry:
+                    mlflow.log_metrics({f"epoch/{k}": float(v) for k, v in entry.items() if k != "epoch"
+                                        and isinstance(v, (int, float)) and not isinstance(v, bool)},
+                                       step=int(entry["epoch"]))
+            mlflow.set_tags({"kdcache.run_id": row["run_id"], "kdcache.cache": row["cache"],
+                             "kdcache.model": row["model"], "kdcache.loss": str(row["loss"]),
+                             "kdcache.teacher_fingerprint": row["teacher_fingerprint"],
+                             "kdcache.dataset_fingerprint": row["dataset_fingerprint"]})
+            mlflow.log_artifacts(str(run_dir))
+            return active.info.run_id
+
+
+def tracking_uri() -> str:
+    """Where MLflow logs (MLFLOW_TRACKING_URI, or MLflow's default)."""
+    import mlflow
+
+    return mlflow.get_tracking_uri()
+
+
+@contextlib.contextmanager
+def _quiet(*loggers: str):
+    """MLflow and its database migrations log INFO lines on every first use of a store: the
+    user asked for kdcache's summary."""
+    saved = {name: logging.getLogger(name).level for name in loggers}
+    for name in loggers:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
