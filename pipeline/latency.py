@@ -3,8 +3,9 @@ so "N× faster" compares like with like.
 
 One protocol: on the CPU, with the process's torch threads, on real rows already in memory
 (reading them is not the model's cost); for each batch size one untimed warm-up call, then
-timed calls until at least ``MIN_CALLS`` and ``MIN_SECONDS`` or ``MAX_SECONDS`` have passed
-(at least one timed call); the median call divided by the batch size. Batch 1 is the latency
+timed calls until at least ``MIN_CALLS`` calls and ``MIN_SECONDS`` have passed, or
+``MAX_SECONDS`` (so a slow model may get fewer calls, at least one); the median call divided
+by the batch size. Batch 1 is the latency
 of serving one request; batch 256 the cost per sample of bulk scoring.
 """
 

@@ -67,11 +67,12 @@ def teacher_of(rows: list[dict]) -> dict:
             "latency_b256_ms": last.get("teacher_latency_b256_ms")}
 
 
-def _ratio(teacher: float | None, student: float | None) -> str:
+def _ratio(teacher: float | None, student: float | None, better: str, worse: str) -> str:
+    """``"55× smaller"``, or ``"1.6× larger"`` when the student costs more than the teacher."""
     if not teacher or not student:
-        return "?"
-    r = teacher / student
-    return f"{r:,.0f}×" if r >= 10 else f"{r:.1f}×"
+        return f"? {better}"
+    r, word = (teacher / student, better) if teacher >= student else (student / teacher, worse)
+    return (f"{r:,.0f}×" if r >= 10 else f"{r:.1f}×") + f" {word}"
 
 
 def against_teacher(b: dict, teacher: dict) -> str:
@@ -80,14 +81,15 @@ def against_teacher(b: dict, teacher: dict) -> str:
     teacher's features: deployed, it runs after the teacher's backbone, so it is smaller but
     not faster."""
     kept = f"{100 * b['mean'] / teacher['accuracy']:.1f}% of the teacher's accuracy kept"
-    smaller = f"{_ratio(teacher['params'], b['params'])} smaller"
+    smaller = _ratio(teacher["params"], b["params"], "smaller", "larger")
     if b.get("kind") == "features":
         return (f"head {smaller} than the teacher, but it scores the teacher's features: "
                 f"deployed with the teacher's backbone, it is not faster; {kept}")
     if teacher["latency_b1_ms"] is None:
         return f"{smaller}, speed not compared (the cache did not record the teacher's latency: rebuild it); {kept}"
-    return (f"{smaller}, {_ratio(teacher['latency_b1_ms'], b['latency_b1_ms'])} faster (batch 1; "
-            f"{_ratio(teacher['latency_b256_ms'], b['latency_b256_ms'])} at batch 256), {kept}")
+    return (f"{smaller}, {_ratio(teacher['latency_b1_ms'], b['latency_b1_ms'], 'faster', 'slower')} "
+            f"(batch 1; {_ratio(teacher['latency_b256_ms'], b['latency_b256_ms'], 'faster', 'slower')} "
+            f"at batch 256), {kept}")
 
 
 def _text(value) -> str:
@@ -225,10 +227,14 @@ def plots(board: list[dict], teacher: dict, out: Path) -> list[Path]:
 
     versus_teacher(lambda b: b["params"], teacher["params"], "parameters", "Accuracy vs size",
                    "accuracy_vs_params.png", "feature students (the head only)")
-    # a feature student's deployed latency is the teacher's (its features) plus the head's
-    head_after_teacher = teacher["latency_b1_ms"] or 0.0
-    versus_teacher(lambda b: None if b["latency_b1_ms"] is None else b["latency_b1_ms"] + (
-                       head_after_teacher if b["kind"] == "features" else 0.0),
+    # a feature student's deployed latency is the teacher's (its features) plus the head's;
+    # without the teacher's (a cache built before kdcache measured it) it is left out
+    def deployed_latency(b: dict) -> float | None:
+        if b["latency_b1_ms"] is None or b["kind"] != "features":
+            return b["latency_b1_ms"]
+        return None if teacher["latency_b1_ms"] is None else teacher["latency_b1_ms"] + b["latency_b1_ms"]
+
+    versus_teacher(deployed_latency,
                    teacher["latency_b1_ms"], "CPU latency per sample at batch 1 (ms)",
                    "Accuracy vs latency", "accuracy_vs_latency.png",
                    "feature students (teacher + head)")

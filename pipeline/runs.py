@@ -32,7 +32,7 @@ from pipeline.losses import LOSSES
 from pipeline.paths import cache_path, check_writable
 from pipeline.results import append_row, results_dir
 from pipeline.students import STUDENTS, Student, StudentData, Uses, create_student, uses
-from pipeline.tracking import track
+from pipeline.tracking import check_tracking, track
 
 WEIGHTS = "student.safetensors"  # in every run directory
 LATENCY_ROWS = 256  # test rows the prediction latency is timed on (already in memory)
@@ -72,6 +72,7 @@ def resolve_run(cfg: StudentConfig, cache: TeacherCache) -> tuple[StudentConfig,
 def train_student(cfg: StudentConfig, progress: bool = True) -> dict:
     """Run one student; returns its results row plus ``results`` (the row's file)."""
     # 1. The cache, and every check that can fail before any work is done.
+    check_tracking(cfg)
     cache = open_cache(cache_path(cfg))
     cfg, use = resolve_run(cfg, cache)
     check_writable(Path(cfg.runs_dir) / cache.root.name, "runs_dir")  # before training, not after
@@ -108,7 +109,13 @@ def train_student(cfg: StudentConfig, progress: bool = True) -> dict:
                                   f"s{cfg.seed}", secrets.token_hex(3)) if p)
     run_dir = Path(cfg.runs_dir) / cache.root.name / run_id
     row.update(run_id=run_id, time=datetime.now(timezone.utc).isoformat(), run_dir=str(run_dir))
-    write_run(run_dir, cfg, student, row, use.kind)
+    from safetensors.numpy import save
+
+    weights = save({k: np.ascontiguousarray(v) for k, v in student.tensors().items()},
+                   metadata={"model": cfg.model, "kind": use.kind,
+                             "params": json.dumps(student.get_params(), default=str)})
+    row["weights_bytes"] = len(weights)  # the student's size on disk, as saved
+    write_run(run_dir, cfg, weights, student, row)
     path = append_row(results_dir(cache.root), row)
     # 5. A copy to the experiment tracker, once the run is safe (a failure is a warning).
     tracked = track(cfg, row, run_dir, getattr(student, "history_", []))
@@ -156,18 +163,13 @@ def teacher_cost(cache: TeacherCache) -> dict:
             "teacher_latency_b256_ms": latency.get("batch_256_ms")}
 
 
-def write_run(run_dir: Path, cfg: StudentConfig, student: Student, row: dict, kind: str) -> None:
+def write_run(run_dir: Path, cfg: StudentConfig, weights: bytes, student: Student, row: dict) -> None:
     """``config.json`` (the run's resolved config), ``student.safetensors``, ``metrics.json``
     and ``log.jsonl``, assembled in a private directory and renamed into place."""
-    from safetensors.numpy import save
-
     tmp = run_dir.parent / f".{run_dir.name}.incomplete"
     tmp.mkdir(parents=True)
     try:
         save_config(cfg, tmp / "config.json")
-        meta = {"model": cfg.model, "kind": kind, "params": json.dumps(student.get_params(), default=str)}
-        weights = save({k: np.ascontiguousarray(v) for k, v in student.tensors().items()}, metadata=meta)
-        row["weights_bytes"] = len(weights)  # the student's size on disk
         atomic_write_bytes(tmp / WEIGHTS, weights)
         atomic_write_text(tmp / "metrics.json", json.dumps(row, indent=2, default=str) + "\n")
         history = getattr(student, "history_", [])

@@ -1,8 +1,9 @@
 """Experiment tracking: every student run also logged to MLflow, with ``tracking=mlflow``.
 
 kdcache's results table stays the source of truth; the tracker gets a copy. The run directory
-and its results row are written *before* tracking starts, so a tracking failure (MLflow not
-installed, a store that refuses the run) costs one warning line on stderr, never the run.
+and its results row are written *before* tracking starts, so a tracking failure (a store that
+refuses the run, a server that is down) costs one warning line on stderr, never the run;
+MLflow missing altogether is refused before training, like any bad input.
 
 The store is MLflow's: ``MLFLOW_TRACKING_URI`` (``sqlite:///mlflow.db`` works offline;
 ``http://HOST:5000`` for a tracking server). One MLflow experiment per cache,
@@ -25,8 +26,19 @@ import sys
 from pathlib import Path
 
 from pipeline.config import StudentConfig, to_dict
+from pipeline.errors import KdError
 
 MAX_PARAM = 6000  # characters MLflow stores per param value
+
+
+def check_tracking(cfg: StudentConfig) -> None:
+    """Refuse, before any training, a tracker that is not installed."""
+    if cfg.tracking == "mlflow":
+        try:
+            import mlflow  # noqa: F401
+        except ImportError:
+            raise KdError("tracking=mlflow needs mlflow, not installed here; pip install "
+                          "'kdcache[tracking]' (or drop tracking=)") from None
 
 
 def track(cfg: StudentConfig, row: dict, run_dir: Path, history: list[dict]) -> str | None:
@@ -44,10 +56,7 @@ def track(cfg: StudentConfig, row: dict, run_dir: Path, history: list[dict]) -> 
 
 
 def _mlflow(cfg: StudentConfig, row: dict, run_dir: Path, history: list[dict]) -> str:
-    try:
-        import mlflow
-    except ImportError:
-        raise ImportError("mlflow is not installed: pip install 'kdcache[tracking]'") from None
+    import mlflow
 
     with _quiet("mlflow", "alembic"):
         mlflow.set_experiment(f"kdcache/{Path(row['cache']).name}")

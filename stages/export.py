@@ -22,6 +22,6 @@ def main(args: list[str]) -> dict:
     print(f"checked on {check['rows']:,} test rows: max |logit difference| "
           f"{check['max_abs_logit_diff']:.2e}, predictions agree {check['predictions_agree']:,}"
           f"/{check['rows']:,}, test accuracy {check['test_accuracy']:.4f} (the run recorded "
-          f"{record['recorded_test_accuracy']:.4f})")
+          f"{record['recorded_test_accuracy'] or float('nan'):.4f})")
     print(f"how to feed it: {run.root / 'export.json'}")
     return record

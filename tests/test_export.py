@@ -143,3 +143,63 @@ def test_a_failed_check_leaves_nothing(caches, tmp_path, capsys, monkeypatch):
     assert main(["export", f"run={run_dir}"]) == 2
     assert "does not reproduce run" in capsys.readouterr().err
     assert sorted(p.name for p in run_dir.iterdir()) == before
+
+
+def test_non_finite_exported_scores_are_refused(caches, tmp_path, capsys, monkeypatch):
+    import pipeline.export
+
+    run_dir, _ = trained(capsys, caches["digits"], tmp_path / "runs", "mlp")
+    before = sorted(p.name for p in run_dir.iterdir())
+    real = pipeline.export._onnx_scorer
+
+    def broken(path):  # an exported graph that emits NaN for one row
+        score = real(path)
+
+        def scores(x):
+            out = score(x).copy()
+            out[0, 0] = np.nan
+            return out
+        return scores
+
+    monkeypatch.setattr(pipeline.export, "_onnx_scorer", broken)
+    capsys.readouterr()
+    assert main(["export", f"run={run_dir}"]) == 2
+    assert "non-finite scores on test rows 0.." in capsys.readouterr().err
+    assert sorted(p.name for p in run_dir.iterdir()) == before
+
+
+def test_a_rebuilt_cache_is_not_the_run_s_cache(caches, tmp_path, capsys):
+    """The same path holding another teacher's cache: export refuses to check against it."""
+    import shutil
+
+    cache = Path(shutil.copytree(caches["digits"], tmp_path / "cache"))
+    run_dir, _ = trained(capsys, cache, tmp_path / "runs", "logreg")
+    shutil.rmtree(cache)
+    build(cache, tmp_path, dataset="digits", teacher="cnn_small", teacher_ckpt="random", seed=1)
+    capsys.readouterr()
+    assert main(["export", f"run={run_dir}"]) == 2
+    assert "now holds another teacher" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model", ["linear_svc", "mlp"])
+def test_two_classes(model, tmp_path, capsys):
+    """Binary: scikit-learn's one margin per row, kdcache's two class scores."""
+    import onnxruntime as ort
+    import skops.io as sio
+
+    cache = tmp_path / "binary"
+    build(cache, tmp_path, dataset="synthetic:200:2x16:2", teacher="mlp")
+    run_dir, row = trained(capsys, cache, tmp_path / "runs", model)
+    record = run_cli(capsys, "export", f"run={run_dir}")
+    assert record["check"]["predictions_agree"] == record["check"]["rows"]
+    c = open_cache(cache)
+    if model == "linear_svc":
+        margins = sio.load(run_dir / "student.skops").decision_function(
+            c.features("test", "embed").astype(np.float32))
+        assert margins.ndim == 1 and "[-m, m]" in record["scores"]
+        assert np.mean((margins > 0).astype(int) == c.labels("test")) == row["test_accuracy"]
+    else:
+        session = ort.InferenceSession(str(run_dir / "student.onnx"))
+        raw, labels = raw_test_rows(cache)
+        logits = session.run(None, {"input": raw.astype(np.float32)})[0]  # synthetic: not normalised
+        assert logits.shape == (len(labels), 2)

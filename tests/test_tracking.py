@@ -14,7 +14,7 @@ from conftest import run_cli
 from pipeline.results import read_results, results_dir
 from stages.cli import main
 
-mlflow = pytest.importorskip("mlflow")
+import mlflow
 
 
 @pytest.fixture
@@ -59,26 +59,30 @@ def test_a_sweep_tracks_every_run(store, cache, tmp_path, capsys):
     assert sorted(r.info.run_name for r in runs) == sorted(r["run_id"] for r in rows)
 
 
-@pytest.mark.parametrize("broken", ["store", "package"])
-def test_a_tracking_failure_is_one_warning_and_keeps_the_run(broken, cache, tmp_path, capsys,
-                                                             monkeypatch):
-    if broken == "store":  # a database path under a regular file: the store cannot be created
-        (tmp_path / "afile").write_text("not a directory")
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'afile' / 'mlflow.db'}")
-        mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'afile' / 'mlflow.db'}")
-    else:
-        monkeypatch.setitem(sys.modules, "mlflow", None)  # `import mlflow` fails
+def test_a_tracking_failure_is_one_warning_and_keeps_the_run(cache, tmp_path, capsys, monkeypatch):
+    (tmp_path / "afile").write_text("not a directory")  # a database under a file: no store
+    uri = f"sqlite:///{tmp_path / 'afile' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
     capsys.readouterr()
     try:
         rc = main(["student", f"cache={cache}", f"runs_dir={tmp_path / 'runs'}", "model=logreg",
                    "tracking=mlflow"])
     finally:
-        if broken == "store":
-            mlflow.set_tracking_uri("")
+        mlflow.set_tracking_uri("")
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 0
     assert len(err) == 1 and err[0].startswith("kdcache: warning: tracking=mlflow failed ("), err
-    if broken == "package":
-        assert "pip install 'kdcache[tracking]'" in err[0]
     (row,) = read_results(results_dir(cache)).to_pylist()
     assert Path(row["run_dir"]).is_dir() and row["run_dir"] in err[0]
+
+
+def test_tracking_without_mlflow_is_refused_before_training(cache, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # `import mlflow` fails
+    capsys.readouterr()
+    rc = main(["student", f"cache={cache}", f"runs_dir={tmp_path / 'runs'}", "model=logreg",
+               "tracking=mlflow"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == ["kdcache student: error: tracking=mlflow needs mlflow, not installed "
+                               "here; pip install 'kdcache[tracking]' (or drop tracking=)"]
+    assert read_results(results_dir(cache)).num_rows == 0 and not (tmp_path / "runs").exists()

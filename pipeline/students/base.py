@@ -58,6 +58,16 @@ class Student(BaseEstimator, ClassifierMixin):
         ``input_shape`` into ``num_classes`` classes. Returns self."""
         raise NotImplementedError
 
+    def deployed_module(self):
+        """Torch students: the trained network as a plain ``nn.Module`` on the CPU, input ->
+        logits (what ``kdcache export format=onnx`` exports)."""
+        raise NotImplementedError
+
+    def to_sklearn(self):
+        """scikit-learn students: the trained student as one plain scikit-learn estimator
+        (what ``kdcache export format=skops`` saves)."""
+        raise NotImplementedError
+
     def cpu_predict(self) -> Callable[[np.ndarray], object]:
         """``predict(batch)``: the deployed student scoring one batch on the CPU, the call
         :mod:`pipeline.latency` times."""

@@ -3,8 +3,6 @@ teacher targets. The architectures are the teacher registry's, built narrower.""
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import torch
 from torch import nn
@@ -172,6 +170,7 @@ class TorchStudent(Student):
         self.device_ = runtime.pick_device(self.device)
         torch.manual_seed(self.seed)
         self.classes_ = np.arange(num_classes)
+        self.input_shape_ = tuple(input_shape)
         width = self.width or STUDENT_WIDTHS.get(self.arch, 0)
         self.student_layer_ = None
         layer, pool = DEFAULT_LAYER, True
@@ -228,28 +227,25 @@ class TorchStudent(Student):
         self.model_.net.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()})
         self.model_.eval()
         self.classes_, self.device_ = np.arange(num_classes), torch.device("cpu")
+        self.input_shape_ = tuple(input_shape)
         return self
 
     def deployed_module(self) -> nn.Module:
-        """A CPU copy of the trained network that returns the logits only (no features, no
-        loss head): what is timed and exported."""
-        return _Logits(copy.deepcopy(self.model_.net).cpu().eval())
+        """The trained network as a plain module on the CPU, input -> logits: without the
+        feature taps and the loss's training-only head. What is timed and exported."""
+        width = self.width or STUDENT_WIDTHS.get(self.arch, 0)
+        base = TEACHERS.get(self.arch)
+        net = base(self.input_shape_, len(self.classes_), width) if width else base(
+            self.input_shape_, len(self.classes_))
+        # the taps' graph module keeps the network's own submodule names, under "extractor."
+        net.load_state_dict({k.removeprefix("extractor."): v.detach().cpu()
+                             for k, v in self.model_.net.state_dict().items()})
+        return net.eval()
 
     def cpu_predict(self):
         from pipeline.latency import torch_predict
 
         return torch_predict(self.deployed_module())
-
-
-class _Logits(nn.Module):
-    """A tapped network without its taps: input -> logits."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)[0]
 
 
 def _with_soft_targets(batches: training.Batches, T: float, standardize: bool) -> training.Batches:
