@@ -93,7 +93,7 @@ class CacheConfig(TeacherConfig):
 
     cache: str = path_field("")  # "" = <cache_root>/<dataset>-<teacher>
     cache_root: str = path_field("data/caches")
-    layers: tuple[str, ...] = ()  # feature taps by node name; () = the penultimate layer
+    layers: tuple[str, ...] = ()  # feature taps by node name; () = the penultimate layer; none = logits only
     pool: bool = True  # global-average-pool spatial feature maps to vectors
     dtype: str = "float16"  # float16 | float32
     compression: str = "none"  # none | zstd: ~10% smaller on dense features, ~2x slower to stream
@@ -124,6 +124,9 @@ class CacheConfig(TeacherConfig):
     def check(self) -> None:
         super().check()
         _positive(self, "temperature", "shard_size", "infer_batch_size", "workers")
+        if "none" in self.layers and len(self.layers) > 1:
+            raise KdError(f"layers={','.join(self.layers)} names layers beside none; pass layers=none "
+                          "for the logits only, or the layers to tap")
         if self.chunk_size < 0:
             raise KdError(f"chunk_size={self.chunk_size} must be >= 0 (0 = auto)")
         if self.dtype not in ("float16", "float32"):
@@ -386,7 +389,12 @@ def save_config(cfg: Any, path: str | os.PathLike) -> None:
     """Write the resolved config as JSON beside an artifact (atomically)."""
     from pipeline.io import atomic_write_text
 
+    from pipeline.plugins import identities
+
     payload = {"kind": type(cfg).__name__, "config": to_dict(cfg)}
+    plugins = identities(cfg)
+    if plugins:  # the code outside kdcache that the config names, and its version
+        payload["plugins"] = plugins
     atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 

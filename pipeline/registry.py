@@ -11,6 +11,10 @@ An entry may *declare* what it needs, once, at registration: a registry built wi
 silent default). Everything that depends on an entry's needs (which cached arrays a student
 reads, whether a run records a temperature, which sweep axes apply) reads
 :meth:`Registry.declared` instead of keeping its own list of names.
+
+Entries may also come from outside kdcache (:mod:`pipeline.plugins`): a name that is not
+registered but is an import path ``pkg.module:attr`` or an installed entry point of the kind's
+group is imported on first use, adapted (``adapt``), and registered under that name.
 """
 
 from __future__ import annotations
@@ -31,11 +35,15 @@ class Registry(Generic[T]):
     >>> losses.get("ce"), losses.declared("ce").logits
     """
 
-    def __init__(self, kind: str, declaration: type | None = None):
+    def __init__(self, kind: str, declaration: type | None = None,
+                 adapt: Callable[[str, Any], T] | None = None):
         self.kind = kind
         self.declaration = declaration  # a frozen dataclass, or None: entries declare nothing
+        self.adapt = adapt  # (name, imported plugin object) -> the entry (default: the object)
         self._entries: dict[str, T] = {}
         self._declared: dict[str, Any] = {}
+        self._plugins: set[str] = set()  # names loaded through pipeline.plugins
+        self._families: dict[str, tuple[Callable[[str], T], str]] = {}
 
     def register(self, name: str, **declared: Any) -> Callable[[T], T]:
         if self.declaration is None and declared:
@@ -55,14 +63,62 @@ class Registry(Generic[T]):
         """Remove an entry (plugins and tests that register one for a while)."""
         self.get(name)
         del self._entries[name], self._declared[name]
+        self._plugins.discard(name)
 
     def get(self, name: str) -> T:
+        if name not in self._entries:
+            self._load_plugin(name)
         try:
             return self._entries[name]
         except KeyError:
             raise KdError(
-                f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}"
+                f"unknown {self.kind} {name!r}; known: {', '.join(self.names())} (or a plugin: "
+                "pkg.module:attr)"
             ) from None
+
+    def register_family(self, prefix: str, make: Callable[[str], T], package: str) -> None:
+        """Entries named ``PREFIX:ARG``, made on first use by ``make(ARG)`` from the installed
+        ``package`` (e.g. ``timm:NAME``: any timm model; the package's version is part of the
+        entry's identity)."""
+        self._families[prefix] = (make, package)
+
+    def _load_plugin(self, name: str) -> None:
+        from pipeline import plugins
+
+        prefix, sep, arg = name.partition(":")
+        if sep and prefix in self._families:
+            self.register(name)(self._families[prefix][0](arg))
+            self._plugins.add(name)
+            return
+        obj = plugins.resolve(self.kind, name)
+        if obj is None:
+            return
+        declared = getattr(obj, "kdcache_needs", {})
+        entry = self.adapt(name, obj) if self.adapt else obj
+        try:
+            self.register(name, **declared)(entry)
+            self._plugins.add(name)
+        except (TypeError, ValueError) as exc:  # a declaration the registry does not take
+            raise KdError(f"{self.kind} {name} declares {declared or 'nothing'}, which does not "
+                          f"fit a {self.kind} ({exc}); declare its needs with "
+                          "@pipeline.plugins.declare(...)") from None
+
+    def identity(self, name: str) -> dict | None:
+        """A plugin entry's identity (:func:`pipeline.plugins.identity`); None for entries
+        registered in code (kdcache's own, or a caller's)."""
+        from pipeline import plugins
+
+        self.get(name)
+        if name not in self._plugins:
+            return None
+        prefix = name.partition(":")[0]
+        if prefix in self._families:
+            import importlib.metadata
+
+            package = self._families[prefix][1]
+            return {"name": name, "import": None, "package": package,
+                    "version": importlib.metadata.version(package)}
+        return plugins.identity(self.kind, name)
 
     def declared(self, name: str) -> Any:
         """What entry ``name`` declared at registration (an instance of ``declaration``)."""
@@ -70,7 +126,11 @@ class Registry(Generic[T]):
         return self._declared[name]
 
     def names(self) -> list[str]:
-        return sorted(self._entries)
+        """Registered names and installed entry points (plugins loaded by import path too)."""
+        from pipeline import plugins
+
+        return sorted(set(self._entries) | set(plugins.entry_points(self.kind)))
+
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries

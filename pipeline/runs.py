@@ -51,6 +51,11 @@ def resolve_run(cfg: StudentConfig, cache: TeacherCache) -> tuple[StudentConfig,
         temperature = cfg.temperature if cfg.temperature is not None else cache.temperature
     layer = None
     if use.layer:
+        if not cache.layers:
+            what = f"loss {use.loss}" if use.loss else f"model {cfg.model}"
+            raise KdError(f"cache {cache.root} holds no features (it was built with layers=none), "
+                          f"and {what} reads them; train from the logits (e.g. model=cnn_small "
+                          "loss=kd) or rebuild the cache with layers=NAME")
         layer = cfg.layer or cache.layers[0]
         if layer not in cache.layers:
             raise KdError(f"cache {cache.root} holds no layer {layer!r}; it holds {', '.join(cache.layers)}")
@@ -105,8 +110,10 @@ def train_student(cfg: StudentConfig, progress: bool = True) -> dict:
 
     # 4. The run directory (written privately, then renamed), then the results row.
     what = cfg.loss or (cfg.target and f"target-{cfg.target}")
-    run_id = "-".join(p for p in (f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}", cfg.model, what,
-                                  f"s{cfg.seed}", secrets.token_hex(3)) if p)
+    # a plugin's name (pkg.module:Class) becomes pkg.module-Class: no colons in file names
+    run_id = "-".join(p.replace(":", "-") for p in (
+        f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}", cfg.model, what, f"s{cfg.seed}",
+        secrets.token_hex(3)) if p)
     run_dir = Path(cfg.runs_dir) / cache.root.name / run_id
     row.update(run_id=run_id, time=datetime.now(timezone.utc).isoformat(), run_dir=str(run_dir))
     from safetensors.numpy import save

@@ -24,10 +24,31 @@ from pipeline.errors import KdError
 from pipeline.registry import Registry
 
 Factory = Callable[[tuple[int, ...], int], nn.Module]
-TEACHERS: Registry[Factory] = Registry("teacher")
+
+
+def _plugin_teacher(name: str, factory: Factory) -> Factory:
+    """A plugin's factory, checked: it must return a torch module (pipeline.plugins)."""
+    def build(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+        try:
+            model = factory(tuple(input_shape), int(num_classes))
+        except KdError:
+            raise
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [""])[0][:160]
+            raise KdError(f"teacher {name}: factory(input_shape={tuple(input_shape)}, "
+                          f"num_classes={num_classes}) raised {type(exc).__name__}: {first}") from None
+        if not isinstance(model, nn.Module):
+            raise KdError(f"teacher {name} returned a {type(model).__name__}, not a torch.nn.Module; "
+                          "a teacher plugin is factory(input_shape, num_classes) -> nn.Module")
+        return model
+    return build
+
+
+TEACHERS: Registry[Factory] = Registry("teacher", adapt=_plugin_teacher)
 
 # Layer tapped when the user names none: the pooled penultimate activations.
 DEFAULT_LAYER = "embed"
+ONNX = "onnx"  # teacher=onnx teacher_ckpt=MODEL.onnx (pipeline.onnx_teacher)
 
 
 def _head(width: int, num_classes: int) -> list[tuple[str, nn.Module]]:
@@ -139,6 +160,42 @@ for _name in ("resnet18", "mobilenet_v3_small"):
     TEACHERS.register(_name)(_torchvision(_name))
 
 
+def _timm(name: str) -> Factory:
+    """``teacher=timm:NAME``: any timm classification model, built for the dataset's classes
+    and input channels (random init; ``teacher_ckpt=PATH`` loads weights, ``pretrained=true``
+    starts teacher training from timm's locally cached weights)."""
+    try:
+        import timm
+    except ImportError:
+        raise KdError(f"teacher=timm:{name} needs timm, not installed here; pip install "
+                      "'kdcache[timm]'") from None
+    if not timm.is_model(name):
+        import difflib
+
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+        raise KdError(f"timm has no model {name!r}" + (f"; close: {', '.join(close)}" if close else
+                      "; list them with python -c 'import timm; print(timm.list_models())'"))
+
+    def factory(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+        if len(input_shape) != 3:
+            raise KdError(f"teacher timm:{name} needs images shaped (C, H, W), not "
+                          f"{tuple(input_shape)}; pick another teacher (teacher=mlp fits any shape)")
+        return timm.create_model(name, pretrained=False, num_classes=num_classes,
+                                 in_chans=input_shape[0])
+
+    factory.__doc__ = f"timm's {name}."
+    return factory
+
+
+TEACHERS.register_family("timm", _timm, package="timm")
+
+
+@TEACHERS.register(ONNX)
+def onnx_graph(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """An ONNX model file run by onnxruntime (teacher=onnx teacher_ckpt=MODEL.onnx)."""
+    raise KdError("teacher=onnx runs a model file: pass teacher_ckpt=MODEL.onnx")
+
+
 def auto_teacher(input_shape: tuple[int, ...]) -> str:
     """teacher=auto: pick a built-in by the input's rank."""
     if len(input_shape) == 1:
@@ -166,7 +223,16 @@ class TeacherSpec:
     fingerprint: str = field(default="", compare=False)
 
 
-def create_teacher(arch: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+def create_teacher(arch: str, input_shape: tuple[int, ...], num_classes: int,
+                   ckpt: str = "") -> nn.Module:
+    """An untrained teacher ``arch`` for these inputs; ``teacher=onnx`` is its model file
+    ``ckpt`` (an ONNX graph comes with its weights)."""
+    if arch == ONNX:
+        if ckpt in ("", "random"):
+            raise KdError("teacher=onnx runs a model file: pass teacher_ckpt=MODEL.onnx")
+        from pipeline.onnx_teacher import OnnxTeacher
+
+        return OnnxTeacher(ckpt, tuple(input_shape), int(num_classes))
     return TEACHERS.get(arch)(tuple(input_shape), int(num_classes))
 
 
@@ -234,6 +300,11 @@ def state_fingerprint(model: nn.Module, arch: str, input_shape, num_classes: int
     torch.save files are not byte-stable, so the file itself is never hashed.
     """
     h = hashlib.sha256(repr((arch, tuple(input_shape), int(num_classes))).encode())
+    plugin = TEACHERS.identity(arch) if arch in TEACHERS else None
+    if plugin:  # the code that builds it: its import path, package and version
+        h.update(repr(sorted(plugin.items())).encode())
+    if hasattr(model, "sha256"):  # an ONNX graph: its nodes and initializers, hashed whole
+        h.update(model.sha256.encode())
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
@@ -243,7 +314,13 @@ def state_fingerprint(model: nn.Module, arch: str, input_shape, num_classes: int
 
 def build_teacher(spec: TeacherSpec) -> nn.Module:
     """The plain teacher module (eval mode, on CPU) with the spec's weights."""
-    if spec.ckpt == "random":
+    if spec.arch == ONNX:
+        model = create_teacher(ONNX, spec.input_shape, spec.num_classes, spec.ckpt)
+        if spec.device != "cpu":  # onnxruntime places the graph itself
+            from pipeline.onnx_teacher import OnnxTeacher
+
+            model = OnnxTeacher(spec.ckpt, spec.input_shape, spec.num_classes, spec.device)
+    elif spec.ckpt == "random":
         torch.manual_seed(spec.seed)
         model = create_teacher(spec.arch, spec.input_shape, spec.num_classes)
     else:
@@ -262,14 +339,30 @@ def build_teacher(spec: TeacherSpec) -> nn.Module:
 # =========================================================================== feature taps
 
 def layer_names(model: nn.Module) -> list[str]:
+    """The layers a feature tap can name: FX graph nodes, or an ONNX graph's outputs."""
+    if hasattr(model, "outputs"):
+        return model.outputs()
     from torchvision.models.feature_extraction import get_graph_node_names
 
     return get_graph_node_names(model)[1]
 
 
 def default_layers(model: nn.Module) -> tuple[str, ...]:
+    """The penultimate layer (``embed`` where there is one); an ONNX graph's other outputs."""
+    if hasattr(model, "feature_names"):
+        return tuple(model.feature_names)
     nodes = layer_names(model)
     return (DEFAULT_LAYER,) if DEFAULT_LAYER in nodes else (nodes[-2],)
+
+
+def tap(model: nn.Module, layers: tuple[str, ...], pool: bool, arch: str) -> nn.Module:
+    """``model`` returning ``(logits, {layer: features})``: :class:`Tapped` for torch modules,
+    :class:`pipeline.onnx_teacher.OnnxTapped` for ONNX graphs."""
+    if hasattr(model, "outputs"):
+        from pipeline.onnx_teacher import OnnxTapped
+
+        return OnnxTapped(model, layers, pool)
+    return Tapped(model, layers, pool, arch)
 
 
 class Tapped(nn.Module):
@@ -310,8 +403,12 @@ def pretrained_state(arch: str) -> dict[str, torch.Tensor]:
     """torchvision's default weights for ``arch`` from the local torch hub cache.
 
     kdcache never downloads weights during a run; with internet, fetch them once with
-    ``torchvision.models.get_model_weights(arch).DEFAULT.get_state_dict()``.
+    ``torchvision.models.get_model_weights(arch).DEFAULT.get_state_dict()``. ``timm:NAME``:
+    timm's weights from its local Hugging Face cache (fetch them once with
+    ``timm.create_model(NAME, pretrained=True)``).
     """
+    if arch.startswith("timm:"):
+        return _timm_pretrained(arch.removeprefix("timm:"))
     import torchvision
 
     try:
@@ -323,3 +420,25 @@ def pretrained_state(arch: str) -> dict[str, torch.Tensor]:
         raise KdError(f"pretrained weights for {arch} are not in {path.parent}; fetch them once "
                       "with internet access, or set pretrained=false")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _timm_pretrained(name: str) -> dict[str, torch.Tensor]:
+    import os
+
+    import timm
+
+    offline = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"  # never download during a run
+    try:
+        return timm.create_model(name, pretrained=True).state_dict()
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:120]
+        raise KdError(f"pretrained weights for timm:{name} are not in the local Hugging Face cache "
+                      f"({type(exc).__name__}: {first}); fetch them once with internet: python -c "
+                      f"\"import timm; timm.create_model('{name}', pretrained=True)\", or set "
+                      "pretrained=false") from None
+    finally:
+        if offline is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = offline

@@ -26,7 +26,7 @@ def main(args: list[str]) -> dict:
     cfg = resolve(CacheConfig, args, verb="cache")
     dataset = open_dataset(cfg)
     arch = teacher_arch(cfg, dataset)
-    create_teacher(arch, dataset.input_shape, dataset.num_classes)  # fail fast if it cannot fit
+    create_teacher(arch, dataset.input_shape, dataset.num_classes, cfg.teacher_ckpt)  # fail fast if it cannot fit
     parse(cfg.augment, dataset.input_shape)  # ... and a views policy that does not fit the inputs
 
     # 1. Which weights: the user's checkpoint, seeded random ones, or the trained default.

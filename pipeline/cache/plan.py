@@ -19,7 +19,7 @@ from pipeline.config import CacheConfig, DataConfig, fingerprint
 from pipeline.data import Dataset
 from pipeline.errors import KdError
 from pipeline.latency import per_sample_ms, torch_predict
-from pipeline.teachers import Tapped, TeacherSpec, build_teacher, default_layers, state_fingerprint
+from pipeline.teachers import TeacherSpec, build_teacher, default_layers, state_fingerprint, tap
 
 def codecs(compression: str) -> list:
     """Inner-chunk codecs: optionally zstd, then always a CRC32C so a flipped byte fails loudly
@@ -138,7 +138,7 @@ def plan(cfg: CacheConfig, dataset: Dataset, spec: TeacherSpec, shapes: dict[str
     return manifest
 
 
-def probe(model: Tapped, dataset: Dataset) -> tuple[dict[str, tuple[int, ...]], bool]:
+def probe(model: torch.nn.Module, dataset: Dataset) -> tuple[dict[str, tuple[int, ...]], bool]:
     """Per-sample output shapes, and whether every output is finite, from one forward pass on
     two real training rows (so bad weights fail before anything is written)."""
     x = torch.from_numpy(dataset.inputs("train", 0, min(2, len(dataset.splits["train"]))))
@@ -177,8 +177,15 @@ def describe_teacher(cfg: CacheConfig, dataset: Dataset, arch: str,
     spec = TeacherSpec(arch, dataset.input_shape, dataset.num_classes, ckpt, cfg.seed,
                        device=str(device), compile=cfg.compile, pool=cfg.pool)
     model = build_teacher(spec)
-    layers = cfg.layers or default_layers(model)
-    shapes, finite = probe(Tapped(model, layers, cfg.pool, arch), dataset)
+    expected = getattr(model, "expected_preprocessing", None)  # an ONNX model may record it
+    if expected is not None and expected != dataset.preprocessing:
+        raise KdError(f"teacher {ckpt} expects inputs normalised with mean {expected.get('mean')} and "
+                      f"std {expected.get('std')}, but {dataset.spec} is normalised with mean "
+                      f"{dataset.preprocessing['mean']} and std {dataset.preprocessing['std']}; "
+                      "cache it on the data it was trained on")
+    # layers=none: the logits only (a model with no recognisable penultimate layer still caches)
+    layers = () if cfg.layers == ("none",) else cfg.layers or default_layers(model)
+    shapes, finite = probe(tap(model, layers, cfg.pool, arch), dataset)
     if not finite:
         raise KdError(f"teacher {arch} produced NaN/inf outputs on the first training rows; check "
                       f"the checkpoint {ckpt} and the inputs")
@@ -187,7 +194,7 @@ def describe_teacher(cfg: CacheConfig, dataset: Dataset, arch: str,
                       f"{dataset.num_classes} classes; use a checkpoint trained on this dataset")
     spec = dataclasses.replace(spec, layers=tuple(layers), fingerprint=state_fingerprint(
         model, arch, dataset.input_shape, dataset.num_classes))
-    return spec, shapes, sum(p.numel() for p in model.parameters())
+    return spec, shapes, getattr(model, "num_params", None) or sum(p.numel() for p in model.parameters())
 
 
 def prepare(cfg: CacheConfig, dataset: Dataset, arch: str,
@@ -210,4 +217,5 @@ def teacher_cost(spec: TeacherSpec, dataset: Dataset) -> dict[str, Any]:
     model = build_teacher(dataclasses.replace(spec, device="cpu", compile=False))
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     rows = dataset.inputs("train", 0, min(256, len(dataset.splits["train"])))
-    return {"weights_bytes": len(save(state)), "latency": per_sample_ms(torch_predict(model), rows)}
+    size = getattr(model, "weights_bytes", None) or len(save(state))  # (an ONNX file: its size)
+    return {"weights_bytes": size, "latency": per_sample_ms(torch_predict(model), rows)}

@@ -38,7 +38,7 @@ from pipeline.data import Dataset, open_dataset
 from pipeline.errors import KdError
 from pipeline.io import atomic_path, atomic_write_text, fsync_dir, fsync_file, sha256_file
 from pipeline.lookahead import ordered, prefetched
-from pipeline.teachers import Tapped, TeacherSpec, build_teacher
+from pipeline.teachers import ONNX, TeacherSpec, build_teacher, tap
 
 
 @dataclass(frozen=True)
@@ -92,8 +92,9 @@ def _worker_teacher(spec: TeacherSpec) -> tuple[torch.nn.Module, torch.device]:
     with _STATE_LOCK:
         if key not in _STATE:
             device = runtime.pick_device(spec.device)
-            model = Tapped(build_teacher(spec), spec.layers, spec.pool, spec.arch).to(device).eval()
-            _STATE[key] = (runtime.maybe_compile(model, spec.compile), device)
+            model = tap(build_teacher(spec), spec.layers, spec.pool, spec.arch).to(device).eval()
+            compile = spec.compile and spec.arch != ONNX  # onnxruntime runs its own graph
+            _STATE[key] = (runtime.maybe_compile(model, compile), device)
         return _STATE[key]
 
 
@@ -212,7 +213,7 @@ def compute_shard(job: ShardJob, inputs: ShardInputs | None = None,
     return ComputedShard(job, bufs, inputs.sha256.hexdigest(), t0)
 
 
-def _forward(model: Tapped, device: torch.device, dtype: str, x: np.ndarray,
+def _forward(model: torch.nn.Module, device: torch.device, dtype: str, x: np.ndarray,
              params: np.ndarray | None = None, policy: Policy | None = None):
     """One batch through the teacher, once per view: (logits [B, V, C], {layer: features
     [B, V, ...]}) in the cache dtype on the host, the views' parameters [B, V, P] (or None),

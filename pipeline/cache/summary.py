@@ -35,7 +35,7 @@ def summarise(root: Path, manifest: dict) -> dict:
 def describe(s: dict) -> str:
     rows = ", ".join(f"{k} {v:,}" for k, v in s["rows"].items())
     acc = ", ".join(f"{k} {v:.4f}" for k, v in s["teacher_accuracy"].items() if v is not None) or "n/a"
-    layers = ", ".join(f"{k} {tuple(v)}" for k, v in s["layers"].items())
+    layers = ", ".join(f"{k} {tuple(v)}" for k, v in s["layers"].items()) or "none (layers=none)"
     lines = [
         f"cache      {s['cache']} ({s['status']})",
         f"dataset    {s['dataset']}  [{s['dataset_fingerprint']}]",

@@ -26,7 +26,7 @@ from pipeline.cache.shard import view_params
 from pipeline.data import positions_of
 from pipeline.errors import KdError
 from pipeline.io import sha256_file
-from pipeline.teachers import Tapped, TeacherSpec, build_teacher
+from pipeline.teachers import TeacherSpec, build_teacher, tap
 
 TOLERANCE = {"float16": (2e-3, 2e-2), "float32": (1e-4, 1e-4)}  # (rtol, atol) vs a fresh forward
 
@@ -80,7 +80,7 @@ def verify(cache: TeacherCache, rows: int, seed: int, device: str = "cpu") -> di
                        t["seed"] or 0, layers=tuple(m["layers"]), pool=m["pool"],
                        fingerprint=t["fingerprint"])
     try:
-        model = Tapped(build_teacher(spec), spec.layers, spec.pool, spec.arch).to(
+        model = tap(build_teacher(spec), spec.layers, spec.pool, spec.arch).to(
             runtime.pick_device(device)).eval()
         checks["teacher fingerprint"] = "ok"
     except KdError as exc:

@@ -15,36 +15,49 @@ from pipeline.data.dataset import (BLOCK, SPLITS, ArraySource, Dataset, RowSourc
                                    positions_of)
 from pipeline.data.registry import DATASETS, DatasetNeeds
 from pipeline.data import digits, imagefolder, npz, synthetic, vision  # noqa: F401  (registration)
+from pipeline import plugins
 from pipeline.errors import KdError
 
 MAX_SEED = 2**32 - 1  # the seed reaches scikit-learn's splitter, which takes 32-bit seeds
 
 __all__ = ["BLOCK", "DATASETS", "SPLITS", "ArraySource", "Dataset", "DatasetNeeds", "RowSource",
-           "Split", "absolute_spec", "carve", "dataset_slug", "open_dataset", "positions_of"]
+           "Split", "absolute_spec", "split_spec", "carve", "dataset_slug", "open_dataset", "positions_of"]
 
 
 def open_dataset(cfg: DataConfig) -> Dataset:
     """Open ``cfg.dataset`` (``NAME`` or ``NAME:ARG``) through the dataset registry."""
-    kind, _, arg = cfg.dataset.partition(":")
+    kind, arg = split_spec(cfg.dataset)
     source = DATASETS.get(kind)
     if not 0 <= cfg.seed <= MAX_SEED:
         raise KdError(f"seed={cfg.seed} must be in 0..{MAX_SEED}")
     return source(arg, cfg)
 
 
+def split_spec(spec: str) -> tuple[str, str]:
+    """``NAME[:ARG]`` → (NAME, ARG); a plugin's NAME is an import path, ``pkg.module:fn[:ARG]``."""
+    kind, sep, rest = spec.partition(":")
+    if sep and kind not in DATASETS:
+        head, _, arg = rest.partition(":")
+        if plugins.is_import_path(f"{kind}:{head}"):
+            return f"{kind}:{head}", arg
+    return kind, rest
+
+
 def absolute_spec(spec: str) -> str:
     """``spec`` with the path of a path-taking source made absolute (``npz:d.npz`` →
     ``npz:/cwd/d.npz``); any other spec unchanged. Unknown names are left for
     :func:`open_dataset` to refuse."""
-    kind, sep, arg = spec.partition(":")
+    kind, arg = split_spec(spec)
+    if plugins.is_import_path(kind):
+        DATASETS.get(kind)  # a plugin declares whether its argument is a path
     if not arg or kind not in DATASETS or not DATASETS.declared(kind).path:
         return spec
-    return f"{kind}{sep}{os.path.abspath(os.path.expanduser(arg))}"
+    return f"{kind}:{os.path.abspath(os.path.expanduser(arg))}"
 
 
 def dataset_slug(spec: str) -> str:
     """A short, filesystem-safe name for a dataset spec (used in default paths)."""
-    kind, _, arg = spec.partition(":")
+    kind, arg = split_spec(spec)
     if kind in DATASETS and DATASETS.declared(kind).path:
         arg = Path(arg).stem or Path(arg).name
     text = f"{kind}-{arg}" if arg else kind

@@ -75,6 +75,7 @@ class Dataset:
         self.sample_shape = tuple(int(s) for s in sample_shape)
         self.num_classes = int(num_classes)
         self.notes = notes or {}
+        self.plugin: dict | None = None  # a plugin source's identity (set by the registry's adapter)
         self._fixed_fingerprint = fixed_fingerprint
         self.splits = self._make_splits()
         self.mean, self.std = self._train_stats() if normalise else (
@@ -165,7 +166,8 @@ class Dataset:
                 "num_classes": self.num_classes,
                 "rows": {name: len(s) for name, s in self.splits.items()},
                 "val_fraction": self.cfg.val_fraction, "seed": self.cfg.seed,
-                "val_from": self.splits["val"].pool, **self.notes}
+                "val_from": self.splits["val"].pool, **self.notes,
+                **({"plugin": self.plugin} if self.plugin else {})}
 
     @cached_property
     def fingerprint(self) -> str:
@@ -174,6 +176,8 @@ class Dataset:
         h = hashlib.sha256()
         h.update(repr((self.spec, self.sample_shape, self.num_classes)).encode())
         h.update(repr(sorted(self.preprocessing.items())).encode())
+        if self.plugin:  # the code that made the rows: its import path, package and version
+            h.update(repr(sorted(self.plugin.items())).encode())
         for name, split in self.splits.items():
             h.update(name.encode())
             h.update(np.ascontiguousarray(split.sample_ids, np.int64).tobytes())

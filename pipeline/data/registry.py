@@ -7,6 +7,7 @@ from typing import Callable
 
 from pipeline.config import DataConfig
 from pipeline.data.dataset import Dataset
+from pipeline.errors import KdError
 from pipeline.registry import Registry
 
 
@@ -22,5 +23,30 @@ class DatasetNeeds:
     path: bool = False
 
 
+Source = Callable[[str, DataConfig], Dataset]
+
+
+def _plugin_source(name: str, source: Source) -> Source:
+    """A plugin's source, checked: it must return a :class:`Dataset`, which then carries the
+    plugin's identity (into its fingerprint)."""
+    def open_source(arg: str, cfg: DataConfig) -> Dataset:
+        from pipeline import plugins
+
+        try:
+            dataset = source(arg, cfg)
+        except KdError:
+            raise
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [""])[0][:160]
+            raise KdError(f"dataset {name}: source({arg!r}, cfg) raised {type(exc).__name__}: "
+                          f"{first}") from None
+        if not isinstance(dataset, Dataset):
+            raise KdError(f"dataset {name} returned a {type(dataset).__name__}, not a "
+                          "pipeline.data.Dataset; a dataset plugin is source(arg, cfg) -> Dataset")
+        dataset.plugin = plugins.identity("dataset", name)
+        return dataset
+    return open_source
+
+
 # A source is ``source(arg, cfg) -> Dataset`` for ``dataset=NAME:ARG``.
-DATASETS: Registry[Callable[[str, DataConfig], Dataset]] = Registry("dataset", DatasetNeeds)
+DATASETS: Registry[Source] = Registry("dataset", DatasetNeeds, adapt=_plugin_source)

@@ -51,8 +51,8 @@ class StudentData:
                  views: int | None = None):
         self.cache = cache
         self.progress = progress
-        self.layer = layer or cache.layers[0]
-        if self.layer not in cache.layers:
+        self.layer = layer or (cache.layers[0] if cache.layers else None)  # None: layers=none
+        if self.layer is not None and self.layer not in cache.layers:
             raise KdError(f"cache {cache.root} holds no layer {self.layer!r}; it holds "
                           f"{', '.join(cache.layers)}")
         self.views = cache.views("train") if views is None else int(views)

@@ -39,7 +39,27 @@ class StudentNeeds:
             raise ValueError(f"student kind {self.kind!r} is not one of {KINDS}")
 
 
-STUDENTS: Registry[Callable[[StudentConfig], Any]] = Registry("student", StudentNeeds)
+def _plugin_student(name: str, obj: Any) -> Callable[[StudentConfig], Any]:
+    """A plugin student: a Student subclass, built with the config values its constructor
+    names (``seed=``, ``epochs=``, ``temperature=``, ...), or a ``factory(cfg) -> Student``."""
+    import inspect
+
+    from pipeline.students.base import Student
+
+    def checked(student):
+        if not isinstance(student, Student):
+            raise KdError(f"student {name} made a {type(student).__name__}, not a "
+                          "pipeline.students.Student (the student contract)")
+        return student
+
+    if isinstance(obj, type):
+        names = [p for p in inspect.signature(obj).parameters if p in StudentConfig.__dataclass_fields__]
+        return lambda cfg: checked(obj(**{p: getattr(cfg, p) for p in names}))
+    return lambda cfg: checked(obj(cfg))
+
+
+STUDENTS: Registry[Callable[[StudentConfig], Any]] = Registry("student", StudentNeeds,
+                                                              adapt=_plugin_student)
 
 
 @dataclass(frozen=True)
