@@ -34,7 +34,12 @@ class OnnxTeacher(nn.Module):
     def __init__(self, path: str | Path, input_shape: tuple[int, ...], num_classes: int,
                  device: str = "cpu"):
         super().__init__()
-        import onnx
+        try:
+            import onnx
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            raise KdError("teacher=onnx needs onnx and onnxruntime, not installed here; pip install "
+                          "'kdcache[export]'") from None
 
         path = Path(path)
         if not path.is_file():

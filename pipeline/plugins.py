@@ -76,6 +76,18 @@ def identities(cfg: Any) -> dict[str, dict]:
     return found
 
 
+def call(what: str, fn: Callable, *args: Any) -> Any:
+    """``fn(*args)`` for a plugin's code: its own exceptions become one line naming ``what``
+    (e.g. ``teacher pkg:f: factory((1, 8, 8), 3)``), kdcache's errors pass through."""
+    try:
+        return fn(*args)
+    except KdError:
+        raise
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise KdError(f"{what} raised {type(exc).__name__}: {first}") from None
+
+
 def is_import_path(name: str) -> bool:
     return bool(IMPORT_PATH.fullmatch(name))
 

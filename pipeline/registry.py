@@ -36,10 +36,11 @@ class Registry(Generic[T]):
     """
 
     def __init__(self, kind: str, declaration: type | None = None,
-                 adapt: Callable[[str, Any], T] | None = None):
+                 adapt: Callable[[str, Any], T] | None = None, also: str = ""):
         self.kind = kind
         self.declaration = declaration  # a frozen dataclass, or None: entries declare nothing
         self.adapt = adapt  # (name, imported plugin object) -> the entry (default: the object)
+        self.also = also  # other names the kind takes, for the "unknown" message (e.g. timm:NAME)
         self._entries: dict[str, T] = {}
         self._declared: dict[str, Any] = {}
         self._plugins: set[str] = set()  # names loaded through pipeline.plugins
@@ -72,8 +73,8 @@ class Registry(Generic[T]):
             return self._entries[name]
         except KeyError:
             raise KdError(
-                f"unknown {self.kind} {name!r}; known: {', '.join(self.names())} (or a plugin: "
-                "pkg.module:attr)"
+                f"unknown {self.kind} {name!r}; known: {', '.join(self.names())} "
+                f"({self.also + ', ' if self.also else ''}or a plugin: pkg.module:attr)"
             ) from None
 
     def register_family(self, prefix: str, make: Callable[[str], T], package: str) -> None:
@@ -103,12 +104,22 @@ class Registry(Generic[T]):
                           f"fit a {self.kind} ({exc}); declare its needs with "
                           "@pipeline.plugins.declare(...)") from None
 
+    def forget_plugins(self) -> None:
+        """Unregister every entry loaded as a plugin (they load again on their next use)."""
+        for name in sorted(self._plugins):
+            self.unregister(name)
+
     def identity(self, name: str) -> dict | None:
         """A plugin entry's identity (:func:`pipeline.plugins.identity`); None for entries
         registered in code (kdcache's own, or a caller's)."""
         from pipeline import plugins
 
-        self.get(name)
+        if name not in self._entries:
+            loadable = (name.partition(":")[0] in self._families or plugins.is_import_path(name)
+                        or name in plugins.entry_points(self.kind))
+            if not loadable:  # not a plugin name (e.g. teacher=onnx, which names a file kind)
+                return None
+            self.get(name)
         if name not in self._plugins:
             return None
         prefix = name.partition(":")[0]

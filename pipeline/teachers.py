@@ -29,14 +29,10 @@ Factory = Callable[[tuple[int, ...], int], nn.Module]
 def _plugin_teacher(name: str, factory: Factory) -> Factory:
     """A plugin's factory, checked: it must return a torch module (pipeline.plugins)."""
     def build(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-        try:
-            model = factory(tuple(input_shape), int(num_classes))
-        except KdError:
-            raise
-        except Exception as exc:
-            first = (str(exc).strip().splitlines() or [""])[0][:160]
-            raise KdError(f"teacher {name}: factory(input_shape={tuple(input_shape)}, "
-                          f"num_classes={num_classes}) raised {type(exc).__name__}: {first}") from None
+        from pipeline import plugins
+
+        model = plugins.call(f"teacher {name}: factory({tuple(input_shape)}, {num_classes})",
+                             factory, tuple(input_shape), int(num_classes))
         if not isinstance(model, nn.Module):
             raise KdError(f"teacher {name} returned a {type(model).__name__}, not a torch.nn.Module; "
                           "a teacher plugin is factory(input_shape, num_classes) -> nn.Module")
@@ -44,7 +40,8 @@ def _plugin_teacher(name: str, factory: Factory) -> Factory:
     return build
 
 
-TEACHERS: Registry[Factory] = Registry("teacher", adapt=_plugin_teacher)
+TEACHERS: Registry[Factory] = Registry("teacher", adapt=_plugin_teacher,
+                                       also="onnx with teacher_ckpt=MODEL.onnx, timm:NAME")
 
 # Layer tapped when the user names none: the pooled penultimate activations.
 DEFAULT_LAYER = "embed"
@@ -189,11 +186,6 @@ def _timm(name: str) -> Factory:
 
 TEACHERS.register_family("timm", _timm, package="timm")
 
-
-@TEACHERS.register(ONNX)
-def onnx_graph(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """An ONNX model file run by onnxruntime (teacher=onnx teacher_ckpt=MODEL.onnx)."""
-    raise KdError("teacher=onnx runs a model file: pass teacher_ckpt=MODEL.onnx")
 
 
 def auto_teacher(input_shape: tuple[int, ...]) -> str:
@@ -344,7 +336,13 @@ def layer_names(model: nn.Module) -> list[str]:
         return model.outputs()
     from torchvision.models.feature_extraction import get_graph_node_names
 
-    return get_graph_node_names(model)[1]
+    try:
+        return get_graph_node_names(model)[1]
+    except Exception as exc:  # control flow that symbolic tracing cannot follow
+        first = (str(exc).strip().splitlines() or [""])[0][:120]
+        raise KdError(f"{type(model).__name__} cannot be traced by torch.fx to tap its layers "
+                      f"({type(exc).__name__}: {first}); cache it with layers=none (the logits "
+                      "only), or export it to ONNX with its features as graph outputs") from None
 
 
 def default_layers(model: nn.Module) -> tuple[str, ...]:
@@ -373,6 +371,9 @@ class Tapped(nn.Module):
         super().__init__()
         from torchvision.models.feature_extraction import create_feature_extractor
 
+        if not layers:  # layers=none: the model's own forward, untraced, so any model caches
+            self.layers, self.pool, self.extractor = (), pool, model
+            return
         nodes = layer_names(model)
         unknown = [l for l in layers if l not in nodes]
         if unknown:
@@ -388,6 +389,8 @@ class Tapped(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = self.extractor(x)
+        if not self.layers:
+            return out, {}
         logits = out.pop("__logits__")
         feats = {}
         for name in self.layers:

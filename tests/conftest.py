@@ -89,6 +89,20 @@ def _run_in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
 
+@pytest.fixture(autouse=True)
+def _forget_plugins():
+    """Plugins a test loaded (by import path, entry point or timm:NAME) do not outlive it: the
+    registries hold kdcache's own entries again for the next test."""
+    yield
+    from pipeline.data import DATASETS
+    from pipeline.losses import LOSSES
+    from pipeline.students import STUDENTS
+    from pipeline.teachers import TEACHERS
+
+    for registry in (DATASETS, LOSSES, STUDENTS, TEACHERS):
+        registry.forget_plugins()
+
+
 @pytest.fixture(scope="session")
 def builder() -> Callable[..., dict]:
     """The :func:`build` helper: ``builder(root, work=None, **overrides) -> summary``."""

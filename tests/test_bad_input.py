@@ -62,7 +62,8 @@ CKPT = "checkpoints"
 CACHE = "cache directories"
 STAGE2 = "student / stage two"
 EXPORT = "export"
-CATEGORIES = (CLI, CONFIG, DATASET, CKPT, CACHE, STAGE2, EXPORT)
+PLUGINS = "plugins and model files"
+CATEGORIES = (CLI, CONFIG, DATASET, CKPT, CACHE, STAGE2, EXPORT, PLUGINS)
 
 
 @dataclass(frozen=True)
@@ -427,6 +428,55 @@ def _other_model(run: Path) -> None:
     record = json.loads(path.read_text())
     record["config"]["width"] = 7
     path.write_text(json.dumps(record))
+
+
+# --------------------------------------------------------------------------- plugins
+
+# Plugin modules live outside every test's tmp directory (importing one writes __pycache__),
+# on sys.path for the life of the test process.
+_PLUGIN_DIR = Path(tempfile.mkdtemp(prefix="kdcache-plugins-"))
+_TEMPLATE_DIRS.append(_PLUGIN_DIR)
+sys.path.insert(0, str(_PLUGIN_DIR))
+(_PLUGIN_DIR / "kdbad_ok.py").write_text('''
+"""A plugin module with wrong objects in it."""
+
+
+def not_a_module(input_shape, num_classes):
+    return {"weights": [1, 2, 3]}
+
+
+def not_a_dataset(arg, cfg):
+    return [1, 2, 3]
+
+
+class Undeclared:
+    """A student that declares no kind."""
+''')
+(_PLUGIN_DIR / "kdbad_raises.py").write_text('raise RuntimeError("broken on purpose")\n')
+
+
+def plugin_cmd(*args: str) -> Callable[[Path], list[str]]:
+    return lambda tmp: cache_cmd(tmp, **dict(a.split("=", 1) for a in args))
+
+
+def tiny_onnx(path: Path, input_shape=(1, 8, 8), classes: int = 3) -> Path:
+    """A real ONNX classifier (Flatten -> Gemm), written with onnx's helpers."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    d = int(np.prod(input_shape))
+    w = numpy_helper.from_array(np.zeros((d, classes), np.float32), "w")
+    b = numpy_helper.from_array(np.zeros(classes, np.float32), "b")
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["x"], ["flat"]), helper.make_node("Gemm", ["flat", "w", "b"], ["logits"])],
+        "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", *input_shape])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])], [w, b])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return path
+
+
+def onnx_case(make: Callable[[Path], Path], **overrides) -> Callable[[Path], list[str]]:
+    return lambda tmp: cache_cmd(tmp, teacher="onnx", teacher_ckpt=make(tmp), **overrides)
 
 
 # =========================================================================== the table
@@ -832,6 +882,42 @@ CASES: list[Case] = [
          damaged("report", lambda root: None), r"no results for cache .*cache yet .*run `make student`"),
     Case("unknown-tracker", STAGE2, "tracking=wandb",
          student_cmd("tracking=wandb"), r"tracking='wandb' is not a tracker; use none or mlflow"),
+    Case("plugin-module-missing", PLUGINS, "teacher=pkg:factory whose module does not exist",
+         plugin_cmd("teacher=nomodule_kd:factory"),
+         r"teacher nomodule_kd:factory: no module named 'nomodule_kd'; put its directory on PYTHONPATH"),
+    Case("plugin-attribute-missing", PLUGINS, "teacher=pkg:missing",
+         plugin_cmd("teacher=kdbad_ok:missing"), r"teacher kdbad_ok:missing: module kdbad_ok has no 'missing'"),
+    Case("plugin-raises-on-import", PLUGINS, "a plugin module that raises on import",
+         plugin_cmd("teacher=kdbad_raises:factory"),
+         r"importing kdbad_raises raised RuntimeError: broken on purpose; fix the module"),
+    Case("plugin-not-a-module", PLUGINS, "a teacher factory that returns something other than a module",
+         plugin_cmd("teacher=kdbad_ok:not_a_module"),
+         r"teacher kdbad_ok:not_a_module returned a dict, not a torch.nn.Module"),
+    Case("plugin-not-a-dataset", PLUGINS, "a dataset source that returns something other than a Dataset",
+         plugin_cmd("dataset=kdbad_ok:not_a_dataset:3"),
+         r"dataset kdbad_ok:not_a_dataset returned a list, not a pipeline.data.Dataset"),
+    Case("plugin-student-undeclared", PLUGINS, "a student plugin that declares no kind",
+         student_cmd("model=kdbad_ok:Undeclared"),
+         r"student kdbad_ok:Undeclared declares nothing, which does not fit a student .*@pipeline.plugins.declare"),
+    Case("timm-unknown-model", PLUGINS, "teacher=timm:NAME with a typo",
+         plugin_cmd("teacher=timm:resnt18"), r"timm has no model 'resnt18'; close: resnet18"),
+    Case("timm-pretrained-offline", PLUGINS, "pretrained=true for timm weights not in the local cache",
+         lambda tmp: ["teacher", "dataset=synthetic:300:3x16x16:3", "teacher=timm:resnet18",
+                      "pretrained=true", "epochs=1", f"teacher_dir={tmp / 'teachers'}"],
+         r"pretrained weights for timm:resnet18 are not in the local Hugging Face cache .*set pretrained=false"),
+    Case("onnx-without-file", PLUGINS, "teacher=onnx without teacher_ckpt",
+         lambda tmp: cache_cmd(tmp, teacher="onnx"), r"teacher=onnx runs a model file: pass teacher_ckpt=MODEL.onnx"),
+    Case("onnx-not-onnx", PLUGINS, "teacher_ckpt= a file that is not ONNX",
+         onnx_case(written("model.onnx", b"not a model at all")),
+         r"teacher checkpoint .*model.onnx is not an ONNX model"),
+    Case("onnx-input-shape", PLUGINS, "an ONNX model for another input shape",
+         onnx_case(lambda tmp: tiny_onnx(tmp / "model.onnx", (3, 16, 16))),
+         r"takes inputs shaped \['batch', 3, 16, 16\], but the dataset's samples are \(1, 8, 8\) or NHWC"),
+    Case("onnx-unknown-output", PLUGINS, "layers= an output the ONNX graph does not have",
+         onnx_case(lambda tmp: tiny_onnx(tmp / "model.onnx"), layers="embed"),
+         r"ONNX teacher .*model.onnx has no output 'embed'; its outputs: logits"),
+    Case("layers-none-and-more", CONFIG, "layers=none beside layer names",
+         lambda tmp: cache_cmd(tmp, layers="none,embed"), r"layers=none,embed names layers beside none"),
     Case("export-without-run", EXPORT, "export with no run=",
          lambda tmp: ["export"], r"export needs run=RUN_DIR"),
     Case("export-run-missing", EXPORT, "run= a directory that does not exist",

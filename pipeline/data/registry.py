@@ -32,14 +32,7 @@ def _plugin_source(name: str, source: Source) -> Source:
     def open_source(arg: str, cfg: DataConfig) -> Dataset:
         from pipeline import plugins
 
-        try:
-            dataset = source(arg, cfg)
-        except KdError:
-            raise
-        except Exception as exc:
-            first = (str(exc).strip().splitlines() or [""])[0][:160]
-            raise KdError(f"dataset {name}: source({arg!r}, cfg) raised {type(exc).__name__}: "
-                          f"{first}") from None
+        dataset = plugins.call(f"dataset {name}: source({arg!r}, cfg)", source, arg, cfg)
         if not isinstance(dataset, Dataset):
             raise KdError(f"dataset {name} returned a {type(dataset).__name__}, not a "
                           "pipeline.data.Dataset; a dataset plugin is source(arg, cfg) -> Dataset")
