@@ -334,8 +334,7 @@ def layer_names(model: nn.Module) -> list[str]:
     """The layers a feature tap can name: FX graph nodes, or an ONNX graph's outputs."""
     if hasattr(model, "outputs"):
         return model.outputs()
-    from torchvision.models.feature_extraction import get_graph_node_names
-
+    get_graph_node_names = _fx(model)[0]
     try:
         return get_graph_node_names(model)[1]
     except Exception as exc:  # control flow that symbolic tracing cannot follow
@@ -351,6 +350,17 @@ def default_layers(model: nn.Module) -> tuple[str, ...]:
         return tuple(model.feature_names)
     nodes = layer_names(model)
     return (DEFAULT_LAYER,) if DEFAULT_LAYER in nodes else (nodes[-2],)
+
+
+def _fx(model: nn.Module):
+    """(get_graph_node_names, create_feature_extractor): timm's own for timm models (they know
+    which of timm's modules and functions to leave untraced), torchvision's otherwise."""
+    if type(model).__module__.startswith("timm."):
+        from timm.models import create_feature_extractor, get_graph_node_names
+    else:
+        from torchvision.models.feature_extraction import (create_feature_extractor,
+                                                           get_graph_node_names)
+    return get_graph_node_names, create_feature_extractor
 
 
 def tap(model: nn.Module, layers: tuple[str, ...], pool: bool, arch: str) -> nn.Module:
@@ -369,8 +379,7 @@ class Tapped(nn.Module):
     def __init__(self, model: nn.Module, layers: tuple[str, ...], pool: bool, arch: str = "teacher",
                  role: str = "teacher"):
         super().__init__()
-        from torchvision.models.feature_extraction import create_feature_extractor
-
+        create_feature_extractor = _fx(model)[1]
         if not layers:  # layers=none: the model's own forward, untraced, so any model caches
             self.layers, self.pool, self.extractor = (), pool, model
             return

@@ -258,3 +258,30 @@ def test_an_untraceable_teacher_caches_with_layers_none(plugin, tmp_path, capsys
     assert not (tmp_path / "a").exists()
     summary = run_cli(capsys, *args, "layers=none", f"cache={tmp_path / 'b'}")
     assert summary["layers"] == {} and summary["rows"]["test"] == 100
+
+
+def test_an_interrupted_onnx_build_resumes_byte_identical(tmp_path, monkeypatch, capsys):
+    """The ONNX teacher runs through the same shards as a torch teacher: a crash mid-build
+    resumes, computing only the missing shards, into the bytes of an uninterrupted build."""
+    from conftest import FailOnCall
+    from pipeline.cache import shard
+    from test_cache import tree_bytes
+
+    path = export_teacher(tmp_path / "teacher.onnx")
+    args = ["dataset=digits", "teacher=onnx", f"teacher_ckpt={path}", "shard_size=256",
+            "scheduler=synchronous"]
+    real = shard.compute_shard
+    monkeypatch.setattr(shard, "compute_shard", FailOnCall(real, fail_on=3))
+    capsys.readouterr()
+    from stages import cache as cache_stage
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        cache_stage.main([*args, f"cache={tmp_path / 'resumed'}"])
+    spy = FailOnCall(real)
+    monkeypatch.setattr(shard, "compute_shard", spy)
+    run_cli(capsys, "cache", *args, f"cache={tmp_path / 'resumed'}")
+    shards = sum(open_cache(tmp_path / "resumed").manifest["splits"][s]["shards"] for s in ("train", "val", "test"))
+    assert len(spy.calls) == shards - 2  # the two finished before the crash are kept
+    monkeypatch.setattr(shard, "compute_shard", real)
+    run_cli(capsys, "cache", *args, f"cache={tmp_path / 'fresh'}")
+    assert tree_bytes(tmp_path / "resumed", fmt.ARRAYS, fmt.INDEX) == tree_bytes(tmp_path / "fresh", fmt.ARRAYS, fmt.INDEX)
