@@ -338,6 +338,8 @@ def layer_names(model: nn.Module) -> list[str]:
     try:
         return get_graph_node_names(model)[1]
     except Exception as exc:  # control flow that symbolic tracing cannot follow
+        if TimmStages.fits(model):
+            return TimmStages.names(model)
         first = (str(exc).strip().splitlines() or [""])[0][:120]
         raise KdError(f"{type(model).__name__} cannot be traced by torch.fx to tap its layers "
                       f"({type(exc).__name__}: {first}); cache it with layers=none (the logits "
@@ -349,6 +351,8 @@ def default_layers(model: nn.Module) -> tuple[str, ...]:
     if hasattr(model, "feature_names"):
         return tuple(model.feature_names)
     nodes = layer_names(model)
+    if TimmStages.PRE_LOGITS in nodes and nodes[-1] == TimmStages.PRE_LOGITS:
+        return (TimmStages.PRE_LOGITS,)
     return (DEFAULT_LAYER,) if DEFAULT_LAYER in nodes else (nodes[-2],)
 
 
@@ -370,7 +374,44 @@ def tap(model: nn.Module, layers: tuple[str, ...], pool: bool, arch: str) -> nn.
         from pipeline.onnx_teacher import OnnxTapped
 
         return OnnxTapped(model, layers, pool)
+    if layers and TimmStages.fits(model) and layer_names(model) == TimmStages.names(model):
+        return TimmStages(model, layers, pool, arch)  # timm, where FX cannot trace it
     return Tapped(model, layers, pool, arch)
+
+
+class TimmStages(nn.Module):
+    """A timm model that torch.fx cannot trace, tapped through timm's own
+    ``forward_intermediates``: its layers are its ``feature_info`` stages (e.g. ``layer3``) and
+    ``pre_logits`` (the pooled penultimate features, ``forward_head(..., pre_logits=True)``)."""
+
+    PRE_LOGITS = "pre_logits"
+
+    @staticmethod
+    def fits(model: nn.Module) -> bool:
+        return type(model).__module__.startswith("timm.") and hasattr(model, "forward_intermediates")
+
+    @classmethod
+    def names(cls, model: nn.Module) -> list[str]:
+        return [info["module"] for info in model.feature_info] + [cls.PRE_LOGITS]
+
+    def __init__(self, model: nn.Module, layers: tuple[str, ...], pool: bool, arch: str):
+        super().__init__()
+        names = self.names(model)
+        unknown = [l for l in layers if l not in names]
+        if unknown:
+            raise KdError(f"teacher {arch} has no layer {unknown[0]!r}; it cannot be traced by "
+                          f"torch.fx, so its layers are its stages: {', '.join(names)}")
+        self.model, self.layers, self.pool = model, tuple(layers), pool
+        self.stages = sorted(names.index(l) for l in layers if l != self.PRE_LOGITS)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        final, maps = self.model.forward_intermediates(x, indices=self.stages or [0])
+        by_name = dict(zip((self.names(self.model)[i] for i in self.stages), maps))
+        feats = {}
+        for name in self.layers:
+            f = self.model.forward_head(final, pre_logits=True) if name == self.PRE_LOGITS else by_name[name]
+            feats[name] = f.flatten(2).mean(-1) if self.pool and f.dim() > 2 else f
+        return self.model.forward_head(final), feats
 
 
 class Tapped(nn.Module):

@@ -285,3 +285,28 @@ def test_an_interrupted_onnx_build_resumes_byte_identical(tmp_path, monkeypatch,
     monkeypatch.setattr(shard, "compute_shard", real)
     run_cli(capsys, "cache", *args, f"cache={tmp_path / 'fresh'}")
     assert tree_bytes(tmp_path / "resumed", fmt.ARRAYS, fmt.INDEX) == tree_bytes(tmp_path / "fresh", fmt.ARRAYS, fmt.INDEX)
+
+
+def test_a_timm_model_fx_cannot_trace_is_tapped_through_its_stages(tmp_path, capsys, monkeypatch):
+    """Where torch.fx fails, timm's forward_intermediates taps the model's stages: the same
+    features as the traced graph gives (here tracing is made to fail; the model is real)."""
+    import timm.models
+
+    spec = ["dataset=synthetic:300:3x16x16:3", "teacher=timm:resnet18", "teacher_ckpt=random",
+            "scheduler=synchronous", "pool=false"]
+    traced = run_cli(capsys, "cache", *spec, "layers=layer3.1.act2,global_pool.flatten",
+                     f"cache={tmp_path / 'traced'}")
+
+    def untraceable(model, *args, **kwargs):
+        raise RuntimeError("symbolically traced variables cannot be used as inputs to control flow")
+
+    monkeypatch.setattr(timm.models, "get_graph_node_names", untraceable)
+    staged = run_cli(capsys, "cache", *spec, "layers=layer3,pre_logits", f"cache={tmp_path / 'staged'}")
+    assert staged["layers"] == {"layer3": traced["layers"]["layer3.1.act2"],
+                                "pre_logits": traced["layers"]["global_pool.flatten"]}
+    a, b = open_cache(tmp_path / "traced"), open_cache(tmp_path / "staged")
+    np.testing.assert_array_equal(a.raw_logits("test"), b.raw_logits("test"))
+    np.testing.assert_array_equal(a.features("test", "layer3.1.act2"), b.features("test", "layer3"))
+    np.testing.assert_array_equal(a.features("test", "global_pool.flatten"), b.features("test", "pre_logits"))
+    default = run_cli(capsys, "cache", *spec[:-1], f"cache={tmp_path / 'default'}")
+    assert list(default["layers"]) == ["pre_logits"]
