@@ -79,7 +79,20 @@ class LossHead(torch.nn.Module):
 
 
 Loss = Callable[..., torch.Tensor]
-LOSSES: Registry[Loss] = Registry("loss", LossNeeds)
+def _plugin_loss(name: str, loss: Loss) -> Loss:
+    """A plugin's loss: its exceptions (a wrong signature, a shape error) become one line."""
+    from functools import wraps
+
+    from pipeline import plugins
+
+    @wraps(loss)
+    def checked(*args, **kwargs):
+        return plugins.call(f"loss {name}", loss, *args, **kwargs)
+
+    return checked
+
+
+LOSSES: Registry[Loss] = Registry("loss", LossNeeds, adapt=_plugin_loss)
 
 STANDARDIZE_EPS = 1e-7  # as in the reference code of Sun et al.
 

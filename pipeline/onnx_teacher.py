@@ -52,7 +52,7 @@ class OnnxTeacher(nn.Module):
             raise KdError(f"teacher checkpoint {path} is not an ONNX model ({type(exc).__name__}: "
                           f"{first}); export the model to ONNX (e.g. tf2onnx for Keras)") from None
         self.path = str(path)
-        self.sha256 = hashlib.sha256(model.graph.SerializeToString(deterministic=True)).hexdigest()
+        self.sha256 = hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
         self.num_params = int(sum(np.prod(t.dims) for t in model.graph.initializer))
         self.weights_bytes = _bytes_on_disk(path)
         initializers = {t.name for t in model.graph.initializer}
@@ -67,6 +67,10 @@ class OnnxTeacher(nn.Module):
             raise KdError(f"ONNX teacher {path} takes input {self.input_name} of element type "
                           f"{tensor.elem_type}, not float; export it with a float input")
         dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+        if dims and dims[0] is not None:
+            raise KdError(f"ONNX teacher {path} takes a fixed batch of {dims[0]}; export it with a "
+                          "dynamic batch axis (e.g. torch.onnx.export(..., dynamic_shapes=...) or "
+                          "tf2onnx with an input signature of shape (None, ...))")
         self.layout = _layout(dims[1:], tuple(input_shape))
         if self.layout is None:
             nhwc = f" or NHWC {(input_shape[1], input_shape[2], input_shape[0])}" if len(input_shape) == 3 else ""
@@ -90,7 +94,11 @@ class OnnxTeacher(nn.Module):
         batch = x.detach().float().cpu().numpy()
         if self.layout == "NHWC":
             batch = batch.transpose(0, 2, 3, 1)
-        return self._session.run(names, {self.input_name: np.ascontiguousarray(batch, self.input_dtype)})
+        try:
+            return self._session.run(names, {self.input_name: np.ascontiguousarray(batch, self.input_dtype)})
+        except Exception as exc:  # onnxruntime's own errors (a shape or type the graph refuses)
+            first = (str(exc).strip().splitlines() or [""])[0][:160]
+            raise KdError(f"onnxruntime failed to run {self.path} ({type(exc).__name__}: {first})") from None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(np.asarray(self.run(x, [self.logits_name])[0], np.float32))
@@ -141,9 +149,11 @@ def _session(path: str, device: str):
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
-    providers = ["CPUExecutionProvider"]
+    providers: list = ["CPUExecutionProvider"]
+    # (onnxruntime-gpu has the CUDA provider; the onnxruntime package is CPU-only)
     if str(device).startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
+        index = int(str(device).partition(":")[2] or 0)
+        providers.insert(0, ("CUDAExecutionProvider", {"device_id": index}))
     return ort.InferenceSession(path, options, providers=providers)
 
 

@@ -15,7 +15,7 @@ def default_cache_path(cache_root: str, dataset_spec: str, arch: str, teacher_ck
     views (``digits-cnn_small``, ``digits-cnn_small-views16-crop4-flip``)."""
     from pipeline.data import dataset_slug
 
-    name = f"{dataset_slug(dataset_spec)}-{arch}"
+    name = f"{dataset_slug(dataset_spec)}-{dataset_slug(arch)}"  # timm:resnet18 -> timm-resnet18
     if teacher_ckpt == "random":
         name += f"-random{seed}"
     elif teacher_ckpt:

@@ -76,11 +76,12 @@ def identities(cfg: Any) -> dict[str, dict]:
     return found
 
 
-def call(what: str, fn: Callable, *args: Any) -> Any:
-    """``fn(*args)`` for a plugin's code: its own exceptions become one line naming ``what``
-    (e.g. ``teacher pkg:f: factory((1, 8, 8), 3)``), kdcache's errors pass through."""
+def call(what: str, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` for code kdcache did not write: its own exceptions become one
+    line naming ``what`` (e.g. ``teacher pkg:f: factory((1, 8, 8), 3)``), kdcache's errors
+    pass through."""
     try:
-        return fn(*args)
+        return fn(*args, **kwargs)
     except KdError:
         raise
     except Exception as exc:
@@ -106,11 +107,12 @@ def resolve(kind: str, name: str) -> Any | None:
     if target is None:
         return None
     module_name, _, attr = target.partition(":")
+    attr = attr.split("[")[0].strip()  # (an entry point may name extras: "mod:obj [extra]")
     where = f"{kind} {name}" + (f" (entry point {ep.group}:{ep.name} = {ep.value})" if ep else "")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if exc.name and module_name.startswith(exc.name):
+        if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
             raise KdError(f"{where}: no module named {exc.name!r}; put its directory on PYTHONPATH "
                           "or install its package") from None
         raise KdError(f"{where}: importing {module_name} failed (ModuleNotFoundError: {exc}); "
@@ -120,25 +122,54 @@ def resolve(kind: str, name: str) -> Any | None:
         raise KdError(f"{where}: importing {module_name} raised {type(exc).__name__}: {first}; "
                       "fix the module (run `python -c 'import "
                       f"{module_name}'` to see the traceback)") from None
-    try:
-        return getattr(module, attr.strip())
-    except AttributeError:
-        raise KdError(f"{where}: module {module_name} has no {attr!r}") from None
+    obj = module
+    for part in attr.split("."):  # "mod:Class.factory" names an attribute of an attribute
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise KdError(f"{where}: module {module_name} has no {attr!r}") from None
+    return obj
 
 
 def identity(kind: str, name: str) -> dict | None:
-    """``{"name", "import", "package", "version"}`` of a plugin name (package and version when
-    it comes from an installed distribution); None for anything else (built-in names)."""
+    """``{"name", "import", "package", "version"}`` of a plugin name: the installed distribution
+    that holds its module and that distribution's version; for a module that is no
+    distribution's (on PYTHONPATH), its ``__version__`` if it has one and the sha256 of its
+    source file (``source_sha256``), so that editing it is a new identity. None for anything
+    that is no plugin (built-in names)."""
     ep = entry_points(kind).get(name)
     target = ep.value if ep is not None else name if is_import_path(name) else None
     if target is None:
         return None
-    top = target.partition(":")[0].split(".")[0]
-    package, version = None, None
-    distributions = importlib.metadata.packages_distributions().get(top) or []
-    if distributions:
-        package = distributions[0]
-        version = importlib.metadata.version(package)
-    elif top in sys.modules:  # a module on PYTHONPATH may still say its version
-        version = getattr(sys.modules[top], "__version__", None)
-    return {"name": name, "import": target, "package": package, "version": version}
+    module_name = target.partition(":")[0].strip()
+    module = sys.modules.get(module_name) or importlib.import_module(module_name)
+    dist = ep.dist if ep is not None and ep.dist is not None else _distribution_of(module)
+    out = {"name": name, "import": target, "package": None, "version": None}
+    if dist is not None:
+        out.update(package=dist.metadata["Name"], version=dist.version)
+        return out
+    out["version"] = getattr(sys.modules.get(module_name.split(".")[0]), "__version__", None)
+    source = getattr(module, "__file__", None)
+    if source:
+        import hashlib
+        from pathlib import Path
+
+        out["source_sha256"] = hashlib.sha256(Path(source).read_bytes()).hexdigest()
+    return out
+
+
+def _distribution_of(module) -> importlib.metadata.Distribution | None:
+    """The installed distribution whose files include ``module``'s file (not merely one that
+    ships a top-level package of the same name)."""
+    from pathlib import Path
+
+    source = getattr(module, "__file__", None)
+    if not source:
+        return None
+    source = Path(source).resolve()
+    top = module.__name__.split(".")[0]
+    for dist_name in importlib.metadata.packages_distributions().get(top, []):
+        dist = importlib.metadata.distribution(dist_name)
+        if any(Path(dist.locate_file(f)).resolve() == source for f in dist.files or ()):
+            return dist
+    return None

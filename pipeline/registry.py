@@ -67,14 +67,17 @@ class Registry(Generic[T]):
         self._plugins.discard(name)
 
     def get(self, name: str) -> T:
+        from pipeline import plugins
+
         if name not in self._entries:
             self._load_plugin(name)
         try:
             return self._entries[name]
         except KeyError:
             raise KdError(
-                f"unknown {self.kind} {name!r}; known: {', '.join(self.names())} "
-                f"({self.also + ', ' if self.also else ''}or a plugin: pkg.module:attr)"
+                f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}"
+                + (f" ({self.also + ', ' if self.also else ''}or a plugin: pkg.module:attr)"
+                   if self.kind in plugins.GROUPS else "")
             ) from None
 
     def register_family(self, prefix: str, make: Callable[[str], T], package: str) -> None:

@@ -28,7 +28,7 @@ def teacher_arch(cfg: TeacherConfig, dataset: Dataset) -> str:
 
 def teacher_dir(cfg: TeacherConfig, dataset: Dataset) -> Path:
     """Where the trained default teacher of this dataset and architecture lives."""
-    return Path(cfg.teacher_dir) / dataset_slug(dataset.spec) / teacher_arch(cfg, dataset)
+    return Path(cfg.teacher_dir) / dataset_slug(dataset.spec) / dataset_slug(teacher_arch(cfg, dataset))
 
 
 def teacher_policy(cfg: TeacherConfig, dataset: Dataset) -> Policy | None:
@@ -51,7 +51,7 @@ def train_teacher(cfg: TeacherConfig, dataset: Dataset, progress: bool = True) -
     torch.manual_seed(cfg.seed)
     model = create_teacher(arch, dataset.input_shape, dataset.num_classes)
     if cfg.pretrained:
-        state = pretrained_state(arch)
+        state = pretrained_state(arch, dataset.input_shape, dataset.num_classes)
         own = model.state_dict()
         # the classifier head rarely matches num_classes; keep every tensor that fits
         model.load_state_dict({k: v for k, v in state.items() if k in own and own[k].shape == v.shape},

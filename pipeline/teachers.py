@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import KdError
+from pipeline.onnx_teacher import OnnxTapped, OnnxTeacher
 from pipeline.registry import Registry
 
 Factory = Callable[[tuple[int, ...], int], nn.Module]
@@ -222,8 +223,6 @@ def create_teacher(arch: str, input_shape: tuple[int, ...], num_classes: int,
     if arch == ONNX:
         if ckpt in ("", "random"):
             raise KdError("teacher=onnx runs a model file: pass teacher_ckpt=MODEL.onnx")
-        from pipeline.onnx_teacher import OnnxTeacher
-
         return OnnxTeacher(ckpt, tuple(input_shape), int(num_classes))
     return TEACHERS.get(arch)(tuple(input_shape), int(num_classes))
 
@@ -295,7 +294,7 @@ def state_fingerprint(model: nn.Module, arch: str, input_shape, num_classes: int
     plugin = TEACHERS.identity(arch) if arch in TEACHERS else None
     if plugin:  # the code that builds it: its import path, package and version
         h.update(repr(sorted(plugin.items())).encode())
-    if hasattr(model, "sha256"):  # an ONNX graph: its nodes and initializers, hashed whole
+    if isinstance(model, OnnxTeacher):  # an ONNX model: graph, initializers, opsets, hashed whole
         h.update(model.sha256.encode())
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
@@ -307,11 +306,10 @@ def state_fingerprint(model: nn.Module, arch: str, input_shape, num_classes: int
 def build_teacher(spec: TeacherSpec) -> nn.Module:
     """The plain teacher module (eval mode, on CPU) with the spec's weights."""
     if spec.arch == ONNX:
-        model = create_teacher(ONNX, spec.input_shape, spec.num_classes, spec.ckpt)
-        if spec.device != "cpu":  # onnxruntime places the graph itself
-            from pipeline.onnx_teacher import OnnxTeacher
-
-            model = OnnxTeacher(spec.ckpt, spec.input_shape, spec.num_classes, spec.device)
+        if spec.ckpt in ("", "random"):
+            raise KdError("teacher=onnx runs a model file: pass teacher_ckpt=MODEL.onnx")
+        # onnxruntime places the graph itself, on the spec's device
+        model = OnnxTeacher(spec.ckpt, spec.input_shape, spec.num_classes, spec.device)
     elif spec.ckpt == "random":
         torch.manual_seed(spec.seed)
         model = create_teacher(spec.arch, spec.input_shape, spec.num_classes)
@@ -332,7 +330,7 @@ def build_teacher(spec: TeacherSpec) -> nn.Module:
 
 def layer_names(model: nn.Module) -> list[str]:
     """The layers a feature tap can name: FX graph nodes, or an ONNX graph's outputs."""
-    if hasattr(model, "outputs"):
+    if isinstance(model, OnnxTeacher):
         return model.outputs()
     get_graph_node_names = _fx(model)[0]
     try:
@@ -348,7 +346,7 @@ def layer_names(model: nn.Module) -> list[str]:
 
 def default_layers(model: nn.Module) -> tuple[str, ...]:
     """The penultimate layer (``embed`` where there is one); an ONNX graph's other outputs."""
-    if hasattr(model, "feature_names"):
+    if isinstance(model, OnnxTeacher):
         return tuple(model.feature_names)
     nodes = layer_names(model)
     if TimmStages.PRE_LOGITS in nodes and nodes[-1] == TimmStages.PRE_LOGITS:
@@ -370,9 +368,7 @@ def _fx(model: nn.Module):
 def tap(model: nn.Module, layers: tuple[str, ...], pool: bool, arch: str) -> nn.Module:
     """``model`` returning ``(logits, {layer: features})``: :class:`Tapped` for torch modules,
     :class:`pipeline.onnx_teacher.OnnxTapped` for ONNX graphs."""
-    if hasattr(model, "outputs"):
-        from pipeline.onnx_teacher import OnnxTapped
-
+    if isinstance(model, OnnxTeacher):
         return OnnxTapped(model, layers, pool)
     if layers and TimmStages.fits(model) and layer_names(model) == TimmStages.names(model):
         return TimmStages(model, layers, pool, arch)  # timm, where FX cannot trace it
@@ -452,7 +448,7 @@ class Tapped(nn.Module):
         return logits, feats
 
 
-def pretrained_state(arch: str) -> dict[str, torch.Tensor]:
+def pretrained_state(arch: str, input_shape: tuple[int, ...], num_classes: int) -> dict[str, torch.Tensor]:
     """torchvision's default weights for ``arch`` from the local torch hub cache.
 
     kdcache never downloads weights during a run; with internet, fetch them once with
@@ -461,7 +457,7 @@ def pretrained_state(arch: str) -> dict[str, torch.Tensor]:
     ``timm.create_model(NAME, pretrained=True)``).
     """
     if arch.startswith("timm:"):
-        return _timm_pretrained(arch.removeprefix("timm:"))
+        return _timm_pretrained(arch.removeprefix("timm:"), tuple(input_shape), num_classes)
     import torchvision
 
     try:
@@ -475,15 +471,17 @@ def pretrained_state(arch: str) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _timm_pretrained(name: str) -> dict[str, torch.Tensor]:
-    import os
-
+def _timm_pretrained(name: str, input_shape: tuple[int, ...], num_classes: int) -> dict[str, torch.Tensor]:
+    import huggingface_hub.constants as hub
     import timm
 
-    offline = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"  # never download during a run
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import: set its flag itself, so that
+    # nothing is downloaded during a run
+    offline, hub.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE, True
     try:
-        return timm.create_model(name, pretrained=True).state_dict()
+        # timm adapts the stem to the input's channels; the new head stays untrained
+        return timm.create_model(name, pretrained=True, num_classes=num_classes,
+                                 in_chans=input_shape[0]).state_dict()
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [""])[0][:120]
         raise KdError(f"pretrained weights for timm:{name} are not in the local Hugging Face cache "
@@ -491,7 +489,4 @@ def _timm_pretrained(name: str) -> dict[str, torch.Tensor]:
                       f"\"import timm; timm.create_model('{name}', pretrained=True)\", or set "
                       "pretrained=false") from None
     finally:
-        if offline is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = offline
+        hub.HF_HUB_OFFLINE = offline

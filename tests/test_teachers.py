@@ -108,6 +108,14 @@ def test_unknown_layer_is_named():
         Tapped(model, ("fc9",), pool=True, arch="mlp")
 
 
+def test_built_in_fingerprints_stay_what_they_were():
+    """Caches name their teacher by this hash: a built-in teacher's must not change when kdcache
+    does (it was this before plugins could enter fingerprints)."""
+    model = build_teacher(TeacherSpec("cnn_small", (1, 8, 8), 10, "random", 0))
+    assert state_fingerprint(model, "cnn_small", (1, 8, 8), 10) == \
+        "5f33261867107fb5c9a13d48ba6a119679fe1cfdc100e00988236a82ddc91395"
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_state_fingerprint(arch):
     shape = SHAPES[arch]

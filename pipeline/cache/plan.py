@@ -19,6 +19,7 @@ from pipeline.config import CacheConfig, DataConfig, fingerprint
 from pipeline.data import Dataset
 from pipeline.errors import KdError
 from pipeline.latency import per_sample_ms, torch_predict
+from pipeline.onnx_teacher import OnnxTeacher
 from pipeline.teachers import TeacherSpec, build_teacher, default_layers, state_fingerprint, tap
 
 def codecs(compression: str) -> list:
@@ -138,12 +139,25 @@ def plan(cfg: CacheConfig, dataset: Dataset, spec: TeacherSpec, shapes: dict[str
     return manifest
 
 
-def probe(model: torch.nn.Module, dataset: Dataset) -> tuple[dict[str, tuple[int, ...]], bool]:
+def teacher_params(model: torch.nn.Module) -> int:
+    if isinstance(model, OnnxTeacher):  # its initializers
+        return model.num_params
+    return sum(p.numel() for p in model.parameters())
+
+
+def probe(model: torch.nn.Module, dataset: Dataset, arch: str = "teacher") -> tuple[dict[str, tuple[int, ...]], bool]:
     """Per-sample output shapes, and whether every output is finite, from one forward pass on
-    two real training rows (so bad weights fail before anything is written)."""
+    two real training rows (so bad weights, or a model that does not take these inputs, fail
+    before anything is written)."""
+    from pipeline import plugins
+
     x = torch.from_numpy(dataset.inputs("train", 0, min(2, len(dataset.splits["train"]))))
     with torch.inference_mode():
-        logits, feats = model(x)
+        logits, feats = plugins.call(f"teacher {arch} on inputs shaped {tuple(x.shape[1:])}", model, x)
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise KdError(f"teacher {arch} returned {type(logits).__name__}"
+                      f"{' shaped ' + str(tuple(logits.shape)) if isinstance(logits, torch.Tensor) else ''}; "
+                      "a teacher's forward returns the logits, one tensor [batch, classes]")
     shapes = {"logits": tuple(logits.shape[1:])}
     shapes.update({name: tuple(f.shape[1:]) for name, f in feats.items()})
     finite = all(bool(torch.isfinite(t).all()) for t in (logits, *feats.values()))
@@ -177,7 +191,7 @@ def describe_teacher(cfg: CacheConfig, dataset: Dataset, arch: str,
     spec = TeacherSpec(arch, dataset.input_shape, dataset.num_classes, ckpt, cfg.seed,
                        device=str(device), compile=cfg.compile, pool=cfg.pool)
     model = build_teacher(spec)
-    expected = getattr(model, "expected_preprocessing", None)  # an ONNX model may record it
+    expected = model.expected_preprocessing if isinstance(model, OnnxTeacher) else None
     if expected is not None and expected != dataset.preprocessing:
         raise KdError(f"teacher {ckpt} expects inputs normalised with mean {expected.get('mean')} and "
                       f"std {expected.get('std')}, but {dataset.spec} is normalised with mean "
@@ -185,7 +199,7 @@ def describe_teacher(cfg: CacheConfig, dataset: Dataset, arch: str,
                       "cache it on the data it was trained on")
     # layers=none: the logits only (a model with no recognisable penultimate layer still caches)
     layers = () if cfg.layers == ("none",) else cfg.layers or default_layers(model)
-    shapes, finite = probe(tap(model, layers, cfg.pool, arch), dataset)
+    shapes, finite = probe(tap(model, layers, cfg.pool, arch), dataset, arch)
     if not finite:
         raise KdError(f"teacher {arch} produced NaN/inf outputs on the first training rows; check "
                       f"the checkpoint {ckpt} and the inputs")
@@ -194,7 +208,7 @@ def describe_teacher(cfg: CacheConfig, dataset: Dataset, arch: str,
                       f"{dataset.num_classes} classes; use a checkpoint trained on this dataset")
     spec = dataclasses.replace(spec, layers=tuple(layers), fingerprint=state_fingerprint(
         model, arch, dataset.input_shape, dataset.num_classes))
-    return spec, shapes, getattr(model, "num_params", None) or sum(p.numel() for p in model.parameters())
+    return spec, shapes, teacher_params(model)
 
 
 def prepare(cfg: CacheConfig, dataset: Dataset, arch: str,
@@ -217,5 +231,5 @@ def teacher_cost(spec: TeacherSpec, dataset: Dataset) -> dict[str, Any]:
     model = build_teacher(dataclasses.replace(spec, device="cpu", compile=False))
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     rows = dataset.inputs("train", 0, min(256, len(dataset.splits["train"])))
-    size = getattr(model, "weights_bytes", None) or len(save(state))  # (an ONNX file: its size)
+    size = model.weights_bytes if isinstance(model, OnnxTeacher) else len(save(state))
     return {"weights_bytes": size, "latency": per_sample_ms(torch_predict(model), rows)}

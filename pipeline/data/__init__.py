@@ -36,7 +36,7 @@ def open_dataset(cfg: DataConfig) -> Dataset:
 def split_spec(spec: str) -> tuple[str, str]:
     """``NAME[:ARG]`` → (NAME, ARG); a plugin's NAME is an import path, ``pkg.module:fn[:ARG]``."""
     kind, sep, rest = spec.partition(":")
-    if sep and kind not in DATASETS:
+    if sep and kind not in DATASETS and kind not in plugins.entry_points("dataset"):
         head, _, arg = rest.partition(":")
         if plugins.is_import_path(f"{kind}:{head}"):
             return f"{kind}:{head}", arg
@@ -48,8 +48,8 @@ def absolute_spec(spec: str) -> str:
     ``npz:/cwd/d.npz``); any other spec unchanged. Unknown names are left for
     :func:`open_dataset` to refuse."""
     kind, arg = split_spec(spec)
-    if plugins.is_import_path(kind):
-        DATASETS.get(kind)  # a plugin declares whether its argument is a path
+    if plugins.is_import_path(kind) or kind in plugins.entry_points("dataset"):
+        DATASETS.get(kind)  # a plugin declares whether its argument is a path (so it must import)
     if not arg or kind not in DATASETS or not DATASETS.declared(kind).path:
         return spec
     return f"{kind}:{os.path.abspath(os.path.expanduser(arg))}"

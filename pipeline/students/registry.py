@@ -52,10 +52,13 @@ def _plugin_student(name: str, obj: Any) -> Callable[[StudentConfig], Any]:
                           "pipeline.students.Student (the student contract)")
         return student
 
+    from pipeline import plugins
+
     if isinstance(obj, type):
         names = [p for p in inspect.signature(obj).parameters if p in StudentConfig.__dataclass_fields__]
-        return lambda cfg: checked(obj(**{p: getattr(cfg, p) for p in names}))
-    return lambda cfg: checked(obj(cfg))
+        return lambda cfg: checked(plugins.call(f"student {name}: {obj.__name__}(...)", obj,
+                                                **{p: getattr(cfg, p) for p in names}))
+    return lambda cfg: checked(plugins.call(f"student {name}: factory(cfg)", obj, cfg))
 
 
 STUDENTS: Registry[Callable[[StudentConfig], Any]] = Registry("student", StudentNeeds,
