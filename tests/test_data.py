@@ -67,6 +67,7 @@ def write_imagefolder(root: Path, per_class=(4, 2), classes=("cat", "dog"), size
 # fails test_every_dataset_has_an_example.
 EXAMPLES: dict[str, Callable[[Path], DataConfig]] = {
     "digits": lambda tmp: DataConfig(dataset="digits"),
+    "digits3": lambda tmp: DataConfig(dataset="digits3"),
     "npz": lambda tmp: DataConfig(dataset=f"npz:{write_npz(tmp / 'rows.npz')}"),
     "torchvision": lambda tmp: DataConfig(dataset="torchvision:MNIST",
                                           data_root=str(write_fake_mnist(tmp / "tv"))),
@@ -76,6 +77,7 @@ EXAMPLES: dict[str, Callable[[Path], DataConfig]] = {
 
 EXPECTED = {  # input shape and number of classes of each example
     "digits": ((1, 8, 8), 10),
+    "digits3": ((1, 8, 24), 1000),
     "npz": ((6,), 3),
     "torchvision": ((1, 5, 5), 3),
     "imagefolder": ((3, 8, 8), 2),
@@ -353,3 +355,29 @@ def test_bad_npz_is_refused(tmp_path, case):
     with pytest.raises(KdError, match=BAD_NPZ[case]) as info:
         open_dataset(DataConfig(dataset=f"npz:{path}"))
     assert "\n" not in str(info.value)
+
+
+def test_digits3_numbers_are_built_from_disjoint_source_images():
+    """No source digit appears in two splits; every number 000-999 equally often in each
+    split; an image is its three digits side by side, hundreds first."""
+    from sklearn.datasets import load_digits
+
+    from pipeline.data.digits3 import PER_CLASS, compose, source_pools
+
+    pools = source_pools()
+    assert sum(len(p) for p in pools.values()) == 1797
+    target, images = load_digits().target, load_digits().images.astype(np.float32)
+    used = {}
+    for split, pool in pools.items():
+        labels, sources = compose(split, pool, target)
+        used[split] = set(sources.ravel().tolist())
+        assert used[split] <= set(pool.tolist())
+        assert np.bincount(labels, minlength=1000).tolist() == [PER_CLASS[split]] * 1000
+        assert (target[sources] == np.stack([labels // 100, labels // 10 % 10, labels % 10], 1)).all()
+    assert not (used["train"] & used["val"]) and not (used["train"] & used["test"]) and not (used["val"] & used["test"])
+    dataset = open_dataset(DataConfig(dataset="digits3"))
+    row = dataset.splits["test"].sample_ids.tolist().index(28000 + 386)  # the number 386
+    labels, sources = compose("test", pools["test"], target)
+    raw = dataset.pools["test"].read(np.array([row]))[0, 0]
+    np.testing.assert_array_equal(raw, np.concatenate([images[s] for s in sources[386]], axis=1))
+    assert dataset.splits["test"].labels[row] == 386

@@ -14,7 +14,7 @@ from pipeline.config import DataConfig
 from pipeline.data.dataset import (BLOCK, SPLITS, ArraySource, Dataset, RowSource, Split, carve,
                                    positions_of)
 from pipeline.data.registry import DATASETS, DatasetNeeds
-from pipeline.data import digits, imagefolder, npz, synthetic, vision  # noqa: F401  (registration)
+from pipeline.data import digits, digits3, imagefolder, npz, synthetic, vision  # noqa: F401  (registration)
 from pipeline import plugins
 from pipeline.errors import KdError
 
