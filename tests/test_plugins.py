@@ -311,3 +311,40 @@ def test_a_timm_model_fx_cannot_trace_is_tapped_through_its_stages(tmp_path, cap
     np.testing.assert_array_equal(a.features("test", "global_pool.flatten"), b.features("test", "pre_logits"))
     default = run_cli(capsys, "cache", *spec[:-1], f"cache={tmp_path / 'default'}")
     assert list(default["layers"]) == ["pre_logits"]
+
+
+class _ChannelsLastMap(torch.nn.Module):
+    """A Keras-like graph: NHWC images in, logits and an NHWC feature map out."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        from pipeline.teachers import Tapped
+
+        self.tapped = Tapped(model, ("block3.2",), pool=False)
+
+    def forward(self, x):
+        logits, feats = self.tapped(x.permute(0, 3, 1, 2))
+        return logits, feats["block3.2"].permute(0, 2, 3, 1)
+
+
+def test_an_nhwc_feature_map_is_pooled_over_its_spatial_axes(tmp_path, capsys):
+    import contextlib
+    import io
+    import warnings
+
+    torch.manual_seed(0)
+    model = create_teacher("cnn_small", (1, 8, 8), 10).eval()
+    torch.save(model.state_dict(), tmp_path / "t.pt")
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_ChannelsLastMap(model), (torch.zeros(2, 8, 8, 1),), str(tmp_path / "t.onnx"),
+                          dynamo=True, input_names=["image"], output_names=["logits", "map"],
+                          dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    common = ["dataset=digits", "scheduler=synchronous", "dtype=float32"]
+    run_cli(capsys, "cache", *common, "teacher=onnx", f"teacher_ckpt={tmp_path / 't.onnx'}",
+            "layers=map", f"cache={tmp_path / 'onnx'}")
+    run_cli(capsys, "cache", *common, "teacher=cnn_small", f"teacher_ckpt={tmp_path / 't.pt'}",
+            "layers=block3.2", f"cache={tmp_path / 'torch'}")
+    a, b = open_cache(tmp_path / "onnx"), open_cache(tmp_path / "torch")
+    assert a.manifest["layers"]["map"] == b.manifest["layers"]["block3.2"]  # (channels,) both
+    np.testing.assert_allclose(a.features("test", "map"), b.features("test", "block3.2"), atol=1e-4, rtol=1e-4)
