@@ -49,7 +49,7 @@ def describe(s: dict) -> str:
     cost = s["teacher_cost"]
     if cost["latency"]:  # (caches built before kdcache measured it have none)
         lat = cost["latency"]
-        lines.insert(5, f"teacher    {cost['num_params']:,} params, {cost['weights_bytes'] / 1e6:.2f} MB; CPU "
+        lines.insert(5, f"cost       teacher: {cost['num_params']:,} params, {cost['weights_bytes'] / 1e6:.2f} MB; CPU "
                         f"{lat['batch_1_ms']:.4g} ms/sample at batch 1, {lat['batch_256_ms']:.4g} at "
                         f"batch 256 ({lat['threads']} threads)")
     if s["augment"]:
