@@ -8,7 +8,10 @@ Measured (floor: cached / bare >= 0.90)
         feature taps, the float16 cast, the NaN check, chunk encoding (codecs and CRC), the
         shard writes and fsyncs, the per-shard sha256, the index parts, the final index and the
         manifest. The teacher is loaded inside the timed region too (the worker state
-        ``shard._STATE`` is cleared before every build, as in a fresh ``kdcache cache``).
+        ``shard._STATE`` is cleared before every build, as in a fresh ``kdcache cache``). Not
+        timed: the one-off CPU timing of the teacher a new cache records for the report
+        (``plan.teacher_cost``, which ``kdcache cache`` passes to ``build_cache``): a fixed cost
+        of one warm-up and a few calls at batch 1 and 256, whatever the rows.
     shard-phase throughput (context) = rows / the seconds ``build_cache`` reports for its shard
         work alone (teacher load, inputs, forward, encoding, writes), i.e. without the one-off
         lock, array creation, final index and manifest: the steady state of a large cache.

@@ -10,3 +10,9 @@ class KdError(Exception):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
+
+
+def first_line(exc: BaseException, limit: int = 160) -> str:
+    """The first line of another library's exception message, cut to ``limit`` characters:
+    what a one-line :class:`KdError` quotes of it."""
+    return (str(exc).strip().splitlines() or [""])[0][:limit]

@@ -34,7 +34,7 @@ import numpy as np
 from pipeline.cache import TeacherCache, open_cache
 from pipeline.cache import format as fmt
 from pipeline.config import StudentConfig, from_record
-from pipeline.errors import KdError
+from pipeline.errors import KdError, first_line
 from pipeline.io import atomic_path, atomic_write_text, sha256_file
 from pipeline.runs import WEIGHTS
 from pipeline.students import STUDENTS, Student, StudentData, create_student
@@ -117,7 +117,7 @@ def restore(run: Run) -> tuple[Student, TeacherCache]:
     try:
         tensors = load_file(str(run.root / WEIGHTS))
     except Exception as exc:  # safetensors' own error types: a torn or foreign file
-        raise KdError(f"{run.root / WEIGHTS} cannot be read ({(str(exc).splitlines() or [''])[0][:80]}); "
+        raise KdError(f"{run.root / WEIGHTS} cannot be read ({first_line(exc, 80)}); "
                       "the run's weights are damaged: train the student again") from None
     try:
         student.load_tensors(tensors, shape, cache.num_classes)
@@ -154,7 +154,7 @@ def export_run(run: Run, format: str = "auto") -> dict:
             except KdError:
                 raise
             except Exception as exc:  # the exporter's, onnxruntime's or skops' own failure
-                first = (str(exc).strip().splitlines() or [""])[0][:160]
+                first = first_line(exc)
                 raise KdError(f"exporting run {run.root.name} as {format} failed "
                               f"({type(exc).__name__}: {first}); nothing was written") from None
             if not check["ok"]:

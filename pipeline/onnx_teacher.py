@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.errors import KdError
+from pipeline.errors import KdError, first_line
 
 _FLOAT_TYPES = {1: np.float32, 10: np.float16, 11: np.float64}  # onnx TensorProto element types
 
@@ -48,7 +48,7 @@ class OnnxTeacher(nn.Module):
             model = onnx.load(str(path))
             onnx.checker.check_model(model)
         except Exception as exc:
-            first = (str(exc).strip().splitlines() or [""])[0][:120]
+            first = first_line(exc, 120)
             raise KdError(f"teacher checkpoint {path} is not an ONNX model ({type(exc).__name__}: "
                           f"{first}); export the model to ONNX (e.g. tf2onnx for Keras)") from None
         self.path = str(path)
@@ -97,7 +97,7 @@ class OnnxTeacher(nn.Module):
         try:
             return self._session.run(names, {self.input_name: np.ascontiguousarray(batch, self.input_dtype)})
         except Exception as exc:  # onnxruntime's own errors (a shape or type the graph refuses)
-            first = (str(exc).strip().splitlines() or [""])[0][:160]
+            first = first_line(exc)
             raise KdError(f"onnxruntime failed to run {self.path} ({type(exc).__name__}: {first})") from None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,7 @@ import re
 import sys
 from typing import Any, Callable
 
-from pipeline.errors import KdError
+from pipeline.errors import KdError, first_line
 
 IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 GROUPS = {"teacher": "kdcache.teachers", "dataset": "kdcache.datasets",
@@ -85,7 +85,7 @@ def call(what: str, fn: Callable, *args: Any, **kwargs: Any) -> Any:
     except KdError:
         raise
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        first = first_line(exc)
         raise KdError(f"{what} raised {type(exc).__name__}: {first}") from None
 
 
@@ -118,7 +118,7 @@ def resolve(kind: str, name: str) -> Any | None:
         raise KdError(f"{where}: importing {module_name} failed (ModuleNotFoundError: {exc}); "
                       "install what it imports") from None
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        first = first_line(exc)
         raise KdError(f"{where}: importing {module_name} raised {type(exc).__name__}: {first}; "
                       "fix the module (run `python -c 'import "
                       f"{module_name}'` to see the traceback)") from None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import pickle
 import warnings
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.errors import KdError
+from pipeline.errors import KdError, first_line
 from pipeline.onnx_teacher import OnnxTapped, OnnxTeacher
 from pipeline.registry import Registry
 
@@ -328,17 +329,28 @@ def build_teacher(spec: TeacherSpec) -> nn.Module:
 
 # =========================================================================== feature taps
 
+# FX node names by model: tracing a large model takes a while, and planning a cache asks for
+# them up to three times (default layers, the taps, the timm fallback)
+_NODE_NAMES: "weakref.WeakKeyDictionary[nn.Module, list[str]]" = weakref.WeakKeyDictionary()
+
+
 def layer_names(model: nn.Module) -> list[str]:
     """The layers a feature tap can name: FX graph nodes, or an ONNX graph's outputs."""
     if isinstance(model, OnnxTeacher):
         return model.outputs()
+    if model not in _NODE_NAMES:
+        _NODE_NAMES[model] = _traced_names(model)
+    return _NODE_NAMES[model]
+
+
+def _traced_names(model: nn.Module) -> list[str]:
     get_graph_node_names = _fx(model)[0]
     try:
         return get_graph_node_names(model)[1]
     except Exception as exc:  # control flow that symbolic tracing cannot follow
         if TimmStages.fits(model):
             return TimmStages.names(model)
-        first = (str(exc).strip().splitlines() or [""])[0][:120]
+        first = first_line(exc, 120)
         raise KdError(f"{type(model).__name__} cannot be traced by torch.fx to tap its layers "
                       f"({type(exc).__name__}: {first}); cache it with layers=none (the logits "
                       "only), or export it to ONNX with its features as graph outputs") from None
@@ -483,7 +495,7 @@ def _timm_pretrained(name: str, input_shape: tuple[int, ...], num_classes: int) 
         return timm.create_model(name, pretrained=True, num_classes=num_classes,
                                  in_chans=input_shape[0]).state_dict()
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [""])[0][:120]
+        first = first_line(exc, 120)
         raise KdError(f"pretrained weights for timm:{name} are not in the local Hugging Face cache "
                       f"({type(exc).__name__}: {first}); fetch them once with internet: python -c "
                       f"\"import timm; timm.create_model('{name}', pretrained=True)\", or set "

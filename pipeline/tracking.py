@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from pipeline.config import StudentConfig, to_dict
-from pipeline.errors import KdError
+from pipeline.errors import KdError, first_line
 
 MAX_PARAM = 6000  # characters MLflow stores per param value
 
@@ -49,7 +49,7 @@ def track(cfg: StudentConfig, row: dict, run_dir: Path, history: list[dict]) -> 
     try:
         return _mlflow(cfg, row, run_dir, history)
     except Exception as exc:  # the run is already saved: a tracker must never lose it
-        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        first = first_line(exc)
         print(f"kdcache: warning: tracking={cfg.tracking} failed ({type(exc).__name__}: {first}); "
               f"the run is saved in {run_dir} and the results table", file=sys.stderr)
         return None

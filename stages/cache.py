@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pipeline.cache.build import build_cache
 from pipeline.augment import parse
-from pipeline.cache.plan import prepare
+from pipeline.cache.plan import prepare, teacher_cost
 from pipeline.cache.summary import describe, summarise
 from pipeline.config import CacheConfig, resolve
 from pipeline.data import open_dataset
@@ -41,7 +41,9 @@ def main(args: list[str]) -> dict:
     # 3. Compute the shards that are not done yet (all of them, on a fresh cache).
     root = Path(cfg.cache) if cfg.cache else default_cache_path(
         cfg.cache_root, dataset.spec, arch, cfg.teacher_ckpt, cfg.seed, cfg.views, cfg.augment)
-    manifest, run = build_cache(root, cfg, dataset, spec, manifest)
+    # (a new cache also records what deploying the teacher costs: timed once, on the CPU)
+    manifest, run = build_cache(root, cfg, dataset, spec, manifest,
+                                measure_teacher=lambda: teacher_cost(spec, dataset))
 
     # 4. Summarise.
     summary = summarise(root, manifest)

@@ -14,7 +14,7 @@ import socket
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from pipeline.cache import format as fmt
 from pipeline.cache.execute import run_jobs, shard_jobs
-from pipeline.cache.plan import codecs, now, teacher_cost
+from pipeline.cache.plan import codecs, now
 from pipeline.config import CacheConfig, save_config
 from pipeline.data import Dataset
 from pipeline.errors import KdError
@@ -57,8 +57,11 @@ class CacheLock:
 
 
 def build_cache(root: Path, cfg: CacheConfig, dataset: Dataset, spec: TeacherSpec,
-                manifest: dict[str, Any], progress: bool = True) -> tuple[dict[str, Any], dict]:
-    """Build (or resume, or skip) the cache at ``root``. Returns (manifest, this run's stats)."""
+                manifest: dict[str, Any], progress: bool = True,
+                measure_teacher: Callable[[], dict] | None = None) -> tuple[dict[str, Any], dict]:
+    """Build (or resume, or skip) the cache at ``root``. Returns (manifest, this run's stats).
+    ``measure_teacher()`` (e.g. :func:`pipeline.cache.plan.teacher_cost`) is called once, when
+    the cache is created, and what it returns is recorded in the manifest's ``teacher``."""
     with _storage_errors(root), CacheLock(root):
         # Holding the lock, no live writer owns a temporary file: what is left was a killed run's.
         fmt.remove_temporaries(root)
@@ -80,7 +83,8 @@ def build_cache(root: Path, cfg: CacheConfig, dataset: Dataset, spec: TeacherSpe
             raise KdError(f"{root} exists and is not a kdcache cache; choose another cache=PATH")
         created = not (root / fmt.MANIFEST).is_file()
         if created:
-            manifest = {**manifest, "teacher": {**manifest["teacher"], **teacher_cost(spec, dataset)}}
+            if measure_teacher is not None:
+                manifest = {**manifest, "teacher": {**manifest["teacher"], **measure_teacher()}}
             _initialise(root, cfg, manifest)
 
         done = _records(root, manifest)
