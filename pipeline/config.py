@@ -98,6 +98,9 @@ class CacheConfig(TeacherConfig):
     dtype: str = "float16"  # float16 | float32
     compression: str = "none"  # none | zstd: ~10% smaller on dense features, ~2x slower to stream
     temperature: float = 4.0  # default distillation temperature recorded for students
+    # how the logits are kept: dense (all C) | topk:K (the K largest and a tail) | sample:K
+    # (K classes drawn from softmax(z / temperature)); see README "Choosing a logits mode"
+    logits: str = "dense"
     # teacher outputs per train row: view 0 is the input as it is, views 1.. are augmented by
     # `augment` with parameters drawn from (seed, split, sample_id, view); val and test hold view 0
     views: int = 1
@@ -129,6 +132,9 @@ class CacheConfig(TeacherConfig):
                           "for the logits only, or the layers to tap")
         if self.chunk_size < 0:
             raise KdError(f"chunk_size={self.chunk_size} must be >= 0 (0 = auto)")
+        from pipeline.sparse import parse_mode
+
+        parse_mode(self.logits)
         if self.dtype not in ("float16", "float32"):
             raise KdError(f"dtype={self.dtype!r} is not supported; use float16 or float32")
         if self.compression not in ("none", "zstd"):

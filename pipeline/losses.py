@@ -55,6 +55,11 @@ class LossNeeds:
     - ``head``: ``head(student_shape, teacher_shape) -> LossHead``, a module with learned
       parameters (an adapter, projection heads) built once per run, trained with the student
       and dropped when it is deployed; the loss receives it as ``head``.
+    - ``sparse``: the loss has a sparse form. From a sparse-logit cache (``logits=topk:K`` /
+      ``sample:K``) it then receives the teacher's distribution at T over K classes and a
+      tail bucket (``t_ids``, ``t_w``, ``t_tail``: :meth:`pipeline.sparse.SparseLogits.targets`)
+      instead of ``z_t``; a loss without one gets the dense stand-in
+      (:meth:`pipeline.sparse.SparseLogits.dense`) as ``z_t``, and its soft targets from it.
     """
 
     logits: bool = True
@@ -63,6 +68,7 @@ class LossNeeds:
     maps: bool = False
     weight: float | None = None
     head: Callable[..., "LossHead"] | None = None
+    sparse: bool = False
 
     def __post_init__(self) -> None:
         if (self.maps or self.head) and not self.features:
@@ -151,10 +157,36 @@ def ce(z_s: torch.Tensor, y: torch.Tensor, **_) -> torch.Tensor:
     return F.cross_entropy(z_s, y)
 
 
-@LOSSES.register("kd", temperature=True)
-def kd(z_s: torch.Tensor, y: torch.Tensor, *, z_t: torch.Tensor, T: float = 4.0,
+def sparse_kl(z_s: torch.Tensor, T: float, t_ids: torch.Tensor, t_w: torch.Tensor,
+              t_tail: torch.Tensor) -> torch.Tensor:
+    """KL from the teacher's distribution over K classes and a tail bucket to the student's,
+    averaged over the batch:
+
+        Σ_k w_k · (log w_k − log q_{i_k}) + w_tail · (log w_tail − log q_tail)
+
+    with q = softmax(z_s / T), q_tail = Σ_{j ∉ {i_k}} q_j the student's mass on the classes not
+    listed, ``t_ids`` = i [B, K], ``t_w`` = w [B, K] and ``t_tail`` = w_tail [B]
+    (:meth:`pipeline.sparse.SparseLogits.targets`; 0 · log 0 = 0). From top-K logits this is
+    KD with the tail as one "ghost" class (Megatron-LM's sparse KD); from K sampled classes
+    (w = counts / K, no tail) it is the unbiased sampled estimator of KD's cross-entropy
+    (Anshumann et al., "Sparse Logit Sampling", ACL 2025), up to the constant Σ w log w.
+    """
+    u = z_s / T
+    log_q = F.log_softmax(u, dim=1)
+    log_q_ids = log_q.gather(1, t_ids)
+    tail_logits = u.scatter(1, t_ids, float("-inf"))
+    # clamped: with no class left in the tail (sample covering all C) the term has weight 0
+    log_q_tail = (torch.logsumexp(tail_logits, dim=1) - torch.logsumexp(u, dim=1)).clamp(min=-1e4)
+    listed = (torch.xlogy(t_w, t_w) - t_w * log_q_ids).sum(dim=1)
+    tail = torch.xlogy(t_tail, t_tail) - t_tail * log_q_tail
+    return (listed + tail).mean()
+
+
+@LOSSES.register("kd", temperature=True, sparse=True)
+def kd(z_s: torch.Tensor, y: torch.Tensor, *, z_t: torch.Tensor | None = None, T: float = 4.0,
        alpha: float = 0.9, log_p_t: torch.Tensor | None = None, p_t: torch.Tensor | None = None,
-       standardize: bool = False, **_) -> torch.Tensor:
+       standardize: bool = False, t_ids: torch.Tensor | None = None,
+       t_w: torch.Tensor | None = None, t_tail: torch.Tensor | None = None, **_) -> torch.Tensor:
     """Hinton knowledge distillation.
 
     L = α · T² · KL(softmax(z_t/T) ‖ softmax(z_s/T)) + (1 − α) · CE(z_s, y)
@@ -163,9 +195,18 @@ def kd(z_s: torch.Tensor, y: torch.Tensor, *, z_t: torch.Tensor, T: float = 4.0,
     teacher's soft targets, if precomputed (see :func:`soft_kl`). With ``standardize`` the
     soft term compares softmax(Z(z_t)/T) and softmax(Z(z_s)/T) (:func:`standardize`); the CE
     term always sees the raw logits.
+    From a sparse-logit cache (``t_ids``, ``t_w``, ``t_tail`` given) the KL term is
+    :func:`sparse_kl`: L = α · T² · sparse_kl + (1 − α) · CE(z_s, y).
     Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network", 2015
     (arXiv:1503.02531).
     """
+    if t_ids is not None:
+        if standardize:  # Z(z) needs every logit's mean and deviation
+            raise ValueError("standardize needs dense teacher logits, not sparse targets")
+        if losses_cpu.usable(z_s):
+            return losses_cpu.apply(losses_cpu.kd_sparse, z_s, None, y=y, t_ids=t_ids, t_w=t_w,
+                                    t_tail=t_tail, T=float(T), alpha=float(alpha))
+        return alpha * T * T * sparse_kl(z_s, T, t_ids, t_w, t_tail) + (1.0 - alpha) * F.cross_entropy(z_s, y)
     if p_t is not None and log_p_t is not None and losses_cpu.usable(z_s):
         return losses_cpu.apply(losses_cpu.kd, z_s, None, y=y, p_t=p_t, log_p_t=log_p_t, T=float(T),
                                 alpha=float(alpha), standardize_eps=STANDARDIZE_EPS if standardize else None)

@@ -121,6 +121,36 @@ def kd(z, _h, *, y, p_t, log_p_t, T, alpha, standardize_eps=None):
     return value, grad, None
 
 
+def kd_sparse(z, _h, *, y, t_ids, t_w, t_tail, T, alpha):
+    """α·T²·sparse_kl + (1 − α)·CE(z, y) (:func:`pipeline.losses.sparse_kl`). With
+    q = softmax(z/T), ∂/∂(z/T) of the KL term is q − target: target = w scattered onto the
+    listed classes plus w_tail · q_j / q_tail on each class j of the tail."""
+    real = z.dtype.type
+    T, alpha, n = real(T), real(alpha), real(len(z))
+    rows = np.arange(len(z))[:, None]
+    log_q = log_softmax(z / T)
+    q = np.exp(log_q)
+    in_tail = np.ones(z.shape, bool)
+    in_tail[rows, t_ids] = False
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        q_tail = np.where(in_tail, q, 0).sum(axis=1)
+        tail_lse = np.where(in_tail, log_q, -np.inf)
+        top = tail_lse.max(axis=1, keepdims=True)
+        top = np.where(np.isfinite(top), top, 0)
+        log_q_tail = np.maximum(np.log(np.exp(tail_lse - top).sum(axis=1)) + top[:, 0], real(-1e4))
+        xlogx = lambda w: np.where(w > 0, w * np.log(np.where(w > 0, w, 1)), 0)  # noqa: E731
+        listed = (xlogx(t_w) - t_w * log_q[rows, t_ids]).sum(axis=1)
+        kl = (listed + xlogx(t_tail) - t_tail * log_q_tail).sum(dtype=z.dtype) / n
+        # a bincount adds repeated ids (sample:K) where fancy assignment would overwrite
+        target = np.bincount((rows * z.shape[1] + t_ids).ravel(), t_w.ravel(),
+                             minlength=z.size).reshape(z.shape).astype(z.dtype)
+        target += np.where(in_tail, q * (t_tail / np.where(q_tail > 0, q_tail, 1))[:, None], 0)
+        ce, g_ce = ce_value_grad(z, y)
+        value = alpha * T * T * kl + (real(1) - alpha) * ce
+        grad = alpha * T * (q - target) / n + (real(1) - alpha) * g_ce
+    return value, grad.astype(z.dtype), None
+
+
 def _non_target(log_p: np.ndarray, gt: np.ndarray):
     """log(1 − p_y) = logsumexp of the non-target log-probabilities, and the non-target
     distribution p̂ (0 at the target)."""

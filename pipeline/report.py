@@ -41,7 +41,7 @@ def leaderboard(rows: list[dict]) -> list[dict]:
                       "mean": float(acc.mean()), "std": float(acc.std(ddof=1)) if len(rs) > 1 else 0.0,
                       "val": float(np.mean([r["val_accuracy"] for r in rs])),
                       "agreement": float(np.mean([r["teacher_agreement"] for r in rs])),
-                      "kl": float(np.mean([r["kl_teacher_student"] for r in rs])),
+                      "kl": _mean(rs, "kl_teacher_student"),  # None from sparse caches
                       "ece": float(np.mean([r["ece"] for r in rs])),
                       "params": int(rs[0]["params"]), "kind": rs[0]["kind"],
                       "weights_bytes": _mean(rs, "weights_bytes"),
@@ -154,7 +154,7 @@ def markdown(board: list[dict], teacher: dict, source: str) -> str:
         lines.append(f"| {b['model']} | {loss_text(b)} | {_text(b['target'])} | "
                      f"{_text(b['temperature'])} | {_text(b['views'])} | {_text(b['augment'])} | "
                      f"{b['mean']:.4f} ± {b['std']:.4f} | "
-                     f"{b['n']} | {b['val']:.4f} | {b['agreement']:.4f} | {b['kl']:.4f} | "
+                     f"{b['n']} | {b['val']:.4f} | {b['agreement']:.4f} | {'–' if b['kl'] is None else format(b['kl'], '.4f')} | "
                      f"{b['ece']:.4f} | {b['params']:,} | {b['fit_s']:.2f} |")
     by_loss = by_loss_table(board)
     if by_loss:

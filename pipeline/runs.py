@@ -148,12 +148,17 @@ def score(student: Student, data: StudentData, kind: str) -> dict:
         full = np.zeros((len(test_probs), data.num_classes), np.float32)  # column = class id
         full[:, student.classes_] = test_probs
         test_probs = full
-    teacher_test = data.teacher_logits("test")
+    # A sparse cache names the teacher's prediction (its index) but not its whole distribution:
+    # agreement is exact, the KL to the teacher is not measurable from it (null)
+    sparse = data.cache.logits_mode.sparse
+    teacher_test = None if sparse else data.teacher_logits("test")
+    teacher_pred = data.cache.index("test").column("teacher_pred").to_numpy() if sparse else None
     # Latency: the deployed student on the CPU, timed like the teacher was (pipeline.latency)
     latency = per_sample_ms(student.cpu_predict(), X["test"][0:min(LATENCY_ROWS, len(X["test"]))])
     return {"test_accuracy": metrics.accuracy(test_pred, y["test"]), "val_accuracy": val_acc,
-            "teacher_agreement": metrics.teacher_agreement(test_pred, teacher_test),
-            "kl_teacher_student": metrics.kl_teacher_student(teacher_test, test_probs),
+            "teacher_agreement": (metrics.accuracy(test_pred, teacher_pred) if sparse
+                                  else metrics.teacher_agreement(test_pred, teacher_test)),
+            "kl_teacher_student": None if sparse else metrics.kl_teacher_student(teacher_test, test_probs),
             "ece": metrics.ece(test_probs, y["test"]),
             "calibration_temperature": None if scale is None else round(float(scale), 6),
             "latency_b1_ms": latency["batch_1_ms"], "latency_b256_ms": latency["batch_256_ms"]}

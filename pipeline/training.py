@@ -76,8 +76,8 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, xb: np.ndarray, yb:
     if augment is not None:
         xb = augment.apply(xb, augment.sample(rng, len(xb)))
     yb = runtime.to_device(torch.from_numpy(np.asarray(yb, np.int64)), device)
-    targets = {k: runtime.to_device(torch.from_numpy(np.ascontiguousarray(v, np.float32)), device)
-               for k, v in targets.items()}
+    targets = {k: runtime.to_device(torch.from_numpy(np.ascontiguousarray(
+        v, np.int64 if v.dtype.kind in "iu" else np.float32)), device) for k, v in targets.items()}
     with runtime.autocast(device):
         loss = loss_fn(model(xb), yb, targets)
     value = float(loss.detach())

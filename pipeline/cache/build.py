@@ -140,10 +140,17 @@ def _difference(old: dict, new: dict) -> str:
                 f"this one is {new['dataset']['fingerprint'][:12]})")
     if old["preprocessing"] != new["preprocessing"]:
         return "other preprocessing"
+    if old.get("logits") != new.get("logits"):
+        return f"other logits (logits={_mode(old)}, this one is {_mode(new)})"
     if (old["views"], old.get("augment")) != (new["views"], new.get("augment")):
         return (f"other views ({old['views']} views, augment "
                 f"{(old.get('augment') or {}).get('policy', 'none')})")
     return "other cache settings (layers, pool, dtype, compression or shard layout)"
+
+
+def _mode(manifest: dict) -> str:
+    entry = manifest.get("logits") or {"mode": "dense"}
+    return entry["mode"] + (f":{entry['k']}" if "k" in entry else "")
 
 
 def _initialise(root: Path, cfg: CacheConfig, manifest: dict) -> None:
@@ -174,6 +181,10 @@ def _create_arrays(group, cfg: CacheConfig, manifest: dict) -> None:
     for split, info in manifest["splits"].items():
         views = fmt.split_views(manifest, split)
         arrays = {fmt.logits_key(split): ((manifest["num_classes"],), cfg.dtype)}
+        if "logits" in manifest:  # sparse: the mode's arrays in place of the dense logits
+            k = manifest["logits"]["k"]
+            arrays = {key: ((k,) if not key.endswith("/tail") else (), fmt.array_dtype(key, manifest))
+                      for key in fmt.logits_keys(split, manifest)}
         arrays.update({fmt.feature_key(split, k): (tuple(v), cfg.dtype) for k, v in manifest["layers"].items()})
         if views > 1:
             arrays[fmt.augment_key(split)] = ((len(manifest["augment"]["params"]),), fmt.AUGMENT_DTYPE)

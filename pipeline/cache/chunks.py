@@ -159,7 +159,7 @@ def chunk_reader(arr, directory: Path) -> ChunkReader | None:
             or conf.get("index_location", "end") != "end"
             or spec.get("chunk_key_encoding") != {"name": "default", "configuration": {"separator": "/"}}
             or shard_shape[1:] != tuple(arr.shape[1:]) or chunk_shape[1:] != tuple(arr.shape[1:])
-            or shard_shape[0] % chunk_shape[0] or np.dtype(arr.dtype).kind not in "fi"):
+            or shard_shape[0] % chunk_shape[0] or np.dtype(arr.dtype).kind not in "fiu"):
         return None
     return ChunkReader(directory, tuple(arr.shape), np.dtype(arr.dtype), shard_shape[0],
                        chunk_shape[0], "zstd" in inner, float(spec.get("fill_value") or 0))

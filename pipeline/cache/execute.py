@@ -60,7 +60,8 @@ def shard_jobs(root, cfg, dataset, spec, manifest, done) -> Iterable[ShardJob]:
             yield ShardJob(str(root), split, k, start, min(info["rows"], start + cfg.shard_size),
                            manifest["dataset"]["config"], dataset.fingerprint, spec, cfg.dtype,
                            cfg.infer_batch_size, threads, manifest["key"],
-                           fmt.split_views(manifest, split), cfg.augment, cfg.seed)
+                           fmt.split_views(manifest, split), cfg.augment, cfg.seed,
+                           cfg.logits, cfg.temperature)
 
 
 def run_jobs(jobs: list[ShardJob], cfg: CacheConfig, dataset: Dataset, on_done: Callable,

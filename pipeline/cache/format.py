@@ -4,7 +4,12 @@
       manifest.json                     what the cache is; status building | complete
       config.json                       the resolved config that built it
       arrays.zarr/                      Zarr v3 group
-        <split>/logits                  [N, V, C]      raw teacher logits (not softened)
+        <split>/logits                  [N, V, C]      raw teacher logits (not softened; dense caches)
+        <split>/topk/classes            [N, V, K]      logits=topk:K (format 3): the K largest logits'
+        <split>/topk/logits             [N, V, K]        class ids, those raw logits (descending) and
+        <split>/topk/tail               [N, V]           the log-mean-exp of the rest (float32)
+        <split>/sample/classes          [N, V, K]      logits=sample:K (format 3): K classes drawn from
+                                                         softmax(z / T), sorted
         <split>/features/<layer>        [N, V, ...]    tapped activations
         <split>/augment                 [N, V, P]      int16 augmentation parameters of each view
                                                        (format 2, multi-view splits only)
@@ -14,8 +19,9 @@
 
 Row r of every array of a split and row r of its index describe the same sample; the index's
 ``sample_id`` column names it. View v of row r is the teacher's output on the input augmented
-with ``augment[r, v]`` (view 0: the input itself). Single-view caches are written as format 1,
-exactly as before views existed; multi-view caches as format 2. Shards are runs of ``shard_size`` rows; each is written whole,
+with ``augment[r, v]`` (view 0: the input itself). Single-view dense caches are written as format 1,
+exactly as before views existed; multi-view dense caches as format 2; sparse-logit caches
+(``logits=topk:K`` / ``sample:K``, see pipeline/sparse.py) as format 3. Shards are runs of ``shard_size`` rows; each is written whole,
 once, by one task, and recorded done only after its data is on disk.
 """
 
@@ -31,8 +37,8 @@ from pipeline.errors import KdError
 from pipeline.io import atomic_write_text
 
 FORMAT = "kdcache"
-FORMAT_VERSION = 2  # the newest this kdcache writes (multi-view caches); it reads 1 and 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # the newest this kdcache writes (sparse-logit caches); it reads 1, 2 and 3
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST = "manifest.json"
 CONFIG = "config.json"
 ARRAYS = "arrays.zarr"
@@ -52,9 +58,36 @@ def feature_key(split: str, layer: str) -> str:
     return f"{split}/features/{layer}"
 
 
-def version_for(views: int) -> int:
-    """The format a cache of ``views`` train views is written as (1 when it needs nothing new)."""
-    return 1 if views == 1 else 2
+def sparse_key(split: str, kind: str, part: str) -> str:
+    """The array of sparse logits ``part`` (classes | logits | tail) of a ``kind`` (topk |
+    sample) cache."""
+    return f"{split}/{kind}/{part}"
+
+
+def logits_keys(split: str, manifest: dict[str, Any]) -> list[str]:
+    """The arrays that hold a split's logits in this cache, by its logits mode."""
+    mode = (manifest.get("logits") or {"mode": "dense"})["mode"]
+    if mode == "dense":
+        return [logits_key(split)]
+    parts = ("classes", "logits", "tail") if mode == "topk" else ("classes",)
+    return [sparse_key(split, mode, part) for part in parts]
+
+
+def array_dtype(key: str, manifest: dict[str, Any]) -> str:
+    """The dtype an array of the cache is stored in."""
+    if key.endswith("/augment"):
+        return AUGMENT_DTYPE
+    if key.endswith("/classes"):
+        return manifest["logits"]["classes_dtype"]
+    if key.endswith("/topk/tail"):
+        return "float32"
+    return manifest["dtype"]
+
+
+def version_for(views: int, sparse: bool = False) -> int:
+    """The format a cache is written as: the oldest that holds what it needs (1: one view of
+    dense logits, 2: several views, 3: sparse logits)."""
+    return 3 if sparse else (1 if views == 1 else 2)
 
 
 def augment_key(split: str) -> str:

@@ -20,6 +20,7 @@ from pipeline.data import Dataset
 from pipeline.errors import KdError
 from pipeline.latency import per_sample_ms, torch_predict
 from pipeline.onnx_teacher import OnnxTeacher
+from pipeline.sparse import check_mode, parse_mode
 from pipeline.teachers import TeacherSpec, build_teacher, default_layers, state_fingerprint, tap
 
 def codecs(compression: str) -> list:
@@ -62,6 +63,9 @@ def resolve_layout(cfg: CacheConfig, dataset: Dataset,
     shard_rows, chunk_rows = cfg.shard_size, AUTO_CHUNK_ROWS[1]
     if cfg.views > 1:
         itemsize = np.dtype(cfg.dtype).itemsize
+        mode = parse_mode(cfg.logits)
+        if mode.sparse:  # K ids and K values (at most 4 bytes each) in place of C logits
+            shapes = {**shapes, "logits": (2 * mode.k * 4 // itemsize + 1,)}
         row_bytes = cfg.views * itemsize * sum(int(np.prod(shape)) for shape in shapes.values())
         shard_rows = min(shard_rows, max(1, MAX_SHARD_BYTES // row_bytes))
         chunk_rows = min(chunk_rows, max(1, MAX_CHUNK_BYTES // row_bytes))
@@ -95,7 +99,9 @@ def plan(cfg: CacheConfig, dataset: Dataset, spec: TeacherSpec, shapes: dict[str
     ``key`` hashes everything that determines the cached bytes; two builds with the same key
     produce identical caches, and a cache is only ever resumed by a build with its own key.
     """
-    version = fmt.version_for(cfg.views)
+    mode = parse_mode(cfg.logits)
+    check_mode(mode, spec.num_classes)
+    version = fmt.version_for(cfg.views, mode.sparse)
     splits = {}
     for name, split in dataset.splits.items():
         n = len(split)
@@ -110,6 +116,8 @@ def plan(cfg: CacheConfig, dataset: Dataset, spec: TeacherSpec, shapes: dict[str
         "dtype": cfg.dtype, "shard_size": cfg.shard_size, "chunk_size": cfg.chunk_size,
         "compression": cfg.compression, "views": cfg.views, "format_version": version,
     }
+    if mode.sparse:  # dense caches keep the keys they had before sparse modes existed
+        identity["logits"] = mode.spec
     augment = None
     if cfg.views > 1:
         policy = parse(cfg.augment, dataset.input_shape)
@@ -136,6 +144,8 @@ def plan(cfg: CacheConfig, dataset: Dataset, spec: TeacherSpec, shapes: dict[str
     }
     if augment is not None:
         manifest["augment"] = augment
+    if mode.sparse:
+        manifest["logits"] = mode.record(spec.num_classes)
     return manifest
 
 

@@ -3,7 +3,9 @@ iterator with block shuffling for training on caches larger than memory.
 
 The cache stores **raw** logits z. Any temperature T is applied at read time:
 ``logits(split, temperature=T)`` returns z / T and ``probs(split, temperature=T)`` returns
-softmax(z / T).
+softmax(z / T). A sparse-logit cache (``logits=topk:K`` / ``sample:K``) is read as
+:class:`pipeline.sparse.SparseLogits` (``sparse_logits``, ``Batch.sparse``); its dense
+readers return the stand-in :meth:`SparseLogits.dense` (fine for small C).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pipeline.cache.chunks import ChunkReader, chunk_reader, to_float32
 from pipeline.config import DataConfig, from_record
 from pipeline.data import Dataset, open_dataset
 from pipeline.errors import KdError
+from pipeline.sparse import LogitsMode, SparseLogits, mode_of
 
 
 def softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -47,6 +50,7 @@ class Batch:
     extra: dict[str, np.ndarray] = field(default_factory=dict)  # from stream(extra=...)
     view: np.ndarray | None = None  # int64 [B]: the view each row's values are of (view_of=...)
     augment: np.ndarray | None = None  # int16 [B, P]: that view's augmentation parameters
+    sparse: SparseLogits | None = None  # a sparse-logit cache's logits (raw: not softened)
 
 
 class TeacherCache:
@@ -77,6 +81,11 @@ class TeacherCache:
     @property
     def num_classes(self) -> int:
         return int(self.manifest["num_classes"])
+
+    @property
+    def logits_mode(self) -> LogitsMode:
+        """How the cache keeps its logits: dense, or topk / sample with k classes per row."""
+        return mode_of(self.manifest)
 
     @property
     def temperature(self) -> float:
@@ -171,7 +180,7 @@ class TeacherCache:
         Zarr reads a missing shard back as fill values, which would pass for teacher outputs."""
         split = key.partition("/")[0]
         where = self.root / fmt.ARRAYS / key
-        dtype = fmt.AUGMENT_DTYPE if key == fmt.augment_key(split) else self.manifest["dtype"]
+        dtype = fmt.array_dtype(key, self.manifest)
         if arr.shape[0] != self.num_rows(split) or str(arr.dtype) != dtype:
             raise KdError(f"cache array {where} has {arr.shape[0]} rows of {arr.dtype}, the manifest "
                           f"says {self.num_rows(split)} of {dtype}; the cache is damaged, rebuild it")
@@ -192,8 +201,28 @@ class TeacherCache:
         return np.ascontiguousarray(self._array(key)[start:stop, :views])
 
     def raw_logits(self, split: str, view: int | np.ndarray = 0, rows: slice | None = None) -> np.ndarray:
-        """Stored logits z as float32 [N, C], of view ``view`` (or of one view per row)."""
+        """Stored logits z as float32 [N, C], of view ``view`` (or of one view per row); of a
+        sparse cache, the dense stand-in :meth:`SparseLogits.dense`."""
+        if self.logits_mode.sparse:
+            return self.sparse_logits(split, view, rows).dense()
         return self._rows(fmt.logits_key(split), rows, view)
+
+    def sparse_logits(self, split: str, view: int | np.ndarray = 0,
+                      rows: slice | None = None) -> SparseLogits:
+        """A sparse-logit cache's logits of view ``view`` (or one view per row), as stored."""
+        parts = {key.rpartition("/")[2]: self._rows(key, rows, view)
+                 for key in self._logits_keys(split)}
+        return self._sparse(parts)
+
+    def _logits_keys(self, split: str) -> list[str]:
+        if not self.logits_mode.sparse:
+            raise KdError(f"cache {self.root} holds dense logits; read them with raw_logits")
+        return fmt.logits_keys(split, self.manifest)
+
+    def _sparse(self, parts: dict[str, np.ndarray]) -> SparseLogits:
+        mode = self.logits_mode
+        return SparseLogits(mode.kind, parts["classes"].astype(np.int64), parts.get("logits"),
+                            parts.get("tail"), self.num_classes, self.temperature)
 
     def logits(self, split: str, temperature: float = 1.0, view: int = 0) -> np.ndarray:
         """Softened logits z / T at T = ``temperature``, float32 [N, C]."""
@@ -279,7 +308,11 @@ class TeacherCache:
         _check_temperature(temperature)
         n = self.num_rows(split)
         chunk = int(self.manifest["chunk_size"])
-        keys = {"__logits__": fmt.logits_key(split)} if logits else {}
+        keys = {}
+        if logits and self.logits_mode.sparse:
+            keys = {f"__sparse_{key.rpartition('/')[2]}__": key for key in self._logits_keys(split)}
+        elif logits:
+            keys = {"__logits__": fmt.logits_key(split)}
         keys.update({name: fmt.feature_key(split, name) for name in layers})
         if augment:
             keys["__augment__"] = fmt.augment_key(split)
@@ -337,21 +370,22 @@ class TeacherCache:
             full = size - size % batch_size
             step = full if buffers else batch_size
             for a in range(0, full, max(1, step)):
-                yield _batch({k: v[a:a + step] for k, v in buf.items()}, temperature, layers)
+                yield self._batch({k: v[a:a + step] for k, v in buf.items()}, temperature, layers)
             carry = {k: v[full:] for k, v in buf.items()} if full < size else {}
         if carry:
-            yield _batch(carry, temperature, layers)
+            yield self._batch(carry, temperature, layers)
 
-
-def _batch(buf: dict, temperature: float, layers) -> Batch:
-    """A Batch from freshly gathered (owned) arrays; logits are softened in place."""
-    logits = buf.get("__logits__")
-    if logits is not None and temperature != 1.0:
-        logits /= np.float32(temperature)
-    return Batch(buf["sample_id"], buf["label"], logits,
-                 {name: buf[name] for name in layers},
-                 {k[len("extra:"):]: v for k, v in buf.items() if k.startswith("extra:")},
-                 buf.get("__view__"), buf.get("__augment__"))
+    def _batch(self, buf: dict, temperature: float, layers) -> Batch:
+        """A Batch from freshly gathered (owned) arrays; dense logits are softened in place,
+        sparse ones come raw (their temperature is applied by SparseLogits.targets)."""
+        logits = buf.get("__logits__")
+        if logits is not None and temperature != 1.0:
+            logits /= np.float32(temperature)
+        parts = {k[len("__sparse_"):-2]: v for k, v in buf.items() if k.startswith("__sparse_")}
+        return Batch(buf["sample_id"], buf["label"], logits,
+                     {name: buf[name] for name in layers},
+                     {k[len("extra:"):]: v for k, v in buf.items() if k.startswith("extra:")},
+                     buf.get("__view__"), buf.get("__augment__"), self._sparse(parts) if parts else None)
 
 
 def _read(arr, rows: slice | None, view: int | np.ndarray) -> np.ndarray:

@@ -38,6 +38,7 @@ from pipeline.data import Dataset, open_dataset
 from pipeline.errors import KdError
 from pipeline.io import atomic_path, atomic_write_text, fsync_dir, fsync_file, sha256_file
 from pipeline.lookahead import ordered, prefetched
+from pipeline.sparse import SAMPLE, TOPK, draw, encode_topk, parse_mode, sample_uniforms
 from pipeline.teachers import ONNX, TeacherSpec, build_teacher, tap
 
 
@@ -58,6 +59,8 @@ class ShardJob:
     views: int = 1  # of this split: view 0 is the input itself, views 1.. are augmented
     augment: str = "none"  # the views' policy
     seed: int = 0  # keys the views' augmentation parameters (with split, sample_id, view)
+    logits: str = "dense"  # dense | topk:K | sample:K (pipeline.sparse)
+    temperature: float = 1.0  # the cache's T: sample:K draws from softmax(z / T)
 
 
 # Per-process state of a worker: the dataset and the teacher are loaded once per process and
@@ -131,6 +134,7 @@ class ComputedShard:
 
     job: ShardJob
     bufs: dict[str, np.ndarray]
+    stats: dict[str, np.ndarray]  # teacher_stats of its rows, for the index
     inputs_sha256: str
     started: float
 
@@ -172,7 +176,9 @@ def forwarded(job: ShardJob, batches: Iterable[tuple[np.ndarray, np.ndarray | No
     it, one after another on this thread. The batches may span several shards (and splits,
     with their own views) of one build."""
     model, device = _worker_teacher(job.teacher)
-    calls = (functools.partial(_forward, model, device, job.dtype, x, params, policy)
+    # sparse modes select classes from the float32 logits; only what they keep is rounded
+    logits_dtype = "float32" if parse_mode(job.logits).sparse else job.dtype
+    calls = (functools.partial(_forward, model, device, job.dtype, x, params, policy, logits_dtype)
              for x, params, policy in batches)
     return ordered(calls, pool, ahead=2 * streams) if pool else (call() for call in calls)
 
@@ -192,11 +198,13 @@ def compute_shard(job: ShardJob, inputs: ShardInputs | None = None,
         outputs = forwarded(job, prefetched(inputs.loads()))
     n = job.stop - job.start
     bufs: dict[str, np.ndarray] = {}
+    stats: list[dict[str, np.ndarray]] = []
     finite = True
     for a, b in inputs.bounds:
         logits, feats, params, ok = next(outputs)
         finite &= ok
-        named = {fmt.logits_key(job.split): logits,
+        stats.append(teacher_stats(logits[:, 0].astype(np.float32)))
+        named = {**stored_logits(job, logits, a, b),
                  **{fmt.feature_key(job.split, k): v for k, v in feats.items()}}
         if params is not None:
             named[fmt.augment_key(job.split)] = params.astype(fmt.AUGMENT_DTYPE)
@@ -204,25 +212,59 @@ def compute_shard(job: ShardJob, inputs: ShardInputs | None = None,
             if key not in bufs:
                 bufs[key] = np.empty((n,) + value.shape[1:], value.dtype)
             bufs[key][a - job.start:b - job.start] = value
-    if not finite:
-        bad = next(k for k, buf in bufs.items() if buf.dtype.kind == "f" and not np.isfinite(buf).all())
-        what = "logits" if bad.endswith("logits") else f"features {bad}"
+    bad = [k for k, buf in bufs.items() if buf.dtype.kind == "f" and not np.isfinite(buf).all()]
+    if not finite or bad:
+        bad = bad or [fmt.logits_key(job.split)]  # non-finite logits that sparse modes did not keep
+        what = f"features {bad[0]}" if "/features/" in bad[0] else "logits"
         hint = " or use dtype=float32 (float16 overflowed)" if job.dtype == "float16" else ""
         raise KdError(f"teacher produced NaN/inf {what} in {job.split} rows {job.start}-"
                       f"{job.stop}; check the checkpoint and the inputs{hint}")
-    return ComputedShard(job, bufs, inputs.sha256.hexdigest(), t0)
+    stats = {name: np.concatenate([s[name] for s in stats]) for name in stats[0]}
+    return ComputedShard(job, bufs, stats, inputs.sha256.hexdigest(), t0)
+
+
+def stored_logits(job: ShardJob, logits: np.ndarray, a: int, b: int) -> dict[str, np.ndarray]:
+    """What the cache keeps of the logits [B, V, C] of rows ``[a, b)``, by array key: all of
+    them (dense), or the sparse arrays of the job's logits mode (:mod:`pipeline.sparse`)."""
+    mode = parse_mode(job.logits)
+    if not mode.sparse:
+        return {fmt.logits_key(job.split): logits}
+    rows, views, classes = logits.shape
+    flat = logits.reshape(rows * views, classes)
+    if mode.kind == TOPK:
+        ids, values, tail = encode_topk(flat, mode.k, classes)
+        return {fmt.sparse_key(job.split, TOPK, "classes"): ids.reshape(rows, views, -1),
+                fmt.sparse_key(job.split, TOPK, "logits"): values.astype(job.dtype).reshape(rows, views, -1),
+                fmt.sparse_key(job.split, TOPK, "tail"): tail.reshape(rows, views)}
+    sample_ids = _worker_dataset(job).splits[job.split].sample_ids[a:b]
+    uniforms = np.stack([sample_uniforms(job.seed, job.split, sample_ids, v, mode.k)
+                         for v in range(views)], axis=1).reshape(rows * views, mode.k)
+    ids = draw(flat, job.temperature, uniforms, classes)
+    return {fmt.sparse_key(job.split, SAMPLE, "classes"): ids.reshape(rows, views, -1)}
+
+
+def teacher_stats(logits: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-row summaries of the teacher's logits [B, C] (view 0) for the index."""
+    z = logits - logits.max(axis=1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(axis=1, keepdims=True)
+    top2 = np.sort(p, axis=1)[:, -2:] if p.shape[1] > 1 else np.concatenate([np.zeros_like(p), p], 1)
+    return {"teacher_pred": p.argmax(axis=1), "teacher_prob": top2[:, 1],
+            "margin": top2[:, 1] - top2[:, 0],
+            "entropy": -(p * np.log(np.clip(p, 1e-12, None))).sum(axis=1)}
 
 
 def _forward(model: torch.nn.Module, device: torch.device, dtype: str, x: np.ndarray,
-             params: np.ndarray | None = None, policy: Policy | None = None):
+             params: np.ndarray | None = None, policy: Policy | None = None,
+             logits_dtype: str | None = None):
     """One batch through the teacher, once per view: (logits [B, V, C], {layer: features
     [B, V, ...]}) in the cache dtype on the host, the views' parameters [B, V, P] (or None),
     and whether every output is finite. The inputs move to the device once; view v > 0 is
     ``policy.apply(x, params[:, v])`` there. Safe to run on several threads at once."""
-    store_dtype = {"float16": torch.float16, "float32": torch.float32}[dtype]
+    torch_dtypes = {"float16": torch.float16, "float32": torch.float32}
     finite = True
 
-    def stored(value: torch.Tensor) -> np.ndarray:
+    def stored(value: torch.Tensor, store_dtype: torch.dtype = torch_dtypes[dtype]) -> np.ndarray:
         nonlocal finite
         # + 0.0 turns -0.0 into +0.0: Zarr stores an all-zero chunk as "empty" and reads it
         # back as +0.0, so the bytes hashed on writing must be the ones read back. A float16
@@ -238,7 +280,8 @@ def _forward(model: torch.nn.Module, device: torch.device, dtype: str, x: np.nda
             xv = x_dev if v == 0 else policy.apply(x_dev, params[:, v])  # moved where needed
             with runtime.autocast(device):
                 logits, feats = model(xv)
-            outputs.append((stored(logits), {name: stored(f) for name, f in feats.items()}))
+            outputs.append((stored(logits, torch_dtypes[logits_dtype or dtype]),
+                            {name: stored(f) for name, f in feats.items()}))
     def by_view(values: list[np.ndarray]) -> np.ndarray:  # [B, V, ...]; one view: no copy
         return values[0][:, None] if len(values) == 1 else np.stack(values, axis=1)
 
@@ -263,7 +306,7 @@ def write_shard(shard: ComputedShard) -> dict[str, Any]:
         _fsync_shard(root / fmt.ARRAYS / key, arr, job.shard)
         sums[key] = hashlib.sha256(buf.tobytes()).hexdigest()
 
-    index = _index_part(job, _worker_dataset(job), bufs[fmt.logits_key(job.split)][:, 0].astype(np.float32))
+    index = _index_part(job, _worker_dataset(job), shard.stats)
     part_path, record_path = fmt.part_paths(root, job.split, job.shard)
     with atomic_path(part_path) as tmp:
         pq.write_table(index, tmp)
@@ -300,23 +343,18 @@ def _fsync_shard(array_dir: Path, arr, shard: int) -> None:
     fsync_dir(path.parent)
 
 
-def _index_part(job: ShardJob, dataset: Dataset, logits: np.ndarray) -> pa.Table:
+def _index_part(job: ShardJob, dataset: Dataset, stats: dict[str, np.ndarray]) -> pa.Table:
     split = dataset.splits[job.split]
     labels = split.labels[job.start:job.stop]
-    z = logits - logits.max(axis=1, keepdims=True)
-    p = np.exp(z)
-    p /= p.sum(axis=1, keepdims=True)
-    top2 = np.sort(p, axis=1)[:, -2:] if p.shape[1] > 1 else np.concatenate([np.zeros_like(p), p], 1)
-    pred = p.argmax(axis=1)
-    entropy = -(p * np.log(np.clip(p, 1e-12, None))).sum(axis=1)
+    pred = stats["teacher_pred"]
     return pa.table({
         "sample_id": pa.array(split.sample_ids[job.start:job.stop], pa.int64()),
         "row": pa.array(np.arange(job.start, job.stop), pa.int64()),
         "label": pa.array(labels, pa.int32()),
         "teacher_pred": pa.array(pred, pa.int32()),
-        "teacher_prob": pa.array(top2[:, 1], pa.float32()),
-        "margin": pa.array(top2[:, 1] - top2[:, 0], pa.float32()),
-        "entropy": pa.array(entropy, pa.float32()),
+        "teacher_prob": pa.array(stats["teacher_prob"], pa.float32()),
+        "margin": pa.array(stats["margin"], pa.float32()),
+        "entropy": pa.array(stats["entropy"], pa.float32()),
         "correct": pa.array(pred == labels, pa.bool_()),
         "shard": pa.array(np.full(len(labels), job.shard), pa.int32()),
     })

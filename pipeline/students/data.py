@@ -105,12 +105,41 @@ class StudentData:
         labels = self.cache.labels(split)
         return np.repeat(labels, self.views) if self._every_view(split) else labels
 
+    @property
+    def sparse(self) -> bool:
+        """Whether the cache keeps sparse logits (``logits=topk:K`` / ``sample:K``)."""
+        return self.cache.logits_mode.sparse
+
+    def check_targets(self, temperature: float | None, standardize: bool = False) -> None:
+        """Refuse, before training, what a sparse cache cannot serve: another temperature than
+        its draws' (sample:K), and logit standardisation (it needs every logit)."""
+        if not self.sparse:
+            return
+        mode = self.cache.logits_mode
+        if standardize:
+            raise KdError(f"standardize_logits=true needs every logit, and cache {self.cache.root} "
+                          f"keeps logits={mode.spec}; use a dense cache or standardize_logits=false")
+        if temperature is not None:
+            self.cache.sparse_logits("val", rows=slice(0, 1)).check_temperature(temperature)
+
     def teacher_logits(self, split: str) -> np.ndarray:
         """Raw cached logits z, float32 [N, C] (train with several views: [N · views, C], row
-        r's view v at r · views + v)."""
+        r's view v at r · views + v); of a sparse cache, the dense stand-in
+        (:meth:`pipeline.sparse.SparseLogits.dense`)."""
         if not self._every_view(split):
             return self.cache.raw_logits(split)
+        if self.sparse:
+            return np.stack([self.cache.raw_logits(split, view=v) for v in range(self.views)],
+                            axis=1).reshape(self.num_rows(split) * self.views, -1)
         return self._every_view_rows(fmt.logits_key(split))
+
+    def sparse_targets(self, split: str, temperature: float) -> dict[str, np.ndarray]:
+        """A sparse cache's targets at ``temperature`` (:meth:`SparseLogits.targets`: ``t_ids``,
+        ``t_w``, ``t_tail``), rows as :meth:`teacher_logits` orders them."""
+        views = self.views if self._every_view(split) else 1
+        per_view = [self.cache.sparse_logits(split, view=v).targets(temperature) for v in range(views)]
+        return {k: np.stack([t[k] for t in per_view], axis=1).reshape(
+            self.num_rows(split) * views, *per_view[0][k].shape[1:]) for k in per_view[0]}
 
     def features(self, split: str) -> np.ndarray:
         """Flattened cached features of ``layer``, float32 [N, D], in memory (train with several
@@ -151,17 +180,22 @@ class StudentData:
         for b in self.cache.stream("train", batch_size=batch_size, layers=(self.layer,),
                                    logits=logits, shuffle=epoch >= 0, seed=stream_seed(seed, epoch),
                                    view_of=self.view_of(seed, epoch)):
-            yield b.features[self.layer].reshape(len(b.sample_id), -1), b.label, b.logits
+            yield (b.features[self.layer].reshape(len(b.sample_id), -1), b.label,
+                   b.sparse.dense() if b.sparse is not None else b.logits)
 
     def input_batches(self, batch_size: int, seed: int, *, logits: bool = True,
                       features: bool = False, temperature: float | None = None,
-                      standardize_logits: bool = False) -> Batches:
+                      standardize_logits: bool = False, sparse: bool = False) -> Batches:
         """``batches(epoch)`` yielding ``(inputs, labels, targets)`` of the train split for
         :func:`pipeline.training.fit`: ``targets`` holds ``z_t`` (raw cached logits) when
         ``logits``, the teacher's soft targets ``log_p_t`` = log softmax(z_t / T) and ``p_t``
         at T = ``temperature`` when given (of the standardised logits with
         ``standardize_logits``: :func:`pipeline.losses.soft_targets`), and ``f_t`` (the cached
-        feature, in its cached shape) when ``features``. Cached targets arrive chunk by chunk, and each chunk's inputs are read
+        feature, in its cached shape) when ``features``. From a sparse-logit cache, with
+        ``sparse`` (the loss has a sparse form) and a temperature, ``t_ids``, ``t_w``,
+        ``t_tail`` (:meth:`pipeline.sparse.SparseLogits.targets`) in place of ``z_t`` and the
+        soft targets; otherwise ``z_t`` is the dense stand-in and the soft targets are of it.
+        Cached targets arrive chunk by chunk, and each chunk's inputs are read
         from the dataset by sample_id and shuffled along with them. With several views, each
         row's input is its drawn view: the stored parameters replayed on the original input.
         Augmentation and soft targets are computed once per shuffle buffer, then cut into
@@ -179,9 +213,14 @@ class StudentData:
                 x = b.extra["x"]
                 if self.policy is not None:
                     x = self.policy.apply(torch.from_numpy(x), torch.from_numpy(b.augment)).numpy()
-                targets = {"z_t": b.logits} if logits else {}
-                if logits and temperature is not None:
-                    targets.update(soft_targets(b.logits, temperature, standardize_logits))
+                targets = {}
+                if logits and b.sparse is not None and sparse and temperature is not None:
+                    targets = b.sparse.targets(temperature)
+                elif logits:
+                    z_t = b.sparse.dense() if b.sparse is not None else b.logits
+                    targets = {"z_t": z_t}
+                    if temperature is not None:
+                        targets.update(soft_targets(z_t, temperature, standardize_logits))
                 if features:
                     targets["f_t"] = b.features[self.layer].reshape(len(b.label), *self.feature_shape)
                 for a in range(0, len(x), batch_size):

@@ -159,6 +159,9 @@ class SoftLogRegStudent(_LinearBase):
     Minimising the weighted log loss then minimises the cross-entropy to the teacher's
     distribution, Σ_c p_t(c) · (−log q(c | x)). Classes with p < ``min_prob`` are dropped to
     bound the expansion. ``temperature=None`` takes the cache's default in ``fit_cache``.
+    From a sparse-logit cache the rows expand over their K listed classes only, with the
+    teacher's probabilities of those (:meth:`pipeline.sparse.SparseLogits.targets`); the tail
+    bucket names no class and is dropped like the classes under ``min_prob``.
     """
 
     def __init__(self, C: float | str = 1.0, temperature: float | None = None, max_iter: int = 5000,
@@ -169,11 +172,11 @@ class SoftLogRegStudent(_LinearBase):
         self.min_prob = min_prob
         self.seed = seed
 
-    def fit(self, X: np.ndarray, soft_targets: np.ndarray) -> "SoftLogRegStudent":
-        n, k = soft_targets.shape
+    def fit(self, X: np.ndarray, soft_targets: np.ndarray | dict) -> "SoftLogRegStudent":
+        """``soft_targets``: the teacher's probabilities [N, C], or sparse targets (a dict with
+        ``t_ids`` [N, K], ``t_w`` [N, K] and ``num_classes``)."""
+        n, k, (rows, cls, weights) = len(X), _num_classes(soft_targets), self._expansion(soft_targets)
         Xs = self._fit_scaler(X)
-        rows, cls = np.nonzero(soft_targets >= self.min_prob)
-        weights = soft_targets[rows, cls].astype(np.float64)
         self.model_ = self._estimator()
         self.model_.fit(Xs[rows], cls, sample_weight=weights * (n / weights.sum()))
         if len(self.model_.classes_) != k:
@@ -184,10 +187,24 @@ class SoftLogRegStudent(_LinearBase):
     def _estimator(self):
         return LogisticRegression(C=self.C, max_iter=self.max_iter, random_state=self.seed)
 
+    def _expansion(self, soft_targets: np.ndarray | dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(row, class, weight) of every teacher probability >= ``min_prob``."""
+        if isinstance(soft_targets, dict):
+            keep = soft_targets["t_w"] >= self.min_prob
+            rows = np.nonzero(keep)[0]
+            return rows, soft_targets["t_ids"][keep], soft_targets["t_w"][keep].astype(np.float64)
+        rows, cls = np.nonzero(soft_targets >= self.min_prob)
+        return rows, cls, soft_targets[rows, cls].astype(np.float64)
+
     def fit_cache(self, data: StudentData) -> "SoftLogRegStudent":
         temperature = self.temperature if self.temperature is not None else data.temperature
-        target = softmax(data.teacher_logits("train") / np.float32(temperature))
-        starved = np.flatnonzero(target.max(axis=0) < self.min_prob)
+        if data.sparse:
+            data.check_targets(temperature)
+            target = {**data.sparse_targets("train", temperature), "num_classes": data.num_classes}
+        else:
+            target = softmax(data.teacher_logits("train") / np.float32(temperature))
+        _, cls, _ = self._expansion(target)
+        starved = np.setdiff1d(np.arange(data.num_classes), cls)
         if len(starved):
             raise KdError(f"at temperature {temperature:g} the teacher gives class(es) "
                           f"{starved.tolist()[:5]} almost no probability on any train row, so "
@@ -260,6 +277,10 @@ class StreamingSGDStudent(_LinearBase):
         self.model_ = best[1]
         self.best_epoch_ = int(np.argmax([h["val_accuracy"] for h in self.history_]))
         return self
+
+
+def _num_classes(soft_targets: np.ndarray | dict) -> int:
+    return int(soft_targets["num_classes"]) if isinstance(soft_targets, dict) else soft_targets.shape[1]
 
 
 def _c(text: str) -> float | str:

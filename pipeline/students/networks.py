@@ -108,10 +108,12 @@ class TorchStudent(Student):
     def fit_cache(self, data: StudentData) -> "TorchStudent":
         needs = LOSSES.declared(self.loss)
         temperature = self.temperature if self.temperature is not None else data.temperature
+        if needs.logits:
+            data.check_targets(temperature if needs.temperature else None, self.standardize_logits)
         batches = data.input_batches(self.batch_size, self.seed, logits=needs.logits,
                                      features=needs.features,
                                      temperature=temperature if needs.temperature else None,
-                                     standardize_logits=self.standardize_logits)
+                                     standardize_logits=self.standardize_logits, sparse=needs.sparse)
         teacher_shape = tuple(data.feature_shape) if needs.features else None
         return self._fit_batches(batches, data.steps_per_epoch(self.batch_size),
                                  data.rows("val", "inputs"), data.labels("val"), data.num_classes,

@@ -1,0 +1,221 @@
+"""Sparse teacher logits: what a ``logits=topk:K`` or ``logits=sample:K`` cache stores instead of
+every logit, how it is computed from the teacher's logits on building, and how a student reads
+it back (as sparse targets, or densified for losses that have no sparse form).
+
+Why: dense logits cost C values per row and view (ImageNet-1k × 32 views in float16: 82 GB;
+a 128k vocabulary: out of reach). The field keeps a few classes per row instead.
+
+``topk:K`` keeps the K largest raw logits z_(1) ≥ … ≥ z_(K), their class ids, and the
+log-mean-exp of the C − K logits it drops, the *tail logit*
+
+    z̄ = log( (1 / (C − K)) · Σ_{j ∉ top-K} exp z_j ).
+
+Reading it is reading the teacher with every dropped logit replaced by z̄. At T = 1 that
+changes nothing the student sees through KD with a tail bucket: the K probabilities and the
+tail's total mass are exact. At any other T the ratios among the top K are exact and the
+tail's mass is an approximation (by the power-mean inequality it is over-estimated for T > 1
+and under-estimated for T < 1; the error vanishes when the dropped logits are equal). As in
+Megatron's sparse KD, the tail is one extra "ghost" class (:func:`pipeline.losses.kd`).
+
+``sample:K`` keeps K class ids drawn with replacement from softmax(z / T_c) at the cache's
+recorded temperature T_c (inverse-CDF draws from keyed uniforms, so a rebuild draws the same
+ones), sorted. The empirical distribution p̂ = counts / K is an unbiased estimate of the
+teacher's softmax(z / T_c), so cross-entropy to it is an unbiased estimate of KD's at T_c
+(Anshumann et al., "Sparse Logit Sampling: Accelerating Knowledge Distillation in LLMs",
+ACL 2025). It serves T_c only: other temperatures are refused.
+
+Class ids are stored in the smallest unsigned integer type that holds C.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.augment import SPLIT_IDS, KeyedRandom, key
+from pipeline.errors import KdError
+
+DENSE, TOPK, SAMPLE = "dense", "topk", "sample"
+TAIL_DTYPE = "float32"  # z̄ is kept in float32 whatever the cache dtype: it sums C − K classes
+SAMPLE_STREAM = 0x5A3F  # salts the draws' keys, apart from the views' augmentation draws
+# densifying sample:K puts this much probability on each class never drawn (relative to 1/C),
+# so that the densified logits are finite; softmax of them is p̂ within 1e-4 in total
+UNSEEN_MASS = 1e-4
+_MODE = re.compile(r"(topk|sample):(\d+)")
+
+
+@dataclass(frozen=True)
+class LogitsMode:
+    """How a cache stores its logits: ``dense`` (every logit), ``topk`` or ``sample`` with
+    ``k`` classes per row and view."""
+
+    kind: str = DENSE
+    k: int = 0
+
+    @property
+    def sparse(self) -> bool:
+        return self.kind != DENSE
+
+    @property
+    def spec(self) -> str:
+        return DENSE if self.kind == DENSE else f"{self.kind}:{self.k}"
+
+    def record(self, num_classes: int) -> dict:
+        """The manifest's ``logits`` entry."""
+        if not self.sparse:
+            return {"mode": DENSE}
+        return {"mode": self.kind, "k": self.k, "classes_dtype": classes_dtype(num_classes)}
+
+
+def parse_mode(text: str) -> LogitsMode:
+    """``dense``, ``topk:K`` or ``sample:K`` (K ≥ 1); anything else is refused in one line."""
+    if text == DENSE:
+        return LogitsMode()
+    match = _MODE.fullmatch(text)
+    if match is None or int(match.group(2)) < 1:
+        raise KdError(f"logits={text!r} is not a logits mode; use dense, topk:K or sample:K with "
+                      "K >= 1 classes per row (e.g. topk:16)")
+    return LogitsMode(match.group(1), int(match.group(2)))
+
+
+def check_mode(mode: LogitsMode, num_classes: int) -> None:
+    """Refuse K that leaves nothing to drop (top-k of all classes is dense logits, stored worse)."""
+    if mode.kind == TOPK and mode.k >= num_classes:
+        raise KdError(f"logits=topk:{mode.k} keeps every one of the {num_classes} classes; use "
+                      f"logits=dense, or topk:K with K < {num_classes}")
+
+
+def mode_of(manifest: dict) -> LogitsMode:
+    """The logits mode of a cache (format 1 and 2 caches are dense)."""
+    entry = manifest.get("logits") or {"mode": DENSE}
+    return LogitsMode(entry["mode"], int(entry.get("k", 0)))
+
+
+def classes_dtype(num_classes: int) -> str:
+    """The smallest unsigned integer type that holds every class id 0..C−1."""
+    for dtype in ("uint8", "uint16", "uint32"):
+        if num_classes - 1 <= np.iinfo(dtype).max:
+            return dtype
+    raise KdError(f"{num_classes} classes do not fit a uint32 class id")
+
+
+# --------------------------------------------------------------------------- encoding (stage one)
+
+def _logsumexp(z: np.ndarray, axis: int = -1) -> np.ndarray:
+    m = z.max(axis=axis, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    with np.errstate(divide="ignore"):
+        return (np.log(np.exp(z - m).sum(axis=axis, keepdims=True)) + m).squeeze(axis)
+
+
+def encode_topk(z: np.ndarray, k: int, num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(class ids [B, K], their raw logits [B, K] in descending order, the tail logit z̄ [B])
+    of raw logits ``z`` [B, C]. Ties are broken towards the smaller class id."""
+    z = np.asarray(z, np.float32)
+    # a stable argsort of −z: the largest first, equal logits in class order, as a rebuild does
+    order = np.argsort(-z, axis=1, kind="stable")
+    ids = order[:, :k]
+    values = np.take_along_axis(z, ids, axis=1)
+    rest = np.take_along_axis(z, order[:, k:], axis=1).astype(np.float64)
+    tail = _logsumexp(rest) - np.log(num_classes - k)
+    return ids.astype(classes_dtype(num_classes)), values, tail.astype(TAIL_DTYPE)
+
+
+def sample_uniforms(seed: int, split: str, sample_ids: np.ndarray, view: int, k: int) -> np.ndarray:
+    """The uniforms [B, K] in [0, 1) behind the draws of these samples' view ``view``: keyed by
+    (seed, split, sample_id, view), so they never depend on batching, sharding or order."""
+    rng = KeyedRandom(key(seed, SPLIT_IDS[split], np.asarray(sample_ids, np.int64), view, SAMPLE_STREAM))
+    return np.stack([rng.random(len(sample_ids)) for _ in range(k)], axis=1)
+
+
+def draw(z: np.ndarray, temperature: float, uniforms: np.ndarray, num_classes: int) -> np.ndarray:
+    """K classes per row drawn with replacement from softmax(z / T) by inverse CDF on
+    ``uniforms`` [B, K] (in float64), sorted ascending, as the smallest class-id type."""
+    u = np.asarray(z, np.float64) / temperature
+    p = np.exp(u - u.max(axis=1, keepdims=True))
+    cdf = np.cumsum(p, axis=1)
+    cdf /= cdf[:, -1:]
+    # one searchsorted for all rows: row i's cdf and uniforms shifted into [i, i + 1]
+    offset = np.arange(len(cdf), dtype=np.float64)[:, None]
+    flat = np.searchsorted((cdf + offset).ravel(), (uniforms + offset).ravel(), side="right")
+    ids = flat.reshape(uniforms.shape) - np.arange(len(cdf))[:, None] * num_classes
+    np.clip(ids, 0, num_classes - 1, out=ids)  # u just below 1 against a cdf that rounds below 1
+    ids.sort(axis=1)
+    return ids.astype(classes_dtype(num_classes))
+
+
+# --------------------------------------------------------------------------- decoding (stage two)
+
+@dataclass
+class SparseLogits:
+    """Sparse teacher logits of a batch of rows, as a cache stores them (one view per row).
+
+    ``classes`` int64 [B, K]; ``values`` float32 [B, K] the raw top-K logits (topk; None for
+    sample); ``tail`` float32 [B] the tail logit z̄ (topk; None for sample); ``kind``,
+    ``num_classes``, and ``temperature`` the cache's T_c (the draws' temperature, for sample).
+    """
+
+    kind: str
+    classes: np.ndarray
+    values: np.ndarray | None
+    tail: np.ndarray | None
+    num_classes: int
+    temperature: float
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+    def check_temperature(self, T: float) -> None:
+        if self.kind == SAMPLE and not np.isclose(T, self.temperature, rtol=1e-6):
+            raise KdError(f"a sample cache holds classes drawn at its temperature {self.temperature:g}, "
+                          f"so it serves only that one; train with temperature={self.temperature:g} "
+                          f"(not {T:g}), or build a topk or dense cache")
+
+    def targets(self, T: float) -> dict[str, np.ndarray]:
+        """The teacher's distribution at T over K classes and one tail bucket (the classes not
+        listed): ``t_ids`` int64 [B, K], ``t_w`` float32 [B, K] their probabilities (zero for
+        a repeated id), ``t_tail`` float32 [B] the tail's. topk: softmax of the K logits and
+        of the tail's C − K logits z̄ at T (exact at T = 1). sample: p̂ = counts / K, no tail.
+        """
+        self.check_temperature(T)
+        ids = self.classes
+        if self.kind == SAMPLE:
+            k = ids.shape[1]
+            first = np.ones(ids.shape, bool)
+            first[:, 1:] = ids[:, 1:] != ids[:, :-1]  # sorted: repeats are adjacent
+            run = np.cumsum(first, axis=1) - 1  # the run each entry belongs to
+            counts = np.zeros(ids.shape, np.float32)
+            np.add.at(counts, (np.arange(len(ids))[:, None], run), 1.0)
+            w = np.where(first, np.take_along_axis(counts, run, axis=1), 0).astype(np.float32) / k
+            return {"t_ids": ids, "t_w": w, "t_tail": np.zeros(len(ids), np.float32)}
+        k = ids.shape[1]
+        a = self.values.astype(np.float64) / T
+        tail = np.log(self.num_classes - k) + self.tail.astype(np.float64) / T
+        m = np.maximum(a.max(axis=1), tail)
+        total = np.exp(a - m[:, None]).sum(axis=1) + np.exp(tail - m)
+        lse = m + np.log(total)
+        return {"t_ids": ids, "t_w": np.exp(a - lse[:, None]).astype(np.float32),
+                "t_tail": np.exp(tail - lse).astype(np.float32)}
+
+    def dense(self) -> np.ndarray:
+        """Dense raw logits [B, C] standing in for the teacher's, for losses with no sparse form.
+        topk: the K logits, every other class at z̄. sample: T_c · log p̂ with each class never
+        drawn at ``UNSEEN_MASS`` / C, so softmax(· / T_c) is p̂ (within 1e-4)."""
+        rows = np.arange(len(self))[:, None]
+        if self.kind == TOPK:
+            out = np.repeat(self.tail[:, None].astype(np.float32), self.num_classes, axis=1)
+            out[rows, self.classes] = self.values
+            return out
+        counts = np.zeros((len(self), self.num_classes), np.float32)
+        np.add.at(counts, (rows, self.classes), 1.0)
+        p = np.maximum(counts / self.classes.shape[1], np.float32(UNSEEN_MASS / self.num_classes))
+        return (np.float32(self.temperature) * np.log(p)).astype(np.float32)
+
+    def top1(self) -> np.ndarray:
+        """The teacher's predicted class per row: its largest logit (topk), its most drawn
+        class (sample; ties to the smaller id)."""
+        if self.kind == TOPK:
+            return self.classes[:, 0].copy()
+        return self.dense().argmax(axis=1)
