@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.augment import SPLIT_IDS, KeyedRandom, key
+from pipeline.augment import RNG, SPLIT_IDS, KeyedRandom, key
 from pipeline.errors import KdError
 
 DENSE, TOPK, SAMPLE = "dense", "topk", "sample"
@@ -62,11 +62,14 @@ class LogitsMode:
     def spec(self) -> str:
         return DENSE if self.kind == DENSE else f"{self.kind}:{self.k}"
 
-    def record(self, num_classes: int) -> dict:
-        """The manifest's ``logits`` entry."""
+    def record(self, num_classes: int, seed: int, temperature: float) -> dict:
+        """The manifest's ``logits`` entry (sample: with the draws' seed, generator and T)."""
         if not self.sparse:
             return {"mode": DENSE}
-        return {"mode": self.kind, "k": self.k, "classes_dtype": classes_dtype(num_classes)}
+        entry = {"mode": self.kind, "k": self.k, "classes_dtype": classes_dtype(num_classes)}
+        if self.kind == SAMPLE:
+            entry.update({"seed": seed, "rng": RNG, "temperature": temperature})
+        return entry
 
 
 def parse_mode(text: str) -> LogitsMode:

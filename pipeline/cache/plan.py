@@ -116,8 +116,9 @@ def plan(cfg: CacheConfig, dataset: Dataset, spec: TeacherSpec, shapes: dict[str
         "dtype": cfg.dtype, "shard_size": cfg.shard_size, "chunk_size": cfg.chunk_size,
         "compression": cfg.compression, "views": cfg.views, "format_version": version,
     }
+    logits = mode.record(spec.num_classes, cfg.seed, cfg.temperature)
     if mode.sparse:  # dense caches keep the keys they had before sparse modes existed
-        identity["logits"] = mode.spec
+        identity["logits"] = logits
     augment = None
     if cfg.views > 1:
         policy = parse(cfg.augment, dataset.input_shape)
@@ -145,7 +146,7 @@ def plan(cfg: CacheConfig, dataset: Dataset, spec: TeacherSpec, shapes: dict[str
     if augment is not None:
         manifest["augment"] = augment
     if mode.sparse:
-        manifest["logits"] = mode.record(spec.num_classes)
+        manifest["logits"] = logits
     return manifest
 
 

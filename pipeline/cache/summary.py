@@ -26,24 +26,48 @@ def summarise(root: Path, manifest: dict) -> dict:
         "format_version": manifest["format_version"],
         "teacher_cost": {k: manifest["teacher"].get(k) for k in ("num_params", "weights_bytes", "latency")},
         "bytes": manifest.get("bytes") or sum(p.stat().st_size for p in root.rglob("*") if p.is_file()),
+        "logits": {**(manifest.get("logits") or {"mode": "dense"}),
+                   "bytes_per_row": logits_bytes(root, manifest) / max(1, sum(v["rows"] for v in splits.values()))},
     }
     if manifest["status"] != "complete":
         summary["shards_done"] = "{}/{}".format(*fmt.shard_progress(root, manifest))
     return summary
 
 
+def logits_bytes(root: Path, manifest: dict) -> int:
+    """Bytes on disk of every split's logits arrays (chunks, shard indexes, CRCs, metadata)."""
+    return sum(p.stat().st_size for split in manifest["splits"]
+               for key in fmt.logits_keys(split, manifest)
+               for p in (Path(root) / fmt.ARRAYS / key).rglob("*") if p.is_file())
+
+
+def logits_text(s: dict) -> str:
+    """How the logits are kept, e.g. "topk:16 of 1,000 classes (uint16 ids, float16 logits,
+    float32 tail; exact at T=1), 70.1 bytes/row"."""
+    e, c = s["logits"], s["num_classes"]
+    per_row = f"{e['bytes_per_row']:,.1f} bytes/row (dense float32: {4 * c:,} per view)"
+    if e["mode"] == "topk":
+        return (f"topk:{e['k']} of {c:,} classes ({e['classes_dtype']} ids, {s['dtype']} logits, "
+                f"float32 tail; exact at T=1, approximate elsewhere), {per_row}")
+    if e["mode"] == "sample":
+        return (f"sample:{e['k']} of {c:,} classes drawn at T={e['temperature']:g} ({e['classes_dtype']} "
+                f"ids, seed {e['seed']}; serves T={e['temperature']:g} only), {per_row}")
+    return f"dense ({c:,},) {s['dtype']}, {per_row}"
+
+
 def describe(s: dict) -> str:
     rows = ", ".join(f"{k} {v:,}" for k, v in s["rows"].items())
     acc = ", ".join(f"{k} {v:.4f}" for k, v in s["teacher_accuracy"].items() if v is not None) or "n/a"
-    layers = ", ".join(f"{k} {tuple(v)}" for k, v in s["layers"].items()) or "none (layers=none)"
+    layers = ", ".join(f"{k} {tuple(v)}" for k, v in s["layers"].items())
+    layers = f"{layers} {s['dtype']}" if layers else "none (layers=none)"
     lines = [
         f"cache      {s['cache']} ({s['status']})",
         f"dataset    {s['dataset']}  [{s['dataset_fingerprint']}]",
         f"teacher    {s['teacher']}  [{s['teacher_fingerprint']}]",
         f"rows       {rows}",
         f"accuracy   teacher: {acc}",
-        f"stored     logits ({s['num_classes']},), features {layers}; {s['dtype']}, "
-        f"default temperature {s['temperature']:g}",
+        f"stored     logits {logits_text(s)}; features {layers}; default temperature "
+        f"{s['temperature']:g}",
         f"on disk    {s['bytes'] / 1e6:.2f} MB",
     ]
     cost = s["teacher_cost"]

@@ -8,7 +8,10 @@
    (seed, split, sample_id, view);
 5. the teacher: its weights against the teacher fingerprint, then a fresh forward pass on a
    seeded sample of (row, view) pairs, each input rebuilt by replaying the view's stored
-   parameters, compared with the cached logits within the dtype's tolerance.
+   parameters, compared with the cached logits within the dtype's tolerance. Sparse caches:
+   topk's classes must be a fresh top-K (up to ties within tolerance), with their logits and
+   tail within tolerance; sample's classes must have fresh probability, and drawing again
+   from the fresh teacher with the same keyed uniforms must give the same classes.
 """
 
 from __future__ import annotations
@@ -26,9 +29,13 @@ from pipeline.cache.shard import view_params
 from pipeline.data import positions_of
 from pipeline.errors import KdError
 from pipeline.io import sha256_file
+from pipeline.sparse import SAMPLE, TOPK, draw, encode_topk, sample_uniforms
 from pipeline.teachers import TeacherSpec, build_teacher, tap
 
 TOLERANCE = {"float16": (2e-3, 2e-2), "float32": (1e-4, 1e-4)}  # (rtol, atol) vs a fresh forward
+# sample:K: a drawn class the fresh teacher gives less probability than this was not drawn by it
+MIN_DRAWN_PROB = 1e-9
+SAME_DRAWS = 0.99  # of the drawn classes, re-drawn identically (boundaries of the CDF may move)
 
 
 def verify(cache: TeacherCache, rows: int, seed: int, device: str = "cpu") -> dict[str, str]:
@@ -93,6 +100,8 @@ def verify(cache: TeacherCache, rows: int, seed: int, device: str = "cpu") -> di
         worst, checked = 0.0, 0
         sizes = {split: cache.num_rows(split) for split in cache.splits}
         on = runtime.pick_device(device)
+        mode = cache.logits_mode
+        draws = {"same": 0, "all": 0, "unlikely": 0}
         for split, k in apportion(rows, sizes).items():
             # cached row r is the sample the index names, wherever the dataset holds it
             positions = positions_of(dataset.splits[split].sample_ids, cache.sample_ids(split))
@@ -104,15 +113,52 @@ def verify(cache: TeacherCache, rows: int, seed: int, device: str = "cpu") -> di
                     x = policy.apply(x, params.astype(np.int64))
                 with torch.inference_mode(), runtime.autocast(on):
                     fresh = model(x)[0].float().cpu().numpy()[0]
-                cached = cache.raw_logits(split, view, rows=slice(int(row), int(row) + 1))[0]
-                err = np.abs(fresh - cached) / (atol + rtol * np.abs(fresh))
-                worst = max(worst, float(err.max()))
+                at_row = slice(int(row), int(row) + 1)
+
+                def off(a, b):  # distance in tolerances
+                    return float((np.abs(a - b) / (atol + rtol * np.abs(a))).max(initial=0.0))
+
+                if mode.kind == TOPK:
+                    stored = cache.sparse_logits(split, view, rows=at_row)
+                    ids, values, tail = stored.classes[0], stored.values[0], stored.tail[0]
+                    _, fresh_values, fresh_tail = encode_topk(fresh[None], mode.k, cache.num_classes)
+                    # a listed class must be a fresh top-K one: its fresh logit at least the K-th
+                    # largest (near-ties, within tolerance, may be listed either way)
+                    kth = fresh_values[0, -1:]
+                    lowest_listed = np.minimum(fresh[ids].min(keepdims=True), kth)
+                    worst = max(worst, off(fresh[ids], values), off(fresh_tail, tail),
+                                off(kth, lowest_listed))
+                elif mode.kind == SAMPLE:
+                    entry = m["logits"]
+                    ids = cache.sparse_logits(split, view, rows=at_row).classes[0]
+                    uniforms = sample_uniforms(int(entry["seed"]), split,
+                                               cache.sample_ids(split)[at_row], view, mode.k)
+                    again = draw(fresh[None], float(entry["temperature"]), uniforms, cache.num_classes)[0]
+                    u = fresh.astype(np.float64) / float(entry["temperature"])
+                    p = np.exp(u - u.max())
+                    p /= p.sum()
+                    draws["same"] += int((again == ids).sum())
+                    draws["all"] += len(ids)
+                    draws["unlikely"] += int((p[ids] < MIN_DRAWN_PROB).sum())
+                else:
+                    cached = cache.raw_logits(split, view, rows=at_row)[0]
+                    worst = max(worst, off(fresh, cached))
                 checked += 1
         at = ", each at a random view" if cache.views("train") > 1 else ""
-        checks["teacher fidelity"] = (f"ok ({checked} rows{at}, worst {worst:.2f} of tolerance)"
-                                      if worst <= 1.0 else
-                                      f"FAILED: cached logits differ from a fresh forward pass "
-                                      f"({worst:.1f}x the {m['dtype']} tolerance)")
+        if mode.kind == SAMPLE:
+            same = draws["same"] / max(1, draws["all"])
+            checks["teacher fidelity"] = (
+                f"ok ({checked} rows{at}: {same:.2%} of {draws['all']:,} draws re-drawn identically "
+                f"from a fresh forward pass, none of a class it gives < {MIN_DRAWN_PROB:g})"
+                if same >= SAME_DRAWS and not draws["unlikely"] else
+                f"FAILED: {draws['unlikely']} cached draws are of classes a fresh forward pass gives "
+                f"< {MIN_DRAWN_PROB:g}, and {same:.1%} re-draw identically (need {SAME_DRAWS:.0%})")
+        else:
+            what = "top-k classes, logits and tail" if mode.kind == TOPK else "logits"
+            checks["teacher fidelity"] = (f"ok ({checked} rows{at}, {what} within {worst:.2f} of "
+                                          "tolerance)" if worst <= 1.0 else
+                                          f"FAILED: cached {what} differ from a fresh forward pass "
+                                          f"({worst:.1f}x the {m['dtype']} tolerance)")
     return checks
 
 
