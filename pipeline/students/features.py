@@ -205,6 +205,11 @@ class SoftLogRegStudent(_LinearBase):
             target = softmax(data.teacher_logits("train") / np.float32(temperature))
         _, cls, _ = self._expansion(target)
         starved = np.setdiff1d(np.arange(data.num_classes), cls)
+        if len(starved) and data.sparse:
+            raise KdError(f"class(es) {starved.tolist()[:5]} get almost no probability on any train "
+                          f"row among the classes cache {data.cache.root} keeps (logits="
+                          f"{data.cache.logits_mode.spec}), so logreg_soft cannot learn them; "
+                          "use a cache with more classes per row (a larger K) or dense logits")
         if len(starved):
             raise KdError(f"at temperature {temperature:g} the teacher gives class(es) "
                           f"{starved.tolist()[:5]} almost no probability on any train row, so "
