@@ -10,9 +10,11 @@ from pipeline.errors import KdError
 
 
 def default_cache_path(cache_root: str, dataset_spec: str, arch: str, teacher_ckpt: str = "",
-                       seed: int = 0, views: int = 1, augment: str = "none") -> Path:
-    """Where a cache lives when no cache= is given: one name per dataset, teacher, weights and
-    views (``digits-cnn_small``, ``digits-cnn_small-views16-crop4-flip``)."""
+                       seed: int = 0, views: int = 1, augment: str = "none",
+                       logits: str = "dense") -> Path:
+    """Where a cache lives when no cache= is given: one name per dataset, teacher, weights,
+    views and logits mode (``digits-cnn_small``, ``digits-cnn_small-views16-crop4-flip``,
+    ``digits3-resnet_small-topk16``)."""
     from pipeline.data import dataset_slug
 
     name = f"{dataset_slug(dataset_spec)}-{dataset_slug(arch)}"  # timm:resnet18 -> timm-resnet18
@@ -22,6 +24,8 @@ def default_cache_path(cache_root: str, dataset_spec: str, arch: str, teacher_ck
         name += f"-{Path(teacher_ckpt).stem}"
     if views > 1:
         name += f"-views{views}-" + "".join(c if c.isalnum() or c in "._" else "-" for c in augment.replace(":", ""))
+    if logits != "dense":
+        name += "-" + logits.replace(":", "")
     return Path(cache_root) / name
 
 

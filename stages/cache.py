@@ -18,6 +18,7 @@ from pipeline.cache.summary import describe, summarise
 from pipeline.config import CacheConfig, resolve
 from pipeline.data import open_dataset
 from pipeline.paths import default_cache_path
+from pipeline.sparse import check_mode, parse_mode
 from pipeline.teacher_training import default_checkpoint, teacher_arch, train_teacher
 from pipeline.teachers import create_teacher
 
@@ -28,6 +29,7 @@ def main(args: list[str]) -> dict:
     arch = teacher_arch(cfg, dataset)
     create_teacher(arch, dataset.input_shape, dataset.num_classes, cfg.teacher_ckpt)  # fail fast if it cannot fit
     parse(cfg.augment, dataset.input_shape)  # ... and a views policy that does not fit the inputs
+    check_mode(parse_mode(cfg.logits), dataset.num_classes)  # ... and a topk:K of every class
 
     # 1. Which weights: the user's checkpoint, seeded random ones, or the trained default.
     ckpt = cfg.teacher_ckpt or str(default_checkpoint(cfg, dataset))
@@ -40,7 +42,7 @@ def main(args: list[str]) -> dict:
 
     # 3. Compute the shards that are not done yet (all of them, on a fresh cache).
     root = Path(cfg.cache) if cfg.cache else default_cache_path(
-        cfg.cache_root, dataset.spec, arch, cfg.teacher_ckpt, cfg.seed, cfg.views, cfg.augment)
+        cfg.cache_root, dataset.spec, arch, cfg.teacher_ckpt, cfg.seed, cfg.views, cfg.augment, cfg.logits)
     # (a new cache also records what deploying the teacher costs: timed once, on the CPU)
     manifest, run = build_cache(root, cfg, dataset, spec, manifest,
                                 measure_teacher=lambda: teacher_cost(spec, dataset))

@@ -230,6 +230,8 @@ TEMPLATES: dict[str, Callable[[Path], None]] = {
     "synthetic": lambda root: build(root, root.parent),  # cnn_small, random weights, 300 rows
     "incomplete": _interrupted_build,
     "one-class": _one_class_teacher,
+    "sample": lambda root: build(root, root.parent, logits="sample:4"),  # drawn at T=4
+    "topk": lambda root: build(root, root.parent, logits="topk:2"),
 }
 
 
@@ -530,6 +532,28 @@ CASES: list[Case] = [
          lambda tmp: cache_cmd(tmp, threads=-1), r"threads=-1 must be >= 0"),
     Case("negative-streams", CONFIG, "streams=-1",
          lambda tmp: cache_cmd(tmp, streams=-1), r"streams=-1 must be >= 0 \(0 = auto\)"),
+    Case("logits-topk-zero", CONFIG, "logits=topk:0",
+         lambda tmp: cache_cmd(tmp, logits="topk:0"),
+         r"logits='topk:0' is not a logits mode; use dense, topk:K or sample:K with K >= 1"),
+    Case("logits-sample-not-a-number", CONFIG, "logits=sample:x",
+         lambda tmp: cache_cmd(tmp, logits="sample:x"), r"logits='sample:x' is not a logits mode"),
+    Case("logits-unknown-mode", CONFIG, "logits=fp8",
+         lambda tmp: cache_cmd(tmp, logits="fp8"), r"logits='fp8' is not a logits mode"),
+    Case("logits-topk-no-k", CONFIG, "logits=topk (no K)",
+         lambda tmp: cache_cmd(tmp, logits="topk"), r"logits='topk' is not a logits mode"),
+    Case("logits-topk-all-classes", CONFIG, "logits=topk:K with K >= the classes",
+         lambda tmp: cache_cmd(tmp, logits="topk:3"),
+         r"logits=topk:3 keeps every one of the 3 classes; use logits=dense, or topk:K with K < 3"),
+    Case("logits-topk-before-training", CONFIG, "topk:K >= C, with no teacher trained yet",
+         lambda tmp: cache_cmd(tmp, logits="topk:5", teacher_ckpt=""),
+         r"logits=topk:5 keeps every one of the 3 classes"),  # refused before a teacher is trained
+    Case("sample-other-temperature", STAGE2, "another temperature than a sample cache's draws",
+         student_cmd("model=mlp", "loss=kd", "temperature=2", cache="sample"),
+         r"a sample cache holds classes drawn at its temperature 4, so it serves only that one; "
+         r"train with temperature=4 \(not 2\), or build a topk or dense cache"),
+    Case("sparse-standardize", STAGE2, "standardize_logits=true on a sparse cache",
+         student_cmd("model=mlp", "standardize_logits=true", cache="topk"),
+         r"standardize_logits=true needs every logit, and cache .* keeps logits=topk:2; use a dense cache"),
     Case("views-zero", CONFIG, "views=0",
          lambda tmp: cache_cmd(tmp, views=0), r"views=0 must be in 1..256 \(view 0 is the input itself\)"),
     Case("views-too-many", CONFIG, "more views than the cap",

@@ -144,6 +144,27 @@ def test_sigkill_during_multiview_caching_then_resume(tmp_path, reference_views,
     assert (tmp_path / "cache" / fmt.ARRAYS / "train" / "augment").is_dir()
 
 
+# Sparse logits (4 classes): top-2 of every view, and 3 classes drawn per view
+SPARSE = {"topk": {"logits": "topk:2", **VIEWS}, "sample": {"logits": "sample:3", **VIEWS}}
+
+
+@pytest.fixture(scope="module", params=sorted(SPARSE))
+def reference_sparse(request, tmp_path_factory) -> tuple[Path, float, str]:
+    root, seconds = uninterrupted(tmp_path_factory.mktemp(f"reference_{request.param}"),
+                                  **SPARSE[request.param])
+    return root, seconds, request.param
+
+
+@pytest.mark.slow
+def test_sigkill_during_sparse_caching_then_resume(tmp_path, reference_sparse):
+    """The same with sparse logits and views: the sparse arrays of every recorded shard are
+    whole, and the resumed cache is byte-identical (the draws are keyed, not sequential)."""
+    root, seconds, kind = reference_sparse
+    kill_and_resume(tmp_path, (root, seconds), 3000, **SPARSE[kind])
+    assert (tmp_path / "cache" / fmt.ARRAYS / "train" / kind / "classes").is_dir()
+    assert not (tmp_path / "cache" / fmt.ARRAYS / "train" / "logits").exists()
+
+
 def kill_and_resume(tmp_path: Path, reference: tuple[Path, float], trial: int, **views) -> None:
     """SIGKILL a build at seeded random moments until it finishes; check what each kill left."""
     ref_root, full_seconds = reference
