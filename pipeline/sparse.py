@@ -5,17 +5,19 @@ it back (as sparse targets, or densified for losses that have no sparse form).
 Why: dense logits cost C values per row and view (ImageNet-1k × 32 views in float16: 82 GB;
 a 128k vocabulary: out of reach). The field keeps a few classes per row instead.
 
-``topk:K`` keeps the K largest raw logits z_(1) ≥ … ≥ z_(K), their class ids, and the
-log-mean-exp of the C − K logits it drops, the *tail logit*
+``topk:K`` keeps the K largest raw logits z_(1) ≥ … ≥ z_(K), their class ids, and two
+numbers of the C − K logits it drops, the log of their partition function at T = 1 and at the
+cache's temperature T_c:
 
-    z̄ = log( (1 / (C − K)) · Σ_{j ∉ top-K} exp z_j ).
+    tail = ( log Σ_{j ∉ top-K} exp z_j ,  log Σ_{j ∉ top-K} exp(z_j / T_c) ).
 
-Reading it is reading the teacher with every dropped logit replaced by z̄. At T = 1 that
-changes nothing the student sees through KD with a tail bucket: the K probabilities and the
-tail's total mass are exact. At any other T the ratios among the top K are exact and the
-tail's mass is an approximation (by the power-mean inequality it is over-estimated for T > 1
-and under-estimated for T < 1; the error vanishes when the dropped logits are equal). As in
-Megatron's sparse KD, the tail is one extra "ghost" class (:func:`pipeline.losses.kd`).
+With the K logits these give the teacher's distribution over the K classes and one tail
+bucket (the rest, as one "ghost" class, as in Megatron's sparse KD: :func:`pipeline.losses.kd`)
+**exactly at T = 1 and at T = T_c**. At another T the ratios among the top K stay exact and
+the tail's log partition function log S(1/T) is interpolated linearly in 1/T between its
+three known points (1/T = 0: log(C − K); 1/T_c; 1). log S is convex in 1/T, so between known
+points the tail's mass is over-estimated, beyond them under-estimated. (One tail number, the
+uniform-tail model, over-estimated the tail at T = 4 on digits3 by 1.8×: 0.84 for 0.45.)
 
 ``sample:K`` keeps K class ids drawn with replacement from softmax(z / T_c) at the cache's
 recorded temperature T_c (inverse-CDF draws from keyed uniforms, so a rebuild draws the same
@@ -63,12 +65,16 @@ class LogitsMode:
         return DENSE if self.kind == DENSE else f"{self.kind}:{self.k}"
 
     def record(self, num_classes: int, seed: int, temperature: float) -> dict:
-        """The manifest's ``logits`` entry (sample: with the draws' seed, generator and T)."""
+        """The manifest's ``logits`` entry (sample: with the draws' seed, generator and T;
+        topk: the temperatures of its tail's two numbers)."""
         if not self.sparse:
             return {"mode": DENSE}
-        entry = {"mode": self.kind, "k": self.k, "classes_dtype": classes_dtype(num_classes)}
+        entry = {"mode": self.kind, "k": self.k, "classes_dtype": classes_dtype(num_classes),
+                 "temperature": temperature}
         if self.kind == SAMPLE:
-            entry.update({"seed": seed, "rng": RNG, "temperature": temperature})
+            entry.update({"seed": seed, "rng": RNG})
+        else:
+            entry["tail_temperatures"] = [1.0, temperature]
         return entry
 
 
@@ -113,17 +119,32 @@ def _logsumexp(z: np.ndarray, axis: int = -1) -> np.ndarray:
         return (np.log(np.exp(z - m).sum(axis=axis, keepdims=True)) + m).squeeze(axis)
 
 
-def encode_topk(z: np.ndarray, k: int, num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(class ids [B, K], their raw logits [B, K] in descending order, the tail logit z̄ [B])
-    of raw logits ``z`` [B, C]. Ties are broken towards the smaller class id."""
+def encode_topk(z: np.ndarray, k: int, num_classes: int,
+                temperature: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(class ids [B, K], their raw logits [B, K] in descending order, the tail [B, 2]: log
+    partition function of the other logits at T = 1 and at T = ``temperature``) of raw logits
+    ``z`` [B, C]. Ties are broken towards the smaller class id."""
     z = np.asarray(z, np.float32)
     # a stable argsort of −z: the largest first, equal logits in class order, as a rebuild does
     order = np.argsort(-z, axis=1, kind="stable")
     ids = order[:, :k]
     values = np.take_along_axis(z, ids, axis=1)
     rest = np.take_along_axis(z, order[:, k:], axis=1).astype(np.float64)
-    tail = _logsumexp(rest) - np.log(num_classes - k)
+    tail = np.stack([_logsumexp(rest), _logsumexp(rest / temperature)], axis=1)
     return ids.astype(classes_dtype(num_classes)), values, tail.astype(TAIL_DTYPE)
+
+
+def tail_log_partition(tail: np.ndarray, rest: int, cache_temperature: float, T: float) -> np.ndarray:
+    """log S(1/T), S(β) = Σ_{j ∉ top-K} exp(β z_j), from the stored ``tail`` [B, 2] (log S(1) and
+    log S(1/T_c)) and log S(0) = log(``rest``): exact at T = 1 and T_c, linear in 1/T between
+    and beyond (from the nearest segment)."""
+    b = 1.0 / T
+    points = sorted([(0.0, np.full(len(tail), np.log(rest))), (1.0, tail[:, 0].astype(np.float64)),
+                     (1.0 / cache_temperature, tail[:, 1].astype(np.float64))], key=lambda p: p[0])
+    if np.isclose(points[1][0], points[2][0]):  # T_c = 1: two points
+        points = points[:2]
+    (b0, v0), (b1, v1) = (points[0], points[1]) if len(points) == 2 or b <= points[1][0] else (points[1], points[2])
+    return v0 + (v1 - v0) * (b - b0) / (b1 - b0)
 
 
 def sample_uniforms(seed: int, split: str, sample_ids: np.ndarray, view: int, k: int) -> np.ndarray:
@@ -156,7 +177,8 @@ class SparseLogits:
     """Sparse teacher logits of a batch of rows, as a cache stores them (one view per row).
 
     ``classes`` int64 [B, K]; ``values`` float32 [B, K] the raw top-K logits (topk; None for
-    sample); ``tail`` float32 [B] the tail logit z̄ (topk; None for sample); ``kind``,
+    sample); ``tail`` float32 [B, 2] the tail's log partition function at T = 1 and T_c (topk;
+    None for sample); ``kind``,
     ``num_classes``, and ``temperature`` the cache's T_c (the draws' temperature, for sample).
     """
 
@@ -179,8 +201,9 @@ class SparseLogits:
     def targets(self, T: float) -> dict[str, np.ndarray]:
         """The teacher's distribution at T over K classes and one tail bucket (the classes not
         listed): ``t_ids`` int64 [B, K], ``t_w`` float32 [B, K] their probabilities (zero for
-        a repeated id), ``t_tail`` float32 [B] the tail's. topk: softmax of the K logits and
-        of the tail's C − K logits z̄ at T (exact at T = 1). sample: p̂ = counts / K, no tail.
+        a repeated id), ``t_tail`` float32 [B] the tail's. topk: the K logits / T and the tail's
+        log S(1/T) (:func:`tail_log_partition`; exact at T = 1 and T_c), normalised together.
+        sample: p̂ = counts / K, no tail.
         """
         self.check_temperature(T)
         ids = self.classes
@@ -195,20 +218,24 @@ class SparseLogits:
             return {"t_ids": ids, "t_w": w, "t_tail": np.zeros(len(ids), np.float32)}
         k = ids.shape[1]
         a = self.values.astype(np.float64) / T
-        tail = np.log(self.num_classes - k) + self.tail.astype(np.float64) / T
+        tail = tail_log_partition(self.tail, self.num_classes - k, self.temperature, T)
         m = np.maximum(a.max(axis=1), tail)
         total = np.exp(a - m[:, None]).sum(axis=1) + np.exp(tail - m)
         lse = m + np.log(total)
         return {"t_ids": ids, "t_w": np.exp(a - lse[:, None]).astype(np.float32),
                 "t_tail": np.exp(tail - lse).astype(np.float32)}
 
-    def dense(self) -> np.ndarray:
-        """Dense raw logits [B, C] standing in for the teacher's, for losses with no sparse form.
-        topk: the K logits, every other class at z̄. sample: T_c · log p̂ with each class never
+    def dense(self, T: float = 1.0) -> np.ndarray:
+        """Dense raw logits [B, C] standing in for the teacher's, for losses with no sparse form,
+        to be softened at ``T``. topk: the K logits, every other class at the one logit v that
+        gives the tail its mass at T ((C − K) · exp(v / T) = S(1/T)), so softmax(· / T) is the
+        teacher's over the K classes and the tail. sample: T_c · log p̂ with each class never
         drawn at ``UNSEEN_MASS`` / C, so softmax(· / T_c) is p̂ (within 1e-4)."""
         rows = np.arange(len(self))[:, None]
         if self.kind == TOPK:
-            out = np.repeat(self.tail[:, None].astype(np.float32), self.num_classes, axis=1)
+            rest = self.num_classes - self.classes.shape[1]
+            v = T * (tail_log_partition(self.tail, rest, self.temperature, T) - np.log(rest))
+            out = np.repeat(v[:, None].astype(np.float32), self.num_classes, axis=1)
             out[rows, self.classes] = self.values
             return out
         counts = np.zeros((len(self), self.num_classes), np.float32)

@@ -7,7 +7,8 @@
         <split>/logits                  [N, V, C]      raw teacher logits (not softened; dense caches)
         <split>/topk/classes            [N, V, K]      logits=topk:K (format 3): the K largest logits'
         <split>/topk/logits             [N, V, K]        class ids, those raw logits (descending) and
-        <split>/topk/tail               [N, V]           the log-mean-exp of the rest (float32)
+        <split>/topk/tail               [N, V, 2]        the rest's log partition function at
+                                                         T=1 and at the cache's T (float32)
         <split>/sample/classes          [N, V, K]      logits=sample:K (format 3): K classes drawn from
                                                          softmax(z / T), sorted
         <split>/features/<layer>        [N, V, ...]    tapped activations

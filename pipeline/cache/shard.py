@@ -232,10 +232,10 @@ def stored_logits(job: ShardJob, logits: np.ndarray, a: int, b: int) -> dict[str
     rows, views, classes = logits.shape
     flat = logits.reshape(rows * views, classes)
     if mode.kind == TOPK:
-        ids, values, tail = encode_topk(flat, mode.k, classes)
+        ids, values, tail = encode_topk(flat, mode.k, classes, job.temperature)
         return {fmt.sparse_key(job.split, TOPK, "classes"): ids.reshape(rows, views, -1),
                 fmt.sparse_key(job.split, TOPK, "logits"): values.astype(job.dtype).reshape(rows, views, -1),
-                fmt.sparse_key(job.split, TOPK, "tail"): tail.reshape(rows, views)}
+                fmt.sparse_key(job.split, TOPK, "tail"): tail.reshape(rows, views, 2)}
     sample_ids = _worker_dataset(job).splits[job.split].sample_ids[a:b]
     uniforms = np.stack([sample_uniforms(job.seed, job.split, sample_ids, v, mode.k)
                          for v in range(views)], axis=1).reshape(rows * views, mode.k)

@@ -121,7 +121,8 @@ def verify(cache: TeacherCache, rows: int, seed: int, device: str = "cpu") -> di
                 if mode.kind == TOPK:
                     stored = cache.sparse_logits(split, view, rows=at_row)
                     ids, values, tail = stored.classes[0], stored.values[0], stored.tail[0]
-                    _, fresh_values, fresh_tail = encode_topk(fresh[None], mode.k, cache.num_classes)
+                    _, fresh_values, fresh_tail = encode_topk(fresh[None], mode.k, cache.num_classes,
+                                                              float(m["logits"]["temperature"]))
                     # a listed class must be a fresh top-K one: its fresh logit at least the K-th
                     # largest (near-ties, within tolerance, may be listed either way)
                     kth = fresh_values[0, -1:]

@@ -217,7 +217,8 @@ class StudentData:
                 if logits and b.sparse is not None and sparse and temperature is not None:
                     targets = b.sparse.targets(temperature)
                 elif logits:
-                    z_t = b.sparse.dense() if b.sparse is not None else b.logits
+                    # the stand-in is made for the temperature it is softened at (1: raw use)
+                    z_t = b.sparse.dense(temperature or 1.0) if b.sparse is not None else b.logits
                     targets = {"z_t": z_t}
                     if temperature is not None:
                         targets.update(soft_targets(z_t, temperature, standardize_logits))
