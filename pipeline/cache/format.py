@@ -140,7 +140,8 @@ def read_manifest(root: Path) -> dict[str, Any]:
         raise KdError(f"{path} is not a kdcache manifest")
     if manifest.get("format_version") not in READABLE_VERSIONS:
         raise KdError(f"{root} has cache format version {manifest.get('format_version')}; this "
-                      f"kdcache reads versions {' and '.join(map(str, READABLE_VERSIONS))}; rebuild "
+                      f"kdcache reads versions {', '.join(map(str, READABLE_VERSIONS[:-1]))} and "
+                      f"{READABLE_VERSIONS[-1]}; rebuild "
                       "the cache (or upgrade kdcache)")
     if manifest.get("checksum") != manifest_checksum(manifest):
         raise KdError(f"{path} was modified after kdcache wrote it (its checksum does not match); "

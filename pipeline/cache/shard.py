@@ -203,7 +203,8 @@ def compute_shard(job: ShardJob, inputs: ShardInputs | None = None,
     for a, b in inputs.bounds:
         logits, feats, params, ok = next(outputs)
         finite &= ok
-        stats.append(teacher_stats(logits[:, 0].astype(np.float32)))
+        with np.errstate(invalid="ignore", over="ignore"):  # non-finite logits are refused below
+            stats.append(teacher_stats(logits[:, 0].astype(np.float32)))
         named = {**stored_logits(job, logits, a, b),
                  **{fmt.feature_key(job.split, k): v for k, v in feats.items()}}
         if params is not None:
