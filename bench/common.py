@@ -120,6 +120,20 @@ class EpochClock:
         return [b - a for a, b in zip(marks, marks[1:])]
 
 
+def clocked(student, per_epoch: dict[str, list[float]], key: str):
+    """``student`` with its training loop's epochs timed: each epoch's seconds are appended
+    to ``per_epoch[key]`` (torch students: they train through ``_fit_batches``)."""
+    inner = student._fit_batches
+
+    def fit_batches(batches, *a, **kw):
+        clock = EpochClock(batches)
+        out = inner(clock, *a, **kw)
+        per_epoch.setdefault(key, []).extend(clock.epochs(time.perf_counter()))
+        return out
+    student._fit_batches = fit_batches
+    return student
+
+
 def timed(fn: Callable[[], Any]) -> float:
     t0 = time.perf_counter()
     fn()

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import (EpochClock, alternate, base_dirs, dir_bytes, ensure_cache, figure, log,
+from bench.common import (alternate, base_dirs, clocked, dir_bytes, ensure_cache, figure, log,
                           main_for, median, result, table)
 
 NAME = "sparse"
@@ -197,16 +197,7 @@ def epoch_time(workdir: Path, epochs: int, repeats: int) -> tuple[dict, dict]:
             cfg, _ = resolve_run(resolve(StudentConfig, {"cache": root, "model": "mlp", "loss": "kd",
                                                          "epochs": epochs, "seed": 0,
                                                          "runs_dir": workdir / "runs"}), cache)
-            student = create_student("mlp", cfg)
-            inner = student._fit_batches
-
-            def fit_batches(batches, *a, **kw):
-                clock = EpochClock(batches)
-                out = inner(clock, *a, **kw)
-                per_epoch.setdefault(mode, []).extend(clock.epochs(time.perf_counter()))
-                return out
-            student._fit_batches = fit_batches
-            student.fit_cache(StudentData(cache))
+            clocked(create_student("mlp", cfg), per_epoch, mode).fit_cache(StudentData(cache))
             return time.perf_counter() - t0
         return run
 
@@ -274,7 +265,7 @@ def run(quick: bool, workdir: Path) -> dict:
                              "default width (40k params with the 1,000-way head), cnn_small at width 8 "
                              "(39k params)."))
     budget_rows, budget_measured = budget(workdir, seeds, epochs, sizes["dense"]["bytes_per_row"], measured)
-    tables.append(table(f"Views × sparse at a fixed byte budget (≤ one dense float16 view per row)",
+    tables.append(table("Views × sparse at a fixed byte budget (≤ one dense float16 view per row)",
                         ["student", "arm", "logits bytes/row on disk", "test accuracy (mean ± std)", "seeds"],
                         budget_rows,
                         note=f"train rows hold {BUDGET_VIEWS} views (augment={POLICY}) in the sparse arms; "

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import (EpochClock, alternate, base_dirs, dir_bytes, ensure_cache, figure, log,
+from bench.common import (alternate, clocked, base_dirs, dir_bytes, ensure_cache, figure, log,
                           main_for, median, prepare_build, result, synthetic_npz, table)
 
 NAME = "views"
@@ -189,29 +189,21 @@ def cost(trainer: Trainer, epochs: int, repeats: int) -> tuple[dict, dict]:
     common = {"model": "mlp", "width": 128, "epochs": epochs, "seed": 0}
     per_epoch: dict[str, list[float]] = {}
 
-    def clocked(student, key: str):
-        inner = student._fit_batches
-
-        def fit_batches(batches, *a, **kw):
-            clock = EpochClock(batches)
-            out = inner(clock, *a, **kw)
-            per_epoch.setdefault(key, []).extend(clock.epochs(time.perf_counter()))
-            return out
-        student._fit_batches = fit_batches
-        return student
+    def timing(student, key: str):
+        return clocked(student, per_epoch, key)
 
     def cached(key: str, views: int, **args):
         def arm() -> float:
             t0 = time.perf_counter()
             cache = open_cache(trainer.caches[views])
             cfg, _ = resolve_run(trainer.student_cfg(views, **common, **args), cache)
-            clocked(create_student("mlp", cfg), key).fit_cache(StudentData(cache, views=int(cfg.views)))
+            timing(create_student("mlp", cfg), key).fit_cache(StudentData(cache, views=int(cfg.views)))
             return time.perf_counter() - t0
         return arm
 
     def online() -> float:
         t0 = time.perf_counter()
-        trainer.online(wrap=lambda student: clocked(student, "online kd+augment"), **common)
+        trainer.online(wrap=lambda student: timing(student, "online kd+augment"), **common)
         return time.perf_counter() - t0
 
     cache = open_cache(trainer.caches[1])
