@@ -25,7 +25,7 @@ teacher: setup
 	$(KD) teacher $(DATA_ARGS) $(ARGS)
 
 teacher-cache: setup
-	$(KD) cache $(DATA_ARGS) $(ARGS)
+	$(KD) cache $(DATA_ARGS) $(call kv,LOGITS,logits) $(ARGS)
 
 info: setup
 	$(KD) info $(call kv,CACHE,cache) $(ARGS)

@@ -45,7 +45,7 @@ def logits_text(s: dict) -> str:
     """How the logits are kept, e.g. "topk:16 of 1,000 classes (uint16 ids, float16 logits,
     float32 tail; exact at T=1), 70.1 bytes/row"."""
     e, c = s["logits"], s["num_classes"]
-    per_row = f"{e['bytes_per_row']:,.1f} bytes/row (dense float32: {4 * c:,} per view)"
+    per_row = f"{e['bytes_per_row']:,.1f} bytes/row on disk (dense float32: {4 * c:,} per view)"
     if e["mode"] == "topk":
         return (f"topk:{e['k']} of {c:,} classes ({e['classes_dtype']} ids, {s['dtype']} logits, "
                 f"float32 tail; exact at T=1, approximate elsewhere), {per_row}")
