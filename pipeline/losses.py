@@ -338,7 +338,8 @@ NKD_GAMMA = 1.5  # the paper's weight of the non-target term
 
 @LOSSES.register("nkd", temperature=True, weight=1.0)
 def nkd(z_s: torch.Tensor, y: torch.Tensor, *, z_t: torch.Tensor, T: float = 4.0,
-        weight: float = 1.0, standardize: bool = False, **_) -> torch.Tensor:
+        weight: float = 1.0, standardize: bool = False, z_t1: torch.Tensor | None = None,
+        **_) -> torch.Tensor:
     """Normalized KD: KD split into a target and a normalised non-target cross-entropy.
 
     L = CE(z_s, y) + w · [−p_t[y] · log p_s[y] − γ · T² · Σ_{i≠y} p̂_t[i] · log p̂_s[i]]
@@ -347,16 +348,19 @@ def nkd(z_s: torch.Tensor, y: torch.Tensor, *, z_t: torch.Tensor, T: float = 4.0
     with ``standardize``); γ = 1.5 (the paper's). Both terms are cross-entropies, so L is not
     zero when the student equals the teacher (its minimum over the student is not there
     either: the target term keeps pushing p_s[y] up, weighted by the teacher's confidence).
+    ``z_t1``: logits to read p_t[y] (T = 1) from instead of ``z_t`` (a sparse cache's stand-in
+    made for T = 1, where ``z_t`` is made for T).
     Yang et al., "From Knowledge Distillation to Self-Knowledge Distillation: A Unified
     Approach with Normalized Loss and Customized Soft Labels", ICCV 2023 (arXiv:2303.13005).
     """
     if losses_cpu.usable(z_s):
         return losses_cpu.apply(losses_cpu.nkd, z_s, None, y=y, z_t=z_t, T=float(T), weight=float(weight),
-                                gamma=NKD_GAMMA, standardize_eps=STANDARDIZE_EPS if standardize else None)
+                                gamma=NKD_GAMMA, standardize_eps=STANDARDIZE_EPS if standardize else None,
+                                z_t1=z_t1)
     n, c = z_s.shape
     gt = F.one_hot(y, c).bool()
     log_p_s_y = F.log_softmax(z_s, dim=1)[gt]
-    p_t_y = F.softmax(z_t, dim=1)[gt]
+    p_t_y = F.softmax(z_t if z_t1 is None else z_t1, dim=1)[gt]
     target = -(p_t_y * log_p_s_y).mean()
     rest_s = _soft(z_s, standardize)[~gt].view(n, c - 1)
     rest_t = _soft(z_t, standardize)[~gt].view(n, c - 1)

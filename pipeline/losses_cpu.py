@@ -133,18 +133,19 @@ def kd_sparse(z, _h, *, y, t_ids, t_w, t_tail, T, alpha):
     in_tail = np.ones(z.shape, bool)
     in_tail[rows, t_ids] = False
     with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
-        q_tail = np.where(in_tail, q, 0).sum(axis=1)
         tail_lse = np.where(in_tail, log_q, -np.inf)
         top = tail_lse.max(axis=1, keepdims=True)
         top = np.where(np.isfinite(top), top, 0)
-        log_q_tail = np.maximum(np.log(np.exp(tail_lse - top).sum(axis=1)) + top[:, 0], real(-1e4))
+        log_q_tail_exact = np.log(np.exp(tail_lse - top).sum(axis=1)) + top[:, 0]
+        log_q_tail = np.maximum(log_q_tail_exact, real(-1e4))
         xlogx = lambda w: np.where(w > 0, w * np.log(np.where(w > 0, w, 1)), 0)  # noqa: E731
         listed = (xlogx(t_w) - t_w * log_q[rows, t_ids]).sum(axis=1)
         kl = (listed + xlogx(t_tail) - t_tail * log_q_tail).sum(dtype=z.dtype) / n
         # a bincount adds repeated ids (sample:K) where fancy assignment would overwrite
         target = np.bincount((rows * z.shape[1] + t_ids).ravel(), t_w.ravel(),
                              minlength=z.size).reshape(z.shape).astype(z.dtype)
-        target += np.where(in_tail, q * (t_tail / np.where(q_tail > 0, q_tail, 1))[:, None], 0)
+        # q_j / q_tail in log space: q_tail underflows when the student is sure of a listed class
+        target += np.where(in_tail, t_tail[:, None] * np.exp(log_q - log_q_tail_exact[:, None]), 0)
         ce, g_ce = ce_value_grad(z, y)
         value = alpha * T * T * kl + (real(1) - alpha) * ce
         grad = alpha * T * (q - target) / n + (real(1) - alpha) * g_ce
@@ -189,7 +190,7 @@ def dkd(z, _h, *, y, z_t, T, a, b, standardize_eps=None):
     return value, back(g_u) + g_ce, None
 
 
-def nkd(z, _h, *, y, z_t, T, weight, gamma, standardize_eps=None):
+def nkd(z, _h, *, y, z_t, T, weight, gamma, standardize_eps=None, z_t1=None):
     """CE + w·[−p_t[y]·log p_s[y] − γ·T²·Σ_{i≠y} p̂_t log p̂_s] (see :func:`pipeline.losses.nkd`).
 
     ∂/∂z of the target term: −w·p_t[y]·(e_y − p_s) / B; ∂/∂u of the non-target term:
@@ -199,7 +200,7 @@ def nkd(z, _h, *, y, z_t, T, weight, gamma, standardize_eps=None):
     rows = np.arange(len(y))
     gt = _onehot(y, z).astype(bool)
     log_p1 = log_softmax(z)
-    p_t_y = np.exp(log_softmax(z_t)[rows, y])[:, None]
+    p_t_y = np.exp(log_softmax(z_t if z_t1 is None else z_t1)[rows, y])[:, None]
     target = -(p_t_y[:, 0] * log_p1[rows, y]).mean(dtype=z.dtype)
     u, back = _softened(z, standardize_eps is not None, standardize_eps or 0.0)
     u_t = _softened(z_t, standardize_eps is not None, standardize_eps or 0.0)[0]

@@ -161,11 +161,12 @@ def draw(z: np.ndarray, temperature: float, uniforms: np.ndarray, num_classes: i
     p = np.exp(u - u.max(axis=1, keepdims=True))
     cdf = np.cumsum(p, axis=1)
     cdf /= cdf[:, -1:]
-    # one searchsorted for all rows: row i's cdf and uniforms shifted into [i, i + 1]
-    offset = np.arange(len(cdf), dtype=np.float64)[:, None]
-    flat = np.searchsorted((cdf + offset).ravel(), (uniforms + offset).ravel(), side="right")
-    ids = flat.reshape(uniforms.shape) - np.arange(len(cdf))[:, None] * num_classes
-    np.clip(ids, 0, num_classes - 1, out=ids)  # u just below 1 against a cdf that rounds below 1
+    # row by row (a few µs each): a class is the first whose cdf exceeds u; cdf ends at exactly
+    # 1.0 (flat after the last class of positive probability) and u < 1, so a class of zero
+    # probability is never drawn
+    ids = np.empty(uniforms.shape, np.int64)
+    for i in range(len(cdf)):
+        ids[i] = np.searchsorted(cdf[i], uniforms[i], side="right")
     ids.sort(axis=1)
     return ids.astype(classes_dtype(num_classes))
 
@@ -235,6 +236,9 @@ class SparseLogits:
         if self.kind == TOPK:
             rest = self.num_classes - self.classes.shape[1]
             v = T * (tail_log_partition(self.tail, rest, self.temperature, T) - np.log(rest))
+            # v <= z_(K) exactly (a power mean of smaller values); float16 rounding of the kept
+            # logits could break that and hand the argmax to a dropped class
+            v = np.minimum(v, self.values[:, -1])
             out = np.repeat(v[:, None].astype(np.float32), self.num_classes, axis=1)
             out[rows, self.classes] = self.values
             return out

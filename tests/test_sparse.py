@@ -401,7 +401,55 @@ def test_kd_reads_sparse_targets_and_other_losses_the_stand_in(caches, monkeypat
         _, _, targets = next(iter(batches(0)))
         seen[loss] = set(targets)
     assert seen["kd"] == {"t_ids", "t_w", "t_tail"}
-    assert seen["dkd"] == {"z_t", "log_p_t", "p_t"}
+    assert seen["dkd"] == {"z_t", "z_t1", "log_p_t", "p_t"}
+
+
+def test_nkd_reads_the_teachers_probability_at_t1_from_the_stand_in_made_for_it():
+    """nkd's target term reads the teacher at T = 1, its non-target term at T: from a topk
+    cache both must be the teacher's (the K + 1 probabilities are exact at 1 and T_c)."""
+    z_t, z_s = logits(41), torch.from_numpy(logits(42))
+    y = torch.from_numpy(np.argmax(z_t, axis=1))  # the target among the listed classes
+    sparse = topk_of(z_t, C - 1)  # one class dropped: the stand-ins are exact at every T
+    dense = LOSSES.get("nkd")(z_s, y, z_t=torch.from_numpy(z_t), T=4.0)
+    stand_in = LOSSES.get("nkd")(z_s, y, z_t=torch.from_numpy(sparse.dense(4.0)), T=4.0,
+                                 z_t1=torch.from_numpy(sparse.dense(1.0)))
+    assert float(stand_in) == pytest.approx(float(dense), rel=1e-4)
+
+
+def test_kernel_keeps_the_tail_gradient_when_the_students_tail_underflows(monkeypatch):
+    z = torch.tensor([[200.0, 0.0, 0.0, 0.0]])
+    targets = {"t_ids": torch.tensor([[0]]), "t_w": torch.tensor([[0.5]]), "t_tail": torch.tensor([0.5])}
+    grads = []
+    for enabled in (True, False):
+        monkeypatch.setattr(losses_cpu, "ENABLED", enabled)
+        z_s = z.clone().requires_grad_()
+        kd(z_s, torch.tensor([0]), T=1.0, alpha=1.0, **targets).backward()
+        grads.append(z_s.grad.numpy())
+    np.testing.assert_allclose(grads[0], grads[1], atol=1e-6)
+    np.testing.assert_allclose(grads[0], [[0.5, -1 / 6, -1 / 6, -1 / 6]], atol=1e-6)
+
+
+def test_a_class_of_zero_probability_is_never_drawn():
+    z = np.array([[0.0, 0.0, -np.inf]] * 4, np.float32)
+    u = np.full((4, 3), 1 - 2.0**-53)  # the largest uniform
+    assert draw(z, 1.0, u, 3).max() == 1
+
+
+def test_the_stand_ins_argmax_is_the_top_class_despite_float16_rounding():
+    z = np.array([[1.00001, 1.0, 1.0, 1.0]], np.float32)
+    ids, values, tail = encode_topk(z, 1, 4, 4.0)
+    sparse = SparseLogits(TOPK, ids.astype(np.int64), values.astype(np.float16).astype(np.float32),
+                          tail, 4, 4.0)
+    assert sparse.dense(1.0).argmax(1)[0] == 0 and sparse.top1()[0] == 0
+
+
+def test_cache_logits_at_the_caches_temperature_are_exact(caches):
+    dense, cache = caches["dense"], caches["topk:2"]
+    p, q = dense.probs("val", 4.0), cache.probs("val", 4.0)
+    listed = cache.sparse_logits("val").classes
+    np.testing.assert_allclose(np.take_along_axis(q, listed, 1), np.take_along_axis(p, listed, 1), rtol=1e-4)
+    with pytest.raises(KdError, match="serves only that one"):
+        caches["sample:4"].probs("val", 2.0)
 
 
 def test_sample_caches_refuse_another_temperature_before_training(caches, capsys):

@@ -222,11 +222,16 @@ class TeacherCache:
     def _sparse(self, parts: dict[str, np.ndarray]) -> SparseLogits:
         mode = self.logits_mode
         return SparseLogits(mode.kind, parts["classes"].astype(np.int64), parts.get("logits"),
-                            parts.get("tail"), self.num_classes, self.temperature)
+                            parts.get("tail"), self.num_classes, float(self.manifest["logits"]["temperature"]))
 
     def logits(self, split: str, temperature: float = 1.0, view: int = 0) -> np.ndarray:
-        """Softened logits z / T at T = ``temperature``, float32 [N, C]."""
+        """Softened logits z / T at T = ``temperature``, float32 [N, C] (of a sparse cache: of
+        the stand-in made for that T, :meth:`SparseLogits.dense`)."""
         _check_temperature(temperature)
+        if self.logits_mode.sparse:
+            sparse = self.sparse_logits(split, view)
+            sparse.check_temperature(temperature)
+            return sparse.dense(temperature) / np.float32(temperature)
         return self.raw_logits(split, view) / np.float32(temperature)
 
     def probs(self, split: str, temperature: float = 1.0, view: int = 0) -> np.ndarray:

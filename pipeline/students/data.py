@@ -217,9 +217,12 @@ class StudentData:
                 if logits and b.sparse is not None and sparse and temperature is not None:
                     targets = b.sparse.targets(temperature)
                 elif logits:
-                    # the stand-in is made for the temperature it is softened at (1: raw use)
+                    # the stand-in is made for the temperature it is softened at (1: raw use);
+                    # z_t1, made for T = 1, for terms that read the teacher unsoftened (nkd)
                     z_t = b.sparse.dense(temperature or 1.0) if b.sparse is not None else b.logits
                     targets = {"z_t": z_t}
+                    if b.sparse is not None and temperature is not None:
+                        targets["z_t1"] = b.sparse.dense(1.0)
                     if temperature is not None:
                         targets.update(soft_targets(z_t, temperature, standardize_logits))
                 if features:
