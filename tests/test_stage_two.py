@@ -534,7 +534,9 @@ def test_sweep_then_report(env, capsys, tmp_path):
     kept = 100 * kd["mean"] / rows[-1]["teacher_test_accuracy"]
     line = next(l for l in text.splitlines() if l.startswith("| cnn_small | kd | ") and "smaller" in l)
     assert f"{smaller:,.0f}× smaller" in line or f"{smaller:.1f}× smaller" in line, line
-    assert " faster (batch 1; " in line and f"{kept:.1f}% of the teacher's accuracy kept" in line
+    # faster or slower as the recorded latencies say (timed on a shared machine: either can be)
+    word = "faster" if teacher["latency"]["batch_1_ms"] >= kd["latency_b1_ms"] else "slower"
+    assert f" {word} (batch 1; " in line and f"{kept:.1f}% of the teacher's accuracy kept" in line
     svc = next(l for l in text.splitlines() if l.startswith("| linear_svc |") and "smaller" in l)
     assert "deployed with the teacher's backbone, it is not faster" in svc
     pngs = sorted(out_dir.glob("*.png"))
