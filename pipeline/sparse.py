@@ -173,6 +173,15 @@ def draw(z: np.ndarray, temperature: float, uniforms: np.ndarray, num_classes: i
 
 # --------------------------------------------------------------------------- decoding (stage two)
 
+def check_temperature(kind: str, cache_temperature: float, T: float) -> None:
+    """Refuse a temperature a cache of ``kind`` cannot serve: a sample cache only serves the
+    temperature its classes were drawn at."""
+    if kind == SAMPLE and not np.isclose(T, cache_temperature, rtol=1e-6):
+        raise KdError(f"a sample cache holds classes drawn at its temperature {cache_temperature:g}, "
+                      f"so it serves only that one; train with temperature={cache_temperature:g} "
+                      f"(not {T:g}), or build a topk or dense cache")
+
+
 @dataclass
 class SparseLogits:
     """Sparse teacher logits of a batch of rows, as a cache stores them (one view per row).
@@ -194,10 +203,7 @@ class SparseLogits:
         return len(self.classes)
 
     def check_temperature(self, T: float) -> None:
-        if self.kind == SAMPLE and not np.isclose(T, self.temperature, rtol=1e-6):
-            raise KdError(f"a sample cache holds classes drawn at its temperature {self.temperature:g}, "
-                          f"so it serves only that one; train with temperature={self.temperature:g} "
-                          f"(not {T:g}), or build a topk or dense cache")
+        check_temperature(self.kind, self.temperature, T)
 
     def targets(self, T: float) -> dict[str, np.ndarray]:
         """The teacher's distribution at T over K classes and one tail bucket (the classes not

@@ -288,6 +288,12 @@ def test_sparse_caches_with_views(builder, tmp_path):
     data = StudentData(cache)
     assert data.teacher_logits("train").shape == (720, 3)
     assert data.sparse_targets("train", 4.0)["t_ids"].shape == (720, 2)
+    every = cache.sparse_logits_every_view("train", 3)  # one read, rows r · 3 + v
+    for v in range(3):
+        one = cache.sparse_logits("train", view=v)
+        np.testing.assert_array_equal(every.classes[v::3], one.classes)
+        np.testing.assert_array_equal(every.values[v::3], one.values)
+        np.testing.assert_array_equal(every.tail[v::3], one.tail)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -27,6 +27,7 @@ from pipeline.config import CacheConfig, save_config
 from pipeline.data import Dataset
 from pipeline.errors import KdError
 from pipeline.io import atomic_path, fsync_dir, sha256_file
+from pipeline.sparse import mode_of
 from pipeline.teachers import TeacherSpec
 
 
@@ -141,16 +142,11 @@ def _difference(old: dict, new: dict) -> str:
     if old["preprocessing"] != new["preprocessing"]:
         return "other preprocessing"
     if old.get("logits") != new.get("logits"):
-        return f"other logits (logits={_mode(old)}, this one is {_mode(new)})"
+        return f"other logits (logits={mode_of(old).spec}, this one is {mode_of(new).spec})"
     if (old["views"], old.get("augment")) != (new["views"], new.get("augment")):
         return (f"other views ({old['views']} views, augment "
                 f"{(old.get('augment') or {}).get('policy', 'none')})")
     return "other cache settings (layers, pool, dtype, compression or shard layout)"
-
-
-def _mode(manifest: dict) -> str:
-    entry = manifest.get("logits") or {"mode": "dense"}
-    return entry["mode"] + (f":{entry['k']}" if "k" in entry else "")
 
 
 def _initialise(root: Path, cfg: CacheConfig, manifest: dict) -> None:

@@ -214,6 +214,18 @@ class TeacherCache:
                  for key in self._logits_keys(split)}
         return self._sparse(parts)
 
+    def sparse_logits_every_view(self, split: str, views: int) -> SparseLogits:
+        """Views 0..views-1 of every row of a sparse cache's ``split`` as rows of their own,
+        [N · views, ...] with row r's view v at r · views + v, read in one pass (a chunk holds
+        every view of its rows)."""
+        n = self.num_rows(split)
+        parts = {}
+        for key in self._logits_keys(split):
+            stored = self.stored(key, 0, n, views=views)
+            parts[key.rpartition("/")[2]] = stored.reshape(n * views, *stored.shape[2:]).astype(
+                np.float32 if stored.dtype.kind == "f" else stored.dtype)
+        return self._sparse(parts)
+
     def _logits_keys(self, split: str) -> list[str]:
         if not self.logits_mode.sparse:
             raise KdError(f"cache {self.root} holds dense logits; read them with raw_logits")

@@ -25,6 +25,7 @@ from pipeline.data import Dataset, positions_of
 from pipeline.errors import KdError
 from pipeline.losses import soft_targets
 from pipeline.rows import LazyRows
+from pipeline.sparse import check_temperature
 from pipeline.training import Batches
 
 FEATURE_BATCH = 1024  # rows per partial_fit call of streamed feature students
@@ -120,7 +121,7 @@ class StudentData:
             raise KdError(f"standardize_logits=true needs every logit, and cache {self.cache.root} "
                           f"keeps logits={mode.spec}; use a dense cache or standardize_logits=false")
         if temperature is not None:
-            self.cache.sparse_logits("val", rows=slice(0, 1)).check_temperature(temperature)
+            check_temperature(mode.kind, float(self.cache.manifest["logits"]["temperature"]), temperature)
 
     def teacher_logits(self, split: str) -> np.ndarray:
         """Raw cached logits z, float32 [N, C] (train with several views: [N · views, C], row
@@ -129,17 +130,15 @@ class StudentData:
         if not self._every_view(split):
             return self.cache.raw_logits(split)
         if self.sparse:
-            return np.stack([self.cache.raw_logits(split, view=v) for v in range(self.views)],
-                            axis=1).reshape(self.num_rows(split) * self.views, -1)
+            return self.cache.sparse_logits_every_view(split, self.views).dense()
         return self._every_view_rows(fmt.logits_key(split))
 
     def sparse_targets(self, split: str, temperature: float) -> dict[str, np.ndarray]:
         """A sparse cache's targets at ``temperature`` (:meth:`SparseLogits.targets`: ``t_ids``,
         ``t_w``, ``t_tail``), rows as :meth:`teacher_logits` orders them."""
-        views = self.views if self._every_view(split) else 1
-        per_view = [self.cache.sparse_logits(split, view=v).targets(temperature) for v in range(views)]
-        return {k: np.stack([t[k] for t in per_view], axis=1).reshape(
-            self.num_rows(split) * views, *per_view[0][k].shape[1:]) for k in per_view[0]}
+        sparse = (self.cache.sparse_logits_every_view(split, self.views) if self._every_view(split)
+                  else self.cache.sparse_logits(split))
+        return sparse.targets(temperature)
 
     def features(self, split: str) -> np.ndarray:
         """Flattened cached features of ``layer``, float32 [N, D], in memory (train with several
