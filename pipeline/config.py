@@ -35,7 +35,8 @@ TRACKERS = ("none", "mlflow")  # tracking=: where student runs are also logged (
 
 def path_field(default: str, keywords: tuple[str, ...] = ()) -> Any:
     """A config field holding a filesystem path, stored absolute (""  and ``keywords`` such
-    as ``random`` are kept as they are)."""
+    as ``random`` are kept as they are). The fields named in pipeline.storage.OBJECT_STORE_KEYS
+    (cache, cache_root, out) may hold an object store URL instead, kept as written."""
     return field(default=default, metadata={"path": True, "keywords": keywords})
 
 
@@ -53,10 +54,17 @@ class DataConfig:
     download: bool = False  # torchvision datasets: download when missing (needs internet)
     val_fraction: float = 0.15  # carved from train (stratified) when a dataset has no val split
     seed: int = 0  # seeds the val split, synthetic data and teacher training
+    # processes that decode file-backed datasets (imagefolder) while the teacher runs; 0 = auto:
+    # cores - 1 on a GPU, 1 (the loading thread) on CPU (pipeline.decoding.auto_decoders). In no
+    # fingerprint or cache key: the decoded values are bit-identical for any number of them
+    decoders: int = 0
 
     def check(self) -> None:
         if not 0.0 < self.val_fraction < 0.9:
             raise KdError(f"val_fraction={self.val_fraction} must be in (0, 0.9)")
+        if not 0 <= self.decoders <= MAX_DECODERS:
+            raise KdError(f"decoders={self.decoders} must be in 0..{MAX_DECODERS} (0 = auto: one "
+                          "process per core the teacher leaves free)")
 
 
 @dataclass(frozen=True)
@@ -200,6 +208,7 @@ MAX_CHUNKS_PER_SHARD = 1 << 12  # a shard's index holds one entry per chunk
 MAX_LR = 10.0  # AdamW learning rates far above 1 only diverge
 MAX_SGD_ALPHA = 100.0  # SGDClassifier regularisation: beyond this every weight is ~0
 MAX_WIDTH = 4096  # student width: beyond this a "small" student no longer fits in memory
+MAX_DECODERS = 256  # decoding processes: each one costs ~30 MB and a start-up
 MAX_VIEWS = 256  # cached views per row: each one is a full teacher forward and its outputs on disk
 MAX_LOSS_WEIGHT = 1e6  # pkt's paper weight is 3·10⁴; far beyond that the CE term vanishes
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -342,7 +351,12 @@ def _absolute_paths(cfg: C) -> C:
     for f in fields(cfg):
         value = getattr(cfg, f.name)
         if f.metadata.get("path") and value and value not in f.metadata["keywords"]:
-            changes[f.name] = os.path.abspath(os.path.expanduser(value))
+            from pipeline.storage import is_url, location
+
+            loc = location(value, f.name)  # refuses URLs where only a local path is meant
+            # an object store URL is kept as written; a local path (or file://) made absolute
+            changes[f.name] = value.rstrip("/") if is_url(value) and not isinstance(loc, Path) \
+                else os.path.abspath(os.path.expanduser(str(loc)))
         elif f.metadata.get("dataset"):
             from pipeline.data import absolute_spec  # the data package imports this module
 
@@ -392,16 +406,16 @@ def fingerprint(obj: Any) -> str:
 
 
 def save_config(cfg: Any, path: str | os.PathLike) -> None:
-    """Write the resolved config as JSON beside an artifact (atomically)."""
-    from pipeline.io import atomic_write_text
-
+    """Write the resolved config as JSON beside an artifact (atomically; on an object store,
+    one PUT)."""
     from pipeline.plugins import identities
+    from pipeline.storage import location, write_text
 
     payload = {"kind": type(cfg).__name__, "config": to_dict(cfg)}
     plugins = identities(cfg)
     if plugins:  # the code outside kdcache that the config names, and its version
         payload["plugins"] = plugins
-    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    write_text(location(path), json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,12 @@ import os
 from pathlib import Path
 
 from pipeline.errors import KdError
+from pipeline.storage import Location, check_reachable, is_remote, location
 
 
 def default_cache_path(cache_root: str, dataset_spec: str, arch: str, teacher_ckpt: str = "",
                        seed: int = 0, views: int = 1, augment: str = "none",
-                       logits: str = "dense") -> Path:
+                       logits: str = "dense") -> Location:
     """Where a cache lives when no cache= is given: one name per dataset, teacher, weights,
     views and logits mode (``digits-cnn_small``, ``digits-cnn_small-views16-crop4-flip``,
     ``digits3-resnet_small-topk16``)."""
@@ -26,14 +27,14 @@ def default_cache_path(cache_root: str, dataset_spec: str, arch: str, teacher_ck
         name += f"-views{views}-" + "".join(c if c.isalnum() or c in "._" else "-" for c in augment.replace(":", ""))
     if logits != "dense":
         name += "-" + logits.replace(":", "")
-    return Path(cache_root) / name
+    return location(cache_root, "cache_root") / name
 
 
-def cache_path(cfg) -> Path:
+def cache_path(cfg) -> Location:
     """The cache a verb reads: ``cfg.cache``, or the default cache of ``cfg.dataset`` and
-    ``cfg.teacher`` under ``cfg.cache_root``."""
+    ``cfg.teacher`` under ``cfg.cache_root`` (a local Path or an object store's UPath)."""
     if cfg.cache:
-        return Path(cfg.cache)
+        return location(cfg.cache)
     from pipeline.config import DataConfig
     from pipeline.data import open_dataset
     from pipeline.teachers import auto_teacher
@@ -44,8 +45,12 @@ def cache_path(cfg) -> Path:
     return default_cache_path(cfg.cache_root, dataset.spec, teacher)
 
 
-def check_writable(path: Path, key: str) -> None:
-    """Refuse a directory that cannot be created or written, without creating anything."""
+def check_writable(path: Location, key: str) -> None:
+    """Refuse a directory that cannot be created or written, without creating anything (on an
+    object store: a bucket that does not exist, or credentials that do not work)."""
+    if is_remote(path):
+        check_reachable(path, key)
+        return
     existing = path
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent

@@ -9,11 +9,11 @@ student trained with and without augmentation shows as two rows.
 
 from __future__ import annotations
 
-from pathlib import Path
+import io
 
 import numpy as np
 
-from pipeline.io import atomic_path
+from pipeline import storage
 from pipeline.losses import LOSSES
 
 # What makes two rows the same experiment (the seed aside).
@@ -190,7 +190,8 @@ def markdown(board: list[dict], teacher: dict, source: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plots(board: list[dict], teacher: dict, out: Path) -> list[Path]:
+def plots(board: list[dict], teacher: dict, out) -> list:
+    """The report's PNG plots, written into ``out`` (a folder, or a prefix on an object store)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -200,8 +201,9 @@ def plots(board: list[dict], teacher: dict, out: Path) -> list[Path]:
 
     def save(fig, filename):
         path = out / filename
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=110, bbox_inches="tight")
+        storage.write_bytes(path, png.getvalue())
         plt.close(fig)
         paths.append(path)
 

@@ -1,19 +1,18 @@
 """The results table: one row per student run, beside the cache it was trained from.
 
 The table is a directory of one-row Parquet files (``<cache>.results/<run_id>.parquet``), read
-together as one Arrow table. Appending is writing one new file atomically, so concurrent runs
-never lose or tear each other's rows, and an interrupted run leaves no row at all.
+together as one Arrow table. Appending is writing one new file atomically (one PUT on an
+object store), so concurrent runs never lose or tear each other's rows, an interrupted run
+leaves no row at all, and a retried run (same run_id) replaces its own row.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from pipeline.io import atomic_path
+from pipeline import storage
 
 # One column per concept. None (null) in loss, target, temperature, layer or C means the run
 # does not use it (e.g. a feature student has no loss; label-only training no temperature).
@@ -43,37 +42,37 @@ SCHEMA = pa.schema([
 ])
 
 
-def results_dir(cache_root: str | Path) -> Path:
-    cache_root = Path(cache_root)
+def results_dir(cache_root) -> storage.Location:
+    cache_root = storage.location(cache_root)
     return cache_root.parent / f"{cache_root.name}.results"
 
 
-def append_row(directory: Path, row: dict[str, Any]) -> Path:
+def append_row(directory, row: dict[str, Any]) -> storage.Location:
     """Write ``row`` (exactly the SCHEMA's keys: a key the schema lacks would vanish from the
     table, so it is a bug, not a choice) as one new Parquet file of the table."""
     if set(row) != set(SCHEMA.names):
         raise ValueError(f"a results row must hold exactly the SCHEMA's columns; extra: "
                          f"{sorted(set(row) - set(SCHEMA.names))}, missing: {sorted(set(SCHEMA.names) - set(row))}")
     table = pa.Table.from_pylist([row], schema=SCHEMA)
-    path = Path(directory) / f"{row['run_id']}.parquet"
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+    path = storage.location(directory) / f"{row['run_id']}.parquet"
+    storage.write_bytes(path, storage.parquet_bytes(table))
     return path
 
 
-def read_results(directory: Path) -> pa.Table:
-    files = sorted(Path(directory).glob("*.parquet")) if Path(directory).is_dir() else []
-    if not files:
+def read_results(directory) -> pa.Table:
+    directory = storage.location(directory)
+    names = sorted(n for n in storage.files(directory) if n.endswith(".parquet") and "/" not in n)
+    if not names:
         return SCHEMA.empty_table()
-    return pa.concat_tables([_read_row(f) for f in files]).sort_by("time")
+    return pa.concat_tables([_read_row(directory / n) for n in names]).sort_by("time")
 
 
-def _read_row(path: Path) -> pa.Table:
+def _read_row(path) -> pa.Table:
     """One row file as the current SCHEMA. Rows written before the results table had one name
     per concept (a column ``T``, 0 for "unused"; ``loss`` holding ``target=labels``, ``soft`` or
     ``-`` for students without a loss) are translated; columns they lack get their "unused"
     value (``views``: 1, the others null)."""
-    table = pq.read_table(path)
+    table = storage.read_table(path)
     if set(table.column_names) == set(SCHEMA.names):
         return table.select(SCHEMA.names).cast(SCHEMA)
     row = table.to_pylist()[0]

@@ -3,6 +3,7 @@
     kdcache cache dataset=digits                        # trains the default teacher if needed
     kdcache cache dataset=npz:my.npz teacher=cnn1d teacher_ckpt=teacher.pt temperature=4
     kdcache cache scheduler=tcp://host:8786             # shards run on a dask cluster
+    kdcache cache cache=s3://bucket/caches/digits       # the cache on object storage
 
 An interrupted build resumes where it stopped when re-run with the same arguments.
 """
@@ -19,6 +20,7 @@ from pipeline.config import CacheConfig, resolve
 from pipeline.data import open_dataset
 from pipeline.paths import default_cache_path
 from pipeline.sparse import check_mode, parse_mode
+from pipeline.storage import check_reachable, location
 from pipeline.teacher_training import default_checkpoint, teacher_arch, train_teacher
 from pipeline.teachers import create_teacher
 
@@ -30,6 +32,9 @@ def main(args: list[str]) -> dict:
     create_teacher(arch, dataset.input_shape, dataset.num_classes, cfg.teacher_ckpt)  # fail fast if it cannot fit
     parse(cfg.augment, dataset.input_shape)  # ... and a views policy that does not fit the inputs
     check_mode(parse_mode(cfg.logits), dataset.num_classes)  # ... and a topk:K of every class
+    root = location(cfg.cache) if cfg.cache else default_cache_path(
+        cfg.cache_root, dataset.spec, arch, cfg.teacher_ckpt, cfg.seed, cfg.views, cfg.augment, cfg.logits)
+    check_reachable(root)  # ... and an object store's bucket or credentials that do not work
 
     # 1. Which weights: the user's checkpoint, seeded random ones, or the trained default.
     ckpt = cfg.teacher_ckpt or str(default_checkpoint(cfg, dataset))
@@ -41,8 +46,6 @@ def main(args: list[str]) -> dict:
     cfg, spec, manifest = prepare(cfg, dataset, arch, ckpt)
 
     # 3. Compute the shards that are not done yet (all of them, on a fresh cache).
-    root = Path(cfg.cache) if cfg.cache else default_cache_path(
-        cfg.cache_root, dataset.spec, arch, cfg.teacher_ckpt, cfg.seed, cfg.views, cfg.augment, cfg.logits)
     # (a new cache also records what deploying the teacher costs: timed once, on the CPU)
     manifest, run = build_cache(root, cfg, dataset, spec, manifest,
                                 measure_teacher=lambda: teacher_cost(spec, dataset))

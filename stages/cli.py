@@ -52,6 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     except KdError as exc:
         print(f"kdcache {verb}: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # an object store's failure that no verb translated: still one line
+        from pipeline.storage import describe_error
+
+        text = describe_error(exc)
+        if text is None:
+            raise
+        print(f"kdcache {verb}: error: {text}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"kdcache {verb}: interrupted; nothing finished was lost — re-run the same command "
               "to resume", file=sys.stderr)

@@ -10,21 +10,20 @@ a point on both), accuracy vs temperature, and each student against its label-on
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pipeline.cache import format as fmt
 from pipeline.config import ReportConfig, resolve
 from pipeline.errors import KdError
-from pipeline.io import atomic_write_text
 from pipeline.paths import cache_path
 from pipeline.report import leaderboard, markdown, plots, teacher_of
 from pipeline.results import read_results, results_dir
+from pipeline.storage import is_remote, location, storage_errors, write_text
 
 
 def main(args: list[str]) -> dict:
     cfg = resolve(ReportConfig, args, verb="report")
     root = cache_path(cfg)
-    fmt.read_manifest(root)  # a clear error for a path that is no cache
+    with storage_errors(root):
+        fmt.read_manifest(root)  # a clear error for a path that is no cache
     table_dir = results_dir(root)
     table = read_results(table_dir)
     if table.num_rows == 0:
@@ -34,10 +33,12 @@ def main(args: list[str]) -> dict:
     board = leaderboard(rows)
     teacher = teacher_of(rows)
     text = markdown(board, teacher, str(root))
-    out = Path(cfg.out) if cfg.out else table_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "leaderboard.md", text)
-    pngs = plots(board, teacher, out)
+    out = location(cfg.out, "out") if cfg.out else table_dir / "report"
+    if not is_remote(out):
+        out.mkdir(parents=True, exist_ok=True)
+    with storage_errors(out, "out"):
+        write_text(out / "leaderboard.md", text)
+        pngs = plots(board, teacher, out)
     print(text)
     print(f"wrote {out / 'leaderboard.md'} and {len(pngs)} plots in {out}")
     return {"runs": table.num_rows, "groups": len(board), "leaderboard": board,

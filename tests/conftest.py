@@ -84,6 +84,31 @@ class FailOnCall:
         return self.real(job, *args)
 
 
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto's) on 127.0.0.1 for the whole session, stopped after."""
+    from servers import S3Server
+
+    server = S3Server().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch, request) -> str:
+    """A new, empty bucket on the test S3 server, and the standard AWS environment pointing at
+    it (as a user sets it for MinIO). Returns ``s3://BUCKET``."""
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    name = "kd-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:40].strip("-")
+    name = f"{name}-{len(_BUCKETS)}"
+    _BUCKETS.append(name)
+    return s3_server.create_bucket(name)
+
+
+_BUCKETS: list[str] = []
+
+
 @pytest.fixture(autouse=True)
 def _run_in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

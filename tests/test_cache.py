@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from conftest import SMALL_CLASSES, SMALL_DATASET, SMALL_SHAPE, FailOnCall
 from pipeline.cache import format as fmt
 from pipeline.cache import execute, open_cache, plan, shard
-from pipeline.cache.build import CacheLock
+from pipeline.cache.lock import CacheLock
 from pipeline.lookahead import ordered
 from pipeline.config import DataConfig
 from pipeline.data import SPLITS, open_dataset

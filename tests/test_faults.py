@@ -454,7 +454,7 @@ def test_second_build_is_refused_and_a_killed_builders_lock_is_recovered(tmp_pat
     first.send_signal(signal.SIGKILL)  # the holder dies without releasing anything
     first.communicate()
     assert (tmp_path / ".cache.lock").is_file()
-    from pipeline.cache.build import CacheLock
+    from pipeline.cache.lock import CacheLock
 
     with CacheLock(root):  # the kernel released the dead holder's flock: not a stale lock
         pass

@@ -1,16 +1,22 @@
-"""The build: one builder per cache (a lock), a new cache assembled privately and renamed into
-place, the shards that have no completion record computed, and the manifest finalised once
-every shard is done. An interrupted build resumes byte-identically; re-running a complete one
-does nothing; a cache is only ever resumed by a build with its own key."""
+"""The build: one builder per cache (a lock, or a lease on object storage), a new cache created
+with its manifest written last, the shards that have no completion record computed, and the
+manifest finalised once every shard is done. An interrupted build resumes byte-identically;
+re-running a complete one does nothing; a cache is only ever resumed by a build with its own key.
+
+The commit protocol needs no rename, so it holds on object stores too (docs/CACHE_FORMAT.md,
+"Commit protocol"): every object is written whole, once per content (a retried shard writes
+the same bytes); a shard is done when its completion record exists, written after its data;
+the manifest is the commit point, of the cache's creation (status ``building``) and of its
+completion (status ``complete``, written after the index). Locally, creation is also
+atomic: the new cache is assembled in a private directory and renamed into place."""
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import hashlib
 import json
 import os
 import shutil
-import socket
 import time
 import uuid
 from pathlib import Path
@@ -18,43 +24,18 @@ from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from pipeline import storage
 from pipeline.cache import format as fmt
 from pipeline.cache.execute import run_jobs, shard_jobs
+from pipeline.cache.lock import cache_lock
 from pipeline.cache.plan import codecs, now
 from pipeline.config import CacheConfig, save_config
 from pipeline.data import Dataset
 from pipeline.errors import KdError
-from pipeline.io import atomic_path, fsync_dir, sha256_file
+from pipeline.io import fsync_dir
 from pipeline.sparse import mode_of
 from pipeline.teachers import TeacherSpec
-
-
-class CacheLock:
-    """One builder per cache directory. ``flock`` is released by the kernel when its holder dies,
-    so a lock left by a killed run never blocks the next one."""
-
-    def __init__(self, root: Path):
-        self.path = root.parent / f".{root.name}.lock"
-
-    def __enter__(self) -> "CacheLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip() or "another process"
-            os.close(self.fd)
-            raise KdError(f"cache {self.path.parent / self.path.name[1:-5]} is being built by "
-                          f"{holder}; wait for it to finish (a second build would race it)") from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
-        os.close(self.fd)
 
 
 def build_cache(root: Path, cfg: CacheConfig, dataset: Dataset, spec: TeacherSpec,
@@ -63,7 +44,7 @@ def build_cache(root: Path, cfg: CacheConfig, dataset: Dataset, spec: TeacherSpe
     """Build (or resume, or skip) the cache at ``root``. Returns (manifest, this run's stats).
     ``measure_teacher()`` (e.g. :func:`pipeline.cache.plan.teacher_cost`) is called once, when
     the cache is created, and what it returns is recorded in the manifest's ``teacher``."""
-    with _storage_errors(root), CacheLock(root):
+    with _storage_errors(root), cache_lock(root) as lock:
         # Holding the lock, no live writer owns a temporary file: what is left was a killed run's.
         fmt.remove_temporaries(root)
         if (root / fmt.MANIFEST).is_file():
@@ -72,15 +53,15 @@ def build_cache(root: Path, cfg: CacheConfig, dataset: Dataset, spec: TeacherSpe
                 if not cfg.overwrite:
                     raise KdError(f"cache {root} was built from {_difference(existing, manifest)}; "
                                   "pass cache=NEW_PATH for a new cache, or overwrite=true to replace it")
-                shutil.rmtree(root)
+                storage.remove_tree(root)
             elif existing["status"] == "complete":
                 # A run killed between the final manifest and the clean-up leaves parts/ behind.
-                shutil.rmtree(root / fmt.PARTS, ignore_errors=True)
+                storage.remove_tree(root / fmt.PARTS)
                 return existing, {"computed_rows": 0, "computed_outputs": 0, "skipped": True,
                                   "seconds": 0.0}
             else:
                 manifest = existing  # resume: keep the original creation record
-        elif root.exists() and (not root.is_dir() or any(root.iterdir())):
+        elif _foreign(root):
             raise KdError(f"{root} exists and is not a kdcache cache; choose another cache=PATH")
         created = not (root / fmt.MANIFEST).is_file()
         if created:
@@ -101,9 +82,10 @@ def build_cache(root: Path, cfg: CacheConfig, dataset: Dataset, spec: TeacherSpe
             # Bad input (e.g. the teacher emits NaN) would fail again on resume: leave nothing
             # half-written behind. Interruptions, crashes and disk errors keep it resumable.
             if created:
-                shutil.rmtree(root, ignore_errors=True)
+                storage.remove_tree(root)
             raise
         seconds = time.perf_counter() - t0
+        lock.check()  # a build that lost its lease must not commit
         manifest = _finalise(root, manifest, done, {"seconds": round(seconds, 3),
                                                     "computed_rows": todo_rows})
         return manifest, {"computed_rows": todo_rows, "computed_outputs": todo_outputs,
@@ -116,20 +98,38 @@ class StorageError(KdError):
 
 
 @contextlib.contextmanager
-def _storage_errors(root: Path):
+def _storage_errors(root):
     try:
         yield
-    except OSError as exc:
-        what = f"{exc.strerror or exc} ({exc.filename or root})"
+    except KdError:
+        raise
+    except Exception as exc:
+        remote = storage.describe_error(exc, root) if storage.is_remote(root) else None
+        if remote is None and not isinstance(exc, OSError):
+            raise
+        what = remote or f"{exc.strerror or exc} ({exc.filename or root})"
         try:
             started = (root / fmt.MANIFEST).is_file()
-        except OSError:  # e.g. the very path is too long
+        except Exception:  # e.g. the very path is too long, or the store is unreachable
             started = False
         if not started:
-            raise StorageError(f"cannot create cache {root}: {what}; choose a writable cache=PATH "
-                               "or fix its permissions") from None
+            raise StorageError(remote or f"cannot create cache {root}: {what}; choose a writable "
+                               "cache=PATH or fix its permissions") from None
         raise StorageError(f"storage failed while building cache {root}: {what}; free space or fix "
-                           "permissions, then re-run the same command to resume") from None
+                           "permissions or the connection, then re-run the same command to resume") from None
+
+
+def _foreign(root) -> bool:
+    """Whether ``root`` holds something that is not a kdcache cache (there is no manifest).
+    On an object store, a creation killed before its manifest leaves only arrays metadata
+    and config.json: those are ours, removed here, so the creation starts again."""
+    if not storage.is_remote(root):
+        return root.exists() and (not root.is_dir() or any(root.iterdir()))
+    names = storage.files(root)
+    if names and all(n == fmt.CONFIG or n.startswith(fmt.ARRAYS + "/") for n in names):
+        storage.remove_tree(root)
+        return False
+    return bool(names)
 
 
 def _difference(old: dict, new: dict) -> str:
@@ -149,11 +149,21 @@ def _difference(old: dict, new: dict) -> str:
     return "other cache settings (layers, pool, dtype, compression or shard layout)"
 
 
-def _initialise(root: Path, cfg: CacheConfig, manifest: dict) -> None:
+def _initialise(root, cfg: CacheConfig, manifest: dict) -> None:
     """Create arrays, config and manifest in a private directory, then rename it into place,
-    so a crash here leaves either nothing or a whole empty cache."""
+    so a crash here leaves either nothing or a whole empty cache. On an object store (no
+    rename) they are written in place, the manifest last: without it, what is there is
+    recognised as a killed creation (:func:`_foreign`) and redone."""
     import zarr
 
+    if storage.is_remote(root):
+        with zarr.config.set({"json_indent": None}):
+            group = zarr.open_group(storage.zarr_store(root / fmt.ARRAYS, read_only=False),
+                                    mode="w", zarr_format=3)
+            _create_arrays(group, cfg, manifest)
+        save_config(cfg, root / fmt.CONFIG)
+        fmt.write_manifest(root, manifest)
+        return
     tmp = root.parent / f".{root.name}.init-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
@@ -192,18 +202,21 @@ def _create_arrays(group, cfg: CacheConfig, manifest: dict) -> None:
                                dimension_names=("row", "view") + tuple(f"d{i}" for i in range(len(shape))))
 
 
-def _records(root: Path, manifest: dict) -> dict[tuple[str, int], dict]:
+def _records(root, manifest: dict) -> dict[tuple[str, int], dict]:
+    """The completion records of the shards that are done (record and index part present),
+    from one listing of parts/."""
+    names = storage.files(root / fmt.PARTS)
     done = {}
     for split in manifest["splits"]:
-        for path in sorted((root / fmt.PARTS / split).glob("*.json")):
-            record = json.loads(path.read_text())
+        for name in sorted(n for n in names if n.startswith(f"{split}/") and n.endswith(".json")):
+            record = json.loads((root / fmt.PARTS / name).read_text())
             part, _ = fmt.part_paths(root, split, record["shard"])
-            if part.is_file():
+            if f"{split}/{part.name}" in names:
                 done[(split, record["shard"])] = record
     return done
 
 
-def _finalise(root: Path, manifest: dict, done: dict, run: dict) -> dict:
+def _finalise(root, manifest: dict, done: dict, run: dict) -> dict:
     """Fold the shard records into the manifest and write the per-split index, once all
     shards are done; otherwise leave the cache resumable."""
     missing = [(s, k) for s, info in manifest["splits"].items() for k in range(info["shards"])
@@ -213,29 +226,29 @@ def _finalise(root: Path, manifest: dict, done: dict, run: dict) -> dict:
     shards, splits = {}, {}
     for split, info in manifest["splits"].items():
         parts = [fmt.part_paths(root, split, k)[0] for k in range(info["shards"])]
-        table = pa.concat_tables([pq.read_table(p) for p in parts])
+        table = pa.concat_tables([storage.read_table(p) for p in parts])
         rows = table.column("row").to_numpy()
         if len(rows) != info["rows"] or not np.array_equal(rows, np.arange(info["rows"])):
             raise KdError(f"index parts of {split} in {root} do not cover rows 0..{info['rows'] - 1}; "
                           "delete the cache and rebuild it")
         path = fmt.index_path(root, split)
         table = table.replace_schema_metadata({"kdcache.split": split, "kdcache.key": manifest["key"]})
-        with atomic_path(path) as tmp:
-            pq.write_table(table, tmp)
+        data = storage.parquet_bytes(table)
+        storage.write_bytes(path, data)
         correct = sum(done[(split, k)]["correct"] for k in range(info["shards"]))
         splits[split] = {**info, "accuracy": round(correct / info["rows"], 6),
-                         "index_sha256": sha256_file(path)}
+                         "index_sha256": hashlib.sha256(data).hexdigest()}
         shards[split] = [{k: v for k, v in done[(split, k)].items() if k not in ("host",)}
                          for k in range(info["shards"])]
     manifest = {**manifest, "status": "complete", "completed": now(), "splits": splits,
                 "shards": shards, "last_run": run}
     manifest["bytes"] = _disk_bytes(root)
-    fmt.write_manifest(root, manifest)
-    shutil.rmtree(root / fmt.PARTS, ignore_errors=True)
+    fmt.write_manifest(root, manifest)  # the commit point
+    storage.remove_tree(root / fmt.PARTS)
     return manifest
 
 
-def _disk_bytes(root: Path) -> int:
-    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and fmt.PARTS not in p.parts)
+def _disk_bytes(root) -> int:
+    return sum(size for name, size in storage.files(root).items() if not name.startswith(fmt.PARTS + "/"))
 
 

@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import KdError
-from pipeline.io import atomic_write_text
 
 FORMAT = "kdcache"
 FORMAT_VERSION = 3  # the newest this kdcache writes (sparse-logit caches); it reads 1, 2 and 3
@@ -109,9 +108,11 @@ def part_paths(root: Path, split: str, shard: int) -> tuple[Path, Path]:
     return base.with_suffix(".parquet"), base.with_suffix(".json")
 
 
-def shard_progress(root: Path, manifest: dict[str, Any]) -> tuple[int, int]:
+def shard_progress(root, manifest: dict[str, Any]) -> tuple[int, int]:
     """(shards with a completion record, shards in all) of a cache that is still building."""
-    done = len(list((Path(root) / PARTS).glob("*/*.json")))
+    from pipeline import storage
+
+    done = sum(1 for name in storage.files(storage.location(root) / PARTS) if name.endswith(".json"))
     return done, sum(s["shards"] for s in manifest["splits"].values())
 
 
@@ -122,13 +123,17 @@ def manifest_checksum(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
+def write_manifest(root, manifest: dict[str, Any]) -> None:
+    from pipeline import storage
+
     manifest = {**manifest, "checksum": manifest_checksum(manifest)}
-    atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    storage.write_text(root / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
-def read_manifest(root: Path) -> dict[str, Any]:
-    path = Path(root) / MANIFEST
+def read_manifest(root) -> dict[str, Any]:
+    from pipeline import storage
+
+    path = storage.location(root) / MANIFEST
     if not path.is_file():
         raise KdError(f"no kdcache cache at {root} ({MANIFEST} missing); build one with "
                       f"`make teacher-cache` or `kdcache cache cache={root}`")
@@ -152,7 +157,12 @@ def read_manifest(root: Path) -> dict[str, Any]:
 def remove_temporaries(root: Path) -> list[Path]:
     """Delete what a killed writer can leave behind: our ``.*.tmp`` files (io.atomic_path),
     Zarr's ``*.partial`` files, and ``.<name>.init-*`` directories beside the cache. Call only
-    while holding the build lock: then no live writer owns any of them."""
+    while holding the build lock: then no live writer owns any of them. (An object store has
+    none: every object is written by one PUT, whole or not at all.)"""
+    from pipeline import storage
+
+    if storage.is_remote(root):
+        return []
     root = Path(root)
     stray = [p for p in root.parent.glob(f".{root.name}.init-*")]
     if root.is_dir():

@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import storage
 from pipeline.cache import format as fmt
 from pipeline.cache.chunks import ChunkReader, chunk_reader, to_float32
 from pipeline.config import DataConfig, from_record
@@ -64,7 +65,7 @@ class TeacherCache:
         self._opened: dict[str, object] = {}  # key -> zarr array, checked once on first use
         self._readers: dict[str, ChunkReader | None] = {}
         try:
-            self._group = zarr.open_group(root / fmt.ARRAYS, mode="r")
+            self._group = zarr.open_group(storage.zarr_store(root / fmt.ARRAYS, read_only=True), mode="r")
         except Exception as exc:
             raise KdError(f"{root / fmt.ARRAYS} cannot be opened as a Zarr group ({type(exc).__name__}); "
                           "the cache is damaged, rebuild it") from None
@@ -164,7 +165,9 @@ class TeacherCache:
         they are written there (row i to ``out[index[i]]`` when ``index`` is given)."""
         arr = self._array(key)
         if key not in self._readers:
-            self._readers[key] = chunk_reader(arr, self.root / fmt.ARRAYS / key)
+            # the fast reader reads local shard files itself; an object store goes through zarr
+            self._readers[key] = None if storage.is_remote(self.root) else \
+                chunk_reader(arr, self.root / fmt.ARRAYS / key)
         reader = self._readers[key]
         rows = rows if rows is not None else slice(0, arr.shape[0])
         if reader is not None:
@@ -188,7 +191,7 @@ class TeacherCache:
             raise KdError(f"cache array {where} has {arr.shape[1] if arr.ndim > 1 else 0} views, the "
                           f"manifest says {self.views(split)}; the cache is damaged, rebuild it")
         expected = -(-self.num_rows(split) // int(self.manifest["shard_size"]))
-        found = sum(1 for p in (where / "c").rglob("*") if p.is_file())
+        found = len(storage.files(where / "c"))
         if found != expected:
             raise KdError(f"cache array {where} has {found} of its {expected} shard files; the cache "
                           "is damaged, rebuild it")
@@ -263,7 +266,7 @@ class TeacherCache:
         try:
             data = path.read_bytes()
         except OSError as exc:
-            raise KdError(f"index {path} cannot be read ({exc.strerror}); the cache is damaged, "
+            raise KdError(f"index {path} cannot be read ({exc.strerror or type(exc).__name__}); the cache is damaged, "
                           "rebuild it") from None
         # The index maps rows to sample_ids: a truncated or edited one must never be used.
         if hashlib.sha256(data).hexdigest() != expected:
@@ -413,7 +416,9 @@ def _read(arr, rows: slice | None, view: int | np.ndarray) -> np.ndarray:
             return np.asarray(block[np.arange(len(block)), view], dtype=dtype)
         return np.asarray(arr[(rows if rows is not None else slice(None), view)], dtype=dtype)
     except Exception as exc:  # zarr raises assorted errors on a damaged chunk (CRC mismatch, …)
-        raise KdError(f"cache array {Path(arr.store_path.store.root) / arr.path} cannot be read ({type(exc).__name__}: "
+        store = arr.store_path.store
+        where = Path(store.root) / arr.path if hasattr(store, "root") else f"{store.path}/{arr.path}"
+        raise KdError(f"cache array {where} cannot be read ({type(exc).__name__}: "
                       f"{str(exc).splitlines()[0][:100] if str(exc) else ''}); the cache is damaged, "
                       "run `kdcache verify` or rebuild it") from None
 
@@ -423,9 +428,10 @@ def _check_temperature(temperature: float) -> None:
         raise KdError(f"temperature={temperature} must be > 0")
 
 
-def open_cache(path: str | Path) -> TeacherCache:
-    """Open a complete cache for reading; refuse incomplete or foreign directories."""
-    root = Path(path)
+def open_cache(path) -> TeacherCache:
+    """Open a complete cache for reading (a local folder, a Path, a URL or a UPath); refuse
+    incomplete or foreign directories."""
+    root = storage.location(path)
     manifest = fmt.read_manifest(root)
     if manifest.get("status") != "complete":
         done, total = fmt.shard_progress(root, manifest)

@@ -27,16 +27,15 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
-from pipeline import runtime
+from pipeline import runtime, storage
 from pipeline.augment import Policy, parse, view_random
 from pipeline.cache import format as fmt
 from pipeline.config import DataConfig, from_record
 from pipeline.data import Dataset, open_dataset
 from pipeline.errors import KdError
-from pipeline.io import atomic_path, atomic_write_text, fsync_dir, fsync_file, sha256_file
+from pipeline.io import fsync_dir, fsync_file
 from pipeline.lookahead import ordered, prefetched
 from pipeline.sparse import SAMPLE, TOPK, draw, encode_topk, parse_mode, sample_uniforms
 from pipeline.teachers import ONNX, TeacherSpec, build_teacher, tap
@@ -295,7 +294,7 @@ def write_shard(shard: ComputedShard) -> dict[str, Any]:
     """Write a computed shard whole, fsync it, write its index part, and only then its
     completion record. Returns the record."""
     job, bufs = shard.job, shard.bufs
-    root = Path(job.root)
+    root = storage.location(job.root)
     arrays = _worker_arrays(job)
     sums = {}
     for key, buf in bufs.items():
@@ -303,23 +302,24 @@ def write_shard(shard: ComputedShard) -> dict[str, Any]:
         # end of a split), but the shard file itself must exist, or a missing file could not be
         # told from damage: only an all-zero shard needs write_empty_chunks to be stored at all.
         arr = arrays[key].with_config({"write_empty_chunks": not buf.any()})
-        arr[job.start:job.stop] = buf  # the whole shard, in one write
-        _fsync_shard(root / fmt.ARRAYS / key, arr, job.shard)
+        arr[job.start:job.stop] = buf  # the whole shard, in one write (one PUT on object stores)
+        if not storage.is_remote(root):
+            _fsync_shard(root / fmt.ARRAYS / key, arr, job.shard)
         sums[key] = hashlib.sha256(buf.tobytes()).hexdigest()
 
     index = _index_part(job, _worker_dataset(job), shard.stats)
     part_path, record_path = fmt.part_paths(root, job.split, job.shard)
-    with atomic_path(part_path) as tmp:
-        pq.write_table(index, tmp)
+    part = storage.parquet_bytes(index)
+    storage.write_bytes(part_path, part)
     record = {
         "split": job.split, "shard": job.shard, "start": job.start, "stop": job.stop,
         "sha256": sums, "inputs_sha256": shard.inputs_sha256,
-        "index_sha256": sha256_file(part_path),
+        "index_sha256": hashlib.sha256(part).hexdigest(),
         "correct": int(index.column("correct").to_numpy().sum()),
         "seconds": round(time.perf_counter() - shard.started, 4), "host": socket.gethostname(),
     }
     # The record is the only "done" signal, and it is written after the data is durable.
-    atomic_write_text(record_path, json.dumps(record, sort_keys=True))
+    storage.write_text(record_path, json.dumps(record, sort_keys=True))
     return record
 
 
@@ -331,7 +331,8 @@ def _worker_arrays(job: ShardJob) -> dict[str, Any]:
     key = ("arrays", job.root, job.cache_key)
     with _STATE_LOCK:
         if key not in _STATE:
-            group = zarr.open_group(Path(job.root) / fmt.ARRAYS, mode="r+")
+            store = storage.zarr_store(storage.location(job.root) / fmt.ARRAYS, read_only=False)
+            group = zarr.open_group(store, mode="r+")
             _STATE[key] = {name: member for name, member in group.members(max_depth=None)
                            if hasattr(member, "shape")}
         return _STATE[key]

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from pipeline import storage
 from pipeline.cache import format as fmt
 from pipeline.data import SPLITS
 
 
-def summarise(root: Path, manifest: dict) -> dict:
+def summarise(root, manifest: dict) -> dict:
     # in split order (the manifest's JSON sorts its keys)
     splits = {s: manifest["splits"][s] for s in SPLITS if s in manifest["splits"]}
     summary = {
@@ -25,7 +24,7 @@ def summarise(root: Path, manifest: dict) -> dict:
         "augment_seed": (manifest.get("augment") or {}).get("seed"),
         "format_version": manifest["format_version"],
         "teacher_cost": {k: manifest["teacher"].get(k) for k in ("num_params", "weights_bytes", "latency")},
-        "bytes": manifest.get("bytes") or sum(p.stat().st_size for p in root.rglob("*") if p.is_file()),
+        "bytes": manifest.get("bytes") or sum(storage.files(root).values()),
         "logits": {**(manifest.get("logits") or {"mode": "dense"}),
                    "bytes_per_row": logits_bytes(root, manifest) / max(1, sum(v["rows"] for v in splits.values()))},
     }
@@ -34,11 +33,10 @@ def summarise(root: Path, manifest: dict) -> dict:
     return summary
 
 
-def logits_bytes(root: Path, manifest: dict) -> int:
+def logits_bytes(root, manifest: dict) -> int:
     """Bytes on disk of every split's logits arrays (chunks, shard indexes, CRCs, metadata)."""
-    return sum(p.stat().st_size for split in manifest["splits"]
-               for key in fmt.logits_keys(split, manifest)
-               for p in (Path(root) / fmt.ARRAYS / key).rglob("*") if p.is_file())
+    return sum(size for split in manifest["splits"] for key in fmt.logits_keys(split, manifest)
+               for size in storage.files(storage.location(root) / fmt.ARRAYS / key).values())
 
 
 def logits_text(s: dict) -> str:

@@ -21,14 +21,13 @@ import hashlib
 import numpy as np
 import torch
 
-from pipeline import runtime
+from pipeline import runtime, storage
 from pipeline.augment import parse
 from pipeline.cache import format as fmt
 from pipeline.cache.reader import TeacherCache
 from pipeline.cache.shard import view_params
 from pipeline.data import positions_of
 from pipeline.errors import KdError
-from pipeline.io import sha256_file
 from pipeline.sparse import SAMPLE, TOPK, draw, encode_topk, sample_uniforms
 from pipeline.teachers import TeacherSpec, build_teacher, tap
 
@@ -60,7 +59,7 @@ def verify(cache: TeacherCache, rows: int, seed: int, device: str = "cpu") -> di
 
     bad = [s for s, info in m["splits"].items()
            if not fmt.index_path(cache.root, s).is_file()
-           or sha256_file(fmt.index_path(cache.root, s)) != info["index_sha256"]]
+           or storage.sha256(fmt.index_path(cache.root, s)) != info["index_sha256"]]
     checks["index checksums"] = "ok" if not bad else f"FAILED: {', '.join(bad)}"
 
     try:
