@@ -39,8 +39,8 @@ URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)://(.*)$")
 ALMOST_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):(/?)(?!/)(.+)$")
 LOCAL_PROTOCOLS = ("file", "local")
 BUCKETED = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl")
-PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs",
-            "abfs": "adlfs", "abfss": "adlfs", "adl": "adlfs"}
+PACKAGES = {"s3": "'kdcache[s3]'", "s3a": "'kdcache[s3]'", "gs": "gcsfs", "gcs": "gcsfs",
+            "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs", "adl": "adlfs"}
 OBJECT_STORE_KEYS = ("cache", "cache_root", "out")  # config keys that may hold a URL
 
 Location = Any  # a pathlib.Path (local) or a upath.UPath (object store)
@@ -88,7 +88,8 @@ def location(text: str | os.PathLike, key: str = "cache") -> Location:
                       "one of s3://, gs://, az://, memory:// (fsspec's protocols)") from None
     except ImportError:
         package = PACKAGES.get(protocol, f"the fsspec package for {protocol}://")
-        raise KdError(f"{key}={text} needs {package}; install it (pip install {package})") from None
+        raise KdError(f"{key}={text} needs the {protocol}:// filesystem; install it: pip install "
+                      f"{package}") from None
     bucket = rest.split("/", 1)[0]
     if protocol in BUCKETED and not bucket:
         raise KdError(f"{key}={text} names no bucket; write {key}={protocol}://BUCKET/PATH")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -80,3 +81,181 @@ def test_a_memory_url_and_a_file_url_work_like_paths(tmp_path, capsys):
     summary = run_cli(capsys, "info", f"cache=file://{local}")
     assert summary["cache"] == str(local)
     storage.remove_tree(storage.location("memory://kdcache-test"))
+
+
+# =========================================================================== stage two on S3
+
+def test_students_info_verify_and_report_read_and_write_on_s3(s3, tmp_path, capsys):
+    url = f"{s3}/caches/small"
+    run_cli(capsys, "cache", *cache_args(url, tmp_path))
+    info = run_cli(capsys, "info", f"cache={url}")
+    assert info["status"] == "complete" and info["rows"] == {"train": 240, "val": 30, "test": 30}
+
+    for model in ("logreg", "mlp"):
+        row = run_cli(capsys, "student", f"cache={url}", f"model={model}", f"runs_dir={tmp_path / 'runs'}",
+                      "epochs=2")
+        assert row["results"].startswith(f"{url}.results/") and row["cache"] == url
+    table = read_results(results_dir(url))
+    assert sorted(table.column("model").to_pylist()) == ["logreg", "mlp"]
+    assert sorted(storage.files(storage.location(f"{url}.results"))) == sorted(
+        f"{r}.parquet" for r in table.column("run_id").to_pylist())  # one object per run
+
+    report = run_cli(capsys, "report", f"cache={url}")
+    assert report["report"] == f"{url}.results/report/leaderboard.md"
+    assert (storage.location(report["report"])).read_text().startswith("#")
+    assert len(report["plots"]) >= 2 and all((storage.location(p)).read_bytes()[:4] == b"\x89PNG"
+                                            for p in report["plots"])
+
+    verdict = run_cli(capsys, "verify", f"cache={url}", "rows=8")
+    assert verdict["ok"] is True
+
+    # one flipped byte in one shard object is detected, by verify and by a student
+    shard = storage.location(url) / fmt.ARRAYS / "train" / "features" / "embed" / "c" / "1" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    storage.write_bytes(shard, bytes(data))
+    from stages.cli import main
+
+    capsys.readouterr()
+    assert main(["verify", f"cache={url}", "rows=8"]) == 1
+    assert re.search(r"shard checksums +FAILED: train/features/embed shard 1", capsys.readouterr().out)
+    assert main(["student", f"cache={url}", "model=logreg_soft", f"runs_dir={tmp_path / 'runs'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train/features/embed" in err and "damaged" in err, err
+    assert len(read_results(results_dir(url))) == 2  # the refused run added no row
+
+
+# =========================================================================== kills and a second builder
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> tuple[Path, float]:
+    """The kill harness's uninterrupted local build (tests/test_faults.py)."""
+    return uninterrupted(tmp_path_factory.mktemp("reference"))
+
+
+def recorded_are_whole(url: str, reference: Path) -> int:
+    """Every shard a killed build recorded as done holds exactly the reference's values."""
+    import zarr
+
+    from test_faults import stored
+
+    group = zarr.open_group(storage.zarr_store(storage.location(url) / fmt.ARRAYS, read_only=True), mode="r")
+    parts = storage.location(url) / fmt.PARTS
+    names = [n for n in storage.files(parts) if n.endswith(".json")]
+    for name in names:
+        record = json.loads((parts / name).read_text())
+        for key in record["sha256"]:
+            got = np.asarray(group[key][record["start"]:record["stop"]])
+            assert np.array_equal(got, stored(reference, key, record["start"], record["stop"])), (key, name)
+    return len(names)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_build_on_s3_then_resume_is_byte_identical(s3, tmp_path, reference):
+    from test_faults import harness_args, run_cli as spawn
+
+    ref_root, full_seconds = reference
+    url = f"{s3}/harness"
+    args = ["cache", *harness_args(url, tmp_path)]
+    rng = np.random.default_rng(13)
+    kills, recorded = 0, []
+    while True:
+        proc = spawn(args, cwd=tmp_path)
+        try:
+            # the first kill after the imports, once shards are landing; later ones at random
+            _, err = proc.communicate(timeout=(1.0 if kills == 0 else rng.uniform(0.4, 1.0)) * full_seconds
+                                      if kills < 3 else 900)
+            assert proc.returncode == 0, err
+            break
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.communicate()
+            kills += 1
+        recorded.append(recorded_are_whole(url, ref_root))
+    assert kills >= 1 and max(recorded) > 0, (kills, recorded)  # it was killed mid-build
+    same_cache(url, ref_root)
+    assert storage.files(storage.location(f"{s3}/.harness.lease")) == {}
+
+
+@pytest.mark.slow
+def test_a_second_builder_on_s3_is_refused_and_a_killed_holder_is_taken_over(s3, tmp_path):
+    from test_faults import run_cli as spawn
+
+    url = f"{s3}/big"
+    args = ["cache", *cache_args(url, tmp_path, dataset="synthetic:100000:3x16x16:4",
+                                 teacher="resnet_small", shard_size=1024, chunk_size=256)]
+    first = spawn(args, cwd=tmp_path)
+    lease = storage.location(f"{s3}/.big.lease")
+    deadline = time.monotonic() + 600
+    while not storage.files(lease) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    second = spawn(args, cwd=tmp_path)
+    _, err = second.communicate(timeout=600)
+    assert first.poll() is None, "the first build finished too early for this test"
+    assert second.returncode == 2, err
+    assert f"is being built by pid {first.pid}" in err and "Traceback" not in err and err.count("\n") == 1
+    first.send_signal(signal.SIGKILL)  # it dies holding the lease: nothing releases it
+    first.communicate()
+    assert list(storage.files(lease)) == ["00000001.json"]
+    with CacheLease(storage.location(url)) as taken:  # a dead process on this host: taken over
+        assert taken.epoch == 2
+    assert storage.files(lease) == {}
+
+
+# =========================================================================== the lease itself
+
+def _foreign_lease(lease_dir, epoch: int, expires_in: float) -> None:
+    body = {"pid": 1, "host": "another-host", "renewed": time.time(), "expires": time.time() + expires_in}
+    storage.write_text(lease_dir / f"{epoch:08d}.json", json.dumps(body))
+
+
+def test_a_live_lease_of_another_host_refuses_and_an_expired_one_is_taken_over(s3):
+    root = storage.location(f"{s3}/c")
+    lease = CacheLease(root, ttl=30)
+    _foreign_lease(lease.dir, 1, expires_in=30)
+    with pytest.raises(KdError, match=r"is being built by pid 1 on another-host \(its lease expires in \d+s"):
+        CacheLease(root).__enter__()
+    _foreign_lease(lease.dir, 1, expires_in=-1)  # its holder stopped renewing it
+    with CacheLease(root, ttl=30) as taken:
+        assert taken.epoch == 2
+    assert storage.files(lease.dir) == {}
+
+
+def test_of_builders_racing_for_a_lease_exactly_one_wins(s3):
+    root = storage.location(f"{s3}/race")
+    _foreign_lease(CacheLease(root).dir, 1, expires_in=-1)
+    results, start = [], threading.Barrier(4)
+
+    def contend():
+        lease = CacheLease(root, ttl=30)
+        start.wait()
+        try:
+            lease.__enter__()
+            results.append(lease)
+        except KdError as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=contend) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [r for r in results if isinstance(r, CacheLease)]
+    assert len(winners) == 1 and winners[0].epoch == 2
+    assert all("is being built by" in str(r) for r in results if isinstance(r, KdError))
+    winners[0].__exit__(None, None, None)
+
+
+def test_a_holder_renews_its_lease_and_notices_when_it_is_taken(s3):
+    root = storage.location(f"{s3}/renew")
+    with CacheLease(root, ttl=0.8) as lease:
+        first = json.loads(lease._path(1).read_bytes())["expires"]
+        time.sleep(0.5)
+        assert json.loads(lease._path(1).read_bytes())["expires"] > first  # renewed
+        lease.check()
+        _foreign_lease(lease.dir, 2, expires_in=30)  # taken over while this one stalled
+        time.sleep(0.5)
+        with pytest.raises(KdError, match="lost the build lease"):
+            lease.check()
+    # the loser deletes nothing: the taker's lease stands (it removes older epochs on release)
+    assert sorted(storage.files(lease.dir)) == ["00000001.json", "00000002.json"]
