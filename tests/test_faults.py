@@ -276,9 +276,13 @@ def _patch_zarr_store(monkeypatch, ok: int):
 
 
 def _patch_parquet(monkeypatch, ok: int):
-    from pipeline.cache import shard
+    """The shards' index parts (Parquet files under parts/) fail to write after ``ok``."""
+    from pipeline import storage
 
-    monkeypatch.setattr(shard.pq, "write_table", FailingWrites(shard.pq.write_table, ok, errno.EIO))
+    failing = FailingWrites(storage.write_bytes, ok, errno.EIO)
+    real = storage.write_bytes
+    monkeypatch.setattr(storage, "write_bytes", lambda loc, data: (
+        failing(loc, data) if str(loc).endswith(".parquet") and f"/{fmt.PARTS}/" in str(loc) else real(loc, data)))
 
 
 @pytest.mark.parametrize("scheduler", ["synchronous", "local"])
