@@ -98,8 +98,11 @@ def s3_server():
 def s3(s3_server, monkeypatch, request) -> str:
     """A new, empty bucket on the test S3 server, and the standard AWS environment pointing at
     it (as a user sets it for MinIO). Returns ``s3://BUCKET``."""
+    from s3fs import S3FileSystem
+
     for key, value in s3_server.env().items():
         monkeypatch.setenv(key, value)
+    S3FileSystem.clear_instance_cache()  # none made under another environment is reused
     name = "kd-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:40].strip("-")
     name = f"{name}-{len(_BUCKETS)}"
     _BUCKETS.append(name)

@@ -63,7 +63,8 @@ CACHE = "cache directories"
 STAGE2 = "student / stage two"
 EXPORT = "export"
 PLUGINS = "plugins and model files"
-CATEGORIES = (CLI, CONFIG, DATASET, CKPT, CACHE, STAGE2, EXPORT, PLUGINS)
+OBJECT = "object storage"
+CATEGORIES = (CLI, CONFIG, DATASET, CKPT, CACHE, STAGE2, EXPORT, PLUGINS, OBJECT)
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,68 @@ class Case:
     setup: Callable[[Path], list[str]]  # writes the bad input under tmp, returns the argv
     message: str  # regex the one stderr line must match (searched, after the prefix)
     bug: str = ""  # a known bug elsewhere: the row is a strict xfail until it is fixed
+    env: Callable[[], dict[str, str | None]] | None = None  # environment of the run (None: unset)
+
+
+# =========================================================================== object storage
+
+BUCKET = "kdcache-bad-input"  # the one bucket of the S3 server these rows run against
+_S3: list = []
+
+
+def s3_server():
+    """moto's S3 server on the loopback, started on first use and stopped at exit."""
+    if not _S3:
+        from servers import S3Server
+
+        server = S3Server().start()
+        atexit.register(server.stop)
+        with mock.patch.dict(os.environ, server.env()):
+            server.create_bucket(BUCKET)
+        _S3.append(server)
+    return _S3[0]
+
+
+def s3_env(**changes: str | None) -> Callable[[], dict[str, str | None]]:
+    return lambda: {**s3_server().env(), **changes}
+
+
+def no_credentials() -> dict[str, str | None]:
+    from servers import without_aws_credentials
+
+    return {**s3_server().env(), **without_aws_credentials()}
+
+
+def unreachable() -> dict[str, str | None]:
+    from servers import free_port
+
+    return {**s3_server().env(), "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}", "AWS_MAX_ATTEMPTS": "1"}
+
+
+@contextlib.contextmanager
+def case_env(case: "Case"):
+    """The case's environment inside the block (unset where it says None), restored after."""
+    if case.env is None:
+        yield
+        return
+    from s3fs import S3FileSystem
+
+    env = case.env()
+    # fsspec reuses a filesystem made under another environment (other credentials/endpoint)
+    S3FileSystem.clear_instance_cache()
+    with mock.patch.dict(os.environ, {k: v for k, v in env.items() if v is not None}):
+        for key in [k for k, v in env.items() if v is None]:
+            os.environ.pop(key, None)
+        yield
+    S3FileSystem.clear_instance_cache()
+
+
+def bucket_objects() -> list[str]:
+    """Every object in the bad-input bucket (it must stay empty)."""
+    from pipeline import storage
+
+    with mock.patch.dict(os.environ, s3_server().env()):
+        return sorted(storage.files(storage.location(f"s3://{BUCKET}/x").parent))
 
 
 # =========================================================================== inputs
@@ -532,6 +595,9 @@ CASES: list[Case] = [
          lambda tmp: cache_cmd(tmp, threads=-1), r"threads=-1 must be >= 0"),
     Case("negative-streams", CONFIG, "streams=-1",
          lambda tmp: cache_cmd(tmp, streams=-1), r"streams=-1 must be >= 0 \(0 = auto\)"),
+    Case("negative-decoders", CONFIG, "decoders=-1",
+         lambda tmp: cache_cmd(tmp, decoders=-1), r"decoders=-1 must be in 0..256 \(0 = auto: one "
+         r"process per core the teacher leaves free\)"),
     Case("logits-topk-zero", CONFIG, "logits=topk:0",
          lambda tmp: cache_cmd(tmp, logits="topk:0"),
          r"logits='topk:0' is not a logits mode; use dense, topk:K or sample:K with K >= 1"),
@@ -965,6 +1031,33 @@ CASES: list[Case] = [
          export_cmd("mlp", edit=_other_model), r"the weights in .* do not fit model mlp as config.json describes it"),
 ]
 
+CASES += [
+    Case("url-malformed", OBJECT, "a URL without its //", lambda tmp: cache_cmd(tmp, cache="s3:/bucket/cache"),
+         r"cache=s3:/bucket/cache is not a URL .*write cache=s3://BUCKET/KEY"),
+    Case("url-unknown-protocol", OBJECT, "a protocol fsspec does not know",
+         lambda tmp: cache_cmd(tmp, cache="foo://bucket/cache"), r"unknown storage protocol foo://"),
+    Case("url-missing-package", OBJECT, "gs:// without gcsfs installed",
+         lambda tmp: cache_cmd(tmp, cache="gs://bucket/cache"), r"needs the gs:// filesystem; install it: pip install gcsfs"),
+    Case("url-no-bucket", OBJECT, "an s3:// URL naming no bucket",
+         lambda tmp: cache_cmd(tmp, cache="s3:///cache"), r"names no bucket; write cache=s3://BUCKET/PATH"),
+    Case("url-whole-bucket", OBJECT, "a whole bucket as the cache",
+         lambda tmp: cache_cmd(tmp, cache=f"s3://{BUCKET}"), r"is a whole bucket; name a folder in it"),
+    Case("url-for-a-local-key", OBJECT, "runs_dir= a URL (runs stay local)",
+         student_cmd("runs_dir=s3://bucket/runs"), r"runs_dir=s3://bucket/runs is a URL, but runs_dir must be a local path"),
+    Case("bucket-missing", OBJECT, "a bucket that does not exist",
+         lambda tmp: cache_cmd(tmp, cache="s3://no-such-bucket/cache"),
+         r"bucket no-such-bucket does not exist at http://127.0.0.1:\d+; create it first", env=s3_env()),
+    Case("credentials-missing", OBJECT, "no AWS credentials anywhere",
+         lambda tmp: cache_cmd(tmp, cache=f"s3://{BUCKET}/cache"),
+         r"no credentials for s3://; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY", env=no_credentials),
+    Case("endpoint-unreachable", OBJECT, "AWS_ENDPOINT_URL where nothing listens",
+         lambda tmp: cache_cmd(tmp, cache=f"s3://{BUCKET}/cache"),
+         r"cannot reach the object store at http://127.0.0.1:\d+ .*check AWS_ENDPOINT_URL", env=unreachable),
+    Case("url-no-cache", OBJECT, "a student from an S3 prefix that holds no cache",
+         lambda tmp: ["student", f"cache=s3://{BUCKET}/nothing", f"runs_dir={tmp / 'runs'}"],
+         r"no kdcache cache at s3://kdcache-bad-input/nothing \(manifest.json missing\)", env=s3_env()),
+]
+
 BY_ID = {case.id: case for case in CASES}
 assert len(BY_ID) == len(CASES), "case ids must be unique"
 assert {case.category for case in CASES} == set(CATEGORIES)
@@ -1036,8 +1129,12 @@ NOISE = {"scheduler", "shard_size", "chunk_size", "infer_batch_size", "cache_roo
          "runs_dir"}  # the tiny-test settings every row shares; the doc leaves them out
 
 
+LOOPBACK_PORT = re.compile(r"(?<=127\.0\.0\.1:)\d+")  # the test S3 server's, or a closed one
+
+
 def normalise(text: str, tmp: Path) -> str:
     text = text.replace(str(tmp), "/tmp/x")
+    text = LOOPBACK_PORT.sub("PORT", text)
     text = RUN_ID.sub("<run_id>", text)
     text = HEX.sub("<hash>", text)
     text = BYTES.sub("b'…'", text)
@@ -1117,7 +1214,8 @@ def run_for_doc(case: Case) -> str:
             with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
                 argv = case.setup(tmp)
             out, err = io.StringIO(), io.StringIO()
-            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), process_warnings():
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), process_warnings(), \
+                    case_env(case):
                 try:
                     main(argv)
                     lines = err.getvalue().strip().splitlines()
@@ -1158,8 +1256,10 @@ def test_bad_input(case, tmp_path, capsys):
     before = snapshot(tmp_path)
     capsys.readouterr()
 
-    with process_warnings():
+    with process_warnings(), case_env(case):
         code = main(argv)
+    if case.env is not None:
+        assert bucket_objects() == [], "an object was written"
 
     out, err = capsys.readouterr()
     line = assert_one_line_error(argv[0], code, out, err, case.message)
@@ -1300,6 +1400,7 @@ OUT_OF_RANGE_CACHE = {
     "chunk_size": _num(st.one_of(st.integers(-(2**40), -1), st.integers(65537, 2**70))),
     "workers": _num(st.integers(-(2**40), 0)),
     "threads": _num(st.integers(-(2**40), -1)),
+    "decoders": _num(st.one_of(st.integers(-(2**40), -1), st.integers(257, 2**40))),
     "seed": _num(st.one_of(st.integers(-(2**70), -1), st.integers(2**32, 2**70))),
     "epochs": _num(st.integers(-(2**40), 0)),
     "lr": _num(st.one_of(st.floats(-1e30, 0.0), st.floats(3.5e38, 1e300))),
