@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import storage
 from pipeline.cache import TeacherCache, open_cache
 from pipeline.cache import format as fmt
 from pipeline.config import StudentConfig, from_record
@@ -99,7 +100,7 @@ def restore(run: Run) -> tuple[Student, TeacherCache]:
     from (whose test split the export is checked on)."""
     from safetensors.numpy import load_file
 
-    cache_root = Path(run.row["cache"])
+    cache_root = storage.location(run.row["cache"])  # a folder, or a URL on object storage
     if not (cache_root / fmt.MANIFEST).is_file():
         raise KdError(f"the cache run {run.root.name} was trained from, {cache_root}, is not there; "
                       "export checks the student on that cache's test split: restore the cache "

@@ -112,6 +112,9 @@ def test_students_info_verify_and_report_read_and_write_on_s3(s3, tmp_path, caps
 
     verdict = run_cli(capsys, "verify", f"cache={url}", "rows=8")
     assert verdict["ok"] is True
+    logreg = next(r for r in table.to_pylist() if r["model"] == "logreg")
+    exported = run_cli(capsys, "export", f"run={logreg['run_dir']}", "format=skops")
+    assert exported["check"]["test_accuracy"] == logreg["test_accuracy"]  # checked on the S3 cache's test split
 
     # one flipped byte in one shard object is detected, by verify and by a student
     shard = storage.location(url) / fmt.ARRAYS / "train" / "features" / "embed" / "c" / "1" / "0" / "0"
