@@ -275,3 +275,13 @@ def test_a_holder_renews_its_lease_and_notices_when_it_is_taken(s3):
             lease.check()
     # the loser deletes nothing: the taker's lease stands (it removes older epochs on release)
     assert sorted(storage.files(lease.dir)) == ["00000001.json", "00000002.json"]
+
+
+def test_cache_root_on_object_storage_names_the_default_cache(tmp_path, capsys):
+    args = [a for a in cache_args(tmp_path / "unused", tmp_path) if not a.startswith(("cache=", "cache_root="))]
+    summary = run_cli(capsys, "cache", *args, "cache_root=memory://kdcache-root/caches/")
+    assert summary["cache"] == "memory://kdcache-root/caches/synthetic-300-1x8x8-3-cnn_small-random0"
+    info = run_cli(capsys, "info", f"cache={summary['cache']}")
+    assert info["status"] == "complete"
+    assert not (tmp_path / "memory:").exists()
+    storage.remove_tree(storage.location("memory://kdcache-root"))
