@@ -58,11 +58,19 @@ def check_path_text(text: str, key: str) -> None:
         raise KdError(f"{key}={text} is a URL, but {key} must be a local path; only "
                       f"{', '.join(k + '=' for k in OBJECT_STORE_KEYS)} may be on object storage")
     almost = ALMOST_URL.match(text)
-    if not match and almost:
+    if not match and almost and _known_protocol(almost.group(1)):
         scheme = almost.group(1)
         raise KdError(f"{key}={text} is not a URL (a scheme needs '//' after '{scheme}:') nor a "
                       f"local path; write {key}={scheme}://BUCKET/KEY, or ./{text} for a local "
                       "folder of that name")
+
+
+def _known_protocol(scheme: str) -> bool:
+    """Whether fsspec knows ``scheme`` (installed or not): ``s3:/x`` is a mistyped URL, while
+    ``digits:v2`` is a local name."""
+    from fsspec.registry import known_implementations, registry
+
+    return scheme.lower() in known_implementations or scheme.lower() in registry
 
 
 def location(text: str | os.PathLike, key: str = "cache") -> Location:
@@ -77,8 +85,10 @@ def location(text: str | os.PathLike, key: str = "cache") -> Location:
     if not match:
         return Path(text)
     protocol, rest = match.group(1).lower(), match.group(2)
-    if protocol in LOCAL_PROTOCOLS:
-        return Path("/" + rest.lstrip("/"))
+    if protocol in LOCAL_PROTOCOLS:  # file:///abs/path, or file://localhost/abs/path (RFC 8089)
+        return Path("/" + (rest[len("localhost"):] if rest.startswith("localhost/") else rest).lstrip("/"))
+    if not rest.strip("/"):
+        raise KdError(f"{key}={text} names no place; write {key}={protocol}://BUCKET/PATH")
     import fsspec
 
     try:
@@ -135,6 +145,10 @@ def create_exclusive(loc: Location, data: bytes) -> bool:
             loc.fs.pipe_file(loc.path, data, mode="create")
         except FileExistsError:
             return False
+        except OSError as exc:  # 409 ConditionalRequestConflict: a concurrent conditional write
+            if _error_code(exc) in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise
         return True
     loc.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -144,6 +158,12 @@ def create_exclusive(loc: Location, data: bytes) -> bool:
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     return True
+
+
+def _error_code(exc: BaseException) -> str:
+    """The S3 error code behind an exception s3fs translated (its cause is botocore's)."""
+    response = getattr(exc.__cause__, "response", None) or getattr(exc, "response", None) or {}
+    return str(response.get("Error", {}).get("Code", ""))
 
 
 def parquet_bytes(table) -> bytes:
@@ -175,8 +195,13 @@ def remove_tree(loc: Location) -> None:
     import shutil
 
     if is_remote(loc):
-        if loc.fs.exists(loc.path):
+        if files(loc):
             loc.fs.rm(loc.path, recursive=True)
+        # s3fs deletes in quiet batches that report no failure (e.g. no s3:DeleteObject)
+        left = files(loc)
+        if left:
+            raise PermissionError(f"could not delete {len(left)} objects under {loc} (e.g. "
+                                  f"{next(iter(left))}); deleting needs s3:DeleteObject")
     else:
         shutil.rmtree(loc, ignore_errors=True)
 
@@ -219,10 +244,13 @@ def check_reachable(loc: Location, key: str = "cache") -> None:
         return
     if loc.protocol not in BUCKETED:
         return
-    bucket = loc.path.split("/", 1)[0]
+    bucket, _, prefix = loc.path.partition("/")
     with storage_errors(loc, key):
         try:
-            loc.fs.ls(bucket, detail=False)  # signed: bad credentials fail here too
+            if hasattr(loc.fs, "call_s3"):  # one key of the location's own prefix: a policy may
+                loc.fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, MaxKeys=1)  # allow no more
+            else:
+                loc.fs.ls(bucket, detail=False)  # signed: bad credentials fail here too
         except FileNotFoundError:
             raise FileNotFoundError(f"bucket {bucket} does not exist") from None
 
@@ -247,8 +275,8 @@ def describe_error(exc: BaseException, loc: Location | None = None, key: str = "
     if loc is None:  # only errors that cannot come from a local disk
         return (f"object store: {text}; check the bucket name" if "specified bucket does not exist"
                 in text else None)
-    if not remote:
-        return None
+    if not remote or (isinstance(exc, OSError) and exc.filename is not None):
+        return None  # a local file's error (they name their file; the object store's do not)
     if isinstance(exc, FileNotFoundError) and "bucket" in text.lower():
         bucket = loc.path.split("/", 1)[0] if loc is not None else "?"
         return f"{where}: bucket {bucket} does not exist{at}; create it first or fix the URL"

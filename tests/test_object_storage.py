@@ -285,3 +285,52 @@ def test_cache_root_on_object_storage_names_the_default_cache(tmp_path, capsys):
     assert info["status"] == "complete"
     assert not (tmp_path / "memory:").exists()
     storage.remove_tree(storage.location("memory://kdcache-root"))
+
+
+def test_a_stalled_holder_whose_epoch_number_was_reused_knows_it_lost(s3):
+    """Epoch numbers come back after a release: X holds 1 and stalls; another builder takes
+    over, finishes and releases; a third takes epoch 1 again. X goes by its token, not the
+    number: it has lost, and it deletes nothing of the new holder's."""
+    root = storage.location(f"{s3}/aba")
+    stalled = CacheLease(root, ttl=300)
+    stalled.__enter__()
+    storage.remove_file(stalled._path(1))  # taken over and released by others meanwhile
+    with CacheLease(root, ttl=300) as third:
+        assert third.epoch == 1
+        with pytest.raises(KdError, match="lost the build lease"):
+            stalled.check()
+        stalled.__exit__(None, None, None)
+        assert json.loads(third._path(1).read_bytes())["token"] == third.token  # untouched
+        third.check()
+
+
+def test_a_prefix_of_other_files_is_refused_not_cleared(s3, tmp_path, capsys):
+    """Only kdcache's own leftovers (a creation killed before its manifest) are cleared; a
+    prefix holding someone's config.json and arrays.zarr is refused and kept."""
+    from stages.cli import main
+
+    other = storage.location(f"{s3}/theirs")
+    storage.write_text(other / "config.json", '{"kind": "TheirConfig"}')
+    storage.write_bytes(other / "arrays.zarr" / "zarr.json", b"{}")
+    assert main(["cache", *cache_args(str(other), tmp_path)]) == 2
+    assert "exists and is not a kdcache cache" in capsys.readouterr().err
+    assert sorted(storage.files(other)) == ["arrays.zarr/zarr.json", "config.json"]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("data/caches/digits:v2", "data/caches/digits:v2"),  # a local name with a colon stays one
+    ("runs:2024-06-01", "runs:2024-06-01"),
+    ("file:///tmp/x", "/tmp/x"), ("file://localhost/tmp/x", "/tmp/x"),
+])
+def test_local_paths_and_file_urls(text, expected):
+    assert storage.location(text) == Path(expected)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("s3:/bucket/x", "is not a URL"), ("memory://", "names no place"), ("s3://", "names no place"),
+    ("s3://bucket", "is a whole bucket"), ("foo://x/y", "unknown storage protocol"),
+])
+def test_malformed_locations_are_refused_before_anything_is_made(text, message, tmp_path):
+    with pytest.raises(KdError, match=message):
+        storage.location(text)
+    assert list(tmp_path.iterdir()) == []
