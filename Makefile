@@ -35,7 +35,7 @@ student: setup
 
 sweep: setup
 	$(KD) sweep $(call kv,CACHE,cache) $(call kv,MODELS,models) $(call kv,LOSSES,losses) \
-	  $(call kv,SEEDS,seeds) $(call kv,TEMPERATURES,temperatures) $(ARGS)
+	  $(call kv,SEEDS,seeds) $(call kv,TEMPERATURES,temperatures) $(call kv,SCHEDULER,scheduler) $(ARGS)
 
 report: setup
 	$(KD) report $(call kv,CACHE,cache) $(ARGS)

@@ -16,3 +16,9 @@ def first_line(exc: BaseException, limit: int = 160) -> str:
     """The first line of another library's exception message, cut to ``limit`` characters:
     what a one-line :class:`KdError` quotes of it."""
     return (str(exc).strip().splitlines() or [""])[0][:limit]
+
+
+class Interrupted(KdError):
+    """Work stopped by something other than its input (a dask scheduler that went away, a task
+    that killed every worker it ran on): unlike bad input, what is done so far stays, and
+    re-running the same command resumes it."""

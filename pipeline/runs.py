@@ -31,6 +31,7 @@ from pipeline.latency import per_sample_ms
 from pipeline.losses import LOSSES
 from pipeline.paths import cache_path, check_writable
 from pipeline.results import append_row, results_dir
+from pipeline.storage import storage_errors
 from pipeline.students import STUDENTS, Student, StudentData, Uses, create_student, uses
 from pipeline.tracking import check_tracking, track
 
@@ -74,8 +75,22 @@ def resolve_run(cfg: StudentConfig, cache: TeacherCache) -> tuple[StudentConfig,
                                standardize_logits=cfg.standardize_logits and use.standardize_logits), use
 
 
-def train_student(cfg: StudentConfig, progress: bool = True) -> dict:
-    """Run one student; returns its results row plus ``results`` (the row's file)."""
+def new_run_id(cfg: StudentConfig) -> str:
+    """A new run's id, from the time, what the run is (of ``cfg`` as :func:`resolve_run` made
+    it) and a random token: unique, and readable in a listing of run directories."""
+    what = cfg.loss or (cfg.target and f"target-{cfg.target}")
+    # a plugin's name (pkg.module:Class) becomes pkg.module-Class: no colons in file names
+    return "-".join(p.replace(":", "-") for p in (
+        f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}", cfg.model, what, f"s{cfg.seed}",
+        secrets.token_hex(3)) if p)
+
+
+def train_student(cfg: StudentConfig, progress: bool = True, run_id: str | None = None) -> dict:
+    """Run one student; returns its results row plus ``results`` (the row's file).
+
+    ``run_id`` (default: a new one) names the run directory and the results row: a sweep
+    decides it before the run starts, so that a second attempt at the same run (a task Dask
+    retried) replaces the first one's directory and row instead of adding its own."""
     # 1. The cache, and every check that can fail before any work is done.
     check_tracking(cfg)
     cache = open_cache(cache_path(cfg))
@@ -109,11 +124,7 @@ def train_student(cfg: StudentConfig, progress: bool = True) -> dict:
     }
 
     # 4. The run directory (written privately, then renamed), then the results row.
-    what = cfg.loss or (cfg.target and f"target-{cfg.target}")
-    # a plugin's name (pkg.module:Class) becomes pkg.module-Class: no colons in file names
-    run_id = "-".join(p.replace(":", "-") for p in (
-        f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}", cfg.model, what, f"s{cfg.seed}",
-        secrets.token_hex(3)) if p)
+    run_id = run_id or new_run_id(cfg)
     run_dir = Path(cfg.runs_dir) / cache.root.name / run_id
     row.update(run_id=run_id, time=datetime.now(timezone.utc).isoformat(), run_dir=str(run_dir))
     from safetensors.numpy import save
@@ -123,7 +134,8 @@ def train_student(cfg: StudentConfig, progress: bool = True) -> dict:
                              "params": json.dumps(student.get_params(), default=str)})
     row["weights_bytes"] = len(weights)  # the student's size on disk, as saved
     write_run(run_dir, cfg, weights, student, row)
-    path = append_row(results_dir(cache.root), row)
+    with storage_errors(results_dir(cache.root), "cache"):  # e.g. no write access to a bucket
+        path = append_row(results_dir(cache.root), row)
     # 5. A copy to the experiment tracker, once the run is safe (a failure is a warning).
     tracked = track(cfg, row, run_dir, getattr(student, "history_", []))
     return {**row, "results": str(path), "tracking_run_id": tracked}
@@ -177,8 +189,16 @@ def teacher_cost(cache: TeacherCache) -> dict:
 
 def write_run(run_dir: Path, cfg: StudentConfig, weights: bytes, student: Student, row: dict) -> None:
     """``config.json`` (the run's resolved config), ``student.safetensors``, ``metrics.json``
-    and ``log.jsonl``, assembled in a private directory and renamed into place."""
-    tmp = run_dir.parent / f".{run_dir.name}.incomplete"
+    and ``log.jsonl``, assembled in a private directory and renamed into place.
+
+    A run directory already in place is an earlier attempt at this very run (its run_id was
+    decided before the first attempt: a retried sweep task) and is replaced whole; so are the
+    private directories that killed attempts left. Each attempt assembles in a directory of
+    its own, so two attempts at once never write into one."""
+    prefix = f".{run_dir.name}.incomplete"
+    for stale in run_dir.parent.glob(f"{prefix}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = run_dir.parent / f"{prefix}-{secrets.token_hex(3)}"
     tmp.mkdir(parents=True)
     try:
         save_config(cfg, tmp / "config.json")
@@ -187,7 +207,13 @@ def write_run(run_dir: Path, cfg: StudentConfig, weights: bytes, student: Studen
         history = getattr(student, "history_", [])
         log = [json.dumps(h) for h in history] + [json.dumps({"final": row}, default=str)]
         atomic_write_text(tmp / "log.jsonl", "\n".join(log) + "\n")
-        tmp.rename(run_dir)
+        if run_dir.exists():  # the earlier attempt's, moved aside under the private prefix
+            earlier = tmp.with_name(f"{tmp.name}-earlier")
+            run_dir.rename(earlier)
+            tmp.rename(run_dir)
+            shutil.rmtree(earlier)
+        else:
+            tmp.rename(run_dir)
         fsync_dir(run_dir.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

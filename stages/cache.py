@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.cache.build import build_cache
+from pipeline.cache.execute import check_scheduler
 from pipeline.augment import parse
 from pipeline.cache.plan import prepare, teacher_cost
 from pipeline.cache.summary import describe, summarise
@@ -27,6 +28,7 @@ from pipeline.teachers import create_teacher
 
 def main(args: list[str]) -> dict:
     cfg = resolve(CacheConfig, args, verb="cache")
+    check_scheduler(cfg)  # an unreachable scheduler: one line, before anything is done
     dataset = open_dataset(cfg)
     arch = teacher_arch(cfg, dataset)
     create_teacher(arch, dataset.input_shape, dataset.num_classes, cfg.teacher_ckpt)  # fail fast if it cannot fit

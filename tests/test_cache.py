@@ -576,3 +576,24 @@ def test_auto_chunk_size_pads_the_splits_little(rows, shard, chunk, shard_out):
     assert pad <= 0.01 * sum(rows) or pad == min(others)
     explicit = resolve(CacheConfig, ["chunk_size=16", "shard_size=64"])
     assert plan.resolve_layout(explicit, dataset, {}) is explicit  # an explicit chunk is kept
+
+
+def test_a_shard_record_of_another_cache_key_is_not_done(tmp_path, builder, monkeypatch):
+    """A straggling writer of a cache since rebuilt at the same path (overwrite=true with other
+    settings) may land a record there: it names its own cache key, so it is not counted done."""
+    real = shard.compute_shard
+    monkeypatch.setattr(shard, "compute_shard", FailOnCall(real, fail_on=3))
+    root = tmp_path / "cache"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        builder(root, tmp_path)
+    finished = sorted(done_shards(root))
+    record_path = fmt.part_paths(root, *finished[0])[1]
+    record = json.loads(record_path.read_text())
+    assert record["key"] == json.loads((root / fmt.MANIFEST).read_text())["key"]
+    record_path.write_text(json.dumps({**record, "key": "another cache's key"}))
+
+    spy = FailOnCall(real)
+    monkeypatch.setattr(shard, "compute_shard", spy)
+    builder(root, tmp_path)
+    assert finished[0] in spy.calls and finished[1] not in spy.calls
+    assert all("key" not in r for records in open_cache(root).manifest["shards"].values() for r in records)

@@ -32,7 +32,7 @@ from pipeline.cache.lock import cache_lock
 from pipeline.cache.plan import codecs, now
 from pipeline.config import CacheConfig, save_config
 from pipeline.data import Dataset
-from pipeline.errors import KdError
+from pipeline.errors import Interrupted, KdError
 from pipeline.io import fsync_dir
 from pipeline.sparse import mode_of
 from pipeline.teachers import TeacherSpec
@@ -53,7 +53,7 @@ def build_cache(root: Path, cfg: CacheConfig, dataset: Dataset, spec: TeacherSpe
                 if not cfg.overwrite:
                     raise KdError(f"cache {root} was built from {_difference(existing, manifest)}; "
                                   "pass cache=NEW_PATH for a new cache, or overwrite=true to replace it")
-                storage.remove_tree(root)
+                remove_cache(root)
             elif existing["status"] == "complete":
                 # A run killed between the final manifest and the clean-up leaves parts/ behind.
                 storage.remove_tree(root / fmt.PARTS)
@@ -78,13 +78,16 @@ def build_cache(root: Path, cfg: CacheConfig, dataset: Dataset, spec: TeacherSpe
         try:
             run_jobs(jobs, cfg, dataset, lambda r: done.__setitem__((r["split"], r["shard"]), r),
                  progress, total, total - todo_rows)
-        except KdError:
+        except KdError as exc:
             # Bad input (e.g. the teacher emits NaN) would fail again on resume: leave nothing
             # half-written behind. Interruptions, crashes and disk errors keep it resumable.
-            if created:
+            if created and not isinstance(exc, Interrupted):
                 storage.remove_tree(root)
             raise
         seconds = time.perf_counter() - t0
+        # A dask worker killed mid-write leaves its temporaries (its shard was written whole
+        # again elsewhere); every shard is done and the lock is held: none is live.
+        fmt.remove_temporaries(root)
         lock.check()  # a build that lost its lease must not commit
         manifest = _finalise(root, manifest, done, {"seconds": round(seconds, 3),
                                                     "computed_rows": todo_rows})
@@ -115,21 +118,40 @@ def _storage_errors(root):
         if not started:
             raise StorageError(remote or f"cannot create cache {root}: {what}; choose a writable "
                                "cache=PATH or fix its permissions") from None
+        if remote:
+            raise StorageError(f"{remote}; the shards done so far stay: re-run the same command "
+                               "to resume") from None
         raise StorageError(f"storage failed while building cache {root}: {what}; free space or fix "
-                           "permissions or the connection, then re-run the same command to resume") from None
+                           "permissions, then re-run the same command to resume") from None
 
 
 def _foreign(root) -> bool:
     """Whether ``root`` holds something that is not a kdcache cache (there is no manifest).
-    On an object store, a creation killed before its manifest leaves only arrays metadata
-    and config.json: those are ours, removed here, so the creation starts again."""
+    On an object store, a creation killed before its manifest (or a deletion killed after it)
+    leaves kdcache's own objects only, beside a config.json of a cache build: those are
+    removed here, so the creation starts again."""
     if not storage.is_remote(root):
         return root.exists() and (not root.is_dir() or any(root.iterdir()))
     names = storage.files(root)
-    if names and all(n == fmt.CONFIG or n.startswith(fmt.ARRAYS + "/") for n in names):
+    ours = (fmt.ARRAYS + "/", fmt.INDEX + "/", fmt.PARTS + "/")
+    if names and all(n == fmt.CONFIG or n.startswith(ours) for n in names) and _cache_config(root):
         storage.remove_tree(root)
         return False
     return bool(names)
+
+
+def _cache_config(root) -> bool:
+    try:
+        return json.loads((root / fmt.CONFIG).read_text()).get("kind") == CacheConfig.__name__
+    except (FileNotFoundError, ValueError, UnicodeDecodeError, AttributeError):
+        return False
+
+
+def remove_cache(root) -> None:
+    """Delete a cache, its manifest (the commit point) first: a reader, or a deletion killed
+    mid-way, never meets a manifest whose arrays are gone."""
+    storage.remove_file(root / fmt.MANIFEST)
+    storage.remove_tree(root)
 
 
 def _difference(old: dict, new: dict) -> str:
@@ -211,7 +233,9 @@ def _records(root, manifest: dict) -> dict[tuple[str, int], dict]:
         for name in sorted(n for n in names if n.startswith(f"{split}/") and n.endswith(".json")):
             record = json.loads((root / fmt.PARTS / name).read_text())
             part, _ = fmt.part_paths(root, split, record["shard"])
-            if f"{split}/{part.name}" in names:
+            # a record of another cache once at this path (a straggling writer of a build
+            # overwritten since) is not done: its shard is computed again
+            if f"{split}/{part.name}" in names and record.get("key", manifest["key"]) == manifest["key"]:
                 done[(split, record["shard"])] = record
     return done
 
@@ -238,7 +262,7 @@ def _finalise(root, manifest: dict, done: dict, run: dict) -> dict:
         correct = sum(done[(split, k)]["correct"] for k in range(info["shards"]))
         splits[split] = {**info, "accuracy": round(correct / info["rows"], 6),
                          "index_sha256": hashlib.sha256(data).hexdigest()}
-        shards[split] = [{k: v for k, v in done[(split, k)].items() if k not in ("host",)}
+        shards[split] = [{k: v for k, v in done[(split, k)].items() if k not in ("host", "key")}
                          for k in range(info["shards"])]
     manifest = {**manifest, "status": "complete", "completed": now(), "splits": splits,
                 "shards": shards, "last_run": run}

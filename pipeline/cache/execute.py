@@ -4,13 +4,15 @@ In one process (the default, ``workers=1``) the shards share one pipeline: a thr
 input batches ahead, ``streams`` threads run batches through the teacher side by side (on CPU,
 one per core: see :func:`forward_streams`), the main thread collects each shard's outputs in
 batch order, and a writer thread writes shard k while shard k+1 is computed. On Dask, each
-shard is one task (:func:`pipeline.cache.shard.build_shard`).
+shard is one task (:func:`pipeline.cache.shard.build_shard`); workers that are processes of
+their own decide their torch threads themselves and load the teacher and dataset once, before
+their first task (:class:`pipeline.cluster.WorkerSettings`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
+import functools
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable
 
@@ -20,7 +22,6 @@ from pipeline.cache import shard
 from pipeline.cache.shard import ShardInputs, ShardJob
 from pipeline.config import CacheConfig
 from pipeline.data import Dataset
-from pipeline.errors import KdError
 from pipeline.lookahead import prefetched
 from pipeline.teachers import TeacherSpec
 
@@ -32,6 +33,20 @@ def in_process(cfg: CacheConfig) -> bool:
     """Whether shards run in this process (one local worker gains nothing from dask but its
     start-up, ~0.5 s) rather than as dask tasks."""
     return cfg.scheduler == "synchronous" or (cfg.scheduler == "local" and cfg.workers == 1)
+
+
+def check_scheduler(cfg: CacheConfig) -> None:
+    """Before any work: a scheduler address nothing listens at is refused in one line."""
+    if cfg.scheduler not in ("local", "synchronous"):
+        from pipeline.cluster import check_reachable
+
+        check_reachable(cfg.scheduler)
+
+
+def local_threads(cfg: CacheConfig, spec: TeacherSpec) -> int:
+    """Torch threads per forward when the shards run on this machine's cores, in this process
+    (in-process, or local dask workers, which are threads of this process)."""
+    return cfg.threads or max(1, runtime.cores() // (cfg.workers * forward_streams(cfg, spec)))
 
 
 def forward_streams(cfg: CacheConfig, spec: TeacherSpec) -> int:
@@ -51,7 +66,9 @@ def forward_streams(cfg: CacheConfig, spec: TeacherSpec) -> int:
 
 
 def shard_jobs(root, cfg, dataset, spec, manifest, done) -> Iterable[ShardJob]:
-    threads = cfg.threads or max(1, runtime.cores() // (cfg.workers * forward_streams(cfg, spec)))
+    """The jobs of the shards not yet done. On a scheduler's workers the jobs carry only the
+    user's ``threads`` (0: each worker decides from its own cores); here, this process's share."""
+    threads = cfg.threads if cfg.scheduler not in ("local", "synchronous") else local_threads(cfg, spec)
     for split, info in manifest["splits"].items():
         for k in range(info["shards"]):
             if (split, k) in done:
@@ -80,7 +97,8 @@ def run_jobs(jobs: list[ShardJob], cfg: CacheConfig, dataset: Dataset, on_done: 
     shard.share_dataset(dataset)
     try:
         if jobs:
-            with runtime.torch_threads(jobs[0].threads):
+            threads = jobs[0].threads  # 0: decided by each remote worker, nothing to set here
+            with runtime.torch_threads(threads) if threads else contextlib.nullcontext():
                 (_run_in_process if in_process(cfg) else _run_on_dask)(jobs, cfg, finish)
     finally:
         bar.close()
@@ -108,42 +126,14 @@ def _run_in_process(jobs: list[ShardJob], cfg: CacheConfig, finish: Callable) ->
 
 
 def _run_on_dask(jobs: list[ShardJob], cfg: CacheConfig, finish: Callable) -> None:
-    """Each shard a dask task (``build_shard``), on a local cluster or the given scheduler."""
-    from dask.distributed import Client, LocalCluster, as_completed
+    """Each shard a dask task (``build_shard``), on local workers (threads of this process,
+    which already holds the dataset) or the given scheduler's (processes of their own, set up
+    by :class:`pipeline.cluster.WorkerSettings` before their first task)."""
+    from pipeline import cluster
 
-    if cfg.scheduler == "local":
-        # ":0" = a free port: None still binds 8787 and warns when another cluster has it
-        # (distributed #8136), e.g. two builds of different caches at once.
-        cluster = LocalCluster(n_workers=cfg.workers, threads_per_worker=1, processes=False,
-                               dashboard_address=":0", silence_logs=logging.ERROR)
-        client = Client(cluster)
-    else:
-        cluster = None
-        try:
-            client = Client(cfg.scheduler, timeout="10s")
-        except (OSError, TimeoutError, ValueError) as exc:  # ValueError: a malformed address
-            raise KdError(f"cannot reach the dask scheduler at {cfg.scheduler} ({exc}); "
-                          "start one or use scheduler=local") from None
-    try:
+    settings = None if cfg.scheduler == "local" else cluster.WorkerSettings(
+        cfg.threads, functools.partial(shard.warm, jobs[0]))
+    with cluster.connect(cfg.scheduler, cfg.workers, processes=False, settings=settings) as client:
         futures = client.map(shard.build_shard, jobs, pure=False)
-        for future in as_completed(futures):
-            finish(future.result())
-    except BaseException:
-        _quiet_distributed()
-        raise
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
-
-
-def _quiet_distributed() -> None:
-    """Silence dask.distributed for the rest of the process. After Ctrl-C or a failed shard the
-    cluster's comms are torn down mid-flight, and distributed logs each closed comm with a
-    traceback, some of them after ``cluster.close()`` has restored its log levels. The user is
-    owed one line saying what happened, not that noise; real errors still raise."""
-    for name in ["distributed", *logging.root.manager.loggerDict]:
-        if name == "distributed" or name.startswith("distributed."):
-            logging.getLogger(name).setLevel(logging.CRITICAL + 1)
-
-
+        for i, record in cluster.finished(futures, lambda i: f"shard {jobs[i].shard} of {jobs[i].split}"):
+            finish(record)

@@ -53,7 +53,7 @@ class ShardJob:
     teacher: TeacherSpec
     dtype: str
     batch_size: int
-    threads: int
+    threads: int  # torch threads per forward; 0 = the worker's own choice (pipeline.cluster)
     cache_key: str
     views: int = 1  # of this split: view 0 is the input itself, views 1.. are augmented
     augment: str = "none"  # the views' policy
@@ -122,9 +122,18 @@ def view_params(policy: Policy, seed: int, split: str, sample_ids: np.ndarray, v
 
 def build_shard(job: ShardJob) -> dict[str, Any]:
     """Compute, write and record one shard. Returns its completion record. (One Dask task.)"""
-    # a dask worker's own process starts on 1 thread (its nanny sets OMP_NUM_THREADS=1)
-    runtime.set_threads(job.threads)
+    from pipeline.cluster import use_threads  # imports distributed: only where dask runs this
+
+    use_threads(job.threads)  # the job's, or the worker's own choice (0)
     return write_shard(compute_shard(job))
+
+
+def warm(job: ShardJob) -> None:
+    """Load what every shard of ``job``'s build needs into this process's state (the dataset,
+    the teacher, the open arrays), so a worker's first task starts warm."""
+    _worker_dataset(job)
+    _worker_teacher(job.teacher)
+    _worker_arrays(job)
 
 
 @dataclass
@@ -317,6 +326,7 @@ def write_shard(shard: ComputedShard) -> dict[str, Any]:
         "index_sha256": hashlib.sha256(part).hexdigest(),
         "correct": int(index.column("correct").to_numpy().sum()),
         "seconds": round(time.perf_counter() - shard.started, 4), "host": socket.gethostname(),
+        "key": job.cache_key,  # whose shard this is (the manifest's shard list leaves it out)
     }
     # The record is the only "done" signal, and it is written after the data is durable.
     storage.write_text(record_path, json.dumps(record, sort_keys=True))
