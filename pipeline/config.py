@@ -128,7 +128,9 @@ class CacheConfig(TeacherConfig):
     # cores well (resnet18 at 32x32: 2 one-thread forwards ~1.2x faster than one on 2 threads),
     # and 1 on GPU
     streams: int = 0
-    threads: int = 0  # torch threads per forward; 0 = cores / (workers x streams)
+    # torch threads per forward; 0 = cores / (workers x streams) here, and on a scheduler's
+    # workers each worker's share of its own host's cores (pipeline.cluster)
+    threads: int = 0
     compile: bool = False  # torch.compile the teacher (worth it on GPU)
     overwrite: bool = False  # replace a cache built from other inputs
 
@@ -170,9 +172,7 @@ class CacheConfig(TeacherConfig):
         if self.chunk_size and self.shard_size // self.chunk_size > MAX_CHUNKS_PER_SHARD:
             raise KdError(f"shard_size={self.shard_size} must be at most {MAX_CHUNKS_PER_SHARD} "
                           f"chunks of chunk_size={self.chunk_size} rows")
-        if not (self.scheduler in ("local", "synchronous") or _SCHEDULER.fullmatch(self.scheduler)):
-            raise KdError(f"scheduler={self.scheduler!r} is not a scheduler; use local, synchronous or "
-                          "the address of a dask scheduler, e.g. tcp://HOST:8786")
+        _check_scheduler(self.scheduler)
 
 
 @dataclass(frozen=True)
@@ -235,6 +235,12 @@ def _check_policy(key: str, spec: str) -> None:
         check(spec)
     except KdError as exc:
         raise KdError(f"{key}={spec}: {exc}") from None
+
+
+def _check_scheduler(scheduler: str) -> None:
+    if not (scheduler in ("local", "synchronous") or _SCHEDULER.fullmatch(scheduler)):
+        raise KdError(f"scheduler={scheduler!r} is not a scheduler; use local, synchronous or "
+                      "the address of a dask scheduler, e.g. tcp://HOST:8786")
 
 
 def _check_device(device: str) -> None:
@@ -508,9 +514,22 @@ class SweepConfig(StudentConfig):
     losses: tuple[str, ...] = ("kd", "ce")
     seeds: tuple[int, ...] = (0, 1, 2)
     temperatures: tuple[float, ...] = ()  # () = just temperature (default: the cache's)
+    # where the runs go: local with workers=1 (default) or synchronous: one after another in
+    # this process; local with workers=N: as dask tasks on N local worker processes of one
+    # thread each; tcp://HOST:PORT: as tasks on that dask scheduler's workers
+    scheduler: str = "local"
+    workers: int = 1
+    # torch threads per run; 0 = torch's default here (all cores), on a worker its share of its
+    # host's cores. Results can differ in the last digits with the thread count: give the same
+    # threads (e.g. threads=1) wherever runs must match
+    threads: int = 0
 
     def check(self) -> None:
         super().check()
+        _check_scheduler(self.scheduler)
+        _positive(self, "workers")
+        if self.threads < 0:
+            raise KdError(f"threads={self.threads} must be >= 0 (0 = auto)")
         for name in ("models", "losses", "seeds"):
             if not getattr(self, name):
                 raise KdError(f"{name} is empty; a sweep needs at least one, e.g. {name}="
