@@ -125,7 +125,9 @@ def plan(cfg: CacheConfig, dataset: Dataset, spec: TeacherSpec, shapes: dict[str
         augment = {"policy": policy.spec, "params": list(policy.columns), "seed": cfg.seed,
                    "rng": RNG, "dtype": fmt.AUGMENT_DTYPE}
         identity["augment"] = augment
-    data_cfg = {f: getattr(cfg, f) for f in DataConfig.__dataclass_fields__}
+    # what reopens the data; not decoders, how this machine decodes it (whoever reopens the data
+    # decides that for its own cores: auto)
+    data_cfg = {f: getattr(cfg, f) for f in DataConfig.__dataclass_fields__ if f != "decoders"}
     manifest = {
         "format": fmt.FORMAT, "format_version": version,
         "status": "building", "key": fingerprint(identity),

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import decoding
 from pipeline.config import DataConfig
 from pipeline.data.dataset import Dataset
 from pipeline.data.registry import DATASETS
@@ -15,27 +16,22 @@ from pipeline.errors import KdError
 
 @dataclass
 class ImageFiles:
-    """A pool of image files read lazily, resized to a square of ``size`` pixels."""
+    """A pool of image files read lazily, resized to a square of ``size`` pixels, decoded on
+    ``decoders`` worker processes (1: on the reading thread; see :mod:`pipeline.decoding`)."""
 
     paths: list[Path]
     labels: np.ndarray
     ids: np.ndarray
     size: int
+    decoders: int = 1
 
     def read(self, positions: np.ndarray) -> np.ndarray:
-        from PIL import Image
-
-        out = np.empty((len(positions), 3, self.size, self.size), np.float32)
-        for i, p in enumerate(positions):
-            path = self.paths[int(p)]
-            try:
-                with Image.open(path) as im:
-                    im = im.convert("RGB").resize((self.size, self.size), Image.BILINEAR)
-                    out[i] = np.asarray(im, np.float32).transpose(2, 0, 1) / 255.0
-            except Exception as exc:  # PIL raises assorted errors on a damaged or foreign file
-                raise KdError(f"{path} is not a readable image ({type(exc).__name__}); remove it "
-                              "or replace it with a valid image file") from None
-        return out
+        try:
+            return decoding.decode([str(self.paths[int(p)]) for p in positions], self.size,
+                                   self.decoders)
+        except decoding.Unreadable as exc:
+            raise KdError(f"{exc.path} is not a readable image ({exc.kind}); remove it or replace "
+                          "it with a valid image file") from None
 
 
 MAX_IMAGE_SIZE = 1024  # pixels per side: one float32 RGB image of 1024² is already 12 MB
@@ -46,8 +42,10 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 def imagefolder(arg: str, cfg: DataConfig) -> Dataset:
     """Your own images: ``imagefolder:PATH[:SIZE]`` with ``PATH/{train,test}[,val]/CLASS/*.png``.
 
-    Images are read lazily, converted to RGB and resized to SIZE×SIZE (default 32). sample_id is
-    a 63-bit hash of the file's path relative to PATH, so it survives adding other files.
+    Images are read lazily, converted to RGB and resized to SIZE×SIZE (default 32), on
+    ``cfg.decoders`` processes (0 = auto, :func:`pipeline.decoding.auto_decoders` for the
+    device of the verb's config, when it has one). sample_id is a 63-bit hash of the file's
+    path relative to PATH, so it survives adding other files.
     """
     root_text, _, size_text = arg.partition(":")
     root = Path(root_text)
@@ -66,6 +64,7 @@ def imagefolder(arg: str, cfg: DataConfig) -> Dataset:
     classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
     if len(classes) < 2:
         raise KdError(f"{root}/train must hold at least two class folders")
+    decoders = cfg.decoders or decoding.auto_decoders(getattr(cfg, "device", "auto"))
     pools = {}
     for name in ("train", "val", "test"):
         if not (root / name).is_dir():
@@ -92,7 +91,7 @@ def imagefolder(arg: str, cfg: DataConfig) -> Dataset:
             raise KdError(f"{root}/train/{empty[0]} holds no images; every class needs training "
                           "images (remove the folder or add images)")
         ids = np.array([_path_id(p.relative_to(root)) for p in paths], dtype=np.int64)
-        pools[name] = ImageFiles(paths, np.array(labels, np.int64), ids, size)
+        pools[name] = ImageFiles(paths, np.array(labels, np.int64), ids, size, decoders)
     return Dataset(f"imagefolder:{root}:{size}", pools, (3, size, size), len(classes), cfg)
 
 
