@@ -97,6 +97,12 @@ def s3_server():
     return _S3[0]
 
 
+def _closed_port() -> int:
+    from servers import free_port
+
+    return free_port()  # free a moment ago: nothing listens there
+
+
 def s3_env(**changes: str | None) -> Callable[[], dict[str, str | None]]:
     return lambda: {**s3_server().env(), **changes}
 
@@ -1053,6 +1059,12 @@ CASES += [
     Case("endpoint-unreachable", OBJECT, "AWS_ENDPOINT_URL where nothing listens",
          lambda tmp: cache_cmd(tmp, cache=f"s3://{BUCKET}/cache"),
          r"cannot reach the object store at http://127.0.0.1:\d+ .*check AWS_ENDPOINT_URL", env=unreachable),
+    Case("scheduler-unreachable", CONFIG, "scheduler= an address nothing listens at",
+         lambda tmp: cache_cmd(tmp, scheduler=f"tcp://127.0.0.1:{_closed_port()}"),
+         r"cannot reach the dask scheduler at tcp://127.0.0.1:\d+ .*start one"),
+    Case("sweep-scheduler-unreachable", STAGE2, "a sweep's scheduler= where nothing listens",
+         student_cmd("models=logreg", f"scheduler=tcp://127.0.0.1:{_closed_port()}", verb="sweep"),
+         r"cannot reach the dask scheduler at tcp://127.0.0.1:\d+ .*or use scheduler=local"),
     Case("url-no-cache", OBJECT, "a student from an S3 prefix that holds no cache",
          lambda tmp: ["student", f"cache=s3://{BUCKET}/nothing", f"runs_dir={tmp / 'runs'}"],
          r"no kdcache cache at s3://kdcache-bad-input/nothing \(manifest.json missing\)", env=s3_env()),
