@@ -271,7 +271,8 @@ def describe_error(exc: BaseException, loc: Location | None = None, key: str = "
                 "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) for s3, GOOGLE_APPLICATION_CREDENTIALS for gs")
     if name in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError",
                 "ClientConnectorError", "ServerDisconnectedError"):
-        return f"{where}: cannot reach the object store{at} ({text}); check AWS_ENDPOINT_URL and the network"
+        # (not botocore's text: it holds the request's URL, query and all)
+        return f"{where}: cannot reach the object store{at} ({name}); check AWS_ENDPOINT_URL and the network"
     if loc is None:  # only errors that cannot come from a local disk
         return (f"object store: {text}; check the bucket name" if "specified bucket does not exist"
                 in text else None)
