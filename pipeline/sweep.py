@@ -15,17 +15,12 @@ from typing import Iterator
 
 from pipeline import runtime
 from pipeline.cache import open_cache
+from pipeline.cache.execute import in_process  # the same rule as for a build's shards
 from pipeline.config import StudentConfig, SweepConfig
 from pipeline.paths import cache_path
 from pipeline.runs import new_run_id, resolve_run, train_student
 
 Finished = Iterator[tuple[int, dict]]  # (position in the grid, results row), as runs finish
-
-
-def in_process(cfg: SweepConfig) -> bool:
-    """The runs go one after another in this process (as for cache builds, one local worker
-    would add only dask's start-up)."""
-    return cfg.scheduler == "synchronous" or (cfg.scheduler == "local" and cfg.workers == 1)
 
 
 def run_sweep(cfg: SweepConfig, runs: list[StudentConfig]) -> Finished:

@@ -29,9 +29,9 @@ from pipeline.teachers import TeacherSpec
 MAX_AUTO_STREAMS = 4  # beyond a few, one forward's own threads use the cores well enough
 
 
-def in_process(cfg: CacheConfig) -> bool:
-    """Whether shards run in this process (one local worker gains nothing from dask but its
-    start-up, ~0.5 s) rather than as dask tasks."""
+def in_process(cfg) -> bool:
+    """Whether a build's shards (or a sweep's runs) run in this process, one after another (one
+    local worker gains nothing from dask but its start-up, ~0.5 s), rather than as dask tasks."""
     return cfg.scheduler == "synchronous" or (cfg.scheduler == "local" and cfg.workers == 1)
 
 
