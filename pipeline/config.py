@@ -25,7 +25,8 @@ import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from collections.abc import Mapping
+from typing import Any, Callable, TypeVar
 
 from pipeline.errors import KdError
 
@@ -320,9 +321,18 @@ def _coerce(cls: type, name: str, annotation: Any, value: Any) -> Any:
     raise TypeError(f"unsupported config field type {annotation!r} on {cls.__name__}.{name}")
 
 
-def resolve(cls: type[C], overrides: list[str] | dict[str, Any] = (), verb: str = "") -> C:
+ParamsHook = Callable[[Any, dict[str, Any]], Any]  # (cfg, keys beyond its fields) -> completed cfg
+
+
+def resolve(cls: type[C], overrides: list[str] | dict[str, Any] = (), verb: str = "",
+            params: ParamsHook | None = None) -> C:
     """Build a config of type ``cls`` from defaults, an optional ``config=FILE.yaml`` and
-    ``key=value`` overrides. Raises :class:`KdError` on unknown keys or bad values."""
+    ``key=value`` overrides. Raises :class:`KdError` on unknown keys or bad values.
+
+    A config with a ``params`` field (student runs) takes, besides its own fields, the
+    hyperparameters its student and loss declare: ``params(cfg, given)`` — supplied by the
+    owner of those declarations (pipeline.students.complete), which this module does not
+    import — checks the keys ``given`` beyond the fields and returns ``cfg`` completed. A config with a ``grid`` field (sweeps) also takes ``grid.KEY=V1,V2``."""
     pairs: list[tuple[str, Any]] = []
     items = overrides.items() if isinstance(overrides, dict) else [_split(o) for o in overrides]
     for key, value in items:
@@ -332,15 +342,33 @@ def resolve(cls: type[C], overrides: list[str] | dict[str, Any] = (), verb: str 
             pairs.append((key, value))
 
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in fields(cls)}
+    names = {f.name for f in fields(cls)}
+    known = names - {"params", "grid", "default_grid"}
     values: dict[str, Any] = {}
+    given: dict[str, Any] = {}  # keys beyond the fields: hyperparameters, checked by `params`
+    grid: dict[str, tuple[str, ...]] = {}
     for key, value in pairs:
-        if key not in known:
+        if key in known:
+            values[key] = _coerce(cls, key, hints[key], value)
+        elif "grid" in names and key.startswith("grid.") and key[5:]:
+            items = value if isinstance(value, (list, tuple)) else str(value).replace(",", " ").split()
+            grid[key[5:]] = tuple(str(v).strip() for v in items)
+        elif "grid" in names and key in OLD_GRID_KEYS:
+            raise KdError(f"{key}= is spelled grid.{OLD_GRID_KEYS[key]}= now (every hyperparameter "
+                          f"can be an axis), e.g. grid.{OLD_GRID_KEYS[key]}={str(value).replace(' ', ',')}")
+        elif "params" in names and params is not None:
+            given[key] = value
+        else:
             where = f" for `kdcache {verb}`" if verb else ""
             raise KdError(f"unknown key {key!r}{where}; known keys: {', '.join(sorted(known))}")
-        values[key] = _coerce(cls, key, hints[key], value)
+    if "grid" in names:  # the default axes, for keys given neither as an axis nor once
+        values["grid"] = tuple(grid.items())
+        values["default_grid"] = tuple((k, v) for k, v in DEFAULT_GRID
+                                       if k not in grid and k not in values and k not in given)
     cfg = _absolute_paths(cls(**values))
     cfg.check()
+    if "params" in names and params is not None:
+        cfg = params(cfg, given)
     return cfg
 
 
@@ -348,7 +376,13 @@ def from_record(cls: type[C], record: dict[str, Any]) -> C:
     """A config rebuilt exactly as it was recorded (e.g. a manifest's dataset config): its
     values were resolved when it was saved, so paths are taken as they are."""
     known = {f.name for f in fields(cls)}
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in record.items() if k in known})
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in record.items() if k in known}
+    if "params" in values:
+        values["params"] = Params(values["params"])
+    for key in ("grid", "default_grid"):
+        if key in values:
+            values[key] = tuple((k, tuple(v)) for k, v in values[key])
+    return cls(**values)
 
 
 def _absolute_paths(cfg: C) -> C:
@@ -399,8 +433,13 @@ def _read_yaml(path: str) -> list[tuple[str, Any]]:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
+    """A config as JSON-able values: tuples as lists, ``params`` as a mapping."""
     out = dataclasses.asdict(cfg)
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+    return {k: dict(v) if isinstance(v, Mapping) else _listed(v) for k, v in out.items()}
+
+
+def _listed(value: Any) -> Any:
+    return [_listed(v) for v in value] if isinstance(value, tuple) else value
 
 
 def fingerprint(obj: Any) -> str:
@@ -424,14 +463,140 @@ def save_config(cfg: Any, path: str | os.PathLike) -> None:
     write_text(location(path), json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
+class Params(Mapping):
+    """A run's hyperparameters by name: immutable, hashable, picklable (sent to Dask workers),
+    ordered by name. Which names a run takes is declared by its student's constructor and its
+    loss's registration (pipeline.students.hyperparameters), never listed here."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Any = ()):
+        object.__setattr__(self, "_items", tuple(sorted(dict(items).items())))
+
+    def __getitem__(self, name: str) -> Any:
+        for key, value in self._items:
+            if key == name:
+                return value
+        raise KeyError(name)
+
+    def __iter__(self):
+        return (key for key, _ in self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(self._items)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Mapping) and dict(self) == dict(other)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("Params are immutable; use .replace(name=value)")
+
+    def __reduce__(self):
+        return Params, (dict(self._items),)
+
+    def __deepcopy__(self, memo: dict) -> "Params":
+        return self
+
+    def __repr__(self) -> str:
+        return f"Params({dict(self._items)!r})"
+
+    def replace(self, **changes: Any) -> "Params":
+        return Params({**dict(self._items), **changes})
+
+
+@dataclass(frozen=True)
+class Param:
+    """One declared hyperparameter: a student constructor's argument or a loss's registered
+    parameter. ``annotation`` is its type (int, float, bool, str, ``X | None``, or
+    ``float | str`` for a number or a keyword such as C=auto); ``low``/``high`` bound numbers
+    (``low_open``: the bound itself is refused)."""
+
+    name: str
+    annotation: Any
+    default: Any
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+
+    def coerce(self, value: Any) -> Any:
+        """``value`` (text from the command line, or YAML) as this parameter's type, checked
+        against its bounds; a one-line KdError otherwise."""
+        inner = _optional(self.annotation)
+        if inner is not None and (value is None or str(value).strip().lower() in ("", "none")):
+            return None
+        kind = inner or self.annotation
+        if _is_number_or_word(kind):
+            text = str(value).strip()
+            try:
+                out = float(text)
+            except ValueError:
+                words = PARAM_WORDS.get(self.name, ())
+                if text not in words:
+                    raise KdError(f"{self.name}={text!r} must be a number"
+                                  + (f" or {' or '.join(words)}" if words else "")) from None
+                return text
+            if out != out or out in (float("inf"), float("-inf")):
+                raise KdError(f"{self.name}={text!r} must be a finite number")
+        else:
+            out = _coerce(Param, self.name, kind, value)
+        if isinstance(out, (int, float)) and not isinstance(out, bool):
+            below = self.low is not None and (out < self.low or (self.low_open and out == self.low))
+            if below or (self.high is not None and out > self.high):
+                raise KdError(f"{self.name}={value} must be {self.range_text()}")
+        return out
+
+    def range_text(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+
+
+# Bounds of the hyperparameters kdcache knows, by name (low, high, low excluded), declared once
+# here and applied to whichever student or loss declares a parameter of that name; a plugin's
+# own parameters are checked for their type only.
+PARAM_BOUNDS: dict[str, tuple[float, float | None, bool]] = {
+    "epochs": (1, None, False), "batch_size": (1, None, False),
+    "lr": (0, 10.0, True),  # AdamW learning rates far above 1 only diverge
+    "weight_decay": (0, None, False),
+    "width": (1, 4096, False),  # beyond this a "small" student no longer fits in memory
+    "alpha": (0, 1, False), "dkd_alpha": (0, None, False), "dkd_beta": (0, None, False),
+    "loss_weight": (0, 1e6, False),  # pkt's paper weight is 3·10⁴; far beyond, CE vanishes
+    "temperature": (0, None, True),
+    "sgd_alpha": (0, 100.0, True),  # SGDClassifier's L2 penalty: beyond this every weight is ~0
+    "C": (0, 3.4028234663852886e38, True),
+}
+
+
+# Keywords a number-or-word parameter (annotated ``float | str``) takes instead of a number
+PARAM_WORDS: dict[str, tuple[str, ...]] = {"C": ("auto",)}  # auto: chosen on val (C_GRID)
+
+
+def declared_param(name: str, annotation: Any, default: Any) -> Param:
+    """The :class:`Param` ``name`` of a declaration, with kdcache's bounds for that name."""
+    low, high, low_open = PARAM_BOUNDS.get(name, (None, None, False))
+    return Param(name, annotation, default, low, high, low_open)
+
+
+def _is_number_or_word(annotation: Any) -> bool:
+    """``float | str``: a number, or a keyword the owner checks (C=auto)."""
+    return (typing.get_origin(annotation) in (typing.Union, types.UnionType)
+            and set(typing.get_args(annotation)) == {float, str})
+
+
 @dataclass(frozen=True)
 class StudentConfig:
     """Stage two: one student trained from a cache (the teacher is never loaded).
 
-    ``loss``, ``target``, ``temperature`` and ``layer`` apply only to the students (and losses)
-    that declare them (see pipeline.students.registry.uses): None = not given (the default
-    where the axis applies); a value given where it does not apply is refused. In a run's
-    resolved config and results row, None means the run does not use it.
+    The fields below say which run: the cache, the student (``model``), its loss, which cached
+    data it reads, the seed and where it goes. Everything the student learns *with* — width,
+    epochs, lr, temperature, alpha, C, a plugin's own arguments, ... — is ``params``: the
+    arguments the student's constructor declares and the parameters its loss registered
+    (pipeline.students.hyperparameters), given as ``key=value`` like any other key and
+    completed with their declared defaults when the config is resolved. A key that neither
+    the student nor its loss declares is refused.
     """
 
     cache: str = path_field("")  # "" = the default cache of dataset/teacher under cache_root
@@ -440,80 +605,47 @@ class StudentConfig:
     teacher: str = "auto"
     model: str = "linear_svc"  # a student registry name
     loss: str | None = None  # students trained with a loss: a loss registry name (default kd)
-    target: str | None = None  # students fitting hard targets: labels (default) | teacher
     layer: str | None = None  # cached feature read by feature students and feature losses (default: the first)
-    temperature: float | None = None  # softening temperature; default: the cache's
     # cached views drawn from: all | N (views 0..N-1): input students and sgd draw one per train
     # row per epoch, in-memory feature students take every view's features as rows
     views: str = "all"
-    # fresh random augmentation every step (a policy): only for losses that read no teacher
-    # output, since cached targets are valid only for the inputs the teacher saw
-    augment: str = "none"
-    alpha: float = 0.9  # weight of the teacher term (kd, mse_logits, fitnet)
-    # weight of the method's own term added to CE (fitnet's hint, dist, nkd, rkd, pkt, sp, crd,
-    # at); default: the loss's declared paper value
-    loss_weight: float | None = None
-    # temperature losses: soften standardised logits Z(z) (Sun et al., CVPR 2024)
-    standardize_logits: bool = False
-    # the student's layer a feature loss reads; default: the cached layer's name where the
-    # student has a layer of that name, else its penultimate (embed)
-    student_layer: str | None = None
-    dkd_alpha: float = 1.0  # dkd: weight of target-class KD
-    dkd_beta: float = 8.0  # dkd: weight of non-target-class KD
-    C: str = "1.0"  # feature students: inverse regularisation, or auto (chosen on val)
-    sgd_alpha: float = 1e-4  # sgd student: L2 penalty
-    width: int = 0  # input students: 0 = the student's default width
-    epochs: int = 60
-    lr: float = 1e-2
-    weight_decay: float = 5e-4
-    batch_size: int = 64
     seed: int = 0
     device: str = "auto"
     runs_dir: str = path_field("data/runs")
     tracking: str = "none"  # none | mlflow: also log the run to MLFLOW_TRACKING_URI (pipeline.tracking)
+    params: Params = field(default_factory=Params)  # the student's and the loss's hyperparameters
 
     def check(self) -> None:
         if self.tracking not in TRACKERS:
             raise KdError(f"tracking={self.tracking!r} is not a tracker; use {' or '.join(TRACKERS)}")
-        if self.temperature is not None and not self.temperature > 0:
-            raise KdError(f"temperature={self.temperature} must be > 0 (or none for the cache's default)")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise KdError(f"alpha={self.alpha} must be in [0, 1]")
-        _positive(self, "epochs", "lr", "batch_size", "sgd_alpha")
-        _at_most(self, lr=MAX_LR, sgd_alpha=MAX_SGD_ALPHA)
-        if self.loss_weight is not None and not 0 <= self.loss_weight <= MAX_LOSS_WEIGHT:
-            raise KdError(f"loss_weight={self.loss_weight} must be in [0, {MAX_LOSS_WEIGHT:g}] "
-                          "(or none for the loss's default)")
-        if self.dkd_alpha < 0 or self.dkd_beta < 0 or self.weight_decay < 0:
-            raise KdError("dkd_alpha, dkd_beta and weight_decay must be >= 0")
-        if not 0 <= self.width <= MAX_WIDTH:
-            raise KdError(f"width={self.width} must be in 0..{MAX_WIDTH} (0 = the student's default)")
         _check_seed("seed", self.seed)
         _check_device(self.device)
-        if self.target not in (None, "labels", "teacher"):
-            raise KdError(f"target={self.target!r} must be labels or teacher")
         if self.views != "all" and not (self.views.isdigit() and 1 <= int(self.views) <= MAX_VIEWS):
             raise KdError(f"views={self.views!r} must be all or a number of views in 1..{MAX_VIEWS}")
-        _check_policy("augment", self.augment)
-        if self.C != "auto":
-            try:
-                c = float(self.C)
-            except ValueError:
-                c = -1.0
-            if not 0 < c <= FLOAT32_MAX:  # also refuses nan and inf
-                raise KdError(f"C={self.C!r} must be a positive number or auto")
+
+    def param(self, name: str, default: Any = None) -> Any:
+        """The hyperparameter ``name`` of this run (``default`` where the run has none)."""
+        return self.params.get(name, default)
+
+
+# The sweep's default grid, where neither grid.KEY= nor KEY= is given for that key.
+DEFAULT_GRID = (("model", ("linear_svc", "logreg", "cnn_small")), ("loss", ("kd", "ce")),
+                ("seed", ("0", "1", "2")))
+# Spellings of the grid before every hyperparameter could be an axis: refused, naming the new one
+OLD_GRID_KEYS = {"models": "model", "losses": "loss", "seeds": "seed", "temperatures": "temperature"}
 
 
 @dataclass(frozen=True)
 class SweepConfig(StudentConfig):
-    """A grid of students from one cache: every combination of the lists below that applies
-    (a student without a loss has no loss axis; a run without a temperature no temperature
-    axis)."""
+    """A grid of students from one cache: every combination of the ``grid.KEY=V1,V2,...``
+    axes that applies. KEY is any run key (model, loss, seed, layer, views) or any declared
+    hyperparameter (width, lr, temperature, C, ...); an axis a run's student or loss does not
+    declare is dropped for that run (a feature student has no loss axis; a label-only loss no
+    temperature axis), but every axis must apply to some run."""
 
-    models: tuple[str, ...] = ("linear_svc", "logreg", "cnn_small")
-    losses: tuple[str, ...] = ("kd", "ce")
-    seeds: tuple[int, ...] = (0, 1, 2)
-    temperatures: tuple[float, ...] = ()  # () = just temperature (default: the cache's)
+    grid: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (key, values as given), in the order given
+    # DEFAULT_GRID's axes for the keys given neither as grid.KEY= nor KEY= (set by resolve)
+    default_grid: tuple[tuple[str, tuple[str, ...]], ...] = ()
     # where the runs go: local with workers=1 (default) or synchronous: one after another in
     # this process; local with workers=N: as dask tasks on N local worker processes of one
     # thread each; tcp://HOST:PORT: as tasks on that dask scheduler's workers
@@ -530,17 +662,9 @@ class SweepConfig(StudentConfig):
         _positive(self, "workers")
         if self.threads < 0:
             raise KdError(f"threads={self.threads} must be >= 0 (0 = auto)")
-        for name in ("models", "losses", "seeds"):
-            if not getattr(self, name):
-                raise KdError(f"{name} is empty; a sweep needs at least one, e.g. {name}="
-                              f"{' '.join(map(str, getattr(SweepConfig, name)))}")
-        for seed in self.seeds:
-            _check_seed("seeds", seed)
-        # checked here, before any run: a bad value met in the middle of the grid would leave
-        # half a sweep in the results table
-        for t in self.temperatures:
-            if not t > 0:
-                raise KdError(f"temperatures holds {t}; every temperature must be > 0")
+        for key, values in self.grid:
+            if not values:
+                raise KdError(f"grid.{key} is empty; give it values, e.g. grid.{key}=A,B")
 
 
 @dataclass(frozen=True)

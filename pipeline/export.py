@@ -34,11 +34,11 @@ import numpy as np
 from pipeline import storage
 from pipeline.cache import TeacherCache, open_cache
 from pipeline.cache import format as fmt
-from pipeline.config import StudentConfig, from_record
+from pipeline.config import StudentConfig
 from pipeline.errors import KdError, first_line
 from pipeline.io import atomic_path, atomic_write_text, sha256_file
 from pipeline.runs import WEIGHTS
-from pipeline.students import STUDENTS, Student, StudentData, create_student
+from pipeline.students import STUDENTS, Student, StudentData, create_student, saved_config
 
 OPSET = 18  # ONNX opset of torch's exporter; onnxruntime >= 1.14 runs it
 FORMATS = {"onnx": "inputs", "skops": "features"}  # format -> the student kind it exports
@@ -82,8 +82,8 @@ def open_run(path: str | Path) -> Run:
         raise KdError(f"{root} is not a finished kdcache run (its metrics.json records no "
                       f"{', '.join(missing)}); {hint}")
     try:
-        cfg = from_record(StudentConfig, config["config"])
-    except TypeError as exc:
+        cfg = saved_config(config["config"])
+    except (TypeError, KdError) as exc:
         raise KdError(f"run {root} has a config.json kdcache cannot read ({exc}); {hint}") from None
     return Run(root, cfg, row)
 
@@ -112,7 +112,8 @@ def restore(run: Run) -> tuple[Student, TeacherCache]:
             raise KdError(f"cache {cache_root} now holds another {what} ({what} fingerprint "
                           f"{now[:12]}) than run {run.root.name} was trained from ({recorded[:12]}); "
                           "export checks the student on its own cache's test split: restore that cache")
-    overrides = {"C": run.row["C"]} if run.row.get("C") else {}  # the C chosen by C=auto
+    # (the C that C=auto chose is in the config: runs record what fitting decided)
+    overrides = {"C": run.row["C"]} if run.config.param("C") == "auto" and run.row.get("C") else {}
     student = create_student(run.config.model, run.config, **overrides)
     shape = tuple(cache.manifest["teacher"]["input_shape"])
     try:

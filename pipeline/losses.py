@@ -23,13 +23,14 @@ Offline, every target is a constant of the teacher: nothing here ever back-propa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from pipeline import losses_cpu
+from pipeline.config import Param, declared_param
 from pipeline.registry import Registry
 
 
@@ -55,6 +56,12 @@ class LossNeeds:
     - ``head``: ``head(student_shape, teacher_shape) -> LossHead``, a module with learned
       parameters (an adapter, projection heads) built once per run, trained with the student
       and dropped when it is deployed; the loss receives it as ``head``.
+    - ``params``: the loss's own hyperparameters and their defaults, e.g. ``{"alpha": 0.9}``
+      (kd's weight of the teacher term) or dkd's ``{"dkd_alpha": 1.0, "dkd_beta": 8.0}``; the
+      loss receives them as keyword arguments. With ``temperature``, ``weight`` and
+      ``features`` come ``temperature``, ``standardize_logits``, ``loss_weight`` and
+      ``student_layer`` (:func:`loss_params`). These are the run keys the loss adds: config,
+      results table and leaderboard take them from here.
     - ``sparse``: the loss has a sparse form. From a sparse-logit cache (``logits=topk:K`` /
       ``sample:K``) it then receives the teacher's distribution at T over K classes and a
       tail bucket (``t_ids``, ``t_w``, ``t_tail``: :meth:`pipeline.sparse.SparseLogits.targets`)
@@ -69,8 +76,10 @@ class LossNeeds:
     weight: float | None = None
     head: Callable[..., "LossHead"] | None = None
     sparse: bool = False
+    params: Any = ()  # {name: default} at registration; kept as sorted (name, default) pairs
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "params", tuple(sorted(dict(self.params).items())))
         if (self.maps or self.head) and not self.features:
             raise ValueError("maps and head are for losses that read features (features=True)")
 
@@ -99,6 +108,45 @@ def _plugin_loss(name: str, loss: Loss) -> Loss:
 
 
 LOSSES: Registry[Loss] = Registry("loss", LossNeeds, adapt=_plugin_loss)
+
+
+def loss_params(name: str) -> dict[str, Param]:
+    """The hyperparameters a run of loss ``name`` takes, from its registration: ``temperature``
+    (None: the cache's) and ``standardize_logits`` for a temperature loss, ``loss_weight`` for
+    a weighted term (its declared paper value by default), ``student_layer`` for a feature
+    loss (None: the student picks), and the loss's own ``params``."""
+    needs = LOSSES.declared(name)
+    out = {}
+    if needs.temperature:
+        out["temperature"] = declared_param("temperature", float | None, None)
+        out["standardize_logits"] = declared_param("standardize_logits", bool, False)
+    if needs.weight is not None:
+        out["loss_weight"] = declared_param("loss_weight", float, float(needs.weight))
+    if needs.features:
+        out["student_layer"] = declared_param("student_layer", str | None, None)
+    for key, default in needs.params:
+        out[key] = declared_param(key, type(default), default)
+    return out
+
+
+# run keys -> the keyword arguments every loss function takes (see the losses' signatures)
+_ARGUMENT = {"temperature": "T", "loss_weight": "weight", "standardize_logits": "standardize"}
+
+
+def loss_arguments(name: str, values: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of loss ``name`` for a run whose loss parameters are ``values``
+    (missing ones take their declared defaults; ``student_layer`` is the student's business,
+    not the loss's)."""
+    declared = loss_params(name)
+    # every loss is called with T, weight and standardize (None / False where it declares no
+    # temperature or weight), so a loss may read them without declaring them
+    out = {"T": None, "weight": None, "standardize": False}
+    for key, param in declared.items():
+        if key == "student_layer":
+            continue
+        value = values.get(key, param.default)
+        out[_ARGUMENT.get(key, key)] = value
+    return out
 
 STANDARDIZE_EPS = 1e-7  # as in the reference code of Sun et al.
 
@@ -182,7 +230,7 @@ def sparse_kl(z_s: torch.Tensor, T: float, t_ids: torch.Tensor, t_w: torch.Tenso
     return (listed + tail).mean()
 
 
-@LOSSES.register("kd", temperature=True, sparse=True)
+@LOSSES.register("kd", temperature=True, sparse=True, params={"alpha": 0.9})
 def kd(z_s: torch.Tensor, y: torch.Tensor, *, z_t: torch.Tensor | None = None, T: float = 4.0,
        alpha: float = 0.9, log_p_t: torch.Tensor | None = None, p_t: torch.Tensor | None = None,
        standardize: bool = False, t_ids: torch.Tensor | None = None,
@@ -214,7 +262,7 @@ def kd(z_s: torch.Tensor, y: torch.Tensor, *, z_t: torch.Tensor | None = None, T
             + (1.0 - alpha) * F.cross_entropy(z_s, y))
 
 
-@LOSSES.register("mse_logits")
+@LOSSES.register("mse_logits", params={"alpha": 0.9})
 def mse_logits(z_s: torch.Tensor, y: torch.Tensor, *, z_t: torch.Tensor, alpha: float = 0.9,
                **_) -> torch.Tensor:
     """Logit regression.
@@ -238,7 +286,8 @@ class Adapter(LossHead):
         return self.linear(h_s.flatten(1))
 
 
-@LOSSES.register("fitnet", features=True, temperature=True, weight=1.0, head=Adapter)
+@LOSSES.register("fitnet", features=True, temperature=True, weight=1.0, head=Adapter,
+                 params={"alpha": 0.9})
 def fitnet(z_s: torch.Tensor, y: torch.Tensor, *, z_t: torch.Tensor, hint: torch.Tensor,
            f_t: torch.Tensor, head: Adapter, T: float = 4.0, alpha: float = 0.9,
            weight: float = 1.0, log_p_t: torch.Tensor | None = None,
@@ -261,7 +310,7 @@ def fitnet(z_s: torch.Tensor, y: torch.Tensor, *, z_t: torch.Tensor, hint: torch
             + weight * F.mse_loss(head(hint), f_t.flatten(1)))
 
 
-@LOSSES.register("dkd", temperature=True)
+@LOSSES.register("dkd", temperature=True, params={"dkd_alpha": 1.0, "dkd_beta": 8.0})
 def dkd(z_s: torch.Tensor, y: torch.Tensor, *, z_t: torch.Tensor, T: float = 4.0,
         dkd_alpha: float = 1.0, dkd_beta: float = 8.0, standardize: bool = False,
         **_) -> torch.Tensor:

@@ -30,19 +30,35 @@ def default_cache_path(cache_root: str, dataset_spec: str, arch: str, teacher_ck
     return location(cache_root, "cache_root") / name
 
 
+# The architectures teacher=auto picks from (pipeline.teachers.auto_teacher, by input rank)
+AUTO_TEACHERS = ("mlp", "cnn1d", "cnn_small", "resnet_small")
+
+
 def cache_path(cfg) -> Location:
     """The cache a verb reads: ``cfg.cache``, or the default cache of ``cfg.dataset`` and
-    ``cfg.teacher`` under ``cfg.cache_root`` (a local Path or an object store's UPath)."""
+    ``cfg.teacher`` under ``cfg.cache_root`` (a local Path or an object store's UPath).
+
+    The default is found by name, without opening the dataset (which may mean reading every
+    file of an image folder): ``<dataset>-<teacher>``, and for ``teacher=auto`` the one cache
+    of the dataset built with a teacher auto picks."""
     if cfg.cache:
         return location(cfg.cache)
-    from pipeline.config import DataConfig
-    from pipeline.data import open_dataset
-    from pipeline.teachers import auto_teacher
+    from pipeline.data import dataset_slug
 
-    # The dataset's canonical spec names the cache (synthetic:N:8 and synthetic:N:8:10 are one).
-    dataset = open_dataset(DataConfig(dataset=cfg.dataset))
-    teacher = auto_teacher(dataset.input_shape) if cfg.teacher == "auto" else cfg.teacher
-    return default_cache_path(cfg.cache_root, dataset.spec, teacher)
+    root, base = location(cfg.cache_root, "cache_root"), dataset_slug(cfg.dataset)
+    if cfg.teacher != "auto":
+        return default_cache_path(cfg.cache_root, cfg.dataset, cfg.teacher)
+    from pipeline.cache.format import MANIFEST
+
+    found = [root / f"{base}-{arch}" for arch in AUTO_TEACHERS
+             if (root / f"{base}-{arch}" / MANIFEST).is_file()]
+    if len(found) > 1:
+        raise KdError(f"dataset={cfg.dataset} has caches of several teachers under {root} "
+                      f"({', '.join(p.name for p in found)}); pass teacher=NAME or cache=PATH")
+    if not found:
+        raise KdError(f"no cache of dataset={cfg.dataset} under {root}; build one with `kdcache "
+                      f"cache dataset={cfg.dataset}`, or pass cache=PATH")
+    return found[0]
 
 
 def check_writable(path: Location, key: str) -> None:

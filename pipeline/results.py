@@ -13,23 +13,28 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline import storage
+from pipeline.errors import KdError
 
-# One column per concept. None (null) in loss, target, temperature, layer or C means the run
-# does not use it (e.g. a feature student has no loss; label-only training no temperature).
-# views: the cached views the student drew from (1: view 0 only); augment: the policy its
-# training inputs went through (the cache's, replayed, with views > 1; fresh with views = 1).
+# A row is the run's config — its run keys and every hyperparameter its student and loss
+# declare (pipeline.students.hyperparameters), one column each, typed by the value — plus the
+# measurements below, whose columns are fixed. So a new hyperparameter reaches the table (and
+# the leaderboard's experiment key, pipeline.report) with nothing here to edit. Rows of
+# different students hold different columns; read together, a column a row lacks is null
+# (also for tables written before a hyperparameter existed).
+# Run keys: model, loss, layer, views (the cached views the student drew from; 1: view 0),
+# seed. None (null) in loss, layer or a hyperparameter means the run does not use it.
+# views_policy: the augmentation policy of the cached views it drew from (views > 1).
 # Costs: weights_bytes is the size on disk of the weights as safetensors, latency_b1_ms and
-# latency_b256_ms the CPU milliseconds per sample at batch 1 and 256 (pipeline.latency); the
-# teacher_ columns are the same figures of the teacher, measured when its cache was built
-# (null for caches built before). calibration_temperature: the temperature fitted on val that
-# turns a margin student's scores (LinearSVC) into the probabilities KL and ECE are scored on.
-SCHEMA = pa.schema([
-    ("run_id", pa.string()), ("time", pa.string()), ("model", pa.string()), ("kind", pa.string()),
-    ("loss", pa.string()), ("target", pa.string()), ("temperature", pa.float64()),
-    ("layer", pa.string()), ("views", pa.int64()), ("augment", pa.string()), ("alpha", pa.float64()),
-    ("loss_weight", pa.float64()), ("standardize_logits", pa.bool_()), ("student_layer", pa.string()),
-    ("seed", pa.int64()), ("epochs", pa.int64()),
-    ("C", pa.string()),
+# latency_b256_ms the CPU milliseconds per sample at batch 1 and 256 (pipeline.latency),
+# measured when the run finished; the teacher_ columns are the same figures of the teacher,
+# measured when its cache was built (context only: `kdcache report` compares teacher and
+# students side by side). calibration_temperature: the temperature fitted on val that turns a
+# margin student's scores (LinearSVC) into the probabilities KL and ECE are scored on.
+RUN_KEYS = pa.schema([("model", pa.string()), ("loss", pa.string()), ("layer", pa.string()),
+                      ("views", pa.int64()), ("seed", pa.int64())])
+MEASURED = pa.schema([
+    ("run_id", pa.string()), ("time", pa.string()), ("kind", pa.string()),
+    ("views_policy", pa.string()),
     ("test_accuracy", pa.float64()), ("val_accuracy", pa.float64()),
     ("teacher_agreement", pa.float64()), ("kl_teacher_student", pa.float64()), ("ece", pa.float64()),
     ("calibration_temperature", pa.float64()),
@@ -40,6 +45,37 @@ SCHEMA = pa.schema([
     ("teacher_test_accuracy", pa.float64()), ("teacher_fingerprint", pa.string()),
     ("dataset_fingerprint", pa.string()), ("cache", pa.string()), ("run_dir", pa.string()),
 ])
+# Columns of rows written before the config was derived from the declarations, which no
+# declaration names any more: "augment" (now the student's hyperparameter of that name, or
+# views_policy), "C" as text (now a number or "auto" kept as text)
+_TYPES = {bool: pa.bool_(), int: pa.int64(), float: pa.float64(), str: pa.string()}
+
+
+def config_columns(cfg) -> dict[str, Any]:
+    """A run's config as results columns: its run keys and every hyperparameter (a
+    ``float | str`` value such as C=auto as text)."""
+    hyper = {k: (str(v) if k == "C" and v is not None else v) for k, v in cfg.params.items()}
+    clash = set(hyper) & (set(RUN_KEYS.names) | set(MEASURED.names))
+    if clash:
+        raise KdError(f"model {cfg.model} declares hyperparameters named like results columns "
+                      f"({', '.join(sorted(clash))}); rename them in its constructor")
+    return {"model": cfg.model, "loss": cfg.loss, "layer": cfg.layer, "views": int(cfg.views),
+            "seed": cfg.seed, **hyper}
+
+
+def config_names(table_names: list[str]) -> list[str]:
+    """The columns of a results table that come from runs' configs (run keys and
+    hyperparameters), in a stable order: run keys first, then hyperparameters by name."""
+    measured = set(MEASURED.names)
+    hyper = sorted(n for n in table_names if n not in measured and n not in RUN_KEYS.names)
+    return [*RUN_KEYS.names, *hyper]
+
+
+def _schema_of(row: dict[str, Any]) -> pa.Schema:
+    fields = [RUN_KEYS.field(n) if n in RUN_KEYS.names else MEASURED.field(n)
+              if n in MEASURED.names else pa.field(n, pa.null() if v is None else _TYPES.get(type(v), pa.string()))
+              for n, v in row.items()]
+    return pa.schema(fields)
 
 
 def results_dir(cache_root) -> storage.Location:
@@ -48,33 +84,33 @@ def results_dir(cache_root) -> storage.Location:
 
 
 def append_row(directory, row: dict[str, Any]) -> storage.Location:
-    """Write ``row`` (exactly the SCHEMA's keys: a key the schema lacks would vanish from the
-    table, so it is a bug, not a choice) as one new Parquet file of the table."""
-    if set(row) != set(SCHEMA.names):
-        raise ValueError(f"a results row must hold exactly the SCHEMA's columns; extra: "
-                         f"{sorted(set(row) - set(SCHEMA.names))}, missing: {sorted(set(SCHEMA.names) - set(row))}")
-    table = pa.Table.from_pylist([row], schema=SCHEMA)
+    """Write ``row`` (every run key and measured column, plus the run's hyperparameters) as one
+    new Parquet file of the table. A measured column missing is a bug, not a choice."""
+    missing = sorted((set(RUN_KEYS.names) | set(MEASURED.names)) - set(row))
+    if missing:
+        raise ValueError(f"a results row lacks columns: {missing}")
+    table = pa.Table.from_pylist([row], schema=_schema_of(row))
     path = storage.location(directory) / f"{row['run_id']}.parquet"
     storage.write_bytes(path, storage.parquet_bytes(table))
     return path
 
 
 def read_results(directory) -> pa.Table:
+    """Every row of the table; a column some rows lack is null in those rows."""
     directory = storage.location(directory)
     names = sorted(n for n in storage.files(directory) if n.endswith(".parquet") and "/" not in n)
     if not names:
-        return SCHEMA.empty_table()
-    return pa.concat_tables([_read_row(directory / n) for n in names]).sort_by("time")
+        return pa.schema([*RUN_KEYS, *MEASURED]).empty_table()
+    tables = [_read_row(directory / n) for n in names]
+    return pa.concat_tables(tables, promote_options="permissive").sort_by("time")
 
 
 def _read_row(path) -> pa.Table:
-    """One row file as the current SCHEMA. Rows written before the results table had one name
-    per concept (a column ``T``, 0 for "unused"; ``loss`` holding ``target=labels``, ``soft`` or
-    ``-`` for students without a loss) are translated; columns they lack get their "unused"
-    value (``views``: 1, the others null)."""
+    """One row file. Rows written before the results table had one name per concept (a column
+    ``T``, 0 for "unused"; ``loss`` holding ``target=labels``, ``soft`` or ``-`` for students
+    without a loss) and before hyperparameters were derived from declarations (``augment``
+    holding the cached views' policy) are translated; columns they lack read as null."""
     table = storage.read_table(path)
-    if set(table.column_names) == set(SCHEMA.names):
-        return table.select(SCHEMA.names).cast(SCHEMA)
     row = table.to_pylist()[0]
     if "T" in row:
         loss = row.get("loss") or ""
@@ -84,6 +120,13 @@ def _read_row(path) -> pa.Table:
         row["layer"] = row.get("layer") or None
         row["C"] = row.get("C") or None
     row.setdefault("views", 1)
+    if "views_policy" not in row:  # before: "augment" held the views' policy with views > 1
+        row["views_policy"] = row.get("augment") if (row.get("views") or 1) > 1 else None
+        if (row.get("views") or 1) > 1:
+            row["augment"] = None
     # latency_ms (rows before the teacher comparison) timed a block of up to 1,024 rows: no
     # column now measures that, so it is dropped rather than renamed
-    return pa.Table.from_pylist([{n: row.get(n) for n in SCHEMA.names}], schema=SCHEMA)
+    row.pop("latency_ms", None)
+    for name in MEASURED.names:
+        row.setdefault(name, None)
+    return pa.Table.from_pylist([row], schema=_schema_of(row))

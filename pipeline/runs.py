@@ -11,11 +11,11 @@ run directory.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import secrets
 import shutil
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -24,13 +24,13 @@ import numpy as np
 from pipeline import metrics
 from pipeline.augment import parse
 from pipeline.cache import TeacherCache, open_cache, softmax
-from pipeline.config import StudentConfig, SweepConfig, save_config
+from pipeline.config import Params, StudentConfig, save_config
 from pipeline.errors import KdError
 from pipeline.io import atomic_write_bytes, atomic_write_text, fsync_dir
 from pipeline.latency import per_sample_ms
 from pipeline.losses import LOSSES
 from pipeline.paths import cache_path, check_writable
-from pipeline.results import append_row, results_dir
+from pipeline.results import append_row, config_columns, results_dir
 from pipeline.storage import storage_errors
 from pipeline.students import STUDENTS, Student, StudentData, Uses, create_student, uses
 from pipeline.tracking import check_tracking, track
@@ -39,17 +39,41 @@ WEIGHTS = "student.safetensors"  # in every run directory
 LATENCY_ROWS = 256  # test rows the prediction latency is timed on (already in memory)
 
 
+@dataclass(frozen=True)
+class Plan:
+    """One student run, decided before any work: the cache it reads, its config with every
+    value concrete (the cache's temperature and first layer, the number of views, the parsed
+    augmentation policy), what it uses, and where it is written."""
+
+    cfg: StudentConfig
+    use: Uses
+    cache: TeacherCache
+    run_id: str
+    run_dir: Path
+
+
+def plan_run(cfg: StudentConfig, run_id: str | None = None) -> Plan:
+    """Every check and default of a run of ``cfg`` (completed by
+    :func:`pipeline.students.complete`), made once, up front, before anything is trained."""
+    check_tracking(cfg)
+    cache = open_cache(cache_path(cfg))
+    cfg, use = resolve_run(cfg, cache)
+    check_writable(Path(cfg.runs_dir) / cache.root.name, "runs_dir")  # before training, not after
+    run_id = run_id or new_run_id(cfg)
+    return Plan(cfg, use, cache, run_id, Path(cfg.runs_dir) / cache.root.name / run_id)
+
+
 def resolve_run(cfg: StudentConfig, cache: TeacherCache) -> tuple[StudentConfig, Uses]:
-    """``cfg`` with what the run uses made concrete (the default loss or target, the cache's
-    temperature, its first layer, the number of views) and what it does not use set to None."""
+    """``cfg`` with what the run uses made concrete against ``cache``: the cache's temperature
+    (``temperature=None``), its first layer, the number of views, the parsed augmentation."""
     use = uses(cfg)
+    params = dict(cfg.params)
     # (more views than the cache holds: refused by StudentData, before any training)
     views = 1 if use.augment else cache.views("train") if cfg.views == "all" else int(cfg.views)
     if use.augment:  # fits the inputs? recorded as parsed (shift:03 and shift:3 are one policy)
-        use = dataclasses.replace(use, augment=parse(use.augment, tuple(cache.manifest["teacher"]["input_shape"])).spec)
-    temperature = None
-    if use.temperature:
-        temperature = cfg.temperature if cfg.temperature is not None else cache.temperature
+        params["augment"] = parse(use.augment, tuple(cache.manifest["teacher"]["input_shape"])).spec
+    if use.temperature and params["temperature"] is None:
+        params["temperature"] = cache.temperature
     layer = None
     if use.layer:
         if not cache.layers:
@@ -66,19 +90,13 @@ def resolve_run(cfg: StudentConfig, cache: TeacherCache) -> tuple[StudentConfig,
                       f"layer {layer} pooled to {tuple(cache.manifest['layers'][layer])}; build a cache "
                       "of a map with kdcache cache layers=NAME pool=false (e.g. layers=block3.2 for "
                       "cnn_small) and train with layer=NAME")
-    loss_weight = None
-    if use.loss_weight:
-        loss_weight = cfg.loss_weight if cfg.loss_weight is not None else loss_needs.weight
-    return dataclasses.replace(cfg, loss=use.loss, target=use.target, temperature=temperature,
-                               layer=layer, views=str(views), augment=use.augment or "none",
-                               loss_weight=loss_weight,
-                               standardize_logits=cfg.standardize_logits and use.standardize_logits), use
+    return dataclasses.replace(cfg, layer=layer, views=str(views), params=Params(params)), use
 
 
 def new_run_id(cfg: StudentConfig) -> str:
     """A new run's id, from the time, what the run is (of ``cfg`` as :func:`resolve_run` made
     it) and a random token: unique, and readable in a listing of run directories."""
-    what = cfg.loss or (cfg.target and f"target-{cfg.target}")
+    what = cfg.loss or (cfg.param("target") and f"target-{cfg.param('target')}")
     # a plugin's name (pkg.module:Class) becomes pkg.module-Class: no colons in file names
     return "-".join(p.replace(":", "-") for p in (
         f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}", cfg.model, what, f"s{cfg.seed}",
@@ -86,59 +104,66 @@ def new_run_id(cfg: StudentConfig) -> str:
 
 
 def train_student(cfg: StudentConfig, progress: bool = True, run_id: str | None = None) -> dict:
-    """Run one student; returns its results row plus ``results`` (the row's file).
+    """Run one student: plan, fit, score, write. Returns its results row plus ``results``
+    (the row's file).
 
     ``run_id`` (default: a new one) names the run directory and the results row: a sweep
     decides it before the run starts, so that a second attempt at the same run (a task Dask
     retried) replaces the first one's directory and row instead of adding its own."""
-    # 1. The cache, and every check that can fail before any work is done.
-    check_tracking(cfg)
-    cache = open_cache(cache_path(cfg))
-    cfg, use = resolve_run(cfg, cache)
-    check_writable(Path(cfg.runs_dir) / cache.root.name, "runs_dir")  # before training, not after
-    data = StudentData(cache, cfg.layer, progress, views=int(cfg.views))
-    student = create_student(cfg.model, cfg)
+    plan = plan_run(cfg, run_id)
+    data = StudentData(plan.cache, plan.cfg.layer, progress, views=int(plan.cfg.views))
+    student = create_student(plan.cfg.model, plan.cfg)
 
-    # 2. Fit, from the cache only (the teacher is never loaded).
-    t0 = time.perf_counter()
+    t0 = time.perf_counter()  # fit from the cache only: the teacher is never loaded
     student.fit_cache(data)
     fit_seconds = time.perf_counter() - t0
-    # the student's layer a feature loss read, as the student resolved it
-    cfg = dataclasses.replace(cfg, student_layer=getattr(student, "student_layer_", None))
 
-    # 3. Score: validation for the record, test exactly once.
-    scores = score(student, data, use.kind)
-    row = {
-        "model": cfg.model, "kind": use.kind, "loss": cfg.loss, "target": cfg.target,
-        "temperature": cfg.temperature, "layer": cfg.layer, "views": int(cfg.views),
-        "augment": use.augment or (cache.augment["policy"] if int(cfg.views) > 1 else None),
-        "alpha": cfg.alpha, "loss_weight": cfg.loss_weight,
-        "standardize_logits": cfg.standardize_logits if use.standardize_logits else None,
-        "student_layer": cfg.student_layer, "seed": cfg.seed,
-        "epochs": cfg.epochs, "C": None if getattr(student, "C_", None) is None else str(student.C_),
-        **scores, "params": int(student.n_params_), "weights_bytes": None,  # known once saved
+    scores = score(student, data, plan.use.kind)  # validation for the record, test exactly once
+    cfg = fitted_config(plan.cfg, student)
+    weights = save_weights(student, cfg, plan.use.kind)
+    row = results_row(plan, cfg, student, scores, fit_seconds, len(weights))
+    write_run(plan.run_dir, cfg, weights, student, row)
+    with storage_errors(results_dir(plan.cache.root), "cache"):  # e.g. no write access to a bucket
+        path = append_row(results_dir(plan.cache.root), row)
+    # A copy to the experiment tracker, once the run is safe (a failure is a warning).
+    tracked = track(cfg, row, plan.run_dir, getattr(student, "history_", []))
+    return {**row, "results": str(path), "tracking_run_id": tracked}
+
+
+def fitted_config(cfg: StudentConfig, student: Student) -> StudentConfig:
+    """``cfg`` with what only fitting decided: the student's layer a feature loss read, and
+    the C that C=auto chose on val."""
+    params = dict(cfg.params)
+    if "student_layer" in params:
+        params["student_layer"] = getattr(student, "student_layer_", None)
+    if getattr(student, "C_", None) is not None and "C" in params:
+        params["C"] = student.C_
+    return dataclasses.replace(cfg, params=Params(params))
+
+
+def save_weights(student: Student, cfg: StudentConfig, kind: str) -> bytes:
+    from safetensors.numpy import save
+
+    return save({k: np.ascontiguousarray(v) for k, v in student.tensors().items()},
+                metadata={"model": cfg.model, "kind": kind,
+                          "params": json.dumps(student.get_params(), default=str)})
+
+
+def results_row(plan: Plan, cfg: StudentConfig, student: Student, scores: dict,
+                fit_seconds: float, weights_bytes: int) -> dict:
+    """The run's row: its config (run keys and every hyperparameter, as declared) and its
+    measurements (pipeline.results)."""
+    cache = plan.cache
+    return {
+        **config_columns(cfg), "kind": plan.use.kind,
+        "views_policy": cache.augment["policy"] if int(cfg.views) > 1 else None,
+        **scores, "params": int(student.n_params_), "weights_bytes": weights_bytes,
         "fit_seconds": round(fit_seconds, 3),
         **teacher_cost(cache), "teacher_test_accuracy": cache.teacher_accuracy("test"),
         "teacher_fingerprint": cache.teacher_fingerprint, "dataset_fingerprint": cache.dataset_fingerprint,
-        "cache": str(cache.root),
+        "cache": str(cache.root), "run_id": plan.run_id,
+        "time": datetime.now(timezone.utc).isoformat(), "run_dir": str(plan.run_dir),
     }
-
-    # 4. The run directory (written privately, then renamed), then the results row.
-    run_id = run_id or new_run_id(cfg)
-    run_dir = Path(cfg.runs_dir) / cache.root.name / run_id
-    row.update(run_id=run_id, time=datetime.now(timezone.utc).isoformat(), run_dir=str(run_dir))
-    from safetensors.numpy import save
-
-    weights = save({k: np.ascontiguousarray(v) for k, v in student.tensors().items()},
-                   metadata={"model": cfg.model, "kind": use.kind,
-                             "params": json.dumps(student.get_params(), default=str)})
-    row["weights_bytes"] = len(weights)  # the student's size on disk, as saved
-    write_run(run_dir, cfg, weights, student, row)
-    with storage_errors(results_dir(cache.root), "cache"):  # e.g. no write access to a bucket
-        path = append_row(results_dir(cache.root), row)
-    # 5. A copy to the experiment tracker, once the run is safe (a failure is a warning).
-    tracked = track(cfg, row, run_dir, getattr(student, "history_", []))
-    return {**row, "results": str(path), "tracking_run_id": tracked}
 
 
 def score(student: Student, data: StudentData, kind: str) -> dict:
@@ -219,39 +244,4 @@ def write_run(run_dir: Path, cfg: StudentConfig, weights: bytes, student: Studen
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
-
-def sweep_runs(cfg: SweepConfig) -> list[StudentConfig]:
-    """Every combination of models × losses × temperatures × seeds that applies: a student
-    without a loss runs once per seed (and temperature, if it uses one); a loss without a
-    temperature once per seed. Every name is checked before the first run."""
-    base = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(StudentConfig)}
-    for name in cfg.models:
-        STUDENTS.get(name)
-    for name in cfg.losses:
-        LOSSES.get(name)
-    temperatures = cfg.temperatures or (cfg.temperature,)
-    runs, seen = [], set()
-    for model, loss, temperature, seed in itertools.product(cfg.models, cfg.losses, temperatures,
-                                                            cfg.seeds):
-        run = applicable(StudentConfig(**{**base, "model": model, "loss": loss,
-                                          "temperature": temperature, "seed": seed}))
-        key = (model, run.loss, run.temperature, seed)
-        if key not in seen:
-            seen.add(key)
-            runs.append(run)
-    return runs
-
-
-def applicable(cfg: StudentConfig) -> StudentConfig:
-    """``cfg`` without the values of axes its student (and loss) do not have."""
-    needs = STUDENTS.declared(cfg.model)
-    cfg = dataclasses.replace(cfg, loss=cfg.loss if needs.loss else None,
-                              target=cfg.target if needs.target else None)
-    use = uses(dataclasses.replace(cfg, temperature=None, layer=None, loss_weight=None,
-                                   standardize_logits=False, student_layer=None))
-    return dataclasses.replace(cfg, temperature=cfg.temperature if use.temperature else None,
-                               layer=cfg.layer if use.layer else None,
-                               loss_weight=cfg.loss_weight if use.loss_weight else None,
-                               standardize_logits=cfg.standardize_logits and use.standardize_logits,
-                               student_layer=cfg.student_layer if use.student_layer else None)
 

@@ -1,4 +1,13 @@
-"""Running a sweep's student runs: one after another in this process, or as Dask tasks on local
+"""A sweep: its grid expanded into student runs, and those runs run.
+
+The grid: ``grid.KEY=V1,V2,...`` for any run key (model, loss, seed, layer, views) or any
+hyperparameter a student or loss declares (width, lr, temperature, C, ...), crossed in the
+order given; keys given once (``epochs=5``) apply to every run. A value of an axis that a
+run's student and loss do not declare is dropped for that run (a feature student has no loss
+or width axis), and runs that become equal are run once; an axis or key that applies to no
+run at all is refused.
+
+Running: one after another in this process, or as Dask tasks on local
 worker processes (``scheduler=local workers=N``) or a scheduler's workers (``scheduler=ADDRESS``).
 
 Every run's run_id is decided here, before any run starts: Dask may run a task twice (its worker
@@ -11,14 +20,70 @@ work is refused, in one line, before the cluster starts.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import dataclasses
+import itertools
+from typing import Any, Iterator
 
 from pipeline import runtime
 from pipeline.cache import open_cache
 from pipeline.cache.execute import in_process  # the same rule as for a build's shards
-from pipeline.config import StudentConfig, SweepConfig
+from pipeline.config import Params, StudentConfig, SweepConfig
+from pipeline.errors import KdError
+from pipeline.losses import LOSSES, loss_params
 from pipeline.paths import cache_path
 from pipeline.runs import new_run_id, resolve_run, train_student
+from pipeline.students import STUDENTS, complete, hyperparameters, run_loss, student_params
+
+RUN_AXES = ("model", "loss", "seed", "layer", "views")  # grid axes that are StudentConfig fields
+
+
+def complete_sweep(cfg: SweepConfig, given: dict[str, Any]) -> SweepConfig:
+    """The ``complete`` hook of :func:`pipeline.config.resolve` for sweeps: ``given`` (the
+    hyperparameters set for every run) kept as given, and the whole grid expanded once, so
+    that every key and value is checked before the first run."""
+    cfg = dataclasses.replace(cfg, params=Params({k: str(v) for k, v in given.items()}))
+    expand(cfg)
+    return cfg
+
+
+def expand(cfg: SweepConfig) -> list[StudentConfig]:
+    """Every run of the sweep ``cfg``, each a completed StudentConfig, in grid order."""
+    axes = [*cfg.default_grid, *cfg.grid]
+    for key, values in axes:  # every name checked before the first run
+        for value in values if key in ("model", "loss") else ():
+            (STUDENTS if key == "model" else LOSSES).get(value)
+    base = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(StudentConfig)}
+    runs, seen, applied = [], set(), set()
+    for combination in itertools.product(*(values for _, values in axes)):
+        chosen = dict(zip((key for key, _ in axes), combination))
+        fields = {k: v for k, v in chosen.items() if k in RUN_AXES}
+        run = StudentConfig(**{**base, **fields, "params": Params()})
+        if "seed" in fields or "views" in fields:
+            run = dataclasses.replace(run, seed=int(run.seed), views=str(run.views))
+        model_has_loss = STUDENTS.declared(run.model).loss
+        if not model_has_loss:
+            run = dataclasses.replace(run, loss=None)
+        loss = run_loss(run.model, run.loss)
+        declared = hyperparameters(run.model, loss)
+        hyper = {**dict(cfg.params), **{k: v for k, v in chosen.items() if k not in RUN_AXES}}
+        given = {k: v for k, v in hyper.items() if k in declared}
+        applied |= set(given) | {k for k in fields if k != "loss" or model_has_loss}
+        run = complete(run, given)
+        key = (run.model, run.loss, run.layer, run.views, run.seed, run.params)
+        if key not in seen:
+            seen.add(key)
+            runs.append(run)
+    for key in [*(k for k, _ in cfg.grid), *cfg.params]:  # what the user gave must apply
+        if key not in applied:
+            spelled = f"grid.{key}={','.join(dict(cfg.grid)[key])}" if key in dict(cfg.grid) \
+                else f"{key}={cfg.params[key]}"
+            takers = [m for m in STUDENTS if key in student_params(m)] + \
+                [f"loss {name}" for name in LOSSES if key in loss_params(name)]
+            raise KdError(f"{spelled} applies to no run of this sweep: no model or loss in it "
+                          f"({', '.join(sorted({r.model for r in runs}))}) takes {key}; drop it"
+                          + (f", or sweep one that does ({', '.join(takers)})" if takers else ""))
+    return runs
+
 
 Finished = Iterator[tuple[int, dict]]  # (position in the grid, results row), as runs finish
 

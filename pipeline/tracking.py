@@ -9,7 +9,7 @@ The store is MLflow's: ``MLFLOW_TRACKING_URI`` (``sqlite:///mlflow.db`` works of
 ``http://HOST:5000`` for a tracking server). One MLflow experiment per cache,
 ``kdcache/<cache name>``; one MLflow run per student run, named by kdcache's run id, with
 
-- params: the run's resolved config (every StudentConfig key; None as ``None``);
+- params: the run's resolved config (its run keys and every hyperparameter; None as ``None``);
 - metrics: the results row's numbers (test_accuracy, val_accuracy, teacher_agreement, ...),
   and each epoch's training loss, validation accuracy and loss as series ``epoch/train_loss``,
   ``epoch/val_accuracy``, ``epoch/val_loss`` (step = epoch);
@@ -61,7 +61,9 @@ def _mlflow(cfg: StudentConfig, row: dict, run_dir: Path, history: list[dict]) -
     with _quiet("mlflow", "alembic"):
         mlflow.set_experiment(f"kdcache/{Path(row['cache']).name}")
         with mlflow.start_run(run_name=row["run_id"]) as active:
-            mlflow.log_params({k: str(v)[:MAX_PARAM] for k, v in to_dict(cfg).items()})
+            config = to_dict(cfg)
+            config.update(config.pop("params"))  # one MLflow param per hyperparameter
+            mlflow.log_params({k: str(v)[:MAX_PARAM] for k, v in config.items()})
             mlflow.log_metrics({k: float(v) for k, v in row.items()
                                 if isinstance(v, (int, float)) and not isinstance(v, bool)})
             for entry in history:

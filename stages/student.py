@@ -2,24 +2,29 @@
 
     kdcache student model=linear_svc                     # sklearn on cached teacher features
     kdcache student model=cnn_small loss=kd temperature=4 alpha=0.9 seed=1
+    kdcache student model=mlp width=64 lr=0.03           # any hyperparameter the student declares
     kdcache student model=logreg_soft temperature=2 C=auto
 
-Writes a run directory (resolved config, metrics.json, the student's weights as safetensors,
-a log) under runs_dir, then appends one row to the results table beside the cache.
+Keys: the run keys (cache, model, loss, seed, ...) and every hyperparameter the student's
+constructor and its loss's registration declare (pipeline.students.hyperparameters); any other
+key is refused. Writes a run directory (resolved config, metrics.json, the student's weights
+as safetensors, a log) under runs_dir, then appends one row to the results table beside the
+cache.
 """
 
 from __future__ import annotations
 
 from pipeline.config import StudentConfig, resolve
 from pipeline.runs import train_student
+from pipeline.students import complete
 from pipeline.tracking import tracking_uri
 
 
 def main(args: list[str]) -> dict:
-    cfg = resolve(StudentConfig, args, verb="student")
+    cfg = resolve(StudentConfig, args, verb="student", params=complete)
     row = train_student(cfg)
-    trained = ", ".join(p for p in (row["loss"], row["target"] and f"target={row['target']}",
-                                    row["temperature"] and f"temperature {row['temperature']:g}") if p)
+    trained = ", ".join(p for p in (row["loss"], row.get("target") and f"target={row['target']}",
+                                    row.get("temperature") and f"temperature {row['temperature']:g}") if p)
     print(f"student {row['model']} ({trained or 'no loss'}, seed {row['seed']}): "
           f"test {row['test_accuracy']:.4f}, val {row['val_accuracy']:.4f}, "
           f"agreement {row['teacher_agreement']:.4f} (teacher test {row['teacher_test_accuracy']:.4f}); "

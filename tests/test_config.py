@@ -170,22 +170,22 @@ def test_error_message_is_one_line():
 
 @pytest.mark.parametrize("text", ["none", "None", "", " none "])
 def test_optional_fields_take_none(text):
-    from pipeline.config import StudentConfig
+    from pipeline.students import student_config
 
-    assert resolve(StudentConfig, [f"temperature={text}"]).temperature is None
-    assert resolve(StudentConfig, ["temperature=2"]).temperature == 2.0
+    assert student_config(["model=mlp", f"temperature={text}"]).param("temperature") is None
+    assert student_config(["model=mlp", "temperature=2"]).param("temperature") == 2.0
 
 
 def test_yaml_null_is_none_only_for_optional_fields(tmp_path):
-    from pipeline.config import StudentConfig
+    from pipeline.students import student_config
 
     path = tmp_path / "run.yaml"
-    path.write_text("temperature: null\nloss: null\n")
-    cfg = resolve(StudentConfig, [f"config={path}"])
-    assert cfg.temperature is None and cfg.loss is None
-    path.write_text("epochs: null\n")
+    path.write_text("model: mlp\ntemperature: null\nloss: null\n")
+    cfg = student_config([f"config={path}"])
+    assert cfg.param("temperature") is None and cfg.loss == "kd"  # loss: null = the default
+    path.write_text("model: mlp\nepochs: null\n")
     with pytest.raises(KdError, match="epochs has no value"):
-        resolve(StudentConfig, [f"config={path}"])
+        student_config([f"config={path}"])
 
 
 def test_paths_are_stored_absolute(tmp_path, monkeypatch):

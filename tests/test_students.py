@@ -19,7 +19,7 @@ from sklearn.utils.validation import check_is_fitted
 from pipeline.cache.reader import softmax
 from pipeline.errors import KdError
 from pipeline.losses import LOSSES
-from pipeline.students import STUDENTS, StreamingSGDStudent, StudentData, create_student
+from pipeline.students import STUDENTS, StreamingSGDStudent, StudentData, create_student, student_params
 
 K = 3  # classes
 
@@ -40,7 +40,7 @@ def fake_teacher(y: np.ndarray, seed: int, k: int = K) -> np.ndarray:
     return (3.0 * np.eye(k)[y] + rng.normal(0, 1.0, (len(y), k))).astype(np.float32)
 
 
-# name -> (input shape, student parameters (StudentConfig keys), kind)
+# name -> (input shape, student parameters (run keys and hyperparameters), kind)
 TORCH = dict(epochs=2, batch_size=32, device="cpu", lr=1e-2, temperature=4.0)
 SPECS = {
     "linear_svc": ((6,), {"C": 0.5}, "features"),
@@ -76,7 +76,10 @@ def fit(est, name: str, d: dict):
 
 
 def new(name: str, **extra):
-    return create_student(name, **{**SPECS[name][1], **extra})
+    params = {**SPECS[name][1], **extra}
+    if params.get("loss") and not LOSSES.declared(params["loss"]).temperature:
+        params.pop("temperature", None)  # a loss without a temperature does not take one
+    return create_student(name, **params)
 
 
 _FITTED: dict[str, tuple] = {}
@@ -239,7 +242,7 @@ def test_sgd_trains_out_of_core_from_batches():
         for a in range(0, len(order), 64):
             yield d["X"][order[a:a + 64]], d["y"][order[a:a + 64]]
 
-    est = StreamingSGDStudent(alpha=1e-3, epochs=4, seed=0)
+    est = StreamingSGDStudent(sgd_alpha=1e-3, epochs=4, seed=0)
     assert est._fit_batches(batches, np.arange(K), d["X_val"], d["y_val"]) is est
     assert calls == [-1, 0, 1, 2, 3]  # one scaling pass, then one pass per epoch
     assert [h["epoch"] for h in est.history_] == [0, 1, 2, 3]
@@ -377,7 +380,8 @@ def test_fit_cache_is_the_one_way_to_train(name, contract_caches):
     """Every registered student trains from a cache through fit_cache and scores its rows."""
     trained = 0
     for data in contract_caches.values():
-        est = create_student(name, epochs=2, batch_size=32, device="cpu")
+        quick = {k: v for k, v in dict(epochs=2, batch_size=32).items() if k in student_params(name)}
+        est = create_student(name, device="cpu", **quick)  # (keys the student declares)
         try:
             returned = est.fit_cache(data)
         except KdError as exc:  # an architecture that takes no such inputs (cnn1d: no images)

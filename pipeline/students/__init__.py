@@ -13,7 +13,9 @@ package is.
 
 from pipeline.students.base import Student
 from pipeline.students.data import StudentData
-from pipeline.students.registry import STUDENTS, StudentNeeds, Uses, create_student, uses
+from pipeline.students.registry import (STUDENTS, StudentNeeds, Uses, complete, create_student,
+                                        hyperparameters, not_applicable, run_loss, saved_config,
+                                        student_config, student_params, uses)
 from pipeline.students import features, networks  # noqa: F401,E402  (registration)
 from pipeline.students.features import (C_GRID, FeatureStudent, SoftLogRegStudent,
                                         StreamingSGDStudent)
@@ -21,4 +23,5 @@ from pipeline.students.networks import STUDENT_WIDTHS, TorchStudent
 
 __all__ = ["C_GRID", "STUDENTS", "STUDENT_WIDTHS", "FeatureStudent", "SoftLogRegStudent",
            "StreamingSGDStudent", "Student", "StudentData", "StudentNeeds", "TorchStudent", "Uses",
-           "create_student", "uses"]
+           "complete", "create_student", "hyperparameters", "not_applicable", "run_loss", "saved_config", "student_config",
+           "student_params", "uses"]

@@ -7,6 +7,7 @@ float32 (float16 would be silently upcast to float64 by LogisticRegression).
 from __future__ import annotations
 
 import copy
+from functools import partial
 from typing import Callable, Iterable
 
 import numpy as np
@@ -19,7 +20,7 @@ from pipeline.errors import KdError
 from pipeline.rows import map_blocks
 from pipeline.students.base import Student
 from pipeline.students.data import StudentData
-from pipeline.students.registry import DEFAULT_TARGET, STUDENTS
+from pipeline.students.registry import STUDENTS
 
 C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)  # C=auto: the values tried, best validation accuracy wins
 
@@ -124,7 +125,10 @@ class _LinearBase(Student):
 
 
 class FeatureStudent(_LinearBase):
-    """StandardScaler + LinearSVC / LogisticRegression on hard targets (labels or teacher argmax)."""
+    """StandardScaler + LinearSVC / LogisticRegression on hard targets (labels or teacher argmax).
+    ``C``: inverse regularisation, or ``"auto"`` (chosen on val from ``C_GRID``)."""
+
+    fixed_params = ("estimator",)  # names the registry entry (linear_svc, logreg)
 
     def __init__(self, estimator: str = "linear_svc", C: float | str = 1.0, target: str = "labels",
                  max_iter: int = 5000, seed: int = 0):
@@ -228,8 +232,9 @@ class StreamingSGDStudent(_LinearBase):
     of rows.
     """
 
-    def __init__(self, alpha: float = 1e-4, epochs: int = 20, target: str = "labels", seed: int = 0):
-        self.alpha = alpha
+    def __init__(self, sgd_alpha: float = 1e-4, epochs: int = 20, target: str = "labels",
+                 seed: int = 0):
+        self.sgd_alpha = sgd_alpha  # SGDClassifier's alpha (L2 penalty), named apart from kd's alpha
         self.epochs = epochs
         self.target = target
         self.seed = seed
@@ -250,7 +255,7 @@ class StreamingSGDStudent(_LinearBase):
         return self._fit_batches(batches, np.unique(y), X_val, y_val)
 
     def _estimator(self):
-        return SGDClassifier(loss="log_loss", alpha=self.alpha, random_state=self.seed,
+        return SGDClassifier(loss="log_loss", alpha=self.sgd_alpha, random_state=self.seed,
                              learning_rate="optimal")
 
     def fit_cache(self, data: StudentData) -> "StreamingSGDStudent":
@@ -288,30 +293,8 @@ def _num_classes(soft_targets: np.ndarray | dict) -> int:
     return int(soft_targets["num_classes"]) if isinstance(soft_targets, dict) else soft_targets.shape[1]
 
 
-def _c(text: str) -> float | str:
-    return "auto" if text == "auto" else float(text)
-
-
-@STUDENTS.register("linear_svc", kind="features", target=True)
-def linear_svc(cfg) -> FeatureStudent:
-    """LinearSVC on standardised teacher features."""
-    return FeatureStudent("linear_svc", C=_c(cfg.C), target=cfg.target or DEFAULT_TARGET, seed=cfg.seed)
-
-
-@STUDENTS.register("logreg", kind="features", target=True)
-def logreg(cfg) -> FeatureStudent:
-    """LogisticRegression on standardised teacher features."""
-    return FeatureStudent("logreg", C=_c(cfg.C), target=cfg.target or DEFAULT_TARGET, seed=cfg.seed)
-
-
-@STUDENTS.register("logreg_soft", kind="features", temperature=True)
-def logreg_soft(cfg) -> SoftLogRegStudent:
-    """LogisticRegression fitted to the teacher's softmax(z/T) by sample-weight expansion."""
-    return SoftLogRegStudent(C=_c(cfg.C), temperature=cfg.temperature, seed=cfg.seed)
-
-
-@STUDENTS.register("sgd", kind="features", target=True)
-def sgd(cfg) -> StreamingSGDStudent:
-    """SGDClassifier streamed chunk by chunk from the cache (works on caches larger than RAM)."""
-    return StreamingSGDStudent(alpha=cfg.sgd_alpha, epochs=cfg.epochs,
-                               target=cfg.target or DEFAULT_TARGET, seed=cfg.seed)
+# Each entry fixes the estimator; its hyperparameters are the class's constructor arguments
+STUDENTS.register("linear_svc", kind="features")(partial(FeatureStudent, estimator="linear_svc"))
+STUDENTS.register("logreg", kind="features")(partial(FeatureStudent, estimator="logreg"))
+STUDENTS.register("logreg_soft", kind="features")(SoftLogRegStudent)
+STUDENTS.register("sgd", kind="features")(StreamingSGDStudent)

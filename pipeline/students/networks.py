@@ -3,6 +3,8 @@ teacher targets. The architectures are the teacher registry's, built narrower.""
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import torch
 from torch import nn
@@ -11,10 +13,10 @@ from pipeline import runtime, training
 from pipeline.augment import parse
 from pipeline.cache.reader import softmax
 from pipeline.errors import KdError
-from pipeline.losses import LOSSES, soft_targets
+from pipeline.losses import LOSSES, loss_arguments, soft_targets
 from pipeline.students.base import Student
 from pipeline.students.data import StudentData
-from pipeline.students.registry import DEFAULT_LOSS, STUDENTS
+from pipeline.students.registry import STUDENTS
 from pipeline.teachers import DEFAULT_LAYER, TEACHERS, Tapped, layer_names
 
 # Default widths: small enough to be worth distilling into (a few thousand parameters).
@@ -73,47 +75,49 @@ class TorchStudent(Student):
     y_val=...)`` trains on in-memory arrays whose row i describes one sample. What the loss
     reads (logits, a feature) and whether it takes a temperature is the loss's declaration.
     Training is seeded and deterministic on CPU; the epoch with the best validation accuracy is
-    kept. ``temperature=None`` takes the cache's default in ``fit_cache``; ``loss_weight=None``
-    the loss's declared default. ``student_layer`` names the layer a feature loss reads
-    (default: the cached layer's name if the student has one, else ``embed``); it is tapped
-    unpooled when the cached feature is a spatial map. ``augment`` is a policy applied afresh
+    kept. ``loss_params`` are the loss's registered parameters
+    (:func:`pipeline.losses.loss_params`: ``temperature``, ``alpha``, ``loss_weight``, ...; a
+    missing one takes its declared default, ``temperature`` the cache's in ``fit_cache``).
+    ``student_layer`` names the layer a feature loss reads (default: the cached layer's name if
+    the student has one, else ``embed``); it is tapped unpooled when the cached feature is a
+    spatial map. ``augment`` is a policy applied afresh
     to every batch (label-only losses: cached targets are valid only for the inputs the
     teacher saw; a multi-view cache replays its own views in ``fit_cache``).
     """
 
+    fixed_params = ("arch",)  # names the registry entry (mlp, cnn_small, ...): no hyperparameter
+
     def __init__(self, arch: str = "cnn_small", width: int = 0, loss: str = "kd",
-                 temperature: float | None = None, alpha: float = 0.9,
-                 loss_weight: float | None = None, standardize_logits: bool = False,
-                 student_layer: str | None = None, dkd_alpha: float = 1.0, dkd_beta: float = 8.0,
-                 epochs: int = 60, lr: float = 3e-3, weight_decay: float = 5e-4,
-                 batch_size: int = 128, seed: int = 0, device: str = "auto", augment: str = "none"):
+                 loss_params: dict | None = None, epochs: int = 60, lr: float = 1e-2,
+                 weight_decay: float = 5e-4, batch_size: int = 64, augment: str = "none",
+                 seed: int = 0, device: str = "auto"):
         self.arch = arch
         self.width = width
         self.loss = loss
-        self.temperature = temperature
-        self.alpha = alpha
-        self.loss_weight = loss_weight
-        self.standardize_logits = standardize_logits
-        self.student_layer = student_layer
-        self.dkd_alpha = dkd_alpha
-        self.dkd_beta = dkd_beta
+        self.loss_params = loss_params
         self.epochs = epochs
         self.lr = lr
         self.weight_decay = weight_decay
         self.batch_size = batch_size
+        self.augment = augment
         self.seed = seed
         self.device = device
-        self.augment = augment
+
+    def _loss_param(self, name: str):
+        """The loss's parameter ``name`` as given (None: not given, its declared default)."""
+        return (self.loss_params or {}).get(name)
 
     def fit_cache(self, data: StudentData) -> "TorchStudent":
         needs = LOSSES.declared(self.loss)
-        temperature = self.temperature if self.temperature is not None else data.temperature
+        asked = self._loss_param("temperature")
+        temperature = asked if asked is not None else data.temperature
+        standardize = bool(self._loss_param("standardize_logits"))
         if needs.logits:
-            data.check_targets(temperature if needs.temperature else None, self.standardize_logits)
+            data.check_targets(temperature if needs.temperature else None, standardize)
         batches = data.input_batches(self.batch_size, self.seed, logits=needs.logits,
                                      features=needs.features,
                                      temperature=temperature if needs.temperature else None,
-                                     standardize_logits=self.standardize_logits, sparse=needs.sparse)
+                                     standardize_logits=standardize, sparse=needs.sparse)
         teacher_shape = tuple(data.feature_shape) if needs.features else None
         return self._fit_batches(batches, data.steps_per_epoch(self.batch_size),
                                  data.rows("val", "inputs"), data.labels("val"), data.num_classes,
@@ -131,18 +135,20 @@ class TorchStudent(Student):
             raise ValueError(f"loss {self.loss} needs teacher_logits")
         if needs.features and teacher_features is None:
             raise ValueError(f"loss {self.loss} needs teacher_features")
-        if needs.temperature and self.temperature is None:
-            raise ValueError(f"loss {self.loss} needs a temperature (temperature=...)")
+        temperature = self._loss_param("temperature")
+        if needs.temperature and temperature is None:
+            raise ValueError(f"loss {self.loss} needs a temperature (loss_params={{'temperature': ...}})")
         num_classes = (teacher_logits.shape[1] if teacher_logits is not None
                        else int(max(y.max(), y_val.max())) + 1)
         feats = teacher_features if needs.features else None
         targets = {"z_t": teacher_logits if needs.logits else None, "f_t": feats}
         batches = training.array_batches(X, y, self.batch_size, self.seed, targets)
         if needs.temperature and needs.logits:
-            batches = _with_soft_targets(batches, self.temperature, self.standardize_logits)
+            batches = _with_soft_targets(batches, temperature,
+                                         bool(self._loss_param("standardize_logits")))
         return self._fit_batches(batches, -(-len(X) // self.batch_size), X_val, y_val, num_classes,
                                  None if feats is None else tuple(feats.shape[1:]), teacher_layer,
-                                 self.temperature)
+                                 temperature)
 
     def _fit_batches(self, batches: training.Batches, steps_per_epoch: int, X_val, y_val: np.ndarray,
                      num_classes: int, teacher_shape: tuple[int, ...] | None,
@@ -178,7 +184,7 @@ class TorchStudent(Student):
         layer, pool = DEFAULT_LAYER, True
         if needs.features:
             layer = self.student_layer_ = student_layer(self.arch, width, input_shape, num_classes,
-                                                        self.student_layer, teacher_layer)
+                                                        self._loss_param("student_layer"), teacher_layer)
             pool = len(teacher_shape) == 1  # a spatial cached map is compared with a spatial map
         self.model_ = _Net(self.arch, width, input_shape, num_classes, layer, pool)
         if needs.features:
@@ -191,14 +197,13 @@ class TorchStudent(Student):
             if needs.head is not None:
                 self.model_.head = needs.head(own, teacher_shape)
         self.temperature_ = temperature if needs.temperature else None
-        self.loss_weight_ = needs.weight if self.loss_weight is None else self.loss_weight
+        arguments = loss_arguments(self.loss, {**(self.loss_params or {}), "temperature": self.temperature_})
+        self.loss_weight_ = arguments.get("weight")  # the weight trained with (declared default or given)
         head = self.model_.head
 
         def objective(out, labels, targets):
             z_s, hint = out
-            value = loss_fn(z_s, labels, hint=hint, head=head, T=self.temperature_, alpha=self.alpha,
-                            weight=self.loss_weight_, standardize=self.standardize_logits,
-                            dkd_alpha=self.dkd_alpha, dkd_beta=self.dkd_beta, **targets)
+            value = loss_fn(z_s, labels, hint=hint, head=head, **arguments, **targets)
             if head is not None:  # after the step's loss: a memory never holds its own batch yet
                 head.remember(targets["f_t"])
             return value
@@ -258,18 +263,6 @@ def _with_soft_targets(batches: training.Batches, T: float, standardize: bool) -
     return soft
 
 
-def _torch_factory(arch: str):
-    def factory(cfg) -> TorchStudent:
-        return TorchStudent(arch=arch, width=cfg.width, loss=cfg.loss or DEFAULT_LOSS,
-                            temperature=cfg.temperature, alpha=cfg.alpha, loss_weight=cfg.loss_weight,
-                            standardize_logits=cfg.standardize_logits,
-                            student_layer=cfg.student_layer, dkd_alpha=cfg.dkd_alpha, dkd_beta=cfg.dkd_beta, epochs=cfg.epochs,
-                            lr=cfg.lr, weight_decay=cfg.weight_decay, batch_size=cfg.batch_size,
-                            seed=cfg.seed, device=cfg.device, augment=cfg.augment)
-
-    factory.__doc__ = f"A narrow {arch} (width {STUDENT_WIDTHS[arch]}) trained on inputs."
-    return factory
-
-
-for _arch in STUDENT_WIDTHS:
-    STUDENTS.register(_arch, kind="inputs", loss=True)(_torch_factory(_arch))
+for _arch, _width in STUDENT_WIDTHS.items():
+    # the entry fixes the architecture; its narrow default width is the entry's default
+    STUDENTS.register(_arch, kind="inputs", loss=True)(partial(TorchStudent, arch=_arch, width=_width))

@@ -1,49 +1,64 @@
-"""The student registry: name → ``factory(cfg: StudentConfig) -> Student``, and what each
-student declares when it registers."""
+"""The student registry, and every hyperparameter of a run, declared once.
+
+An entry is a :class:`~pipeline.students.Student` class (or a ``functools.partial`` of one that
+fixes its architecture and sets its defaults): its constructor's arguments *are* the student's
+hyperparameters — their names, types and defaults. A loss's hyperparameters are those it
+registered (:func:`pipeline.losses.loss_params`). From these two declarations alone come the
+keys ``kdcache student`` and ``kdcache sweep`` take, their checks, the run's saved config, the
+results table's columns and the leaderboard's experiment key: adding an argument to a student
+or a parameter to a loss adds it everywhere, with nothing else to edit.
+
+A plugin may also register a ``factory(cfg) -> Student``; it then declares no hyperparameters
+of its own (it reads the run keys of ``cfg``).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import typing
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable
 
-from pipeline.config import StudentConfig
+from pipeline.config import Param, Params, StudentConfig, declared_param, from_record
 from pipeline.errors import KdError
-from pipeline.losses import LOSSES
+from pipeline.losses import LOSSES, loss_params
 from pipeline.registry import Registry
 
 KINDS = ("features", "inputs")
 DEFAULT_LOSS = "kd"  # students that train with a loss, when loss= is not given
 DEFAULT_TARGET = "labels"  # students that fit hard targets, when target= is not given
+# Constructor arguments a run supplies from its own keys, not hyperparameters: the seed and
+# device of the run, the loss's name and the loss's parameters (declared by the loss)
+RUN_ARGUMENTS = ("seed", "device", "loss", "loss_params")
 
 
 @dataclass(frozen=True)
 class StudentNeeds:
-    """What a student declares at registration; runs, sweeps and results rows derive from it.
+    """What a student declares at registration; its hyperparameters are its constructor's.
 
     - ``kind``: ``features`` (fits cached teacher features; never sees an input) or ``inputs``
       (trains on the dataset's inputs, joined to the cached targets by sample_id).
     - ``loss``: trains with a registered loss (``loss=``; what the loss needs is the loss's
       own declaration, :class:`pipeline.losses.LossNeeds`).
-    - ``target``: fits hard targets, the labels or the teacher's argmax (``target=``).
-    - ``temperature``: softens the teacher's logits itself (not through a loss).
+
+    A constructor argument ``target`` means the student fits hard targets (the labels or the
+    teacher's argmax); ``temperature``, that it softens the teacher's logits itself.
     """
 
     kind: str
     loss: bool = False
-    target: bool = False
-    temperature: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"student kind {self.kind!r} is not one of {KINDS}")
 
 
-def _plugin_student(name: str, obj: Any) -> Callable[[StudentConfig], Any]:
-    """A plugin student: a Student subclass, built with the config values its constructor
-    names (``seed=``, ``epochs=``, ``temperature=``, ...), or a ``factory(cfg) -> Student``."""
-    import inspect
-
+def _plugin_student(name: str, obj: Any) -> Any:
+    """A plugin student: a Student subclass (its constructor declares its hyperparameters) or
+    a ``factory(cfg) -> Student``. Its exceptions become one line naming it."""
+    from pipeline import plugins
     from pipeline.students.base import Student
 
     def checked(student):
@@ -52,27 +67,120 @@ def _plugin_student(name: str, obj: Any) -> Callable[[StudentConfig], Any]:
                           "pipeline.students.Student (the student contract)")
         return student
 
-    from pipeline import plugins
-
     if isinstance(obj, type):
-        names = [p for p in inspect.signature(obj).parameters if p in StudentConfig.__dataclass_fields__]
-        return lambda cfg: checked(plugins.call(f"student {name}: {obj.__name__}(...)", obj,
-                                                **{p: getattr(cfg, p) for p in names}))
-    return lambda cfg: checked(plugins.call(f"student {name}: factory(cfg)", obj, cfg))
+        def make(**kwargs):
+            return checked(plugins.call(f"student {name}: {obj.__name__}(...)", obj, **kwargs))
+        make.__signature__ = inspect.signature(obj)
+        make.student_class = obj
+        return make
+    factory = lambda cfg: checked(plugins.call(f"student {name}: factory(cfg)", obj, cfg))  # noqa: E731
+    factory.from_config = True
+    return factory
 
 
-STUDENTS: Registry[Callable[[StudentConfig], Any]] = Registry("student", StudentNeeds,
-                                                              adapt=_plugin_student)
+STUDENTS: Registry[Callable[..., Any]] = Registry("student", StudentNeeds, adapt=_plugin_student)
+
+
+def _student_class(entry: Any) -> type | None:
+    while isinstance(entry, partial):
+        entry = entry.func
+    return entry if isinstance(entry, type) else getattr(entry, "student_class", None)
+
+
+def _from_config(entry: Any) -> bool:
+    """Whether an entry is a ``factory(cfg)`` (it declares no hyperparameters)."""
+    return getattr(entry, "from_config", False) or (
+        _student_class(entry) is None and not isinstance(entry, partial))
+
+
+def student_params(model: str) -> dict[str, Param]:
+    """The hyperparameters student ``model`` declares: its constructor's arguments, less the
+    ones that name its entry (``fixed_params``) and the ones the run supplies."""
+    entry = STUDENTS.get(model)
+    if _from_config(entry):
+        return {}
+    cls = _student_class(entry)
+    hints = typing.get_type_hints(cls.__init__) if cls is not None else {}
+    fixed = getattr(cls, "fixed_params", ())
+    out = {}
+    for p in inspect.signature(entry).parameters.values():
+        if p.name in fixed or p.name in RUN_ARGUMENTS or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if p.default is p.empty:
+            raise KdError(f"student {model}: constructor argument {p.name!r} has no default; "
+                          "every argument of a student needs one (scikit-learn's convention)")
+        annotation = hints.get(p.name) or (type(p.default) if p.default is not None else str | None)
+        out[p.name] = declared_param(p.name, annotation, p.default)
+    return out
+
+
+def run_loss(model: str, loss: str | None) -> str | None:
+    """The loss a run of ``model`` trains with: ``loss`` or the default for students that take
+    one; None for students that take none (``loss=`` given to one is refused)."""
+    if loss is not None:
+        LOSSES.get(loss)  # a typo is an error before "does not apply"
+    if STUDENTS.declared(model).loss:
+        return loss or DEFAULT_LOSS
+    if loss is not None:
+        raise KdError(f"loss={loss} does not apply: model {model} trains without a loss; "
+                      f"drop loss= or pick a student that takes one ({', '.join(_with_loss())})")
+    return None
+
+
+def hyperparameters(model: str, loss: str | None) -> dict[str, Param]:
+    """Every hyperparameter of a run of ``model`` with ``loss`` (the student's and the loss's)."""
+    out = student_params(model)
+    if loss is not None:
+        out.update(loss_params(loss))
+    return out
+
+
+def complete(cfg: StudentConfig, given: dict[str, Any]) -> StudentConfig:
+    """``cfg`` with its loss decided and every hyperparameter of its student and loss set:
+    the values ``given`` (text or YAML values, checked and converted) and the declared
+    defaults for the rest. A key neither declares is refused in one line. This is the
+    ``complete`` hook of :func:`pipeline.config.resolve` for student runs."""
+    loss = run_loss(cfg.model, cfg.loss)
+    declared = hyperparameters(cfg.model, loss)
+    values = {}
+    for key, raw in given.items():
+        if key not in declared:
+            raise KdError(not_applicable(key, raw, cfg.model, loss, declared))
+        values[key] = declared[key].coerce(raw)
+    params = Params({k: values.get(k, p.default) for k, p in declared.items()})
+    cfg = dataclasses.replace(cfg, loss=loss, params=params)
+    uses(cfg)  # the checks across keys (augment with a teacher loss, layer=, ...), up front
+    return cfg
+
+
+def not_applicable(key: str, value: Any, model: str, loss: str | None,
+                   declared: dict[str, Param]) -> str:
+    """The one line for a key that the run's student and loss do not declare."""
+    what = f"model {model}" + (f" with loss {loss}" if loss else "")
+    takes = f"{what} takes: {', '.join(sorted(declared)) or 'no hyperparameters'}"
+    models = [m for m in STUDENTS if key in _safe_params(m)]
+    losses = [name for name in LOSSES if key in loss_params(name)]
+    if not models and not losses:
+        return (f"unknown key {key!r} for `kdcache student`; run keys: "
+                f"{', '.join(f.name for f in dataclasses.fields(StudentConfig) if f.name != 'params')}; "
+                f"{takes}")
+    where = ", ".join([*(f"model {m}" for m in models), *(f"loss {name}" for name in losses)])
+    return f"{key}={value} does not apply: {what} takes no {key} (it does: {where}); drop {key}= ({takes})"
+
+
+def _safe_params(model: str) -> dict[str, Param]:
+    try:
+        return student_params(model)
+    except KdError:  # a broken plugin's entry must not hide the message about another key
+        return {}
 
 
 @dataclass(frozen=True)
 class Uses:
-    """What one run of a student reads and records: ``loss`` / ``target`` are names or None
-    (the student has no such axis), ``temperature`` whether T applies, ``layer`` whether it
-    reads a cached feature, ``logits`` whether it reads the cached logits at all, ``augment``
-    the policy of fresh augmentation (None: none); ``loss_weight``, ``standardize_logits`` and
-    ``student_layer`` whether those options apply (the loss declares a weight, a temperature,
-    a feature)."""
+    """What one run reads and records, from its declarations and its resolved config:
+    ``loss`` / ``target`` are names or None (the student has no such axis), ``temperature``
+    whether T applies, ``layer`` whether it reads a cached feature, ``logits`` whether it reads
+    the cached logits at all, ``augment`` the policy of fresh augmentation (None: none)."""
 
     kind: str
     loss: str | None
@@ -81,59 +189,27 @@ class Uses:
     layer: bool
     logits: bool
     augment: str | None = None
-    loss_weight: bool = False
-    standardize_logits: bool = False
-    student_layer: bool = False
 
 
 def uses(cfg: StudentConfig) -> Uses:
-    """What a run of ``cfg.model`` with ``cfg``'s loss uses, from the declarations alone.
-    Unknown names and values given for an axis the run does not have are refused."""
+    """What a run of ``cfg`` (completed by :func:`complete`) uses; values given for what it
+    does not use (a layer, augmentation with a teacher's loss) are refused."""
     needs = STUDENTS.declared(cfg.model)
-    loss = None
-    if cfg.loss is not None:
-        LOSSES.get(cfg.loss)  # a typo is an error before "does not apply"
-    if needs.loss:
-        loss = cfg.loss or DEFAULT_LOSS
-    elif cfg.loss is not None:
-        raise KdError(f"loss={cfg.loss} does not apply: model {cfg.model} trains without a loss; "
-                      f"drop loss= or pick a student that takes one ({', '.join(_with('loss'))})")
-    if cfg.target is not None and not needs.target:
-        raise KdError(f"target={cfg.target} does not apply: model {cfg.model} fits no hard targets; "
-                      f"drop target= or pick {', '.join(_with('target'))}")
+    loss = cfg.loss
     loss_needs = LOSSES.declared(loss) if loss else None
-    temperature = needs.temperature or bool(loss_needs and loss_needs.temperature)
-    if cfg.temperature is not None and not temperature:
-        what = f"loss {loss}" if loss else f"model {cfg.model}"
-        raise KdError(f"temperature={cfg.temperature:g} does not apply: {what} uses no temperature; "
-                      "drop temperature=")
+    target = cfg.param("target")
+    if target is not None and target not in ("labels", "teacher"):
+        raise KdError(f"target={target!r} must be labels or teacher")
+    temperature = "temperature" in cfg.params
     layer = needs.kind == "features" or bool(loss_needs and loss_needs.features)
     if cfg.layer and not layer:
         raise KdError(f"layer={cfg.layer} does not apply: {f'loss {loss}' if loss else cfg.model} "
                       "reads no cached feature; drop layer=")
-    what = f"loss {loss}" if loss else f"model {cfg.model}"
-    loss_weight = bool(loss_needs and loss_needs.weight is not None)
-    if cfg.loss_weight is not None and not loss_weight:
-        raise KdError(f"loss_weight={cfg.loss_weight:g} does not apply: {what} adds no weighted term "
-                      f"of its own (kd, mse_logits weigh theirs by alpha); drop loss_weight= or "
-                      f"pick {', '.join(n for n in LOSSES if LOSSES.declared(n).weight is not None)}")
-    standardize = bool(loss_needs and loss_needs.temperature)
-    if cfg.standardize_logits and not standardize:
-        raise KdError(f"standardize_logits=true does not apply: {what} softens no logits by a "
-                      "temperature; drop it or pick a temperature loss "
-                      f"({', '.join(n for n in LOSSES if LOSSES.declared(n).temperature)})")
-    student_layer = bool(loss_needs and loss_needs.features)
-    if cfg.student_layer and not student_layer:
-        raise KdError(f"student_layer={cfg.student_layer} does not apply: {what} reads no "
-                      "student feature; drop student_layer=")
     logits = (loss_needs.logits if loss_needs else
-              needs.temperature or (needs.target and (cfg.target or DEFAULT_TARGET) == "teacher"))
-    augment = None if cfg.augment == "none" else cfg.augment
+              (temperature and "target" not in cfg.params) or target == "teacher")
+    augment = cfg.param("augment")
+    augment = None if augment in (None, "none") else augment
     if augment is not None:
-        if needs.kind != "inputs":
-            raise KdError(f"augment={augment} does not apply: model {cfg.model} reads cached features, "
-                          "not inputs; cache augmented views instead (kdcache cache views=K "
-                          f"augment={augment}) and train with views=all")
         if logits or (loss_needs and loss_needs.features):
             raise KdError(f"augment={augment} does not apply to loss {loss}: it reads the teacher's "
                           "cached outputs, valid only for the inputs the teacher saw; cache augmented "
@@ -142,16 +218,57 @@ def uses(cfg: StudentConfig) -> Uses:
         if cfg.views not in ("all", "1"):
             raise KdError(f"views={cfg.views} with augment={augment}: fresh augmentation trains on "
                           "view 0 of each row; drop views= or augment=")
-    return Uses(needs.kind, loss, (cfg.target or DEFAULT_TARGET) if needs.target else None,
-                temperature, layer, bool(logits), augment, loss_weight, standardize, student_layer)
+    return Uses(needs.kind, loss, target, temperature, layer, bool(logits), augment)
 
 
-def _with(axis: str) -> list[str]:
-    return [name for name in STUDENTS if getattr(STUDENTS.declared(name), axis)]
+def _with_loss() -> list[str]:
+    return [name for name in STUDENTS if STUDENTS.declared(name).loss]
 
 
 def create_student(name: str, cfg: StudentConfig | None = None, **overrides: Any):
-    """An unfitted student ``name`` with its parameters taken from ``cfg`` (default: the
-    defaults) and ``overrides`` (StudentConfig keys, e.g. ``C=0.5``)."""
-    cfg = dataclasses.replace(cfg or StudentConfig(), model=name, **overrides)
-    return STUDENTS.get(name)(cfg)
+    """An unfitted student ``name`` built from ``cfg`` (default: the declared defaults) with
+    ``overrides`` (its hyperparameters or run keys, e.g. ``C=0.5``, ``epochs=2``)."""
+    entry = STUDENTS.get(name)
+    base = cfg if cfg is not None and cfg.model == name else StudentConfig(model=name)
+    if cfg is not None and cfg.model == name and cfg.params:
+        run = cfg
+    else:
+        fields = {f.name for f in dataclasses.fields(StudentConfig)}
+        keys = {k: v for k, v in overrides.items() if k in fields}
+        run = complete(dataclasses.replace(base, model=name, **keys),
+                       {k: v for k, v in overrides.items() if k not in fields})
+        overrides = {}
+    params = {**run.params, **overrides}
+    if _from_config(entry):
+        return entry(dataclasses.replace(run, params=Params(params)))
+    accepted = inspect.signature(entry).parameters
+    loss_keys = set(loss_params(run.loss)) if run.loss else set()
+    kwargs = {k: v for k, v in params.items() if k in accepted and k not in loss_keys}
+    for key in ("seed", "device", "loss"):
+        if key in accepted:
+            kwargs[key] = getattr(run, key)
+    if "loss_params" in accepted:
+        kwargs["loss_params"] = {k: v for k, v in params.items() if k in loss_keys}
+    return entry(**kwargs)
+
+
+def saved_config(record: dict[str, Any]) -> StudentConfig:
+    """The StudentConfig a run directory's config.json records. A run saved before
+    hyperparameters were declared by students and losses kept them as flat keys: those its
+    student and loss declare are taken (None and a width of 0 meant "the default")."""
+    cfg = from_record(StudentConfig, record)
+    if "params" in record:
+        return cfg
+    loss = run_loss(cfg.model, cfg.loss)
+    declared = hyperparameters(cfg.model, loss)
+    given = {k: v for k, v in record.items() if k in declared and v is not None
+             and not (k == "width" and v == 0) and k not in ("student_layer",)}
+    return complete(dataclasses.replace(cfg, loss=loss), given)
+
+
+def student_config(overrides: list[str] | dict[str, Any] = (), verb: str = "student") -> StudentConfig:
+    """A student run's config from ``key=value`` overrides (or a dict), completed: what
+    ``kdcache student`` resolves (:func:`pipeline.config.resolve` with :func:`complete`)."""
+    from pipeline.config import resolve
+
+    return resolve(StudentConfig, overrides, verb=verb, params=complete)

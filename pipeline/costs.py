@@ -1,0 +1,74 @@
+"""Teacher and students timed side by side, when a comparison is printed.
+
+A ratio of two latencies means something only if both were measured under the same load: a
+teacher timed at build time while another job held the cores, and a student timed an hour
+later on an idle machine, give a "3,639× faster" that says more about the machine than the
+models. So every "× faster" kdcache prints comes from here: the teacher and each student
+loaded in this process, on the same threads, on the same rows, timed in alternation
+(teacher, student 1, student 2, ..., then again), each figure the median of its rounds. The
+latencies recorded when a cache was built or a run finished stay as context.
+
+Timing does not depend on the values of the rows (no model here branches on its input), so
+the rows are seeded noise of the teacher's input shape: the comparison needs neither the
+dataset nor the cache's inputs.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any, Callable
+
+import numpy as np
+
+from pipeline.cache import TeacherCache
+from pipeline.errors import KdError, first_line
+from pipeline.latency import per_sample_ms, torch_predict
+
+ROUNDS = 3  # alternations: each model's figure is the median of this many measurements
+ROWS = 256
+
+
+def side_by_side(predicts: dict[Any, Callable[[np.ndarray], object]], rows: np.ndarray,
+                 rounds: int = ROUNDS) -> dict[Any, dict[str, float]]:
+    """``{key: {"b1_ms", "b256_ms"}}``: each ``predict`` timed per sample at batch 1 and 256
+    (:func:`pipeline.latency.per_sample_ms`), the models alternated ``rounds`` times, each
+    figure the median over the rounds."""
+    times: dict[Any, list[dict]] = {key: [] for key in predicts}
+    for _ in range(rounds):
+        for key, predict in predicts.items():
+            times[key].append(per_sample_ms(predict, rows))
+    return {key: {"b1_ms": statistics.median(t["batch_1_ms"] for t in ts),
+                  "b256_ms": statistics.median(t["batch_256_ms"] for t in ts)}
+            for key, ts in times.items()}
+
+
+def load_teacher(cache: TeacherCache):
+    """The cache's teacher on the CPU, from the weights its manifest names (their fingerprint
+    checked), as ``predict(batch)``; or the reason it cannot be loaded here, as text."""
+    from pipeline.teachers import TeacherSpec, build_teacher
+
+    t = cache.manifest["teacher"]
+    spec = TeacherSpec(t["arch"], tuple(t["input_shape"]), t["num_classes"], t["ckpt"],
+                       t["seed"] or 0, fingerprint=t["fingerprint"])
+    try:
+        return torch_predict(build_teacher(spec))
+    except KdError as exc:
+        return f"the teacher cannot be loaded here: {first_line(exc, 160)}"
+
+
+def compare(cache: TeacherCache, students: dict[Any, Callable[[np.ndarray], object]],
+            seed: int = 0) -> dict[Any, dict[str, float] | str]:
+    """Each student against the cache's teacher, timed side by side: ``{key: {"teacher_b1_ms",
+    "teacher_b256_ms", "student_b1_ms", "student_b256_ms"}}``, or for every key the reason the
+    teacher could not be timed (text). The teacher is timed once per round, beside all the
+    students, so every ratio shares the teacher's figure."""
+    teacher = load_teacher(cache)
+    if isinstance(teacher, str):
+        return {key: teacher for key in students}
+    shape = tuple(cache.manifest["teacher"]["input_shape"])
+    rows = np.random.default_rng(seed).standard_normal((ROWS, *shape)).astype(np.float32)
+    timed = side_by_side({"__teacher__": teacher, **students}, rows)
+    t = timed.pop("__teacher__")
+    return {key: {"teacher_b1_ms": t["b1_ms"], "teacher_b256_ms": t["b256_ms"],
+                  "student_b1_ms": s["b1_ms"], "student_b256_ms": s["b256_ms"]}
+            for key, s in timed.items()}
