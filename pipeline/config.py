@@ -372,6 +372,11 @@ def resolve(cls: type[C], overrides: list[str] | dict[str, Any] = (), verb: str 
     return cfg
 
 
+def coerce_field(cls: type, name: str, value: Any) -> Any:
+    """``value`` (text or YAML) as the type of field ``name`` of config class ``cls``."""
+    return _coerce(cls, name, typing.get_type_hints(cls)[name], value)
+
+
 def from_record(cls: type[C], record: dict[str, Any]) -> C:
     """A config rebuilt exactly as it was recorded (e.g. a manifest's dataset config): its
     values were resolved when it was saved, so paths are taken as they are."""
@@ -566,7 +571,7 @@ PARAM_BOUNDS: dict[str, tuple[float, float | None, bool]] = {
     "loss_weight": (0, 1e6, False),  # pkt's paper weight is 3·10⁴; far beyond, CE vanishes
     "temperature": (0, None, True),
     "sgd_alpha": (0, 100.0, True),  # SGDClassifier's L2 penalty: beyond this every weight is ~0
-    "C": (0, 3.4028234663852886e38, True),
+    "C": (0, None, True),
 }
 
 
@@ -674,6 +679,7 @@ class ReportConfig:
     dataset: str = dataset_field("digits")
     teacher: str = "auto"
     out: str = path_field("")  # "" = <results table>/report
+    runs_dir: str = path_field("")  # "" = every run of the cache; DIR = only the runs that went there
 
     def check(self) -> None:
         pass

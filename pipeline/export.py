@@ -98,8 +98,6 @@ def fitting_format(run: Run) -> str:
 def restore(run: Run) -> tuple[Student, TeacherCache]:
     """The run's trained student rebuilt from its saved weights, and the cache it was trained
     from (whose test split the export is checked on)."""
-    from safetensors.numpy import load_file
-
     cache_root = storage.location(run.row["cache"])  # a folder, or a URL on object storage
     if not (cache_root / fmt.MANIFEST).is_file():
         raise KdError(f"the cache run {run.root.name} was trained from, {cache_root}, is not there; "
@@ -112,6 +110,14 @@ def restore(run: Run) -> tuple[Student, TeacherCache]:
             raise KdError(f"cache {cache_root} now holds another {what} ({what} fingerprint "
                           f"{now[:12]}) than run {run.root.name} was trained from ({recorded[:12]}); "
                           "export checks the student on its own cache's test split: restore that cache")
+    return load_fitted(run, cache), cache
+
+
+def load_fitted(run: Run, cache: TeacherCache) -> Student:
+    """The run's trained student, rebuilt from its config and saved weights, for rows of
+    ``cache``'s input shape and classes."""
+    from safetensors.numpy import load_file
+
     # (the C that C=auto chose is in the config: runs record what fitting decided)
     overrides = {"C": run.row["C"]} if run.config.param("C") == "auto" and run.row.get("C") else {}
     student = create_student(run.config.model, run.config, **overrides)
@@ -130,6 +136,7 @@ def restore(run: Run) -> tuple[Student, TeacherCache]:
         raise KdError(f"the weights in {run.root / WEIGHTS} do not fit model {run.config.model} "
                       f"as config.json describes it ({type(exc).__name__}); was the run directory "
                       "edited? train the student again") from None
+    return student
     return student, cache
 
 

@@ -39,26 +39,38 @@ def cache_path(cfg) -> Location:
     ``cfg.teacher`` under ``cfg.cache_root`` (a local Path or an object store's UPath).
 
     The default is found by name, without opening the dataset (which may mean reading every
-    file of an image folder): ``<dataset>-<teacher>``, and for ``teacher=auto`` the one cache
-    of the dataset built with a teacher auto picks."""
+    file of an image folder): ``<dataset>-<teacher>`` (for ``teacher=auto``, a teacher auto
+    picks); for a spec the cache stage wrote in another form (``synthetic:300:8`` is
+    ``synthetic:300:8:10``), the cache whose manifest records the spec as given."""
     if cfg.cache:
         return location(cfg.cache)
+    import json
+
+    from pipeline.cache.format import MANIFEST
     from pipeline.data import dataset_slug
 
     root, base = location(cfg.cache_root, "cache_root"), dataset_slug(cfg.dataset)
-    if cfg.teacher != "auto":
-        return default_cache_path(cfg.cache_root, cfg.dataset, cfg.teacher)
-    from pipeline.cache.format import MANIFEST
-
-    found = [root / f"{base}-{arch}" for arch in AUTO_TEACHERS
-             if (root / f"{base}-{arch}" / MANIFEST).is_file()]
+    archs = AUTO_TEACHERS if cfg.teacher == "auto" else (cfg.teacher,)
+    found = [root / f"{base}-{dataset_slug(a)}" for a in archs
+             if (root / f"{base}-{dataset_slug(a)}" / MANIFEST).is_file()]
+    if not found and root.is_dir():
+        for child in sorted(root.iterdir(), key=lambda c: c.name):
+            if not child.name.startswith(base + "-") or not (child / MANIFEST).is_file():
+                continue
+            m = json.loads((child / MANIFEST).read_text())
+            arch = m["teacher"]["arch"]
+            if (m["dataset"]["config"]["dataset"] == cfg.dataset and arch in archs
+                    and child.name == f"{dataset_slug(m['dataset']['spec'])}-{dataset_slug(arch)}"):
+                found.append(child)
     if len(found) > 1:
         raise KdError(f"dataset={cfg.dataset} has caches of several teachers under {root} "
                       f"({', '.join(p.name for p in found)}); pass teacher=NAME or cache=PATH")
-    if not found:
-        raise KdError(f"no cache of dataset={cfg.dataset} under {root}; build one with `kdcache "
-                      f"cache dataset={cfg.dataset}`, or pass cache=PATH")
-    return found[0]
+    if found:
+        return found[0]
+    if cfg.teacher != "auto":  # (opening it names the command that builds it)
+        return default_cache_path(cfg.cache_root, cfg.dataset, cfg.teacher)
+    raise KdError(f"no cache of dataset={cfg.dataset} under {root}; build one with `kdcache "
+                  f"cache dataset={cfg.dataset}`, or pass cache=PATH")
 
 
 def check_writable(path: Location, key: str) -> None:

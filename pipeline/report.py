@@ -68,8 +68,13 @@ def leaderboard(rows: list[dict]) -> list[dict]:
                       "latency_b256_ms": _mean(rs, "latency_b256_ms"),
                       "fit_s": float(np.mean([r["fit_seconds"] for r in rs])),
                       "run_dirs": [r.get("run_dir") for r in rs]})
-    differs = [k for k in key_names if k not in ALWAYS_SHOWN
-               and len({_hashable(b.get(k)) for b in board}) > 1]
+    # the columns that tell apart experiments of one student with one loss (widths 16 and
+    # 256, temperatures 2 and 4); what every run of a (model, loss) pair shares — a network's
+    # default width, kd's alpha — says nothing the model and loss columns do not
+    pairs = {(b["model"], b["loss"]) for b in board}
+    differs = [k for k in key_names if k not in ALWAYS_SHOWN and any(
+        len({_hashable(b.get(k)) for b in board if (b["model"], b["loss"]) == pair}) > 1
+        for pair in pairs)]
     for b in board:
         b["differs"] = differs
     return sorted(board, key=lambda b: -b["mean"])

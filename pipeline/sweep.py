@@ -27,7 +27,7 @@ from typing import Any, Iterator
 from pipeline import runtime
 from pipeline.cache import open_cache
 from pipeline.cache.execute import in_process  # the same rule as for a build's shards
-from pipeline.config import Params, StudentConfig, SweepConfig
+from pipeline.config import Params, StudentConfig, SweepConfig, coerce_field
 from pipeline.errors import KdError
 from pipeline.losses import LOSSES, loss_params
 from pipeline.paths import cache_path
@@ -56,10 +56,9 @@ def expand(cfg: SweepConfig) -> list[StudentConfig]:
     runs, seen, applied = [], set(), set()
     for combination in itertools.product(*(values for _, values in axes)):
         chosen = dict(zip((key for key, _ in axes), combination))
-        fields = {k: v for k, v in chosen.items() if k in RUN_AXES}
+        fields = {k: coerce_field(StudentConfig, k, v) for k, v in chosen.items() if k in RUN_AXES}
         run = StudentConfig(**{**base, **fields, "params": Params()})
-        if "seed" in fields or "views" in fields:
-            run = dataclasses.replace(run, seed=int(run.seed), views=str(run.views))
+        run.check()
         model_has_loss = STUDENTS.declared(run.model).loss
         if not model_has_loss:
             run = dataclasses.replace(run, loss=None)

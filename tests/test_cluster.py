@@ -187,7 +187,7 @@ def test_an_unreachable_scheduler_is_one_line_and_leaves_nothing(verb, make_cach
     else:
         cache = make_cache()
         work = tmp_path / "runs"
-        args = [f"cache={cache}", f"runs_dir={work}", "models=mlp", "seeds=0", f"scheduler={address}"]
+        args = [f"cache={cache}", f"runs_dir={work}", "grid.model=mlp", "grid.seed=0", f"scheduler={address}"]
     capsys.readouterr()
     t0 = time.perf_counter()
     assert main([verb, *args]) == 2
@@ -201,7 +201,7 @@ def test_an_unreachable_scheduler_is_one_line_and_leaves_nothing(verb, make_cach
 
 # =========================================================================== sweeps
 
-GRID = ["models=mlp logreg", "losses=kd ce", "seeds=0 1", "epochs=2", "threads=1"]  # 6 runs
+GRID = ["grid.model=mlp logreg", "grid.loss=kd ce", "grid.seed=0 1", "epochs=2", "threads=1"]  # 6 runs
 COMPARED = ("test_accuracy", "val_accuracy", "teacher_agreement", "kl_teacher_student", "ece", "C")
 
 
@@ -238,8 +238,8 @@ def test_a_sweep_on_the_cluster_lands_each_row_once_as_in_process(dask_cluster, 
 def test_a_worker_killed_mid_sweep_still_lands_each_row_once(dask_cluster, make_cache, tmp_path, capsys):
     cache, runs = make_cache(), tmp_path / "runs"
     capsys.readouterr()
-    sweep = Background("sweep", f"cache={cache}", f"runs_dir={runs}", "models=mlp", "losses=kd ce",
-                       "seeds=0 1", "epochs=60", "batch_size=16", f"scheduler={dask_cluster.address}")
+    sweep = Background("sweep", f"cache={cache}", f"runs_dir={runs}", "grid.model=mlp", "grid.loss=kd ce",
+                       "grid.seed=0 1", "epochs=60", "batch_size=16", f"scheduler={dask_cluster.address}")
     pid = kill_a_busy_worker(dask_cluster)
     assert sweep.running(), "the sweep finished before a worker could be killed"
     rc = sweep.wait()
@@ -258,8 +258,8 @@ def test_an_error_in_a_run_on_a_worker_is_one_line(where, request, make_cache, t
     scheduler = (["scheduler=local", "workers=2"] if where == "local"
                  else [f"scheduler={request.getfixturevalue('dask_cluster').address}"])
     cache = make_cache()  # one view per row: views=3 is refused where the run reads the cache
-    assert main(["sweep", f"cache={cache}", f"runs_dir={tmp_path / 'runs'}", "models=mlp", "losses=kd",
-                 "seeds=0", "views=3", *scheduler]) == 2
+    assert main(["sweep", f"cache={cache}", f"runs_dir={tmp_path / 'runs'}", "grid.model=mlp", "grid.loss=kd",
+                 "grid.seed=0", "views=3", *scheduler]) == 2
     assert "views=3 is more than cache" in one_error_line(capfd, "sweep")
     assert not results_dir(cache).exists()
 
@@ -287,8 +287,8 @@ def test_a_second_attempt_at_a_run_replaces_the_first(make_cache, tmp_path):
 def test_a_sweep_on_local_worker_processes(make_cache, tmp_path, capsys):
     cache = make_cache()
     capsys.readouterr()
-    assert main(["sweep", f"cache={cache}", f"runs_dir={tmp_path / 'runs'}", "models=mlp logreg",
-                 "losses=kd", "seeds=0", "epochs=2", "scheduler=local", "workers=2"]) == 0
+    assert main(["sweep", f"cache={cache}", f"runs_dir={tmp_path / 'runs'}", "grid.model=mlp logreg",
+                 "grid.loss=kd", "grid.seed=0", "epochs=2", "scheduler=local", "workers=2"]) == 0
     assert {(m, s) for m, _, s in rows_by_run(cache)} == {("mlp", 0), ("logreg", 0)}
     assert [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]] == ["[1/2]", "[2/2]"]
 

@@ -53,7 +53,7 @@ def test_a_run_is_found_in_mlflow(store, cache, tmp_path, capsys):
 
 def test_a_sweep_tracks_every_run(store, cache, tmp_path, capsys):
     run_cli(capsys, "sweep", f"cache={cache}", f"runs_dir={tmp_path / 'runs'}",
-            "models=logreg", "seeds=0 1", "tracking=mlflow")
+            "grid.model=logreg", "grid.seed=0 1", "tracking=mlflow")
     runs = mlflow.search_runs(experiment_names=[f"kdcache/{cache.name}"], output_format="list")
     rows = read_results(results_dir(cache)).to_pylist()
     assert sorted(r.info.run_name for r in runs) == sorted(r["run_id"] for r in rows)

@@ -1,0 +1,150 @@
+"""How far a student run's config travels through pipeline/: the files it enters, how often it
+climbs back up to a higher floor, how often it re-enters a file it left.
+
+    python -m bench.walk            # trains one tiny student and prints the walk
+
+Method: a profile hook records every call, from one pipeline/ file into another, that takes
+the run's config (a ``StudentConfig``) as an argument, from ``pipeline.runs.train_student``
+on. A file's floor is its height in pipeline/'s import graph (imports inside functions
+counted; the modules of an import circle share one floor): a call into a file of a higher
+floor than the caller's is a *climb* (the lower module reaching back up, through a callback
+or a deferred import). A *re-entry* is a call into a file the walk entered before and left.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def module_of(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """pipeline/'s modules and the first-party modules each imports (anywhere in the file)."""
+    files = {module_of(p): p for p in (ROOT / "pipeline").rglob("*.py")}
+
+    def target(name: str) -> str | None:
+        while name and name not in files:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        out = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                out |= {target(a.name) for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1]
+                                    + ([base] if base else []))
+                out |= {target(f"{base}.{a.name}") if f"{base}.{a.name}" in files else target(base)
+                        for a in node.names}
+        graph[name] = {m for m in out if m and m != name}
+    return graph
+
+
+def floors(graph: dict[str, set[str]]) -> dict[str, int]:
+    """Each module's floor: 0 for modules importing no other, else one above the highest it
+    imports; the modules of a cycle (a strongly connected component) share one floor."""
+    index, low, stack, on, comp, counter = {}, {}, [], set(), {}, [0]
+    sys.setrecursionlimit(10_000)
+
+    def connect(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                connect(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp[w] = v
+                if w == v:
+                    break
+
+    for v in graph:
+        if v not in index:
+            connect(v)
+    members: dict[str, set[str]] = {}
+    for v, c in comp.items():
+        members.setdefault(c, set()).add(v)
+    height: dict[str, int] = {}
+
+    def floor_of(c):
+        if c not in height:
+            height[c] = -1  # (guard; the condensation has no cycle)
+            below = {comp[w] for v in members[c] for w in graph[v]} - {c}
+            height[c] = 1 + max((floor_of(b) for b in below), default=-1)
+        return height[c]
+
+    return {v: floor_of(comp[v]) for v in graph}
+
+
+def main() -> None:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import build
+
+    from pipeline.config import StudentConfig, resolve
+    from pipeline.runs import train_student
+
+    work = Path(tempfile.mkdtemp(prefix="kdcache-walk-"))
+    build(work / "cache", work)
+    args = [f"cache={work / 'cache'}", f"runs_dir={work / 'runs'}", "model=mlp", "epochs=1"]
+    try:
+        from pipeline.students import complete
+    except ImportError:  # (kdcache before hyperparameters were declared: to measure "before")
+        cfg = resolve(StudentConfig, args)
+    else:
+        cfg = resolve(StudentConfig, args, params=complete)
+    floor = floors(import_graph())
+    pipeline_dir = str(ROOT / "pipeline")
+    calls: list[tuple[str, str]] = []
+
+    def profile(frame, event, arg):
+        if event != "call" or not frame.f_code.co_filename.startswith(pipeline_dir):
+            return
+        caller = frame.f_back
+        if caller is None or not caller.f_code.co_filename.startswith(pipeline_dir):
+            return
+        callee_file, caller_file = frame.f_code.co_filename, caller.f_code.co_filename
+        if callee_file == caller_file:
+            return
+        if any(isinstance(v, StudentConfig) for v in frame.f_locals.values()):
+            calls.append((module_of(Path(caller_file)), module_of(Path(callee_file))))
+
+    sys.setprofile(profile)
+    try:
+        train_student(cfg, progress=False)
+    finally:
+        sys.setprofile(None)
+    entered, seen, reentries, climbs = [], set(), 0, 0
+    for caller, callee in calls:
+        climbs += floor.get(callee, 0) > floor.get(caller, 0)
+        reentries += callee in seen
+        seen.add(callee)
+        entered.append(callee)
+    print(f"calls that carry the run's config across files: {len(calls)}")
+    print(f"files entered: {len(seen)}; climbs to a higher floor: {climbs}; re-entries: {reentries}")
+    for caller, callee in calls:
+        mark = "  ↑ climb" if floor.get(callee, 0) > floor.get(caller, 0) else ""
+        print(f"  {caller} (floor {floor.get(caller)}) -> {callee} (floor {floor.get(callee)}){mark}")
+
+
+if __name__ == "__main__":
+    main()
