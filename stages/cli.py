@@ -60,9 +60,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"kdcache {verb}: error: {text}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"kdcache {verb}: interrupted; nothing finished was lost — re-run the same command "
-              "to resume", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # a StoppedEarly says what it kept
+        print(f"kdcache {verb}: interrupted; "
+              f"{exc or 'nothing finished was lost — re-run the same command to resume'}", file=sys.stderr)
         return 130
     if as_json:
         sys.stdout.flush()
