@@ -156,7 +156,7 @@ def train_teacher(cfg: TeacherConfig, dataset: Dataset, progress: bool = True) -
     arch = teacher_arch(cfg, dataset)
     device = runtime.pick_device(cfg.device)
     identity = teacher_identity(cfg, dataset)
-    out, work = teacher_dir(cfg, dataset), incomplete_dir(cfg, dataset)
+    work = incomplete_dir(cfg, dataset)
     torch.manual_seed(cfg.seed)
     model = create_teacher(arch, dataset.input_shape, dataset.num_classes)
     if cfg.pretrained:
@@ -191,23 +191,32 @@ def train_teacher(cfg: TeacherConfig, dataset: Dataset, progress: bool = True) -
                               seed=cfg.seed, device=device,
                               augment=teacher_policy(cfg, dataset), progress=progress,
                               desc=f"teacher {arch}", resume=resume, on_epoch=on_epoch)
+        summary = _score_and_save(cfg, dataset, model, result, x["test"], y["test"], device, identity)
     except KeyboardInterrupt:
         # what the next run resumes from is what is on disk (Ctrl-C may land during a save)
         saved = load_checkpoint(work, identity, device, quiet=True)
-        finished = saved["epoch"] if saved else 0
-        if finished:
-            raise StoppedEarly(f"teacher training stopped after epoch {finished}/{cfg.epochs}; "
+        if saved:
+            raise StoppedEarly(f"teacher training stopped after epoch {saved['epoch']}/{cfg.epochs}; "
                                "re-run the same command to resume from there") from None
         raise StoppedEarly(f"teacher training stopped in epoch 1/{cfg.epochs}, before any epoch "
                            "finished; re-run the same command to start it again") from None
-    test_logits = training.predict_logits(model, x["test"], device)
-    test_acc = float((test_logits.argmax(1) == y["test"]).mean())  # scored once
-    metrics = {"arch": arch, "dataset": dataset.spec, "dataset_fingerprint": dataset.fingerprint,
+    shutil.rmtree(work, ignore_errors=True)  # the teacher is saved: nothing left to resume
+    return summary
+
+
+def _score_and_save(cfg: TeacherConfig, dataset: Dataset, model: nn.Module, result: training.FitResult,
+                    x_test, y_test, device: torch.device, identity: dict) -> dict:
+    """Score the trained teacher once on test and save it (weights, config, metrics) into its
+    folder atomically: a temporary folder beside it, renamed into place when whole."""
+    test_logits = training.predict_logits(model, x_test, device)
+    test_acc = float((test_logits.argmax(1) == y_test).mean())  # scored once
+    metrics = {"arch": identity["arch"], "dataset": dataset.spec, "dataset_fingerprint": dataset.fingerprint,
                "key": fingerprint(identity), "params": sum(p.numel() for p in model.parameters()),
                "best_epoch": result.best_epoch, "val_accuracy": result.best_val_accuracy,
                "test_accuracy": test_acc, "fit_seconds": round(result.seconds, 2),
                "history": result.history}
 
+    out = teacher_dir(cfg, dataset)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
@@ -228,7 +237,6 @@ def train_teacher(cfg: TeacherConfig, dataset: Dataset, progress: bool = True) -
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(work, ignore_errors=True)  # the teacher is saved: nothing left to resume
     return {**{k: v for k, v in metrics.items() if k != "history"},
             "checkpoint": str(out / "model.safetensors")}
 

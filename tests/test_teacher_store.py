@@ -64,10 +64,12 @@ def test_a_same_named_file_of_other_data_trains_its_own_teacher(tmp_path, capsys
     for p in stored:
         config = json.loads((p / "config.json").read_text())
         assert config["dataset_fingerprint"] == json.loads((p / "metrics.json").read_text())["dataset_fingerprint"]
-    # a re-run of b reuses b's teacher: nothing is trained again
+    # another cache of b uses b's stored teacher: nothing is trained again
+    mtimes = [(p / "model.safetensors").stat().st_mtime_ns for p in stored]
     rc, again, err = _cache(tmp_path, b, "cb2", capsys)
-    assert rc == 0 and "training one first" not in err + json.dumps(again)
-    assert _stored(tmp_path) == stored
+    assert rc == 0 and "epoch" not in err, err
+    assert again["teacher_fingerprint"] == second["teacher_fingerprint"]
+    assert _stored(tmp_path) == stored and [(p / "model.safetensors").stat().st_mtime_ns for p in stored] == mtimes
 
 
 def test_a_same_named_file_with_other_classes_trains_its_own_teacher(tmp_path, capsys):
@@ -245,3 +247,29 @@ def test_ctrl_c_in_the_teacher_verb_says_what_was_kept(tmp_path, monkeypatch, ca
     assert rc == 130
     assert err[-1] == ("kdcache teacher: interrupted; teacher training stopped after epoch 3/4; "
                        "re-run the same command to resume from there")
+
+
+def test_stopped_after_the_last_epoch_resumes_to_saving_only(tmp_path, monkeypatch):
+    """Ctrl-C after the last epoch's checkpoint (while test is scored or the teacher saved):
+    the re-run trains nothing and saves the best epoch's weights."""
+    cfg = _teacher_cfg(tmp_path)
+    monkeypatch.setattr(teacher_training, "save_checkpoint", StopAfter(teacher_training.save_checkpoint, stop=4))
+    with pytest.raises(KeyboardInterrupt, match="after epoch 4/4"):
+        teacher_training.train_teacher(cfg, open_dataset(cfg))
+    hook = StopAfter(teacher_training.save_checkpoint.real)
+    monkeypatch.setattr(teacher_training, "save_checkpoint", hook)
+    summary = teacher_training.train_teacher(cfg, open_dataset(cfg))
+    assert hook.epochs == [] and summary["best_epoch"] == 3 and Path(summary["checkpoint"]).is_file()
+
+
+def test_stopped_before_the_first_epoch_finished_says_so(tmp_path, monkeypatch):
+    from pipeline import training
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "train_step", interrupt)
+    cfg = _teacher_cfg(tmp_path)
+    with pytest.raises(KeyboardInterrupt, match=r"teacher training stopped in epoch 1/4, before any "
+                                                r"epoch finished; re-run the same command to start it again"):
+        teacher_training.train_teacher(cfg, open_dataset(cfg))
