@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as exc:  # a StoppedEarly says what it kept
         print(f"kdcache {verb}: interrupted; "
-              f"{exc or 'nothing finished was lost — re-run the same command to resume'}", file=sys.stderr)
+              f"{str(exc) or 'nothing finished was lost — re-run the same command to resume'}", file=sys.stderr)
         return 130
     if as_json:
         sys.stdout.flush()

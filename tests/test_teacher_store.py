@@ -273,3 +273,17 @@ def test_stopped_before_the_first_epoch_finished_says_so(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt, match=r"teacher training stopped in epoch 1/4, before any "
                                                 r"epoch finished; re-run the same command to start it again"):
         teacher_training.train_teacher(cfg, open_dataset(cfg))
+
+
+def test_a_plain_ctrl_c_keeps_the_generic_note(monkeypatch, capsys):
+    """Only a StoppedEarly carries its own message; a bare KeyboardInterrupt (the signal's)
+    gets the CLI's note."""
+    import stages.info
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stages.info, "main", interrupted)
+    assert main(["info"]) == 130
+    assert capsys.readouterr().err.strip() == ("kdcache info: interrupted; nothing finished was lost — "
+                                               "re-run the same command to resume")
