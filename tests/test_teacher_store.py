@@ -276,12 +276,12 @@ def test_stopped_before_the_first_epoch_finished_says_so(tmp_path, monkeypatch):
 
 
 def test_a_plain_ctrl_c_keeps_the_generic_note(monkeypatch, capsys):
-    """Only a StoppedEarly carries its own message; a bare KeyboardInterrupt (the signal's)
-    gets the CLI's note."""
+    """Only a StoppedEarly carries its own message; any other KeyboardInterrupt (the signal's,
+    or one a library raised with a message) gets the CLI's note."""
     import stages.info
 
     def interrupted(args):
-        raise KeyboardInterrupt
+        raise KeyboardInterrupt("a library's words")
 
     monkeypatch.setattr(stages.info, "main", interrupted)
     assert main(["info"]) == 130
