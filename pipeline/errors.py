@@ -22,3 +22,8 @@ class Interrupted(KdError):
     """Work stopped by something other than its input (a dask scheduler that went away, a task
     that killed every worker it ran on): unlike bad input, what is done so far stays, and
     re-running the same command resumes it."""
+
+
+class StoppedEarly(KeyboardInterrupt):
+    """Ctrl-C caught by work that knows what it kept (e.g. the teacher epochs checkpointed so
+    far): its message says so, and the CLI prints it in place of its generic note."""

@@ -1,12 +1,25 @@
 """Training the teacher of a dataset (``kdcache teacher``, and the first ``kdcache cache`` of a
 dataset that has none): augmentation by ``teacher_augment`` (default: a shift of ±1), the best
-validation epoch kept, test scored once, saved as ``model.safetensors`` + ``config.json`` + ``metrics.json`` under
-``<teacher_dir>/<dataset>/<arch>/``."""
+validation epoch kept, test scored once, saved as ``model.safetensors`` + ``config.json`` +
+``metrics.json`` under ``<teacher_dir>/<dataset slug>/<arch>-<key>/``.
+
+The key (:func:`teacher_key`) is a hash of what determines the trained weights: the data (the
+dataset's fingerprint, not its file name) and the training settings (:func:`teacher_identity`).
+Another dataset, or other settings, get a teacher of their own; a stored teacher whose recorded
+dataset fingerprint is not the current one is refused (:func:`stored_teacher`).
+
+Training prints one line per epoch on stderr (a bar on a terminal) and checkpoints every
+finished epoch into ``.<arch>-<key>.incomplete/`` beside the teacher's folder, so Ctrl-C and a
+re-run of the same command resume from the last finished epoch, to the same final weights as an
+uninterrupted run (on the same device).
+"""
 
 from __future__ import annotations
 
 import json
 import shutil
+import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -15,20 +28,18 @@ from torch import nn
 
 from pipeline import runtime, training
 from pipeline.augment import Policy, parse
-from pipeline.config import TeacherConfig, save_config
+from pipeline.config import TeacherConfig, fingerprint, save_config
 from pipeline.data import Dataset, dataset_slug
-from pipeline.io import atomic_write_text, fsync_dir
-from pipeline.teachers import auto_teacher, create_teacher, pretrained_state
+from pipeline.errors import KdError, StoppedEarly
+from pipeline.io import atomic_path, atomic_write_text, fsync_dir
+from pipeline.teachers import TEACHERS, auto_teacher, create_teacher, pretrained_state
+
+CHECKPOINT = "checkpoint.pt"  # in the .incomplete folder: everything needed to resume
 
 
 def teacher_arch(cfg: TeacherConfig, dataset: Dataset) -> str:
     """The architecture ``cfg.teacher`` names (``auto``: picked by the input's rank)."""
     return auto_teacher(dataset.input_shape) if cfg.teacher == "auto" else cfg.teacher
-
-
-def teacher_dir(cfg: TeacherConfig, dataset: Dataset) -> Path:
-    """Where the trained default teacher of this dataset and architecture lives."""
-    return Path(cfg.teacher_dir) / dataset_slug(dataset.spec) / dataset_slug(teacher_arch(cfg, dataset))
 
 
 def teacher_policy(cfg: TeacherConfig, dataset: Dataset) -> Policy | None:
@@ -40,14 +51,112 @@ def teacher_policy(cfg: TeacherConfig, dataset: Dataset) -> Policy | None:
     return parse(spec, dataset.input_shape, key="teacher_augment")
 
 
+def teacher_identity(cfg: TeacherConfig, dataset: Dataset) -> dict:
+    """What determines the weights a training run produces, and so where they are stored.
+
+    In it: the dataset fingerprint (the file's path and bytes, labels, splits, and so seed and
+    val_fraction where val is carved, and the preprocessing), the architecture (and a plugin
+    teacher's package version), and the training settings of :class:`TeacherConfig` that change
+    the weights: seed, pretrained, epochs, lr, weight_decay, batch_size and teacher_augment
+    (``auto`` resolved, so ``auto`` and the policy it stands for are one teacher).
+    Not in it: ``device`` (where it trained, not what it learnt; a checkpoint resumes only on
+    the device type it was made on), ``teacher_dir``, ``teacher_ckpt``, and how the data is
+    found and read (``data_root``, ``download``, ``decoders``), which the fingerprint covers
+    by what was read.
+    """
+    arch = teacher_arch(cfg, dataset)
+    policy = teacher_policy(cfg, dataset)
+    return {"dataset_fingerprint": dataset.fingerprint, "arch": arch,
+            "arch_plugin": TEACHERS.identity(arch) if arch in TEACHERS else None,
+            "seed": cfg.seed, "pretrained": cfg.pretrained, "epochs": cfg.epochs, "lr": cfg.lr,
+            "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size,
+            "teacher_augment": policy.spec if policy is not None else "none"}
+
+
+def teacher_key(cfg: TeacherConfig, dataset: Dataset) -> str:
+    """sha256 of :func:`teacher_identity`: the teacher's name in the store."""
+    return fingerprint(teacher_identity(cfg, dataset))
+
+
+def teacher_dir(cfg: TeacherConfig, dataset: Dataset) -> Path:
+    """Where the trained default teacher of this data, architecture and training settings lives:
+    ``<teacher_dir>/<dataset slug>/<arch>-<first 12 hex of its key>`` (the slug and arch keep
+    it readable; the key keeps two files named alike, or two settings, apart)."""
+    arch = dataset_slug(teacher_arch(cfg, dataset))
+    return Path(cfg.teacher_dir) / dataset_slug(dataset.spec) / f"{arch}-{teacher_key(cfg, dataset)[:12]}"
+
+
+def incomplete_dir(cfg: TeacherConfig, dataset: Dataset) -> Path:
+    """The private folder of a training run in progress, beside its final folder: the
+    checkpoint of its last finished epoch. Removed once the teacher is saved."""
+    out = teacher_dir(cfg, dataset)
+    return out.parent / f".{out.name}.incomplete"
+
+
 def default_checkpoint(cfg: TeacherConfig, dataset: Dataset) -> Path:
     return teacher_dir(cfg, dataset) / "model.safetensors"
 
 
+def stored_teacher(cfg: TeacherConfig, dataset: Dataset) -> Path | None:
+    """The stored teacher's weights for this data and settings, or None when none is stored.
+    Refuses one whose recorded dataset fingerprint is not this dataset's (a folder copied or
+    edited by hand): it would silently score other data."""
+    folder = teacher_dir(cfg, dataset)
+    ckpt = folder / "model.safetensors"
+    if not ckpt.is_file():
+        return None
+    try:
+        recorded = json.loads((folder / "metrics.json").read_text()).get("dataset_fingerprint")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if recorded != dataset.fingerprint:
+        what = (f"dataset fingerprint {str(recorded)[:12]}, this data's is {dataset.fingerprint[:12]}"
+                if recorded else "its metrics.json records no dataset fingerprint")
+        raise KdError(f"stored teacher {folder} was trained on other data ({what}); delete {folder} "
+                      f"to train one on {dataset.spec}, or pass teacher_ckpt=PATH")
+    return ckpt
+
+
+def save_checkpoint(folder: Path, state: dict) -> None:
+    """Write the state of a finished epoch atomically (a Ctrl-C while writing leaves the
+    previous epoch's checkpoint). Tensors, numbers, strings and plain containers only: it
+    loads with ``weights_only=True``, which never unpickles code."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder / CHECKPOINT) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(folder: Path, identity: dict, device: torch.device, quiet: bool = False) -> dict | None:
+    """The checkpoint of a run of exactly this identity on this device type, else None (with a
+    note on stderr, unless ``quiet``, when one is there but cannot be used: the run starts over)."""
+    path = folder / CHECKPOINT
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        ours = state["identity"] == identity and state["device"] == device.type
+    except Exception as exc:  # written atomically, so only a damaged disk gets here
+        if not quiet:
+            print(f"kdcache: the teacher checkpoint {path} cannot be read ({type(exc).__name__}); "
+                  "training from the first epoch", file=sys.stderr)
+        return None
+    if not ours:  # the folder name holds 12 hex of the key, and the device is not in it
+        if not quiet:
+            print(f"kdcache: the teacher checkpoint {path} is of another run (other settings, or "
+                  f"device {state['device']}); training from the first epoch", file=sys.stderr)
+        return None
+    return state
+
+
 def train_teacher(cfg: TeacherConfig, dataset: Dataset, progress: bool = True) -> dict:
-    """Train, score once on test, and save the teacher atomically. Returns its metrics."""
+    """Train, score once on test, and save the teacher atomically. Returns its metrics.
+
+    Resumes from the checkpoint of an interrupted run with the same identity; Ctrl-C raises
+    :class:`StoppedEarly`, whose message says which epoch the next run resumes after."""
     arch = teacher_arch(cfg, dataset)
     device = runtime.pick_device(cfg.device)
+    identity = teacher_identity(cfg, dataset)
+    work = incomplete_dir(cfg, dataset)
     torch.manual_seed(cfg.seed)
     model = create_teacher(arch, dataset.input_shape, dataset.num_classes)
     if cfg.pretrained:
@@ -60,17 +169,49 @@ def train_teacher(cfg: TeacherConfig, dataset: Dataset, progress: bool = True) -
     # Teacher training holds train and val in memory; caching (stage one) is what streams.
     x = {s: dataset.inputs(s, 0, len(dataset.splits[s])) for s in ("train", "val", "test")}
     y = {s: dataset.splits[s].labels for s in ("train", "val", "test")}
+    resume = load_checkpoint(work, identity, device)
+    if resume:
+        print(f"resuming teacher training after epoch {resume['epoch']}/{cfg.epochs} ({work})",
+              file=sys.stderr)
+    lines = progress and not sys.stderr.isatty()  # on a terminal, fit's bar says the same
+    started, first = time.perf_counter(), resume["epoch"] if resume else 0
+
+    def on_epoch(state: dict) -> None:
+        save_checkpoint(work, {**state, "identity": identity, "device": device.type})
+        if lines:
+            print(_epoch_line(arch, state, cfg.epochs, time.perf_counter() - started,
+                              state["epoch"] - first), file=sys.stderr)
+
     ce = nn.CrossEntropyLoss()
     batches = training.array_batches(x["train"], y["train"], cfg.batch_size, cfg.seed)
-    result = training.fit(model, batches, -(-len(y["train"]) // cfg.batch_size), x["val"], y["val"],
-                          lambda out, labels, targets: ce(out, labels),
-                          epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                          seed=cfg.seed, device=device,
-                          augment=teacher_policy(cfg, dataset), progress=progress,
-                          desc=f"teacher {arch}")
-    test_logits = training.predict_logits(model, x["test"], device)
-    test_acc = float((test_logits.argmax(1) == y["test"]).mean())  # scored once
-    metrics = {"arch": arch, "dataset": dataset.spec, "params": sum(p.numel() for p in model.parameters()),
+    try:
+        result = training.fit(model, batches, -(-len(y["train"]) // cfg.batch_size), x["val"], y["val"],
+                              lambda out, labels, targets: ce(out, labels),
+                              epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                              seed=cfg.seed, device=device,
+                              augment=teacher_policy(cfg, dataset), progress=progress,
+                              desc=f"teacher {arch}", resume=resume, on_epoch=on_epoch)
+        summary = _score_and_save(cfg, dataset, model, result, x["test"], y["test"], device, identity)
+    except KeyboardInterrupt:
+        # what the next run resumes from is what is on disk (Ctrl-C may land during a save)
+        saved = load_checkpoint(work, identity, device, quiet=True)
+        if saved:
+            raise StoppedEarly(f"teacher training stopped after epoch {saved['epoch']}/{cfg.epochs}; "
+                               "re-run the same command to resume from there") from None
+        raise StoppedEarly(f"teacher training stopped in epoch 1/{cfg.epochs}, before any epoch "
+                           "finished; re-run the same command to start it again") from None
+    shutil.rmtree(work, ignore_errors=True)  # the teacher is saved: nothing left to resume
+    return summary
+
+
+def _score_and_save(cfg: TeacherConfig, dataset: Dataset, model: nn.Module, result: training.FitResult,
+                    x_test, y_test, device: torch.device, identity: dict) -> dict:
+    """Score the trained teacher once on test and save it (weights, config, metrics) into its
+    folder atomically: a temporary folder beside it, renamed into place when whole."""
+    test_logits = training.predict_logits(model, x_test, device)
+    test_acc = float((test_logits.argmax(1) == y_test).mean())  # scored once
+    metrics = {"arch": identity["arch"], "dataset": dataset.spec, "dataset_fingerprint": dataset.fingerprint,
+               "key": fingerprint(identity), "params": sum(p.numel() for p in model.parameters()),
                "best_epoch": result.best_epoch, "val_accuracy": result.best_val_accuracy,
                "test_accuracy": test_acc, "fit_seconds": round(result.seconds, 2),
                "history": result.history}
@@ -84,6 +225,10 @@ def train_teacher(cfg: TeacherConfig, dataset: Dataset, progress: bool = True) -
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"))
         save_config(cfg, tmp / "config.json")
+        # the config records what it was trained on too (a folder is readable on its own)
+        config = json.loads((tmp / "config.json").read_text())
+        config.update(dataset_fingerprint=dataset.fingerprint, key=metrics["key"])
+        atomic_write_text(tmp / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
         atomic_write_text(tmp / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)
@@ -94,3 +239,19 @@ def train_teacher(cfg: TeacherConfig, dataset: Dataset, progress: bool = True) -
         raise
     return {**{k: v for k, v in metrics.items() if k != "history"},
             "checkpoint": str(out / "model.safetensors")}
+
+
+def _epoch_line(arch: str, state: dict, epochs: int, elapsed: float, epochs_now: int) -> str:
+    """``teacher mlp: epoch 3/40  loss 0.4123  val 0.9120  best 0.9200 (epoch 2)  elapsed 0:12
+    eta 2:28``: the ETA from this run's epochs so far (a resumed run's are timed afresh)."""
+    last = state["history"][-1]
+    eta = elapsed / max(1, epochs_now) * (epochs - state["epoch"])
+    return (f"teacher {arch}: epoch {state['epoch']}/{epochs}  loss {last['train_loss']:.4f}  "
+            f"val {last['val_accuracy']:.4f}  best {state['best_val_accuracy']:.4f} "
+            f"(epoch {state['best_epoch'] + 1})  elapsed {_clock(elapsed)}  eta {_clock(eta)}")
+
+
+def _clock(seconds: float) -> str:
+    minutes, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(minutes, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"

@@ -270,12 +270,22 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
 
 
-def load_weights(model: nn.Module, path: str | Path, arch: str) -> nn.Module:
+def load_weights(model: nn.Module, path: str | Path, arch: str,
+                 input_shape: tuple[int, ...] | None = None, num_classes: int | None = None) -> nn.Module:
+    """Load the state dict at ``path`` into ``model`` (a teacher ``arch``), refusing one that
+    does not fit. Given the model's input shape and class count, a checkpoint of this very
+    architecture for another class count says so, instead of blaming the architecture."""
     state = read_state_dict(path)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if wrong and not missing and not unexpected and num_classes is not None:
+        other = _class_count(state, own, wrong, arch, input_shape, num_classes)
+        if other is not None:
+            raise KdError(f"checkpoint {path} holds a {arch} teacher for {other} classes, but the "
+                          f"data has {num_classes} classes; it was trained on other data: pass a "
+                          "checkpoint trained on this dataset, or omit teacher_ckpt to train one")
     if missing or unexpected or wrong:
         details = "; ".join(f"{label}: {', '.join(keys[:3])}{'…' if len(keys) > 3 else ''}"
                             for label, keys in (("missing", missing), ("unexpected", unexpected),
@@ -284,6 +294,30 @@ def load_weights(model: nn.Module, path: str | Path, arch: str) -> nn.Module:
                       "teacher= architecture it was trained with")
     model.load_state_dict(state)
     return model
+
+
+def _class_count(state: dict, own: dict, wrong: list[str], arch: str, input_shape,
+                 num_classes: int) -> int | None:
+    """The class count K' for which ``arch`` has exactly the shapes of ``state``, when the
+    tensors of wrong shape differ from ``own`` only where ``own`` has ``num_classes``; else
+    None (the checkpoint is of something else)."""
+    counts = set()
+    for key in wrong:
+        theirs, ours = state[key].shape, own[key].shape
+        if len(theirs) != len(ours):
+            return None
+        counts |= {t for t, o in zip(theirs, ours) if t != o and o == num_classes}
+        if any(t != o and o != num_classes for t, o in zip(theirs, ours)):
+            return None
+    if len(counts) != 1:
+        return None
+    (other,) = counts
+    try:
+        fits = create_teacher(arch, tuple(input_shape), other).state_dict()
+    except Exception:  # no such teacher can be built: the checkpoint is of something else
+        return None
+    same = fits.keys() == state.keys() and all(fits[k].shape == state[k].shape for k in fits)
+    return other if same else None
 
 
 def state_fingerprint(model: nn.Module, arch: str, input_shape, num_classes: int) -> str:
@@ -316,7 +350,7 @@ def build_teacher(spec: TeacherSpec) -> nn.Module:
         model = create_teacher(spec.arch, spec.input_shape, spec.num_classes)
     else:
         model = create_teacher(spec.arch, spec.input_shape, spec.num_classes)
-        load_weights(model, spec.ckpt, spec.arch)
+        load_weights(model, spec.ckpt, spec.arch, spec.input_shape, spec.num_classes)
     model.eval()
     if spec.fingerprint:
         actual = state_fingerprint(model, spec.arch, spec.input_shape, spec.num_classes)

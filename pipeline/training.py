@@ -92,7 +92,8 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, xb: np.ndarray, yb:
 def fit(model: nn.Module, train_batches: Batches, steps_per_epoch: int, x_val: np.ndarray,
         y_val: np.ndarray, loss_fn: Callable[[object, torch.Tensor, dict], torch.Tensor],
         *, epochs: int, lr: float, weight_decay: float, seed: int, device: torch.device,
-        augment: Policy | None = None, progress: bool = True, desc: str = "training") -> FitResult:
+        augment: Policy | None = None, progress: bool = True, desc: str = "training",
+        resume: dict | None = None, on_epoch: Callable[[dict], None] | None = None) -> FitResult:
     """Train ``model`` in place; on return it holds the weights of the best validation epoch.
 
     ``train_batches(epoch)`` yields ``(x, y, targets)`` numpy batches (in memory with
@@ -101,6 +102,11 @@ def fit(model: nn.Module, train_batches: Batches, steps_per_epoch: int, x_val: n
     ``augment``: a policy applied afresh to every batch, with parameters from a generator
     seeded by ``seed`` (teachers, and students trained on labels only: cached targets are
     valid only for the inputs the teacher saw).
+
+    ``on_epoch(state)``: called after every finished epoch with everything needed to go on
+    from there (weights, optimizer, scheduler, RNG states, the best epoch so far; tensors and
+    plain values, see :func:`_state`). ``resume``: such a state, from which training goes on
+    with the next epoch, to the same weights as a run that never stopped (same device).
     """
     from threadpoolctl import threadpool_limits
 
@@ -110,11 +116,11 @@ def fit(model: nn.Module, train_batches: Batches, steps_per_epoch: int, x_val: n
     with threadpool_limits(1, user_api="blas"):
         return _fit(model, train_batches, steps_per_epoch, x_val, y_val, loss_fn, epochs=epochs, lr=lr,
                     weight_decay=weight_decay, seed=seed, device=device, augment=augment,
-                    progress=progress, desc=desc)
+                    progress=progress, desc=desc, resume=resume, on_epoch=on_epoch)
 
 
 def _fit(model, train_batches, steps_per_epoch, x_val, y_val, loss_fn, *, epochs, lr, weight_decay,
-         seed, device, augment, progress, desc) -> FitResult:
+         seed, device, augment, progress, desc, resume, on_epoch) -> FitResult:
     from tqdm import tqdm
 
     torch.manual_seed(seed)
@@ -125,8 +131,21 @@ def _fit(model, train_batches, steps_per_epoch, x_val, y_val, loss_fn, *, epochs
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     result = FitResult(best_epoch=-1, best_val_accuracy=-1.0)
     best_state, best_loss = None, float("inf")
-    t0, samples = time.perf_counter(), 0
-    bar = tqdm(range(epochs), desc=desc, unit="epoch", disable=None if progress else True,
+    t0, samples, start, seconds_before = time.perf_counter(), 0, 0, 0.0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        rng.bit_generator.state = resume["numpy_rng"]
+        torch.set_rng_state(resume["torch_rng"])
+        if device.type == "cuda" and resume.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(resume["cuda_rng"], device)
+        best_state, best_loss = resume["best_state"], resume["best_loss"]
+        result.best_epoch, result.best_val_accuracy = resume["best_epoch"], resume["best_val_accuracy"]
+        result.history = list(resume["history"])
+        start, samples, seconds_before = resume["epoch"], resume["samples"], resume["seconds"]
+    bar = tqdm(range(start, epochs), desc=desc, unit="epoch", disable=None if progress else True,
+               initial=start, total=epochs,
                dynamic_ncols=True)  # disable=None: a bar only on a terminal, not in logs
     for epoch in bar:
         model.train()
@@ -151,9 +170,27 @@ def _fit(model, train_batches, steps_per_epoch, x_val, y_val, loss_fn, *, epochs
             result.best_epoch, result.best_val_accuracy, best_loss = epoch, val_acc, val_loss
             best_state = copy.deepcopy(model.state_dict())
         bar.set_postfix(loss=f"{total / max(1, seen):.3f}", val_acc=f"{val_acc:.4f}",
+                        best=f"{result.best_val_accuracy:.4f}",
                         samples_s=f"{samples / (time.perf_counter() - t0):.0f}")
+        if on_epoch is not None:
+            on_epoch(_state(epoch + 1, model, opt, sched, rng, device, result, best_state, best_loss,
+                            samples, seconds_before + time.perf_counter() - t0))
     bar.close()
     if best_state is not None:
         model.load_state_dict(best_state)
-    result.seconds = time.perf_counter() - t0
+    result.seconds = seconds_before + time.perf_counter() - t0
     return result
+
+
+def _state(epochs_done, model, opt, sched, rng, device, result, best_state, best_loss, samples,
+           seconds) -> dict:
+    """Everything training needs to go on after ``epochs_done`` epochs exactly as if it never
+    stopped: the next epoch's batches are seeded by its number, augmentation draws from ``rng``,
+    and the one-cycle schedule and AdamW's moments sit in ``sched`` and ``opt``."""
+    return {"epoch": epochs_done, "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(), "numpy_rng": rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "best_state": best_state, "best_loss": best_loss, "best_epoch": result.best_epoch,
+            "best_val_accuracy": result.best_val_accuracy, "history": list(result.history),
+            "samples": samples, "seconds": seconds}

@@ -10,8 +10,6 @@ An interrupted build resumes where it stopped when re-run with the same argument
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pipeline.cache.build import build_cache
 from pipeline.cache.execute import check_scheduler
 from pipeline.augment import parse
@@ -22,7 +20,7 @@ from pipeline.data import open_dataset
 from pipeline.paths import default_cache_path
 from pipeline.sparse import check_mode, parse_mode
 from pipeline.storage import check_reachable, location
-from pipeline.teacher_training import default_checkpoint, teacher_arch, train_teacher
+from pipeline.teacher_training import stored_teacher, teacher_arch, teacher_dir, train_teacher
 from pipeline.teachers import create_teacher
 
 
@@ -38,11 +36,13 @@ def main(args: list[str]) -> dict:
         cfg.cache_root, dataset.spec, arch, cfg.teacher_ckpt, cfg.seed, cfg.views, cfg.augment, cfg.logits)
     check_reachable(root)  # ... and an object store's bucket or credentials that do not work
 
-    # 1. Which weights: the user's checkpoint, seeded random ones, or the trained default.
-    ckpt = cfg.teacher_ckpt or str(default_checkpoint(cfg, dataset))
-    if not cfg.teacher_ckpt and not Path(ckpt).is_file():
-        print(f"no trained {arch} teacher for {dataset.spec} yet; training one first")
-        train_teacher(cfg, dataset)
+    # 1. Which weights: the user's checkpoint, seeded random ones, or the trained default of
+    # this data and these training settings (refused if it records other data).
+    ckpt = cfg.teacher_ckpt or str(stored_teacher(cfg, dataset) or "")
+    if not ckpt:
+        print(f"no trained {arch} teacher for {dataset.spec} with these training settings yet; "
+              f"training one first (into {teacher_dir(cfg, dataset)})")
+        ckpt = train_teacher(cfg, dataset)["checkpoint"]
 
     # 2. Fingerprint the teacher and learn its output shapes; lay out and plan the cache.
     cfg, spec, manifest = prepare(cfg, dataset, arch, ckpt)

@@ -11,7 +11,7 @@ import importlib
 import json
 import sys
 
-from pipeline.errors import KdError
+from pipeline.errors import KdError, StoppedEarly
 
 VERBS = {
     "teacher": ("stages.teacher", "train the teacher for a dataset (saved under data/teachers)"),
@@ -60,9 +60,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"kdcache {verb}: error: {text}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"kdcache {verb}: interrupted; nothing finished was lost — re-run the same command "
-              "to resume", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        kept = str(exc) if isinstance(exc, StoppedEarly) else \
+            "nothing finished was lost — re-run the same command to resume"
+        print(f"kdcache {verb}: interrupted; {kept}", file=sys.stderr)
         return 130
     if as_json:
         sys.stdout.flush()

@@ -4,7 +4,9 @@
 
 Trains with light shift augmentation, keeps the epoch with the best validation accuracy,
 scores the test split once, and saves ``model.safetensors``, ``config.json`` and
-``metrics.json`` under ``data/teachers/<dataset>/<teacher>/``.
+``metrics.json`` under ``data/teachers/<dataset>/<teacher>-<key>/`` (the key: the data's
+fingerprint and the training settings, see pipeline.teacher_training). Prints a line per epoch,
+checkpoints every epoch, and resumes from the last finished one when re-run after Ctrl-C.
 """
 
 from __future__ import annotations

@@ -365,6 +365,24 @@ def _another_teacher(tmp: Path) -> list[str]:
     return cache_cmd(tmp, seed=1)
 
 
+def _stored_teacher_of_other_data(tmp: Path) -> list[str]:
+    """The default teacher's folder holds weights whose metrics.json records another dataset's
+    fingerprint (a folder copied by hand): using it would silently score other data."""
+    from safetensors.torch import save_file
+
+    from pipeline.config import CacheConfig, resolve
+    from pipeline.data import open_dataset
+    from pipeline.teacher_training import teacher_dir
+
+    argv = [a for a in cache_cmd(tmp) if not a.startswith("teacher_ckpt=")]  # the default teacher
+    cfg = resolve(CacheConfig, argv[1:], verb="cache")
+    folder = teacher_dir(cfg, open_dataset(cfg))
+    folder.mkdir(parents=True)
+    save_file(teacher_state(), str(folder / "model.safetensors"))
+    (folder / "metrics.json").write_text(json.dumps({"dataset_fingerprint": "0123456789ab" * 5 + "cdef"}))
+    return argv
+
+
 def _locked(tmp: Path) -> list[str]:
     """Another build holds the cache's lock (flock conflicts between open files, even in one
     process); the fd stays open for the life of the test process."""
@@ -815,7 +833,12 @@ CASES: list[Case] = [
          r"checkpoint .*mlp.pt does not fit teacher cnn_small \(missing: .*; unexpected: .*\); pass the teacher="),
     Case("ckpt-other-classes", CKPT, "a checkpoint for 5 classes on 3-class data",
          ckpt_case(saved("five.pt", lambda: teacher_state(classes=5))),
-         r"checkpoint .*five.pt does not fit teacher cnn_small \(wrong shape: head.bias, head.weight\)"),
+         r"checkpoint .*five.pt holds a cnn_small teacher for 5 classes, but the data has 3 classes; it "
+         r"was trained on other data: pass a checkpoint trained on this dataset"),
+    Case("stored-teacher-other-data", CKPT, "a stored teacher folder copied from another dataset's",
+         _stored_teacher_of_other_data,
+         r"stored teacher .*/teachers/synthetic-300-1x8x8-3/cnn_small-[0-9a-f]{12} was trained on other "
+         r"data \(dataset fingerprint [0-9a-f]{12}, this data's is [0-9a-f]{12}\); delete "),
     Case("ckpt-nan-weights", CKPT, "NaN weights",
          ckpt_case(_edited_state(lambda s: s["head.weight"].fill_(float("nan")), "nan.pt")),
          r"teacher cnn_small produced NaN/inf outputs on the first training rows; check the checkpoint"),
