@@ -114,35 +114,50 @@ def main() -> None:
         cfg = resolve(StudentConfig, args, params=complete)
     floor = floors(import_graph())
     pipeline_dir = str(ROOT / "pipeline")
-    calls: list[tuple[str, str]] = []
+    carrying: list[tuple[str, str]] = []  # cross-file calls that take the run's config
+    setup: list[tuple[str, str]] = []  # every cross-file call outside the student's fit
+    fitting = [0]
 
     def profile(frame, event, arg):
-        if event != "call" or not frame.f_code.co_filename.startswith(pipeline_dir):
+        code = frame.f_code
+        if code.co_name == "fit_cache" and code.co_filename.startswith(pipeline_dir):
+            fitting[0] += 1 if event == "call" else -1 if event == "return" else 0
+            if event != "call":
+                return
+        if event != "call" or not code.co_filename.startswith(pipeline_dir):
             return
         caller = frame.f_back
         if caller is None or not caller.f_code.co_filename.startswith(pipeline_dir):
             return
-        callee_file, caller_file = frame.f_code.co_filename, caller.f_code.co_filename
-        if callee_file == caller_file:
+        if caller.f_code.co_filename == code.co_filename:
             return
+        step = (module_of(Path(caller.f_code.co_filename)), module_of(Path(code.co_filename)))
+        if not fitting[0] or code.co_name == "fit_cache":
+            setup.append(step)
         if any(isinstance(v, StudentConfig) for v in frame.f_locals.values()):
-            calls.append((module_of(Path(caller_file)), module_of(Path(callee_file))))
+            carrying.append(step)
 
     sys.setprofile(profile)
     try:
         train_student(cfg, progress=False)
     finally:
         sys.setprofile(None)
-    entered, seen, reentries, climbs = [], set(), 0, 0
-    for caller, callee in calls:
-        climbs += floor.get(callee, 0) > floor.get(caller, 0)
-        reentries += callee in seen
-        seen.add(callee)
-        entered.append(callee)
-    print(f"calls that carry the run's config across files: {len(calls)}")
-    print(f"files entered: {len(seen)}; climbs to a higher floor: {climbs}; re-entries: {reentries}")
-    for caller, callee in calls:
-        mark = "  ↑ climb" if floor.get(callee, 0) > floor.get(caller, 0) else ""
+    cyclic = sorted(m for m in floor if sum(floor[m] == floor[n] for n in floor) > 1
+                    and any(floor[n] == floor[m] for n in import_graph()[m]))
+    print(f"modules of pipeline/ in an import circle (sharing a floor): {len(cyclic)}")
+    for label, calls in (("calls carrying the run's config", carrying),
+                         ("cross-file calls outside the fit", setup)):
+        seen, left, reentries, climbs = set(), None, 0, 0
+        for caller, callee in calls:
+            climbs += floor.get(callee, 0) > floor.get(caller, 0)
+            reentries += callee in seen and callee != left
+            seen.add(callee)
+            left = caller
+        print(f"{label}: {len(calls)}; files entered {len(seen)}, climbs to a higher floor "
+              f"{climbs}, re-entries {reentries}")
+    print("the walk of the run's config:")
+    for caller, callee in carrying:
+        mark = "  <- climb" if floor.get(callee, 0) > floor.get(caller, 0) else ""
         print(f"  {caller} (floor {floor.get(caller)}) -> {callee} (floor {floor.get(callee)}){mark}")
 
 
