@@ -36,8 +36,8 @@ def run(quick: bool, workdir: Path) -> dict:
     models = ("cnn_small", "linear_svc", "logreg", "logreg_soft")
     epochs = 10 if quick else 60  # 60 = the student default
     shutil.rmtree(results_dir(root), ignore_errors=True)  # this run's rows only
-    args = [f"cache={root}", f"models={' '.join(models)}", "losses=kd ce",
-            f"seeds={' '.join(map(str, seeds))}", f"epochs={epochs}", f"runs_dir={workdir / 'runs'}"]
+    args = [f"cache={root}", f"grid.model={','.join(models)}", "grid.loss=kd,ce",
+            f"grid.seed={','.join(map(str, seeds))}", f"epochs={epochs}", f"runs_dir={workdir / 'runs'}"]
     log(f"{NAME}: kdcache sweep {' '.join(args[1:])}")
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

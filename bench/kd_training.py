@@ -55,7 +55,7 @@ def run(quick: bool, workdir: Path) -> dict:
 
     from pipeline import training
     from pipeline.cache import open_cache
-    from pipeline.config import StudentConfig, resolve
+    from pipeline.students import student_config
     from pipeline.runs import resolve_run
     from pipeline.students import StudentData, create_student
     from pipeline.students.data import joined_inputs
@@ -81,15 +81,15 @@ def run(quick: bool, workdir: Path) -> dict:
     assert state_fingerprint(teacher, man["arch"], man["input_shape"], man["num_classes"]) == \
         cache.teacher_fingerprint, "online teacher must be the cached teacher"
 
-    def cfg(model: str, loss: str) -> StudentConfig:
-        return resolve(StudentConfig, {"cache": root, "model": model, "loss": loss, "epochs": epochs,
+    def cfg(model: str, loss: str):
+        return student_config({"cache": root, "model": model, "loss": loss, "epochs": epochs,
                                        "runs_dir": workdir / "runs", "seed": 0})
 
     def student(model: str, loss: str):
         # exactly the student pipeline.runs.train_student builds
         return create_student(model, resolve_run(cfg(model, loss), cache)[0])
 
-    bs = cfg("mlp", "kd").batch_size
+    bs = cfg("mlp", "kd").param("batch_size")
     per_epoch: dict[str, list[float]] = {}
     setup: dict[str, list[float]] = {}
 

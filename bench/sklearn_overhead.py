@@ -40,7 +40,7 @@ def run(quick: bool, workdir: Path) -> dict:
     from sklearn.svm import LinearSVC
 
     from pipeline.cache import open_cache
-    from pipeline.config import StudentConfig, resolve
+    from pipeline.students import student_config
     from pipeline.runs import train_student
 
     t_start = time.perf_counter()
@@ -58,7 +58,7 @@ def run(quick: bool, workdir: Path) -> dict:
 
     def kdcache(model: str):
         def arm() -> float:
-            cfg = resolve(StudentConfig, {"cache": root, "model": model, "C": "1",
+            cfg = student_config({"cache": root, "model": model, "C": "1",
                                           "runs_dir": workdir / "runs", "seed": 0})
             with contextlib.redirect_stdout(io.StringIO()):
                 return train_student(cfg, progress=False)["fit_seconds"]

@@ -111,10 +111,10 @@ class Runs:
         self.workdir, self.epochs = workdir, epochs
 
     def test_accuracy(self, root: Path, model: str, seed: int, **args) -> float:
-        from pipeline.config import StudentConfig, resolve
+        from pipeline.students import student_config
         from pipeline.runs import train_student
 
-        cfg = resolve(StudentConfig, {"cache": root, "model": model, "width": WIDTHS[model],
+        cfg = student_config({"cache": root, "model": model, "width": WIDTHS[model],
                                       "epochs": self.epochs, "seed": seed,
                                       "runs_dir": self.workdir / "runs", **args})
         with contextlib.redirect_stdout(io.StringIO()):
@@ -182,7 +182,7 @@ def budget(workdir: Path, seeds: tuple[int, ...], epochs: int, dense_bytes: floa
 
 def epoch_time(workdir: Path, epochs: int, repeats: int) -> tuple[dict, dict]:
     from pipeline.cache import open_cache
-    from pipeline.config import StudentConfig, resolve
+    from pipeline.students import student_config
     from pipeline.runs import resolve_run
     from pipeline.students import StudentData, create_student
 
@@ -194,7 +194,7 @@ def epoch_time(workdir: Path, epochs: int, repeats: int) -> tuple[dict, dict]:
         def run() -> float:
             t0 = time.perf_counter()
             cache = open_cache(root)
-            cfg, _ = resolve_run(resolve(StudentConfig, {"cache": root, "model": "mlp", "loss": "kd",
+            cfg, _ = resolve_run(student_config({"cache": root, "model": "mlp", "loss": "kd",
                                                          "epochs": epochs, "seed": 0,
                                                          "runs_dir": workdir / "runs"}), cache)
             clocked(create_student("mlp", cfg), per_epoch, mode).fit_cache(StudentData(cache))

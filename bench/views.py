@@ -91,9 +91,9 @@ class Trainer:
                 **({"views": k, "augment": policy} if k > 1 else {}), **base_dirs(workdir)})
 
     def student_cfg(self, k: int, **args):
-        from pipeline.config import StudentConfig, resolve
+        from pipeline.students import student_config
 
-        return resolve(StudentConfig, {"cache": self.caches[k], "runs_dir": self.workdir / "runs",
+        return student_config({"cache": self.caches[k], "runs_dir": self.workdir / "runs",
                                        **args})
 
     def cached(self, k: int, **args) -> dict:
@@ -126,7 +126,7 @@ class Trainer:
         teacher = build_teacher(TeacherSpec(t["arch"], tuple(t["input_shape"]), t["num_classes"],
                                             t["ckpt"], t["seed"] or 0))
         policy = parse(self.policy, tuple(x.shape[1:]))
-        bs = cfg.batch_size
+        bs = cfg.param("batch_size")
 
         def batches(epoch: int):
             rng = np.random.default_rng([seed, epoch, 7])
@@ -138,9 +138,9 @@ class Trainer:
                     z = teacher(xb).numpy()
                 yield xb.numpy(), y[rows], {"z_t": z}
 
-        student._fit_batches(_with_soft_targets(batches, cfg.temperature, False), -(-len(x) // bs),
+        student._fit_batches(_with_soft_targets(batches, cfg.param("temperature"), False), -(-len(x) // bs),
                              data.rows("val", "inputs"), data.labels("val"), cache.num_classes, None,
-                             None, cfg.temperature)
+                             None, cfg.param("temperature"))
         return float(np.mean(student.predict(data.rows("test", "inputs")) == data.labels("test")))
 
 
