@@ -16,9 +16,9 @@ import sklearn.base
 from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import check_is_fitted
 
-from pipeline.cache.reader import softmax
 from pipeline.errors import KdError
 from pipeline.losses import LOSSES
+from pipeline.numerics import softmax
 from pipeline.students import STUDENTS, StreamingSGDStudent, StudentData, create_student
 
 K = 3  # classes

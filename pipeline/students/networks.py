@@ -9,9 +9,9 @@ from torch import nn
 
 from pipeline import runtime, training
 from pipeline.augment import parse
-from pipeline.cache.reader import softmax
 from pipeline.errors import KdError
 from pipeline.losses import LOSSES, soft_targets
+from pipeline.numerics import softmax
 from pipeline.students.base import Student
 from pipeline.students.data import StudentData
 from pipeline.students.registry import DEFAULT_LOSS, STUDENTS
