@@ -36,8 +36,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.augment import RNG, SPLIT_IDS, KeyedRandom, key
 from pipeline.errors import KdError
+from pipeline.keyed_random import RNG, SPLIT_IDS, KeyedRandom, key
 from pipeline.numerics import logsumexp
 
 DENSE, TOPK, SAMPLE = "dense", "topk", "sample"

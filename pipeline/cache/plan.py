@@ -13,11 +13,12 @@ import pyarrow as pa
 import torch
 
 from pipeline import runtime
-from pipeline.augment import RNG, parse
+from pipeline.augment import parse
 from pipeline.cache import format as fmt
 from pipeline.config import CacheConfig, DataConfig, fingerprint
 from pipeline.data import Dataset
 from pipeline.errors import KdError
+from pipeline.keyed_random import RNG
 from pipeline.latency import per_sample_ms, torch_predict
 from pipeline.onnx_teacher import OnnxTeacher
 from pipeline.sparse import check_mode, parse_mode
