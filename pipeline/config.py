@@ -243,6 +243,15 @@ def _check_scheduler(scheduler: str) -> None:
                       "the address of a dask scheduler, e.g. tcp://HOST:8786")
 
 
+def in_process(cfg: Any) -> bool:
+    """The scheduling rule of builds and sweeps (``cfg``: a CacheConfig or a SweepConfig):
+    whether the shards or runs run in this process, one after another (one local worker gains
+    nothing from dask but its start-up, ~0.5 s), rather than as dask tasks. Here, beside the
+    scheduler's grammar, rather than in :mod:`pipeline.cluster`, which imports distributed
+    (~0.8 s) and is imported only when a scheduler is in use."""
+    return cfg.scheduler == "synchronous" or (cfg.scheduler == "local" and cfg.workers == 1)
+
+
 def _check_device(device: str) -> None:
     # torch.device() also accepts meta, mps, xla, hpu, ...: kdcache runs on none of them
     if not _DEVICE.fullmatch(device):

@@ -15,8 +15,7 @@ from typing import Iterator
 
 from pipeline import runtime
 from pipeline.cache import open_cache
-from pipeline.cache.execute import in_process  # the same rule as for a build's shards
-from pipeline.config import StudentConfig, SweepConfig
+from pipeline.config import StudentConfig, SweepConfig, in_process  # a build's rule too
 from pipeline.paths import cache_path
 from pipeline.runs import new_run_id, resolve_run, train_student
 
@@ -28,7 +27,7 @@ def run_sweep(cfg: SweepConfig, runs: list[StudentConfig]) -> Finished:
     they finish (training starts when they are first asked for). A run's KdError is raised
     as it was; runs finished before it keep their rows."""
     if not in_process(cfg):
-        from pipeline.cluster import check_reachable
+        from pipeline.cluster import check_reachable  # imports distributed: only for a scheduler
 
         check_reachable(cfg.scheduler)
     cache = open_cache(cache_path(cfg))
@@ -43,7 +42,7 @@ def _here(cfg: SweepConfig, runs: list[StudentConfig], run_ids: list[str]) -> Fi
 
 
 def _on_dask(cfg: SweepConfig, runs: list[StudentConfig], run_ids: list[str]) -> Finished:
-    from pipeline import cluster
+    from pipeline import cluster  # imports distributed: only when dask runs the runs
 
     with cluster.connect(cfg.scheduler, cfg.workers, processes=True,
                          settings=cluster.WorkerSettings(cfg.threads)) as client:
@@ -54,7 +53,7 @@ def _on_dask(cfg: SweepConfig, runs: list[StudentConfig], run_ids: list[str]) ->
 
 def student_task(cfg: StudentConfig, run_id: str) -> dict:
     """One run, as a Dask task: on the worker's torch threads (:func:`pipeline.cluster.use_threads`)."""
-    from pipeline.cluster import use_threads
+    from pipeline.cluster import use_threads  # (on a dask worker, where distributed is loaded)
 
     use_threads()
     return train_student(cfg, progress=False, run_id=run_id)
