@@ -2,8 +2,8 @@
 ``key=value`` overrides, in that order.
 
 Unknown keys and values of the wrong type are errors, never ignored. The fully resolved config
-is saved beside every artifact (teacher checkpoint, cache, student run) so that any result can
-be traced back to exactly what produced it.
+is saved beside every artifact (teacher checkpoint, cache, student run; by
+:mod:`pipeline.provenance`) so that any result can be traced back to exactly what produced it.
 
 Paths are stored absolute: :func:`resolve` makes every path field (declared with
 :func:`path_field`) and the file of a path-taking dataset (``npz:rel.npz``) absolute against
@@ -418,19 +418,6 @@ def fingerprint(obj: Any) -> str:
         obj = to_dict(obj)
     blob = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()
-
-
-def save_config(cfg: Any, path: str | os.PathLike) -> None:
-    """Write the resolved config as JSON beside an artifact (atomically; on an object store,
-    one PUT)."""
-    from pipeline.plugins import identities
-    from pipeline.storage import location, write_text
-
-    payload = {"kind": type(cfg).__name__, "config": to_dict(cfg)}
-    plugins = identities(cfg)
-    if plugins:  # the code outside kdcache that the config names, and its version
-        payload["plugins"] = plugins
-    write_text(location(path), json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 @dataclass(frozen=True)

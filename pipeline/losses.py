@@ -23,13 +23,14 @@ Offline, every target is a constant of the teacher: nothing here ever back-propa
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import wraps
 from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline import losses_cpu
+from pipeline import losses_cpu, plugins
 from pipeline.registry import Registry
 
 
@@ -87,10 +88,6 @@ class LossHead(torch.nn.Module):
 Loss = Callable[..., torch.Tensor]
 def _plugin_loss(name: str, loss: Loss) -> Loss:
     """A plugin's loss: its exceptions (a wrong signature, a shape error) become one line."""
-    from functools import wraps
-
-    from pipeline import plugins
-
     @wraps(loss)
     def checked(*args, **kwargs):
         return plugins.call(f"loss {name}", loss, *args, **kwargs)
@@ -98,7 +95,7 @@ def _plugin_loss(name: str, loss: Loss) -> Loss:
     return checked
 
 
-LOSSES: Registry[Loss] = Registry("loss", LossNeeds, adapt=_plugin_loss)
+LOSSES: Registry[Loss] = Registry("loss", LossNeeds, adapt=_plugin_loss, plugins=plugins.Plugins("loss"))
 
 STANDARDIZE_EPS = 1e-7  # as in the reference code of Sun et al.
 

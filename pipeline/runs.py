@@ -24,13 +24,14 @@ import numpy as np
 from pipeline import metrics
 from pipeline.augment import parse
 from pipeline.cache import TeacherCache, open_cache
-from pipeline.config import StudentConfig, SweepConfig, save_config
+from pipeline.config import StudentConfig, SweepConfig
 from pipeline.errors import KdError
 from pipeline.io import atomic_write_bytes, atomic_write_text, fsync_dir
 from pipeline.latency import per_sample_ms
 from pipeline.losses import LOSSES
 from pipeline.numerics import softmax
 from pipeline.paths import cache_path, check_writable
+from pipeline.provenance import save_config
 from pipeline.results import append_row, results_dir
 from pipeline.storage import storage_errors
 from pipeline.students import STUDENTS, Student, StudentData, Uses, create_student, uses

@@ -15,9 +15,10 @@ from torch import nn
 
 from pipeline import runtime, training
 from pipeline.augment import Policy, parse
-from pipeline.config import TeacherConfig, save_config
+from pipeline.config import TeacherConfig
 from pipeline.data import Dataset, dataset_slug
 from pipeline.io import atomic_write_text, fsync_dir
+from pipeline.provenance import save_config
 from pipeline.teachers import auto_teacher, create_teacher, pretrained_state
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline import plugins
 from pipeline.architectures import ARCHITECTURES, DEFAULT_LAYER, Factory
 from pipeline.errors import KdError, first_line
 from pipeline.onnx_teacher import OnnxTapped, OnnxTeacher
@@ -28,8 +29,6 @@ from pipeline.registry import Registry
 def _plugin_teacher(name: str, factory: Factory) -> Factory:
     """A plugin's factory, checked: it must return a torch module (pipeline.plugins)."""
     def build(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-        from pipeline import plugins
-
         model = plugins.call(f"teacher {name}: factory({tuple(input_shape)}, {num_classes})",
                              factory, tuple(input_shape), int(num_classes))
         if not isinstance(model, nn.Module):
@@ -40,7 +39,8 @@ def _plugin_teacher(name: str, factory: Factory) -> Factory:
 
 
 TEACHERS: Registry[Factory] = Registry("teacher", adapt=_plugin_teacher,
-                                       also="onnx with teacher_ckpt=MODEL.onnx, timm:NAME")
+                                       also="onnx with teacher_ckpt=MODEL.onnx, timm:NAME",
+                                       plugins=plugins.Plugins("teacher"))
 
 ONNX = "onnx"  # teacher=onnx teacher_ckpt=MODEL.onnx (pipeline.onnx_teacher)
 

@@ -4,13 +4,16 @@ student declares when it registers."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from pipeline import plugins
 from pipeline.config import StudentConfig
 from pipeline.errors import KdError
 from pipeline.losses import LOSSES
 from pipeline.registry import Registry
+from pipeline.students.base import Student
 
 KINDS = ("features", "inputs")
 DEFAULT_LOSS = "kd"  # students that train with a loss, when loss= is not given
@@ -42,17 +45,11 @@ class StudentNeeds:
 def _plugin_student(name: str, obj: Any) -> Callable[[StudentConfig], Any]:
     """A plugin student: a Student subclass, built with the config values its constructor
     names (``seed=``, ``epochs=``, ``temperature=``, ...), or a ``factory(cfg) -> Student``."""
-    import inspect
-
-    from pipeline.students.base import Student
-
     def checked(student):
         if not isinstance(student, Student):
             raise KdError(f"student {name} made a {type(student).__name__}, not a "
                           "pipeline.students.Student (the student contract)")
         return student
-
-    from pipeline import plugins
 
     if isinstance(obj, type):
         names = [p for p in inspect.signature(obj).parameters if p in StudentConfig.__dataclass_fields__]
@@ -62,7 +59,8 @@ def _plugin_student(name: str, obj: Any) -> Callable[[StudentConfig], Any]:
 
 
 STUDENTS: Registry[Callable[[StudentConfig], Any]] = Registry("student", StudentNeeds,
-                                                              adapt=_plugin_student)
+                                                              adapt=_plugin_student,
+                                                              plugins=plugins.Plugins("student"))
 
 
 @dataclass(frozen=True)
