@@ -55,7 +55,8 @@ def run(quick: bool, workdir: Path) -> dict:
 
     from pipeline import training
     from pipeline.cache import open_cache
-    from pipeline.config import StudentConfig, resolve
+    from pipeline.config import StudentConfig
+    from pipeline.settings import resolve
     from pipeline.runs import resolve_run
     from pipeline.students import StudentData, create_student
     from pipeline.students.data import joined_inputs

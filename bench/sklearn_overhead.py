@@ -40,7 +40,8 @@ def run(quick: bool, workdir: Path) -> dict:
     from sklearn.svm import LinearSVC
 
     from pipeline.cache import open_cache
-    from pipeline.config import StudentConfig, resolve
+    from pipeline.config import StudentConfig
+    from pipeline.settings import resolve
     from pipeline.runs import train_student
 
     t_start = time.perf_counter()

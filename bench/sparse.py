@@ -111,7 +111,8 @@ class Runs:
         self.workdir, self.epochs = workdir, epochs
 
     def test_accuracy(self, root: Path, model: str, seed: int, **args) -> float:
-        from pipeline.config import StudentConfig, resolve
+        from pipeline.config import StudentConfig
+        from pipeline.settings import resolve
         from pipeline.runs import train_student
 
         cfg = resolve(StudentConfig, {"cache": root, "model": model, "width": WIDTHS[model],
@@ -182,7 +183,8 @@ def budget(workdir: Path, seeds: tuple[int, ...], epochs: int, dense_bytes: floa
 
 def epoch_time(workdir: Path, epochs: int, repeats: int) -> tuple[dict, dict]:
     from pipeline.cache import open_cache
-    from pipeline.config import StudentConfig, resolve
+    from pipeline.config import StudentConfig
+    from pipeline.settings import resolve
     from pipeline.runs import resolve_run
     from pipeline.students import StudentData, create_student
 

@@ -91,7 +91,8 @@ class Trainer:
                 **({"views": k, "augment": policy} if k > 1 else {}), **base_dirs(workdir)})
 
     def student_cfg(self, k: int, **args):
-        from pipeline.config import StudentConfig, resolve
+        from pipeline.config import StudentConfig
+        from pipeline.settings import resolve
 
         return resolve(StudentConfig, {"cache": self.caches[k], "runs_dir": self.workdir / "runs",
                                        **args})

@@ -276,7 +276,11 @@ def _combined(policies: list[Policy]) -> Policy:
                   sample, apply, lambda n: np.concatenate([p.identity(n) for p in policies], 1))
 
 
-def check(spec: str) -> None:
-    """Refuse a malformed or unknown policy before any data is opened (its fit to the inputs is
-    checked by :func:`parse` once the input shape is known)."""
-    _parse(spec, None)
+def check(spec: str, key: str = "augment") -> None:
+    """Refuse a malformed or unknown policy before any data is opened, naming the config ``key``
+    that gave it (its fit to the inputs is checked by :func:`parse` once the input shape is
+    known)."""
+    try:
+        _parse(spec, None)
+    except KdError as exc:
+        raise KdError(f"{key}={spec}: {exc}") from None

@@ -6,8 +6,14 @@ is saved beside every artifact (teacher checkpoint, cache, student run; by
 :mod:`pipeline.provenance`) so that any result can be traced back to exactly what produced it.
 
 Paths are stored absolute: :func:`resolve` makes every path field (declared with
-:func:`path_field`) and the file of a path-taking dataset (``npz:rel.npz``) absolute against
-the working directory, so caches, manifests and run configs mean the same from anywhere.
+:func:`path_field`) and, through :mod:`pipeline.settings`, the file of a path-taking dataset
+(``npz:rel.npz``) absolute against the working directory, so caches, manifests and run configs
+mean the same from anywhere.
+
+Values whose meaning another module owns (the dataset spec: :mod:`pipeline.data`; augmentation
+policies: :mod:`pipeline.augment`; the logits mode: :mod:`pipeline.sparse`) are checked by that
+module, through :mod:`pipeline.settings`, which sits above them: this module imports none of
+them, so that they can all import it.
 
 A field typed ``X | None`` is optional: None (``key=none``, ``key=``, or YAML ``null``) means
 "not given", and whoever reads the config says what that means (e.g. a student run's
@@ -25,9 +31,10 @@ import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 from pipeline.errors import KdError
+from pipeline.storage import is_url, location
 
 C = TypeVar("C")
 TRACKERS = ("none", "mlflow")  # tracking=: where student runs are also logged (pipeline.tracking)
@@ -41,7 +48,8 @@ def path_field(default: str, keywords: tuple[str, ...] = ()) -> Any:
 
 
 def dataset_field(default: str) -> Any:
-    """The ``dataset=NAME[:ARG]`` field: ARG is made absolute for sources that take a path."""
+    """The ``dataset=NAME[:ARG]`` field: ARG is made absolute for sources that take a path
+    (by :func:`pipeline.settings.owned`, since the dataset registry owns that knowledge)."""
     return field(default=default, metadata={"dataset": True})
 
 
@@ -91,8 +99,6 @@ class TeacherConfig(DataConfig):
         if self.weight_decay < 0:
             raise KdError(f"weight_decay={self.weight_decay} must be >= 0")
         _check_device(self.device)
-        if self.teacher_augment != "auto":
-            _check_policy("teacher_augment", self.teacher_augment)
 
 
 @dataclass(frozen=True)
@@ -142,9 +148,6 @@ class CacheConfig(TeacherConfig):
                           "for the logits only, or the layers to tap")
         if self.chunk_size < 0:
             raise KdError(f"chunk_size={self.chunk_size} must be >= 0 (0 = auto)")
-        from pipeline.sparse import parse_mode
-
-        parse_mode(self.logits)
         if self.dtype not in ("float16", "float32"):
             raise KdError(f"dtype={self.dtype!r} is not supported; use float16 or float32")
         if self.compression not in ("none", "zstd"):
@@ -155,7 +158,6 @@ class CacheConfig(TeacherConfig):
             )
         if not 1 <= self.views <= MAX_VIEWS:
             raise KdError(f"views={self.views} must be in 1..{MAX_VIEWS} (view 0 is the input itself)")
-        _check_policy("augment", self.augment)
         if self.views > 1 and self.augment == "none":
             raise KdError(f"views={self.views} with augment=none would cache {self.views} identical "
                           "views; pass augment=POLICY (e.g. augment=shift:3) or views=1")
@@ -226,15 +228,6 @@ def _at_most(cfg: Any, **limits: float) -> None:
 def _check_seed(name: str, value: int) -> None:
     if not 0 <= value <= MAX_SEED:
         raise KdError(f"{name}={value} must be in 0..{MAX_SEED}")
-
-
-def _check_policy(key: str, spec: str) -> None:
-    from pipeline.augment import check  # imports torch: resolving a config may, importing this module not
-
-    try:
-        check(spec)
-    except KdError as exc:
-        raise KdError(f"{key}={spec}: {exc}") from None
 
 
 def _check_scheduler(scheduler: str) -> None:
@@ -329,9 +322,16 @@ def _coerce(cls: type, name: str, annotation: Any, value: Any) -> Any:
     raise TypeError(f"unsupported config field type {annotation!r} on {cls.__name__}.{name}")
 
 
-def resolve(cls: type[C], overrides: list[str] | dict[str, Any] = (), verb: str = "") -> C:
+def resolve(cls: type[C], overrides: list[str] | dict[str, Any] = (), verb: str = "", *,
+            owners: Callable[[C], C]) -> C:
     """Build a config of type ``cls`` from defaults, an optional ``config=FILE.yaml`` and
-    ``key=value`` overrides. Raises :class:`KdError` on unknown keys or bad values."""
+    ``key=value`` overrides. Raises :class:`KdError` on unknown keys or bad values.
+
+    ``owners(cfg)`` checks the values that other modules own (a dataset spec, augmentation
+    policies, a logits mode) and returns ``cfg`` completed (a dataset's file made absolute);
+    it runs before the config's own checks, which may presume those values valid. It is
+    :func:`pipeline.settings.owned`: resolve configs with :func:`pipeline.settings.resolve`,
+    which passes it (this module imports none of those owners)."""
     pairs: list[tuple[str, Any]] = []
     items = overrides.items() if isinstance(overrides, dict) else [_split(o) for o in overrides]
     for key, value in items:
@@ -348,7 +348,7 @@ def resolve(cls: type[C], overrides: list[str] | dict[str, Any] = (), verb: str 
             where = f" for `kdcache {verb}`" if verb else ""
             raise KdError(f"unknown key {key!r}{where}; known keys: {', '.join(sorted(known))}")
         values[key] = _coerce(cls, key, hints[key], value)
-    cfg = _absolute_paths(cls(**values))
+    cfg = owners(_absolute_paths(cls(**values)))
     cfg.check()
     return cfg
 
@@ -361,21 +361,15 @@ def from_record(cls: type[C], record: dict[str, Any]) -> C:
 
 
 def _absolute_paths(cfg: C) -> C:
-    """``cfg`` with its path fields and its dataset's file absolute (see :func:`path_field`)."""
+    """``cfg`` with its path fields absolute (see :func:`path_field`)."""
     changes = {}
     for f in fields(cfg):
         value = getattr(cfg, f.name)
         if f.metadata.get("path") and value and value not in f.metadata["keywords"]:
-            from pipeline.storage import is_url, location
-
             loc = location(value, f.name)  # refuses URLs where only a local path is meant
             # an object store URL is kept as written; a local path (or file://) made absolute
             changes[f.name] = value.rstrip("/") if is_url(value) and not isinstance(loc, Path) \
                 else os.path.abspath(os.path.expanduser(str(loc)))
-        elif f.metadata.get("dataset"):
-            from pipeline.data import absolute_spec  # the data package imports this module
-
-            changes[f.name] = absolute_spec(value)
     return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
@@ -490,7 +484,6 @@ class StudentConfig:
             raise KdError(f"target={self.target!r} must be labels or teacher")
         if self.views != "all" and not (self.views.isdigit() and 1 <= int(self.views) <= MAX_VIEWS):
             raise KdError(f"views={self.views!r} must be all or a number of views in 1..{MAX_VIEWS}")
-        _check_policy("augment", self.augment)
         if self.C != "auto":
             try:
                 c = float(self.C)

@@ -11,11 +11,12 @@ a point on both), accuracy vs temperature, and each student against its label-on
 from __future__ import annotations
 
 from pipeline.cache import format as fmt
-from pipeline.config import ReportConfig, resolve
+from pipeline.config import ReportConfig
 from pipeline.errors import KdError
 from pipeline.paths import cache_path
 from pipeline.report import leaderboard, markdown, plots, teacher_of
 from pipeline.results import read_results, results_dir
+from pipeline.settings import resolve
 from pipeline.storage import is_remote, location, storage_errors, write_text
 
 

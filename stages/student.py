@@ -10,8 +10,10 @@ a log) under runs_dir, then appends one row to the results table beside the cach
 
 from __future__ import annotations
 
-from pipeline.config import StudentConfig, resolve
+from pipeline.config import StudentConfig
+
 from pipeline.runs import train_student
+from pipeline.settings import resolve
 from pipeline.tracking import tracking_uri
 
 

@@ -11,8 +11,10 @@ table, once, wherever it ran (see pipeline.sweep); `kdcache report` reads it.
 
 from __future__ import annotations
 
-from pipeline.config import SweepConfig, resolve
+from pipeline.config import SweepConfig
+
 from pipeline.runs import sweep_runs
+from pipeline.settings import resolve
 from pipeline.sweep import run_sweep
 
 

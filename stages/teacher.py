@@ -9,8 +9,10 @@ scores the test split once, and saves ``model.safetensors``, ``config.json`` and
 
 from __future__ import annotations
 
-from pipeline.config import TeacherConfig, resolve
+from pipeline.config import TeacherConfig
+
 from pipeline.data import open_dataset
+from pipeline.settings import resolve
 from pipeline.teacher_training import train_teacher
 
 

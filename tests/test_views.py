@@ -353,7 +353,8 @@ def test_the_key_covers_views_policy_and_seed(views_cache, builder, tmp_path):
     import dataclasses
 
     from pipeline.cache.plan import plan
-    from pipeline.config import CacheConfig, resolve
+    from pipeline.config import CacheConfig
+    from pipeline.settings import resolve
     from pipeline.data import open_dataset
     from pipeline.errors import KdError
 
@@ -464,7 +465,8 @@ def test_shards_and_chunks_stay_bounded_whatever_the_views():
     from types import SimpleNamespace
 
     from pipeline.cache.plan import MAX_CHUNK_BYTES, MAX_SHARD_BYTES, resolve_layout
-    from pipeline.config import CacheConfig, resolve
+    from pipeline.config import CacheConfig
+    from pipeline.settings import resolve
 
     dataset = SimpleNamespace(splits={"train": range(100_000), "val": range(10_000), "test": range(10_000)})
     shapes = {"logits": (1000,), "layer4": (2048,)}  # a resnet50 teacher: 6 KB per float16 output
