@@ -12,6 +12,7 @@ from pipeline import runtime, training
 from pipeline.architectures import ARCHITECTURES, DEFAULT_LAYER, student_width
 from pipeline.augment import parse
 from pipeline.errors import KdError
+from pipeline.latency import torch_predict
 from pipeline.losses import LOSSES, soft_targets
 from pipeline.numerics import softmax
 from pipeline.students.base import Student
@@ -240,8 +241,6 @@ class TorchStudent(Student):
         return net.eval()
 
     def cpu_predict(self):
-        from pipeline.latency import torch_predict
-
         return torch_predict(self.deployed_module())
 
 
