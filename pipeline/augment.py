@@ -4,8 +4,8 @@ A policy turns a batch of normalised inputs ``x`` [B, *shape] into augmented one
 steps, so that what the teacher saw can be rebuilt later from the original input alone:
 
 - ``sample(rng, n, shape) -> params``: int64 [n, P], one row of P small integers per input
-  (``rng`` is a :class:`numpy.random.Generator`, or a :class:`pipeline.keyed_random.KeyedRandom` whose draws are a
-  pure function of a key per row, e.g. (seed, split, sample_id, view));
+  (``rng`` is a :class:`numpy.random.Generator`, or a :class:`pipeline.keyed_random.KeyedRandom`
+  whose draws are a pure function of a key per row, e.g. (seed, split, sample_id, view));
 - ``apply(x, params) -> x'``: the augmented inputs, a pure function of ``x`` and ``params``,
   on CPU or GPU tensors (translations and flips are exact copies; ``rrc`` resizes with
   bilinear interpolation, deterministic on a given device);
