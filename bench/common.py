@@ -197,7 +197,8 @@ def prepare_build(args: dict):
     ``build_cache(root, cfg, dataset, spec, manifest)`` alone.
     """
     from pipeline.cache.plan import prepare
-    from pipeline.config import CacheConfig, resolve
+    from pipeline.config import CacheConfig
+    from pipeline.settings import resolve
     from pipeline.data import open_dataset
     from pipeline.teacher_training import teacher_arch
 

@@ -63,7 +63,8 @@ class Setting:
         return self.maps if LOSSES.declared(overrides["loss"]).maps else self.pooled
 
     def cfg(self, overrides: dict, seed: int, **extra):
-        from pipeline.config import StudentConfig, resolve
+        from pipeline.config import StudentConfig
+        from pipeline.settings import resolve
 
         return resolve(StudentConfig, {"cache": self.cache_for(overrides), "model": self.model,
                                        "width": self.width, "epochs": self.epochs, "seed": seed,

@@ -100,7 +100,8 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import build
 
-    from pipeline.config import StudentConfig, resolve
+    from pipeline.config import StudentConfig
+    from pipeline.settings import resolve
     from pipeline.runs import train_student
 
     work = Path(tempfile.mkdtemp(prefix="kdcache-walk-"))

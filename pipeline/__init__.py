@@ -3,7 +3,9 @@
 Importing this package does no work. The public entry points:
 
 - :func:`pipeline.cache.open_cache` opens a finished teacher cache for reading.
-- :mod:`pipeline.registry` holds the registries of datasets, teachers, students and losses.
+- :mod:`pipeline.registry` is the one registry type; each kind's registry lives with its kind
+  (``pipeline.data.DATASETS``, ``pipeline.teachers.TEACHERS``, ``pipeline.students.STUDENTS``,
+  ``pipeline.losses.LOSSES``, ``pipeline.augment.POLICIES``).
 """
 
 __version__ = "0.1.0"

@@ -2,12 +2,18 @@
 ``key=value`` overrides, in that order.
 
 Unknown keys and values of the wrong type are errors, never ignored. The fully resolved config
-is saved beside every artifact (teacher checkpoint, cache, student run) so that any result can
-be traced back to exactly what produced it.
+is saved beside every artifact (teacher checkpoint, cache, student run; by
+:mod:`pipeline.provenance`) so that any result can be traced back to exactly what produced it.
 
 Paths are stored absolute: :func:`resolve` makes every path field (declared with
-:func:`path_field`) and the file of a path-taking dataset (``npz:rel.npz``) absolute against
-the working directory, so caches, manifests and run configs mean the same from anywhere.
+:func:`path_field`) and, through :mod:`pipeline.settings`, the file of a path-taking dataset
+(``npz:rel.npz``) absolute against the working directory, so caches, manifests and run configs
+mean the same from anywhere.
+
+Values whose meaning another module owns (the dataset spec: :mod:`pipeline.data`; augmentation
+policies: :mod:`pipeline.augment`; the logits mode: :mod:`pipeline.sparse`) are checked by that
+module, through :mod:`pipeline.settings`, which sits above them: this module imports none of
+them, so that they can all import it.
 
 A field typed ``X | None`` is optional: None (``key=none``, ``key=``, or YAML ``null``) means
 "not given", and whoever reads the config says what that means (e.g. a student run's
@@ -29,6 +35,7 @@ from collections.abc import Mapping
 from typing import Any, Callable, TypeVar
 
 from pipeline.errors import KdError
+from pipeline.storage import is_url, location
 
 C = TypeVar("C")
 TRACKERS = ("none", "mlflow")  # tracking=: where student runs are also logged (pipeline.tracking)
@@ -42,7 +49,8 @@ def path_field(default: str, keywords: tuple[str, ...] = ()) -> Any:
 
 
 def dataset_field(default: str) -> Any:
-    """The ``dataset=NAME[:ARG]`` field: ARG is made absolute for sources that take a path."""
+    """The ``dataset=NAME[:ARG]`` field: ARG is made absolute for sources that take a path
+    (by :func:`pipeline.settings.owned`, since the dataset registry owns that knowledge)."""
     return field(default=default, metadata={"dataset": True})
 
 
@@ -92,8 +100,6 @@ class TeacherConfig(DataConfig):
         if self.weight_decay < 0:
             raise KdError(f"weight_decay={self.weight_decay} must be >= 0")
         _check_device(self.device)
-        if self.teacher_augment != "auto":
-            _check_policy("teacher_augment", self.teacher_augment)
 
 
 @dataclass(frozen=True)
@@ -143,9 +149,6 @@ class CacheConfig(TeacherConfig):
                           "for the logits only, or the layers to tap")
         if self.chunk_size < 0:
             raise KdError(f"chunk_size={self.chunk_size} must be >= 0 (0 = auto)")
-        from pipeline.sparse import parse_mode
-
-        parse_mode(self.logits)
         if self.dtype not in ("float16", "float32"):
             raise KdError(f"dtype={self.dtype!r} is not supported; use float16 or float32")
         if self.compression not in ("none", "zstd"):
@@ -156,7 +159,6 @@ class CacheConfig(TeacherConfig):
             )
         if not 1 <= self.views <= MAX_VIEWS:
             raise KdError(f"views={self.views} must be in 1..{MAX_VIEWS} (view 0 is the input itself)")
-        _check_policy("augment", self.augment)
         if self.views > 1 and self.augment == "none":
             raise KdError(f"views={self.views} with augment=none would cache {self.views} identical "
                           "views; pass augment=POLICY (e.g. augment=shift:3) or views=1")
@@ -229,19 +231,19 @@ def _check_seed(name: str, value: int) -> None:
         raise KdError(f"{name}={value} must be in 0..{MAX_SEED}")
 
 
-def _check_policy(key: str, spec: str) -> None:
-    from pipeline.augment import check  # imports torch: resolving a config may, importing this module not
-
-    try:
-        check(spec)
-    except KdError as exc:
-        raise KdError(f"{key}={spec}: {exc}") from None
-
-
 def _check_scheduler(scheduler: str) -> None:
     if not (scheduler in ("local", "synchronous") or _SCHEDULER.fullmatch(scheduler)):
         raise KdError(f"scheduler={scheduler!r} is not a scheduler; use local, synchronous or "
                       "the address of a dask scheduler, e.g. tcp://HOST:8786")
+
+
+def in_process(cfg: Any) -> bool:
+    """The scheduling rule of builds and sweeps (``cfg``: a CacheConfig or a SweepConfig):
+    whether the shards or runs run in this process, one after another (one local worker gains
+    nothing from dask but its start-up, ~0.5 s), rather than as dask tasks. Here, beside the
+    scheduler's grammar, rather than in :mod:`pipeline.cluster`, which imports distributed
+    (~0.8 s) and is imported only when a scheduler is in use."""
+    return cfg.scheduler == "synchronous" or (cfg.scheduler == "local" and cfg.workers == 1)
 
 
 def _check_device(device: str) -> None:
@@ -324,15 +326,22 @@ def _coerce(cls: type, name: str, annotation: Any, value: Any) -> Any:
 ParamsHook = Callable[[Any, dict[str, Any]], Any]  # (cfg, keys beyond its fields) -> completed cfg
 
 
-def resolve(cls: type[C], overrides: list[str] | dict[str, Any] = (), verb: str = "",
-            params: ParamsHook | None = None) -> C:
+def resolve(cls: type[C], overrides: list[str] | dict[str, Any] = (), verb: str = "", *,
+            owners: Callable[[C], C], params: ParamsHook | None = None) -> C:
     """Build a config of type ``cls`` from defaults, an optional ``config=FILE.yaml`` and
     ``key=value`` overrides. Raises :class:`KdError` on unknown keys or bad values.
 
+    ``owners(cfg)`` checks the values that other modules own (a dataset spec, augmentation
+    policies, a logits mode) and returns ``cfg`` completed (a dataset's file made absolute);
+    it runs before the config's own checks, which may presume those values valid. It is
+    :func:`pipeline.settings.owned`: resolve configs with :func:`pipeline.settings.resolve`,
+    which passes it (this module imports none of those owners).
+
     A config with a ``params`` field (student runs) takes, besides its own fields, the
     hyperparameters its student and loss declare: ``params(cfg, given)`` — supplied by the
-    owner of those declarations (pipeline.students.complete), which this module does not
-    import — checks the keys ``given`` beyond the fields and returns ``cfg`` completed. A config with a ``grid`` field (sweeps) also takes ``grid.KEY=V1,V2``."""
+    owner of those declarations (pipeline.students.complete) — checks the keys ``given``
+    beyond the fields and returns ``cfg`` completed. A config with a ``grid`` field (sweeps)
+    also takes ``grid.KEY=V1,V2``."""
     pairs: list[tuple[str, Any]] = []
     items = overrides.items() if isinstance(overrides, dict) else [_split(o) for o in overrides]
     for key, value in items:
@@ -365,7 +374,7 @@ def resolve(cls: type[C], overrides: list[str] | dict[str, Any] = (), verb: str 
         values["grid"] = tuple(grid.items())
         values["default_grid"] = tuple((k, v) for k, v in DEFAULT_GRID
                                        if k not in grid and k not in values and k not in given)
-    cfg = _absolute_paths(cls(**values))
+    cfg = owners(_absolute_paths(cls(**values)))
     cfg.check()
     if "params" in names and params is not None:
         cfg = params(cfg, given)
@@ -391,21 +400,15 @@ def from_record(cls: type[C], record: dict[str, Any]) -> C:
 
 
 def _absolute_paths(cfg: C) -> C:
-    """``cfg`` with its path fields and its dataset's file absolute (see :func:`path_field`)."""
+    """``cfg`` with its path fields absolute (see :func:`path_field`)."""
     changes = {}
     for f in fields(cfg):
         value = getattr(cfg, f.name)
         if f.metadata.get("path") and value and value not in f.metadata["keywords"]:
-            from pipeline.storage import is_url, location
-
             loc = location(value, f.name)  # refuses URLs where only a local path is meant
             # an object store URL is kept as written; a local path (or file://) made absolute
             changes[f.name] = value.rstrip("/") if is_url(value) and not isinstance(loc, Path) \
                 else os.path.abspath(os.path.expanduser(str(loc)))
-        elif f.metadata.get("dataset"):
-            from pipeline.data import absolute_spec  # the data package imports this module
-
-            changes[f.name] = absolute_spec(value)
     return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
@@ -453,19 +456,6 @@ def fingerprint(obj: Any) -> str:
         obj = to_dict(obj)
     blob = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()
-
-
-def save_config(cfg: Any, path: str | os.PathLike) -> None:
-    """Write the resolved config as JSON beside an artifact (atomically; on an object store,
-    one PUT)."""
-    from pipeline.plugins import identities
-    from pipeline.storage import location, write_text
-
-    payload = {"kind": type(cfg).__name__, "config": to_dict(cfg)}
-    plugins = identities(cfg)
-    if plugins:  # the code outside kdcache that the config names, and its version
-        payload["plugins"] = plugins
-    write_text(location(path), json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 class Params(Mapping):

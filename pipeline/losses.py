@@ -23,13 +23,14 @@ Offline, every target is a constant of the teacher: nothing here ever back-propa
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import wraps
 from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline import losses_cpu
+from pipeline import losses_cpu, plugins
 from pipeline.config import Param, declared_param
 from pipeline.registry import Registry
 
@@ -96,10 +97,6 @@ class LossHead(torch.nn.Module):
 Loss = Callable[..., torch.Tensor]
 def _plugin_loss(name: str, loss: Loss) -> Loss:
     """A plugin's loss: its exceptions (a wrong signature, a shape error) become one line."""
-    from functools import wraps
-
-    from pipeline import plugins
-
     @wraps(loss)
     def checked(*args, **kwargs):
         return plugins.call(f"loss {name}", loss, *args, **kwargs)
@@ -107,7 +104,7 @@ def _plugin_loss(name: str, loss: Loss) -> Loss:
     return checked
 
 
-LOSSES: Registry[Loss] = Registry("loss", LossNeeds, adapt=_plugin_loss)
+LOSSES: Registry[Loss] = Registry("loss", LossNeeds, adapt=_plugin_loss, plugins=plugins.Plugins("loss"))
 
 
 def loss_params(name: str) -> dict[str, Param]:

@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from pipeline.cache.reader import log_softmax
+from pipeline.numerics import log_softmax
 
 ENABLED = True  # tests switch the kernels off to compare with the torch graphs
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.cache.reader import softmax
+from pipeline.numerics import softmax
 
 
 def accuracy(pred: np.ndarray, labels: np.ndarray) -> float:

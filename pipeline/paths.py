@@ -3,9 +3,11 @@ is absolute already (see pipeline.config.path_field), so these are too."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
+from pipeline.config import DataConfig
 from pipeline.errors import KdError
 from pipeline.storage import Location, check_reachable, is_remote, location
 
@@ -16,7 +18,7 @@ def default_cache_path(cache_root: str, dataset_spec: str, arch: str, teacher_ck
     """Where a cache lives when no cache= is given: one name per dataset, teacher, weights,
     views and logits mode (``digits-cnn_small``, ``digits-cnn_small-views16-crop4-flip``,
     ``digits3-resnet_small-topk16``)."""
-    from pipeline.data import dataset_slug
+    from pipeline.data import dataset_slug  # the dataset sources: only for a default path
 
     name = f"{dataset_slug(dataset_spec)}-{dataset_slug(arch)}"  # timm:resnet18 -> timm-resnet18
     if teacher_ckpt == "random":
@@ -44,8 +46,8 @@ def cache_path(cfg) -> Location:
     ``synthetic:300:8:10``), the cache whose manifest records the spec as given."""
     if cfg.cache:
         return location(cfg.cache)
-    import json
-
+    # only for a default cache: info, report and export on a given cache= import neither the
+    # dataset sources nor the cache package (which imports torch)
     from pipeline.cache.format import MANIFEST
     from pipeline.data import dataset_slug
 

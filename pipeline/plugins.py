@@ -26,8 +26,8 @@ What each kind of object is:
 Students and losses declare what they need with :func:`declare`, the same fields their
 registries take (``StudentNeeds``, ``LossNeeds``). A plugin's identity, its import path and its
 package's name and version, enters the fingerprints of the teachers and datasets made from it
-and is recorded in every saved config (``plugins``), so a cache or run says exactly which code
-made it.
+and is recorded in every saved config (``plugins``, by :mod:`pipeline.provenance`), so a cache
+or run says exactly which code made it.
 """
 
 from __future__ import annotations
@@ -55,25 +55,24 @@ def declare(**needs: Any) -> Callable:
     return mark
 
 
-def identities(cfg: Any) -> dict[str, dict]:
-    """The identities of the plugins a config names (its teacher, dataset, model, loss, and a
-    sweep's models and losses), by config key; {} when it names none."""
-    from pipeline.data import DATASETS, split_spec
-    from pipeline.losses import LOSSES
-    from pipeline.students import STUDENTS
-    from pipeline.teachers import TEACHERS
+class Plugins:
+    """The plugins of one kind, as its :class:`pipeline.registry.Registry` asks for them: the
+    module that makes a registry passes ``plugins=Plugins(kind)``, so that the registry (below
+    every kind) never imports the kinds' plugin groups."""
 
-    names = {"teacher": (TEACHERS, [getattr(cfg, "teacher", None)]),
-             "dataset": (DATASETS, [split_spec(cfg.dataset)[0]] if getattr(cfg, "dataset", None) else []),
-             "model": (STUDENTS, [getattr(cfg, "model", None), *getattr(cfg, "models", ())]),
-             "loss": (LOSSES, [getattr(cfg, "loss", None), *getattr(cfg, "losses", ())])}
-    found = {}
-    for key, (registry, values) in names.items():
-        for value in values:
-            identity = registry.identity(value) if value and value != "auto" else None
-            if identity:  # (None: a built-in)
-                found[f"{key}={value}"] = identity
-    return found
+    def __init__(self, kind: str):
+        if kind not in GROUPS:
+            raise ValueError(f"no plugin group for {kind!r}; groups: {', '.join(GROUPS)}")
+        self.kind = kind
+
+    def load(self, name: str) -> Any | None:
+        return resolve(self.kind, name)
+
+    def names(self) -> list[str]:
+        return sorted(entry_points(self.kind))
+
+    def identity(self, name: str) -> dict | None:
+        return identity(self.kind, name)
 
 
 def call(what: str, fn: Callable, *args: Any, **kwargs: Any) -> Any:

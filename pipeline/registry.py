@@ -12,18 +12,33 @@ silent default). Everything that depends on an entry's needs (which cached array
 reads, whether a run records a temperature, which sweep axes apply) reads
 :meth:`Registry.declared` instead of keeping its own list of names.
 
-Entries may also come from outside kdcache (:mod:`pipeline.plugins`): a name that is not
-registered but is an import path ``pkg.module:attr`` or an installed entry point of the kind's
-group is imported on first use, adapted (``adapt``), and registered under that name.
+Entries may also come from outside kdcache: a registry given ``plugins`` (for kdcache's kinds,
+a :class:`pipeline.plugins.Plugins`, passed by the module that makes the registry) asks it for
+a name it does not hold (an import path ``pkg.module:attr``, an installed entry point of the
+kind's group), adapts the object (``adapt``) and registers it under that name on first use.
+This module imports no other part of kdcache but its errors: everything else builds on it.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Generic, Iterator, TypeVar
+from typing import Any, Callable, Generic, Iterator, Protocol, TypeVar
 
 from pipeline.errors import KdError
 
 T = TypeVar("T", bound=Callable)
+
+
+class PluginSource(Protocol):
+    """Where a registry finds the entries it does not hold (see :class:`pipeline.plugins.Plugins`)."""
+
+    def load(self, name: str) -> Any | None:
+        """The object ``name`` names, imported; None when ``name`` is no plugin name."""
+
+    def names(self) -> list[str]:
+        """The plugin names installed for this kind (entry points)."""
+
+    def identity(self, name: str) -> dict | None:
+        """A loaded plugin's identity (its import path, package and version)."""
 
 
 class Registry(Generic[T]):
@@ -36,14 +51,16 @@ class Registry(Generic[T]):
     """
 
     def __init__(self, kind: str, declaration: type | None = None,
-                 adapt: Callable[[str, Any], T] | None = None, also: str = ""):
+                 adapt: Callable[[str, Any], T] | None = None, also: str = "",
+                 plugins: PluginSource | None = None):
         self.kind = kind
         self.declaration = declaration  # a frozen dataclass, or None: entries declare nothing
         self.adapt = adapt  # (name, imported plugin object) -> the entry (default: the object)
         self.also = also  # other names the kind takes, for the "unknown" message (e.g. timm:NAME)
+        self.plugins = plugins  # None: only entries registered in code (and families)
         self._entries: dict[str, T] = {}
         self._declared: dict[str, Any] = {}
-        self._plugins: set[str] = set()  # names loaded through pipeline.plugins
+        self._plugins: set[str] = set()  # names loaded as plugins (or from a family)
         self._families: dict[str, tuple[Callable[[str], T], str]] = {}
 
     def register(self, name: str, **declared: Any) -> Callable[[T], T]:
@@ -67,8 +84,6 @@ class Registry(Generic[T]):
         self._plugins.discard(name)
 
     def get(self, name: str) -> T:
-        from pipeline import plugins
-
         if name not in self._entries:
             self._load_plugin(name)
         try:
@@ -77,7 +92,7 @@ class Registry(Generic[T]):
             raise KdError(
                 f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}"
                 + (f" ({self.also + ', ' if self.also else ''}or a plugin: pkg.module:attr)"
-                   if self.kind in plugins.GROUPS else "")
+                   if self.plugins is not None else "")
             ) from None
 
     def register_family(self, prefix: str, make: Callable[[str], T], package: str) -> None:
@@ -87,14 +102,12 @@ class Registry(Generic[T]):
         self._families[prefix] = (make, package)
 
     def _load_plugin(self, name: str) -> None:
-        from pipeline import plugins
-
         prefix, sep, arg = name.partition(":")
         if sep and prefix in self._families:
             self.register(name)(self._families[prefix][0](arg))
             self._plugins.add(name)
             return
-        obj = plugins.resolve(self.kind, name)
+        obj = self.plugins.load(name) if self.plugins is not None else None
         if obj is None:
             return
         declared = getattr(obj, "kdcache_needs", {})
@@ -114,15 +127,10 @@ class Registry(Generic[T]):
 
     def identity(self, name: str) -> dict | None:
         """A plugin entry's identity (:func:`pipeline.plugins.identity`); None for entries
-        registered in code (kdcache's own, or a caller's)."""
-        from pipeline import plugins
-
+        registered in code (kdcache's own, or a caller's) and for names that are no entry
+        (e.g. teacher=onnx, which names a file kind)."""
         if name not in self._entries:
-            loadable = (name.partition(":")[0] in self._families or plugins.is_import_path(name)
-                        or name in plugins.entry_points(self.kind))
-            if not loadable:  # not a plugin name (e.g. teacher=onnx, which names a file kind)
-                return None
-            self.get(name)
+            self._load_plugin(name)
         if name not in self._plugins:
             return None
         prefix = name.partition(":")[0]
@@ -132,7 +140,7 @@ class Registry(Generic[T]):
             package = self._families[prefix][1]
             return {"name": name, "import": None, "package": package,
                     "version": importlib.metadata.version(package)}
-        return plugins.identity(self.kind, name)
+        return self.plugins.identity(name)
 
     def declared(self, name: str) -> Any:
         """What entry ``name`` declared at registration (an instance of ``declaration``)."""
@@ -141,9 +149,8 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         """Registered names and installed entry points (plugins loaded by import path too)."""
-        from pipeline import plugins
-
-        return sorted(set(self._entries) | set(plugins.entry_points(self.kind)))
+        installed = self.plugins.names() if self.plugins is not None else []
+        return sorted(set(self._entries) | set(installed))
 
 
     def __contains__(self, name: object) -> bool:

@@ -23,13 +23,15 @@ import numpy as np
 
 from pipeline import metrics
 from pipeline.augment import parse
-from pipeline.cache import TeacherCache, open_cache, softmax
-from pipeline.config import Params, StudentConfig, save_config
+from pipeline.cache import TeacherCache, open_cache
+from pipeline.config import Params, StudentConfig
 from pipeline.errors import KdError
 from pipeline.io import atomic_write_bytes, atomic_write_text, fsync_dir
 from pipeline.latency import per_sample_ms
 from pipeline.losses import LOSSES
+from pipeline.numerics import softmax
 from pipeline.paths import cache_path, check_writable
+from pipeline.provenance import save_config
 from pipeline.results import append_row, config_columns, results_dir
 from pipeline.storage import storage_errors
 from pipeline.students import STUDENTS, Student, StudentData, Uses, create_student, uses

@@ -36,8 +36,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.augment import RNG, SPLIT_IDS, KeyedRandom, key
 from pipeline.errors import KdError
+from pipeline.keyed_random import RNG, SPLIT_IDS, KeyedRandom, key
+from pipeline.numerics import logsumexp
 
 DENSE, TOPK, SAMPLE = "dense", "topk", "sample"
 TAIL_DTYPE = "float32"  # z̄ is kept in float32 whatever the cache dtype: it sums C − K classes
@@ -112,13 +113,6 @@ def classes_dtype(num_classes: int) -> str:
 
 # --------------------------------------------------------------------------- encoding (stage one)
 
-def _logsumexp(z: np.ndarray, axis: int = -1) -> np.ndarray:
-    m = z.max(axis=axis, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0.0)
-    with np.errstate(divide="ignore"):
-        return (np.log(np.exp(z - m).sum(axis=axis, keepdims=True)) + m).squeeze(axis)
-
-
 def encode_topk(z: np.ndarray, k: int, num_classes: int,
                 temperature: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(class ids [B, K], their raw logits [B, K] in descending order, the tail [B, 2]: log
@@ -130,7 +124,7 @@ def encode_topk(z: np.ndarray, k: int, num_classes: int,
     ids = order[:, :k]
     values = np.take_along_axis(z, ids, axis=1)
     rest = np.take_along_axis(z, order[:, k:], axis=1).astype(np.float64)
-    tail = np.stack([_logsumexp(rest), _logsumexp(rest / temperature)], axis=1)
+    tail = np.stack([logsumexp(rest), logsumexp(rest / temperature)], axis=1)
     return ids.astype(classes_dtype(num_classes)), values, tail.astype(TAIL_DTYPE)
 
 

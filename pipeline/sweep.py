@@ -26,8 +26,7 @@ from typing import Any, Iterator
 
 from pipeline import runtime
 from pipeline.cache import open_cache
-from pipeline.cache.execute import in_process  # the same rule as for a build's shards
-from pipeline.config import Params, StudentConfig, SweepConfig, coerce_field
+from pipeline.config import Params, StudentConfig, SweepConfig, coerce_field, in_process  # a build's rule too
 from pipeline.errors import KdError
 from pipeline.losses import LOSSES, loss_params
 from pipeline.paths import cache_path
@@ -92,7 +91,7 @@ def run_sweep(cfg: SweepConfig, runs: list[StudentConfig]) -> Finished:
     they finish (training starts when they are first asked for). A run's KdError is raised
     as it was; runs finished before it keep their rows."""
     if not in_process(cfg):
-        from pipeline.cluster import check_reachable
+        from pipeline.cluster import check_reachable  # imports distributed: only for a scheduler
 
         check_reachable(cfg.scheduler)
     cache = open_cache(cache_path(cfg))
@@ -107,7 +106,7 @@ def _here(cfg: SweepConfig, runs: list[StudentConfig], run_ids: list[str]) -> Fi
 
 
 def _on_dask(cfg: SweepConfig, runs: list[StudentConfig], run_ids: list[str]) -> Finished:
-    from pipeline import cluster
+    from pipeline import cluster  # imports distributed: only when dask runs the runs
 
     with cluster.connect(cfg.scheduler, cfg.workers, processes=True,
                          settings=cluster.WorkerSettings(cfg.threads)) as client:
@@ -118,7 +117,7 @@ def _on_dask(cfg: SweepConfig, runs: list[StudentConfig], run_ids: list[str]) ->
 
 def student_task(cfg: StudentConfig, run_id: str) -> dict:
     """One run, as a Dask task: on the worker's torch threads (:func:`pipeline.cluster.use_threads`)."""
-    from pipeline.cluster import use_threads
+    from pipeline.cluster import use_threads  # (on a dask worker, where distributed is loaded)
 
     use_threads()
     return train_student(cfg, progress=False, run_id=run_id)

@@ -28,10 +28,11 @@ from torch import nn
 
 from pipeline import runtime, training
 from pipeline.augment import Policy, parse
-from pipeline.config import TeacherConfig, fingerprint, save_config
+from pipeline.config import TeacherConfig, fingerprint
 from pipeline.data import Dataset, dataset_slug
 from pipeline.errors import KdError, StoppedEarly
 from pipeline.io import atomic_path, atomic_write_text, fsync_dir
+from pipeline.provenance import save_config
 from pipeline.teachers import TEACHERS, auto_teacher, create_teacher, pretrained_state
 
 CHECKPOINT = "checkpoint.pt"  # in the .incomplete folder: everything needed to resume

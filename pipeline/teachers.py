@@ -1,4 +1,5 @@
-"""Teachers: architectures (a registry), checkpoint loading, fingerprints and feature taps.
+"""Teachers (a registry: the architectures of :mod:`pipeline.architectures`, torchvision's and
+timm's models, plugins), checkpoint loading, fingerprints and feature taps.
 
 A teacher is any ``nn.Module`` classifier. :func:`build_teacher` makes one from a
 :class:`TeacherSpec` (architecture + weights), and :class:`Tapped` wraps it so that one forward
@@ -12,27 +13,22 @@ import hashlib
 import pickle
 import warnings
 import weakref
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-import numpy as np
 import torch
 from torch import nn
 
+from pipeline import plugins
+from pipeline.architectures import ARCHITECTURES, DEFAULT_LAYER, Factory
 from pipeline.errors import KdError, first_line
 from pipeline.onnx_teacher import OnnxTapped, OnnxTeacher
 from pipeline.registry import Registry
-
-Factory = Callable[[tuple[int, ...], int], nn.Module]
 
 
 def _plugin_teacher(name: str, factory: Factory) -> Factory:
     """A plugin's factory, checked: it must return a torch module (pipeline.plugins)."""
     def build(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-        from pipeline import plugins
-
         model = plugins.call(f"teacher {name}: factory({tuple(input_shape)}, {num_classes})",
                              factory, tuple(input_shape), int(num_classes))
         if not isinstance(model, nn.Module):
@@ -43,103 +39,10 @@ def _plugin_teacher(name: str, factory: Factory) -> Factory:
 
 
 TEACHERS: Registry[Factory] = Registry("teacher", adapt=_plugin_teacher,
-                                       also="onnx with teacher_ckpt=MODEL.onnx, timm:NAME")
+                                       also="onnx with teacher_ckpt=MODEL.onnx, timm:NAME",
+                                       plugins=plugins.Plugins("teacher"))
 
-# Layer tapped when the user names none: the pooled penultimate activations.
-DEFAULT_LAYER = "embed"
 ONNX = "onnx"  # teacher=onnx teacher_ckpt=MODEL.onnx (pipeline.onnx_teacher)
-
-
-def _head(width: int, num_classes: int) -> list[tuple[str, nn.Module]]:
-    return [("embed", nn.Flatten(1)), ("head", nn.Linear(width, num_classes))]
-
-
-@TEACHERS.register("mlp")
-def mlp(input_shape: tuple[int, ...], num_classes: int, hidden: int = 256) -> nn.Module:
-    """Two hidden layers on the flattened input; fits any input shape."""
-    d = int(np.prod(input_shape))
-    return nn.Sequential(OrderedDict([
-        ("flat", nn.Flatten(1)),
-        ("fc1", nn.Linear(d, hidden)), ("act1", nn.ReLU()),
-        ("fc2", nn.Linear(hidden, hidden)), ("act2", nn.ReLU()),
-        *_head(hidden, num_classes),
-    ]))
-
-
-def _as_channels(input_shape: tuple[int, ...], rank: int, name: str) -> tuple[list, int]:
-    """Input adapters so that 1-D signals (L,) and grey images (H, W) get a channel axis."""
-    if len(input_shape) == rank - 1:
-        # (B, L) -> (B, 1, L) and (B, H, W) -> (B, 1, H, W): split axis 1 into (1, itself)
-        return [("unsqueeze", nn.Unflatten(1, (1, input_shape[0])))], 1
-    if len(input_shape) == rank:
-        return [], input_shape[0]
-    want = "(L,) or (C, L)" if rank == 2 else "(C, H, W)"
-    raise KdError(f"teacher {name} needs inputs shaped {want}, not {tuple(input_shape)}; "
-                  "pick another teacher (teacher=mlp fits any shape)")
-
-
-@TEACHERS.register("cnn1d")
-def cnn1d(input_shape: tuple[int, ...], num_classes: int, width: int = 64) -> nn.Module:
-    """A small 1-D CNN for signals shaped (L,) or (C, L)."""
-    pre, c = _as_channels(input_shape, 2, "cnn1d")
-    return nn.Sequential(OrderedDict([
-        *pre,
-        ("conv1", nn.Conv1d(c, width, 7, padding=3)), ("bn1", nn.BatchNorm1d(width)), ("act1", nn.ReLU()),
-        ("conv2", nn.Conv1d(width, width, 5, padding=2)), ("bn2", nn.BatchNorm1d(width)), ("act2", nn.ReLU()),
-        ("conv3", nn.Conv1d(width, 2 * width, 3, padding=1)), ("bn3", nn.BatchNorm1d(2 * width)),
-        ("act3", nn.ReLU()),
-        ("pool", nn.AdaptiveAvgPool1d(1)),
-        *_head(2 * width, num_classes),
-    ]))
-
-
-def _conv_bn(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
-                         nn.ReLU(inplace=True))
-
-
-@TEACHERS.register("cnn_small")
-def cnn_small(input_shape: tuple[int, ...], num_classes: int, width: int = 32) -> nn.Module:
-    """Three conv blocks and global pooling, for small images shaped (C, H, W) or (H, W)."""
-    pre, c = _as_channels(input_shape, 3, "cnn_small")
-    return nn.Sequential(OrderedDict([
-        *pre,
-        ("block1", _conv_bn(c, width)),
-        ("block2", _conv_bn(width, 2 * width)),
-        ("down", nn.MaxPool2d(2, ceil_mode=True)),
-        ("block3", _conv_bn(2 * width, 4 * width)),
-        ("pool", nn.AdaptiveAvgPool2d(1)),
-        *_head(4 * width, num_classes),
-    ]))
-
-
-class _Residual(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-            nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout))
-        self.skip = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(
-            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-        self.act = nn.ReLU(inplace=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.body(x) + self.skip(x))
-
-
-@TEACHERS.register("resnet_small")
-def resnet_small(input_shape: tuple[int, ...], num_classes: int, width: int = 16) -> nn.Module:
-    """A CIFAR-style ResNet (3 stages of 2 residual blocks) for small images."""
-    pre, c = _as_channels(input_shape, 3, "resnet_small")
-    return nn.Sequential(OrderedDict([
-        *pre,
-        ("stem", _conv_bn(c, width)),
-        ("stage1", nn.Sequential(_Residual(width, width, 1), _Residual(width, width, 1))),
-        ("stage2", nn.Sequential(_Residual(width, 2 * width, 2), _Residual(2 * width, 2 * width, 1))),
-        ("stage3", nn.Sequential(_Residual(2 * width, 4 * width, 2), _Residual(4 * width, 4 * width, 1))),
-        ("pool", nn.AdaptiveAvgPool2d(1)),
-        *_head(4 * width, num_classes),
-    ]))
 
 
 def _torchvision(name: str) -> Factory:
@@ -155,6 +58,8 @@ def _torchvision(name: str) -> Factory:
     return factory
 
 
+for _name in ARCHITECTURES:  # the built-ins, at their default (teacher) widths
+    TEACHERS.register(_name)(ARCHITECTURES.get(_name))
 for _name in ("resnet18", "mobilenet_v3_small"):
     TEACHERS.register(_name)(_torchvision(_name))
 

@@ -15,9 +15,10 @@ from pipeline.cache.execute import check_scheduler
 from pipeline.augment import parse
 from pipeline.cache.plan import prepare, teacher_cost
 from pipeline.cache.summary import describe, summarise
-from pipeline.config import CacheConfig, resolve
+from pipeline.config import CacheConfig
 from pipeline.data import open_dataset
 from pipeline.paths import default_cache_path
+from pipeline.settings import resolve
 from pipeline.sparse import check_mode, parse_mode
 from pipeline.storage import check_reachable, location
 from pipeline.teacher_training import stored_teacher, teacher_arch, teacher_dir, train_teacher

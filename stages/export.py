@@ -9,8 +9,10 @@ Writes the file and export.json (how to feed it, and the check's figures) into t
 
 from __future__ import annotations
 
-from pipeline.config import ExportConfig, resolve
+from pipeline.config import ExportConfig
+
 from pipeline.export import export_run, open_run
+from pipeline.settings import resolve
 
 
 def main(args: list[str]) -> dict:

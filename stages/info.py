@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from pipeline.cache import format as fmt
 from pipeline.cache.summary import describe, summarise
-from pipeline.config import InfoConfig, resolve
+from pipeline.config import InfoConfig
 from pipeline.paths import cache_path
+from pipeline.settings import resolve
 
 
 def main(args: list[str]) -> dict:

@@ -15,13 +15,14 @@ from pathlib import Path
 
 from pipeline.cache import format as fmt
 from pipeline.cache import open_cache
-from pipeline.config import ReportConfig, resolve
+from pipeline.config import ReportConfig
 from pipeline.costs import compare
 from pipeline.errors import KdError, first_line
 from pipeline.export import load_fitted, open_run
 from pipeline.paths import cache_path
 from pipeline.report import leaderboard, markdown, plots, teacher_of
 from pipeline.results import read_results, results_dir
+from pipeline.settings import resolve
 from pipeline.storage import is_remote, location, storage_errors, write_text
 
 

@@ -14,8 +14,10 @@ cache.
 
 from __future__ import annotations
 
-from pipeline.config import StudentConfig, resolve
+from pipeline.config import StudentConfig
+
 from pipeline.runs import train_student
+from pipeline.settings import resolve
 from pipeline.students import complete
 from pipeline.tracking import tracking_uri
 

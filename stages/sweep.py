@@ -14,7 +14,8 @@ table, once, wherever it ran (see pipeline.sweep); `kdcache report` reads it.
 
 from __future__ import annotations
 
-from pipeline.config import SweepConfig, resolve
+from pipeline.config import SweepConfig
+from pipeline.settings import resolve
 from pipeline.sweep import complete_sweep, expand, run_sweep
 
 

@@ -11,8 +11,10 @@ checkpoints every epoch, and resumes from the last finished one when re-run afte
 
 from __future__ import annotations
 
-from pipeline.config import TeacherConfig, resolve
+from pipeline.config import TeacherConfig
+
 from pipeline.data import open_dataset
+from pipeline.settings import resolve
 from pipeline.teacher_training import train_teacher
 
 

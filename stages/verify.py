@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from pipeline.cache import open_cache
 from pipeline.cache.verify import verify
-from pipeline.config import InfoConfig, resolve
+from pipeline.config import InfoConfig
 from pipeline.paths import cache_path
+from pipeline.settings import resolve
 
 
 def main(args: list[str]) -> dict:

@@ -370,7 +370,8 @@ def _stored_teacher_of_other_data(tmp: Path) -> list[str]:
     fingerprint (a folder copied by hand): using it would silently score other data."""
     from safetensors.torch import save_file
 
-    from pipeline.config import CacheConfig, resolve
+    from pipeline.config import CacheConfig
+    from pipeline.settings import resolve
     from pipeline.data import open_dataset
     from pipeline.teacher_training import teacher_dir
 

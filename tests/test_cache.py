@@ -562,7 +562,9 @@ def test_padding_chunks_past_the_end_of_a_split_are_not_stored(small_cache_f16):
 def test_auto_chunk_size_pads_the_splits_little(rows, shard, chunk, shard_out):
     from types import SimpleNamespace
 
-    from pipeline.config import CacheConfig, resolve
+    from pipeline.config import CacheConfig
+
+    from pipeline.settings import resolve
 
     dataset = SimpleNamespace(splits={name: range(n) for name, n in zip(("train", "val", "test"), rows)})
     cfg = plan.resolve_layout(resolve(CacheConfig, [f"shard_size={shard}"]), dataset, {})

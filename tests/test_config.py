@@ -9,8 +9,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.config import CacheConfig, DataConfig, InfoConfig, TeacherConfig, resolve
+from pipeline.config import CacheConfig, DataConfig, InfoConfig, TeacherConfig
+
 from pipeline.errors import KdError
+from pipeline.settings import resolve
 
 
 @pytest.mark.parametrize(

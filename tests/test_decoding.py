@@ -19,9 +19,10 @@ from conftest import FailOnCall, build
 from pipeline import decoding
 from pipeline.cache import format as fmt
 from pipeline.cache import shard
-from pipeline.config import DataConfig, resolve
+from pipeline.config import DataConfig
 from pipeline.data import open_dataset
 from pipeline.errors import KdError
+from pipeline.settings import resolve
 
 SIZE = 12  # pixels per side after resizing
 

@@ -9,7 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.config import SweepConfig, resolve
+from pipeline.config import SweepConfig
+from pipeline.settings import resolve
 from pipeline.errors import KdError
 from pipeline.report import leaderboard, markdown, teacher_of
 from pipeline.results import read_results, results_dir

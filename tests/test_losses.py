@@ -29,8 +29,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from pipeline.cache.reader import log_softmax
 from pipeline.losses import CRD_EMBED, LOSSES
+from pipeline.numerics import log_softmax
 
 REFERENCE_FILE = Path(__file__).parent / "data" / "loss_reference.json"
 

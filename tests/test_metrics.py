@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from pipeline import metrics
-from pipeline.cache.reader import softmax
+from pipeline.numerics import softmax
 
 
 def test_accuracy():

@@ -353,7 +353,8 @@ def signal_caches(tmp_path_factory, builder) -> dict[str, object]:
 @pytest.mark.parametrize("name", STUDENTS.names())
 def test_every_student_trains_from_sparse_logits(caches, signal_caches, mode, name, tmp_path):
     """Every registered student, through the stage's run (a results row), from each mode."""
-    from pipeline.config import StudentConfig, resolve
+    from pipeline.config import StudentConfig
+    from pipeline.settings import resolve
     from pipeline.runs import train_student
 
     for cache in (caches[mode], signal_caches[mode]):

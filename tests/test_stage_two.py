@@ -22,12 +22,13 @@ from hypothesis import strategies as st
 
 from pipeline.cache import TeacherCache, open_cache
 from pipeline.cache import format as fmt
-from pipeline.config import DataConfig, resolve
+from pipeline.config import DataConfig
 from pipeline.data import open_dataset, positions_of
 from pipeline.errors import KdError
 from pipeline.io import sha256_file
 from pipeline.results import read_results, results_dir
 from pipeline.rows import BLOCK_ROWS
+from pipeline.settings import resolve
 from pipeline.students import student_config
 from stages.cli import main as cli
 from pipeline.runs import train_student

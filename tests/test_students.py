@@ -16,9 +16,10 @@ import sklearn.base
 from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import check_is_fitted
 
-from pipeline.cache.reader import softmax
+from pipeline.architectures import ARCHITECTURES, student_width
 from pipeline.errors import KdError
 from pipeline.losses import LOSSES
+from pipeline.numerics import softmax
 from pipeline.students import STUDENTS, StreamingSGDStudent, StudentData, create_student, student_params
 
 K = 3  # classes
@@ -398,3 +399,13 @@ def test_fit_cache_is_the_one_way_to_train(name, contract_caches):
         assert isinstance(est.n_params_, int) and est.n_params_ > 0 and est.tensors()
         trained += 1
     assert trained, f"{name} trained on neither contract cache"
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_every_architecture_is_a_teacher_and_a_narrower_input_student(arch):
+    from pipeline.teachers import TEACHERS
+
+    assert arch in TEACHERS and STUDENTS.declared(arch).kind == "inputs"
+    build, shape = ARCHITECTURES.get(arch), (2, 16) if arch == "cnn1d" else (1, 8, 8)
+    params = lambda net: sum(p.numel() for p in net.parameters())  # noqa: E731
+    assert params(build(shape, 3, student_width(arch))) < params(build(shape, 3))

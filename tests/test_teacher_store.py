@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline import teacher_training
-from pipeline.config import TeacherConfig, resolve
+from pipeline.config import TeacherConfig
+from pipeline.settings import resolve
 from pipeline.data import open_dataset
 from pipeline.errors import KdError
 from stages.cli import main

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from conftest import FailOnCall
 from pipeline import augment as A
+from pipeline import keyed_random
 from pipeline import runtime
 from pipeline.cache import format as fmt
 from pipeline.cache import open_cache, shard
@@ -86,7 +87,7 @@ def test_policies_match_their_references(spec, seed, n):
     for shape in shapes:
         policy = A.parse(spec, shape)
         x = np.random.default_rng(seed).standard_normal((n, *shape)).astype(np.float32)
-        params = policy.sample(A.KeyedRandom(A.key(seed, np.arange(n))), n)
+        params = policy.sample(keyed_random.KeyedRandom(keyed_random.key(seed, np.arange(n))), n)
         assert params.shape == (n, len(policy.columns))
         got = policy.apply(torch.from_numpy(x), torch.from_numpy(params)).numpy()
         want = reference(spec, x, params)
@@ -139,19 +140,19 @@ def test_policies_run_on_the_device_they_are_given():
 def test_keyed_random_depends_only_on_the_key(seed, ids, view):
     """Any worker draws any row's numbers alone: a subset, in any order, draws the same."""
     ids = np.array(ids, np.int64)
-    full = A.view_random(seed, "train", ids, view)
+    full = keyed_random.view_random(seed, "train", ids, view)
     a, b = full.random(), full.integers(-3, 4)
     order = np.random.default_rng(seed).permutation(len(ids))
-    part = A.view_random(seed, "train", ids[order], view)
+    part = keyed_random.view_random(seed, "train", ids[order], view)
     np.testing.assert_array_equal(part.random(), a[order])
     np.testing.assert_array_equal(part.integers(-3, 4), b[order])
     assert ((0 <= a) & (a < 1)).all() and ((-3 <= b) & (b < 4)).all()
-    other = A.view_random(seed, "train", ids, view + 1).random()
+    other = keyed_random.view_random(seed, "train", ids, view + 1).random()
     assert len(ids) < 3 or not np.array_equal(other, a)
 
 
 def test_keyed_random_is_uniform_enough():
-    draws = A.KeyedRandom(A.key(7, np.arange(200_000))).integers(0, 10)
+    draws = keyed_random.KeyedRandom(keyed_random.key(7, np.arange(200_000))).integers(0, 10)
     counts = np.bincount(draws, minlength=10)
     assert counts.min() > 19_400 and counts.max() < 20_600  # ±3% of 20,000
 
@@ -352,7 +353,8 @@ def test_the_key_covers_views_policy_and_seed(views_cache, builder, tmp_path):
     import dataclasses
 
     from pipeline.cache.plan import plan
-    from pipeline.config import CacheConfig, resolve
+    from pipeline.config import CacheConfig
+    from pipeline.settings import resolve
     from pipeline.data import open_dataset
     from pipeline.errors import KdError
 
@@ -463,7 +465,8 @@ def test_shards_and_chunks_stay_bounded_whatever_the_views():
     from types import SimpleNamespace
 
     from pipeline.cache.plan import MAX_CHUNK_BYTES, MAX_SHARD_BYTES, resolve_layout
-    from pipeline.config import CacheConfig, resolve
+    from pipeline.config import CacheConfig
+    from pipeline.settings import resolve
 
     dataset = SimpleNamespace(splits={"train": range(100_000), "val": range(10_000), "test": range(10_000)})
     shapes = {"logits": (1000,), "layer4": (2048,)}  # a resnet50 teacher: 6 KB per float16 output

@@ -1,5 +1,5 @@
 """The teacher cache: its format, its writer (stage one) and its reader (stage two)."""
 
-from pipeline.cache.reader import Batch, TeacherCache, open_cache, softmax
+from pipeline.cache.reader import Batch, TeacherCache, open_cache
 
-__all__ = ["Batch", "TeacherCache", "open_cache", "softmax"]
+__all__ = ["Batch", "TeacherCache", "open_cache"]

@@ -30,10 +30,11 @@ from pipeline.cache import format as fmt
 from pipeline.cache.execute import run_jobs, shard_jobs
 from pipeline.cache.lock import cache_lock
 from pipeline.cache.plan import codecs, now
-from pipeline.config import CacheConfig, save_config
+from pipeline.config import CacheConfig
 from pipeline.data import Dataset
 from pipeline.errors import Interrupted, KdError
 from pipeline.io import fsync_dir
+from pipeline.provenance import save_config
 from pipeline.sparse import mode_of
 from pipeline.teachers import TeacherSpec
 

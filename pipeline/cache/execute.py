@@ -20,7 +20,7 @@ from pipeline import runtime
 from pipeline.cache import format as fmt
 from pipeline.cache import shard
 from pipeline.cache.shard import ShardInputs, ShardJob
-from pipeline.config import CacheConfig
+from pipeline.config import CacheConfig, in_process
 from pipeline.data import Dataset
 from pipeline.lookahead import prefetched
 from pipeline.teachers import TeacherSpec
@@ -29,16 +29,10 @@ from pipeline.teachers import TeacherSpec
 MAX_AUTO_STREAMS = 4  # beyond a few, one forward's own threads use the cores well enough
 
 
-def in_process(cfg) -> bool:
-    """Whether a build's shards (or a sweep's runs) run in this process, one after another (one
-    local worker gains nothing from dask but its start-up, ~0.5 s), rather than as dask tasks."""
-    return cfg.scheduler == "synchronous" or (cfg.scheduler == "local" and cfg.workers == 1)
-
-
 def check_scheduler(cfg: CacheConfig) -> None:
     """Before any work: a scheduler address nothing listens at is refused in one line."""
     if cfg.scheduler not in ("local", "synchronous"):
-        from pipeline.cluster import check_reachable
+        from pipeline.cluster import check_reachable  # imports distributed: only for a scheduler
 
         check_reachable(cfg.scheduler)
 
@@ -129,7 +123,7 @@ def _run_on_dask(jobs: list[ShardJob], cfg: CacheConfig, finish: Callable) -> No
     """Each shard a dask task (``build_shard``), on local workers (threads of this process,
     which already holds the dataset) or the given scheduler's (processes of their own, set up
     by :class:`pipeline.cluster.WorkerSettings` before their first task)."""
-    from pipeline import cluster
+    from pipeline import cluster  # imports distributed: only when dask runs the shards
 
     settings = None if cfg.scheduler == "local" else cluster.WorkerSettings(
         cfg.threads, functools.partial(shard.warm, jobs[0]))

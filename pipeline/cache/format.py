@@ -34,6 +34,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from pipeline import storage
 from pipeline.errors import KdError
 
 FORMAT = "kdcache"
@@ -110,8 +111,6 @@ def part_paths(root: Path, split: str, shard: int) -> tuple[Path, Path]:
 
 def shard_progress(root, manifest: dict[str, Any]) -> tuple[int, int]:
     """(shards with a completion record, shards in all) of a cache that is still building."""
-    from pipeline import storage
-
     done = sum(1 for name in storage.files(storage.location(root) / PARTS) if name.endswith(".json"))
     return done, sum(s["shards"] for s in manifest["splits"].values())
 
@@ -124,15 +123,11 @@ def manifest_checksum(manifest: dict[str, Any]) -> str:
 
 
 def write_manifest(root, manifest: dict[str, Any]) -> None:
-    from pipeline import storage
-
     manifest = {**manifest, "checksum": manifest_checksum(manifest)}
     storage.write_text(root / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
 def read_manifest(root) -> dict[str, Any]:
-    from pipeline import storage
-
     path = storage.location(root) / MANIFEST
     if not path.is_file():
         raise KdError(f"no kdcache cache at {root} ({MANIFEST} missing); build one with "
@@ -159,8 +154,6 @@ def remove_temporaries(root: Path) -> list[Path]:
     Zarr's ``*.partial`` files, and ``.<name>.init-*`` directories beside the cache. Call only
     while holding the build lock: then no live writer owns any of them. (An object store has
     none: every object is written by one PUT, whole or not at all.)"""
-    from pipeline import storage
-
     if storage.is_remote(root):
         return []
     root = Path(root)

@@ -12,12 +12,14 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline import runtime
-from pipeline.augment import RNG, parse
+import pipeline
+from pipeline import plugins, runtime
+from pipeline.augment import parse
 from pipeline.cache import format as fmt
 from pipeline.config import CacheConfig, DataConfig, fingerprint
 from pipeline.data import Dataset
 from pipeline.errors import KdError
+from pipeline.keyed_random import RNG
 from pipeline.latency import per_sample_ms, torch_predict
 from pipeline.onnx_teacher import OnnxTeacher
 from pipeline.sparse import check_mode, parse_mode
@@ -162,8 +164,6 @@ def probe(model: torch.nn.Module, dataset: Dataset, arch: str = "teacher") -> tu
     """Per-sample output shapes, and whether every output is finite, from one forward pass on
     two real training rows (so bad weights, or a model that does not take these inputs, fail
     before anything is written)."""
-    from pipeline import plugins
-
     x = torch.from_numpy(dataset.inputs("train", 0, min(2, len(dataset.splits["train"]))))
     with torch.inference_mode():
         logits, feats = plugins.call(f"teacher {arch} on inputs shaped {tuple(x.shape[1:])}", model, x)
@@ -185,8 +185,6 @@ def versions() -> dict[str, str]:
     import sklearn
     import torchvision
     import zarr
-
-    import pipeline
 
     return {"kdcache": pipeline.__version__, "python": platform.python_version(),
             "torch": torch.__version__, "torchvision": torchvision.__version__,

@@ -26,18 +26,8 @@ from pipeline.cache.chunks import ChunkReader, chunk_reader, to_float32
 from pipeline.config import DataConfig, from_record
 from pipeline.data import Dataset, open_dataset
 from pipeline.errors import KdError
+from pipeline.numerics import softmax
 from pipeline.sparse import LogitsMode, SparseLogits, mode_of
-
-
-def softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:
-    z = z - z.max(axis=axis, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=axis, keepdims=True)
-
-
-def log_softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:
-    z = z - z.max(axis=axis, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=axis, keepdims=True))
 
 
 @dataclass

@@ -30,12 +30,13 @@ import pyarrow as pa
 import torch
 
 from pipeline import runtime, storage
-from pipeline.augment import Policy, parse, view_random
+from pipeline.augment import Policy, parse
 from pipeline.cache import format as fmt
 from pipeline.config import DataConfig, from_record
 from pipeline.data import Dataset, open_dataset
 from pipeline.errors import KdError
 from pipeline.io import fsync_dir, fsync_file
+from pipeline.keyed_random import view_random
 from pipeline.lookahead import ordered, prefetched
 from pipeline.sparse import SAMPLE, TOPK, draw, encode_topk, parse_mode, sample_uniforms
 from pipeline.teachers import ONNX, TeacherSpec, build_teacher, tap

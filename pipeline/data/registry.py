@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from pipeline import plugins
 from pipeline.config import DataConfig
 from pipeline.data.dataset import Dataset
 from pipeline.errors import KdError
@@ -30,8 +31,6 @@ def _plugin_source(name: str, source: Source) -> Source:
     """A plugin's source, checked: it must return a :class:`Dataset`, which then carries the
     plugin's identity (into its fingerprint)."""
     def open_source(arg: str, cfg: DataConfig) -> Dataset:
-        from pipeline import plugins
-
         dataset = plugins.call(f"dataset {name}: source({arg!r}, cfg)", source, arg, cfg)
         if not isinstance(dataset, Dataset):
             raise KdError(f"dataset {name} returned a {type(dataset).__name__}, not a "
@@ -42,4 +41,5 @@ def _plugin_source(name: str, source: Source) -> Source:
 
 
 # A source is ``source(arg, cfg) -> Dataset`` for ``dataset=NAME:ARG``.
-DATASETS: Registry[Source] = Registry("dataset", DatasetNeeds, adapt=_plugin_source)
+DATASETS: Registry[Source] = Registry("dataset", DatasetNeeds, adapt=_plugin_source,
+                                       plugins=plugins.Plugins("dataset"))

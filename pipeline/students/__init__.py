@@ -19,9 +19,9 @@ from pipeline.students.registry import (STUDENTS, StudentNeeds, Uses, complete, 
 from pipeline.students import features, networks  # noqa: F401,E402  (registration)
 from pipeline.students.features import (C_GRID, FeatureStudent, SoftLogRegStudent,
                                         StreamingSGDStudent)
-from pipeline.students.networks import STUDENT_WIDTHS, TorchStudent
+from pipeline.students.networks import TorchStudent
 
-__all__ = ["C_GRID", "STUDENTS", "STUDENT_WIDTHS", "FeatureStudent", "SoftLogRegStudent",
+__all__ = ["C_GRID", "STUDENTS", "FeatureStudent", "SoftLogRegStudent",
            "StreamingSGDStudent", "Student", "StudentData", "StudentNeeds", "TorchStudent", "Uses",
            "complete", "create_student", "hyperparameters", "not_applicable", "run_loss", "saved_config", "student_config",
            "student_params", "uses"]

@@ -17,12 +17,13 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from pipeline.augment import KeyedRandom, key, parse
+from pipeline.augment import parse
 from pipeline.cache import TeacherCache
 from pipeline.cache import format as fmt
 from pipeline.cache.chunks import to_float32
 from pipeline.data import Dataset, positions_of
 from pipeline.errors import KdError
+from pipeline.keyed_random import KeyedRandom, key
 from pipeline.losses import soft_targets
 from pipeline.rows import LazyRows
 from pipeline.sparse import check_temperature

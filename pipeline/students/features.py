@@ -15,8 +15,8 @@ from sklearn.linear_model import LogisticRegression, SGDClassifier
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
-from pipeline.cache.reader import softmax
 from pipeline.errors import KdError
+from pipeline.numerics import softmax
 from pipeline.rows import map_blocks
 from pipeline.students.base import Student
 from pipeline.students.data import StudentData

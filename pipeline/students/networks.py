@@ -1,5 +1,6 @@
 """Input students: small PyTorch networks trained on the original inputs against cached
-teacher targets. The architectures are the teacher registry's, built narrower."""
+teacher targets. The architectures are the teachers' (:mod:`pipeline.architectures`), built
+narrower: each declares its students' default width there."""
 
 from __future__ import annotations
 
@@ -10,17 +11,16 @@ import torch
 from torch import nn
 
 from pipeline import runtime, training
+from pipeline.architectures import ARCHITECTURES, DEFAULT_LAYER, student_width
 from pipeline.augment import parse
-from pipeline.cache.reader import softmax
 from pipeline.errors import KdError
+from pipeline.latency import torch_predict
 from pipeline.losses import LOSSES, loss_arguments, soft_targets
+from pipeline.numerics import softmax
 from pipeline.students.base import Student
 from pipeline.students.data import StudentData
 from pipeline.students.registry import STUDENTS
-from pipeline.teachers import DEFAULT_LAYER, TEACHERS, Tapped, layer_names
-
-# Default widths: small enough to be worth distilling into (a few thousand parameters).
-STUDENT_WIDTHS = {"mlp": 32, "cnn1d": 8, "cnn_small": 4, "resnet_small": 4}
+from pipeline.teachers import Tapped, layer_names
 
 
 class _Net(nn.Module):
@@ -31,8 +31,7 @@ class _Net(nn.Module):
     def __init__(self, arch: str, width: int, input_shape, num_classes: int,
                  layer: str = DEFAULT_LAYER, pool: bool = True):
         super().__init__()
-        base = TEACHERS.get(arch)
-        net = base(tuple(input_shape), num_classes, width) if width else base(tuple(input_shape), num_classes)
+        net = ARCHITECTURES.get(arch)(tuple(input_shape), num_classes, width)
         self.net = Tapped(net, (layer,), pool=pool, arch=arch, role="student")
         self.layer = layer
         self.head: nn.Module | None = None
@@ -56,8 +55,7 @@ def student_layer(arch: str, width: int, input_shape, num_classes: int, asked: s
                   cached: str | None) -> str:
     """The student's layer a feature loss reads: ``asked`` (checked), else the cached layer's
     name where the student has a layer of that name, else its penultimate (``embed``)."""
-    base = TEACHERS.get(arch)
-    net = base(tuple(input_shape), num_classes, width) if width else base(tuple(input_shape), num_classes)
+    net = ARCHITECTURES.get(arch)(tuple(input_shape), num_classes, width)
     names = layer_names(net)
     if asked is not None:
         if asked not in names:
@@ -179,7 +177,7 @@ class TorchStudent(Student):
         torch.manual_seed(self.seed)
         self.classes_ = np.arange(num_classes)
         self.input_shape_ = tuple(input_shape)
-        width = self.width or STUDENT_WIDTHS.get(self.arch, 0)
+        width = self.width or student_width(self.arch)
         self.student_layer_ = None
         layer, pool = DEFAULT_LAYER, True
         if needs.features:
@@ -229,7 +227,7 @@ class TorchStudent(Student):
                      num_classes: int) -> "TorchStudent":
         """The trained network rebuilt from :meth:`tensors` (every weight and BatchNorm
         statistic must fit: a strict load), on the CPU, in eval mode."""
-        width = self.width or STUDENT_WIDTHS.get(self.arch, 0)
+        width = self.width or student_width(self.arch)
         self.model_ = _Net(self.arch, width, tuple(input_shape), num_classes)
         self.model_.net.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()})
         self.model_.eval()
@@ -240,18 +238,14 @@ class TorchStudent(Student):
     def deployed_module(self) -> nn.Module:
         """The trained network as a plain module on the CPU, input -> logits: without the
         feature taps and the loss's training-only head. What is timed and exported."""
-        width = self.width or STUDENT_WIDTHS.get(self.arch, 0)
-        base = TEACHERS.get(self.arch)
-        net = base(self.input_shape_, len(self.classes_), width) if width else base(
-            self.input_shape_, len(self.classes_))
+        width = self.width or student_width(self.arch)
+        net = ARCHITECTURES.get(self.arch)(self.input_shape_, len(self.classes_), width)
         # the taps' graph module keeps the network's own submodule names, under "extractor."
         net.load_state_dict({k.removeprefix("extractor."): v.detach().cpu()
                              for k, v in self.model_.net.state_dict().items()})
         return net.eval()
 
     def cpu_predict(self):
-        from pipeline.latency import torch_predict
-
         return torch_predict(self.deployed_module())
 
 
@@ -263,6 +257,7 @@ def _with_soft_targets(batches: training.Batches, T: float, standardize: bool) -
     return soft
 
 
-for _arch, _width in STUDENT_WIDTHS.items():
+for _arch in ARCHITECTURES:
     # the entry fixes the architecture; its narrow default width is the entry's default
-    STUDENTS.register(_arch, kind="inputs", loss=True)(partial(TorchStudent, arch=_arch, width=_width))
+    STUDENTS.register(_arch, kind="inputs", loss=True)(
+        partial(TorchStudent, arch=_arch, width=student_width(_arch)))

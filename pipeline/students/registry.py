@@ -21,10 +21,13 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable
 
+from pipeline import plugins
+from pipeline.augment import check as check_policy
 from pipeline.config import Param, Params, StudentConfig, declared_param, from_record
 from pipeline.errors import KdError
 from pipeline.losses import LOSSES, loss_params
 from pipeline.registry import Registry
+from pipeline.students.base import Student
 
 KINDS = ("features", "inputs")
 DEFAULT_LOSS = "kd"  # students that train with a loss, when loss= is not given
@@ -58,9 +61,6 @@ class StudentNeeds:
 def _plugin_student(name: str, obj: Any) -> Any:
     """A plugin student: a Student subclass (its constructor declares its hyperparameters) or
     a ``factory(cfg) -> Student``. Its exceptions become one line naming it."""
-    from pipeline import plugins
-    from pipeline.students.base import Student
-
     def checked(student):
         if not isinstance(student, Student):
             raise KdError(f"student {name} made a {type(student).__name__}, not a "
@@ -78,7 +78,8 @@ def _plugin_student(name: str, obj: Any) -> Any:
     return factory
 
 
-STUDENTS: Registry[Callable[..., Any]] = Registry("student", StudentNeeds, adapt=_plugin_student)
+STUDENTS: Registry[Callable[..., Any]] = Registry("student", StudentNeeds, adapt=_plugin_student,
+                                                  plugins=plugins.Plugins("student"))
 
 
 def _student_class(entry: Any) -> type | None:
@@ -210,6 +211,7 @@ def uses(cfg: StudentConfig) -> Uses:
     augment = cfg.param("augment")
     augment = None if augment in (None, "none") else augment
     if augment is not None:
+        check_policy(augment, "augment")
         if logits or (loss_needs and loss_needs.features):
             raise KdError(f"augment={augment} does not apply to loss {loss}: it reads the teacher's "
                           "cached outputs, valid only for the inputs the teacher saw; cache augmented "
@@ -269,6 +271,6 @@ def saved_config(record: dict[str, Any]) -> StudentConfig:
 def student_config(overrides: list[str] | dict[str, Any] = (), verb: str = "student") -> StudentConfig:
     """A student run's config from ``key=value`` overrides (or a dict), completed: what
     ``kdcache student`` resolves (:func:`pipeline.config.resolve` with :func:`complete`)."""
-    from pipeline.config import resolve
+    from pipeline.settings import resolve  # (settings sits above the students: it imports data)
 
     return resolve(StudentConfig, overrides, verb=verb, params=complete)
