@@ -156,6 +156,10 @@ def main() -> None:
             left = caller
         print(f"{label}: {len(calls)}; files entered {len(seen)}, climbs to a higher floor "
               f"{climbs}, re-entries {reentries}")
+    print("climbs among the calls outside the fit (a lower floor calling up, through a callback):")
+    for caller, callee in dict.fromkeys(setup):
+        if floor.get(callee, 0) > floor.get(caller, 0):
+            print(f"  {caller} (floor {floor.get(caller)}) -> {callee} (floor {floor.get(callee)})")
     print("the walk of the run's config:")
     for caller, callee in carrying:
         mark = "  <- climb" if floor.get(callee, 0) > floor.get(caller, 0) else ""
