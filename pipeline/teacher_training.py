@@ -46,6 +46,11 @@ def default_checkpoint(cfg: TeacherConfig, dataset: Dataset) -> Path:
 
 def train_teacher(cfg: TeacherConfig, dataset: Dataset, progress: bool = True) -> dict:
     """Train, score once on test, and save the teacher atomically. Returns its metrics."""
+    with runtime.torch_threads(cfg.threads):  # here: torch runs in this thread
+        return _train_teacher(cfg, dataset, progress)
+
+
+def _train_teacher(cfg: TeacherConfig, dataset: Dataset, progress: bool) -> dict:
     arch = teacher_arch(cfg, dataset)
     device = runtime.pick_device(cfg.device)
     torch.manual_seed(cfg.seed)

@@ -9,6 +9,7 @@ every check passes (1 when one fails, 2 on bad input).
 
 from __future__ import annotations
 
+from pipeline import runtime
 from pipeline.cache import open_cache
 from pipeline.cache.verify import verify
 from pipeline.config import InfoConfig, resolve
@@ -18,7 +19,8 @@ from pipeline.paths import cache_path
 def main(args: list[str]) -> dict:
     cfg = resolve(InfoConfig, args, verb="verify")
     cache = open_cache(cache_path(cfg))
-    checks = verify(cache, cfg.rows, cfg.seed, cfg.device)
+    with runtime.torch_threads(cfg.threads):
+        checks = verify(cache, cfg.rows, cfg.seed, cfg.device)
     ok = all(v.startswith("ok") for v in checks.values())
     for name, verdict in checks.items():
         print(f"{name:<24} {verdict}")
