@@ -135,6 +135,9 @@ class CacheConfig(TeacherConfig):
     streams: int = 0
     compile: bool = False  # torch.compile the teacher (worth it on GPU)
     overwrite: bool = False  # replace a cache built from other inputs
+    # recompute the shards of a complete cache that fail their checksums (reads every shard
+    # once), with the settings the cache was built with (pipeline.cache.build.repair_settings)
+    repair: bool = False
 
     def check(self) -> None:
         super().check()

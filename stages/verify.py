@@ -4,12 +4,14 @@
 
 Shard and index checksums, the dataset and teacher fingerprints, and a fresh teacher forward
 pass on a seeded sample of ``rows`` rows (see pipeline/cache/verify.py). Exit code 0 only when
-every check passes (1 when one fails, 2 on bad input).
+every check passes (1 when one fails, a damaged shard or index included: the table names what
+failed and the command that repairs it; 2 on bad input).
 """
 
 from __future__ import annotations
 
 from pipeline import runtime
+from pipeline.cache import format as fmt
 from pipeline.cache import open_cache
 from pipeline.cache.verify import verify
 from pipeline.config import InfoConfig, resolve
@@ -25,4 +27,6 @@ def main(args: list[str]) -> dict:
     for name, verdict in checks.items():
         print(f"{name:<24} {verdict}")
     print(f"verdict: {'PASS' if ok else 'FAIL'} — {cache.root}")
+    if not all(checks[name] == "ok" for name in ("shard checksums", "index checksums")):
+        print(f"repair: `{fmt.repair_command(cache.root)}` recomputes the damaged shards")
     return {"ok": ok, "cache": str(cache.root), "checks": checks}
