@@ -33,7 +33,7 @@ from pipeline.cache.lock import cache_lock
 from pipeline.cache.plan import codecs, now
 from pipeline.config import CacheConfig, from_record, resolve, save_config
 from pipeline.data import Dataset
-from pipeline.errors import Interrupted, KdError
+from pipeline.errors import Interrupted, KdError, first_line
 from pipeline.io import fsync_dir
 from pipeline.sparse import mode_of
 from pipeline.teachers import TeacherSpec
@@ -333,8 +333,14 @@ def _repair(root, cfg: CacheConfig, dataset: Dataset, spec: TeacherSpec, manifes
     t0 = time.perf_counter()
     if jobs:
         total = sum(s["rows"] for s in manifest["splits"].values())
-        run_jobs(jobs, cfg, dataset, lambda r: fresh.__setitem__((r["split"], r["shard"]), r),
-                 progress, total, total - sum(j.stop - j.start for j in jobs))
+        try:
+            run_jobs(jobs, cfg, dataset, lambda r: fresh.__setitem__((r["split"], r["shard"]), r),
+                     progress, total, total - sum(j.stop - j.start for j in jobs))
+        except (KdError, OSError):
+            raise
+        except Exception as exc:  # e.g. Zarr refusing a write through damaged array metadata
+            raise KdError(f"cache {root} cannot be repaired ({type(exc).__name__}: "
+                          f"{first_line(exc)}); delete the cache and build it again") from None
         for split in indexes:
             _write_index(root, manifest, split)
         storage.remove_tree(root / fmt.PARTS)
