@@ -105,9 +105,11 @@ RUN_KEYS = ("scheduler", "workers", "streams", "threads", "decoders")
 
 def repair_settings(cfg: CacheConfig) -> CacheConfig:
     """For ``repair=true``: the settings the cache at ``cfg.cache`` was built with (its
-    config.json), so that ``kdcache cache cache=PATH repair=true`` needs nothing else. Only
-    :data:`RUN_KEYS` come from ``cfg``; any other key given that differs from the record is
-    refused (a repair with other settings would be another cache)."""
+    config.json), so that ``kdcache cache cache=PATH repair=true`` needs nothing else. Of
+    ``cfg``, only the :data:`RUN_KEYS` given (not at their defaults) are taken: the recorded
+    ones by default, since torch's thread count per forward can change the last bits of an
+    output. Any other key given that differs from the record is refused (a repair with other
+    settings would be another cache)."""
     if not cfg.cache:
         raise KdError("repair=true needs cache=PATH, the cache to repair")
     root = storage.location(cfg.cache)
@@ -120,13 +122,14 @@ def repair_settings(cfg: CacheConfig) -> CacheConfig:
                           "was built with are unknown; delete the cache and build it again") from None
     built = from_record(CacheConfig, record)
     default = resolve(CacheConfig, [])
-    for f in dataclasses.fields(CacheConfig):
-        given, was = getattr(cfg, f.name), getattr(built, f.name)
-        if f.name not in RUN_KEYS + ("cache", "repair") and given != was and given != getattr(default, f.name):
-            raise KdError(f"{f.name}={given} differs from the {was!r} cache {root} was built with; "
-                          "repair=true uses the cache's own settings: drop the key")
+    given = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(CacheConfig)
+             if getattr(cfg, f.name) != getattr(default, f.name) and f.name not in ("cache", "repair")}
+    for key, value in given.items():
+        if key not in RUN_KEYS and value != getattr(built, key):
+            raise KdError(f"{key}={value} differs from the {getattr(built, key)!r} cache {root} was "
+                          "built with; repair=true uses the cache's own settings: drop the key")
     return dataclasses.replace(built, cache=cfg.cache, repair=True,
-                               **{k: getattr(cfg, k) for k in RUN_KEYS})
+                               **{k: v for k, v in given.items() if k in RUN_KEYS})
 
 
 class StorageError(KdError):
@@ -325,7 +328,8 @@ def _repair(root, cfg: CacheConfig, dataset: Dataset, spec: TeacherSpec, manifes
 
     cache = TeacherCache(root, manifest)
     indexes = damaged_indexes(cache)
-    bad = set(damaged_shards(cache)) | {(s, k) for s in indexes for k in range(manifest["splits"][s]["shards"])}
+    bad = set(damaged_shards(cache))
+    bad |= {(s, k) for s in indexes for k in range(manifest["splits"][s]["shards"])}
     recorded = {(s, r["shard"]): r for s, records in manifest["shards"].items() for r in records}
     jobs = list(shard_jobs(root, cfg, dataset, spec, manifest,
                            {at: r for at, r in recorded.items() if at not in bad}))
@@ -346,13 +350,17 @@ def _repair(root, cfg: CacheConfig, dataset: Dataset, spec: TeacherSpec, manifes
         storage.remove_tree(root / fmt.PARTS)
     # What was recorded must be what is stored now: a teacher that computes other bytes than
     # it did at build time (another device or library version) cannot repair this cache.
-    differ = sorted(f"{s} shard {k}" for (s, k), r in fresh.items() if r["sha256"] != recorded[(s, k)]["sha256"])
+    differ = sorted(f"{s} shard {k}" for (s, k), r in fresh.items()
+                    if r["sha256"] != recorded[(s, k)]["sha256"])
+    if differ:
+        raise KdError(f"cache {root} cannot be repaired: {', '.join(differ[:5])} recomputed to other "
+                      "bytes than were recorded (another device or library version?); delete the "
+                      "cache and build it again")
     cache = TeacherCache(root, manifest)
     still = [f"{s} shard {k}" for s, k in damaged_shards(cache)] + [f"index {s}" for s in damaged_indexes(cache)]
-    if differ or still:
-        raise KdError(f"cache {root} cannot be repaired: {', '.join((differ or still)[:5])} "
-                      f"{'recomputed to other bytes than were recorded (another device or library version?)' if differ else 'still fail their checksums'}; "
-                      f"delete the cache and build it again")
+    if still:
+        raise KdError(f"cache {root} cannot be repaired: {', '.join(still[:5])} still fail their "
+                      "checksums (is its array metadata damaged?); delete the cache and build it again")
     return {"computed_rows": sum(j.stop - j.start for j in jobs),
             "computed_outputs": sum((j.stop - j.start) * j.views for j in jobs),
             "skipped": not jobs, "seconds": time.perf_counter() - t0,
