@@ -24,7 +24,8 @@ from bench.common import DEFAULT_WORKDIR, REPO, fmt_num, log, machine, set_threa
 
 FINDINGS = Path(__file__).with_name("FINDINGS.md")
 BENCHMARKS = ("cache_overhead", "kd_training", "streaming", "storage", "memory",
-              "sklearn_overhead", "accuracy", "views", "loss_zoo", "sparse", "decoding", "cluster")
+              "sklearn_overhead", "accuracy", "views", "loss_zoo", "sparse", "decoding", "cluster",
+              "student_threads")
 
 
 def main(argv: list[str] | None = None) -> int:

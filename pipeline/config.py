@@ -92,9 +92,14 @@ class TeacherConfig(DataConfig):
     # for inputs with a channel axis and none for flat (D,) rows, which may be tabular
     teacher_augment: str = "auto"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # torch threads; 0 = auto: torch's default (every core) for `kdcache teacher`, and for a
+    # cache build cores / (workers x streams) here, on a scheduler's workers each worker's
+    # share of its own host's cores (pipeline.cluster)
+    threads: int = 0
 
     def check(self) -> None:
         super().check()
+        _check_threads(self.threads)
         _positive(self, "epochs", "lr", "batch_size")
         _at_most(self, lr=MAX_LR)
         if self.weight_decay < 0:
@@ -135,11 +140,11 @@ class CacheConfig(TeacherConfig):
     # cores well (resnet18 at 32x32: 2 one-thread forwards ~1.2x faster than one on 2 threads),
     # and 1 on GPU
     streams: int = 0
-    # torch threads per forward; 0 = cores / (workers x streams) here, and on a scheduler's
-    # workers each worker's share of its own host's cores (pipeline.cluster)
-    threads: int = 0
     compile: bool = False  # torch.compile the teacher (worth it on GPU)
     overwrite: bool = False  # replace a cache built from other inputs
+    # recompute the shards of a complete cache that fail their checksums (reads every shard
+    # once), with the settings the cache was built with (pipeline.cache.build.repair_settings)
+    repair: bool = False
 
     def check(self) -> None:
         super().check()
@@ -165,8 +170,6 @@ class CacheConfig(TeacherConfig):
         if self.views == 1 and self.augment != "none":
             raise KdError(f"augment={self.augment} with views=1 caches no augmented view (view 0 is "
                           "the input itself); pass views=K with K > 1, e.g. views=8")
-        if self.threads < 0:
-            raise KdError(f"threads={self.threads} must be >= 0")
         if self.streams < 0:
             raise KdError(f"streams={self.streams} must be >= 0 (0 = auto)")
         if self.chunk_size > MAX_CHUNK_SIZE:
@@ -189,8 +192,10 @@ class InfoConfig:
     rows: int = 256  # verify: rows re-run through the teacher
     seed: int = 0
     device: str = "auto"
+    threads: int = 0  # verify: torch threads of the teacher's forward passes; 0 = torch's default
 
     def check(self) -> None:
+        _check_threads(self.threads)
         if self.rows < 0:
             raise KdError(f"rows={self.rows} must be >= 0")
         _check_seed("seed", self.seed)
@@ -224,6 +229,11 @@ def _at_most(cfg: Any, **limits: float) -> None:
         if getattr(cfg, name) > limit:
             raise KdError(f"{name}={getattr(cfg, name)} is above {limit:g}, where training only diverges; "
                           f"use a value in (0, {limit:g}]")
+
+
+def _check_threads(threads: int) -> None:
+    if threads < 0:
+        raise KdError(f"threads={threads} must be >= 0 (0 = auto)")
 
 
 def _check_seed(name: str, value: int) -> None:
@@ -608,9 +618,13 @@ class StudentConfig:
     device: str = "auto"
     runs_dir: str = path_field("data/runs")
     tracking: str = "none"  # none | mlflow: also log the run to MLFLOW_TRACKING_URI (pipeline.tracking)
+    # torch threads; 0 = auto: torch's default (every core). On a core shared with other jobs
+    # threads=1 can be far faster (docs/BENCHMARKS.md, student_threads)
+    threads: int = 0
     params: Params = field(default_factory=Params)  # the student's and the loss's hyperparameters
 
     def check(self) -> None:
+        _check_threads(self.threads)
         if self.tracking not in TRACKERS:
             raise KdError(f"tracking={self.tracking!r} is not a tracker; use {' or '.join(TRACKERS)}")
         _check_seed("seed", self.seed)
@@ -646,17 +660,14 @@ class SweepConfig(StudentConfig):
     # thread each; tcp://HOST:PORT: as tasks on that dask scheduler's workers
     scheduler: str = "local"
     workers: int = 1
-    # torch threads per run; 0 = torch's default here (all cores), on a worker its share of its
-    # host's cores. Results can differ in the last digits with the thread count: give the same
-    # threads (e.g. threads=1) wherever runs must match
-    threads: int = 0
+    # (threads, from StudentConfig: per run; 0 = torch's default here (all cores), on a worker
+    # its share of its host's cores. Results can differ in the last digits with the thread
+    # count: give the same threads (e.g. threads=1) wherever runs must match)
 
     def check(self) -> None:
         super().check()
         _check_scheduler(self.scheduler)
         _positive(self, "workers")
-        if self.threads < 0:
-            raise KdError(f"threads={self.threads} must be >= 0 (0 = auto)")
         for key, values in self.grid:
             if not values:
                 raise KdError(f"grid.{key} is empty; give it values, e.g. grid.{key}=A,B")
@@ -684,8 +695,10 @@ class ExportConfig:
 
     run: str = path_field("")  # a run directory, as `kdcache student` prints it
     format: str = "auto"  # onnx (torch students) | skops (scikit-learn students) | auto: the one that fits
+    threads: int = 0  # torch threads of the export and its check; 0 = torch's default
 
     def check(self) -> None:
+        _check_threads(self.threads)
         if not self.run:
             raise KdError("export needs run=RUN_DIR, a run directory `kdcache student` printed "
                           "(under runs_dir)")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import metrics
+from pipeline import metrics, runtime
 from pipeline.augment import parse
 from pipeline.cache import TeacherCache, open_cache
 from pipeline.config import Params, StudentConfig
@@ -112,6 +112,11 @@ def train_student(cfg: StudentConfig, progress: bool = True, run_id: str | None 
     ``run_id`` (default: a new one) names the run directory and the results row: a sweep
     decides it before the run starts, so that a second attempt at the same run (a task Dask
     retried) replaces the first one's directory and row instead of adding its own."""
+    with runtime.torch_threads(cfg.threads):  # here: torch runs in this thread
+        return _train_student(cfg, progress, run_id)
+
+
+def _train_student(cfg: StudentConfig, progress: bool, run_id: str | None) -> dict:
     plan = plan_run(cfg, run_id)
     data = StudentData(plan.cache, plan.cfg.layer, progress, views=int(plan.cfg.views))
     student = create_student(plan.cfg.model, plan.cfg)

@@ -44,7 +44,11 @@ def set_threads(n: int) -> None:
 def torch_threads(n: int):
     """torch's intra-op threads set to ``n`` inside the block and restored after it: the
     setting is process-wide, and a cache build must not leave, say, a notebook's later
-    training on one thread."""
+    training on one thread. ``n = 0`` (a config's ``threads=0``, auto) leaves them as they are.
+    Enter it in the thread that runs torch: the count is per OS thread (OpenMP)."""
+    if not n:
+        yield
+        return
     before = torch.get_num_threads()
     set_threads(n)
     try:

@@ -19,7 +19,6 @@ work is refused, in one line, before the cluster starts.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 from typing import Any, Iterator
@@ -100,7 +99,7 @@ def run_sweep(cfg: SweepConfig, runs: list[StudentConfig]) -> Finished:
 
 
 def _here(cfg: SweepConfig, runs: list[StudentConfig], run_ids: list[str]) -> Finished:
-    with runtime.torch_threads(cfg.threads) if cfg.threads else contextlib.nullcontext():
+    with runtime.torch_threads(cfg.threads):
         for i, (run, run_id) in enumerate(zip(runs, run_ids)):
             yield i, train_student(run, progress=False, run_id=run_id)
 

@@ -154,6 +154,11 @@ def train_teacher(cfg: TeacherConfig, dataset: Dataset, progress: bool = True) -
 
     Resumes from the checkpoint of an interrupted run with the same identity; Ctrl-C raises
     :class:`StoppedEarly`, whose message says which epoch the next run resumes after."""
+    with runtime.torch_threads(cfg.threads):  # here: torch runs in this thread
+        return _train_teacher(cfg, dataset, progress)
+
+
+def _train_teacher(cfg: TeacherConfig, dataset: Dataset, progress: bool) -> dict:
     arch = teacher_arch(cfg, dataset)
     device = runtime.pick_device(cfg.device)
     identity = teacher_identity(cfg, dataset)

@@ -5,12 +5,16 @@
     kdcache cache scheduler=tcp://host:8786             # shards run on a dask cluster
     kdcache cache cache=s3://bucket/caches/digits       # the cache on object storage
 
-An interrupted build resumes where it stopped when re-run with the same arguments.
+An interrupted build resumes where it stopped when re-run with the same arguments. A complete
+cache is not re-read; ``kdcache cache cache=PATH repair=true`` checks every shard and index
+against its checksum and recomputes the damaged ones, with the settings the cache was built with.
 """
 
 from __future__ import annotations
 
-from pipeline.cache.build import build_cache
+from pathlib import Path
+
+from pipeline.cache.build import build_cache, repair_settings
 from pipeline.cache.execute import check_scheduler
 from pipeline.augment import parse
 from pipeline.cache.plan import prepare, teacher_cost
@@ -27,6 +31,8 @@ from pipeline.teachers import create_teacher
 
 def main(args: list[str]) -> dict:
     cfg = resolve(CacheConfig, args, verb="cache")
+    if cfg.repair:  # the cache's own settings: `kdcache cache cache=PATH repair=true` is enough
+        cfg = repair_settings(cfg)
     check_scheduler(cfg)  # an unreachable scheduler: one line, before anything is done
     dataset = open_dataset(cfg)
     arch = teacher_arch(cfg, dataset)
@@ -56,11 +62,18 @@ def main(args: list[str]) -> dict:
     # 4. Summarise.
     summary = summarise(root, manifest)
     summary.update(computed_rows=run["computed_rows"], computed_outputs=run["computed_outputs"],
-                   skipped=run["skipped"], seconds=round(run["seconds"], 2),
+                   skipped=run["skipped"], repaired=run["repaired"], seconds=round(run["seconds"], 2),
                    outputs_per_s=round(run["computed_outputs"] / run["seconds"], 1) if run["seconds"] else None)
     print(describe(summary))
-    if run["skipped"]:
-        print("(cache was already complete: nothing recomputed)")
+    if run["repaired"]:
+        print(f"repaired {len(run['repaired'])} damaged shards ({', '.join(run['repaired'][:5])}"
+              f"{', ...' if len(run['repaired']) > 5 else ''}): recomputed {run['computed_rows']:,} rows "
+              f"in {run['seconds']:.1f}s; every shard and index matches its checksum again")
+    elif cfg.repair and run["skipped"]:
+        print("(every shard and index matches its checksum: nothing recomputed)")
+    elif run["skipped"]:
+        print("(cache was already complete: nothing recomputed; repair=true re-checks every "
+              "shard and recomputes damaged ones)")
     else:
         views = f" ({run['computed_outputs']:,} with their views)" if cfg.views > 1 else ""
         print(f"computed {run['computed_rows']:,} rows{views} in {run['seconds']:.1f}s "

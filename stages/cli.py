@@ -7,6 +7,10 @@ one JSON object on the last line of stdout.
 
 from __future__ import annotations
 
+# First, before anything imports torch: importing the package sets OMP_WAIT_POLICY=PASSIVE
+# unless the user set it (see pipeline/__init__.py), which libgomp reads once, as torch loads it.
+import pipeline  # noqa: F401  (isort: skip)
+
 import importlib
 import json
 import sys

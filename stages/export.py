@@ -9,8 +9,8 @@ Writes the file and export.json (how to feed it, and the check's figures) into t
 
 from __future__ import annotations
 
+from pipeline import runtime
 from pipeline.config import ExportConfig
-
 from pipeline.export import export_run, open_run
 from pipeline.settings import resolve
 
@@ -18,7 +18,8 @@ from pipeline.settings import resolve
 def main(args: list[str]) -> dict:
     cfg = resolve(ExportConfig, args, verb="export")
     run = open_run(cfg.run)
-    record = export_run(run, cfg.format)
+    with runtime.torch_threads(cfg.threads):
+        record = export_run(run, cfg.format)
     check = record["check"]
     print(f"exported {record['path']} ({record['format']}, {record['bytes']:,} bytes)")
     print(f"checked on {check['rows']:,} test rows: max |logit difference| "

@@ -891,10 +891,10 @@ CASES: list[Case] = [
          r"arrays.zarr cannot be opened as a Zarr group .*rebuild it"),
     Case("index-damaged", CACHE, "a damaged Parquet index",
          damaged("student", lambda root: (root / "index" / "train.parquet").write_text("junk")),
-         r"index .*train.parquet .*the cache is damaged, rebuild it"),
+         r"index .*train.parquet .*the cache is damaged: `kdcache cache cache=.* repair=true` recomputes"),
     Case("chunk-damaged", CACHE, "a flipped byte in a stored chunk",
          damaged("student", _flip_a_chunk_byte),
-         r"cache array .*train/features/embed cannot be read .*run `kdcache verify`"),
+         r"cache array .*train/features/embed cannot be read .*`kdcache cache cache=.* repair=true` recomputes"),
 
     # ------------------------------------------------------------------ student / stage two
     Case("student-missing-cache", STAGE2, "cache= a path with no cache",

@@ -599,3 +599,48 @@ def test_a_shard_record_of_another_cache_key_is_not_done(tmp_path, builder, monk
     builder(root, tmp_path)
     assert finished[0] in spy.calls and finished[1] not in spy.calls
     assert all("key" not in r for records in open_cache(root).manifest["shards"].values() for r in records)
+
+
+def test_repair_recomputes_exactly_the_damaged_shards(make_cache, capsys, monkeypatch):
+    """A flipped byte in one shard and a damaged index: `kdcache cache` alone stays the fast
+    path (nothing re-read, and it names repair=true); `repair=true` with nothing but the cache's
+    path recomputes that shard and every shard of the split whose index failed (its parts are
+    gone), and the cache is byte-identical to the undamaged build, manifest included."""
+    from conftest import cache_args, run_cli
+    from test_faults import array_files, shard_file
+
+    root = make_cache()
+    undamaged = {**array_files(root), **{p.name: p.read_bytes() for p in (root / fmt.INDEX).iterdir()},
+                 fmt.MANIFEST: (root / fmt.MANIFEST).read_bytes()}
+    path = shard_file(root, "train/logits", 2)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+    (root / fmt.INDEX / "val.parquet").write_bytes(b"PAR1 damaged")
+
+    spy = FailOnCall(shard.compute_shard)
+    monkeypatch.setattr(shard, "compute_shard", spy)
+    capsys.readouterr()
+    again = run_cli(capsys, *["cache", *cache_args(root, root.parent)])  # the build's own command
+    assert again["skipped"] and spy.calls == []
+    repaired = run_cli(capsys, "cache", f"cache={root}", "repair=true")
+    assert sorted(spy.calls) == [("train", 2), ("val", 0)]
+    assert repaired["repaired"] == ["train shard 2", "val shard 0"] and repaired["computed_rows"] == 94
+    after = {**array_files(root), **{p.name: p.read_bytes() for p in (root / fmt.INDEX).iterdir()},
+             fmt.MANIFEST: (root / fmt.MANIFEST).read_bytes()}
+    assert after == undamaged
+    assert not (root / fmt.PARTS).exists()
+    # a healthy cache: repair reads it all and recomputes nothing
+    spy.calls.clear()
+    assert run_cli(capsys, "cache", f"cache={root}", "repair=true")["repaired"] == [] and spy.calls == []
+
+
+def test_repair_takes_only_how_it_runs_from_its_command_line(make_cache):
+    from stages import cache as build_stage
+
+    root = make_cache()
+    with pytest.raises(KdError, match=r"dtype=float32 differs from the 'float16' cache .* drop the key"):
+        build_stage.main([f"cache={root}", "repair=true", "dtype=float32"])
+    with pytest.raises(KdError, match=r"repair=true needs cache=PATH"):
+        build_stage.main(["repair=true"])
+    assert build_stage.main([f"cache={root}", "repair=true", "threads=1", "workers=2"])["repaired"] == []

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SMALL_CLASSES, SMALL_SHAPE, FailOnCall, cache_args
+from conftest import SMALL_CLASSES, SMALL_DATASET, SMALL_SHAPE, FailOnCall, cache_args, run_cli
 from pipeline.cache import format as fmt
 from pipeline.cache import open_cache, shard
 from pipeline.teachers import TeacherSpec, build_teacher
@@ -174,3 +174,79 @@ def test_a_cache_built_with_relative_paths_works_from_any_directory(tmp_path, mo
     assert row["run_dir"].startswith(str(elsewhere / "data/runs/signals/"))
     config = json.loads((Path(row["run_dir"]) / "config.json").read_text())["config"]
     assert config["cache"] == str(here / "caches/signals") and config["runs_dir"] == str(elsewhere / "data/runs")
+
+
+# --------------------------------------------------------------------------- threads
+
+@pytest.mark.parametrize(("given", "policy", "spin"), [(None, "PASSIVE", "0"), ("ACTIVE", "ACTIVE", None)])
+def test_the_cli_prefers_a_passive_openmp_wait_policy(tmp_path, given, policy, spin):
+    """libgomp reads OMP_WAIT_POLICY once, as torch loads it: the CLI must set PASSIVE before
+    that (unless the user chose a policy). Checked twice in a fresh process: the variable seen
+    inside a verb, and the settings libgomp itself reports (OMP_DISPLAY_ENV=VERBOSE), where
+    GOMP_SPINCOUNT is 0 only under a passive policy (300000 under libgomp's default)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    env.update(OMP_DISPLAY_ENV="VERBOSE", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    # a verb of this test's own, registered in the child, reports what a verb sees
+    probe = ("import os, sys, types; from stages import cli; import torch; "
+             "m = types.ModuleType('probe'); m.main = lambda args: {'policy': os.environ.get("
+             "'OMP_WAIT_POLICY'), 'torch': torch.ones(2).sum().item()}; sys.modules['probe'] = m; "
+             "cli.VERBS['probe'] = ('probe', ''); sys.exit(cli.main(['probe', '--json']))")
+    # the import of stages.cli must come before torch's: the probe imports cli first
+    done = subprocess.run([sys.executable, "-c", probe], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1])["policy"] == policy
+    assert f"OMP_WAIT_POLICY = '{policy}'" in done.stderr
+    if spin is not None:
+        assert f"GOMP_SPINCOUNT = '{spin}'" in done.stderr
+    # a real verb: torch is imported by the verb's module, after the CLI set the policy
+    done = subprocess.run([sys.executable, "-m", "stages.cli", "verify", f"cache={tmp_path / 'none'}"],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and f"OMP_WAIT_POLICY = '{policy}'" in done.stderr, done.stderr
+    if spin is not None:
+        assert f"GOMP_SPINCOUNT = '{spin}'" in done.stderr
+
+
+def test_threads_is_applied_by_every_verb_that_runs_torch(make_cache, tmp_path, capsys, monkeypatch):
+    """threads=N holds while the verb's torch work runs, in the thread that runs it, and the
+    process's own setting is back afterwards."""
+    import pipeline.runs
+    import pipeline.teacher_training
+    import stages.export
+    import stages.verify
+
+    seen: dict[str, int] = {}
+
+    def spy(module, name: str, verb: str) -> None:
+        real = getattr(module, name)
+
+        def wrapped(*args, **kwargs):
+            seen[verb] = torch.get_num_threads()
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapped)
+
+    spy(pipeline.runs, "_train_student", "student")
+    spy(pipeline.teacher_training, "_train_teacher", "teacher")
+    spy(stages.verify, "verify", "verify")
+    spy(stages.export, "export_run", "export")
+    root = make_cache()
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        student = run_cli(capsys, "student", f"cache={root}", "model=mlp", "epochs=1",
+                               f"runs_dir={tmp_path / 'runs'}", "threads=1")
+        run_cli(capsys, "verify", f"cache={root}", "rows=4", "threads=1")
+        run_cli(capsys, "export", f"run={student['run_dir']}", "threads=1")
+        run_cli(capsys, "teacher", f"dataset={SMALL_DATASET}", "teacher=cnn_small", "epochs=1",
+                     f"teacher_dir={tmp_path / 'teachers'}", "threads=1")
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    assert seen == {"student": 1, "verify": 1, "export": 1, "teacher": 1}

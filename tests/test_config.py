@@ -9,8 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.config import CacheConfig, DataConfig, InfoConfig, TeacherConfig
-
+from pipeline.config import CacheConfig, DataConfig, ExportConfig, InfoConfig, StudentConfig, TeacherConfig
 from pipeline.errors import KdError
 from pipeline.settings import resolve
 
@@ -143,6 +142,10 @@ def test_config_is_frozen():
         (DataConfig, "val_fraction=0", "val_fraction=0.0 must be in"),
         (DataConfig, "val_fraction=0.95", "val_fraction=0.95 must be in"),
         (InfoConfig, "rows=-1", "rows=-1 must be >= 0"),
+        (TeacherConfig, "threads=-1", r"threads=-1 must be >= 0 \(0 = auto\)"),
+        (StudentConfig, "threads=-2", r"threads=-2 must be >= 0 \(0 = auto\)"),
+        (InfoConfig, "threads=-1", r"threads=-1 must be >= 0 \(0 = auto\)"),
+        (ExportConfig, "run=x threads=-1", r"threads=-1 must be >= 0 \(0 = auto\)"),
     ],
 )
 def test_check_range_errors(cls, arg, match):

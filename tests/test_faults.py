@@ -385,6 +385,14 @@ def test_damage_is_detected_and_named_never_used(make_cache, capsys, damage):
     code = main(["verify", f"cache={root}", "rows=8"])
     out = capsys.readouterr()
     assert code in (1, 2) and ("verdict: FAIL" in out.out or "error:" in out.err)
+    if damage in REPAIRABLE:  # a failed checksum: a failed check, and the way out named
+        assert code == 1 and f"kdcache cache cache={root} repair=true" in line + out.out
+        assert main(["cache", f"cache={root}", "repair=true"]) == 0
+        capsys.readouterr()
+        assert main(["verify", f"cache={root}", "rows=8"]) == 0, capsys.readouterr().out
+
+
+REPAIRABLE = (_flip_byte, _delete_shard, _truncate_index)
 
 
 # =========================================================================== students

@@ -117,6 +117,7 @@ def test_students_info_verify_and_report_read_and_write_on_s3(s3, tmp_path, caps
     assert exported["check"]["test_accuracy"] == logreg["test_accuracy"]  # checked on the S3 cache's test split
 
     # one flipped byte in one shard object is detected, by verify and by a student
+    undamaged = objects(url)
     shard = storage.location(url) / fmt.ARRAYS / "train" / "features" / "embed" / "c" / "1" / "0" / "0"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0x40
@@ -129,7 +130,12 @@ def test_students_info_verify_and_report_read_and_write_on_s3(s3, tmp_path, caps
     assert main(["student", f"cache={url}", "model=logreg_soft", f"runs_dir={tmp_path / 'runs'}"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "train/features/embed" in err and "damaged" in err, err
+    assert f"kdcache cache cache={url} repair=true" in err
     assert len(read_results(results_dir(url))) == 2  # the refused run added no row
+    # and the repair that both name recomputes the shard: every object as it was
+    repaired = run_cli(capsys, "cache", f"cache={url}", "repair=true")
+    assert repaired["repaired"] == ["train shard 1"]
+    assert objects(url) == undamaged
 
 
 # =========================================================================== kills and a second builder

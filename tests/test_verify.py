@@ -109,3 +109,24 @@ def test_verify_apportions_rows_among_splits_exactly(rows, sizes, expected):
     assert shares == expected
     if rows >= len(sizes):
         assert sum(shares.values()) == min(rows, sum(sizes.values()))
+
+
+def test_a_flipped_byte_fails_the_shard_checksum_and_names_the_repair(make_cache, capsys):
+    """Damage is a failed check, not bad input: the whole table, exit 1, and the way out. The
+    fidelity check, which reads cached logits, fails on the damaged shard instead of stopping."""
+    from test_faults import shard_file
+
+    root = make_cache()
+    path = shard_file(root, "train/logits", 1)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+    code, summary, out = verify(root, capsys, rows=300)  # every row: the damaged shard is read
+    assert code == 1 and summary["ok"] is False
+    assert sorted(summary["checks"]) == sorted(CHECKS)
+    assert summary["checks"]["shard checksums"] == "FAILED: train/logits shard 1"
+    assert summary["checks"]["index checksums"] == "ok"
+    assert summary["checks"]["teacher fidelity"].startswith("FAILED: cache array")
+    assert f"kdcache cache cache={root} repair=true" in summary["checks"]["teacher fidelity"]
+    assert f"verdict: FAIL — {root}" in out
+    assert f"repair: `kdcache cache cache={root} repair=true` recomputes the damaged shards" in out

@@ -13,6 +13,7 @@ atomic: the new cache is assembled in a private directory and renamed into place
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -30,11 +31,12 @@ from pipeline.cache import format as fmt
 from pipeline.cache.execute import run_jobs, shard_jobs
 from pipeline.cache.lock import cache_lock
 from pipeline.cache.plan import codecs, now
-from pipeline.config import CacheConfig
+from pipeline.config import CacheConfig, from_record
 from pipeline.data import Dataset
-from pipeline.errors import Interrupted, KdError
+from pipeline.errors import Interrupted, KdError, first_line
 from pipeline.io import fsync_dir
 from pipeline.provenance import save_config
+from pipeline.settings import resolve
 from pipeline.sparse import mode_of
 from pipeline.teachers import TeacherSpec
 
@@ -58,8 +60,11 @@ def build_cache(root: Path, cfg: CacheConfig, dataset: Dataset, spec: TeacherSpe
             elif existing["status"] == "complete":
                 # A run killed between the final manifest and the clean-up leaves parts/ behind.
                 storage.remove_tree(root / fmt.PARTS)
+                if cfg.repair:
+                    return existing, _repair(root, cfg, dataset, spec, existing, progress)
+                # (the fast path: a complete cache is not re-read; repair=true checks every byte)
                 return existing, {"computed_rows": 0, "computed_outputs": 0, "skipped": True,
-                                  "seconds": 0.0}
+                                  "seconds": 0.0, "repaired": []}
             else:
                 manifest = existing  # resume: keep the original creation record
         elif _foreign(root):
@@ -93,7 +98,40 @@ def build_cache(root: Path, cfg: CacheConfig, dataset: Dataset, spec: TeacherSpe
         manifest = _finalise(root, manifest, done, {"seconds": round(seconds, 3),
                                                     "computed_rows": todo_rows})
         return manifest, {"computed_rows": todo_rows, "computed_outputs": todo_outputs,
-                          "skipped": False, "seconds": seconds}
+                          "skipped": False, "seconds": seconds, "repaired": []}
+
+
+# What a repair may take from its own command line: how the work runs, never what it computes.
+RUN_KEYS = ("scheduler", "workers", "streams", "threads", "decoders")
+
+
+def repair_settings(cfg: CacheConfig) -> CacheConfig:
+    """For ``repair=true``: the settings the cache at ``cfg.cache`` was built with (its
+    config.json), so that ``kdcache cache cache=PATH repair=true`` needs nothing else. Of
+    ``cfg``, only the :data:`RUN_KEYS` given (not at their defaults) are taken: the recorded
+    ones by default, since torch's thread count per forward can change the last bits of an
+    output. Any other key given that differs from the record is refused (a repair with other
+    settings would be another cache)."""
+    if not cfg.cache:
+        raise KdError("repair=true needs cache=PATH, the cache to repair")
+    root = storage.location(cfg.cache)
+    with _storage_errors(root):
+        fmt.read_manifest(root)  # a clear error for a path that is no cache
+        try:
+            record = json.loads((root / fmt.CONFIG).read_text())["config"]
+        except (FileNotFoundError, ValueError, UnicodeDecodeError, KeyError, TypeError):
+            raise KdError(f"{root / fmt.CONFIG} is missing or damaged, so the settings the cache "
+                          "was built with are unknown; delete the cache and build it again") from None
+    built = from_record(CacheConfig, record)
+    default = resolve(CacheConfig, [])
+    given = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(CacheConfig)
+             if getattr(cfg, f.name) != getattr(default, f.name) and f.name not in ("cache", "repair")}
+    for key, value in given.items():
+        if key not in RUN_KEYS and value != getattr(built, key):
+            raise KdError(f"{key}={value} differs from the {getattr(built, key)!r} cache {root} was "
+                          "built with; repair=true uses the cache's own settings: drop the key")
+    return dataclasses.replace(built, cache=cfg.cache, repair=True,
+                               **{k: v for k, v in given.items() if k in RUN_KEYS})
 
 
 class StorageError(KdError):
@@ -250,19 +288,9 @@ def _finalise(root, manifest: dict, done: dict, run: dict) -> dict:
         raise KdError(f"{len(missing)} shards of {root} are not done; re-run to finish them")
     shards, splits = {}, {}
     for split, info in manifest["splits"].items():
-        parts = [fmt.part_paths(root, split, k)[0] for k in range(info["shards"])]
-        table = pa.concat_tables([storage.read_table(p) for p in parts])
-        rows = table.column("row").to_numpy()
-        if len(rows) != info["rows"] or not np.array_equal(rows, np.arange(info["rows"])):
-            raise KdError(f"index parts of {split} in {root} do not cover rows 0..{info['rows'] - 1}; "
-                          "delete the cache and rebuild it")
-        path = fmt.index_path(root, split)
-        table = table.replace_schema_metadata({"kdcache.split": split, "kdcache.key": manifest["key"]})
-        data = storage.parquet_bytes(table)
-        storage.write_bytes(path, data)
         correct = sum(done[(split, k)]["correct"] for k in range(info["shards"]))
         splits[split] = {**info, "accuracy": round(correct / info["rows"], 6),
-                         "index_sha256": hashlib.sha256(data).hexdigest()}
+                         "index_sha256": _write_index(root, manifest, split)}
         shards[split] = [{k: v for k, v in done[(split, k)].items() if k not in ("host", "key")}
                          for k in range(info["shards"])]
     manifest = {**manifest, "status": "complete", "completed": now(), "splits": splits,
@@ -271,6 +299,74 @@ def _finalise(root, manifest: dict, done: dict, run: dict) -> dict:
     fmt.write_manifest(root, manifest)  # the commit point
     storage.remove_tree(root / fmt.PARTS)
     return manifest
+
+
+def _write_index(root, manifest: dict, split: str) -> str:
+    """Write ``index/<split>.parquet`` from the split's index parts (every shard's); returns
+    its sha256."""
+    info = manifest["splits"][split]
+    parts = [fmt.part_paths(root, split, k)[0] for k in range(info["shards"])]
+    table = pa.concat_tables([storage.read_table(p) for p in parts])
+    rows = table.column("row").to_numpy()
+    if len(rows) != info["rows"] or not np.array_equal(rows, np.arange(info["rows"])):
+        raise KdError(f"index parts of {split} in {root} do not cover rows 0..{info['rows'] - 1}; "
+                      "delete the cache and rebuild it")
+    table = table.replace_schema_metadata({"kdcache.split": split, "kdcache.key": manifest["key"]})
+    data = storage.parquet_bytes(table)
+    storage.write_bytes(fmt.index_path(root, split), data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _repair(root, cfg: CacheConfig, dataset: Dataset, spec: TeacherSpec, manifest: dict,
+            progress: bool) -> dict:
+    """``repair=true`` on a complete cache: recompute every shard whose stored bytes fail
+    their recorded sha256, and every shard of a split whose index fails its own (the index
+    parts are gone once a cache is complete: the index is rebuilt from fresh ones). A shard is
+    a pure function of the cache's key (the resume guarantee), so the repaired cache is
+    byte-identical to an undamaged build and its manifest stays as it is; the whole cache is
+    checked again after. Reads every shard once, which is why only repair=true does it."""
+    from pipeline.cache.reader import TeacherCache
+    from pipeline.cache.verify import damaged_indexes, damaged_shards  # imports the teachers' code
+
+    cache = TeacherCache(root, manifest)
+    indexes = damaged_indexes(cache)
+    bad = set(damaged_shards(cache))
+    bad |= {(s, k) for s in indexes for k in range(manifest["splits"][s]["shards"])}
+    recorded = {(s, r["shard"]): r for s, records in manifest["shards"].items() for r in records}
+    jobs = list(shard_jobs(root, cfg, dataset, spec, manifest,
+                           {at: r for at, r in recorded.items() if at not in bad}))
+    fresh: dict[tuple[str, int], dict] = {}
+    t0 = time.perf_counter()
+    if jobs:
+        total = sum(s["rows"] for s in manifest["splits"].values())
+        try:
+            run_jobs(jobs, cfg, dataset, lambda r: fresh.__setitem__((r["split"], r["shard"]), r),
+                     progress, total, total - sum(j.stop - j.start for j in jobs))
+        except (KdError, OSError):
+            raise
+        except Exception as exc:  # e.g. Zarr refusing a write through damaged array metadata
+            raise KdError(f"cache {root} cannot be repaired ({type(exc).__name__}: "
+                          f"{first_line(exc)}); delete the cache and build it again") from None
+        for split in indexes:
+            _write_index(root, manifest, split)
+        storage.remove_tree(root / fmt.PARTS)
+    # What was recorded must be what is stored now: a teacher that computes other bytes than
+    # it did at build time (another device or library version) cannot repair this cache.
+    differ = sorted(f"{s} shard {k}" for (s, k), r in fresh.items()
+                    if r["sha256"] != recorded[(s, k)]["sha256"])
+    if differ:
+        raise KdError(f"cache {root} cannot be repaired: {', '.join(differ[:5])} recomputed to other "
+                      "bytes than were recorded (another device or library version?); delete the "
+                      "cache and build it again")
+    cache = TeacherCache(root, manifest)
+    still = [f"{s} shard {k}" for s, k in damaged_shards(cache)] + [f"index {s}" for s in damaged_indexes(cache)]
+    if still:
+        raise KdError(f"cache {root} cannot be repaired: {', '.join(still[:5])} still fail their "
+                      "checksums (is its array metadata damaged?); delete the cache and build it again")
+    return {"computed_rows": sum(j.stop - j.start for j in jobs),
+            "computed_outputs": sum((j.stop - j.start) * j.views for j in jobs),
+            "skipped": not jobs, "seconds": time.perf_counter() - t0,
+            "repaired": sorted(f"{s} shard {k}" for s, k in bad)}
 
 
 def _disk_bytes(root) -> int:

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.cache import format as fmt
 from pipeline.errors import KdError
 
 EMPTY = 2**64 - 1  # offset and length of an inner chunk that was never written
@@ -136,9 +137,9 @@ class ChunkReader:
         return np.frombuffer(tail[:-4], "<u8").reshape(self.per_shard, 2)
 
     def _damaged(self, path: str, what: str) -> KdError:
+        root = next(p.parent for p in self.directory.parents if p.name == fmt.ARRAYS)
         return KdError(f"cache array {self.directory} cannot be read "
-                       f"({Path(path).relative_to(self.directory)}: {what}); the cache is damaged, "
-                       "run `kdcache verify` or rebuild it")
+                       f"({Path(path).relative_to(self.directory)}: {what}); {fmt.repair_hint(root)}")
 
 
 def chunk_reader(arr, directory: Path) -> ChunkReader | None:

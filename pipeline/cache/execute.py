@@ -92,7 +92,7 @@ def run_jobs(jobs: list[ShardJob], cfg: CacheConfig, dataset: Dataset, on_done: 
     try:
         if jobs:
             threads = jobs[0].threads  # 0: decided by each remote worker, nothing to set here
-            with runtime.torch_threads(threads) if threads else contextlib.nullcontext():
+            with runtime.torch_threads(threads):
                 (_run_in_process if in_process(cfg) else _run_on_dask)(jobs, cfg, finish)
     finally:
         bar.close()

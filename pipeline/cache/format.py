@@ -149,6 +149,18 @@ def read_manifest(root) -> dict[str, Any]:
     return manifest
 
 
+def repair_command(root) -> str:
+    """The command that recomputes exactly what is damaged in a cache (pipeline.cache.build)."""
+    return f"kdcache cache cache={root} repair=true"
+
+
+def repair_hint(root) -> str:
+    """The way out of a shard or an index that fails its checksum, named by every message that
+    meets one."""
+    return (f"the cache is damaged: `{repair_command(root)}` recomputes what is damaged "
+            f"(`kdcache verify cache={root}` lists it)")
+
+
 def remove_temporaries(root: Path) -> list[Path]:
     """Delete what a killed writer can leave behind: our ``.*.tmp`` files (io.atomic_path),
     Zarr's ``*.partial`` files, and ``.<name>.init-*`` directories beside the cache. Call only

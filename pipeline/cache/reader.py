@@ -162,7 +162,7 @@ class TeacherCache:
         rows = rows if rows is not None else slice(0, arr.shape[0])
         if reader is not None:
             return reader.read(rows.start, rows.stop, view, out, index)
-        data = _read(arr, rows, view)
+        data = _read(arr, rows, view, self.root)
         if out is None:
             return data
         out[index if index is not None else slice(None)] = data
@@ -183,8 +183,8 @@ class TeacherCache:
         expected = -(-self.num_rows(split) // int(self.manifest["shard_size"]))
         found = len(storage.files(where / "c"))
         if found != expected:
-            raise KdError(f"cache array {where} has {found} of its {expected} shard files; the cache "
-                          "is damaged, rebuild it")
+            raise KdError(f"cache array {where} has {found} of its {expected} shard files; "
+                          f"{fmt.repair_hint(self.root)}")
 
     # ------------------------------------------------------------------ whole arrays
     def stored(self, key: str, start: int, stop: int, views: int | None = None) -> np.ndarray:
@@ -256,12 +256,12 @@ class TeacherCache:
         try:
             data = path.read_bytes()
         except OSError as exc:
-            raise KdError(f"index {path} cannot be read ({exc.strerror or type(exc).__name__}); the cache is damaged, "
-                          "rebuild it") from None
+            raise KdError(f"index {path} cannot be read ({exc.strerror or type(exc).__name__}); "
+                          f"{fmt.repair_hint(self.root)}") from None
         # The index maps rows to sample_ids: a truncated or edited one must never be used.
         if hashlib.sha256(data).hexdigest() != expected:
             raise KdError(f"index {path} does not match its checksum in {fmt.MANIFEST} (truncated or "
-                          "edited); the cache is damaged, rebuild it")
+                          f"edited); {fmt.repair_hint(self.root)}")
         try:
             table = pq.read_table(pa.BufferReader(data))
         except (OSError, pa.ArrowInvalid) as exc:
@@ -398,7 +398,7 @@ class TeacherCache:
                      buf.get("__view__"), buf.get("__augment__"), self._sparse(parts) if parts else None)
 
 
-def _read(arr, rows: slice | None, view: int | np.ndarray) -> np.ndarray:
+def _read(arr, rows: slice | None, view: int | np.ndarray, root) -> np.ndarray:
     dtype = np.float32 if np.dtype(arr.dtype).kind == "f" else arr.dtype
     try:
         if np.ndim(view) > 0:  # one view per row
@@ -409,8 +409,8 @@ def _read(arr, rows: slice | None, view: int | np.ndarray) -> np.ndarray:
         store = arr.store_path.store
         where = Path(store.root) / arr.path if hasattr(store, "root") else f"{store.path}/{arr.path}"
         raise KdError(f"cache array {where} cannot be read ({type(exc).__name__}: "
-                      f"{str(exc).splitlines()[0][:100] if str(exc) else ''}); the cache is damaged, "
-                      "run `kdcache verify` or rebuild it") from None
+                      f"{str(exc).splitlines()[0][:100] if str(exc) else ''}); "
+                      f"{fmt.repair_hint(root)}") from None
 
 
 def _check_temperature(temperature: float) -> None:

@@ -44,23 +44,12 @@ def verify(cache: TeacherCache, rows: int, seed: int, device: str = "cpu") -> di
     m = cache.manifest
     checks: dict[str, str] = {}
 
-    bad = []
-    for split, records in m["shards"].items():
-        for rec in records:
-            for key, expected in rec["sha256"].items():
-                try:
-                    data = cache.stored(key, rec["start"], rec["stop"])
-                    ok = hashlib.sha256(data.tobytes()).hexdigest() == expected
-                except Exception:  # a CRC failure or a missing chunk
-                    ok = False
-                if not ok:
-                    bad.append(f"{key} shard {rec['shard']}")
-    checks["shard checksums"] = "ok" if not bad else f"FAILED: {', '.join(bad[:5])}"
-
-    bad = [s for s, info in m["splits"].items()
-           if not fmt.index_path(cache.root, s).is_file()
-           or storage.sha256(fmt.index_path(cache.root, s)) != info["index_sha256"]]
-    checks["index checksums"] = "ok" if not bad else f"FAILED: {', '.join(bad)}"
+    bad = damaged_shards(cache)
+    listed = [f"{key} shard {shard}" for (_, shard), keys in bad.items() for key in keys]
+    checks["shard checksums"] = "ok" if not bad else (
+        f"FAILED: {', '.join(listed[:5])}{f' and {len(listed) - 5} more' if len(listed) > 5 else ''}")
+    bad_indexes = damaged_indexes(cache)
+    checks["index checksums"] = "ok" if not bad_indexes else f"FAILED: {', '.join(bad_indexes)}"
 
     try:
         dataset = cache.open_dataset()
@@ -71,15 +60,8 @@ def verify(cache: TeacherCache, rows: int, seed: int, device: str = "cpu") -> di
 
     policy = None
     if dataset is not None and cache.views("train") > 1:
+        checks["augmentation parameters"] = _reading(lambda: _augmentation(cache, dataset))
         policy = parse(cache.augment["policy"], dataset.input_shape)
-        ids = cache.sample_ids("train")
-        drawn = view_params(policy, int(cache.augment["seed"]), "train", ids, cache.views("train"))
-        stored = cache.augment_params("train")
-        same = np.array_equal(stored, drawn.astype(stored.dtype))
-        checks["augmentation parameters"] = (
-            f"ok ({stored.shape[0]:,} rows x {stored.shape[1]} views)" if same else
-            f"FAILED: {int((stored != drawn).any(axis=(1, 2)).sum())} rows hold parameters other than "
-            f"those drawn from seed {cache.augment['seed']}")
 
     t = m["teacher"]
     spec = TeacherSpec(t["arch"], tuple(t["input_shape"]), t["num_classes"], t["ckpt"],
@@ -94,76 +76,129 @@ def verify(cache: TeacherCache, rows: int, seed: int, device: str = "cpu") -> di
         checks["teacher fingerprint"] = f"FAILED: {exc}"
 
     if model is not None and dataset is not None and rows:
-        rtol, atol = TOLERANCE[m["dtype"]]
-        rng = np.random.default_rng(seed)
-        worst, checked = 0.0, 0
-        sizes = {split: cache.num_rows(split) for split in cache.splits}
-        on = runtime.pick_device(device)
-        mode = cache.logits_mode
-        draws = {"same": 0, "all": 0, "unlikely": 0}
-        for split, k in apportion(rows, sizes).items():
-            # cached row r is the sample the index names, wherever the dataset holds it
-            positions = positions_of(dataset.splits[split].sample_ids, cache.sample_ids(split))
-            for row in np.sort(rng.choice(sizes[split], size=k, replace=False)):
-                view = int(rng.integers(cache.views(split))) if cache.views(split) > 1 else 0
-                x = runtime.to_device(torch.from_numpy(dataset.inputs_at(split, positions[[row]])), on)
-                if view:  # rebuild the input the teacher saw from the stored parameters
-                    params = cache.augment_params(split, slice(int(row), int(row) + 1))[:, view]
-                    x = policy.apply(x, params.astype(np.int64))
-                with torch.inference_mode(), runtime.autocast(on):
-                    fresh = model(x)[0].float().cpu().numpy()[0]
-                at_row = slice(int(row), int(row) + 1)
-
-                def off(a, b):  # distance in tolerances
-                    return float((np.abs(a - b) / (atol + rtol * np.abs(a))).max(initial=0.0))
-
-                if mode.kind == TOPK:
-                    stored = cache.sparse_logits(split, view, rows=at_row)
-                    ids, values, tail = stored.classes[0], stored.values[0], stored.tail[0]
-                    _, fresh_values, fresh_tail = encode_topk(fresh[None], mode.k, cache.num_classes,
-                                                              float(m["logits"]["temperature"]))
-                    # a listed class must be a fresh top-K one: its fresh logit at least the K-th
-                    # largest (near-ties, within tolerance, may be listed either way)
-                    kth = fresh_values[0, -1:]
-                    lowest_listed = np.minimum(fresh[ids].min(keepdims=True), kth)
-                    worst = max(worst, off(fresh[ids], values), off(fresh_tail, tail),
-                                off(kth, lowest_listed))
-                    if len(set(ids.tolist())) < len(ids) or (np.diff(values) > 0).any():
-                        worst = max(worst, np.inf)  # a class listed twice, or out of order
-                elif mode.kind == SAMPLE:
-                    entry = m["logits"]
-                    ids = cache.sparse_logits(split, view, rows=at_row).classes[0]
-                    uniforms = sample_uniforms(int(entry["seed"]), split,
-                                               cache.sample_ids(split)[at_row], view, mode.k)
-                    again = draw(fresh[None], float(entry["temperature"]), uniforms, cache.num_classes)[0]
-                    u = fresh.astype(np.float64) / float(entry["temperature"])
-                    p = np.exp(u - u.max())
-                    p /= p.sum()
-                    # as multisets: a moved cdf boundary changes one draw, not the rest
-                    draws["same"] += int(np.minimum(np.bincount(again, minlength=cache.num_classes),
-                                                    np.bincount(ids, minlength=cache.num_classes)).sum())
-                    draws["all"] += len(ids)
-                    draws["unlikely"] += int((p[ids] < MIN_DRAWN_PROB).sum())
-                else:
-                    cached = cache.raw_logits(split, view, rows=at_row)[0]
-                    worst = max(worst, off(fresh, cached))
-                checked += 1
-        at = ", each at a random view" if cache.views("train") > 1 else ""
-        if mode.kind == SAMPLE:
-            same = draws["same"] / max(1, draws["all"])
-            checks["teacher fidelity"] = (
-                f"ok ({checked} rows{at}: {same:.2%} of {draws['all']:,} draws re-drawn identically "
-                f"from a fresh forward pass, none of a class it gives < {MIN_DRAWN_PROB:g})"
-                if same >= SAME_DRAWS and not draws["unlikely"] else
-                f"FAILED: {draws['unlikely']} cached draws are of classes a fresh forward pass gives "
-                f"< {MIN_DRAWN_PROB:g}, and {same:.1%} re-draw identically (need {SAME_DRAWS:.0%})")
-        else:
-            what = "top-k classes, logits and tail" if mode.kind == TOPK else "logits"
-            checks["teacher fidelity"] = (f"ok ({checked} rows{at}, {what} within {worst:.2f} of "
-                                          "tolerance)" if worst <= 1.0 else
-                                          f"FAILED: cached {what} differ from a fresh forward pass "
-                                          f"({worst:.1f}x the {m['dtype']} tolerance)")
+        checks["teacher fidelity"] = _reading(
+            lambda: _fidelity(cache, dataset, model, policy, rows, seed, device))
     return checks
+
+
+def _fidelity(cache: TeacherCache, dataset, model, policy, rows: int, seed: int, device: str) -> str:
+    """The teacher re-run on a seeded sample of (row, view) pairs, against the cached outputs."""
+    m = cache.manifest
+    rtol, atol = TOLERANCE[m["dtype"]]
+    rng = np.random.default_rng(seed)
+    worst, checked = 0.0, 0
+    sizes = {split: cache.num_rows(split) for split in cache.splits}
+    on = runtime.pick_device(device)
+    mode = cache.logits_mode
+    draws = {"same": 0, "all": 0, "unlikely": 0}
+    for split, k in apportion(rows, sizes).items():
+        # cached row r is the sample the index names, wherever the dataset holds it
+        positions = positions_of(dataset.splits[split].sample_ids, cache.sample_ids(split))
+        for row in np.sort(rng.choice(sizes[split], size=k, replace=False)):
+            view = int(rng.integers(cache.views(split))) if cache.views(split) > 1 else 0
+            x = runtime.to_device(torch.from_numpy(dataset.inputs_at(split, positions[[row]])), on)
+            if view:  # rebuild the input the teacher saw from the stored parameters
+                params = cache.augment_params(split, slice(int(row), int(row) + 1))[:, view]
+                x = policy.apply(x, params.astype(np.int64))
+            with torch.inference_mode(), runtime.autocast(on):
+                fresh = model(x)[0].float().cpu().numpy()[0]
+            at_row = slice(int(row), int(row) + 1)
+
+            def off(a, b):  # distance in tolerances
+                return float((np.abs(a - b) / (atol + rtol * np.abs(a))).max(initial=0.0))
+
+            if mode.kind == TOPK:
+                stored = cache.sparse_logits(split, view, rows=at_row)
+                ids, values, tail = stored.classes[0], stored.values[0], stored.tail[0]
+                _, fresh_values, fresh_tail = encode_topk(fresh[None], mode.k, cache.num_classes,
+                                                          float(m["logits"]["temperature"]))
+                # a listed class must be a fresh top-K one: its fresh logit at least the K-th
+                # largest (near-ties, within tolerance, may be listed either way)
+                kth = fresh_values[0, -1:]
+                lowest_listed = np.minimum(fresh[ids].min(keepdims=True), kth)
+                worst = max(worst, off(fresh[ids], values), off(fresh_tail, tail),
+                            off(kth, lowest_listed))
+                if len(set(ids.tolist())) < len(ids) or (np.diff(values) > 0).any():
+                    worst = max(worst, np.inf)  # a class listed twice, or out of order
+            elif mode.kind == SAMPLE:
+                entry = m["logits"]
+                ids = cache.sparse_logits(split, view, rows=at_row).classes[0]
+                uniforms = sample_uniforms(int(entry["seed"]), split,
+                                           cache.sample_ids(split)[at_row], view, mode.k)
+                again = draw(fresh[None], float(entry["temperature"]), uniforms, cache.num_classes)[0]
+                u = fresh.astype(np.float64) / float(entry["temperature"])
+                p = np.exp(u - u.max())
+                p /= p.sum()
+                # as multisets: a moved cdf boundary changes one draw, not the rest
+                draws["same"] += int(np.minimum(np.bincount(again, minlength=cache.num_classes),
+                                                np.bincount(ids, minlength=cache.num_classes)).sum())
+                draws["all"] += len(ids)
+                draws["unlikely"] += int((p[ids] < MIN_DRAWN_PROB).sum())
+            else:
+                cached = cache.raw_logits(split, view, rows=at_row)[0]
+                worst = max(worst, off(fresh, cached))
+            checked += 1
+    at = ", each at a random view" if cache.views("train") > 1 else ""
+    if mode.kind == SAMPLE:
+        same = draws["same"] / max(1, draws["all"])
+        return (
+            f"ok ({checked} rows{at}: {same:.2%} of {draws['all']:,} draws re-drawn identically "
+            f"from a fresh forward pass, none of a class it gives < {MIN_DRAWN_PROB:g})"
+            if same >= SAME_DRAWS and not draws["unlikely"] else
+            f"FAILED: {draws['unlikely']} cached draws are of classes a fresh forward pass gives "
+            f"< {MIN_DRAWN_PROB:g}, and {same:.1%} re-draw identically (need {SAME_DRAWS:.0%})")
+    else:
+        what = "top-k classes, logits and tail" if mode.kind == TOPK else "logits"
+        return (f"ok ({checked} rows{at}, {what} within {worst:.2f} of "
+                                      "tolerance)" if worst <= 1.0 else
+                                      f"FAILED: cached {what} differ from a fresh forward pass "
+                                      f"({worst:.1f}x the {m['dtype']} tolerance)")
+
+
+def _augmentation(cache: TeacherCache, dataset) -> str:
+    """Every stored augmentation parameter against the one drawn again from its seed."""
+    policy = parse(cache.augment["policy"], dataset.input_shape)
+    ids = cache.sample_ids("train")
+    drawn = view_params(policy, int(cache.augment["seed"]), "train", ids, cache.views("train"))
+    stored = cache.augment_params("train")
+    same = np.array_equal(stored, drawn.astype(stored.dtype))
+    return (f"ok ({stored.shape[0]:,} rows x {stored.shape[1]} views)" if same else
+            f"FAILED: {int((stored != drawn).any(axis=(1, 2)).sum())} rows hold parameters other than "
+            f"those drawn from seed {cache.augment['seed']}")
+
+
+def _reading(check) -> str:
+    """A check that reads cached values: one that meets a damaged shard or index has failed
+    (the checksum checks name what is damaged), and the other checks still run."""
+    try:
+        return check()
+    except KdError as exc:
+        return f"FAILED: {exc}"
+
+
+def damaged_shards(cache: TeacherCache) -> dict[tuple[str, int], list[str]]:
+    """``{(split, shard): [array keys]}`` of every shard whose stored bytes do not match the
+    sha256 recorded when it was written (a chunk failing its CRC32C, a truncated or missing
+    shard file included). Reads every shard once."""
+    bad: dict[tuple[str, int], list[str]] = {}
+    for split, records in cache.manifest["shards"].items():
+        for rec in records:
+            for key, expected in rec["sha256"].items():
+                try:
+                    data = cache.stored(key, rec["start"], rec["stop"])
+                    ok = hashlib.sha256(data.tobytes()).hexdigest() == expected
+                except Exception:  # a CRC failure or a missing chunk
+                    ok = False
+                if not ok:
+                    bad.setdefault((split, rec["shard"]), []).append(key)
+    return bad
+
+
+def damaged_indexes(cache: TeacherCache) -> list[str]:
+    """The splits whose Parquet index is missing or does not match its recorded sha256."""
+    return [s for s, info in cache.manifest["splits"].items()
+            if not fmt.index_path(cache.root, s).is_file()
+            or storage.sha256(fmt.index_path(cache.root, s)) != info["index_sha256"]]
 
 
 def apportion(rows: int, sizes: dict[str, int]) -> dict[str, int]:
