@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from pipeline.cache import open_cache
 from pipeline.cache.verify import verify
-from pipeline.config import InfoConfig, resolve
+from pipeline.config import VerifyConfig, resolve
 from pipeline.paths import cache_path
 
 
 def main(args: list[str]) -> dict:
-    cfg = resolve(InfoConfig, args, verb="verify")
+    cfg = resolve(VerifyConfig, args, verb="verify")
     cache = open_cache(cache_path(cfg))
     checks = verify(cache, cfg.rows, cfg.seed, cfg.device)
     ok = all(v.startswith("ok") for v in checks.values())

@@ -1070,6 +1070,73 @@ CASES += [
          r"no kdcache cache at s3://kdcache-bad-input/nothing \(manifest.json missing\)", env=s3_env()),
 ]
 
+
+def _moved_dataset(tmp: Path) -> list[str]:
+    """A cache built from an npz file that is then moved elsewhere."""
+    path = write_npz(tmp / "data.npz")
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        build(tmp / "cache", tmp, dataset=f"npz:{path}", teacher="mlp")
+    path.rename(tmp / "moved.npz")
+    return ["student", f"cache={tmp / 'cache'}", f"runs_dir={tmp / 'runs'}", "model=mlp", "epochs=1"]
+
+
+def _yaml_for(verb_args: Callable[[Path], list[str]], text: str) -> Callable[[Path], list[str]]:
+    """``verb_args`` with config=run.yaml holding ``text``."""
+    def setup(tmp: Path) -> list[str]:
+        argv = verb_args(tmp)
+        (tmp / "run.yaml").write_text(text)
+        return [*argv, f"config={tmp / 'run.yaml'}"]
+    return setup
+
+
+# Keys that do not apply: each one given (on the command line or in a config file) where another
+# key decides instead is refused, never ignored (pipeline.config.resolve and each config's moot()).
+MOOT = r" does not apply: "
+CASES += [
+    Case("moot-dataset-with-cache", CONFIG, "dataset= beside cache= (the cache decides the data)",
+         student_cmd("dataset=digits3"),
+         r"dataset=digits3" + MOOT + r"cache=.*/cache decides the data; drop dataset= \(or drop cache= "
+         r"to use the default cache of dataset/teacher under cache_root\)$"),
+    Case("moot-dataset-in-yaml", CONFIG, "dataset: in a config file beside cache=",
+         _yaml_for(student_cmd(), "dataset: digits3\n"), r"dataset=digits3" + MOOT + "cache="),
+    Case("moot-teacher-info", CONFIG, "info: teacher= beside cache=",
+         lambda tmp: ["info", f"cache={copy_cache(tmp)}", "teacher=mlp"],
+         r"teacher=mlp" + MOOT + r"cache=.* decides the teacher"),
+    Case("moot-cache-root-verify", CONFIG, "verify: cache_root= beside cache=",
+         lambda tmp: ["verify", f"cache={copy_cache(tmp)}", f"cache_root={tmp / 'caches'}"],
+         r"cache_root=.*/caches" + MOOT + r"cache=.* decides where the cache is"),
+    Case("moot-dataset-report", CONFIG, "report: dataset= beside cache=",
+         lambda tmp: ["report", f"cache={copy_cache(tmp)}", "dataset=digits"], r"dataset=digits" + MOOT),
+    Case("moot-rows-info", CONFIG, "info: rows= (a verify key)",
+         lambda tmp: ["info", f"cache={copy_cache(tmp)}", "rows=3"], r"unknown key 'rows' for `kdcache info`"),
+    Case("moot-sweep-seed", CONFIG, "sweep: seed= (seeds= decides)",
+         student_cmd("seed=3", verb="sweep"),
+         r"seed=3" + MOOT + r"a sweep runs each of seeds= \(now 0 1 2\); pass seeds= instead of seed=$"),
+    Case("moot-sweep-model", CONFIG, "sweep: model= (models= decides)",
+         student_cmd("model=mlp", verb="sweep"), r"model=mlp" + MOOT + r"a sweep runs each of models="),
+    Case("moot-sweep-temperature", CONFIG, "sweep: temperature= beside temperatures=",
+         student_cmd("models=logreg_soft", "temperatures=1 2", "temperature=4", verb="sweep"),
+         r"temperature=4" + MOOT + r"temperatures=1 2 lists the sweep's temperatures"),
+    Case("moot-cache-root-with-cache", CONFIG, "cache: cache_root= beside cache=",
+         lambda tmp: cache_cmd(tmp, cache_root=tmp / "caches"),
+         r"cache_root=.*" + MOOT + r"cache=.*/cache is where the cache goes"),
+    Case("moot-epochs-with-ckpt", CONFIG, "cache: a teacher-training key beside teacher_ckpt=",
+         lambda tmp: cache_cmd(tmp, epochs=3),
+         r"epochs=3" + MOOT + r"teacher_ckpt=random gives the teacher's weights, so none is trained"),
+    Case("moot-workers-on-scheduler", CONFIG, "cache: workers= beside a scheduler address",
+         lambda tmp: cache_cmd(tmp, scheduler=f"tcp://127.0.0.1:{_closed_port()}", workers=2),
+         r"workers=2" + MOOT + r"scheduler=tcp://127.0.0.1:\d+ runs each shard on one of its own workers"),
+    Case("moot-pool-without-layers", CONFIG, "cache: pool= with layers=none",
+         lambda tmp: cache_cmd(tmp, layers="none", pool="false"), r"pool=false" + MOOT + "layers=none"),
+    Case("moot-ckpt-for-teacher", CONFIG, "teacher: teacher_ckpt= (it trains one)",
+         lambda tmp: ["teacher", f"dataset={S}", f"teacher_dir={tmp / 'teachers'}", "teacher_ckpt=t.pt"],
+         r"teacher_ckpt=t.pt" + MOOT + r"`kdcache teacher` trains the teacher into teacher_dir"),
+    Case("dataset-moved", DATASET, "the npz moved after caching (student)",
+         _moved_dataset, r"cache .*/cache reads its inputs from npz:.*/data.npz, as recorded when it was "
+         r"built, and .*/data.npz is not there any more; move the data back to .*/data.npz, or build a "
+         r"new cache from where it is now \(kdcache cache dataset=npz:NEW_PATH\)$"),
+]
+
 BY_ID = {case.id: case for case in CASES}
 assert len(BY_ID) == len(CASES), "case ids must be unique"
 assert {case.category for case in CASES} == set(CATEGORIES)
@@ -1154,7 +1221,8 @@ def normalise(text: str, tmp: Path) -> str:
 
 
 def command(argv: list[str], tmp: Path) -> str:
-    defaults = set(cache_args(tmp / "cache", tmp)) | {f"runs_dir={tmp / 'runs'}"}
+    defaults = set(cache_args(tmp / "cache", tmp)) | {f"runs_dir={tmp / 'runs'}", f"cache_root={tmp / 'caches'}",
+                                                      f"teacher_dir={tmp / 'teachers'}"}
     shown = [a for a in argv if not (a in defaults and a.partition("=")[0] in NOISE)]
     return normalise(" ".join(["kdcache", *map(shlex.quote, shown)]), tmp)
 
