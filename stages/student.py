@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pipeline.config import StudentConfig, resolve
 from pipeline.runs import train_student
-from pipeline.tracking import tracking_uri
+from pipeline.tracking import describe_store
 
 
 def main(args: list[str]) -> dict:
@@ -26,5 +26,5 @@ def main(args: list[str]) -> dict:
           f"{row['params']:,} params, fit {row['fit_seconds']:.1f}s\n"
           f"run  {row['run_dir']}\nrow  {row['results']}")
     if row["tracking_run_id"]:
-        print(f"mlflow run {row['tracking_run_id']} (MLFLOW_TRACKING_URI: {tracking_uri()})")
+        print(f"mlflow run {row['tracking_run_id']} in {describe_store()}")
     return row

@@ -14,6 +14,7 @@ from __future__ import annotations
 from pipeline.config import SweepConfig, resolve
 from pipeline.runs import sweep_runs
 from pipeline.sweep import run_sweep
+from pipeline.tracking import describe_store
 
 
 def _t(value) -> str:
@@ -32,6 +33,8 @@ def main(args: list[str]) -> dict:
               f"T={_t(r['temperature']):<4} seed={r['seed']}  test {r['test_accuracy']:.4f}  "
               f"val {r['val_accuracy']:.4f}  {r['fit_seconds']:.1f}s", flush=True)
     rows = [by_position[i] for i in sorted(by_position)]  # in grid order
+    if cfg.tracking != "none":
+        print(f"{cfg.tracking}: {sum(bool(r['tracking_run_id']) for r in rows)} runs in {describe_store()}")
     return {"runs": len(rows), "results": rows[-1]["results"].rsplit("/", 1)[0] if rows else None,
             "rows": [{k: r[k] for k in ("model", "loss", "target", "temperature", "seed",
                                         "test_accuracy", "run_id")} for r in rows]}
