@@ -630,6 +630,11 @@ class SweepConfig(StudentConfig):
         if self.temperatures:
             out["temperature"] = (f"temperatures={_shown(self.temperatures)} lists the sweep's "
                                   "temperatures; drop temperature= (or add it to temperatures=)")
+        from pipeline.students import STUDENTS  # imports torch: only when a sweep is resolved
+
+        if not any(STUDENTS.declared(name).loss for name in self.models):
+            out["losses"] = (f"none of models= (now {_shown(self.models)}) trains with a loss; drop "
+                             "losses= or add a student that takes one (e.g. mlp, cnn_small)")
         if _is_address(self.scheduler):
             out["workers"] = (f"scheduler={self.scheduler} runs the sweep on its own workers; "
                               "drop workers=")

@@ -239,7 +239,22 @@ def sweep_runs(cfg: SweepConfig) -> list[StudentConfig]:
         if key not in seen:
             seen.add(key)
             runs.append(run)
+    # a value that no run of the grid keeps was given for nothing: refused, like a student's
+    for key in ("target", "layer", "loss_weight", "standardize_logits", "student_layer",
+                *(() if cfg.temperatures else ("temperature",))):
+        value = getattr(cfg, key)
+        if value not in (None, False) and all(getattr(run, key) in (None, False) for run in runs):
+            raise KdError(f"{key}={_shown(value)} does not apply to any run of this sweep (models "
+                          f"{' '.join(cfg.models)}, losses {' '.join(cfg.losses)}); drop {key}=")
+    if cfg.temperatures and all(run.temperature is None for run in runs):
+        raise KdError(f"temperatures={' '.join(f'{t:g}' for t in cfg.temperatures)} does not apply: no run "
+                      f"of this sweep uses a temperature (models {' '.join(cfg.models)}, losses "
+                      f"{' '.join(cfg.losses)}); drop temperatures=")
     return runs
+
+
+def _shown(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def applicable(cfg: StudentConfig) -> StudentConfig:

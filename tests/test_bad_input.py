@@ -15,7 +15,7 @@ strict xfail, so fixing the bug makes it fail until the ``bug`` note is removed.
 
 docs/BAD_INPUT.md is generated from this table, with the exact message of each row:
 
-    .venv/bin/python tests/test_bad_input.py --write-doc
+    .venv/bin/python tests/test_bad_input.py --write-doc [CASE_ID ...]   # all rows, or those
 
 and ``test_bad_input`` fails when a row's message differs from the doc.
 """
@@ -658,7 +658,7 @@ CASES: list[Case] = [
          lambda tmp: cache_cmd(tmp, dataset="synthetic:300:16:3", teacher="mlp", views=2, augment="rrc:0.3"),
          r"augment=rrc:0.3: rrc applies only to images"),
     Case("teacher-augment-unknown", CONFIG, "teacher_augment= a policy kdcache does not know",
-         lambda tmp: cache_cmd(tmp, teacher_augment="jitter"),
+         lambda tmp: cache_cmd(tmp, teacher_ckpt="", teacher_augment="jitter"),
          r"teacher_augment=jitter: unknown augmentation policy 'jitter'"),
     Case("negative-seed", CONFIG, "seed=-1",
          lambda tmp: cache_cmd(tmp, seed=-1), r"seed=-1 must be in 0..4294967295"),
@@ -1103,8 +1103,8 @@ CASES += [
          lambda tmp: ["info", f"cache={copy_cache(tmp)}", "teacher=mlp"],
          r"teacher=mlp" + MOOT + r"cache=.* decides the teacher"),
     Case("moot-cache-root-verify", CONFIG, "verify: cache_root= beside cache=",
-         lambda tmp: ["verify", f"cache={copy_cache(tmp)}", f"cache_root={tmp / 'caches'}"],
-         r"cache_root=.*/caches" + MOOT + r"cache=.* decides where the cache is"),
+         lambda tmp: ["verify", f"cache={copy_cache(tmp)}", f"cache_root={tmp / 'elsewhere'}"],
+         r"cache_root=.*/elsewhere" + MOOT + r"cache=.* decides where the cache is"),
     Case("moot-dataset-report", CONFIG, "report: dataset= beside cache=",
          lambda tmp: ["report", f"cache={copy_cache(tmp)}", "dataset=digits"], r"dataset=digits" + MOOT),
     Case("moot-rows-info", CONFIG, "info: rows= (a verify key)",
@@ -1118,7 +1118,7 @@ CASES += [
          student_cmd("models=logreg_soft", "temperatures=1 2", "temperature=4", verb="sweep"),
          r"temperature=4" + MOOT + r"temperatures=1 2 lists the sweep's temperatures"),
     Case("moot-cache-root-with-cache", CONFIG, "cache: cache_root= beside cache=",
-         lambda tmp: cache_cmd(tmp, cache_root=tmp / "caches"),
+         lambda tmp: cache_cmd(tmp, cache_root=tmp / "elsewhere"),
          r"cache_root=.*" + MOOT + r"cache=.*/cache is where the cache goes"),
     Case("moot-epochs-with-ckpt", CONFIG, "cache: a teacher-training key beside teacher_ckpt=",
          lambda tmp: cache_cmd(tmp, epochs=3),
@@ -1131,6 +1131,15 @@ CASES += [
     Case("moot-ckpt-for-teacher", CONFIG, "teacher: teacher_ckpt= (it trains one)",
          lambda tmp: ["teacher", f"dataset={S}", f"teacher_dir={tmp / 'teachers'}", "teacher_ckpt=t.pt"],
          r"teacher_ckpt=t.pt" + MOOT + r"`kdcache teacher` trains the teacher into teacher_dir"),
+    Case("moot-sweep-losses", CONFIG, "sweep: losses= for students that train without a loss",
+         student_cmd("models=linear_svc logreg", "losses=kd", verb="sweep"),
+         r"losses=kd" + MOOT + r"none of models= \(now linear_svc logreg\) trains with a loss"),
+    Case("moot-sweep-no-run", CONFIG, "sweep: a value that no run of the grid uses",
+         student_cmd("models=mlp", "losses=ce", "temperature=2", verb="sweep"),
+         r"temperature=2 does not apply to any run of this sweep \(models mlp, losses ce\); drop temperature="),
+    Case("moot-sweep-temperatures", CONFIG, "sweep: temperatures= where no run uses a temperature",
+         student_cmd("models=mlp", "losses=ce", "temperatures=1 2", verb="sweep"),
+         r"temperatures=1 2" + MOOT + r"no run of this sweep uses a temperature"),
     Case("dataset-moved", DATASET, "the npz moved after caching (student)",
          _moved_dataset, r"cache .*/cache reads its inputs from npz:.*/data.npz, as recorded when it was "
          r"built, and .*/data.npz is not there any more; move the data back to .*/data.npz, or build a "
@@ -1313,9 +1322,15 @@ def render_doc(rows: list[str]) -> str:
             "| category | kind | example | message |\n|---|---|---|---|\n" + "\n".join(rows) + "\n")
 
 
-def write_doc() -> None:
+def write_doc(only: list[str] = ()) -> None:
+    """Regenerate the doc: every row, or only the cases ``only`` names (the other rows are kept
+    as the doc has them; a case the doc lacks is run too)."""
+    kept = {k: v for k, v in doc_rows(DOC.read_text()).items() if k not in only} if only else {}
     rows = []
     for case in CASES:
+        if case.id in kept:
+            rows.append(kept[case.id])
+            continue
         rows.append(run_for_doc(case))
         print(f"{case.id:<34} {'bug' if case.bug else 'ok'}", file=sys.stderr)
     DOC.write_text(render_doc(rows))
@@ -1786,6 +1801,7 @@ def test_malformed_npz_is_refused(tmp_path, capsys, data):
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] != ["--write-doc"]:
-        sys.exit(f"usage: {sys.argv[0]} --write-doc   (regenerates {DOC.relative_to(ROOT)})")
-    write_doc()
+    if sys.argv[1:2] != ["--write-doc"]:
+        sys.exit(f"usage: {sys.argv[0]} --write-doc [CASE_ID ...]   (regenerates "
+                 f"{DOC.relative_to(ROOT)}: every row, or those cases' rows)")
+    write_doc(sys.argv[2:])
