@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import (alternate, base_dirs, figure, log, main_for, median, prepare_build, result,
+from bench.common import (alternate, figure, log, main_for, median, prepare_build, result,
                           spread, synthetic_npz, table)
 
 NAME = "cache_overhead"
@@ -85,7 +85,7 @@ def measure(case: dict, workdir: Path, repeats: int) -> dict:
     if dataset_spec.startswith("npz-of:"):  # the same synthetic rows, held in memory
         dataset_spec = f"npz:{synthetic_npz(workdir, dataset_spec[len('npz-of:'):])}"
     args = dict(dataset=dataset_spec, teacher=case["teacher"], teacher_ckpt="random",
-                layers=case["layers"], scheduler="local", cache=where / "local", **base_dirs(workdir))
+                layers=case["layers"], scheduler="local", cache=where / "local")
     root, cfg, dataset, spec, manifest = prepare_build(args)
     rows = sum(len(s) for s in dataset.splits.values())
 

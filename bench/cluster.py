@@ -42,7 +42,7 @@ import shutil
 import time
 from pathlib import Path
 
-from bench.common import (alternate, base_dirs, digits_cache, figure, log, main_for, median,
+from bench.common import (alternate, digits_cache, figure, log, main_for, median,
                           prepare_build, result, spread, table)
 from bench.dask_processes import ProcessCluster
 
@@ -60,7 +60,7 @@ def measure_build(workdir: Path, address: str, repeats: int) -> dict:
     where = workdir / NAME / "build"
     shutil.rmtree(where, ignore_errors=True)
     args = dict(dataset=DATASET, teacher="resnet_small", teacher_ckpt="random",
-                cache=where / "cache", **base_dirs(workdir))
+                cache=where / "cache")
     root, cfg, dataset, spec, manifest = prepare_build(args)
     on_cluster = dataclasses.replace(cfg, scheduler=address)
     rows = sum(len(s) for s in dataset.splits.values())
@@ -136,8 +136,7 @@ def measure_malloc(workdir: Path, repeats: int) -> dict:
     from pipeline.cluster import _MMAP_THRESHOLD, _TRIM_THRESHOLD
 
     root = workdir / NAME / "malloc"
-    args = [f"dataset={DATASET}", "teacher=resnet_small", "teacher_ckpt=random", f"cache={root}",
-            *(f"{k}={v}" for k, v in base_dirs(workdir).items()), "--json"]
+    args = [f"dataset={DATASET}", "teacher=resnet_small", "teacher_ckpt=random", f"cache={root}", "--json"]
     tuned = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(_MMAP_THRESHOLD),
              "MALLOC_TRIM_THRESHOLD_": str(_TRIM_THRESHOLD)}
 

@@ -245,9 +245,11 @@ def ensure_cache(args: dict, quiet: bool = True) -> Path:
     return root
 
 
-def base_dirs(workdir: Path) -> dict:
-    """cache_root / teacher_dir / runs_dir inside the bench work dir, never the repo's data/."""
-    return {"cache_root": workdir / "caches", "teacher_dir": workdir / "teachers"}
+def base_dirs(workdir: Path, teacher_ckpt: str = "") -> dict:
+    """teacher_dir inside the bench work dir, never the repo's data/, for a build that trains
+    (or finds) its teacher there. Every bench cache names its own cache= path, and kdcache
+    refuses a key that does not apply: no cache_root, and no teacher_dir beside teacher_ckpt."""
+    return {} if teacher_ckpt else {"teacher_dir": workdir / "teachers"}
 
 
 def digits_cache(workdir: Path, dtype: str = "float16", compression: str = "none") -> Path:

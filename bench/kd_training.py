@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import (EpochClock, alternate, base_dirs, ensure_cache, figure, log, main_for,
+from bench.common import (EpochClock, alternate, ensure_cache, figure, log, main_for,
                           median, result, synthetic_npz, table)
 
 NAME = "kd_training"
@@ -69,7 +69,7 @@ def run(quick: bool, workdir: Path) -> dict:
     students = ("cnn_small", "mlp")
     npz = synthetic_npz(workdir, f"synthetic:{n}:3x32x32:10")
     root = ensure_cache({"dataset": f"npz:{npz}", "teacher": "resnet18", "teacher_ckpt": "random",
-                         "cache": workdir / "caches" / f"kd-resnet18-{n}", **base_dirs(workdir)})
+                         "cache": workdir / "caches" / f"kd-resnet18-{n}"})
     cache = open_cache(root)
     dataset = cache.open_dataset()
     X = {s: joined_inputs(dataset, cache, s) for s in ("train", "val")}

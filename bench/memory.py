@@ -23,7 +23,7 @@ from pathlib import Path
 
 import sys
 
-from bench.common import base_dirs, figure, kdcache_json, log, main_for, median, result, run_child, table
+from bench.common import figure, kdcache_json, log, main_for, median, result, run_child, table
 
 NAME = "memory"
 FLOOR = 1.2
@@ -34,7 +34,6 @@ def run(quick: bool, workdir: Path) -> dict:
     n = 1_000 if quick else 20_000
     repeats = 1
     where = workdir / NAME
-    dirs = {k: str(v) for k, v in base_dirs(workdir).items()}
     measured = {}  # (command, rows) -> list of child records
     commands = ("kdcache cache (mlp teacher)", "kdcache student model=sgd",
                 "kdcache student model=mlp loss=kd")
@@ -46,7 +45,7 @@ def run(quick: bool, workdir: Path) -> dict:
             shutil.rmtree(Path(str(cache) + ".results"), ignore_errors=True)
             calls = [
                 ("cache", {"dataset": f"synthetic:{rows}:3x32x32:10", "teacher": "mlp",
-                           "teacher_ckpt": "random", "cache": cache, **dirs}),
+                           "teacher_ckpt": "random", "cache": cache}),
                 ("student", {"cache": cache, "model": "sgd", "epochs": 1, "runs_dir": where / "runs"}),
                 ("student", {"cache": cache, "model": "mlp", "loss": "kd", "epochs": 1,
                              "runs_dir": where / "runs"}),

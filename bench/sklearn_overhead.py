@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import alternate, base_dirs, ensure_cache, figure, log, main_for, median, result, spread, table
+from bench.common import alternate, ensure_cache, figure, log, main_for, median, result, spread, table
 
 NAME = "sklearn_overhead"
 FLOOR = 1.15
@@ -47,8 +47,7 @@ def run(quick: bool, workdir: Path) -> dict:
     n = 8_000 if quick else 40_000
     repeats = 2 if quick else 7
     root = ensure_cache({"dataset": f"synthetic:{n}:3x16x16:10", "teacher": "mlp",
-                         "teacher_ckpt": "random", "cache": workdir / "caches" / f"sklearn-mlp-{n}",
-                         **base_dirs(workdir)})
+                         "teacher_ckpt": "random", "cache": workdir / "caches" / f"sklearn-mlp-{n}"})
     cache = open_cache(root)
     layer = cache.layers[0]
     X = np.ascontiguousarray(cache.features("train", layer).reshape(cache.num_rows("train"), -1), np.float32)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import base_dirs, digits_cache, dir_bytes, ensure_cache, figure, log, main_for, result, table
+from bench.common import digits_cache, dir_bytes, ensure_cache, figure, log, main_for, result, table
 
 NAME = "storage"
 FLOOR = 0.55
@@ -61,8 +61,7 @@ def run(quick: bool, workdir: Path) -> dict:
             caches.append(ensure_cache({
                 "dataset": f"synthetic:{n}:3x32x32:10", "teacher": "resnet18",
                 "teacher_ckpt": "random", "dtype": dtype, "compression": compression,
-                "cache": workdir / "caches" / f"storage-resnet18-{n}-{dtype}-{compression}",
-                **base_dirs(workdir)}))
+                "cache": workdir / "caches" / f"storage-resnet18-{n}-{dtype}-{compression}"}))
     measured = [m for root in caches for m in measure(root)]
     log(f"{NAME}: measured {len(caches)} caches")
     figures, rows = [], []

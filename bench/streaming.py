@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import alternate, base_dirs, ensure_cache, figure, log, main_for, median, result, spread, table
+from bench.common import alternate, ensure_cache, figure, log, main_for, median, result, spread, table
 
 NAME = "streaming"
 FLOOR = 0.5
@@ -47,8 +47,7 @@ def run(quick: bool, workdir: Path) -> dict:
     n = 15_000 if quick else 62_500  # train split = 80%: 12,000 / 50,000 rows
     repeats = 3 if quick else 7
     root = ensure_cache({"dataset": f"synthetic:{n}:3x16x16:10", "teacher": "resnet18",
-                         "teacher_ckpt": "random", "cache": workdir / "caches" / f"stream-resnet18-{n}",
-                         **base_dirs(workdir)})
+                         "teacher_ckpt": "random", "cache": workdir / "caches" / f"stream-resnet18-{n}"})
     cache = open_cache(root)
     layer = cache.layers[0]
     rows = cache.num_rows("train")

@@ -249,7 +249,7 @@ def build_speed(workdir: Path, cases: list[dict], repeats: int) -> tuple[list, l
         root_dir = workdir / "views-build" / case["name"]
         args = {"dataset": case["dataset"], "teacher": case["teacher"], "teacher_ckpt": case["ckpt"],
                 "views": case["views"], "augment": case["policy"], "cache": root_dir / "cache",
-                **base_dirs(workdir), **case.get("extra", {})}
+                **base_dirs(workdir, case["ckpt"]), **case.get("extra", {})}
         root, cfg, dataset, spec, manifest = prepare_build(args)
         outputs = sum(len(s) * (case["views"] if name == "train" else 1)
                       for name, s in dataset.splits.items())

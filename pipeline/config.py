@@ -1,8 +1,11 @@
 """Typed configuration: frozen dataclasses, resolved from defaults, an optional YAML file and
 ``key=value`` overrides, in that order.
 
-Unknown keys and values of the wrong type are errors, never ignored. The fully resolved config
-is saved beside every artifact (teacher checkpoint, cache, student run; by
+Unknown keys and values of the wrong type are errors, never ignored; so is a key given where it
+does not apply (``cache=X dataset=digits3``: the cache decides the data). Each config says
+which of its keys its other values make moot (its ``moot()`` method); :func:`resolve` refuses
+those among the keys the user gave, on the command line or in the YAML file. The fully resolved
+config is saved beside every artifact (teacher checkpoint, cache, student run; by
 :mod:`pipeline.provenance`) so that any result can be traced back to exactly what produced it.
 
 Paths are stored absolute: :func:`resolve` makes every path field (declared with
@@ -106,6 +109,12 @@ class TeacherConfig(DataConfig):
             raise KdError(f"weight_decay={self.weight_decay} must be >= 0")
         _check_device(self.device)
 
+    def moot(self) -> dict[str, str]:
+        """The keys this config's values make moot, each with why and the fix (see
+        :func:`resolve`). `kdcache teacher` trains a checkpoint: it loads none."""
+        return {"teacher_ckpt": "`kdcache teacher` trains the teacher into teacher_dir; drop "
+                                "teacher_ckpt= (kdcache cache teacher_ckpt=PATH uses a checkpoint)"}
+
 
 @dataclass(frozen=True)
 class CacheConfig(TeacherConfig):
@@ -180,17 +189,53 @@ class CacheConfig(TeacherConfig):
                           f"chunks of chunk_size={self.chunk_size} rows")
         _check_scheduler(self.scheduler)
 
+    def moot(self) -> dict[str, str]:
+        """See :meth:`TeacherConfig.moot`."""
+        out = {}
+        if self.cache:
+            out["cache_root"] = (f"cache={self.cache} is where the cache goes; drop cache_root= (or "
+                                 "drop cache= for the default cache under cache_root)")
+        if self.teacher_ckpt:  # the weights are given: no teacher is trained or looked up
+            for key in ("teacher_dir", "pretrained", *TRAINING_KEYS):
+                out[key] = (f"teacher_ckpt={self.teacher_ckpt} gives the teacher's weights, so none "
+                            f"is trained; drop {key}= (or drop teacher_ckpt= to use, or train, the "
+                            "teacher under teacher_dir)")
+        if _is_address(self.scheduler):
+            for key in ("workers", "streams"):
+                out[key] = (f"scheduler={self.scheduler} runs each shard on one of its own workers, "
+                            f"one forward at a time; drop {key}= (threads= sets their torch threads)")
+        if self.layers == ("none",):
+            out["pool"] = f"layers=none caches no features to pool; drop pool= (or pass layers=NAME)"
+        return out
+
+
+# `kdcache teacher`'s training settings: moot where a checkpoint is given instead
+TRAINING_KEYS = ("epochs", "lr", "weight_decay", "batch_size", "teacher_augment")
+
 
 @dataclass(frozen=True)
 class InfoConfig:
-    """`kdcache info` / `kdcache verify`: which cache to look at."""
+    """`kdcache info`: which cache to look at."""
 
     cache: str = path_field("")
     cache_root: str = path_field("data/caches")
     dataset: str = dataset_field("digits")  # used only to find the default cache when cache is empty
     teacher: str = "auto"
-    rows: int = 256  # verify: rows re-run through the teacher
-    seed: int = 0
+
+    def check(self) -> None:
+        pass
+
+    def moot(self) -> dict[str, str]:
+        """See :meth:`TeacherConfig.moot`."""
+        return _cache_decides(self)
+
+
+@dataclass(frozen=True)
+class VerifyConfig(InfoConfig):
+    """`kdcache verify`: which cache, and how many of its rows to re-run through the teacher."""
+
+    rows: int = 256  # rows re-run through the teacher (0: checksums and fingerprints only)
+    seed: int = 0  # which rows
     device: str = "auto"
     threads: int = 0  # verify: torch threads of the teacher's forward passes; 0 = torch's default
 
@@ -200,6 +245,21 @@ class InfoConfig:
             raise KdError(f"rows={self.rows} must be >= 0")
         _check_seed("seed", self.seed)
         _check_device(self.device)
+
+
+def _cache_decides(cfg: Any) -> dict[str, str]:
+    """A verb that reads a cache: with cache= given, the keys that only find the default cache
+    (dataset, teacher, cache_root) are moot."""
+    if not cfg.cache:
+        return {}
+    decides = {"dataset": "the data", "teacher": "the teacher", "cache_root": "where the cache is"}
+    return {key: f"cache={cfg.cache} decides {what}; drop {key}= (or drop cache= to use the default "
+                 "cache of dataset/teacher under cache_root)" for key, what in decides.items()}
+
+
+def _is_address(scheduler: str) -> bool:
+    """A dask scheduler's address, as opposed to local or synchronous."""
+    return scheduler not in ("local", "synchronous")
 
 
 def _positive(cfg: Any, *names: str) -> None:
@@ -384,7 +444,14 @@ def resolve(cls: type[C], overrides: list[str] | dict[str, Any] = (), verb: str 
         values["grid"] = tuple(grid.items())
         values["default_grid"] = tuple((k, v) for k, v in DEFAULT_GRID
                                        if k not in grid and k not in values and k not in given)
-    cfg = owners(_absolute_paths(cls(**values)))
+    cfg = cls(**values)
+    # before paths are made absolute: a moot dataset= names a file or plugin nobody will open
+    moot = cfg.moot() if hasattr(cfg, "moot") else {}
+    written = dict(pairs)  # the user's keys, each with its last value as given
+    for key in written:
+        if key in moot:
+            raise KdError(f"{key}={_shown(written[key])} does not apply: {moot[key]}")
+    cfg = owners(_absolute_paths(cfg))
     cfg.check()
     if "params" in names and params is not None:
         cfg = params(cfg, given)
@@ -394,6 +461,13 @@ def resolve(cls: type[C], overrides: list[str] | dict[str, Any] = (), verb: str 
 def coerce_field(cls: type, name: str, value: Any) -> Any:
     """``value`` (text or YAML) as the type of field ``name`` of config class ``cls``."""
     return _coerce(cls, name, typing.get_type_hints(cls)[name], value)
+
+
+def _shown(value: Any) -> str:
+    """A given value as the user wrote it (a YAML list as a space-separated one)."""
+    if isinstance(value, (list, tuple)):
+        return " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+    return str(value)
 
 
 def from_record(cls: type[C], record: dict[str, Any]) -> C:
@@ -636,6 +710,11 @@ class StudentConfig:
         """The hyperparameter ``name`` of this run (``default`` where the run has none)."""
         return self.params.get(name, default)
 
+    def moot(self) -> dict[str, str]:
+        """See :meth:`TeacherConfig.moot` (hyperparameters that the run's student and loss do
+        not declare are refused by pipeline.students.complete)."""
+        return _cache_decides(self)
+
 
 # The sweep's default grid, where neither grid.KEY= nor KEY= is given for that key.
 DEFAULT_GRID = (("model", ("linear_svc", "logreg", "cnn_small")), ("loss", ("kd", "ce")),
@@ -672,6 +751,17 @@ class SweepConfig(StudentConfig):
             if not values:
                 raise KdError(f"grid.{key} is empty; give it values, e.g. grid.{key}=A,B")
 
+    def moot(self) -> dict[str, str]:
+        """See :meth:`TeacherConfig.moot`: an axis replaces the key's single value."""
+        out = super().moot()
+        for key, values in self.grid:
+            out[key] = (f"grid.{key}={','.join(values)} makes {key} an axis of the sweep; drop "
+                        f"{key}= (or add its value to grid.{key}=)")
+        if _is_address(self.scheduler):
+            out["workers"] = (f"scheduler={self.scheduler} runs the sweep on its own workers; "
+                              "drop workers=")
+        return out
+
 
 @dataclass(frozen=True)
 class ReportConfig:
@@ -684,6 +774,10 @@ class ReportConfig:
 
     def check(self) -> None:
         pass
+
+    def moot(self) -> dict[str, str]:
+        """See :meth:`TeacherConfig.moot`."""
+        return _cache_decides(self)
 
 
 EXPORT_FORMATS = ("auto", "onnx", "skops")

@@ -5,8 +5,11 @@ and its results row are written *before* tracking starts, so a tracking failure 
 refuses the run, a server that is down) costs one warning line on stderr, never the run;
 MLflow missing altogether is refused before training, like any bad input.
 
-The store is MLflow's: ``MLFLOW_TRACKING_URI`` (``sqlite:///mlflow.db`` works offline;
-``http://HOST:5000`` for a tracking server). One MLflow experiment per cache,
+The store is ``MLFLOW_TRACKING_URI`` (e.g. ``http://HOST:5000``, a tracking server), or when it
+is unset a local one under the data folder, beside the caches and runs (git-ignored):
+``sqlite:///<cwd>/data/mlflow/mlflow.db``, with new experiments' artifacts in
+``data/mlflow/artifacts`` (MLflow's own default would write ``mlflow.db`` and ``mlruns/`` into
+the working directory). One MLflow experiment per cache,
 ``kdcache/<cache name>``; one MLflow run per student run, named by kdcache's run id, with
 
 - params: the run's resolved config (its run keys and every hyperparameter; None as ``None``);
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -29,6 +33,7 @@ from pipeline.config import StudentConfig, to_dict
 from pipeline.errors import KdError, first_line
 
 MAX_PARAM = 6000  # characters MLflow stores per param value
+DEFAULT_STORE = Path("data") / "mlflow"  # relative to the working directory, like data/caches
 
 
 def check_tracking(cfg: StudentConfig) -> None:
@@ -55,11 +60,28 @@ def track(cfg: StudentConfig, row: dict, run_dir: Path, history: list[dict]) -> 
         return None
 
 
+def store() -> tuple[str, str | None]:
+    """Where runs are logged: (tracking URI, artifact location of a new experiment; None: the
+    store's own default). ``MLFLOW_TRACKING_URI`` when set, else the default store under
+    ``data/mlflow``."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri, None
+    root = DEFAULT_STORE.absolute()
+    return f"sqlite:///{root / 'mlflow.db'}", (root / "artifacts").as_uri()
+
+
 def _mlflow(cfg: StudentConfig, row: dict, run_dir: Path, history: list[dict]) -> str:
     import mlflow
 
-    with _quiet("mlflow", "alembic"):
-        mlflow.set_experiment(f"kdcache/{Path(row['cache']).name}")
+    uri, artifacts = store()
+    if artifacts is not None:
+        DEFAULT_STORE.absolute().mkdir(parents=True, exist_ok=True)  # sqlite creates no folder
+    name = f"kdcache/{Path(row['cache']).name}"
+    with _quiet("mlflow", "alembic"), _using(uri):
+        if artifacts is not None and mlflow.get_experiment_by_name(name) is None:
+            mlflow.create_experiment(name, artifact_location=f"{artifacts}/{Path(row['cache']).name}")
+        mlflow.set_experiment(name)
         with mlflow.start_run(run_name=row["run_id"]) as active:
             config = to_dict(cfg)
             config.update(config.pop("params"))  # one MLflow param per hyperparameter
@@ -79,11 +101,32 @@ def _mlflow(cfg: StudentConfig, row: dict, run_dir: Path, history: list[dict]) -
             return active.info.run_id
 
 
-def tracking_uri() -> str:
-    """Where MLflow logs (MLFLOW_TRACKING_URI, or MLflow's default)."""
+def describe_store() -> str:
+    """Where a tracked run went, for the run's printed line."""
+    uri, artifacts = store()
+    if artifacts is None:
+        return f"{uri} (MLFLOW_TRACKING_URI)"
+    return (f"{uri}, artifacts in {DEFAULT_STORE.absolute() / 'artifacts'} (the default store; "
+            "set MLFLOW_TRACKING_URI for another)")
+
+
+@contextlib.contextmanager
+def _using(uri: str):
+    """MLflow logging to ``uri``. MLflow's set_tracking_uri also exports MLFLOW_TRACKING_URI
+    (for its subprocesses): the environment is put back after, so that kdcache's default store
+    never reads as the user's setting. (Set every time: MLflow keeps a URI set earlier in this
+    process otherwise.)"""
     import mlflow
 
-    return mlflow.get_tracking_uri()
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ from pipeline.config import StudentConfig
 from pipeline.runs import train_student
 from pipeline.settings import resolve
 from pipeline.students import complete
-from pipeline.tracking import tracking_uri
+from pipeline.tracking import describe_store
 
 
 def main(args: list[str]) -> dict:
@@ -33,5 +33,5 @@ def main(args: list[str]) -> dict:
           f"{row['params']:,} params, fit {row['fit_seconds']:.1f}s\n"
           f"run  {row['run_dir']}\nrow  {row['results']}")
     if row["tracking_run_id"]:
-        print(f"mlflow run {row['tracking_run_id']} (MLFLOW_TRACKING_URI: {tracking_uri()})")
+        print(f"mlflow run {row['tracking_run_id']} in {describe_store()}")
     return row

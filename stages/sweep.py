@@ -17,6 +17,7 @@ from __future__ import annotations
 from pipeline.config import SweepConfig
 from pipeline.settings import resolve
 from pipeline.sweep import complete_sweep, expand, run_sweep
+from pipeline.tracking import describe_store
 
 
 def _t(value) -> str:
@@ -42,6 +43,8 @@ def main(args: list[str]) -> dict:
               f"{varied(r)}  test {r['test_accuracy']:.4f}  "
               f"val {r['val_accuracy']:.4f}  {r['fit_seconds']:.1f}s", flush=True)
     rows = [by_position[i] for i in sorted(by_position)]  # in grid order
+    if cfg.tracking != "none":
+        print(f"{cfg.tracking}: {sum(bool(r['tracking_run_id']) for r in rows)} runs in {describe_store()}")
     return {"runs": len(rows), "results": rows[-1]["results"].rsplit("/", 1)[0] if rows else None,
             "rows": [{k: r.get(k) for k in ("model", "loss", "target", "temperature", "seed",
                                             "test_accuracy", "run_id", *axes)} for r in rows]}

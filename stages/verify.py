@@ -14,13 +14,13 @@ from pipeline import runtime
 from pipeline.cache import format as fmt
 from pipeline.cache import open_cache
 from pipeline.cache.verify import verify
-from pipeline.config import InfoConfig
+from pipeline.config import VerifyConfig
 from pipeline.paths import cache_path
 from pipeline.settings import resolve
 
 
 def main(args: list[str]) -> dict:
-    cfg = resolve(InfoConfig, args, verb="verify")
+    cfg = resolve(VerifyConfig, args, verb="verify")
     cache = open_cache(cache_path(cfg))
     with runtime.torch_threads(cfg.threads):
         checks = verify(cache, cfg.rows, cfg.seed, cfg.device)

@@ -1,8 +1,9 @@
 """Shared fixtures: tiny synthetic caches built in tmp directories, and the hypothesis profile.
 
-Every build passes ``cache``, ``cache_root`` and ``teacher_dir`` inside a tmp directory, and
-every test runs with its tmp directory as the working directory, so the relative defaults
-(``data/caches``, ``data/teachers``) can never write into the repository.
+Every build passes ``cache`` (or else ``cache_root``) and, when it trains a teacher,
+``teacher_dir`` inside a tmp directory, and every test runs with its tmp directory as the
+working directory, so the relative defaults (``data/caches``, ``data/teachers``) can never
+write into the repository.
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ def cache_args(root: Path, work: Path, **overrides) -> list[str]:
         "teacher_dir": work / "teachers",
     }
     values.update(overrides)
+    # a key that does not apply is refused: no cache_root beside a cache, no teacher_dir beside
+    # the teacher's weights
+    if values["cache"] and "cache_root" not in overrides:
+        values.pop("cache_root")
+    if values["teacher_ckpt"] and "teacher_dir" not in overrides:
+        values.pop("teacher_dir")
     return [f"{k}={v}" for k, v in values.items()]
 
 

@@ -15,7 +15,7 @@ strict xfail, so fixing the bug makes it fail until the ``bug`` note is removed.
 
 docs/BAD_INPUT.md is generated from this table, with the exact message of each row:
 
-    .venv/bin/python tests/test_bad_input.py --write-doc
+    .venv/bin/python tests/test_bad_input.py --write-doc [CASE_ID ...]   # all rows, or those
 
 and ``test_bad_input`` fails when a row's message differs from the doc.
 """
@@ -677,7 +677,7 @@ CASES: list[Case] = [
          lambda tmp: cache_cmd(tmp, dataset="synthetic:300:16:3", teacher="mlp", views=2, augment="rrc:0.3"),
          r"augment=rrc:0.3: rrc applies only to images"),
     Case("teacher-augment-unknown", CONFIG, "teacher_augment= a policy kdcache does not know",
-         lambda tmp: cache_cmd(tmp, teacher_augment="jitter"),
+         lambda tmp: cache_cmd(tmp, teacher_ckpt="", teacher_augment="jitter"),
          r"teacher_augment=jitter: unknown augmentation policy 'jitter'"),
     Case("negative-seed", CONFIG, "seed=-1",
          lambda tmp: cache_cmd(tmp, seed=-1), r"seed=-1 must be in 0..4294967295"),
@@ -1094,6 +1094,83 @@ CASES += [
          r"no kdcache cache at s3://kdcache-bad-input/nothing \(manifest.json missing\)", env=s3_env()),
 ]
 
+
+def _moved_dataset(tmp: Path) -> list[str]:
+    """A cache built from an npz file that is then moved elsewhere."""
+    path = write_npz(tmp / "data.npz")
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        build(tmp / "cache", tmp, dataset=f"npz:{path}", teacher="mlp")
+    path.rename(tmp / "moved.npz")
+    return ["student", f"cache={tmp / 'cache'}", f"runs_dir={tmp / 'runs'}", "model=mlp", "epochs=1"]
+
+
+def _yaml_for(verb_args: Callable[[Path], list[str]], text: str) -> Callable[[Path], list[str]]:
+    """``verb_args`` with config=run.yaml holding ``text``."""
+    def setup(tmp: Path) -> list[str]:
+        argv = verb_args(tmp)
+        (tmp / "run.yaml").write_text(text)
+        return [*argv, f"config={tmp / 'run.yaml'}"]
+    return setup
+
+
+# Keys that do not apply: each one given (on the command line or in a config file) where another
+# key decides instead is refused, never ignored (pipeline.config.resolve and each config's moot()).
+MOOT = r" does not apply: "
+CASES += [
+    Case("moot-dataset-with-cache", CONFIG, "dataset= beside cache= (the cache decides the data)",
+         student_cmd("dataset=digits3"),
+         r"dataset=digits3" + MOOT + r"cache=.*/cache decides the data; drop dataset= \(or drop cache= "
+         r"to use the default cache of dataset/teacher under cache_root\)$"),
+    Case("moot-dataset-in-yaml", CONFIG, "dataset: in a config file beside cache=",
+         _yaml_for(student_cmd(), "dataset: digits3\n"), r"dataset=digits3" + MOOT + "cache="),
+    Case("moot-teacher-info", CONFIG, "info: teacher= beside cache=",
+         lambda tmp: ["info", f"cache={copy_cache(tmp)}", "teacher=mlp"],
+         r"teacher=mlp" + MOOT + r"cache=.* decides the teacher"),
+    Case("moot-cache-root-verify", CONFIG, "verify: cache_root= beside cache=",
+         lambda tmp: ["verify", f"cache={copy_cache(tmp)}", f"cache_root={tmp / 'elsewhere'}"],
+         r"cache_root=.*/elsewhere" + MOOT + r"cache=.* decides where the cache is"),
+    Case("moot-dataset-report", CONFIG, "report: dataset= beside cache=",
+         lambda tmp: ["report", f"cache={copy_cache(tmp)}", "dataset=digits"], r"dataset=digits" + MOOT),
+    Case("moot-rows-info", CONFIG, "info: rows= (a verify key)",
+         lambda tmp: ["info", f"cache={copy_cache(tmp)}", "rows=3"], r"unknown key 'rows' for `kdcache info`"),
+    Case("moot-sweep-seed", CONFIG, "sweep: seed= beside grid.seed=",
+         student_cmd("seed=3", "grid.seed=0,1", verb="sweep"),
+         r"seed=3" + MOOT + r"grid.seed=0,1 makes seed an axis of the sweep; drop seed= \(or add its value to grid.seed=\)$"),
+    Case("moot-sweep-model", CONFIG, "sweep: model= beside grid.model=",
+         student_cmd("model=mlp", "grid.model=logreg,cnn_small", verb="sweep"),
+         r"model=mlp" + MOOT + r"grid.model=logreg,cnn_small makes model an axis"),
+    Case("moot-sweep-temperature", CONFIG, "sweep: temperature= beside grid.temperature=",
+         student_cmd("grid.model=logreg_soft", "grid.temperature=1,2", "temperature=4", verb="sweep"),
+         r"temperature=4" + MOOT + r"grid.temperature=1,2 makes temperature an axis"),
+    Case("moot-cache-root-with-cache", CONFIG, "cache: cache_root= beside cache=",
+         lambda tmp: cache_cmd(tmp, cache_root=tmp / "elsewhere"),
+         r"cache_root=.*" + MOOT + r"cache=.*/cache is where the cache goes"),
+    Case("moot-epochs-with-ckpt", CONFIG, "cache: a teacher-training key beside teacher_ckpt=",
+         lambda tmp: cache_cmd(tmp, epochs=3),
+         r"epochs=3" + MOOT + r"teacher_ckpt=random gives the teacher's weights, so none is trained"),
+    Case("moot-workers-on-scheduler", CONFIG, "cache: workers= beside a scheduler address",
+         lambda tmp: cache_cmd(tmp, scheduler=f"tcp://127.0.0.1:{_closed_port()}", workers=2),
+         r"workers=2" + MOOT + r"scheduler=tcp://127.0.0.1:\d+ runs each shard on one of its own workers"),
+    Case("moot-pool-without-layers", CONFIG, "cache: pool= with layers=none",
+         lambda tmp: cache_cmd(tmp, layers="none", pool="false"), r"pool=false" + MOOT + "layers=none"),
+    Case("moot-ckpt-for-teacher", CONFIG, "teacher: teacher_ckpt= (it trains one)",
+         lambda tmp: ["teacher", f"dataset={S}", f"teacher_dir={tmp / 'teachers'}", "teacher_ckpt=t.pt"],
+         r"teacher_ckpt=t.pt" + MOOT + r"`kdcache teacher` trains the teacher into teacher_dir"),
+    Case("moot-sweep-losses", CONFIG, "sweep: grid.loss= for students that train without a loss",
+         student_cmd("grid.model=linear_svc,logreg", "grid.loss=kd", verb="sweep"),
+         r"grid.loss=kd applies to no run of this sweep: no model or loss in it \(linear_svc, logreg\) takes loss"),
+    Case("moot-sweep-no-run", CONFIG, "sweep: a value that no run of the grid uses",
+         student_cmd("grid.model=mlp", "grid.loss=ce", "temperature=2", verb="sweep"),
+         r"temperature=2 applies to no run of this sweep: no model or loss in it \(mlp\) takes temperature; drop it"),
+    Case("moot-sweep-temperatures", CONFIG, "sweep: grid.temperature= where no run uses a temperature",
+         student_cmd("grid.model=mlp", "grid.loss=ce", "grid.temperature=1,2", verb="sweep"),
+         r"grid.temperature=1,2 applies to no run of this sweep"),
+    Case("dataset-moved", DATASET, "the npz moved after caching (student)",
+         _moved_dataset, r"cache .*/cache reads its inputs from npz:.*/data.npz, as recorded when it was "
+         r"built, and .*/data.npz is not there any more; move the data back to .*/data.npz, or build a "
+         r"new cache from where it is now \(kdcache cache dataset=npz:NEW_PATH\)$"),
+]
+
 BY_ID = {case.id: case for case in CASES}
 assert len(BY_ID) == len(CASES), "case ids must be unique"
 assert {case.category for case in CASES} == set(CATEGORIES)
@@ -1178,7 +1255,8 @@ def normalise(text: str, tmp: Path) -> str:
 
 
 def command(argv: list[str], tmp: Path) -> str:
-    defaults = set(cache_args(tmp / "cache", tmp)) | {f"runs_dir={tmp / 'runs'}"}
+    defaults = set(cache_args(tmp / "cache", tmp)) | {f"runs_dir={tmp / 'runs'}", f"cache_root={tmp / 'caches'}",
+                                                      f"teacher_dir={tmp / 'teachers'}"}
     shown = [a for a in argv if not (a in defaults and a.partition("=")[0] in NOISE)]
     return normalise(" ".join(["kdcache", *map(shlex.quote, shown)]), tmp)
 
@@ -1269,9 +1347,15 @@ def render_doc(rows: list[str]) -> str:
             "| category | kind | example | message |\n|---|---|---|---|\n" + "\n".join(rows) + "\n")
 
 
-def write_doc() -> None:
+def write_doc(only: list[str] = ()) -> None:
+    """Regenerate the doc: every row, or only the cases ``only`` names (the other rows are kept
+    as the doc has them; a case the doc lacks is run too)."""
+    kept = {k: v for k, v in doc_rows(DOC.read_text()).items() if k not in only} if only else {}
     rows = []
     for case in CASES:
+        if case.id in kept:
+            rows.append(kept[case.id])
+            continue
         rows.append(run_for_doc(case))
         print(f"{case.id:<34} {'bug' if case.bug else 'ok'}", file=sys.stderr)
     DOC.write_text(render_doc(rows))
@@ -1742,6 +1826,7 @@ def test_malformed_npz_is_refused(tmp_path, capsys, data):
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] != ["--write-doc"]:
-        sys.exit(f"usage: {sys.argv[0]} --write-doc   (regenerates {DOC.relative_to(ROOT)})")
-    write_doc()
+    if sys.argv[1:2] != ["--write-doc"]:
+        sys.exit(f"usage: {sys.argv[0]} --write-doc [CASE_ID ...]   (regenerates "
+                 f"{DOC.relative_to(ROOT)}: every row, or those cases' rows)")
+    write_doc(sys.argv[2:])

@@ -73,6 +73,23 @@ def test_json_summary_is_last_stdout_line(tmp_path, capsys):
         assert info[key] == summary[key]
 
 
+def test_info_prints_the_normalisation_a_deployment_needs(make_cache, capsys):
+    """The README's ONNX and export sections send users to `kdcache info` for the train mean
+    and std their inputs must be normalised with: it prints the manifest's, per channel."""
+    root = make_cache(dataset="synthetic:300:3x8x8:3")
+    pre = fmt.read_manifest(root)["preprocessing"]
+    capsys.readouterr()
+    assert main(["info", f"cache={root}", "--json"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    (line,) = [line for line in out if line.startswith("inputs ")]
+    assert len(pre["mean"]) == len(pre["std"]) == 3  # one per channel
+    mean = ", ".join(f"{v:.7g}" for v in pre["mean"])
+    std = ", ".join(f"{v:.7g}" for v in pre["std"])
+    assert line.endswith(f"(3, 8, 8) float32, normalised as (x - mean) / std per channel with train "
+                         f"statistics: mean [{mean}], std [{std}]")
+    assert json.loads(out[-1])["preprocessing"] == pre
+
+
 def test_ctrl_c_exits_130_and_resumes(tmp_path, capsys, monkeypatch):
     real = shard.compute_shard
     monkeypatch.setattr(shard, "compute_shard", FailOnCall(real, fail_on=3, error=KeyboardInterrupt))

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.config import CacheConfig, DataConfig, ExportConfig, InfoConfig, StudentConfig, TeacherConfig
+from pipeline.config import (CacheConfig, DataConfig, ExportConfig, InfoConfig, ReportConfig, StudentConfig,
+                             SweepConfig, TeacherConfig, VerifyConfig)
 from pipeline.errors import KdError
 from pipeline.settings import resolve
 
@@ -141,10 +142,10 @@ def test_config_is_frozen():
         (TeacherConfig, "weight_decay=-0.1", "weight_decay=-0.1 must be >= 0"),
         (DataConfig, "val_fraction=0", "val_fraction=0.0 must be in"),
         (DataConfig, "val_fraction=0.95", "val_fraction=0.95 must be in"),
-        (InfoConfig, "rows=-1", "rows=-1 must be >= 0"),
+        (VerifyConfig, "rows=-1", "rows=-1 must be >= 0"),
         (TeacherConfig, "threads=-1", r"threads=-1 must be >= 0 \(0 = auto\)"),
         (StudentConfig, "threads=-2", r"threads=-2 must be >= 0 \(0 = auto\)"),
-        (InfoConfig, "threads=-1", r"threads=-1 must be >= 0 \(0 = auto\)"),
+        (VerifyConfig, "threads=-1", r"threads=-1 must be >= 0 \(0 = auto\)"),
         (ExportConfig, "run=x threads=-1", r"threads=-1 must be >= 0 \(0 = auto\)"),
     ],
 )
@@ -198,14 +199,77 @@ def test_paths_are_stored_absolute(tmp_path, monkeypatch):
     from pipeline.config import StudentConfig
 
     monkeypatch.chdir(tmp_path)
-    cfg = resolve(CacheConfig, ["dataset=npz:data/x.npz", "teacher_ckpt=w/t.pt", "cache=c",
-                                "teacher_dir=../teachers"])
+    cfg = resolve(CacheConfig, ["dataset=npz:data/x.npz", "teacher_ckpt=w/t.pt", "cache=c"])
     assert cfg.dataset == f"npz:{tmp_path}/data/x.npz"
     assert cfg.teacher_ckpt == f"{tmp_path}/w/t.pt"
-    assert cfg.cache == f"{tmp_path}/c" and cfg.teacher_dir == f"{tmp_path.parent}/teachers"
+    assert cfg.cache == f"{tmp_path}/c"
+    assert resolve(CacheConfig, ["teacher_dir=../teachers"]).teacher_dir == f"{tmp_path.parent}/teachers"
     assert cfg.cache_root == f"{tmp_path}/data/caches" and cfg.data_root == f"{tmp_path}/data/datasets"
     assert resolve(CacheConfig, ["dataset=imagefolder:imgs:64"]).dataset == f"imagefolder:{tmp_path}/imgs:64"
     # keywords, empty values and specs without a path stay as they are
     cfg = resolve(CacheConfig, ["teacher_ckpt=random", "dataset=synthetic:300:8"])
     assert cfg.teacher_ckpt == "random" and cfg.cache == "" and cfg.dataset == "synthetic:300:8"
     assert resolve(StudentConfig, ["runs_dir=runs"]).runs_dir == f"{tmp_path}/runs"
+
+
+# --------------------------------------------------------------------------- keys that do not apply
+
+def test_a_key_that_does_not_apply_is_refused_only_when_given(tmp_path):
+    """dataset= finds the default cache; beside cache= it would be ignored, so it is refused,
+    even at its default value, and from a config file too. Not given, it is no error."""
+    msg = (r"^dataset=digits3 does not apply: cache=c decides the data; drop dataset= \(or drop "
+           r"cache= to use the default cache of dataset/teacher under cache_root\)$")
+    with pytest.raises(KdError, match=msg):
+        resolve(StudentConfig, ["cache=c", "dataset=digits3"], verb="student")
+    with pytest.raises(KdError, match="dataset=digits does not apply"):
+        resolve(StudentConfig, ["dataset=digits", "cache=c"], verb="student")
+    path = tmp_path / "run.yaml"
+    path.write_text("dataset: digits3\n")
+    with pytest.raises(KdError, match="dataset=digits3 does not apply"):
+        resolve(StudentConfig, [f"config={path}", "cache=c"], verb="student")
+    assert resolve(StudentConfig, ["cache=c"]).dataset == "digits"  # the default, unused: fine
+    assert resolve(StudentConfig, ["dataset=digits3"]).dataset == "digits3"  # no cache=: it applies
+
+
+@pytest.mark.parametrize(("cls", "args", "refused"), [
+    (StudentConfig, ["cache=c", "teacher=mlp"], "teacher"),
+    (SweepConfig, ["cache=c", "cache_root=r"], "cache_root"),
+    (InfoConfig, ["cache=c", "teacher=mlp"], "teacher"),
+    (VerifyConfig, ["cache=c", "dataset=digits3"], "dataset"),
+    (ReportConfig, ["cache=c", "cache_root=r"], "cache_root"),
+    (SweepConfig, ["seed=3"], "seed"),
+    (SweepConfig, ["model=mlp"], "model"),
+    (SweepConfig, ["loss=kd"], "loss"),
+    (SweepConfig, ["temperatures=1 2", "temperature=4"], "temperature"),
+    (SweepConfig, ["scheduler=tcp://h:8786", "workers=2"], "workers"),
+    (CacheConfig, ["cache=c", "cache_root=r"], "cache_root"),
+    (CacheConfig, ["teacher_ckpt=random", "lr=0.1"], "lr"),
+    (CacheConfig, ["teacher_ckpt=w.pt", "teacher_dir=t"], "teacher_dir"),
+    (CacheConfig, ["scheduler=tcp://h:8786", "streams=2"], "streams"),
+    (CacheConfig, ["layers=none", "pool=false"], "pool"),
+    (TeacherConfig, ["teacher_ckpt=w.pt"], "teacher_ckpt"),
+])
+def test_keys_that_do_not_apply(cls, args, refused):
+    with pytest.raises(KdError, match=f"^{refused}=.* does not apply: "):
+        resolve(cls, args)
+
+
+@pytest.mark.parametrize(("cls", "args"), [
+    (SweepConfig, ["temperature=4"]),  # no temperatures=: the sweep's one temperature
+    (SweepConfig, ["scheduler=local", "workers=2"]),
+    (CacheConfig, ["teacher_ckpt=", "epochs=3", "teacher_dir=t"]),  # trains the default teacher
+    (CacheConfig, ["workers=2", "streams=2", "cache_root=r", "layers=embed", "pool=false"]),
+    (VerifyConfig, ["dataset=digits3", "teacher=cnn_small", "rows=3"]),
+])
+def test_keys_that_apply_are_taken(cls, args):
+    resolve(cls, args)
+
+
+@pytest.mark.parametrize("cls", [TeacherConfig, CacheConfig, InfoConfig, VerifyConfig, StudentConfig,
+                                 SweepConfig, ReportConfig])
+def test_moot_names_only_fields(cls):
+    """Every key a config can call moot is one of its own (a typo there would refuse nothing)."""
+    cfg = cls(**{k: v for k, v in dict(cache="c", teacher_ckpt="w.pt", scheduler="tcp://h:1",
+                                       layers=("none",), temperatures=(1.0,)).items()
+                 if k in cls.__dataclass_fields__})
+    assert set(cfg.moot()) <= set(cls.__dataclass_fields__)

@@ -21,7 +21,7 @@ from pipeline.errors import KdError
 from pipeline.losses import LOSSES, kd, sparse_kl
 from pipeline.sparse import (SAMPLE, TOPK, SparseLogits, check_mode, classes_dtype, draw,
                              encode_topk, parse_mode, sample_uniforms)
-from pipeline.students import STUDENTS, StudentData, create_student
+from pipeline.students import STUDENTS, StudentData, create_student, student_config, student_params
 from stages.cli import main as cli
 
 C = 12
@@ -353,13 +353,11 @@ def signal_caches(tmp_path_factory, builder) -> dict[str, object]:
 @pytest.mark.parametrize("name", STUDENTS.names())
 def test_every_student_trains_from_sparse_logits(caches, signal_caches, mode, name, tmp_path):
     """Every registered student, through the stage's run (a results row), from each mode."""
-    from pipeline.config import StudentConfig
-    from pipeline.settings import resolve
     from pipeline.runs import train_student
 
+    quick = {"epochs": 2} if "epochs" in student_params(name) else {}
     for cache in (caches[mode], signal_caches[mode]):
-        cfg = resolve(StudentConfig, {"cache": cache.root, "model": name, "epochs": 2,
-                                      "runs_dir": tmp_path / "runs"})
+        cfg = student_config({"cache": cache.root, "model": name, "runs_dir": tmp_path / "runs", **quick})
         try:
             row = train_student(cfg, progress=False)
         except KdError as exc:

@@ -47,7 +47,7 @@ def env(tmp_path_factory) -> SimpleNamespace:
     d = tmp_path_factory.mktemp("stage_two")
     cache = d / "caches" / "digits"
     rc = cli(["cache", "dataset=digits", "teacher=cnn_small", f"teacher_dir={d}/teachers",
-              f"cache_root={d}/caches", f"cache={cache}", "scheduler=synchronous", "epochs=4"])
+              f"cache={cache}", "scheduler=synchronous", "epochs=4"])
     assert rc == 0
     return SimpleNamespace(work=d, cache=cache, teacher_dir=d / "teachers", runs=d / "runs")
 

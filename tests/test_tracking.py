@@ -59,6 +59,29 @@ def test_a_sweep_tracks_every_run(store, cache, tmp_path, capsys):
     assert sorted(r.info.run_name for r in runs) == sorted(r["run_id"] for r in rows)
 
 
+def test_without_a_uri_runs_go_to_the_data_folder(cache, tmp_path, capsys, monkeypatch):
+    """MLFLOW_TRACKING_URI unset: the store is data/mlflow under the working directory (which
+    .gitignore's /data/* covers), never MLflow's mlflow.db and mlruns/ in the working directory;
+    the printed line says where."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    capsys.readouterr()
+    try:
+        assert main(["student", f"cache={cache}", f"runs_dir={tmp_path / 'runs'}", "model=logreg",
+                     "tracking=mlflow"]) == 0
+        out = capsys.readouterr().out
+        db = tmp_path / "data" / "mlflow" / "mlflow.db"
+        assert db.is_file()
+        assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+        assert f"in sqlite:///{db}, artifacts in {tmp_path / 'data' / 'mlflow' / 'artifacts'}" in out
+        mlflow.set_tracking_uri(f"sqlite:///{db}")
+        (run,) = mlflow.search_runs(experiment_names=[f"kdcache/{cache.name}"], output_format="list")
+        artifacts = tmp_path / "data" / "mlflow" / "artifacts" / cache.name
+        assert run.info.artifact_uri.startswith(artifacts.as_uri())
+        assert (artifacts / run.info.run_id / "artifacts" / "config.json").is_file()
+    finally:
+        mlflow.set_tracking_uri("")
+
+
 def test_a_tracking_failure_is_one_warning_and_keeps_the_run(cache, tmp_path, capsys, monkeypatch):
     (tmp_path / "afile").write_text("not a directory")  # a database under a file: no store
     uri = f"sqlite:///{tmp_path / 'afile' / 'mlflow.db'}"

@@ -24,7 +24,7 @@ from pipeline import storage
 from pipeline.cache import format as fmt
 from pipeline.cache.chunks import ChunkReader, chunk_reader, to_float32
 from pipeline.config import DataConfig, from_record
-from pipeline.data import Dataset, open_dataset
+from pipeline.data import Dataset, missing_path, open_dataset, split_spec
 from pipeline.errors import KdError
 from pipeline.numerics import softmax
 from pipeline.sparse import LogitsMode, SparseLogits, mode_of
@@ -94,6 +94,14 @@ class TeacherCache:
     def open_dataset(self) -> Dataset:
         """The dataset this cache was built from, checked against the cache's fingerprint."""
         config = from_record(DataConfig, self.manifest["dataset"]["config"])
+        # The data is read where it was when the cache was built (no dataset= a later verb is
+        # given changes that): a source's own "pass dataset=..." advice would not help here.
+        missing = missing_path(config.dataset)
+        if missing is not None:
+            raise KdError(f"cache {self.root} reads its inputs from {config.dataset}, as recorded when "
+                          f"it was built, and {missing} is not there any more; move the data back "
+                          f"to {missing}, or build a new cache from where it is now (kdcache cache "
+                          f"dataset={split_spec(config.dataset)[0]}:NEW_PATH)")
         dataset = open_dataset(config)
         if dataset.fingerprint != self.dataset_fingerprint:
             raise KdError(f"dataset {dataset.spec} on disk differs from the one cache {self.root} was "

@@ -17,6 +17,7 @@ def summarise(root, manifest: dict) -> dict:
         "dataset_fingerprint": manifest["dataset"]["fingerprint"][:16],
         "rows": {s: v["rows"] for s, v in splits.items()},
         "teacher_accuracy": {s: v.get("accuracy") for s, v in splits.items()},
+        "input_shape": manifest["teacher"]["input_shape"], "preprocessing": manifest.get("preprocessing"),
         "layers": manifest["layers"], "num_classes": manifest["num_classes"],
         "temperature": manifest["temperature"], "dtype": manifest["dtype"],
         "views": {s: fmt.split_views(manifest, s) for s in splits},
@@ -53,6 +54,25 @@ def logits_text(s: dict) -> str:
     return f"dense ({c:,},) {s['dtype']}, {per_row}"
 
 
+SHOWN_STATS = 8  # channels whose mean and std `info` prints (manifest.json holds every one)
+
+
+def inputs_text(s: dict) -> str:
+    """The inputs' shape and normalisation, e.g. "(1, 8, 8) float32, normalised as (x - mean) /
+    std per channel with train statistics: mean [4.88], std [6.015]": what a deployed teacher or
+    student must be fed (README, "Deploy the student")."""
+    pre = s["preprocessing"]
+
+    def values(name: str) -> str:
+        v = pre[name]
+        more = f", ... ({len(v)} in all)" if len(v) > SHOWN_STATS else ""
+        return "[" + ", ".join(f"{x:.7g}" for x in v[:SHOWN_STATS]) + more + "]"
+
+    per = "per channel" if pre["normalise"] == "per-channel" else "(one scalar)"
+    return (f"{tuple(s['input_shape'])} {pre['dtype']}, normalised as (x - mean) / std {per} with "
+            f"{pre['stats_from']} statistics: mean {values('mean')}, std {values('std')}")
+
+
 def describe(s: dict) -> str:
     rows = ", ".join(f"{k} {v:,}" for k, v in s["rows"].items())
     acc = ", ".join(f"{k} {v:.4f}" for k, v in s["teacher_accuracy"].items() if v is not None) or "n/a"
@@ -61,22 +81,28 @@ def describe(s: dict) -> str:
     lines = [
         f"cache      {s['cache']} ({s['status']})",
         f"dataset    {s['dataset']}  [{s['dataset_fingerprint']}]",
+    ]
+    if s["preprocessing"]:
+        lines.append(f"inputs     {inputs_text(s)}")
+    lines += [
         f"teacher    {s['teacher']}  [{s['teacher_fingerprint']}]",
         f"rows       {rows}",
         f"accuracy   teacher: {acc}",
+    ]
+    if s["augment"]:
+        lines.append(f"views      train {s['views']['train']} (view 0 as is, the rest augment="
+                     f"{s['augment']}, seed {s['augment_seed']}); val and test 1")
+    cost = s["teacher_cost"]
+    if cost["latency"]:  # (caches built before kdcache measured it have none)
+        lat = cost["latency"]
+        lines.append(f"cost       teacher: {cost['num_params']:,} params, {cost['weights_bytes'] / 1e6:.2f} MB; "
+                     f"CPU {lat['batch_1_ms']:.4g} ms/sample at batch 1, {lat['batch_256_ms']:.4g} at "
+                     f"batch 256 ({lat['threads']} threads)")
+    lines += [
         f"stored     logits {logits_text(s)}; features {layers}; default temperature "
         f"{s['temperature']:g}",
         f"on disk    {s['bytes'] / 1e6:.2f} MB",
     ]
-    cost = s["teacher_cost"]
-    if cost["latency"]:  # (caches built before kdcache measured it have none)
-        lat = cost["latency"]
-        lines.insert(5, f"cost       teacher: {cost['num_params']:,} params, {cost['weights_bytes'] / 1e6:.2f} MB; CPU "
-                        f"{lat['batch_1_ms']:.4g} ms/sample at batch 1, {lat['batch_256_ms']:.4g} at "
-                        f"batch 256 ({lat['threads']} threads)")
-    if s["augment"]:
-        lines.insert(5, f"views      train {s['views']['train']} (view 0 as is, the rest augment="
-                        f"{s['augment']}, seed {s['augment_seed']}); val and test 1")
     if "shards_done" in s:
         lines.append(f"incomplete: {s['shards_done']} shards done; re-run `kdcache cache` with the same settings")
     return "\n".join(lines)

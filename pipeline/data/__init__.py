@@ -21,7 +21,8 @@ from pipeline.errors import KdError
 MAX_SEED = 2**32 - 1  # the seed reaches scikit-learn's splitter, which takes 32-bit seeds
 
 __all__ = ["BLOCK", "DATASETS", "SPLITS", "ArraySource", "Dataset", "DatasetNeeds", "RowSource",
-           "Split", "absolute_spec", "split_spec", "carve", "dataset_slug", "open_dataset", "positions_of"]
+           "Split", "absolute_spec", "split_spec", "carve", "dataset_slug", "missing_path", "open_dataset",
+           "positions_of"]
 
 
 def open_dataset(cfg: DataConfig) -> Dataset:
@@ -53,6 +54,18 @@ def absolute_spec(spec: str) -> str:
     if not arg or kind not in DATASETS or not DATASETS.declared(kind).path:
         return spec
     return f"{kind}:{os.path.abspath(os.path.expanduser(arg))}"
+
+
+def missing_path(spec: str) -> Path | None:
+    """The file or folder a path-taking source's spec names, when nothing is there (None when
+    something is, or the source takes no path). ``imagefolder:PATH:SIZE`` names PATH."""
+    kind, arg = split_spec(spec)
+    if not arg or kind not in DATASETS or not DATASETS.declared(kind).path:
+        return None
+    path = Path(arg)
+    if not path.exists() and ":" in path.name:  # a :SIZE-like suffix after the path
+        path = Path(arg.rpartition(":")[0])
+    return None if path.exists() else path
 
 
 def dataset_slug(spec: str) -> str:
