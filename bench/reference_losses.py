@@ -201,7 +201,12 @@ def _attention(f):
 
 def at(z_s, y, *, hint, f_t, weight=1.0, **_):
     """CE + w · RepDistiller's ``Attention.at_loss`` × the map's positions (kdcache sums over
-    positions where the reference averages). Maps of one size (the loss zoo's)."""
+    positions where the reference averages); the larger map average-pooled to the smaller's
+    size, as the reference does (here for 1-D maps too)."""
+    if hint.shape[2:] != f_t.shape[2:]:
+        pool = F.adaptive_avg_pool2d if hint.dim() == 4 else F.adaptive_avg_pool1d
+        size = tuple(min(a, b) for a, b in zip(hint.shape[2:], f_t.shape[2:]))
+        hint, f_t = pool(hint, size), pool(f_t, size)
     positions = hint[0, 0].numel()
     return F.cross_entropy(z_s, y) + weight * positions * (_attention(hint) - _attention(f_t)).pow(2).mean()
 
