@@ -286,8 +286,8 @@ def run(quick: bool, workdir: Path) -> dict:
                    "docstrings); temperature losses at "
                    "the cache's temperature 4 (kd, fitnet alpha 0.9); kd+Z = kd with "
                    f"standardize_logits=true. digits: {15 if quick else 60} epochs; MNIST-1D: "
-                   f"{20 if quick else 100} epochs, no augmentation (a single-view cache); batch 64, lr 1e-2. Information: no floor "
-                   "(see above)."),
+                   f"{20 if quick else 100} epochs, no augmentation (a single-view cache); batch 64, "
+                   "lr 1e-2. Information: no floor (see above)."),
         table("Time per training step (CPU of the process; wall for context), batch 64, median of steps "
               "interleaved across the losses "
               "and their reference implementations",
