@@ -20,19 +20,21 @@ and gradient).
 
 Step time: one optimisation step as training takes it (`pipeline.training.train_step`: the batch
 to tensors, forward, loss, backward, fused AdamW), batch 64, on in-memory cached targets as the
-data path hands them over (soft targets computed once per shuffle buffer, outside the step);
-the median over steps interleaved one by one across the arms, in CPU time of the process (on
-this shared VM a 1-5 ms step's wall time measured the scheduler: at load 15 on 2 cores, ce against
-the very same F.cross_entropy step read 0.78-1.29x in wall time, 0.94-0.95x in CPU time; with
-OMP_WAIT_POLICY=PASSIVE no thread spins, so CPU time is the work done; wall times are shown for
-context). Floor: each loss's step ≤ 1.1× the
-step of the same loss in its reference implementation (the median over cycles of the ratio of
-the two steps, which run back to back in a random order within every cycle) (bench/reference_losses.py: the formulas
-of RepDistiller, mdistiller and the papers' code, plain torch graphs, the teacher's softmax
-computed inside the loss from the raw cached logits as those repositories do), every reference
-arm the same student (same initial weights), the same batches and optimiser, interleaved with
-kdcache's arms in the same process; ce against F.cross_entropy's own step measures the timing's
-noise. What a method costs over CE (rkd's angle term compares every triplet of the batch: B³·D
+data path hands them over (soft targets computed once per shuffle buffer, outside the step).
+Floor: each loss's step ≤ 1.1× the step of the same loss in its reference implementation
+(bench/reference_losses.py: the formulas of RepDistiller, mdistiller and the papers' code, plain
+torch graphs, the teacher's softmax computed inside the loss from the raw cached logits as those
+repositories do): the same student (same initial weights), batches and optimiser, the two steps
+back to back in a random order within every cycle, the cycles' arms interleaved one by one; the
+median over cycles of the two steps' ratio. ce against the very same F.cross_entropy step
+measures the timing's noise (no floor).
+
+Steps are timed in CPU time of the process, wall time shown for context: on this shared VM a
+1-5 ms step's wall time measured the scheduler (at load 15 on 2 cores, ce against itself read
+0.78-1.29x in wall time, 0.94-0.95x in CPU time); with OMP_WAIT_POLICY=PASSIVE no thread spins,
+so CPU time is the work done.
+
+What a method costs over CE (rkd's angle term compares every triplet of the batch: B³·D
 multiply-adds; crd trains two projection heads and contrasts with 512 remembered rows) is the
 method's price, not kdcache's: each step / CE is shown as information.
 """
@@ -52,6 +54,7 @@ from bench.common import base_dirs, digits_cache, ensure_cache, figure, log, mai
 NAME = "loss_zoo"
 STEP_FLOOR = 1.1  # each loss's step / the same loss's step in its reference implementation
 BATCH = 64
+REF = "ref "  # prefix of a reference arm's name in the timings
 
 
 def arms() -> list[tuple[str, dict]]:
@@ -92,8 +95,10 @@ class Setting:
 
     def step_arm(self, overrides: dict, reference: bool = False):
         """A callable taking one training step of this arm (cycling through a fixed set of
-        batches) and returning its seconds: (CPU time of the process, wall time). With ``reference``, the same student (same initial
-        weights, head included), batches and optimiser, but the loss is
+        batches) and returning its seconds: (CPU time of the process, wall time).
+
+        With ``reference``, the same student (same initial weights, head included), batches
+        and optimiser, but the loss is
         bench/reference_losses.py's, fed as the reference code is: the raw teacher logits, the
         teacher features, and for crd the batch's row indices (its memory's way of leaving a
         batch's own rows out)."""
@@ -167,8 +172,8 @@ def reference_objective(student, loss: str):
 
 
 def interleaved(steps: dict, cycles: int, seed: int = 0) -> dict[str, list]:
-    """What every step of each arm returned (its seconds), ``cycles`` per arm, after a warm-up of ten steps
-    each; with NumPy's BLAS on one thread, as ``pipeline.training.fit`` runs it.
+    """What every step of each arm returned (its seconds), ``cycles`` per arm, after a warm-up
+    of ten steps each; with NumPy's BLAS on one thread, as ``pipeline.training.fit`` runs it.
 
     Steps are interleaved one by one, in a fresh random order every cycle (so that no arm
     always follows the same one: a heavy step leaves the thread pool awake, which speeds the
@@ -217,9 +222,6 @@ def settings(workdir: Path, quick: bool) -> list[Setting]:
     return [Setting(workdir, "digits", "cnn_small", 0, 15 if quick else 60, digits, digits_maps),
             Setting(workdir, "MNIST-1D", "cnn1d", 0, 20 if quick else 100, mnist, mnist_maps),
             Setting(workdir, "MNIST-1D", "mlp", 128, 20 if quick else 100, mnist, None)]
-
-
-REF = "ref "  # prefix of a reference arm's name in the timings
 
 
 def label_figures(label: str, names: list[str], t: dict[str, float], ratios: dict[str, float],
@@ -288,9 +290,8 @@ def run(quick: bool, workdir: Path) -> dict:
                    f"standardize_logits=true. digits: {15 if quick else 60} epochs; MNIST-1D: "
                    f"{20 if quick else 100} epochs, no augmentation (a single-view cache); batch 64, "
                    "lr 1e-2. Information: no floor (see above)."),
-        table("Time per training step (CPU of the process; wall for context), batch 64, median of steps "
-              "interleaved across the losses "
-              "and their reference implementations",
+        table("Time per training step (CPU of the process; wall for context), batch 64, median of "
+              "steps interleaved across the losses and their reference implementations",
               ["dataset", "student", "loss", "CPU ms / step", "reference CPU ms / step",
                f"vs reference (≤ {STEP_FLOOR:.2f})", "vs ce (information)", "wall ms / step",
                "reference wall ms / step"], step_rows,
