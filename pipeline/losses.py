@@ -423,12 +423,15 @@ RKD_DISTANCE, RKD_ANGLE = 25.0, 50.0  # the paper's λ_D and λ_A
 RKD_EPS = 1e-12
 
 
-def _squared_distances(e: torch.Tensor) -> torch.Tensor:
-    """‖e_i − e_j‖² between the rows of ``e`` [B, D], in float64 from the differences
-    themselves (exactly 0 between equal rows; ‖a‖² + ‖b‖² − 2a·b would lose the small
-    distances to cancellation)."""
-    e = e.to(torch.float64)
-    return (e[:, None, :] - e[None, :, :]).pow(2).sum(2)
+def _differences(e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pairwise differences ``diff[j, i] = e_i − e_j`` [B, B, D] of the rows of ``e``
+    [B, D] and their squared norms ‖e_i − e_j‖² [B, B]. From the differences themselves:
+    exactly 0 between equal rows, and no cancellation (‖a‖² + ‖b‖² − 2a·b, the reference
+    code's way, loses the small distances). One computation serves both of RKD's terms, the
+    distances and the angles' unit vectors: a second, float64 copy of the differences for the
+    distances once made kdcache's rkd 1.5x as slow as the reference code's (bench/FINDINGS.md)."""
+    diff = e[None, :, :] - e[:, None, :]
+    return diff, diff.pow(2).sum(2)
 
 
 def _distances(sq: torch.Tensor) -> torch.Tensor:
@@ -444,16 +447,22 @@ def _mean_normalised(d: torch.Tensor) -> torch.Tensor:
     return d / mean.clamp(min=RKD_EPS)
 
 
-def _angles(e: torch.Tensor) -> torch.Tensor:
+def _angles(diff: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
     """cos ∠(e_i, e_j, e_k) for every triplet [j, i, k], flattened: the cosine between
-    e_i − e_j and e_k − e_j (0 where a side is 0: a degenerate angle). From the normalised
-    differences (B³·D products): the law of cosines would need only B³, but cancels to
-    nonsense where two rows nearly coincide."""
-    diff = e[None, :, :] - e[:, None, :]  # [j, i] = e_i − e_j
-    norm = diff.pow(2).sum(2, keepdim=True)
-    norm = torch.where(norm > 0, norm.clamp(min=torch.finfo(norm.dtype).tiny).sqrt(), torch.ones_like(norm))
-    unit = diff / norm
+    e_i − e_j and e_k − e_j (0 where a side is 0: a degenerate angle), from the differences
+    ``diff`` and their norms ``dist`` (:func:`_differences`, :func:`_distances`). From the
+    normalised differences (B³·D products): the law of cosines would need only B³, but
+    cancels to nonsense where two rows nearly coincide."""
+    unit = diff / torch.where(dist > 0, dist, torch.ones_like(dist))[:, :, None]
     return torch.bmm(unit, unit.transpose(1, 2)).reshape(-1)
+
+
+def _relations(e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RKD's two views of a batch of flattened features: the mean-normalised distances ψ_D
+    [B, B] and the angles ψ_A [B³]."""
+    diff, sq = _differences(e)
+    dist = _distances(sq)
+    return _mean_normalised(dist), _angles(diff, dist)
 
 
 @LOSSES.register("rkd", logits=False, features=True, weight=1.0)
@@ -472,11 +481,11 @@ def rkd(z_s: torch.Tensor, y: torch.Tensor, *, hint: torch.Tensor, f_t: torch.Te
     ce_term = F.cross_entropy(z_s, y)
     if len(hint) < 2:
         return ce_term
-    s, t = hint.flatten(1), f_t.flatten(1)
-    loss_d = F.smooth_l1_loss(_mean_normalised(_distances(_squared_distances(s))),
-                              _mean_normalised(_distances(_squared_distances(t))))
-    loss_a = F.smooth_l1_loss(_angles(s), _angles(t))
-    return ce_term + weight * (RKD_DISTANCE * loss_d.to(ce_term.dtype) + RKD_ANGLE * loss_a)
+    d_s, a_s = _relations(hint.flatten(1))
+    d_t, a_t = _relations(f_t.flatten(1))
+    loss_d = F.smooth_l1_loss(d_s, d_t)
+    loss_a = F.smooth_l1_loss(a_s, a_t)
+    return ce_term + weight * (RKD_DISTANCE * loss_d + RKD_ANGLE * loss_a)
 
 
 PKT_EPS = 1e-7

@@ -101,3 +101,75 @@ def test_a_map_loss_with_a_student_layer_that_is_not_a_map_is_refused(maps, tmp_
     err = capsys.readouterr().err
     assert rc == 2 and "loss at compares spatial feature maps" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("config.json"))
+
+
+# --------------------------------------------------------------------------- reference losses
+# bench/reference_losses.py is the yardstick of the loss zoo's step-time floor: each kdcache loss
+# must compute what its reference computes, or the floor would compare different work.
+
+REFERENCE_CASES = ["kd", "kd+Z", "mse_logits", "fitnet", "dkd", "dkd+Z", "dist", "dist+Z", "nkd", "nkd+Z",
+                   "rkd", "pkt", "sp", "at", "crd"]
+
+
+def _zoo_inputs(name: str, seed: int = 0):
+    """Random student outputs (leaves with gradients) and teacher targets for loss ``name``,
+    a batch of 16 over 10 classes; features of different widths for student and teacher."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    b, c = 16, 10
+    z_s = (3 * torch.randn(b, c, generator=gen)).requires_grad_()
+    z_t = 3 * torch.randn(b, c, generator=gen)
+    y = torch.randint(0, c, (b,), generator=gen)
+    if name == "at":
+        hint, f_t = torch.randn(b, 8, 4, 4, generator=gen), torch.randn(b, 16, 4, 4, generator=gen)
+    else:
+        hint, f_t = torch.randn(b, 24, generator=gen), torch.randn(b, 32, generator=gen)
+    return z_s, z_t, y, hint.requires_grad_(), f_t
+
+
+@pytest.mark.parametrize("case", REFERENCE_CASES)
+def test_each_loss_computes_its_references_value_and_gradient(case):
+    """kdcache's loss, called as the trainer calls it (soft targets precomputed by the data
+    path, the CPU kernels where a loss has one), against bench/reference_losses.py's plain
+    torch graph: the same value and the same gradients for the logits, the feature and the
+    loss's head."""
+    import numpy as np
+    import torch
+
+    from bench import reference_losses
+    from pipeline.losses import LOSSES, soft_targets
+
+    name, standardize = case.removesuffix("+Z"), case.endswith("+Z")
+    needs = LOSSES.declared(name)
+    z_s, z_t, y, hint, f_t = _zoo_inputs(name)
+    torch.manual_seed(1)
+    head = needs.head(tuple(hint.shape[1:]), tuple(f_t.shape[1:])) if needs.head else None
+    kwargs = {"y": y, "z_t": z_t, "hint": hint, "f_t": f_t, "head": head, "T": 4.0, "alpha": 0.9,
+              "weight": needs.weight, "standardize": standardize, "dkd_alpha": 1.0, "dkd_beta": 8.0}
+    if needs.weight is None:
+        del kwargs["weight"]
+    ref_kwargs = dict(kwargs)
+    if name == "crd":  # a memory holding earlier rows, two of them rows of this batch
+        earlier = torch.cat([torch.randn(40, 32, generator=torch.Generator().manual_seed(2)), f_t[:2]])
+        earlier_idx = torch.cat([torch.arange(100, 140), torch.tensor([0, 1])])
+        head.remember(earlier)
+        memory = reference_losses.Memory()
+        with torch.no_grad():
+            memory.remember(head.embed_teacher(earlier), earlier_idx)
+        ref_kwargs.update(memory=memory, idx=torch.arange(len(f_t)))
+    if needs.temperature:  # as the data path hands them over
+        kwargs.update({k: torch.from_numpy(v) for k, v in soft_targets(z_t.numpy(), 4.0, standardize).items()})
+
+    def value_and_grads(loss, kw):
+        inputs = [z_s, hint] + (list(head.parameters()) if head is not None else [])
+        value = loss(z_s, **kw)
+        grads = torch.autograd.grad(value, inputs, allow_unused=True)
+        return value.item(), [np.zeros(x.shape) if g is None else g.numpy() for x, g in zip(inputs, grads)]
+
+    ours, ours_grads = value_and_grads(LOSSES.get(name), kwargs)
+    ref, ref_grads = value_and_grads(reference_losses.REFERENCES[name], ref_kwargs)
+    assert ours == pytest.approx(ref, rel=1e-5, abs=1e-6)
+    assert ours != pytest.approx(reference_losses.ce(z_s, y).item(), rel=1e-3)  # the method's term counts
+    for ours_g, ref_g in zip(ours_grads, ref_grads):
+        np.testing.assert_allclose(ours_g, ref_g, rtol=1e-4, atol=1e-6)
