@@ -178,3 +178,12 @@ def small_cache_f16(tmp_path_factory) -> Path:
     root = work / "cache"
     build(root, work, dtype="float16")
     return root
+
+
+def declared(model: str, **values) -> list[str]:
+    """``key=value`` arguments for the hyperparameters among ``values`` that ``model``'s
+    constructor declares (e.g. epochs= for a network, not for logreg: kdcache refuses a key a
+    student does not take)."""
+    from pipeline.students import student_params
+
+    return [f"{k}={v}" for k, v in values.items() if k in student_params(model)]

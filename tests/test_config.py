@@ -237,10 +237,10 @@ def test_a_key_that_does_not_apply_is_refused_only_when_given(tmp_path):
     (InfoConfig, ["cache=c", "teacher=mlp"], "teacher"),
     (VerifyConfig, ["cache=c", "dataset=digits3"], "dataset"),
     (ReportConfig, ["cache=c", "cache_root=r"], "cache_root"),
-    (SweepConfig, ["seed=3"], "seed"),
-    (SweepConfig, ["model=mlp"], "model"),
-    (SweepConfig, ["loss=kd"], "loss"),
-    (SweepConfig, ["temperatures=1 2", "temperature=4"], "temperature"),
+    (SweepConfig, ["seed=3", "grid.seed=0,1"], "seed"),
+    (SweepConfig, ["model=mlp", "grid.model=logreg,mlp"], "model"),
+    (SweepConfig, ["loss=kd", "grid.loss=kd,ce"], "loss"),
+    (SweepConfig, ["grid.temperature=1,2", "temperature=4"], "temperature"),
     (SweepConfig, ["scheduler=tcp://h:8786", "workers=2"], "workers"),
     (CacheConfig, ["cache=c", "cache_root=r"], "cache_root"),
     (CacheConfig, ["teacher_ckpt=random", "lr=0.1"], "lr"),
@@ -255,7 +255,7 @@ def test_keys_that_do_not_apply(cls, args, refused):
 
 
 @pytest.mark.parametrize(("cls", "args"), [
-    (SweepConfig, ["temperature=4"]),  # no temperatures=: the sweep's one temperature
+    (SweepConfig, ["model=mlp", "seed=3"]),  # no grid.model= / grid.seed=: one model, one seed
     (SweepConfig, ["scheduler=local", "workers=2"]),
     (CacheConfig, ["teacher_ckpt=", "epochs=3", "teacher_dir=t"]),  # trains the default teacher
     (CacheConfig, ["workers=2", "streams=2", "cache_root=r", "layers=embed", "pool=false"]),

@@ -38,8 +38,10 @@ def caches(tmp_path_factory) -> dict[str, Path]:
 
 
 def trained(capsys, cache: Path, runs: Path, model: str, *args: str) -> tuple[Path, dict]:
+    from conftest import declared
+
     row = run_cli(capsys, "student", f"cache={cache}", f"runs_dir={runs}", f"model={model}",
-                  "epochs=2", "device=cpu", *args)
+                  *declared(model, epochs=2), "device=cpu", *args)
     return Path(row["run_dir"]), row
 
 

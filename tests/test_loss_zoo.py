@@ -43,7 +43,7 @@ def run(capsys, *argv: str) -> dict:
 def config_of(row: dict) -> dict:
     from pathlib import Path
 
-    return json.loads((Path(row["run_dir"]) / "config.json").read_text())["config"]
+    return json.loads((Path(row["run_dir"]) / "config.json").read_text())["config"]["params"]
 
 
 def test_a_sweep_over_the_zoo_lands_one_row_per_loss_and_the_report_groups_them(pooled, tmp_path, capsys):
@@ -57,8 +57,8 @@ def test_a_sweep_over_the_zoo_lands_one_row_per_loss_and_the_report_groups_them(
     for r in rows:
         needs = LOSSES.declared(r["loss"])
         assert r["loss_weight"] == needs.weight  # the declared default, recorded
-        assert r["standardize_logits"] == (False if needs.temperature else None)
-        assert r["student_layer"] == ("embed" if needs.features else None)
+        assert r.get("standardize_logits") == (False if needs.temperature else None)
+        assert r.get("student_layer") == ("embed" if needs.features else None)
         assert (r.get("temperature") is not None) == needs.temperature
     report = run(capsys, "report", f"cache={copy}", f"out={tmp_path}/report")
     text = (tmp_path / "report" / "leaderboard.md").read_text()
@@ -73,12 +73,12 @@ def test_options_a_loss_declares_are_recorded(pooled, tmp_path, capsys):
     assert row["standardize_logits"] is True and row["loss_weight"] == 0.5
     config = config_of(row)
     assert config["standardize_logits"] is True and config["loss_weight"] == 0.5
-    assert config["student_layer"] is None  # dist reads no feature
+    assert "student_layer" not in config  # dist reads no feature
 
     row = run(capsys, "student", f"cache={pooled}", f"runs_dir={tmp_path}/runs", "model=cnn_small",
               "loss=sp", "student_layer=block2.2", "epochs=1")
     assert row["student_layer"] == "block2.2" and config_of(row)["student_layer"] == "block2.2"
-    assert row["loss_weight"] == LOSSES.declared("sp").weight and row["standardize_logits"] is None
+    assert row["loss_weight"] == LOSSES.declared("sp").weight and "standardize_logits" not in row
 
 
 def test_attention_transfer_reads_the_cached_map_and_the_students_layer_of_that_name(maps, tmp_path, capsys):

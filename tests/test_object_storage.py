@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import cache_args, run_cli
+from conftest import cache_args, declared, run_cli
 from pipeline import storage
 from pipeline.cache import format as fmt
 from pipeline.cache import open_cache
@@ -97,7 +97,7 @@ def test_students_info_verify_and_report_read_and_write_on_s3(s3, tmp_path, caps
 
     for model in ("logreg", "mlp"):
         row = run_cli(capsys, "student", f"cache={url}", f"model={model}", f"runs_dir={tmp_path / 'runs'}",
-                      "epochs=2")
+                      *declared(model, epochs=2))
         assert row["results"].startswith(f"{url}.results/") and row["cache"] == url
     table = read_results(results_dir(url))
     assert sorted(table.column("model").to_pylist()) == ["logreg", "mlp"]

@@ -47,8 +47,10 @@ def test_a_cache_holds_only_data_formats(make_cache):
 @pytest.mark.parametrize("model", ["logreg", "mlp"])
 def test_a_student_run_holds_only_data_formats(make_cache, tmp_path, model):
     root = make_cache()
+    from conftest import declared
+
     assert main(["student", f"cache={root}", f"runs_dir={tmp_path / 'runs'}", f"model={model}",
-                 "epochs=1", "C=1"]) == 0
+                 *declared(model, epochs=1, C=1)]) == 0
     files = [p for p in (tmp_path / "runs").rglob("*") if p.is_file()]
     assert sorted(p.name for p in files) == ["config.json", "log.jsonl", "metrics.json",
                                              "student.safetensors"]

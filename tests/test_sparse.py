@@ -467,7 +467,7 @@ def test_sample_caches_refuse_another_temperature_before_training(caches, capsys
 
 def test_logreg_soft_expands_over_the_listed_classes(caches):
     data = StudentData(caches["topk:2"])
-    student = create_student("logreg_soft", _cfg(temperature=4.0))
+    student = create_student("logreg_soft", temperature=4.0)
     rows, cls, w = student._expansion({**data.sparse_targets("train", 4.0), "num_classes": 3})
     t = data.sparse_targets("train", 4.0)
     assert len(rows) == int((t["t_w"] >= student.min_prob).sum())
@@ -478,7 +478,4 @@ def test_logreg_soft_expands_over_the_listed_classes(caches):
     assert student.predict(sampled.features("test")).shape == (30,)
 
 
-def _cfg(**kw):
-    from pipeline.config import StudentConfig
 
-    return StudentConfig(**kw)

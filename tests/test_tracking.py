@@ -42,6 +42,7 @@ def test_a_run_is_found_in_mlflow(store, cache, tmp_path, capsys):
     assert found.data.tags["kdcache.teacher_fingerprint"] == row["teacher_fingerprint"]
     # params: the resolved config, exactly as config.json records it
     config = json.loads((Path(row["run_dir"]) / "config.json").read_text())["config"]
+    config.update(config.pop("params"))  # one MLflow param per hyperparameter
     assert found.data.params == {k: str(v) for k, v in config.items()}
     assert found.data.metrics["test_accuracy"] == row["test_accuracy"]
     assert found.data.metrics["latency_b1_ms"] == row["latency_b1_ms"]

@@ -397,11 +397,11 @@ def test_views_1_reads_view_0_only_and_all_draws_every_view(views_cache, tmp_pat
 
     monkeypatch.setattr(TeacherCache, "stream", spy)
     one = run(capsys, views_cache, tmp_path, "model=mlp", "loss=kd", "views=1", "epochs=2")
-    assert one["views"] == 1 and one["augment"] is None
+    assert one["views"] == 1 and one["augment"] == "none" and one["views_policy"] is None
     assert calls and all(c["view_of"] is None and not c["augment"] for c in calls)
     calls.clear()
     every = run(capsys, views_cache, tmp_path, "model=mlp", "loss=kd", "epochs=2")
-    assert every["views"] == 4 and every["augment"] == "crop:1+flip"
+    assert every["views"] == 4 and every["views_policy"] == "crop:1+flip" and every["augment"] == "none"
     assert calls and all(c["view_of"] is not None and c["augment"] for c in calls)
     config = json.loads((Path(every["run_dir"]) / "config.json").read_text())["config"]
     assert config["views"] == "4"
@@ -414,7 +414,9 @@ def test_feature_students_train_on_every_view(views_cache, tmp_path, capsys):
         open_cache(views_cache), views=1).features("train"))
     assert data.features("val").shape == (30, 128)
     for model in ("linear_svc", "logreg_soft", "sgd"):
-        row = run(capsys, views_cache, tmp_path, f"model={model}", "epochs=2")
+        from conftest import declared
+
+        row = run(capsys, views_cache, tmp_path, f"model={model}", *declared(model, epochs=2))
         assert row["views"] == 4 and 0 <= row["test_accuracy"] <= 1
 
 

@@ -137,9 +137,10 @@ class ChunkReader:
         return np.frombuffer(tail[:-4], "<u8").reshape(self.per_shard, 2)
 
     def _damaged(self, path: str, what: str) -> KdError:
-        root = next(p.parent for p in self.directory.parents if p.name == fmt.ARRAYS)
+        root = next((p.parent for p in self.directory.parents if p.name == fmt.ARRAYS), None)
+        hint = fmt.repair_hint(root) if root is not None else "the array is damaged"  # (not in a cache)
         return KdError(f"cache array {self.directory} cannot be read "
-                       f"({Path(path).relative_to(self.directory)}: {what}); {fmt.repair_hint(root)}")
+                       f"({Path(path).relative_to(self.directory)}: {what}); {hint}")
 
 
 def chunk_reader(arr, directory: Path) -> ChunkReader | None:
