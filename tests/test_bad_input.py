@@ -518,7 +518,7 @@ def _tear_weights(run: Path) -> None:
 def _other_model(run: Path) -> None:
     path = run / "config.json"
     record = json.loads(path.read_text())
-    record["config"]["width"] = 7
+    record["config"]["params"]["width"] = 7
     path.write_text(json.dumps(record))
 
 

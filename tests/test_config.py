@@ -240,7 +240,7 @@ def test_a_key_that_does_not_apply_is_refused_only_when_given(tmp_path):
     (SweepConfig, ["seed=3", "grid.seed=0,1"], "seed"),
     (SweepConfig, ["model=mlp", "grid.model=logreg,mlp"], "model"),
     (SweepConfig, ["loss=kd", "grid.loss=kd,ce"], "loss"),
-    (SweepConfig, ["grid.temperature=1,2", "temperature=4"], "temperature"),
+    (SweepConfig, ["views=2", "grid.views=1,2"], "views"),
     (SweepConfig, ["scheduler=tcp://h:8786", "workers=2"], "workers"),
     (CacheConfig, ["cache=c", "cache_root=r"], "cache_root"),
     (CacheConfig, ["teacher_ckpt=random", "lr=0.1"], "lr"),
