@@ -165,6 +165,16 @@ def small_cache(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def harness_reference(tmp_path_factory) -> tuple[Path, float]:
+    """The fault harness's uninterrupted build (``test_faults.uninterrupted``) and its seconds,
+    made once per session: the kill tests of test_faults.py and test_object_storage.py compare
+    against the same bytes, and each build is a subprocess of several seconds. Read-only."""
+    from test_faults import uninterrupted
+
+    return uninterrupted(tmp_path_factory.mktemp("harness_reference"))
+
+
+@pytest.fixture(scope="session")
 def small_cache_f16(tmp_path_factory) -> Path:
     """The same cache stored as float16 (the default dtype)."""
     work = tmp_path_factory.mktemp("small_cache_f16")

@@ -118,8 +118,8 @@ def uninterrupted(work: Path, **views) -> tuple[Path, float]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> tuple[Path, float]:
-    return uninterrupted(tmp_path_factory.mktemp("reference"))
+def reference(harness_reference) -> tuple[Path, float]:
+    return harness_reference  # built once per session (conftest.py), shared with object storage
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from pipeline.cache import open_cache
 from pipeline.cache.lock import CacheLease
 from pipeline.errors import KdError
 from pipeline.results import read_results, results_dir
-from test_faults import HARNESS_DATASET, KDCACHE, array_files, uninterrupted
+from test_faults import HARNESS_DATASET, KDCACHE, array_files
 
 
 def objects(loc) -> dict[str, bytes]:
@@ -135,9 +135,9 @@ def test_students_info_verify_and_report_read_and_write_on_s3(s3, tmp_path, caps
 # =========================================================================== kills and a second builder
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> tuple[Path, float]:
-    """The kill harness's uninterrupted local build (tests/test_faults.py)."""
-    return uninterrupted(tmp_path_factory.mktemp("reference"))
+def reference(harness_reference) -> tuple[Path, float]:
+    """The kill harness's uninterrupted local build (tests/test_faults.py; one per session)."""
+    return harness_reference
 
 
 def recorded_are_whole(url: str, reference: Path) -> int:
