@@ -94,6 +94,25 @@ def s3_server():
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def dask_cluster(tmp_path_factory, s3_server):
+    """``dask scheduler`` + ``dask worker --nworkers 2 --nthreads 1`` processes on 127.0.0.1 for
+    the session (bench.dask_processes), shared by the cluster and object-storage tests; stopped
+    by process group at the end, even after a failure. The workers start with the test S3
+    server's AWS environment, as a user starts workers that write a cache to S3; nothing else
+    in them depends on it."""
+    from bench.dask_processes import ProcessCluster
+
+    with pytest.MonkeyPatch.context() as env:  # the processes keep their copy of it
+        for key, value in s3_server.env().items():
+            env.setenv(key, value)
+        processes = ProcessCluster(tmp_path_factory.mktemp("dask"), workers=2).__enter__()
+    try:
+        yield processes
+    finally:
+        processes.stop()
+
+
 @pytest.fixture
 def s3(s3_server, monkeypatch, request) -> str:
     """A new, empty bucket on the test S3 server, and the standard AWS environment pointing at

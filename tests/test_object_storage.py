@@ -337,14 +337,12 @@ def test_malformed_locations_are_refused_before_anything_is_made(text, message, 
 
 
 @pytest.mark.slow
-def test_a_dask_cluster_builds_a_cache_on_s3(s3, tmp_path, capsys):
+def test_a_dask_cluster_builds_a_cache_on_s3(s3, dask_cluster, tmp_path, capsys):
     """`dask scheduler` + two `dask worker` processes, started with the AWS environment a user
-    gives them, write the shards to S3 themselves: the bytes of an in-process local build."""
-    from bench.dask_processes import ProcessCluster
-
+    gives them (conftest.py dask_cluster), write the shards to S3 themselves: the bytes of an
+    in-process local build."""
     local = tmp_path / "local"
     run_cli(capsys, "cache", *cache_args(local, tmp_path, threads=1))
-    with ProcessCluster(tmp_path / "dask", workers=2) as cluster:  # inherits the s3 fixture's AWS_*
-        url = f"{s3}/on-cluster"
-        run_cli(capsys, "cache", *cache_args(url, tmp_path, threads=1, scheduler=cluster.address))
+    url = f"{s3}/on-cluster"
+    run_cli(capsys, "cache", *cache_args(url, tmp_path, threads=1, scheduler=dask_cluster.address))
     same_cache(url, local)
