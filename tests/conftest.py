@@ -101,6 +101,25 @@ def s3_server():
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def dask_cluster(tmp_path_factory, s3_server):
+    """``dask scheduler`` + ``dask worker --nworkers 2 --nthreads 1`` processes on 127.0.0.1 for
+    the session (bench.dask_processes), shared by the cluster and object-storage tests; stopped
+    by process group at the end, even after a failure. The workers start with the test S3
+    server's AWS environment, as a user starts workers that write a cache to S3; nothing else
+    in them depends on it."""
+    from bench.dask_processes import ProcessCluster
+
+    with pytest.MonkeyPatch.context() as env:  # the processes keep their copy of it
+        for key, value in s3_server.env().items():
+            env.setenv(key, value)
+        processes = ProcessCluster(tmp_path_factory.mktemp("dask"), workers=2).__enter__()
+    try:
+        yield processes
+    finally:
+        processes.stop()
+
+
 @pytest.fixture
 def s3(s3_server, monkeypatch, request) -> str:
     """A new, empty bucket on the test S3 server, and the standard AWS environment pointing at
@@ -169,6 +188,16 @@ def small_cache(tmp_path_factory) -> Path:
     root = work / "cache"
     build(root, work, dtype="float32")
     return root
+
+
+@pytest.fixture(scope="session")
+def harness_reference(tmp_path_factory) -> tuple[Path, float]:
+    """The fault harness's uninterrupted build (``test_faults.uninterrupted``) and its seconds,
+    made once per session: the kill tests of test_faults.py and test_object_storage.py compare
+    against the same bytes, and each build is a subprocess of several seconds. Read-only."""
+    from test_faults import uninterrupted
+
+    return uninterrupted(tmp_path_factory.mktemp("harness_reference"))
 
 
 @pytest.fixture(scope="session")

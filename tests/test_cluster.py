@@ -1,6 +1,6 @@
 """Stage one and sweeps on a real multi-process Dask cluster: ``dask scheduler`` and
-``dask worker --nworkers 2 --nthreads 1`` processes on 127.0.0.1, started by a fixture and
-stopped by process group when the module is done, even after a failure (bench.dask_processes).
+``dask worker --nworkers 2 --nthreads 1`` processes on 127.0.0.1, started by a session fixture
+(conftest.py dask_cluster) and stopped by process group at the end, even after a failure.
 
 What a user relies on: a cluster build is byte-identical to an in-process one, also when a
 worker is SIGKILLed mid-build (Dask reschedules its shard; shard writes are idempotent); each
@@ -37,12 +37,6 @@ DATASET = "synthetic:6000:3x16x16:4"
 
 def build_args(root: Path, work: Path, **overrides) -> list[str]:
     return cache_args(root, work, dataset=DATASET, teacher="resnet_small", threads=1, **overrides)
-
-
-@pytest.fixture(scope="module")
-def dask_cluster(tmp_path_factory):
-    with ProcessCluster(tmp_path_factory.mktemp("dask"), workers=2) as processes:
-        yield processes
 
 
 @pytest.fixture(scope="module")

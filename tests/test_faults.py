@@ -31,7 +31,10 @@ from stages.cli import main
 
 KDCACHE = str(Path(sys.executable).parent / "kdcache")
 KILL_TRIALS = int(os.environ.get("KDCACHE_KILL_TRIALS", "3"))
-STUDENT_KILL_TRIALS = max(2, KILL_TRIALS // 4)
+# The multi-view and student kills repeat the harness above on other data: one trial each in
+# make test (a multi-view trial costs several builds of four views), the rest in make soak.
+VIEW_KILL_TRIALS = max(1, KILL_TRIALS - 2)
+STUDENT_KILL_TRIALS = max(1, KILL_TRIALS // 4)
 
 # Big enough that a build spans many shards and takes a while after the imports, small enough
 # that one uninterrupted run takes a few seconds: 2,400 rows = 38 shards of 64 rows.
@@ -118,8 +121,8 @@ def uninterrupted(work: Path, **views) -> tuple[Path, float]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> tuple[Path, float]:
-    return uninterrupted(tmp_path_factory.mktemp("reference"))
+def reference(harness_reference) -> tuple[Path, float]:
+    return harness_reference  # built once per session (conftest.py), shared with object storage
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +139,7 @@ def test_sigkill_during_caching_then_resume(tmp_path, reference, trial):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("trial", range(max(1, KILL_TRIALS - 1)))
+@pytest.mark.parametrize("trial", range(VIEW_KILL_TRIALS))
 def test_sigkill_during_multiview_caching_then_resume(tmp_path, reference_views, trial):
     """The same with views: every recorded shard holds all its views and their parameters, and
     the resumed cache is byte-identical to the uninterrupted one, augmentation arrays included."""
@@ -285,15 +288,35 @@ def _patch_parquet(monkeypatch, ok: int):
         failing(loc, data) if str(loc).endswith(".parquet") and f"/{fmt.PARTS}/" in str(loc) else real(loc, data)))
 
 
+def _workers(scheduler: str) -> int:
+    return 2 if scheduler == "local" else 1
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_small(tmp_path_factory, builder):
+    """``get(scheduler)``: the small cache built without faults on that scheduler, once per
+    module (both patches of a scheduler compare against it). Read-only."""
+    built: dict[str, Path] = {}
+
+    def get(scheduler: str) -> Path:
+        if scheduler not in built:
+            work = tmp_path_factory.mktemp(f"uninterrupted_{scheduler}")
+            builder(work / "cache", work, scheduler=scheduler, workers=_workers(scheduler))
+            built[scheduler] = work / "cache"
+        return built[scheduler]
+
+    return get
+
+
 @pytest.mark.parametrize("scheduler", ["synchronous", "local"])
 @pytest.mark.parametrize("patch, message", [
     (_patch_zarr_store, "No space left on device"),
     (_patch_parquet, "Input/output error"),
 ])
 def test_failing_writes_leave_the_cache_resumable(tmp_path, capsys, monkeypatch, scheduler, patch,
-                                                   message, builder):
+                                                   message, uninterrupted_small):
     root = tmp_path / "cache"
-    args = ["cache", *cache_args(root, tmp_path, scheduler=scheduler, workers=2 if scheduler == "local" else 1)]
+    args = ["cache", *cache_args(root, tmp_path, scheduler=scheduler, workers=_workers(scheduler))]
     with monkeypatch.context() as m:
         patch(m, ok=8 if patch is _patch_zarr_store else 2)
         assert main(args) == 2
@@ -304,9 +327,7 @@ def test_failing_writes_leave_the_cache_resumable(tmp_path, capsys, monkeypatch,
         open_cache(root)
 
     assert main(args) == 0  # the disk is fine again: resume finishes the job
-    fresh = tmp_path / "reference" / "cache"
-    builder(fresh, tmp_path, scheduler=scheduler, workers=2 if scheduler == "local" else 1)
-    assert array_files(root) == array_files(fresh)
+    assert array_files(root) == array_files(uninterrupted_small(scheduler))
     assert_no_stray_files(root)
 
 

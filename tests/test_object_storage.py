@@ -29,7 +29,7 @@ from pipeline.cache import open_cache
 from pipeline.cache.lock import CacheLease
 from pipeline.errors import KdError
 from pipeline.results import read_results, results_dir
-from test_faults import HARNESS_DATASET, KDCACHE, array_files, uninterrupted
+from test_faults import HARNESS_DATASET, KDCACHE, array_files
 
 
 def objects(loc) -> dict[str, bytes]:
@@ -141,9 +141,9 @@ def test_students_info_verify_and_report_read_and_write_on_s3(s3, tmp_path, caps
 # =========================================================================== kills and a second builder
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> tuple[Path, float]:
-    """The kill harness's uninterrupted local build (tests/test_faults.py)."""
-    return uninterrupted(tmp_path_factory.mktemp("reference"))
+def reference(harness_reference) -> tuple[Path, float]:
+    """The kill harness's uninterrupted local build (tests/test_faults.py; one per session)."""
+    return harness_reference
 
 
 def recorded_are_whole(url: str, reference: Path) -> int:
@@ -343,14 +343,12 @@ def test_malformed_locations_are_refused_before_anything_is_made(text, message, 
 
 
 @pytest.mark.slow
-def test_a_dask_cluster_builds_a_cache_on_s3(s3, tmp_path, capsys):
+def test_a_dask_cluster_builds_a_cache_on_s3(s3, dask_cluster, tmp_path, capsys):
     """`dask scheduler` + two `dask worker` processes, started with the AWS environment a user
-    gives them, write the shards to S3 themselves: the bytes of an in-process local build."""
-    from bench.dask_processes import ProcessCluster
-
+    gives them (conftest.py dask_cluster), write the shards to S3 themselves: the bytes of an
+    in-process local build."""
     local = tmp_path / "local"
     run_cli(capsys, "cache", *cache_args(local, tmp_path, threads=1))
-    with ProcessCluster(tmp_path / "dask", workers=2) as cluster:  # inherits the s3 fixture's AWS_*
-        url = f"{s3}/on-cluster"
-        run_cli(capsys, "cache", *cache_args(url, tmp_path, threads=1, scheduler=cluster.address))
+    url = f"{s3}/on-cluster"
+    run_cli(capsys, "cache", *cache_args(url, tmp_path, threads=1, scheduler=dask_cluster.address))
     same_cache(url, local)

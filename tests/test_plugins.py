@@ -8,10 +8,13 @@ pip would, as a ``.dist-info`` directory beside it.
 
 from __future__ import annotations
 
+import atexit
+import functools
 import hashlib
 import json
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -172,10 +175,29 @@ class _Outputs(torch.nn.Module):
 
 
 def export_teacher(path: Path, nhwc: bool = False, seed: int = 0) -> Path:
+    """A seeded cnn_small for digits as ONNX at ``path`` (its torch weights beside it, .pt):
+    a copy of one export per (nhwc, seed) and process, as a dynamo export takes seconds. The
+    graph keeps its weights in an external file, copied under the name the graph refers to."""
+    source = _exported(nhwc, seed)
+    shutil.copyfile(source, path)
+    shutil.copyfile(source.with_suffix(".pt"), path.with_suffix(".pt"))
+    shutil.copyfile(source.with_name(f"{source.name}.data"), path.with_name(f"{source.name}.data"))
+    return path
+
+
+_EXPORT_DIRS: list[Path] = []
+atexit.register(lambda: [shutil.rmtree(d, ignore_errors=True) for d in _EXPORT_DIRS])
+
+
+@functools.cache
+def _exported(nhwc: bool, seed: int) -> Path:
     import contextlib
     import io
     import warnings
 
+    work = Path(tempfile.mkdtemp(prefix="kdcache-onnx-teacher-"))  # outside every test's tmp dir
+    _EXPORT_DIRS.append(work)
+    path = work / "teacher.onnx"
     torch.manual_seed(seed)
     model = create_teacher("cnn_small", (1, 8, 8), 10).eval()
     torch.save(model.state_dict(), path.with_suffix(".pt"))
@@ -185,6 +207,7 @@ def export_teacher(path: Path, nhwc: bool = False, seed: int = 0) -> Path:
         torch.onnx.export(_Outputs(model, nhwc), (example,), str(path), dynamo=True,
                           input_names=["image"], output_names=["logits", "embed"],
                           dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    assert sorted(p.name for p in work.iterdir()) == ["teacher.onnx", "teacher.onnx.data", "teacher.pt"]
     return path
 
 
@@ -208,7 +231,7 @@ def test_onnx_teacher_caches_what_its_torch_source_does(nhwc, tmp_path, capsys):
         b.manifest["teacher"]["num_params"]
     assert run_cli(capsys, "verify", f"cache={tmp_path / 'onnx'}")["ok"]
     row = run_cli(capsys, "student", f"cache={tmp_path / 'onnx'}", f"runs_dir={tmp_path / 'runs'}",
-                  "model=cnn_small", "epochs=2")
+                  "model=cnn_small", "epochs=1")
     assert row["teacher_fingerprint"] == a.teacher_fingerprint
 
 
