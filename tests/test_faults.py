@@ -419,8 +419,11 @@ REPAIRABLE = (_flip_byte, _delete_shard, _truncate_index)
 # =========================================================================== students
 
 def _student_args(root: Path, tmp: Path, **overrides) -> list[str]:
-    values = {"cache": root, "runs_dir": tmp / "runs", "model": "mlp", "epochs": 400,
-              "batch_size": 16}
+    from pipeline.students import student_params
+
+    model = overrides.get("model", "mlp")
+    slow = {k: v for k, v in {"epochs": 400, "batch_size": 16}.items() if k in student_params(model)}
+    values = {"cache": root, "runs_dir": tmp / "runs", "model": "mlp", **slow}
     values.update(overrides)
     return [f"{k}={v}" for k, v in values.items()]
 
