@@ -16,9 +16,15 @@ MAKEFILE = ROOT / "Makefile"
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
 
 
+# what a parent make (``make test`` runs this file) passes down: a sub-make would print
+# "Entering directory" lines and take the parent's flags
+PARENT_MAKE = ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES", "MAKE_TERMOUT", "MAKE_TERMERR")
+
+
 def make_n(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if k not in PARENT_MAKE}
     return subprocess.run(["make", "-n", "-f", str(MAKEFILE), *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60, env={**os.environ, **(env or {})})
+                          text=True, timeout=60, env={**base, **(env or {})})
 
 
 def takes() -> dict[str, list[str]]:
