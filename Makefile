@@ -86,7 +86,7 @@ bench-quick: setup
 	$(VENV)/bin/pip install --quiet -e '.[test,bench]'
 	$(VENV)/bin/python -m bench.run --quick $(BENCH_ARGS)
 
-# The fault tests with the full 20 seeded kill trials (make test runs 3).
+# The fault tests with the full 20 seeded kill trials (make test runs 2).
 soak: setup
 	KDCACHE_KILL_TRIALS=20 $(VENV)/bin/python -m pytest -q tests/test_faults.py $(PYTEST_ARGS)
 
