@@ -70,8 +70,15 @@ class DataConfig:
     # cores - 1 on a GPU, 1 (the loading thread) on CPU (pipeline.decoding.auto_decoders). In no
     # fingerprint or cache key: the decoded values are bit-identical for any number of them
     decoders: int = 0
+    # text datasets (text:PATH): the columns holding the documents and their labels, and the
+    # share of rows carved as test when the file has no split column
+    text_column: str = "text"
+    label_column: str = "label"
+    test_fraction: float = 0.2
 
     def check(self) -> None:
+        if not 0.0 < self.test_fraction < 0.9:
+            raise KdError(f"test_fraction={self.test_fraction} must be in (0, 0.9)")
         if not 0.0 < self.val_fraction < 0.9:
             raise KdError(f"val_fraction={self.val_fraction} must be in (0, 0.9)")
         if not 0 <= self.decoders <= MAX_DECODERS:

@@ -14,14 +14,15 @@ from pipeline.config import DataConfig
 from pipeline.data.dataset import (BLOCK, SPLITS, ArraySource, Dataset, RowSource, Split, carve,
                                    positions_of)
 from pipeline.data.registry import DATASETS, DatasetNeeds
-from pipeline.data import digits, digits3, imagefolder, npz, synthetic, vision  # noqa: F401  (registration)
+from pipeline.data.text import TextDataset
+from pipeline.data import digits, digits3, imagefolder, npz, synthetic, text, vision  # noqa: F401  (registration)
 from pipeline import plugins
 from pipeline.errors import KdError
 
 MAX_SEED = 2**32 - 1  # the seed reaches scikit-learn's splitter, which takes 32-bit seeds
 
 __all__ = ["BLOCK", "DATASETS", "SPLITS", "ArraySource", "Dataset", "DatasetNeeds", "RowSource",
-           "Split", "absolute_spec", "split_spec", "carve", "dataset_slug", "missing_path", "open_dataset",
+           "Split", "TextDataset", "absolute_spec", "split_spec", "carve", "dataset_slug", "missing_path", "open_dataset",
            "positions_of"]
 
 

@@ -64,7 +64,10 @@ class Split:
 
 
 class Dataset:
-    """A dataset ready for the teacher: three splits of normalised float32 inputs."""
+    """A dataset ready for the teacher: three splits of normalised float32 inputs (of
+    documents, ``str``, for :class:`pipeline.data.text.TextDataset`)."""
+
+    modality = "array"  # "text": inputs are documents (str), read by a tokenizer or vectoriser
 
     def __init__(self, spec: str, pools: dict[str, RowSource], sample_shape: tuple[int, ...],
                  num_classes: int, cfg: DataConfig, *, normalise: bool = True,
@@ -183,11 +186,16 @@ class Dataset:
             h.update(np.ascontiguousarray(split.sample_ids, np.int64).tobytes())
             h.update(np.ascontiguousarray(split.labels, np.int64).tobytes())
             if self._fixed_fingerprint is None:
-                for start, stop in self.blocks(name):
-                    h.update(np.ascontiguousarray(self.raw(name, start, stop)).tobytes())
+                self._hash_inputs(h, name)
         if self._fixed_fingerprint is not None:
             h.update(self._fixed_fingerprint.encode())
         return h.hexdigest()
+
+
+    def _hash_inputs(self, h, name: str) -> None:
+        """Feed every raw input byte of split ``name``, in cache order, to ``h``."""
+        for start, stop in self.blocks(name):
+            h.update(np.ascontiguousarray(self.raw(name, start, stop)).tobytes())
 
 
 def _whole(name: str, pool: RowSource) -> Split:
