@@ -216,3 +216,20 @@ def declared(model: str, **values) -> list[str]:
     from pipeline.students import student_params
 
     return [f"{k}={v}" for k, v in values.items() if k in student_params(model)]
+
+
+@pytest.fixture(scope="session")
+def text_corpus(tmp_path_factory) -> Path:
+    """A 240-row, 3-class CSV of short documents (tests/text_models.py)."""
+    from tests.text_models import write_corpus
+
+    return write_corpus(tmp_path_factory.mktemp("text") / "mail.csv")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory, text_corpus) -> Path:
+    """A Hugging Face model directory of a tiny random BERT with a WordPiece tokenizer trained
+    on :func:`text_corpus` (built once per session, in about a second)."""
+    from tests.text_models import corpus_texts, write_tiny_bert
+
+    return write_tiny_bert(tmp_path_factory.mktemp("hf") / "tiny-bert", corpus_texts(text_corpus))
