@@ -653,6 +653,11 @@ PARAM_BOUNDS: dict[str, tuple[float, float | None, bool]] = {
     "temperature": (0, None, True),
     "sgd_alpha": (0, 100.0, True),  # SGDClassifier's L2 penalty: beyond this every weight is ~0
     "C": (0, None, True),
+    # text students: hash buckets (rows of an embedding, or columns of a hashed vectoriser),
+    # word n-gram orders (beyond 5, n-grams almost never repeat and their count explodes),
+    # words kept per document, and a vocabulary term's minimum document count
+    "buckets": (1, 2 ** 24, False), "ngrams": (1, 5, False), "max_tokens": (1, None, False),
+    "min_df": (1, None, False),
 }
 
 

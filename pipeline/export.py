@@ -14,13 +14,24 @@
   are ``decision_function(x)`` ([N, K]; with two classes scikit-learn returns one margin m per
   row, and the scores are ``[-m, m]``).
 
+Students that read text export their text processing with them:
+
+- ``tfidf_logreg`` / ``tfidf_svc`` become ``student.skops`` too: a Pipeline that takes the
+  documents themselves (a list of ``str``) through its vectoriser (TfidfVectorizer, or
+  HashingVectorizer + TfidfTransformer) to the classifier.
+- ``fasttext`` / ``textcnn`` become ``student.onnx`` whose input is ``ids``, int64
+  ``[batch, length]`` (both axes dynamic; 0 pads, any amount of padding gives the same logits),
+  the hashed n-gram ids of :mod:`pipeline.text_features`; its spec, which replays the ids from
+  the documents, is written beside the model as ``featuriser.json`` and kept in its metadata
+  (``kdcache.featuriser``). The check then featurises the test documents from that spec.
+
 Both are checked before they are kept: the exported file, loaded back with onnxruntime or
 skops, scores the run's whole test split and must reproduce the student's own scores: finite,
 within float32 rounding (:data:`LOGIT_TOLERANCE`, relative to the logits' size; the largest
 |logit difference| is reported). Predictions can then differ only on rows whose top two scores
 tie within that rounding; how many agree is reported. The file and ``export.json`` (what was
 exported, how to feed it, the check's figures) are written beside the run's weights; a failed
-export leaves neither.
+export leaves neither (nor a featuriser.json).
 """
 
 from __future__ import annotations
@@ -39,10 +50,12 @@ from pipeline.errors import KdError, first_line
 from pipeline.io import atomic_path, atomic_write_text, sha256_file
 from pipeline.runs import WEIGHTS
 from pipeline.students import STUDENTS, Student, StudentData, create_student, saved_config
+from pipeline.text_features import HashedNgrams
 
 OPSET = 18  # ONNX opset of torch's exporter; onnxruntime >= 1.14 runs it
-FORMATS = {"onnx": "inputs", "skops": "features"}  # format -> the student kind it exports
+FORMATS = {"onnx": "a PyTorch", "skops": "a scikit-learn"}  # format -> the students it exports
 EXPORT_RECORD = "export.json"
+FEATURISER = "featuriser.json"  # beside a text network's student.onnx: documents -> its ids
 BLOCK = 1024  # test rows scored at a time while checking
 # the exported ONNX graph may differ from torch by float32 rounding, nothing more
 LOGIT_TOLERANCE = 1e-4
@@ -89,10 +102,9 @@ def open_run(path: str | Path) -> Run:
 
 
 def fitting_format(run: Run) -> str:
-    """The format that fits the run's student: onnx for torch students, skops for
-    scikit-learn ones."""
-    kind = STUDENTS.declared(run.config.model).kind
-    return next(f for f, k in FORMATS.items() if k == kind)
+    """The format that fits the run's student, as it declared it (onnx for torch students,
+    skops for scikit-learn ones)."""
+    return STUDENTS.declared(run.config.model).export
 
 
 def restore(run: Run) -> tuple[Student, TeacherCache]:
@@ -144,22 +156,23 @@ def export_run(run: Run, format: str = "auto") -> dict:
     """Export ``run`` as ``format`` (``auto``: the one that fits), checked; returns the
     export record (also written as ``export.json`` in the run directory)."""
     kind = STUDENTS.declared(run.config.model).kind
-    format = fitting_format(run) if format == "auto" else format
-    if FORMATS[format] != kind:
-        what = "a PyTorch" if kind == "inputs" else "a scikit-learn"
-        raise KdError(f"format={format} does not fit model {run.config.model}, {what} student; "
-                      f"export it with format={fitting_format(run)}")
+    fitting = fitting_format(run)
+    format = fitting if format == "auto" else format
+    if format != fitting:
+        raise KdError(f"format={format} does not fit model {run.config.model}, {FORMATS[fitting]} "
+                      f"student; export it with format={fitting}")
     _check_installed(format)
     student, cache = restore(run)
     data = StudentData(cache, run.config.layer)
     rows, labels = data.rows("test", kind), data.labels("test")
+    text = kind == "inputs" and data.modality == "text"  # the exported model reads documents
     target, record_path = run.root / f"student.{format}", run.root / EXPORT_RECORD
     write, scorer = (_write_onnx, _onnx_scorer) if format == "onnx" else (_write_skops, _skops_scorer)
     try:
         with atomic_path(target) as tmp:  # renamed into place only if everything below passes
             try:
                 detail = write(student, tmp, cache, run, data)
-                check = _check(student, scorer(tmp), rows, labels)
+                check = _check(student, scorer(tmp, text), rows, labels)
             except KdError:
                 raise
             except Exception as exc:  # the exporter's, onnxruntime's or skops' own failure
@@ -169,8 +182,10 @@ def export_run(run: Run, format: str = "auto") -> dict:
             if not check["ok"]:
                 raise KdError(f"the exported {format} model does not reproduce run {run.root.name}: "
                               f"{check['problem']}; nothing was written (please report this)")
+            beside = detail.pop("beside", {})  # files written beside the model: name -> text
             record = {
                 "format": format, "file": target.name, "bytes": tmp.stat().st_size,
+                **({"beside": sorted(beside)} if beside else {}),
                 "sha256": sha256_file(tmp), **detail,
                 "check": {k: v for k, v in check.items() if k not in ("ok", "problem")},
                 "run_id": run.row["run_id"], "model": run.config.model,
@@ -178,6 +193,8 @@ def export_run(run: Run, format: str = "auto") -> dict:
                 "dataset_fingerprint": cache.dataset_fingerprint,
                 "recorded_test_accuracy": run.row.get("test_accuracy"),
             }
+            for name, content in beside.items():  # (the featuriser: checked with the model)
+                atomic_write_text(run.root / name, content)
             # the record first: a file in place always has its record (its sha256 names it)
             atomic_write_text(record_path, json.dumps(record, indent=2) + "\n")
     except OSError as exc:
@@ -213,19 +230,27 @@ def _write_onnx(student, path: Path, cache: TeacherCache, run: Run, data: Studen
     import torch
 
     shape = tuple(cache.manifest["teacher"]["input_shape"])
-    example = torch.zeros((2, *shape))  # batch 2: a batch of 1 would be specialised away
+    featuriser = _featuriser(student, data)
     batch = torch.export.Dim("batch", min=1)
-    # the exporter reports its stages on stdout and warns about what it decomposes: the user
-    # is owed kdcache's summary only
+    if featuriser is None:
+        name, example, dynamic = "input", torch.zeros((2, *shape)), {0: batch}
+    else:  # hashed ids of real test documents, batch and length dynamic
+        name, dynamic = "ids", {0: batch, 1: torch.export.Dim("length", min=1)}
+        example = torch.from_numpy(featuriser(data.rows("test", "inputs")[0:2]))
+        if example.shape[0] < 2 or example.shape[1] < 3:  # sizes 1 (and a length equal to the
+            example = torch.ones((2, 3), dtype=torch.int64)  # batch) would be specialised away
+    # batch 2: a batch of 1 would be specialised away. The exporter reports its stages on
+    # stdout and warns about what it decomposes: the user is owed kdcache's summary only
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(_deployed(student, "deployed_module", "onnx"), (example,), dynamo=True,
-                                    opset_version=OPSET, input_names=["input"],
-                                    output_names=["logits"], dynamic_shapes=({0: batch},))
+                                    opset_version=OPSET, input_names=[name],
+                                    output_names=["logits"], dynamic_shapes=(dynamic,))
     model = program.model_proto
     preprocessing = cache.manifest["preprocessing"]
     metadata = {
         "kdcache.preprocessing": json.dumps(preprocessing),
+        **({"kdcache.featuriser": json.dumps(featuriser.spec())} if featuriser else {}),
         "kdcache.input_shape": json.dumps(list(shape)),
         "kdcache.classes": json.dumps(student.classes_.tolist()),
         "kdcache.run_id": str(run.row.get("run_id")),
@@ -235,18 +260,45 @@ def _write_onnx(student, path: Path, cache: TeacherCache, run: Run, data: Studen
     }
     onnx.helper.set_model_props(model, metadata)
     model.doc_string = (f"kdcache student {run.config.model} from run {run.row.get('run_id')}: "
-                        "input (x - mean) / std as in kdcache.preprocessing, output logits")
+                        + ("input (x - mean) / std as in kdcache.preprocessing" if featuriser is None
+                           else f"input the documents' hashed n-gram ids ({FEATURISER}, "
+                                "kdcache.featuriser)") + ", output logits")
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
-    return {"opset": OPSET, "input": {"name": "input", "dtype": "float32", "shape": ["batch", *shape]},
-            "output": {"name": "logits", "dtype": "float32", "shape": ["batch", cache.num_classes]},
-            "preprocessing": preprocessing, "metadata_keys": sorted(metadata)}
+    out = {"opset": OPSET, "input": {"name": "input", "dtype": "float32", "shape": ["batch", *shape]},
+           "output": {"name": "logits", "dtype": "float32", "shape": ["batch", cache.num_classes]},
+           "preprocessing": preprocessing, "metadata_keys": sorted(metadata)}
+    if featuriser is not None:
+        out["input"] = {"name": "ids", "dtype": "int64", "shape": ["batch", "length"],
+                        "what": f"hashed n-gram ids of the documents, made as {FEATURISER} "
+                                "says (0 pads)"}
+        out["featuriser"] = featuriser.spec()
+        out["beside"] = {FEATURISER: json.dumps(featuriser.spec(), indent=2) + "\n"}
+    return out
 
 
-def _onnx_scorer(path: Path):
+def _featuriser(student: Student, data: StudentData) -> HashedNgrams | None:
+    """A text network's featuriser (documents -> the ids its ONNX model takes); None for a
+    student of arrays."""
+    if data.modality != "text":
+        return None
+    try:
+        return student.featuriser()
+    except AttributeError:
+        raise KdError(f"student {type(student).__name__} reads text but has no featuriser(), so "
+                      "its ONNX model's input cannot be made from documents") from None
+
+
+def _onnx_scorer(path: Path, text: bool = False):
+    """``scores(rows)`` of the ONNX model at ``path``; of documents (``text``) through the
+    featuriser its metadata records, as a deployment would replay it."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    if text:
+        spec = session.get_modelmeta().custom_metadata_map["kdcache.featuriser"]
+        featurise = HashedNgrams.from_spec(spec)
+        return lambda docs: session.run(["logits"], {"ids": featurise(list(docs))})[0]
     return lambda x: session.run(["logits"], {"input": np.ascontiguousarray(x, np.float32)})[0]
 
 
@@ -255,15 +307,20 @@ def _onnx_scorer(path: Path):
 def _write_skops(student, path: Path, cache: TeacherCache, run: Run, data: StudentData) -> dict:
     import skops.io as sio
 
-    sio.dump(_deployed(student, "to_sklearn", "skops"), path)
+    pipeline = _deployed(student, "to_sklearn", "skops")
+    sio.dump(pipeline, path)
     untrusted = sio.get_untrusted_types(file=path)
     if untrusted:  # kdcache's own bug: users must be able to load it without trusting anything
         raise KdError(f"the skops file would need trusted types {untrusted}; please report this")
-    return {"estimator": "sklearn.pipeline.Pipeline(StandardScaler, "
-                         f"{type(student.model_).__name__})",
-            "input": {"what": "the teacher's cached features, flattened", "layer": data.layer,
-                      "dtype": "float32", "shape": ["batch", data.feature_dim],
-                      "cached_shape": list(data.feature_shape)},
+    steps = ", ".join(type(step).__name__ for _, step in pipeline.steps)
+    if STUDENTS.declared(run.config.model).kind == "inputs":  # a text student: documents in
+        what = {"what": "the documents themselves: a list of str (UTF-8 text as stored)",
+                "dtype": "str", "shape": ["batch"]}
+    else:
+        what = {"what": "the teacher's cached features, flattened", "layer": data.layer,
+                "dtype": "float32", "shape": ["batch", data.feature_dim],
+                "cached_shape": list(data.feature_shape)}
+    return {"estimator": f"sklearn.pipeline.Pipeline({steps})", "input": what,
             "classes": student.classes_.tolist(),
             "calibration_temperature": run.row.get("calibration_temperature"),
             "temperature": run.row.get("temperature"),  # logreg_soft: its soft targets' T
@@ -280,10 +337,13 @@ def _deployed(student: Student, method: str, format: str):
                       f"exported as {format}") from None
 
 
-def _skops_scorer(path: Path):
+def _skops_scorer(path: Path, text: bool = False):
+    """``scores(rows)`` of the skops file at ``path`` (rows: features, or documents)."""
     import skops.io as sio
 
     pipeline = sio.load(path)
+    if text:
+        return lambda docs: _two_columns(pipeline.decision_function(list(docs)))
     return lambda x: _two_columns(pipeline.decision_function(np.ascontiguousarray(x, np.float32)))
 
 

@@ -34,7 +34,9 @@ from pipeline.paths import cache_path, check_writable
 from pipeline.provenance import save_config
 from pipeline.results import append_row, config_columns, results_dir
 from pipeline.storage import storage_errors
-from pipeline.students import STUDENTS, Student, StudentData, Uses, create_student, uses
+from pipeline.students import (STUDENTS, Student, StudentData, Uses, check_modality,
+                               create_student, uses)
+from pipeline.students.data import cache_modality
 from pipeline.tracking import check_tracking, track
 
 WEIGHTS = "student.safetensors"  # in every run directory
@@ -69,6 +71,7 @@ def resolve_run(cfg: StudentConfig, cache: TeacherCache) -> tuple[StudentConfig,
     """``cfg`` with what the run uses made concrete against ``cache``: the cache's temperature
     (``temperature=None``), its first layer, the number of views, the parsed augmentation."""
     use = uses(cfg)
+    check_modality(cfg.model, cache_modality(cache), f"cache {cache.root}")  # text vs arrays
     params = dict(cfg.params)
     # (more views than the cache holds: refused by StudentData, before any training)
     views = 1 if use.augment else cache.views("train") if cfg.views == "all" else int(cfg.views)

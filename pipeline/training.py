@@ -47,12 +47,19 @@ def array_batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int,
     return batches
 
 
+def as_tensor(x: np.ndarray) -> torch.Tensor:
+    """A numpy batch of inputs as a tensor: integer ids (text students' hashed n-grams) as
+    int64, anything else as float32."""
+    x = np.asarray(x)
+    return torch.from_numpy(np.ascontiguousarray(x, np.int64 if x.dtype.kind in "iu" else np.float32))
+
+
 @torch.inference_mode()
 def predict_logits(model: nn.Module, x: np.ndarray, device: torch.device, batch_size: int = 1024) -> np.ndarray:
     model.eval()
     out = []
     for a in range(0, len(x), batch_size):
-        xb = runtime.to_device(torch.from_numpy(np.ascontiguousarray(x[a:a + batch_size], np.float32)), device)
+        xb = runtime.to_device(as_tensor(x[a:a + batch_size]), device)
         with runtime.autocast(device):
             logits = model(xb)
         if isinstance(logits, tuple):  # students also return their features
@@ -72,7 +79,7 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, xb: np.ndarray, yb:
                augment: Policy | None = None, rng: np.random.Generator | None = None) -> float:
     """One optimisation step on a numpy batch; returns the loss (the step is skipped, not
     taken, when the loss is not finite: the caller refuses to go on)."""
-    xb = runtime.to_device(torch.from_numpy(np.ascontiguousarray(xb, np.float32)), device)
+    xb = runtime.to_device(as_tensor(xb), device)
     if augment is not None:
         xb = augment.apply(xb, augment.sample(rng, len(xb)))
     yb = runtime.to_device(torch.from_numpy(np.asarray(yb, np.int64)), device)

@@ -22,7 +22,9 @@ from pipeline.data import positions_of
 from pipeline.students import STUDENTS
 from stages.cli import main
 
-TORCH_STUDENTS = [n for n in STUDENTS.names() if STUDENTS.declared(n).kind == "inputs"]
+# students of arrays (those of text: tests/test_text_students.py), by the format they declare
+TORCH_STUDENTS = [n for n in STUDENTS.names() if STUDENTS.declared(n).export == "onnx"
+                  and STUDENTS.declared(n).modality == "array"]
 SKLEARN_STUDENTS = [n for n in STUDENTS.names() if STUDENTS.declared(n).kind == "features"]
 
 

@@ -4,8 +4,10 @@ scikit-learn estimator trained from an opened cache through ``fit_cache(data)``.
 Two kinds:
 - *feature* students are scikit-learn linear models on the cached teacher features: they never
   see the inputs (:mod:`.features`);
-- *input* students are small PyTorch networks trained on the original inputs against the cached
-  teacher targets, with a loss from :mod:`pipeline.losses` (:mod:`.networks`).
+- *input* students are trained on the original inputs against the cached teacher targets:
+  small PyTorch networks with a loss from :mod:`pipeline.losses` (:mod:`.networks`), and, for
+  text, scikit-learn linear models on TF-IDF or hashed words and small torch networks on hashed
+  n-gram ids (:mod:`.text`). Each declares the inputs it reads (``modality``: arrays or text).
 
 The student modules are imported here, explicitly, so that ``STUDENTS`` is complete once this
 package is.
@@ -13,15 +15,17 @@ package is.
 
 from pipeline.students.base import Student
 from pipeline.students.data import StudentData
-from pipeline.students.registry import (STUDENTS, StudentNeeds, Uses, complete, create_student,
-                                        hyperparameters, not_applicable, run_loss, saved_config,
-                                        student_config, student_params, uses)
-from pipeline.students import features, networks  # noqa: F401,E402  (registration)
+from pipeline.students.registry import (STUDENTS, StudentNeeds, Uses, check_modality, complete,
+                                        create_student, hyperparameters, not_applicable, run_loss,
+                                        saved_config, student_config, student_params, uses)
+from pipeline.students import features, networks, text  # noqa: F401,E402  (registration)
 from pipeline.students.features import (C_GRID, FeatureStudent, SoftLogRegStudent,
                                         StreamingSGDStudent)
 from pipeline.students.networks import TorchStudent
+from pipeline.students.text import TextNetStudent, TfidfStudent
 
-__all__ = ["C_GRID", "STUDENTS", "FeatureStudent", "SoftLogRegStudent",
-           "StreamingSGDStudent", "Student", "StudentData", "StudentNeeds", "TorchStudent", "Uses",
-           "complete", "create_student", "hyperparameters", "not_applicable", "run_loss", "saved_config", "student_config",
+__all__ = ["C_GRID", "STUDENTS", "FeatureStudent", "SoftLogRegStudent", "StreamingSGDStudent",
+           "Student", "StudentData", "StudentNeeds", "TextNetStudent", "TfidfStudent",
+           "TorchStudent", "Uses", "check_modality", "complete", "create_student",
+           "hyperparameters", "not_applicable", "run_loss", "saved_config", "student_config",
            "student_params", "uses"]

@@ -30,6 +30,10 @@ class Student(BaseEstimator, ClassifierMixin):
     """Base class of every student (see the module docstring for the contract)."""
 
     has_proba = True  # False: scores are margins, calibrated by the run on val (LinearSVC)
+    # The values a hyperparameter of the student's takes, where they are a closed set of words:
+    # checked when the run's config is completed, before any work (a student without the
+    # parameter ignores its entry)
+    choices: dict[str, tuple[str, ...]] = {"target": ("labels", "teacher")}
 
     def fit_cache(self, data: "StudentData") -> "Student":
         """Train from an opened cache; model selection may use val, never test. Returns self."""

@@ -72,6 +72,12 @@ class StudentData:
         return self.cache.num_classes
 
     @property
+    def modality(self) -> str:
+        """What the cache's dataset inputs are: ``array`` (images, signals) or ``text``
+        (documents, served as numpy object arrays of ``str``)."""
+        return cache_modality(self.cache)
+
+    @property
     def temperature(self) -> float:
         """The cache's default distillation temperature."""
         return self.cache.temperature
@@ -210,7 +216,7 @@ class StudentData:
                                        view_of=self.view_of(seed, epoch), augment=self.views > 1,
                                        extra=lambda a, z: {"x": dataset.inputs_at("train", positions[a:z])},
                                        buffers=True):
-                x = b.extra["x"]
+                x = b.extra["x"]  # float32 arrays, or documents (str): the student converts them
                 if self.policy is not None:
                     x = self.policy.apply(torch.from_numpy(x), torch.from_numpy(b.augment)).numpy()
                 targets = {}
@@ -234,6 +240,12 @@ class StudentData:
         return batches
 
 
+def cache_modality(cache: TeacherCache) -> str:
+    """The modality of the dataset ``cache`` was built from, as its manifest records it
+    (caches of arrays, and those built before text, record none: ``array``)."""
+    return cache.manifest["dataset"].get("modality", "array")
+
+
 def joined_inputs(dataset: Dataset, cache: TeacherCache, split: str) -> np.ndarray:
     """Inputs in cache row order: row r is the sample named by the cache index's sample_id r."""
     positions = positions_of(dataset.splits[split].sample_ids, cache.sample_ids(split))
@@ -243,5 +255,7 @@ def joined_inputs(dataset: Dataset, cache: TeacherCache, split: str) -> np.ndarr
 def lazy_inputs(dataset: Dataset, cache: TeacherCache, split: str) -> LazyRows:
     """:func:`joined_inputs`, read block by block on demand (evaluation never holds a split)."""
     positions = positions_of(dataset.splits[split].sample_ids, cache.sample_ids(split))
+    # documents are str (numpy object arrays; input_shape ()), never converted to numbers here
     return LazyRows(len(positions), dataset.input_shape,
-                    lambda a, b: dataset.inputs_at(split, positions[a:b]))
+                    lambda a, b: dataset.inputs_at(split, positions[a:b]),
+                    dtype=object if dataset.modality == "text" else np.float32)

@@ -29,6 +29,57 @@ def as_f32(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
+def teacher_soft_targets(data: StudentData, temperature: float, min_prob: float,
+                         model: str) -> np.ndarray | dict:
+    """The train split's soft targets softmax(z / T) at ``temperature``: probabilities [N, C],
+    or from a sparse-logit cache the targets over each row's K listed classes (a dict, see
+    :meth:`SoftLogRegStudent.fit`). A class that gets less than ``min_prob`` on every train row
+    could never be learnt by ``model`` (a student fitting :func:`expand_soft_targets`): refused
+    in one line."""
+    if data.sparse:
+        data.check_targets(temperature)
+        target = {**data.sparse_targets("train", temperature), "num_classes": data.num_classes}
+    else:
+        target = softmax(data.teacher_logits("train") / np.float32(temperature))
+    _, cls, _ = expand_soft_targets(target, min_prob)
+    starved = np.setdiff1d(np.arange(data.num_classes), cls)
+    if len(starved) and data.sparse:
+        raise KdError(f"class(es) {starved.tolist()[:5]} get almost no probability on any train "
+                      f"row among the classes cache {data.cache.root} keeps (logits="
+                      f"{data.cache.logits_mode.spec}), so {model} cannot learn them; "
+                      "use a cache with more classes per row (a larger K) or dense logits")
+    if len(starved):
+        raise KdError(f"at temperature {temperature:g} the teacher gives class(es) "
+                      f"{starved.tolist()[:5]} almost no probability on any train row, so "
+                      f"{model} cannot learn them; use a larger temperature (e.g. temperature=2)")
+    return target
+
+
+def expand_soft_targets(soft_targets: np.ndarray | dict,
+                        min_prob: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row, class, weight) of every teacher probability >= ``min_prob``: the rows of the
+    expansion that fits soft targets with a classifier that takes only hard labels and sample
+    weights (see :class:`SoftLogRegStudent`)."""
+    if isinstance(soft_targets, dict):
+        keep = soft_targets["t_w"] >= min_prob
+        rows = np.nonzero(keep)[0]
+        return rows, soft_targets["t_ids"][keep], soft_targets["t_w"][keep].astype(np.float64)
+    rows, cls = np.nonzero(soft_targets >= min_prob)
+    return rows, cls, soft_targets[rows, cls].astype(np.float64)
+
+
+def fit_soft_targets(estimator, X, soft_targets: np.ndarray | dict, min_prob: float):
+    """``estimator`` fitted to soft targets by the expansion: each row of ``X`` (an array, or
+    a sparse matrix) once per class c with label c and sample weight p(c), the weights scaled
+    to sum to the number of rows (so C means what it means on hard targets). Returns it."""
+    n, k = X.shape[0], _num_classes(soft_targets)
+    rows, cls, weights = expand_soft_targets(soft_targets, min_prob)
+    estimator.fit(X[rows], cls, sample_weight=weights * (n / weights.sum()))
+    if len(estimator.classes_) != k:
+        raise ValueError("some class never received teacher probability mass")
+    return estimator
+
+
 def hard_targets(data: StudentData, target: str) -> np.ndarray:
     """The train split's labels, or the teacher's argmax (``target=teacher``)."""
     if target == "labels":
@@ -179,45 +230,17 @@ class SoftLogRegStudent(_LinearBase):
     def fit(self, X: np.ndarray, soft_targets: np.ndarray | dict) -> "SoftLogRegStudent":
         """``soft_targets``: the teacher's probabilities [N, C], or sparse targets (a dict with
         ``t_ids`` [N, K], ``t_w`` [N, K] and ``num_classes``)."""
-        n, k, (rows, cls, weights) = len(X), _num_classes(soft_targets), self._expansion(soft_targets)
-        Xs = self._fit_scaler(X)
-        self.model_ = self._estimator()
-        self.model_.fit(Xs[rows], cls, sample_weight=weights * (n / weights.sum()))
-        if len(self.model_.classes_) != k:
-            raise ValueError("some class never received teacher probability mass")
+        self.model_ = fit_soft_targets(self._estimator(), self._fit_scaler(X), soft_targets,
+                                       self.min_prob)
         self.classes_ = self.model_.classes_
         return self
 
     def _estimator(self):
         return LogisticRegression(C=self.C, max_iter=self.max_iter, random_state=self.seed)
 
-    def _expansion(self, soft_targets: np.ndarray | dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(row, class, weight) of every teacher probability >= ``min_prob``."""
-        if isinstance(soft_targets, dict):
-            keep = soft_targets["t_w"] >= self.min_prob
-            rows = np.nonzero(keep)[0]
-            return rows, soft_targets["t_ids"][keep], soft_targets["t_w"][keep].astype(np.float64)
-        rows, cls = np.nonzero(soft_targets >= self.min_prob)
-        return rows, cls, soft_targets[rows, cls].astype(np.float64)
-
     def fit_cache(self, data: StudentData) -> "SoftLogRegStudent":
         temperature = self.temperature if self.temperature is not None else data.temperature
-        if data.sparse:
-            data.check_targets(temperature)
-            target = {**data.sparse_targets("train", temperature), "num_classes": data.num_classes}
-        else:
-            target = softmax(data.teacher_logits("train") / np.float32(temperature))
-        _, cls, _ = self._expansion(target)
-        starved = np.setdiff1d(np.arange(data.num_classes), cls)
-        if len(starved) and data.sparse:
-            raise KdError(f"class(es) {starved.tolist()[:5]} get almost no probability on any train "
-                          f"row among the classes cache {data.cache.root} keeps (logits="
-                          f"{data.cache.logits_mode.spec}), so logreg_soft cannot learn them; "
-                          "use a cache with more classes per row (a larger K) or dense logits")
-        if len(starved):
-            raise KdError(f"at temperature {temperature:g} the teacher gives class(es) "
-                          f"{starved.tolist()[:5]} almost no probability on any train row, so "
-                          "logreg_soft cannot learn them; use a larger temperature (e.g. temperature=2)")
+        target = teacher_soft_targets(data, temperature, self.min_prob, "logreg_soft")
         self._fit_cache_selecting_c(data, target)
         self.temperature_ = temperature
         return self

@@ -160,19 +160,23 @@ class TorchStudent(Student):
         result = training.fit(self.model_, batches, steps_per_epoch, X_val, y_val, objective,
                               epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay,
                               seed=self.seed, device=self.device_, progress=progress,
-                              augment=parse(self.augment, input_shape),
+                              augment=self._augmentation(input_shape),
                               desc=f"student {self.arch}/{self.loss}")
         self.history_ = result.history
         self.best_epoch_ = result.best_epoch
         self.fit_seconds_ = result.seconds
         return self
 
+    def _augmentation(self, input_shape: tuple[int, ...]):
+        """The policy applied afresh to every training batch (None: none)."""
+        return parse(self.augment, input_shape)
+
     def _build(self, input_shape: tuple[int, ...], num_classes: int,
                teacher_shape: tuple[int, ...] | None, teacher_layer: str | None,
                temperature: float | None):
         """Build the untrained network (and the loss's head) as ``model_``; returns the
         objective ``(outputs, labels, targets) -> loss`` that training minimises."""
-        loss_fn, needs = LOSSES.get(self.loss), LOSSES.declared(self.loss)
+        needs = LOSSES.declared(self.loss)
         self.device_ = runtime.pick_device(self.device)
         torch.manual_seed(self.seed)
         self.classes_ = np.arange(num_classes)
@@ -194,6 +198,13 @@ class TorchStudent(Student):
                               "student_layer= of the same kind of map")
             if needs.head is not None:
                 self.model_.head = needs.head(own, teacher_shape)
+        return self._objective(temperature)
+
+    def _objective(self, temperature: float | None):
+        """The objective ``(outputs, labels, targets) -> loss`` of the loss with its arguments,
+        for ``model_`` (whose outputs are ``(logits, hint)``, and whose ``head`` is the loss's
+        head or None)."""
+        loss_fn, needs = LOSSES.get(self.loss), LOSSES.declared(self.loss)
         self.temperature_ = temperature if needs.temperature else None
         arguments = loss_arguments(self.loss, {**(self.loss_params or {}), "temperature": self.temperature_})
         self.loss_weight_ = arguments.get("weight")  # the weight trained with (declared default or given)

@@ -30,6 +30,8 @@ from pipeline.registry import Registry
 from pipeline.students.base import Student
 
 KINDS = ("features", "inputs")
+MODALITIES = ("array", "text")  # what a dataset's inputs are (pipeline.data.Dataset.modality)
+EXPORT_FORMATS = ("onnx", "skops")
 DEFAULT_LOSS = "kd"  # students that train with a loss, when loss= is not given
 DEFAULT_TARGET = "labels"  # students that fit hard targets, when target= is not given
 # Constructor arguments a run supplies from its own keys, not hyperparameters: the seed and
@@ -45,17 +47,37 @@ class StudentNeeds:
       (trains on the dataset's inputs, joined to the cached targets by sample_id).
     - ``loss``: trains with a registered loss (``loss=``; what the loss needs is the loss's
       own declaration, :class:`pipeline.losses.LossNeeds`).
+    - ``modality``: an ``inputs`` student's inputs: ``array`` (images, signals: float32
+      arrays) or ``text`` (documents, ``str``). A run on a cache of another kind of data is
+      refused up front (:func:`check_modality`). Feature students read cached features, which
+      every cache holds whatever its data: they declare nothing here.
+    - ``export``: the format ``kdcache export`` writes (``onnx`` or ``skops``); None: ``onnx``
+      for an ``inputs`` student, ``skops`` for a ``features`` one.
 
-    A constructor argument ``target`` means the student fits hard targets (the labels or the
-    teacher's argmax); ``temperature``, that it softens the teacher's logits itself.
+    A constructor argument ``target`` means the student fits targets of the teacher's or the
+    labels (the values it takes are the class's ``choices["target"]``: ``labels`` or
+    ``teacher``, its argmax; ``soft``, its softmax at T); ``temperature``, that it softens the
+    teacher's logits itself (with a ``target``: only ``target=soft`` does).
     """
 
     kind: str
     loss: bool = False
+    modality: str | None = None
+    export: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"student kind {self.kind!r} is not one of {KINDS}")
+        if self.kind == "features" and self.modality is not None:
+            raise ValueError("a features student reads cached features, whatever the data: "
+                             "it declares no modality")
+        if self.kind == "inputs":  # (frozen: the defaults are filled in through object's setattr)
+            object.__setattr__(self, "modality", self.modality or "array")
+        if self.modality not in (None, *MODALITIES):
+            raise ValueError(f"student modality {self.modality!r} is not one of {MODALITIES}")
+        object.__setattr__(self, "export", self.export or ("onnx" if self.kind == "inputs" else "skops"))
+        if self.export not in EXPORT_FORMATS:
+            raise ValueError(f"student export format {self.export!r} is not one of {EXPORT_FORMATS}")
 
 
 def _plugin_student(name: str, obj: Any) -> Any:
@@ -198,16 +220,23 @@ def uses(cfg: StudentConfig) -> Uses:
     needs = STUDENTS.declared(cfg.model)
     loss = cfg.loss
     loss_needs = LOSSES.declared(loss) if loss else None
+    cls = _student_class(STUDENTS.get(cfg.model))
+    for name, allowed in getattr(cls, "choices", Student.choices).items():
+        if name in cfg.params and cfg.param(name) not in allowed:
+            raise KdError(f"{name}={cfg.param(name)!r} must be {_alternatives(allowed)}")
     target = cfg.param("target")
-    if target is not None and target not in ("labels", "teacher"):
-        raise KdError(f"target={target!r} must be labels or teacher")
-    temperature = "temperature" in cfg.params
+    # with a target, the teacher's logits are softened only for soft targets
+    temperature = "temperature" in cfg.params and target in (None, "soft")
+    if target not in (None, "soft") and cfg.param("temperature") is not None:
+        raise KdError(f"temperature={cfg.param('temperature')} does not apply with target={target}: "
+                      "only target=soft softens the teacher's logits; drop temperature= or pass "
+                      "target=soft")
     layer = needs.kind == "features" or bool(loss_needs and loss_needs.features)
     if cfg.layer and not layer:
         raise KdError(f"layer={cfg.layer} does not apply: {f'loss {loss}' if loss else cfg.model} "
                       "reads no cached feature; drop layer=")
     logits = (loss_needs.logits if loss_needs else
-              (temperature and "target" not in cfg.params) or target == "teacher")
+              (temperature and "target" not in cfg.params) or target in ("teacher", "soft"))
     augment = cfg.param("augment")
     augment = None if augment in (None, "none") else augment
     if augment is not None:
@@ -221,6 +250,34 @@ def uses(cfg: StudentConfig) -> Uses:
             raise KdError(f"views={cfg.views} with augment={augment}: fresh augmentation trains on "
                           "view 0 of each row; drop views= or augment=")
     return Uses(needs.kind, loss, target, temperature, layer, bool(logits), augment)
+
+
+def _alternatives(values) -> str:
+    """``a or b``, ``a, b or c``."""
+    values = list(values)
+    return " or ".join(values) if len(values) < 3 else f"{', '.join(values[:-1])} or {values[-1]}"
+
+
+def check_modality(model: str, modality: str, where: str) -> None:
+    """Refuse, in one line, a run of ``model`` on data of another ``modality`` than the inputs
+    it declares it reads (``where``: the cache, for the message). Feature students read any."""
+    needs = STUDENTS.declared(model)
+    if needs.kind != "inputs" or needs.modality == modality:
+        return
+    if needs.modality == "text":
+        raise KdError(f"model {model} reads text, and {where} holds {modality} inputs; train it "
+                      "from a cache of a text dataset (dataset=text:FILE or textdir:DIR), or pick "
+                      f"a student of {modality} inputs ({', '.join(_reading(modality))}) or of the "
+                      "cached features (logreg, linear_svc, sgd)")
+    raise KdError(f"model {model} reads {needs.modality} inputs, and {where} holds {modality}; pick "
+                  f"a student of {modality} ({', '.join(_reading(modality))}) or of the cached "
+                  "features (logreg, linear_svc, sgd)")
+
+
+def _reading(modality: str) -> list[str]:
+    """The registered input students of ``modality``."""
+    return [n for n in STUDENTS if n in STUDENTS and STUDENTS.declared(n).kind == "inputs"
+            and STUDENTS.declared(n).modality == modality]
 
 
 def _with_loss() -> list[str]:
