@@ -656,7 +656,7 @@ PARAM_BOUNDS: dict[str, tuple[float, float | None, bool]] = {
     # text students: hash buckets (rows of an embedding, or columns of a hashed vectoriser),
     # word n-gram orders (beyond 5, n-grams almost never repeat and their count explodes),
     # words kept per document, and a vocabulary term's minimum document count
-    "buckets": (1, 2 ** 24, False), "ngrams": (1, 5, False), "max_tokens": (1, None, False),
+    "buckets": (1, 10_000_000, False), "ngrams": (1, 5, False), "max_tokens": (1, None, False),
     "min_df": (1, None, False),
 }
 

@@ -228,7 +228,7 @@ def uses(cfg: StudentConfig) -> Uses:
     # with a target, the teacher's logits are softened only for soft targets
     temperature = "temperature" in cfg.params and target in (None, "soft")
     if target not in (None, "soft") and cfg.param("temperature") is not None:
-        raise KdError(f"temperature={cfg.param('temperature')} does not apply with target={target}: "
+        raise KdError(f"temperature={cfg.param('temperature'):g} does not apply with target={target}: "
                       "only target=soft softens the teacher's logits; drop temperature= or pass "
                       "target=soft")
     layer = needs.kind == "features" or bool(loss_needs and loss_needs.features)
