@@ -156,8 +156,8 @@ def test_non_finite_exported_scores_are_refused(caches, tmp_path, capsys, monkey
     before = sorted(p.name for p in run_dir.iterdir())
     real = pipeline.export._onnx_scorer
 
-    def broken(path):  # an exported graph that emits NaN for one row
-        score = real(path)
+    def broken(path, text):  # an exported graph that emits NaN for one row
+        score = real(path, text)
 
         def scores(x):
             out = score(x).copy()
