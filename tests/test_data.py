@@ -1,14 +1,19 @@
-"""Dataset sources: every registered dataset gives three splits of stable, uniquely identified,
-normalised float32 rows; bad user files are refused with a KdError that names the problem."""
+"""Dataset sources: every registered dataset gives three splits of stable, uniquely identified
+rows (normalised float32 arrays, or documents as ``str`` for text); bad user files are refused
+with a KdError that names the problem."""
 
 from __future__ import annotations
 
+import csv
+import json
 import struct
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pipeline.config import DataConfig
 from pipeline.data import DATASETS, SPLITS, dataset_slug, open_dataset
@@ -63,8 +68,64 @@ def write_imagefolder(root: Path, per_class=(4, 2), classes=("cat", "dog"), size
     return root
 
 
-# One example per registry name. A dataset added to the registry without an example here
-# fails test_every_dataset_has_an_example.
+WORDS = {"ham": "meeting lunch report agenda", "news": "election market storm vote",
+         "spam": "win free prize cash"}
+
+
+def text_rows(n: int = 60, split: bool = False, labels=None) -> list[dict]:
+    """``n`` short labelled documents (classes ham, news, spam cycling, or ``labels[i % K]``);
+    with ``split``, a split column of 7 train, 1 val and 2 test rows in every 10. The
+    documents hold commas, quotes and newlines on purpose."""
+    rows = []
+    for i in range(n):
+        topic = list(WORDS)[i % 3]
+        words = WORDS[topic].split()
+        text = f'{words[i % 4]}, "{words[(i + 1) % 4]}" no. {i}' + ("\nmore" if i % 5 == 0 else "")
+        row = {"text": text, "label": topic if labels is None else labels[i % len(labels)]}
+        if split:
+            row["split"] = (["train"] * 7 + ["val", "test", "test"])[i % 10]
+        rows.append(row)
+    return rows
+
+
+def write_table(path: Path, rows: list[dict]) -> Path:
+    """Write ``rows`` as the file type ``path``'s suffix names: .csv/.tsv (Python's csv
+    module), .jsonl (one JSON object per line) or .parquet."""
+    suffix = path.suffix
+    if suffix in (".csv", ".tsv"):
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t" if suffix == ".tsv" else ",")
+            writer.writeheader()
+            writer.writerows(rows)
+    elif suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    elif suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        raise AssertionError(suffix)
+    return path
+
+
+def write_textdir(root: Path, per_class=(6, 2), classes=("ham", "spam"), val: int = 0) -> Path:
+    """``root/train/CLASS/*.txt`` (and ``test/`` when per_class[1], ``val/`` when ``val``)."""
+    for split, n in zip(("train", "test", "val"), (*per_class, val)):
+        for cls in classes:
+            if not n:
+                continue
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(n):
+                (folder / f"doc{i}.txt").write_text(f"{cls} {split} document {i}\nline two",
+                                                     encoding="utf-8")
+            (folder / "image.png").write_bytes(b"not text")  # ignored
+    return root
+
+
+# At least one example per registry name, keyed NAME or NAME/VARIANT. A dataset added to the
+# registry without an example here fails test_every_dataset_has_an_example.
 EXAMPLES: dict[str, Callable[[Path], DataConfig]] = {
     "digits": lambda tmp: DataConfig(dataset="digits"),
     "digits3": lambda tmp: DataConfig(dataset="digits3"),
@@ -73,6 +134,13 @@ EXAMPLES: dict[str, Callable[[Path], DataConfig]] = {
                                           data_root=str(write_fake_mnist(tmp / "tv"))),
     "imagefolder": lambda tmp: DataConfig(dataset=f"imagefolder:{write_imagefolder(tmp / 'images')}:8"),
     "synthetic": lambda tmp: DataConfig(dataset="synthetic:200:3x4x4:4"),
+    "text": lambda tmp: DataConfig(dataset=f"text:{write_table(tmp / 'mail.csv', text_rows(split=True))}"),
+    "text/jsonl": lambda tmp: DataConfig(dataset=f"text:{write_table(tmp / 'mail.jsonl', text_rows())}"),
+    "text/parquet": lambda tmp: DataConfig(
+        dataset=f"text:{write_table(tmp / 'mail.parquet', text_rows(labels=[3, 1, 7, 1]))}"),
+    "textdir": lambda tmp: DataConfig(dataset=f"textdir:{write_textdir(tmp / 'docs')}"),
+    "textdir/carved": lambda tmp: DataConfig(
+        dataset=f"textdir:{write_textdir(tmp / 'docs', per_class=(10, 0), classes=('a', 'b', 'c'))}"),
 }
 
 EXPECTED = {  # input shape and number of classes of each example
@@ -82,11 +150,16 @@ EXPECTED = {  # input shape and number of classes of each example
     "torchvision": ((1, 5, 5), 3),
     "imagefolder": ((3, 8, 8), 2),
     "synthetic": ((3, 4, 4), 4),
+    "text": ((), 3),
+    "text/jsonl": ((), 3),
+    "text/parquet": ((), 3),
+    "textdir": ((), 2),
+    "textdir/carved": ((), 3),
 }
 
 
 def test_every_dataset_has_an_example():
-    assert set(EXAMPLES) == set(DATASETS.names())
+    assert {name.split("/")[0] for name in EXAMPLES} == set(DATASETS.names())
     assert set(EXPECTED) == set(EXAMPLES)
 
 
@@ -127,13 +200,19 @@ def test_inputs_shape_dtype_labels(example):
         n = len(ds.splits[split])
         x = ds.inputs(split, 0, n)
         assert x.shape == (n, *ds.input_shape)
-        assert x.dtype == np.float32
-        assert np.isfinite(x).all()
+        if ds.modality == "text":  # documents, as str
+            assert ds.input_shape == () and x.dtype == object
+            assert all(isinstance(t, str) and t.strip() for t in x)
+        else:
+            assert x.dtype == np.float32
+            assert np.isfinite(x).all()
         labels = ds.splits[split].labels
         assert labels.min() >= 0 and labels.max() < ds.num_classes
-        # reading a sub-range gives the same rows as reading the whole split
+        # reading a sub-range, or rows in any order, gives the same rows as the whole split
         if n > 2:
             np.testing.assert_array_equal(ds.inputs(split, 1, n - 1), x[1:n - 1])
+            rows = np.array([n - 1, 0, 1])
+            np.testing.assert_array_equal(ds.inputs_at(split, rows), x[rows])
 
 
 def test_fingerprint_stable_across_opens(example):
@@ -146,6 +225,10 @@ def test_fingerprint_stable_across_opens(example):
 def test_normalisation_uses_train_statistics(example):
     name, cfg = example
     ds = open_dataset(cfg)
+    if ds.modality == "text":  # documents reach their tokenizer as stored
+        assert ds.preprocessing == {"text": "utf-8, as stored", "normalise": "none"}
+        np.testing.assert_array_equal(ds.inputs("train", 0, 5), ds.raw("train", 0, 5))
+        return
     if name == "synthetic":  # generated data is already standardised: left as is
         assert np.all(ds.mean == 0) and np.all(ds.std == 1)
         return
