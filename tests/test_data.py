@@ -12,11 +12,12 @@ from typing import Callable
 
 import numpy as np
 import pytest
+import hypothesis
 from hypothesis import given
 from hypothesis import strategies as st
 
 from pipeline.config import DataConfig
-from pipeline.data import DATASETS, SPLITS, dataset_slug, open_dataset
+from pipeline.data import DATASETS, SPLITS, Dataset, dataset_slug, open_dataset
 from pipeline.errors import KdError
 
 
@@ -362,6 +363,156 @@ def test_synthetic_rows_do_not_depend_on_read_ranges():
 )
 def test_dataset_slug(spec, slug):
     assert dataset_slug(spec) == slug
+
+
+# --------------------------------------------------------------------------- text
+
+def _documents(ds) -> dict[int, str]:
+    """Every document of a text dataset, by sample_id."""
+    return {int(i): t for split in SPLITS
+            for i, t in zip(ds.splits[split].sample_ids, ds.texts(split))}
+
+
+def _open_text(path: Path, **cfg) -> Dataset:
+    return open_dataset(DataConfig(dataset=f"text:{path}", **cfg))
+
+
+def test_text_formats_read_the_same_rows(tmp_path):
+    rows = text_rows(split=True)
+    opened = [_open_text(write_table(tmp_path / f"mail.{suffix}", rows))
+              for suffix in ("csv", "tsv", "jsonl", "parquet")]
+    first = opened[0]
+    # sample_id = the row's position in the file; the documents come back as written
+    assert _documents(first) == {i: r["text"] for i, r in enumerate(rows)}
+    for other in opened[1:]:
+        assert other.describe()["classes"] == ["ham", "news", "spam"]
+        for split in SPLITS:
+            np.testing.assert_array_equal(other.splits[split].sample_ids, first.splits[split].sample_ids)
+            np.testing.assert_array_equal(other.splits[split].labels, first.splits[split].labels)
+            np.testing.assert_array_equal(other.texts(split), first.texts(split))
+
+
+@pytest.mark.parametrize(("labels", "classes"), [
+    (["spam", "ham", "news", "ham"], ["ham", "news", "spam"]),
+    ([7, 3, 10, 3], [3, 7, 10]),  # sorted as numbers, not as text
+    ([True, False], [False, True]),
+])
+def test_text_labels_map_to_sorted_class_ids(tmp_path, labels, classes):
+    rows = text_rows(n=48, labels=labels)
+    ds = _open_text(write_table(tmp_path / "mail.jsonl", rows))
+    assert ds.describe()["classes"] == classes and ds.num_classes == len(classes)
+    for split in SPLITS:
+        for sample_id, label in zip(ds.splits[split].sample_ids, ds.splits[split].labels):
+            assert classes[label] == rows[sample_id]["label"]
+    # a CSV's integer and bool labels are read as such (not as text: "10" < "3")
+    assert _open_text(write_table(tmp_path / "mail.csv", rows)).describe()["classes"] == classes
+
+
+def test_text_split_column_is_honoured(tmp_path):
+    rows = text_rows(n=100, split=True)
+    rows[3]["split"] = " Test "  # case and spaces do not matter
+    ds = _open_text(write_table(tmp_path / "mail.csv", rows))
+    marked = lambda name: sorted(i for i, r in enumerate(rows) if r["split"].strip().lower() == name)
+    for split in SPLITS:
+        assert ds.splits[split].sample_ids.tolist() == marked(split)
+    # without val rows, val is carved from the train rows only
+    for r in rows:
+        r["split"] = r["split"].replace("val", "train")
+    ds = _open_text(write_table(tmp_path / "noval.csv", rows))
+    assert ds.splits["test"].sample_ids.tolist() == marked("test")
+    assert sorted(ds.splits["train"].sample_ids.tolist() + ds.splits["val"].sample_ids.tolist()) == marked("train")
+    assert len(ds.splits["val"]) > 0
+
+
+def test_text_carved_splits_are_stratified_and_seeded(tmp_path):
+    path = write_table(tmp_path / "mail.parquet", text_rows(n=120))
+    a, b, c = _open_text(path, seed=0), _open_text(path, seed=0), _open_text(path, seed=5)
+    ids = lambda ds, split: ds.splits[split].sample_ids.tolist()
+    for split in SPLITS:
+        assert ids(a, split) == ids(b, split)
+        assert set(a.splits[split].labels.tolist()) == {0, 1, 2}  # stratified: every class
+    assert ids(a, "test") != ids(c, "test") and ids(a, "val") != ids(c, "val")
+    assert len(a.splits["test"]) == 24  # test_fraction 0.2 of 120
+    assert sorted(sum((ids(c, s) for s in SPLITS), [])) == list(range(120))
+    assert a.fingerprint == b.fingerprint != c.fingerprint
+    assert len(_open_text(path, test_fraction=0.5).splits["test"]) == 60
+
+
+def test_text_sample_ids_stable_across_reopenings(tmp_path):
+    path = write_table(tmp_path / "mail.csv", text_rows())
+    first, again = _open_text(path), _open_text(path)
+    assert _documents(first) == _documents(again)
+    assert sorted(_documents(first)) == list(range(60))
+
+
+def test_textdir_ids_survive_an_added_file(tmp_path):
+    root = write_textdir(tmp_path / "docs", per_class=(10, 3))
+    before = open_dataset(DataConfig(dataset=f"textdir:{root}"))
+    (root / "train" / "ham" / "new.txt").write_text("a new document", encoding="utf-8")
+    (root / "test" / "spam" / "new.txt").write_text("another new one", encoding="utf-8")
+    after = open_dataset(DataConfig(dataset=f"textdir:{root}"))
+    old, new = _documents(before), _documents(after)
+    assert set(new) > set(old) and len(new) == len(old) + 2
+    assert all(new[i] == text for i, text in old.items())  # each id names the same file
+    assert after.fingerprint != before.fingerprint
+    assert before.describe()["classes"] == ["ham", "spam"]
+
+
+def test_textdir_reads_files_as_stored(tmp_path):
+    root = write_textdir(tmp_path / "docs", per_class=(5, 2))
+    doc = root / "train" / "ham" / "doc0.txt"
+    doc.write_bytes("\ufeffcaf\u00e9\r\nna\u00efve\n".encode("utf-8"))  # an editor's BOM, CRLF
+    ds = open_dataset(DataConfig(dataset=f"textdir:{root}"))
+    assert "caf\u00e9\r\nna\u00efve\n" in _documents(ds).values()  # BOM dropped, CRLF kept
+
+
+def test_text_fingerprint_sees_one_character_and_the_column(tmp_path):
+    rows = text_rows()
+    for r in rows:
+        r["body"] = r["text"]  # the same documents under another column name
+    path = write_table(tmp_path / "mail.csv", rows)
+    before = _open_text(path).fingerprint
+    rows[17]["text"] = rows[17]["text"][:-1] + "X"
+    write_table(path, rows)
+    after = _open_text(path).fingerprint
+    assert after != before
+    body = _open_text(path, text_column="body")
+    assert body.fingerprint != after
+    rows[17]["text"] = rows[17]["body"]
+    write_table(path, rows)
+    assert _open_text(path).fingerprint == before
+    assert body.describe()["text_column"] == "body"
+
+
+def test_text_csv_with_bom_crlf_and_multiline_fields(tmp_path):
+    path = tmp_path / "excel.csv"
+    lines = ["text,label"] + [f'"doc {i}, ""quoted""\r\nsecond line",{"ab"[i % 2]}' for i in range(20)]
+    path.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode("utf-8") + b"\r\n")
+    docs = _documents(_open_text(path))
+    assert docs[3] == 'doc 3, "quoted"\r\nsecond line'  # a quoted field keeps its line end
+    tsv = tmp_path / "mail.tsv"
+    tsv.write_text("text\tlabel\n" + "".join(f'a "b" {i}, c\t{"xy"[i % 2]}\n' for i in range(20)),
+                   encoding="utf-8")
+    assert _documents(_open_text(tsv))[4] == 'a "b" 4, c'  # a quote inside a field is text
+    # a column of numbers or dates is still text when it is the text column
+    numbers = write_table(tmp_path / "numbers.csv", [{"text": str(i), "label": i % 2} for i in range(20)])
+    assert _documents(_open_text(numbers))[7] == "7"
+
+
+DOCUMENT = st.text(st.one_of(st.characters(exclude_categories=("Cs",)),
+                             st.sampled_from(list('\n\r,"\t\' \\'))), min_size=1, max_size=30)
+
+
+@given(docs=st.lists(DOCUMENT.filter(str.strip), min_size=1, max_size=12))
+@hypothesis.example(docs=['a,"b"\r\nc', "\ufeffbom", "nul\x00", " lead", "trail\n", "\u2028\U0001f600", "NA", "42"])
+def test_text_round_trip_is_byte_identical(tmp_path_factory, docs):
+    tmp = tmp_path_factory.mktemp("round")
+    rows = [{"text": d, "label": "ab"[i % 2], "split": "train"} for i, d in enumerate(docs)]
+    rows += [{"text": f"pad {i}", "label": "ab"[i % 2], "split": ["train", "test"][i // 6]}
+             for i in range(8)]  # enough rows of both classes for every split
+    for suffix in ("csv", "jsonl"):
+        got = _documents(_open_text(write_table(tmp / f"docs.{suffix}", rows)))
+        assert [got[i].encode("utf-8") for i in range(len(docs))] == [d.encode("utf-8") for d in docs]
 
 
 # --------------------------------------------------------------------------- bad npz files
