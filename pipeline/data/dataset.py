@@ -221,8 +221,8 @@ def carve(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, n
         try:
             keep, carved = train_test_split(positions, test_size=fraction, random_state=seed)
         except ValueError:  # so few rows that one side would be empty
-            raise KdError(f"{len(labels)} rows are too few to carve {fraction:g} of them off as "
-                          "a split; give the dataset more rows, or lower val_fraction / "
+            raise KdError(f"{len(labels)} row(s) are too few to carve {fraction:g} of them off "
+                          "as a split; give the dataset more rows, or lower val_fraction or "
                           "test_fraction") from None
     return np.sort(keep), np.sort(carved)
 
