@@ -484,6 +484,32 @@ def test_text_fingerprint_sees_one_character_and_the_column(tmp_path):
     assert body.describe()["text_column"] == "body"
 
 
+@pytest.mark.parametrize("kind", ["text", "textdir"])
+def test_text_fingerprint_follows_the_documented_recipe(tmp_path, kind):
+    """docs/CACHE_FORMAT.md gives the text fingerprint as code: it must be the code."""
+    import hashlib
+
+    if kind == "text":
+        ds = _open_text(write_table(tmp_path / "mail.csv", text_rows(split=True)))
+        columns = ["text", "label"]
+    else:
+        ds = open_dataset(DataConfig(dataset=f"textdir:{write_textdir(tmp_path / 'docs')}"))
+        columns = [None, None]
+    h = hashlib.sha256(repr((ds.spec, (), ds.num_classes)).encode())
+    h.update(repr(sorted({"text": "utf-8, as stored", "normalise": "none"}.items())).encode())
+    for split in SPLITS:
+        h.update(split.encode())
+        h.update(ds.splits[split].sample_ids.astype("<i8").tobytes())
+        h.update(ds.splits[split].labels.astype("<i8").tobytes())
+        for doc in ds.texts(split):
+            b = doc.encode("utf-8")
+            h.update(len(b).to_bytes(8, "little"))
+            h.update(b)
+    expected = hashlib.sha256(h.hexdigest().encode() + json.dumps(
+        {"classes": ds.classes, "columns": columns}, sort_keys=True).encode()).hexdigest()
+    assert ds.fingerprint == expected
+
+
 def test_text_csv_with_bom_crlf_and_multiline_fields(tmp_path):
     path = tmp_path / "excel.csv"
     lines = ["text,label"] + [f'"doc {i}, ""quoted""\r\nsecond line",{"ab"[i % 2]}' for i in range(20)]
