@@ -381,6 +381,16 @@ def test_text_formats_read_the_same_rows(tmp_path):
     rows = text_rows(split=True)
     opened = [_open_text(write_table(tmp_path / f"mail.{suffix}", rows))
               for suffix in ("csv", "tsv", "jsonl", "parquet")]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # a categorical column (pandas' category dtype saved to Parquet) reads as its values
+    table = pa.Table.from_pylist(rows)
+    for name in ("label", "split"):
+        table = table.set_column(table.column_names.index(name), name,
+                                 table.column(name).dictionary_encode())
+    pq.write_table(table, tmp_path / "categorical.parquet")
+    opened.append(_open_text(tmp_path / "categorical.parquet"))
     first = opened[0]
     # sample_id = the row's position in the file; the documents come back as written
     assert _documents(first) == {i: r["text"] for i, r in enumerate(rows)}
@@ -523,6 +533,19 @@ def test_text_csv_with_bom_crlf_and_multiline_fields(tmp_path):
     # a column of numbers or dates is still text when it is the text column
     numbers = write_table(tmp_path / "numbers.csv", [{"text": str(i), "label": i % 2} for i in range(20)])
     assert _documents(_open_text(numbers))[7] == "7"
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7, 1 << 20])
+def test_text_utf8_check_names_line_and_byte_across_chunks(tmp_path, chunk):
+    from pipeline.data.text import _check_utf8
+
+    path = tmp_path / "mail.csv"
+    data = "text,label\nna\u00efve \u20ac,a\n".encode("utf-8")
+    path.write_bytes(data + b"caf\xe9,b\n")  # Latin-1 é on line 3
+    with pytest.raises(KdError, match=rf"line 3, byte {len(data) + 3}\)"):
+        _check_utf8(path, chunk=chunk)
+    path.write_bytes(data * 3)  # multi-byte characters cut by every chunk size: valid
+    _check_utf8(path, chunk=chunk)
 
 
 DOCUMENT = st.text(st.one_of(st.characters(exclude_categories=("Cs",)),

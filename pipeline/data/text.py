@@ -14,6 +14,10 @@ has one; otherwise test (``test_fraction``) and then val (``val_fraction``) are 
 rows, stratified and seeded. ``sample_id`` is the row's position in the file (``text:``), or a
 63-bit hash of the file's path below PATH (``textdir:``): the same file and spec always give the
 same ids.
+
+Files must be UTF-8 (checked before parsing, so a bad byte is named by line and offset rather
+than silently replaced); a CSV may carry a byte-order mark, CRLF line ends and quoted
+multi-line fields. Every rule is in docs/CACHE_FORMAT.md ("Text datasets").
 """
 
 from __future__ import annotations
