@@ -200,6 +200,62 @@ def images_case(edit: Callable[[Path], None] = lambda root: None, size: str = ""
     return setup
 
 
+def text_table(rows: int = 30, **columns: Callable[[int], object]) -> list[dict]:
+    """``rows`` rows of a valid 3-class text table (columns text, label), with columns replaced
+    or added by ``name=lambda i: value`` (a value of None drops the column from that row)."""
+    base = {"text": lambda i: f"document number {i}, about {('ham', 'news', 'spam')[i % 3]}",
+            "label": lambda i: ("ham", "news", "spam")[i % 3]}
+    base.update(columns)
+    return [{k: f(i) for k, f in base.items() if f(i) is not None} for i in range(rows)]
+
+
+def write_text_csv(path: Path, rows: list[dict]) -> Path:
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def text_cmd(tmp: Path, path: Path, *args: str) -> list[str]:
+    # mlp: the dataset is refused before any teacher is looked at
+    return [*cache_cmd(tmp, dataset=f"text:{path}", teacher="mlp"), *args]
+
+
+def text_case(rows: int = 30, args: tuple[str, ...] = (), name: str = "mail.csv",
+              **columns: Callable[[int], object]) -> Callable[[Path], list[str]]:
+    def setup(tmp: Path) -> list[str]:
+        return text_cmd(tmp, write_text_csv(tmp / name, text_table(rows, **columns)), *args)
+    return setup
+
+
+def text_bytes(data: bytes, name: str = "mail.csv") -> Callable[[Path], list[str]]:
+    def setup(tmp: Path) -> list[str]:
+        (tmp / name).write_bytes(data)
+        return text_cmd(tmp, tmp / name)
+    return setup
+
+
+def write_textdir(root: Path, classes=("ham", "spam"), n: int = 4) -> Path:
+    for split in ("train", "test"):
+        for cls in classes:
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                (root / split / cls / f"{i}.txt").write_text(f"{cls} document {i}", encoding="utf-8")
+    return root
+
+
+def textdir_case(edit: Callable[[Path], None] = lambda root: None,
+                 **kwargs) -> Callable[[Path], list[str]]:
+    def setup(tmp: Path) -> list[str]:
+        root = write_textdir(tmp / "docs", **kwargs)
+        edit(root)
+        return cache_cmd(tmp, dataset=f"textdir:{root}", teacher="mlp")
+    return setup
+
+
 def teacher_state(arch: str = "cnn_small", shape=SMALL_SHAPE, classes: int = SMALL_CLASSES) -> dict:
     from pipeline.teachers import create_teacher
 
@@ -723,7 +779,7 @@ CASES: list[Case] = [
     # ------------------------------------------------------------------ dataset files
     Case("unknown-dataset", DATASET, "a dataset kind kdcache does not know",
          lambda tmp: cache_cmd(tmp, dataset="mnist"),
-         r"unknown dataset 'mnist'; known: digits, digits3, imagefolder, npz, synthetic, torchvision"),
+         r"unknown dataset 'mnist'; known: digits, digits3, imagefolder, npz, synthetic, text, textdir, torchvision"),
     Case("digits-with-argument", DATASET, "digits:ARG",
          lambda tmp: cache_cmd(tmp, dataset="digits:5"), r"dataset digits takes no argument"),
     Case("npz-no-path", DATASET, "npz: without a path",
@@ -808,6 +864,62 @@ CASES: list[Case] = [
     Case("torchvision-not-downloaded", DATASET, "a torchvision dataset not on disk",
          lambda tmp: cache_cmd(tmp, dataset="torchvision:MNIST", data_root=tmp / "datasets"),
          r"torchvision dataset MNIST not found under .*datasets .*pass download=true"),
+    Case("text-no-path", DATASET, "text: without a path",
+         lambda tmp: cache_cmd(tmp, dataset="text:"), r"dataset text needs a path: dataset=text:PATH.csv"),
+    Case("text-missing", DATASET, "a text file that does not exist",
+         lambda tmp: text_cmd(tmp, tmp / "mail.csv"), r"text file .*mail.csv does not exist"),
+    Case("text-is-a-folder", DATASET, "text: given a folder of class folders",
+         with_path(lambda tmp: write_textdir(tmp / "docs"), text_cmd),
+         r"text file .*docs is a folder; .* or dataset=textdir:PATH for a folder of class folders"),
+    Case("text-unsupported-suffix", DATASET, "a spreadsheet, not CSV/JSONL/Parquet",
+         text_bytes(b"PK\x03\x04 spreadsheet", name="mail.xlsx"),
+         r"mail.xlsx is not a .csv, .tsv, .jsonl or .parquet file"),
+    Case("text-json-array", DATASET, "a .json holding one JSON array, not JSON Lines",
+         text_bytes(json.dumps(text_table()).encode(), name="mail.json"),
+         r"mail.json cannot be read as JSON Lines \(one object per line\)"),
+    Case("text-no-text-column", DATASET, "no column named text",
+         text_case(text=lambda i: None, body=lambda i: f"document {i}"),
+         r"mail.csv has no text column 'text' \(its columns: label, body\); pass text_column=NAME"),
+    Case("text-no-label-column", DATASET, "label_column= a column the file lacks",
+         text_case(args=("label_column=topic",)),
+         r"mail.csv has no label column 'topic' \(its columns: text, label\); pass label_column=NAME"),
+    Case("text-empty-text", DATASET, "a row with no text",
+         text_case(text=lambda i: "  " if i == 4 else f"document {i}"),
+         r"mail.csv: row 5 below the header has an empty 'text'; remove the row or give it text"),
+    Case("text-float-labels", DATASET, "labels that are decimal numbers",
+         text_case(label=lambda i: i % 3 + 0.5),
+         r"label column 'label' holds double numbers; labels must be integers or strings"),
+    Case("text-missing-label", DATASET, "a row with no label",
+         text_case(label=lambda i: "" if i == 7 else "ab"[i % 2]),
+         r"mail.csv: row 8 below the header has no label in 'label'"),
+    Case("text-not-utf8", DATASET, "a CSV saved as Latin-1",
+         text_bytes("text,label\nhello,a\nbye,b\ncaf\u00e9,a\n".encode("latin-1")),
+         r"mail.csv is not valid UTF-8 \(line 4, byte 28\); re-save it as UTF-8"),
+    Case("text-one-class", DATASET, "every row has the same label",
+         text_case(label=lambda i: "spam"), r"every row has the label 'spam' in 'label'; a classifier needs at least 2"),
+    Case("text-unknown-split", DATASET, "a split column with a value other than train/val/test",
+         text_case(split=lambda i: ("train", "dev", "test")[i % 3]),
+         r"column 'split' holds 'dev' \(row 2 below the header\); its values must be train, val or test"),
+    Case("text-split-without-test", DATASET, "a split column with no test rows",
+         text_case(split=lambda i: ("train", "val")[i % 2]),
+         r"column 'split' has no test rows; mark some rows test, or drop the column"),
+    Case("text-class-only-in-test", DATASET, "a class with no training rows",
+         text_case(split=lambda i: "test" if i % 3 == 2 or i == 0 else "train"),
+         r"mail.csv: class 'spam' has no training rows; give it training rows or remove it"),
+    Case("text-class-carved-away", DATASET, "a class whose only row is carved into test or val",
+         text_case(rows=4), r"class 'spam' has 1 row\(s\), none left for training once test and val are carved"),
+    Case("text-too-few-rows", DATASET, "too few rows to carve test and val from",
+         text_case(rows=2), r"1 row\(s\) are too few to carve 0.15 of them off as a split; give the dataset more rows"),
+    Case("textdir-missing", DATASET, "a text folder that does not exist",
+         lambda tmp: cache_cmd(tmp, dataset=f"textdir:{tmp / 'docs'}"), r"text folder .*docs does not exist"),
+    Case("textdir-one-class", DATASET, "a single class folder",
+         textdir_case(classes=("ham",)), r"docs/train must hold at least two class folders"),
+    Case("textdir-empty-file", DATASET, "an empty .txt",
+         textdir_case(lambda root: (root / "test" / "spam" / "2.txt").write_text("\n")),
+         r"docs/test/spam/2.txt is empty; remove it or give it text"),
+    Case("textdir-not-utf8", DATASET, "a .txt saved as Latin-1",
+         textdir_case(lambda root: (root / "train" / "ham" / "1.txt").write_bytes("na\u00efve".encode("latin-1"))),
+         r"docs/train/ham/1.txt is not valid UTF-8 \(byte 2\); re-save it as UTF-8"),
 
     # ------------------------------------------------------------------ checkpoints
     Case("ckpt-missing", CKPT, "teacher_ckpt= a file that does not exist",

@@ -1,17 +1,23 @@
-"""Dataset sources: every registered dataset gives three splits of stable, uniquely identified,
-normalised float32 rows; bad user files are refused with a KdError that names the problem."""
+"""Dataset sources: every registered dataset gives three splits of stable, uniquely identified
+rows (normalised float32 arrays, or documents as ``str`` for text); bad user files are refused
+with a KdError that names the problem."""
 
 from __future__ import annotations
 
+import csv
+import json
 import struct
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pytest
+import hypothesis
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pipeline.config import DataConfig
-from pipeline.data import DATASETS, SPLITS, dataset_slug, open_dataset
+from pipeline.data import DATASETS, SPLITS, Dataset, dataset_slug, open_dataset
 from pipeline.errors import KdError
 
 
@@ -63,8 +69,64 @@ def write_imagefolder(root: Path, per_class=(4, 2), classes=("cat", "dog"), size
     return root
 
 
-# One example per registry name. A dataset added to the registry without an example here
-# fails test_every_dataset_has_an_example.
+WORDS = {"ham": "meeting lunch report agenda", "news": "election market storm vote",
+         "spam": "win free prize cash"}
+
+
+def text_rows(n: int = 60, split: bool = False, labels=None) -> list[dict]:
+    """``n`` short labelled documents (classes ham, news, spam cycling, or ``labels[i % K]``);
+    with ``split``, a split column of 7 train, 1 val and 2 test rows in every 10. The
+    documents hold commas, quotes and newlines on purpose."""
+    rows = []
+    for i in range(n):
+        topic = list(WORDS)[i % 3]
+        words = WORDS[topic].split()
+        text = f'{words[i % 4]}, "{words[(i + 1) % 4]}" no. {i}' + ("\nmore" if i % 5 == 0 else "")
+        row = {"text": text, "label": topic if labels is None else labels[i % len(labels)]}
+        if split:
+            row["split"] = (["train"] * 7 + ["val", "test", "test"])[i % 10]
+        rows.append(row)
+    return rows
+
+
+def write_table(path: Path, rows: list[dict]) -> Path:
+    """Write ``rows`` as the file type ``path``'s suffix names: .csv/.tsv (Python's csv
+    module), .jsonl (one JSON object per line) or .parquet."""
+    suffix = path.suffix
+    if suffix in (".csv", ".tsv"):
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t" if suffix == ".tsv" else ",")
+            writer.writeheader()
+            writer.writerows(rows)
+    elif suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    elif suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        raise AssertionError(suffix)
+    return path
+
+
+def write_textdir(root: Path, per_class=(6, 2), classes=("ham", "spam"), val: int = 0) -> Path:
+    """``root/train/CLASS/*.txt`` (and ``test/`` when per_class[1], ``val/`` when ``val``)."""
+    for split, n in zip(("train", "test", "val"), (*per_class, val)):
+        for cls in classes:
+            if not n:
+                continue
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(n):
+                (folder / f"doc{i}.txt").write_text(f"{cls} {split} document {i}\nline two",
+                                                     encoding="utf-8")
+            (folder / "image.png").write_bytes(b"not text")  # ignored
+    return root
+
+
+# At least one example per registry name, keyed NAME or NAME/VARIANT. A dataset added to the
+# registry without an example here fails test_every_dataset_has_an_example.
 EXAMPLES: dict[str, Callable[[Path], DataConfig]] = {
     "digits": lambda tmp: DataConfig(dataset="digits"),
     "digits3": lambda tmp: DataConfig(dataset="digits3"),
@@ -73,6 +135,13 @@ EXAMPLES: dict[str, Callable[[Path], DataConfig]] = {
                                           data_root=str(write_fake_mnist(tmp / "tv"))),
     "imagefolder": lambda tmp: DataConfig(dataset=f"imagefolder:{write_imagefolder(tmp / 'images')}:8"),
     "synthetic": lambda tmp: DataConfig(dataset="synthetic:200:3x4x4:4"),
+    "text": lambda tmp: DataConfig(dataset=f"text:{write_table(tmp / 'mail.csv', text_rows(split=True))}"),
+    "text/jsonl": lambda tmp: DataConfig(dataset=f"text:{write_table(tmp / 'mail.jsonl', text_rows())}"),
+    "text/parquet": lambda tmp: DataConfig(
+        dataset=f"text:{write_table(tmp / 'mail.parquet', text_rows(labels=[3, 1, 7, 1]))}"),
+    "textdir": lambda tmp: DataConfig(dataset=f"textdir:{write_textdir(tmp / 'docs')}"),
+    "textdir/carved": lambda tmp: DataConfig(
+        dataset=f"textdir:{write_textdir(tmp / 'docs', per_class=(10, 0), classes=('a', 'b', 'c'))}"),
 }
 
 EXPECTED = {  # input shape and number of classes of each example
@@ -82,11 +151,16 @@ EXPECTED = {  # input shape and number of classes of each example
     "torchvision": ((1, 5, 5), 3),
     "imagefolder": ((3, 8, 8), 2),
     "synthetic": ((3, 4, 4), 4),
+    "text": ((), 3),
+    "text/jsonl": ((), 3),
+    "text/parquet": ((), 3),
+    "textdir": ((), 2),
+    "textdir/carved": ((), 3),
 }
 
 
 def test_every_dataset_has_an_example():
-    assert set(EXAMPLES) == set(DATASETS.names())
+    assert {name.split("/")[0] for name in EXAMPLES} == set(DATASETS.names())
     assert set(EXPECTED) == set(EXAMPLES)
 
 
@@ -127,13 +201,19 @@ def test_inputs_shape_dtype_labels(example):
         n = len(ds.splits[split])
         x = ds.inputs(split, 0, n)
         assert x.shape == (n, *ds.input_shape)
-        assert x.dtype == np.float32
-        assert np.isfinite(x).all()
+        if ds.modality == "text":  # documents, as str
+            assert ds.input_shape == () and x.dtype == object
+            assert all(isinstance(t, str) and t.strip() for t in x)
+        else:
+            assert x.dtype == np.float32
+            assert np.isfinite(x).all()
         labels = ds.splits[split].labels
         assert labels.min() >= 0 and labels.max() < ds.num_classes
-        # reading a sub-range gives the same rows as reading the whole split
+        # reading a sub-range, or rows in any order, gives the same rows as the whole split
         if n > 2:
             np.testing.assert_array_equal(ds.inputs(split, 1, n - 1), x[1:n - 1])
+            rows = np.array([n - 1, 0, 1])
+            np.testing.assert_array_equal(ds.inputs_at(split, rows), x[rows])
 
 
 def test_fingerprint_stable_across_opens(example):
@@ -146,6 +226,10 @@ def test_fingerprint_stable_across_opens(example):
 def test_normalisation_uses_train_statistics(example):
     name, cfg = example
     ds = open_dataset(cfg)
+    if ds.modality == "text":  # documents reach their tokenizer as stored
+        assert ds.preprocessing == {"text": "utf-8, as stored", "normalise": "none"}
+        np.testing.assert_array_equal(ds.inputs("train", 0, 5), ds.raw("train", 0, 5))
+        return
     if name == "synthetic":  # generated data is already standardised: left as is
         assert np.all(ds.mean == 0) and np.all(ds.std == 1)
         return
@@ -279,6 +363,205 @@ def test_synthetic_rows_do_not_depend_on_read_ranges():
 )
 def test_dataset_slug(spec, slug):
     assert dataset_slug(spec) == slug
+
+
+# --------------------------------------------------------------------------- text
+
+def _documents(ds) -> dict[int, str]:
+    """Every document of a text dataset, by sample_id."""
+    return {int(i): t for split in SPLITS
+            for i, t in zip(ds.splits[split].sample_ids, ds.texts(split))}
+
+
+def _open_text(path: Path, **cfg) -> Dataset:
+    return open_dataset(DataConfig(dataset=f"text:{path}", **cfg))
+
+
+def test_text_formats_read_the_same_rows(tmp_path):
+    rows = text_rows(split=True)
+    opened = [_open_text(write_table(tmp_path / f"mail.{suffix}", rows))
+              for suffix in ("csv", "tsv", "jsonl", "parquet")]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # a categorical column (pandas' category dtype saved to Parquet) reads as its values
+    table = pa.Table.from_pylist(rows)
+    for name in ("label", "split"):
+        table = table.set_column(table.column_names.index(name), name,
+                                 table.column(name).dictionary_encode())
+    pq.write_table(table, tmp_path / "categorical.parquet")
+    opened.append(_open_text(tmp_path / "categorical.parquet"))
+    first = opened[0]
+    # sample_id = the row's position in the file; the documents come back as written
+    assert _documents(first) == {i: r["text"] for i, r in enumerate(rows)}
+    for other in opened[1:]:
+        assert other.describe()["classes"] == ["ham", "news", "spam"]
+        for split in SPLITS:
+            np.testing.assert_array_equal(other.splits[split].sample_ids, first.splits[split].sample_ids)
+            np.testing.assert_array_equal(other.splits[split].labels, first.splits[split].labels)
+            np.testing.assert_array_equal(other.texts(split), first.texts(split))
+
+
+@pytest.mark.parametrize(("labels", "classes"), [
+    (["spam", "ham", "news", "ham"], ["ham", "news", "spam"]),
+    ([7, 3, 10, 3], [3, 7, 10]),  # sorted as numbers, not as text
+    ([True, False], [False, True]),
+])
+def test_text_labels_map_to_sorted_class_ids(tmp_path, labels, classes):
+    rows = text_rows(n=48, labels=labels)
+    ds = _open_text(write_table(tmp_path / "mail.jsonl", rows))
+    assert ds.describe()["classes"] == classes and ds.num_classes == len(classes)
+    for split in SPLITS:
+        for sample_id, label in zip(ds.splits[split].sample_ids, ds.splits[split].labels):
+            assert classes[label] == rows[sample_id]["label"]
+    # a CSV's integer and bool labels are read as such (not as text: "10" < "3")
+    assert _open_text(write_table(tmp_path / "mail.csv", rows)).describe()["classes"] == classes
+
+
+def test_text_split_column_is_honoured(tmp_path):
+    rows = text_rows(n=100, split=True)
+    rows[3]["split"] = " Test "  # case and spaces do not matter
+    ds = _open_text(write_table(tmp_path / "mail.csv", rows))
+    marked = lambda name: sorted(i for i, r in enumerate(rows) if r["split"].strip().lower() == name)
+    for split in SPLITS:
+        assert ds.splits[split].sample_ids.tolist() == marked(split)
+    # without val rows, val is carved from the train rows only
+    for r in rows:
+        r["split"] = r["split"].replace("val", "train")
+    ds = _open_text(write_table(tmp_path / "noval.csv", rows))
+    assert ds.splits["test"].sample_ids.tolist() == marked("test")
+    assert sorted(ds.splits["train"].sample_ids.tolist() + ds.splits["val"].sample_ids.tolist()) == marked("train")
+    assert len(ds.splits["val"]) > 0
+
+
+def test_text_carved_splits_are_stratified_and_seeded(tmp_path):
+    path = write_table(tmp_path / "mail.parquet", text_rows(n=120))
+    a, b, c = _open_text(path, seed=0), _open_text(path, seed=0), _open_text(path, seed=5)
+    ids = lambda ds, split: ds.splits[split].sample_ids.tolist()
+    for split in SPLITS:
+        assert ids(a, split) == ids(b, split)
+        assert set(a.splits[split].labels.tolist()) == {0, 1, 2}  # stratified: every class
+    assert ids(a, "test") != ids(c, "test") and ids(a, "val") != ids(c, "val")
+    assert len(a.splits["test"]) == 24  # test_fraction 0.2 of 120
+    assert sorted(sum((ids(c, s) for s in SPLITS), [])) == list(range(120))
+    assert a.fingerprint == b.fingerprint != c.fingerprint
+    assert len(_open_text(path, test_fraction=0.5).splits["test"]) == 60
+
+
+def test_text_sample_ids_stable_across_reopenings(tmp_path):
+    path = write_table(tmp_path / "mail.csv", text_rows())
+    first, again = _open_text(path), _open_text(path)
+    assert _documents(first) == _documents(again)
+    assert sorted(_documents(first)) == list(range(60))
+
+
+def test_textdir_ids_survive_an_added_file(tmp_path):
+    root = write_textdir(tmp_path / "docs", per_class=(10, 3))
+    before = open_dataset(DataConfig(dataset=f"textdir:{root}"))
+    (root / "train" / "ham" / "new.txt").write_text("a new document", encoding="utf-8")
+    (root / "test" / "spam" / "new.txt").write_text("another new one", encoding="utf-8")
+    after = open_dataset(DataConfig(dataset=f"textdir:{root}"))
+    old, new = _documents(before), _documents(after)
+    assert set(new) > set(old) and len(new) == len(old) + 2
+    assert all(new[i] == text for i, text in old.items())  # each id names the same file
+    assert after.fingerprint != before.fingerprint
+    assert before.describe()["classes"] == ["ham", "spam"]
+
+
+def test_textdir_reads_files_as_stored(tmp_path):
+    root = write_textdir(tmp_path / "docs", per_class=(5, 2))
+    doc = root / "train" / "ham" / "doc0.txt"
+    doc.write_bytes("\ufeffcaf\u00e9\r\nna\u00efve\n".encode("utf-8"))  # an editor's BOM, CRLF
+    ds = open_dataset(DataConfig(dataset=f"textdir:{root}"))
+    assert "caf\u00e9\r\nna\u00efve\n" in _documents(ds).values()  # BOM dropped, CRLF kept
+
+
+def test_text_fingerprint_sees_one_character_and_the_column(tmp_path):
+    rows = text_rows()
+    for r in rows:
+        r["body"] = r["text"]  # the same documents under another column name
+    path = write_table(tmp_path / "mail.csv", rows)
+    before = _open_text(path).fingerprint
+    rows[17]["text"] = rows[17]["text"][:-1] + "X"
+    write_table(path, rows)
+    after = _open_text(path).fingerprint
+    assert after != before
+    body = _open_text(path, text_column="body")
+    assert body.fingerprint != after
+    rows[17]["text"] = rows[17]["body"]
+    write_table(path, rows)
+    assert _open_text(path).fingerprint == before
+    assert body.describe()["text_column"] == "body"
+
+
+@pytest.mark.parametrize("kind", ["text", "textdir"])
+def test_text_fingerprint_follows_the_documented_recipe(tmp_path, kind):
+    """docs/CACHE_FORMAT.md gives the text fingerprint as code: it must be the code."""
+    import hashlib
+
+    if kind == "text":
+        ds = _open_text(write_table(tmp_path / "mail.csv", text_rows(split=True)))
+        columns = ["text", "label"]
+    else:
+        ds = open_dataset(DataConfig(dataset=f"textdir:{write_textdir(tmp_path / 'docs')}"))
+        columns = [None, None]
+    h = hashlib.sha256(repr((ds.spec, (), ds.num_classes)).encode())
+    h.update(repr(sorted({"text": "utf-8, as stored", "normalise": "none"}.items())).encode())
+    for split in SPLITS:
+        h.update(split.encode())
+        h.update(ds.splits[split].sample_ids.astype("<i8").tobytes())
+        h.update(ds.splits[split].labels.astype("<i8").tobytes())
+        for doc in ds.texts(split):
+            b = doc.encode("utf-8")
+            h.update(len(b).to_bytes(8, "little"))
+            h.update(b)
+    expected = hashlib.sha256(h.hexdigest().encode() + json.dumps(
+        {"classes": ds.classes, "columns": columns}, sort_keys=True).encode()).hexdigest()
+    assert ds.fingerprint == expected
+
+
+def test_text_csv_with_bom_crlf_and_multiline_fields(tmp_path):
+    path = tmp_path / "excel.csv"
+    lines = ["text,label"] + [f'"doc {i}, ""quoted""\r\nsecond line",{"ab"[i % 2]}' for i in range(20)]
+    path.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode("utf-8") + b"\r\n")
+    docs = _documents(_open_text(path))
+    assert docs[3] == 'doc 3, "quoted"\r\nsecond line'  # a quoted field keeps its line end
+    tsv = tmp_path / "mail.tsv"
+    tsv.write_text("text\tlabel\n" + "".join(f'a "b" {i}, c\t{"xy"[i % 2]}\n' for i in range(20)),
+                   encoding="utf-8")
+    assert _documents(_open_text(tsv))[4] == 'a "b" 4, c'  # a quote inside a field is text
+    # a column of numbers or dates is still text when it is the text column
+    numbers = write_table(tmp_path / "numbers.csv", [{"text": str(i), "label": i % 2} for i in range(20)])
+    assert _documents(_open_text(numbers))[7] == "7"
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7, 1 << 20])
+def test_text_utf8_check_names_line_and_byte_across_chunks(tmp_path, chunk):
+    from pipeline.data.text import _check_utf8
+
+    path = tmp_path / "mail.csv"
+    data = "text,label\nna\u00efve \u20ac,a\n".encode("utf-8")
+    path.write_bytes(data + b"caf\xe9,b\n")  # Latin-1 é on line 3
+    with pytest.raises(KdError, match=rf"line 3, byte {len(data) + 3}\)"):
+        _check_utf8(path, chunk=chunk)
+    path.write_bytes(data * 3)  # multi-byte characters cut by every chunk size: valid
+    _check_utf8(path, chunk=chunk)
+
+
+DOCUMENT = st.text(st.one_of(st.characters(exclude_categories=("Cs",)),
+                             st.sampled_from(list('\n\r,"\t\' \\'))), min_size=1, max_size=30)
+
+
+@given(docs=st.lists(DOCUMENT.filter(str.strip), min_size=1, max_size=12))
+@hypothesis.example(docs=['a,"b"\r\nc', "\ufeffbom", "nul\x00", " lead", "trail\n", "\u2028\U0001f600", "NA", "42"])
+def test_text_round_trip_is_byte_identical(tmp_path_factory, docs):
+    tmp = tmp_path_factory.mktemp("round")
+    rows = [{"text": d, "label": "ab"[i % 2], "split": "train"} for i, d in enumerate(docs)]
+    rows += [{"text": f"pad {i}", "label": "ab"[i % 2], "split": ["train", "test"][i // 6]}
+             for i in range(8)]  # enough rows of both classes for every split
+    for suffix in ("csv", "jsonl"):
+        got = _documents(_open_text(write_table(tmp / f"docs.{suffix}", rows)))
+        assert [got[i].encode("utf-8") for i in range(len(docs))] == [d.encode("utf-8") for d in docs]
 
 
 # --------------------------------------------------------------------------- bad npz files

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -79,3 +80,18 @@ def test_every_variable_a_verb_target_takes_reaches_its_verb(target):
         key = GRID.get(v, v.lower()) if target == "sweep" else v.lower()
         assert f"'{key}=v{i}'" in recipe, (v, recipe)
     assert recipe.rstrip().endswith("seed=7")
+
+
+def test_text_datasets_pass_through():
+    """The README's text example: a text: dataset, an hf: teacher, and column keys in ARGS (a
+    quoted value with a space reaches kdcache as one argument)."""
+    proc = make_n("teacher-cache", "DATASET=text:mail.csv", "TEACHER=hf:models/minilm",
+                  "ARGS=text_column=body label_column=topic")
+    assert proc.returncode == 0, proc.stderr
+    line = next(line for line in proc.stdout.splitlines() if "kdcache cache" in line)
+    assert "'dataset=text:mail.csv' 'teacher=hf:models/minilm'" in line
+    assert line.split()[-2:] == ["text_column=body", "label_column=topic"]
+    proc = make_n("teacher-cache", "DATASET=textdir:docs", "ARGS=text_column='email body'")
+    line = next(line for line in proc.stdout.splitlines() if "kdcache cache" in line)
+    assert "'dataset=textdir:docs'" in line
+    assert shlex.split(line)[-1] == "text_column=email body"  # as the recipe's shell splits it

@@ -218,7 +218,12 @@ def carve(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, n
         keep, carved = train_test_split(positions, test_size=fraction, random_state=seed,
                                         stratify=labels)
     except ValueError:  # a class too small to stratify: fall back to a plain seeded split
-        keep, carved = train_test_split(positions, test_size=fraction, random_state=seed)
+        try:
+            keep, carved = train_test_split(positions, test_size=fraction, random_state=seed)
+        except ValueError:  # so few rows that one side would be empty
+            raise KdError(f"{len(labels)} row(s) are too few to carve {fraction:g} of them off "
+                          "as a split; give the dataset more rows, or lower val_fraction or "
+                          "test_fraction") from None
     return np.sort(keep), np.sort(carved)
 
 
