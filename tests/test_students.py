@@ -362,8 +362,11 @@ def test_lazy_rows_give_the_same_predictions_as_arrays():
 # =========================================================================== the contract: fit_cache
 
 @pytest.fixture(scope="module")
-def contract_caches(tmp_path_factory) -> dict[str, StudentData]:
-    """Two tiny caches: images (1, 8, 8) and signals (2, 16), random mlp teachers."""
+def contract_caches(tmp_path_factory, request) -> dict[str, StudentData]:
+    """Tiny caches: images (1, 8, 8) and signals (2, 16) of random mlp teachers, and text (the
+    test corpus) of a tiny random BERT where ``teacher=hf:`` is there to build it."""
+    import importlib.util
+
     from conftest import build
 
     from pipeline.cache import open_cache
@@ -373,6 +376,10 @@ def contract_caches(tmp_path_factory) -> dict[str, StudentData]:
     for name, spec in (("images", "synthetic:300:1x8x8:3"), ("signals", "synthetic:300:2x16:3")):
         build(work / name, work, dataset=spec, teacher="mlp")
         caches[name] = StudentData(open_cache(work / name))
+    if importlib.util.find_spec("pipeline.hf") is not None:
+        corpus, bert = request.getfixturevalue("text_corpus"), request.getfixturevalue("tiny_bert")
+        build(work / "text", work, dataset=f"text:{corpus}", teacher=f"hf:{bert}", teacher_ckpt="random")
+        caches["text"] = StudentData(open_cache(work / "text"))
     return caches
 
 

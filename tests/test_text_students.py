@@ -276,3 +276,80 @@ def test_text_network_training_is_deterministic(corpus):
             .fit(corpus["X"], corpus["y"], teacher_logits=corpus["z"], X_val=corpus["X_val"],
                  y_val=corpus["y_val"]) for _ in range(2))
     np.testing.assert_array_equal(a.decision_function(corpus["X_val"]), b.decision_function(corpus["X_val"]))
+
+
+# =========================================================================== end to end
+
+@pytest.fixture(scope="module")
+def text_cache(tmp_path_factory, text_corpus, tiny_bert) -> Path:
+    """A cache of the tiny random BERT over the test corpus (``teacher=hf:``)."""
+    import importlib.util
+
+    from conftest import build
+
+    if importlib.util.find_spec("pipeline.hf") is None:
+        pytest.skip("teacher=hf: is not here to build a text cache")
+    work = tmp_path_factory.mktemp("text_cache")
+    build(work / "cache", work, dataset=f"text:{text_corpus}", teacher=f"hf:{tiny_bert}",
+          teacher_ckpt="random")
+    return work / "cache"
+
+
+def test_text_students_run_and_export_from_a_text_cache(text_cache, tmp_path, capsys):
+    """The founding example and its text students: from one cache of a BERT teacher, a TF-IDF
+    student on soft targets, fasttext with kd and logistic regression on the cached features
+    each write a results row, and each exports to a file that plain skops / onnxruntime score
+    the test documents with as the run did."""
+    import onnxruntime as ort
+    import skops.io as sio
+
+    from conftest import run_cli
+    from pipeline.cache import open_cache
+    from pipeline.data import positions_of
+    from pipeline.results import read_results, results_dir
+    from stages.cli import main
+
+    cache = open_cache(text_cache)
+    runs = tmp_path / "runs"
+    rows = {model: run_cli(capsys, "student", f"cache={text_cache}", f"runs_dir={runs}",
+                           f"model={model}", "device=cpu", *args)
+            for model, args in (("tfidf_logreg", ["target=soft", "C=1"]),
+                                ("fasttext", ["loss=kd", "epochs=2", "buckets=4096"]),
+                                ("logreg", []))}
+    assert (rows["tfidf_logreg"]["target"], rows["tfidf_logreg"]["temperature"]) == ("soft", cache.temperature)
+    assert rows["fasttext"]["loss"] == "kd" and rows["fasttext"]["kind"] == "inputs"
+    assert rows["logreg"]["kind"] == "features"
+    table = read_results(results_dir(text_cache)).to_pylist()
+    assert sorted(r["model"] for r in table) == ["fasttext", "logreg", "tfidf_logreg"]
+    for row in rows.values():
+        assert 0 <= row["test_accuracy"] <= 1 and row["latency_b1_ms"] > 0
+
+    dataset = cache.open_dataset()  # the test documents as stored, in cache row order
+    split = dataset.splits["test"]
+    docs = dataset.pools[split.pool].read(split.positions[positions_of(split.sample_ids, cache.sample_ids("test"))])
+    labels = cache.labels("test")
+
+    tfidf = run_cli(capsys, "export", f"run={rows['tfidf_logreg']['run_dir']}")
+    assert tfidf["format"] == "skops" and tfidf["input"]["dtype"] == "str"
+    pipeline = sio.load(tfidf["path"])  # nothing trusted; documents in
+    assert np.mean(pipeline.predict(list(docs)) == labels) == rows["tfidf_logreg"]["test_accuracy"]
+
+    net = run_cli(capsys, "export", f"run={rows['fasttext']['run_dir']}")
+    run_dir = Path(rows["fasttext"]["run_dir"])
+    assert net["format"] == "onnx" and net["beside"] == ["featuriser.json"]
+    assert net["input"]["name"] == "ids" and net["check"]["max_abs_logit_diff"] < 1e-4
+    featurise = HashedNgrams.from_spec(json.loads((run_dir / "featuriser.json").read_text()))
+    assert featurise == HashedNgrams(buckets=4096, max_tokens=256, ngrams=2)
+    session = ort.InferenceSession(str(run_dir / "student.onnx"), providers=["CPUExecutionProvider"])
+    logits = session.run(["logits"], {"ids": featurise(docs)})[0]
+    assert np.mean(logits.argmax(1) == labels) == pytest.approx(rows["fasttext"]["test_accuracy"])
+    one = session.run(["logits"], {"ids": featurise(docs[:1])})[0]  # batch and length are dynamic
+    np.testing.assert_allclose(one, logits[:1], rtol=1e-5, atol=1e-5)
+
+    features = run_cli(capsys, "export", f"run={rows['logreg']['run_dir']}")
+    assert features["format"] == "skops" and features["input"]["dtype"] == "float32"
+
+    capsys.readouterr()  # an image student on documents: refused up front, in one line
+    assert main(["student", f"cache={text_cache}", f"runs_dir={runs}", "model=mlp"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model mlp reads array inputs, and cache" in err[0]
