@@ -36,7 +36,8 @@ def main(args: list[str]) -> dict:
     check_scheduler(cfg)  # an unreachable scheduler: one line, before anything is done
     dataset = open_dataset(cfg)
     arch = teacher_arch(cfg, dataset)
-    create_teacher(arch, dataset.input_shape, dataset.num_classes, cfg.teacher_ckpt)  # fail fast if it cannot fit
+    create_teacher(arch, dataset.input_shape, dataset.num_classes, cfg.teacher_ckpt,  # fail fast if it cannot fit
+                   max_length=cfg.max_length)
     parse(cfg.augment, dataset.input_shape)  # ... and a views policy that does not fit the inputs
     check_mode(parse_mode(cfg.logits), dataset.num_classes)  # ... and a topk:K of every class
     root = location(cfg.cache) if cfg.cache else default_cache_path(
