@@ -188,7 +188,8 @@ class HfTeacher(nn.Module):
         pad = self.tokenizer.pad_token_id
         # tokenizers without a padding token (GPT-style) pad with any real id: the mask hides it
         self.pad_id = int(pad if pad is not None else self.tokenizer.eos_token_id or 0)
-        self._base_fingerprint: str | None = None
+        # now, while the encoder holds the directory's weights (finetune=full changes them)
+        self.base_fingerprint = self._base()
 
     # ------------------------------------------------------------------ identity
     @property
@@ -230,17 +231,15 @@ class HfTeacher(nn.Module):
         max_length, truncation and padding side)."""
         return self.tokenizer_record["fingerprint"]
 
-    @property
-    def base_fingerprint(self) -> str:
-        """sha256 of the model directory's encoder (every tensor) and tokenizer (its backend and
-        special tokens, not the settings kdcache chooses): what a trained head was trained on."""
-        if self._base_fingerprint is None:
-            h = hashlib.sha256(repr(("hf-base", self.model_type)).encode())
-            record = self.tokenizer_record
-            h.update(repr((record["backend_sha256"], record["vocab_size"], record["special_tokens"])).encode())
-            _tensor_digest(h, self.encoder.state_dict())
-            self._base_fingerprint = h.hexdigest()
-        return self._base_fingerprint
+    def _base(self) -> str:
+        """``base_fingerprint``: sha256 of the model directory's encoder (every tensor) and
+        tokenizer (its backend and special tokens, not the settings kdcache chooses), what a
+        trained head or model was trained from; taken when the directory is loaded."""
+        h = hashlib.sha256(repr(("hf-base", self.model_type)).encode())
+        record = self.tokenizer_record
+        h.update(repr((record["backend_sha256"], record["vocab_size"], record["special_tokens"])).encode())
+        _tensor_digest(h, self.encoder.state_dict())
+        return h.hexdigest()
 
     def fingerprint_identity(self) -> dict[str, Any]:
         """What :func:`pipeline.teachers.state_fingerprint` hashes besides the tensors: the
