@@ -78,14 +78,16 @@ def resolve_model(name: str) -> Path:
         return path.resolve()
     if path.exists():
         raise KdError(f"teacher=hf:{name} is a file, not a model directory; pass teacher=hf:DIR")
-    looks_like_path = name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep in name.replace("/", "")
-    if not looks_like_path:
-        try:
-            from huggingface_hub import snapshot_download
+    # a hub name is NAME or ORG/NAME; anything else that is not there is a missing directory
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep in name.replace("/", ""):
+        raise KdError(f"no model directory at {name}; pass teacher=hf:DIR to a folder written by "
+                      "save_pretrained, or hf:NAME of a model in the local Hugging Face cache")
+    try:
+        from huggingface_hub import snapshot_download
 
-            return Path(snapshot_download(name, local_files_only=True))
-        except Exception:  # not cached, or not a valid model name: the same advice either way
-            pass
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # not cached, or not a valid model name: the same advice either way
+        pass
     raise KdError(f"model {name!r} is neither a local directory nor in the local Hugging Face cache, "
                   f"and kdcache never downloads; fetch it once with internet: {fetch_command(name)}, "
                   "or pass teacher=hf:DIR to a model directory")
