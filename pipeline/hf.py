@@ -38,6 +38,7 @@ import contextlib
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -190,6 +191,9 @@ class HfTeacher(nn.Module):
         pad = self.tokenizer.pad_token_id
         # tokenizers without a padding token (GPT-style) pad with any real id: the mask hides it
         self.pad_id = int(pad if pad is not None else self.tokenizer.eos_token_id or 0)
+        # a fast tokenizer sets its truncation on its Rust backend at every call: threads that
+        # tokenize at once (local dask workers share one teacher) must take turns
+        self._tokenizing = threading.Lock()
         # now, while the encoder holds the directory's weights (finetune=full changes them)
         self.base_fingerprint = self._base()
 
@@ -268,14 +272,15 @@ class HfTeacher(nn.Module):
         """``(ids per document, truncated)``: each document's token ids (special tokens added,
         truncated to ``max_length``, unpadded), and whether truncation cut it."""
         texts = [str(t) for t in texts]
-        rows = self.tokenizer(texts, truncation=True, max_length=self.max_length,
-                              verbose=False)["input_ids"]
-        truncated = np.zeros(len(rows), dtype=bool)
-        full = [i for i, ids in enumerate(rows) if len(ids) >= self.max_length]
-        if full:  # only a document that reached the limit may have been cut: one token more says
-            longer = self.tokenizer([texts[i] for i in full], truncation=True,
-                                    max_length=self.max_length + 1, verbose=False)["input_ids"]
-            truncated[full] = [len(ids) > self.max_length for ids in longer]
+        with self._tokenizing:
+            rows = self.tokenizer(texts, truncation=True, max_length=self.max_length,
+                                  verbose=False)["input_ids"]
+            truncated = np.zeros(len(rows), dtype=bool)
+            full = [i for i, ids in enumerate(rows) if len(ids) >= self.max_length]
+            if full:  # only a document that reached the limit may have been cut: one token more says
+                longer = self.tokenizer([texts[i] for i in full], truncation=True,
+                                        max_length=self.max_length + 1, verbose=False)["input_ids"]
+                truncated[full] = [len(ids) > self.max_length for ids in longer]
         return [list(ids) for ids in rows], truncated
 
     def pad(self, rows: list[list[int]]) -> dict[str, np.ndarray]:

@@ -723,7 +723,7 @@ CASES: list[Case] = [
     # ------------------------------------------------------------------ dataset files
     Case("unknown-dataset", DATASET, "a dataset kind kdcache does not know",
          lambda tmp: cache_cmd(tmp, dataset="mnist"),
-         r"unknown dataset 'mnist'; known: digits, digits3, imagefolder, npz, synthetic, torchvision"),
+         r"unknown dataset 'mnist'; known: digits, digits3, imagefolder, npz, synthetic, text, textdir, torchvision"),
     Case("digits-with-argument", DATASET, "digits:ARG",
          lambda tmp: cache_cmd(tmp, dataset="digits:5"), r"dataset digits takes no argument"),
     Case("npz-no-path", DATASET, "npz: without a path",
@@ -1212,6 +1212,10 @@ CASES += [
     Case("text-finetune", CONFIG, "finetune= neither head nor full",
          lambda tmp: ["teacher", f"dataset=text:{_corpus(tmp)}", "teacher=hf:x", "finetune=lora"],
          r"finetune='lora' is not a way to train a text teacher; use head or full$"),
+    Case("text-views", CONFIG, "views= and augment= on a text dataset",
+         _text_cmd("teacher=hf:x", "views=4", "augment=shift:1"),
+         r"augment=shift:1: augmentation applies to arrays \(signals, images\), and these inputs are "
+         r"text; a text cache holds one view per row: drop views= and augment=$"),
     Case("moot-max-length", CONFIG, "max_length= with an array teacher",
          lambda tmp: cache_cmd(tmp, teacher="mlp", max_length=64),
          r"max_length=64" + MOOT + r"max_length= applies to text teachers \(teacher=hf:DIR\), not teacher=mlp"),

@@ -168,6 +168,10 @@ def plan(cfg: CacheConfig, dataset: Dataset, spec: TeacherSpec, shapes: dict[str
     if mode.sparse:
         manifest["logits"] = logits
     if text is not None:
+        import importlib.metadata
+
+        manifest["versions"].update({name: importlib.metadata.version(name)
+                                     for name in ("transformers", "tokenizers")})
         manifest["teacher"]["max_length"] = spec.max_length
         manifest["tokenizer"] = text["tokenizer"]
         manifest["tokens"] = text["tokens"]

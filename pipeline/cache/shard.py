@@ -282,8 +282,8 @@ def compute_shard(job: ShardJob, inputs: ShardInputs | None = None,
     return ComputedShard(job, bufs, stats, inputs.sha256.hexdigest(), t0)
 
 
-def stored_logits(job: ShardJob, logits: np.ndarray, rows: slice | np.ndarray) -> dict[str, np.ndarray]:
-    """What the cache keeps of the logits [B, V, C] of ``rows`` (of the shard: a run, or a
+def stored_logits(job: ShardJob, logits: np.ndarray, at: slice | np.ndarray) -> dict[str, np.ndarray]:
+    """What the cache keeps of the logits [B, V, C] of the shard's rows ``at`` (a run, or a
     text shard's bucket), by array key: all of them (dense), or the sparse arrays of the job's
     logits mode (:mod:`pipeline.sparse`)."""
     mode = parse_mode(job.logits)
@@ -296,7 +296,7 @@ def stored_logits(job: ShardJob, logits: np.ndarray, rows: slice | np.ndarray) -
         return {fmt.sparse_key(job.split, TOPK, "classes"): ids.reshape(rows, views, -1),
                 fmt.sparse_key(job.split, TOPK, "logits"): values.astype(job.dtype).reshape(rows, views, -1),
                 fmt.sparse_key(job.split, TOPK, "tail"): tail.reshape(rows, views, 2)}
-    sample_ids = _worker_dataset(job).splits[job.split].sample_ids[job.start:job.stop][rows]
+    sample_ids = _worker_dataset(job).splits[job.split].sample_ids[job.start:job.stop][at]
     uniforms = np.stack([sample_uniforms(job.seed, job.split, sample_ids, v, mode.k)
                          for v in range(views)], axis=1).reshape(rows * views, mode.k)
     ids = draw(flat, job.temperature, uniforms, classes)
