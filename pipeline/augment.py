@@ -243,6 +243,9 @@ def _parse(spec: str, shape: tuple[int, ...] | None) -> Policy | None:
     if not text or any(not p for p in parts):
         raise KdError(f"{spec!r} is malformed; write NAME[:ARG] joined by +, e.g. crop:4+flip, "
                       f"or none (policies: {', '.join(POLICIES.names())})")
+    if shape == ():  # documents (text datasets): there is nothing to shift, crop or flip
+        raise KdError("augmentation applies to arrays (signals, images), and these inputs are text; "
+                      "a text cache holds one view per row: drop views= and augment=")
     policies = []
     for part in parts:
         name, _, arg = part.partition(":")

@@ -106,11 +106,22 @@ class TeacherConfig(DataConfig):
     # cache build cores / (workers x streams) here, on a scheduler's workers each worker's
     # share of its own host's cores (pipeline.cluster)
     threads: int = 0
+    # text teachers (teacher=hf:DIR): tokens per document (longer ones are truncated), and what
+    # `kdcache teacher` trains: head (the linear head on frozen encoder features, fast on CPU)
+    # or full (every weight; give it a small lr, e.g. lr=3e-5)
+    max_length: int = 128
+    finetune: str = "head"
 
     def check(self) -> None:
         super().check()
         _check_threads(self.threads)
         _positive(self, "epochs", "lr", "batch_size")
+        if self.max_length < 2:
+            raise KdError(f"max_length={self.max_length} must be >= 2 (a document's tokens, special "
+                          "tokens included)")
+        if self.finetune not in FINETUNES:
+            raise KdError(f"finetune={self.finetune!r} is not a way to train a text teacher; use "
+                          f"{' or '.join(FINETUNES)}")
         _at_most(self, lr=MAX_LR)
         if self.weight_decay < 0:
             raise KdError(f"weight_decay={self.weight_decay} must be >= 0")
@@ -120,7 +131,8 @@ class TeacherConfig(DataConfig):
         """The keys this config's values make moot, each with why and the fix (see
         :func:`resolve`). `kdcache teacher` trains a checkpoint: it loads none."""
         return {"teacher_ckpt": "`kdcache teacher` trains the teacher into teacher_dir; drop "
-                                "teacher_ckpt= (kdcache cache teacher_ckpt=PATH uses a checkpoint)"}
+                                "teacher_ckpt= (kdcache cache teacher_ckpt=PATH uses a checkpoint)",
+                **_text_teacher_keys(self)}
 
 
 @dataclass(frozen=True)
@@ -198,7 +210,7 @@ class CacheConfig(TeacherConfig):
 
     def moot(self) -> dict[str, str]:
         """See :meth:`TeacherConfig.moot`."""
-        out = {}
+        out = _text_teacher_keys(self)
         if self.cache:
             out["cache_root"] = (f"cache={self.cache} is where the cache goes; drop cache_root= (or "
                                  "drop cache= for the default cache under cache_root)")
@@ -217,7 +229,17 @@ class CacheConfig(TeacherConfig):
 
 
 # `kdcache teacher`'s training settings: moot where a checkpoint is given instead
-TRAINING_KEYS = ("epochs", "lr", "weight_decay", "batch_size", "teacher_augment")
+TRAINING_KEYS = ("epochs", "lr", "weight_decay", "batch_size", "teacher_augment", "finetune")
+FINETUNES = ("head", "full")  # text teachers: what `kdcache teacher` trains (pipeline.hf)
+TEXT_TEACHER_KEYS = ("max_length", "finetune")  # keys only text teachers (hf:) take
+
+
+def _text_teacher_keys(cfg: Any) -> dict[str, str]:
+    """The text teachers' keys, moot for any other teacher (see :meth:`TeacherConfig.moot`)."""
+    if cfg.teacher.startswith("hf:"):
+        return {}
+    return {key: f"{key}= applies to text teachers (teacher=hf:DIR), not teacher={cfg.teacher}; "
+                 f"drop {key}=" for key in TEXT_TEACHER_KEYS}
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,10 @@ latencies recorded when a cache was built or a run finished stay as context.
 
 Timing does not depend on the values of the rows (no model here branches on its input), so
 the rows are seeded noise of the teacher's input shape: the comparison needs neither the
-dataset nor the cache's inputs.
+dataset nor the cache's inputs. Text is the exception: a document's cost grows with its
+length, so a text cache's teacher and students are timed on the first ``ROWS`` training
+documents, as ``str`` (a numpy object array): every ``predict`` of a text cache takes raw
+text, the teacher's tokenization and each student's own text processing included in its time.
 """
 
 from __future__ import annotations
@@ -47,11 +50,12 @@ def load_teacher(cache: TeacherCache):
     checked), as ``predict(batch)``; or the reason it cannot be loaded here, as text."""
     from pipeline.teachers import TeacherSpec, build_teacher
 
-    t = cache.manifest["teacher"]
-    spec = TeacherSpec(t["arch"], tuple(t["input_shape"]), t["num_classes"], t["ckpt"],
-                       t["seed"] or 0, fingerprint=t["fingerprint"])
+    from pipeline.hf import HfTeacher
+
+    spec = TeacherSpec.of_record(cache.manifest["teacher"])
     try:
-        return torch_predict(build_teacher(spec))
+        model = build_teacher(spec)
+        return model.predict if isinstance(model, HfTeacher) else torch_predict(model)
     except KdError as exc:
         return f"the teacher cannot be loaded here: {first_line(exc, 160)}"
 
@@ -65,8 +69,15 @@ def compare(cache: TeacherCache, students: dict[Any, Callable[[np.ndarray], obje
     teacher = load_teacher(cache)
     if isinstance(teacher, str):
         return {key: teacher for key in students}
-    shape = tuple(cache.manifest["teacher"]["input_shape"])
-    rows = np.random.default_rng(seed).standard_normal((ROWS, *shape)).astype(np.float32)
+    if "tokenizer" in cache.manifest:  # a text cache: real documents, whose length is their cost
+        try:
+            texts = cache.open_dataset().texts("train")
+        except KdError as exc:
+            return {key: f"the documents cannot be read here: {first_line(exc, 160)}" for key in students}
+        rows = texts[:ROWS]
+    else:
+        shape = tuple(cache.manifest["teacher"]["input_shape"])
+        rows = np.random.default_rng(seed).standard_normal((ROWS, *shape)).astype(np.float32)
     timed = side_by_side({"__teacher__": teacher, **students}, rows)
     t = timed.pop("__teacher__")
     return {key: {"teacher_b1_ms": t["b1_ms"], "teacher_b256_ms": t["b256_ms"],

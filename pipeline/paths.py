@@ -20,7 +20,7 @@ def default_cache_path(cache_root: str, dataset_spec: str, arch: str, teacher_ck
     ``digits3-resnet_small-topk16``)."""
     from pipeline.data import dataset_slug  # the dataset sources: only for a default path
 
-    name = f"{dataset_slug(dataset_spec)}-{dataset_slug(arch)}"  # timm:resnet18 -> timm-resnet18
+    name = f"{dataset_slug(dataset_spec)}-{teacher_slug(arch)}"  # timm:resnet18 -> timm-resnet18
     if teacher_ckpt == "random":
         name += f"-random{seed}"
     elif teacher_ckpt:
@@ -30,6 +30,17 @@ def default_cache_path(cache_root: str, dataset_spec: str, arch: str, teacher_ck
     if logits != "dense":
         name += "-" + logits.replace(":", "")
     return location(cache_root, "cache_root") / name
+
+
+def teacher_slug(arch: str) -> str:
+    """A short, filesystem-safe name for a teacher: ``timm:resnet18`` -> ``timm-resnet18``; a
+    text teacher by its model directory's name, ``hf:/models/all-MiniLM-L6-v2`` ->
+    ``hf-all-minilm-l6-v2``."""
+    from pipeline.data import dataset_slug
+
+    if arch.startswith("hf:"):
+        arch = "hf-" + Path(arch[3:]).name
+    return dataset_slug(arch)
 
 
 # The architectures teacher=auto picks from (pipeline.teachers.auto_teacher, by input rank)
@@ -53,8 +64,8 @@ def cache_path(cfg) -> Location:
 
     root, base = location(cfg.cache_root, "cache_root"), dataset_slug(cfg.dataset)
     archs = AUTO_TEACHERS if cfg.teacher == "auto" else (cfg.teacher,)
-    found = [root / f"{base}-{dataset_slug(a)}" for a in archs
-             if (root / f"{base}-{dataset_slug(a)}" / MANIFEST).is_file()]
+    found = [root / f"{base}-{teacher_slug(a)}" for a in archs
+             if (root / f"{base}-{teacher_slug(a)}" / MANIFEST).is_file()]
     if not found and root.is_dir():
         for child in sorted(root.iterdir(), key=lambda c: c.name):
             if not child.name.startswith(base + "-") or not (child / MANIFEST).is_file():
@@ -62,7 +73,7 @@ def cache_path(cfg) -> Location:
             m = json.loads((child / MANIFEST).read_text())
             arch = m["teacher"]["arch"]
             if (m["dataset"]["config"]["dataset"] == cfg.dataset and arch in archs
-                    and child.name == f"{dataset_slug(m['dataset']['spec'])}-{dataset_slug(arch)}"):
+                    and child.name == f"{dataset_slug(m['dataset']['spec'])}-{teacher_slug(arch)}"):
                 found.append(child)
     if len(found) > 1:
         raise KdError(f"dataset={cfg.dataset} has caches of several teachers under {root} "

@@ -57,12 +57,22 @@ def torch_threads(n: int):
         set_threads(before)
 
 
-def autocast(device: torch.device):
-    """Mixed precision on CUDA (float16 activations, float32 accumulation); a no-op on CPU so
-    that cached values on CPU are exact float32 forward passes."""
+def autocast(device: torch.device, dtype: torch.dtype = torch.float16):
+    """Mixed precision on CUDA (``dtype`` activations, float16 by default; float32
+    accumulation); a no-op on CPU so that cached values on CPU are exact float32 forward
+    passes."""
     if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
+        return torch.autocast("cuda", dtype=dtype)
     return contextlib.nullcontext()
+
+
+def text_autocast_dtype(device: torch.device) -> torch.dtype:
+    """The mixed precision of transformer text teachers on ``device``: bfloat16 where the GPU
+    supports it (float16's range overflows in attention and layer norms of some pretrained
+    encoders), else float16. Unused on CPU (:func:`autocast` is a no-op there)."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
 
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -2,8 +2,8 @@
 values that other modules own checked by their owners, before any work.
 
 The owners: the dataset registry (``dataset=``: the source must exist, and a source that takes
-a file gets it absolute), the augmentation policies (``augment=``, ``teacher_augment=``) and
-the logits modes (``logits=``). They sit below this module and above :mod:`pipeline.config`
+a file gets it absolute; so does a text teacher's model directory, ``teacher=hf:DIR``), the
+augmentation policies (``augment=``, ``teacher_augment=``) and the logits modes (``logits=``). They sit below this module and above :mod:`pipeline.config`
 (the data package imports its ``DataConfig``), which therefore cannot call them: resolve every
 verb's config with :func:`resolve`, which hands :func:`owned` to :func:`pipeline.config.resolve`.
 """
@@ -11,6 +11,7 @@ verb's config with :func:`resolve`, which hands :func:`owned` to :func:`pipeline
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, TypeVar
 
 from pipeline import config
@@ -37,6 +38,11 @@ def owned(cfg: C) -> C:
 
     changes = {f.name: absolute_spec(getattr(cfg, f.name))
                for f in dataclasses.fields(cfg) if f.metadata.get("dataset")}
+    teacher = getattr(cfg, "teacher", "")
+    if teacher.startswith("hf:"):  # a model directory made absolute, like any path; a model name
+        folder = os.path.expanduser(teacher[3:])  # of the local HF cache stays as it is
+        if teacher[3:] and os.path.isdir(folder):
+            changes["teacher"] = "hf:" + os.path.abspath(folder)
     cfg = dataclasses.replace(cfg, **changes) if changes else cfg
     for key in POLICY_KEYS:
         spec = getattr(cfg, key, "auto")

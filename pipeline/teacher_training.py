@@ -12,6 +12,13 @@ Training prints one line per epoch on stderr (a bar on a terminal) and checkpoin
 finished epoch into ``.<arch>-<key>.incomplete/`` beside the teacher's folder, so Ctrl-C and a
 re-run of the same command resume from the last finished epoch, to the same final weights as an
 uninterrupted run (on the same device).
+
+Text teachers (``teacher=hf:DIR``, :mod:`pipeline.hf`) train their classification head:
+``finetune=head`` (the default) runs the frozen encoder once over train, val and test into
+features and trains the linear head on them for ``epochs`` (fast on a CPU), and saves only the
+head's tensors; ``finetune=full`` trains every weight on batches of text (give it a small
+``lr``, e.g. 3e-5) and saves them all. Either file records the fingerprint of the model
+directory's encoder and tokenizer, and loads only onto that model (``HfTeacher.load_checkpoint``).
 """
 
 from __future__ import annotations
@@ -32,21 +39,40 @@ from pipeline.config import TeacherConfig, fingerprint
 from pipeline.data import Dataset, dataset_slug
 from pipeline.errors import KdError, StoppedEarly
 from pipeline.io import atomic_path, atomic_write_text, fsync_dir
+from pipeline.paths import teacher_slug
 from pipeline.provenance import save_config
-from pipeline.teachers import TEACHERS, auto_teacher, create_teacher, pretrained_state
+from pipeline.teachers import (TEACHERS, TEXT_FAMILY, auto_teacher, create_teacher, is_text_teacher,
+                                pretrained_state)
 
 CHECKPOINT = "checkpoint.pt"  # in the .incomplete folder: everything needed to resume
 
 
 def teacher_arch(cfg: TeacherConfig, dataset: Dataset) -> str:
-    """The architecture ``cfg.teacher`` names (``auto``: picked by the input's rank)."""
-    return auto_teacher(dataset.input_shape) if cfg.teacher == "auto" else cfg.teacher
+    """The architecture ``cfg.teacher`` names (``auto``: picked by the input's rank). A teacher
+    that does not read the dataset's kind of input (text, arrays) is refused in one line."""
+    text = dataset.modality == "text"
+    if cfg.teacher == "auto":
+        if text:
+            raise KdError(f"teacher=auto picks array teachers, but {dataset.spec} holds text; pass "
+                          "teacher=hf:DIR, a Hugging Face model directory (e.g. all-MiniLM-L6-v2's)")
+        return auto_teacher(dataset.input_shape)
+    if text and not is_text_teacher(cfg.teacher):
+        raise KdError(f"teacher {cfg.teacher} reads arrays, but {dataset.spec} holds text; pass "
+                      "teacher=hf:DIR, a Hugging Face model directory")
+    if not text and is_text_teacher(cfg.teacher):
+        raise KdError(f"teacher {cfg.teacher} reads text, but {dataset.spec} holds arrays shaped "
+                      f"{tuple(dataset.input_shape)}; use an array teacher (e.g. teacher=auto), or a "
+                      "text dataset (dataset=text:PATH)")
+    return cfg.teacher
 
 
 def teacher_policy(cfg: TeacherConfig, dataset: Dataset) -> Policy | None:
     """``teacher_augment``; ``auto`` is a shift of ±1 for inputs with a channel axis (signals
     (C, L), images (C, H, W)) and none for flat rows, which may be tabular features."""
     spec = cfg.teacher_augment
+    if dataset.modality == "text" and spec not in ("auto", "none"):
+        raise KdError(f"teacher_augment={spec} augments arrays, and {dataset.spec} holds text; a text "
+                      "teacher trains on the documents as they are: drop teacher_augment=")
     if spec == "auto":
         spec = "shift:1" if len(dataset.input_shape) >= 2 else "none"
     return parse(spec, dataset.input_shape, key="teacher_augment")
@@ -67,11 +93,40 @@ def teacher_identity(cfg: TeacherConfig, dataset: Dataset) -> dict:
     """
     arch = teacher_arch(cfg, dataset)
     policy = teacher_policy(cfg, dataset)
+    if is_text_teacher(arch):
+        return _text_identity(cfg, dataset, arch)
     return {"dataset_fingerprint": dataset.fingerprint, "arch": arch,
             "arch_plugin": TEACHERS.identity(arch) if arch in TEACHERS else None,
             "seed": cfg.seed, "pretrained": cfg.pretrained, "epochs": cfg.epochs, "lr": cfg.lr,
             "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size,
             "teacher_augment": policy.spec if policy is not None else "none"}
+
+
+_TEXT_MODELS: dict[tuple, dict] = {}  # a model directory's fingerprints, by its files' stamps
+
+
+def _text_identity(cfg: TeacherConfig, dataset: Dataset, arch: str) -> dict:
+    """:func:`teacher_identity` of a text teacher: the model by what it is, not where it is
+    (its encoder weights and tokenizer, :attr:`pipeline.hf.HfTeacher.base_fingerprint`; the
+    tokenizer fingerprint, max_length included), transformers' version, and ``finetune`` with
+    the training settings. Loading a model to fingerprint it takes a while, so each directory
+    is fingerprinted once per process (again when one of its files changes)."""
+    import importlib.metadata
+
+    from pipeline.hf import resolve_model
+
+    directory = resolve_model(arch.partition(":")[2])
+    stamps = tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size)
+                   for p in sorted(directory.iterdir()) if p.is_file())
+    key = (str(directory), stamps, cfg.max_length, dataset.num_classes)
+    if key not in _TEXT_MODELS:
+        model = create_teacher(arch, dataset.input_shape, dataset.num_classes, max_length=cfg.max_length)
+        _TEXT_MODELS[key] = {"base": model.base_fingerprint, "tokenizer": model.tokenizer_fingerprint}
+    return {"dataset_fingerprint": dataset.fingerprint, "arch": TEXT_FAMILY,
+            "model": _TEXT_MODELS[key], "transformers": importlib.metadata.version("transformers"),
+            "finetune": cfg.finetune, "max_length": cfg.max_length, "seed": cfg.seed,
+            "epochs": cfg.epochs, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
+            "batch_size": cfg.batch_size, "teacher_augment": "none"}
 
 
 def teacher_key(cfg: TeacherConfig, dataset: Dataset) -> str:
@@ -83,7 +138,7 @@ def teacher_dir(cfg: TeacherConfig, dataset: Dataset) -> Path:
     """Where the trained default teacher of this data, architecture and training settings lives:
     ``<teacher_dir>/<dataset slug>/<arch>-<first 12 hex of its key>`` (the slug and arch keep
     it readable; the key keeps two files named alike, or two settings, apart)."""
-    arch = dataset_slug(teacher_arch(cfg, dataset))
+    arch = teacher_slug(teacher_arch(cfg, dataset))  # hf:DIR by its directory's name
     return Path(cfg.teacher_dir) / dataset_slug(dataset.spec) / f"{arch}-{teacher_key(cfg, dataset)[:12]}"
 
 
@@ -160,9 +215,10 @@ def train_teacher(cfg: TeacherConfig, dataset: Dataset, progress: bool = True) -
 
 def _train_teacher(cfg: TeacherConfig, dataset: Dataset, progress: bool) -> dict:
     arch = teacher_arch(cfg, dataset)
+    if is_text_teacher(arch):
+        return _train_text_teacher(cfg, dataset, arch, progress)
     device = runtime.pick_device(cfg.device)
     identity = teacher_identity(cfg, dataset)
-    work = incomplete_dir(cfg, dataset)
     torch.manual_seed(cfg.seed)
     model = create_teacher(arch, dataset.input_shape, dataset.num_classes)
     if cfg.pretrained:
@@ -174,6 +230,17 @@ def _train_teacher(cfg: TeacherConfig, dataset: Dataset, progress: bool) -> dict
 
     # Teacher training holds train and val in memory; caching (stage one) is what streams.
     x = {s: dataset.inputs(s, 0, len(dataset.splits[s])) for s in ("train", "val", "test")}
+    return _fit_and_save(cfg, dataset, arch, model, x, device, identity, teacher_policy(cfg, dataset),
+                         progress)
+
+
+def _fit_and_save(cfg: TeacherConfig, dataset: Dataset, label: str, model: nn.Module, x: dict,
+                  device: torch.device, identity: dict, policy: Policy | None, progress: bool,
+                  weights=None, params: int | None = None) -> dict:
+    """Train ``model`` on ``x`` (arrays by split) with the splits' labels, resuming from the
+    checkpoint of an interrupted run of this identity; score test once and save. ``weights()``
+    gives what is saved (tensors, safetensors metadata; default: the model's state dict)."""
+    work = incomplete_dir(cfg, dataset)
     y = {s: dataset.splits[s].labels for s in ("train", "val", "test")}
     resume = load_checkpoint(work, identity, device)
     if resume:
@@ -185,7 +252,7 @@ def _train_teacher(cfg: TeacherConfig, dataset: Dataset, progress: bool) -> dict
     def on_epoch(state: dict) -> None:
         save_checkpoint(work, {**state, "identity": identity, "device": device.type})
         if lines:
-            print(_epoch_line(arch, state, cfg.epochs, time.perf_counter() - started,
+            print(_epoch_line(label, state, cfg.epochs, time.perf_counter() - started,
                               state["epoch"] - first), file=sys.stderr)
 
     ce = nn.CrossEntropyLoss()
@@ -195,9 +262,10 @@ def _train_teacher(cfg: TeacherConfig, dataset: Dataset, progress: bool) -> dict
                               lambda out, labels, targets: ce(out, labels),
                               epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay,
                               seed=cfg.seed, device=device,
-                              augment=teacher_policy(cfg, dataset), progress=progress,
-                              desc=f"teacher {arch}", resume=resume, on_epoch=on_epoch)
-        summary = _score_and_save(cfg, dataset, model, result, x["test"], y["test"], device, identity)
+                              augment=policy, progress=progress,
+                              desc=f"teacher {label}", resume=resume, on_epoch=on_epoch)
+        summary = _score_and_save(cfg, dataset, model, result, x["test"], y["test"], device, identity,
+                                  weights() if weights else None, params)
     except KeyboardInterrupt:
         # what the next run resumes from is what is on disk (Ctrl-C may land during a save)
         saved = load_checkpoint(work, identity, device, quiet=True)
@@ -211,13 +279,17 @@ def _train_teacher(cfg: TeacherConfig, dataset: Dataset, progress: bool) -> dict
 
 
 def _score_and_save(cfg: TeacherConfig, dataset: Dataset, model: nn.Module, result: training.FitResult,
-                    x_test, y_test, device: torch.device, identity: dict) -> dict:
+                    x_test, y_test, device: torch.device, identity: dict,
+                    weights: tuple[dict, dict] | None = None, params: int | None = None) -> dict:
     """Score the trained teacher once on test and save it (weights, config, metrics) into its
-    folder atomically: a temporary folder beside it, renamed into place when whole."""
+    folder atomically: a temporary folder beside it, renamed into place when whole.
+    ``weights``: the (tensors, safetensors metadata) to save, where not the model's state dict;
+    ``params``: the teacher's parameters, where ``model`` is only the part that was trained."""
     test_logits = training.predict_logits(model, x_test, device)
     test_acc = float((test_logits.argmax(1) == y_test).mean())  # scored once
-    metrics = {"arch": identity["arch"], "dataset": dataset.spec, "dataset_fingerprint": dataset.fingerprint,
-               "key": fingerprint(identity), "params": sum(p.numel() for p in model.parameters()),
+    metrics = {"arch": teacher_arch(cfg, dataset), "dataset": dataset.spec,
+               "dataset_fingerprint": dataset.fingerprint, "key": fingerprint(identity),
+               "params": params or sum(p.numel() for p in model.parameters()),
                "best_epoch": result.best_epoch, "val_accuracy": result.best_val_accuracy,
                "test_accuracy": test_acc, "fit_seconds": round(result.seconds, 2),
                "history": result.history}
@@ -228,8 +300,9 @@ def _score_and_save(cfg: TeacherConfig, dataset: Dataset, model: nn.Module, resu
     try:
         from safetensors.torch import save_file
 
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / "model.safetensors"))
+        state, meta = weights or ({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                                  None)
+        save_file(state, str(tmp / "model.safetensors"), metadata=meta)
         save_config(cfg, tmp / "config.json")
         # the config records what it was trained on too (a folder is readable on its own)
         config = json.loads((tmp / "config.json").read_text())
@@ -245,6 +318,30 @@ def _score_and_save(cfg: TeacherConfig, dataset: Dataset, model: nn.Module, resu
         raise
     return {**{k: v for k, v in metrics.items() if k != "history"},
             "checkpoint": str(out / "model.safetensors")}
+
+
+def _train_text_teacher(cfg: TeacherConfig, dataset: Dataset, arch: str, progress: bool) -> dict:
+    """A text teacher's head (``finetune=head``: on features the frozen encoder computes once)
+    or every weight (``finetune=full``: on batches of text), through the shared loop."""
+    from pipeline.hf import HEAD_LAYER, TokenRows, run_bucketed
+
+    device = runtime.pick_device(cfg.device)
+    identity = teacher_identity(cfg, dataset)
+    torch.manual_seed(cfg.seed)  # the head's initial weights
+    teacher = create_teacher(arch, dataset.input_shape, dataset.num_classes, max_length=cfg.max_length)
+    texts = {s: dataset.texts(s) for s in ("train", "val", "test")}
+    if cfg.finetune == "head":
+        teacher.to(device)
+        # the encoder is frozen: its features are computed once, and the head trains on them
+        x = {s: run_bucketed(teacher, t, cfg.batch_size, device, layer=HEAD_LAYER) for s, t in texts.items()}
+        trained: nn.Module = teacher.head
+    else:
+        x = {s: TokenRows.pack(teacher, t) for s, t in texts.items()}
+        trained = TokenRows(teacher)
+    label = f"{TEXT_FAMILY}:{Path(arch.partition(':')[2]).name}"  # progress lines: the model's name
+    return _fit_and_save(cfg, dataset, label, trained, x, device, identity, None, progress,
+                         weights=lambda: teacher.checkpoint(cfg.finetune),
+                         params=sum(p.numel() for p in teacher.parameters()))
 
 
 def _epoch_line(arch: str, state: dict, epochs: int, elapsed: float, epochs_now: int) -> str:

@@ -1,5 +1,6 @@
 """Teachers (a registry: the architectures of :mod:`pipeline.architectures`, torchvision's and
-timm's models, plugins), checkpoint loading, fingerprints and feature taps.
+timm's models, Hugging Face text encoders, plugins), checkpoint loading, fingerprints and
+feature taps.
 
 A teacher is any ``nn.Module`` classifier. :func:`build_teacher` makes one from a
 :class:`TeacherSpec` (architecture + weights), and :class:`Tapped` wraps it so that one forward
@@ -22,6 +23,8 @@ from torch import nn
 from pipeline import plugins
 from pipeline.architectures import ARCHITECTURES, DEFAULT_LAYER, Factory
 from pipeline.errors import KdError, first_line
+from pipeline.hf import DEFAULT_LAYERS as TEXT_LAYERS
+from pipeline.hf import DEFAULT_MAX_LENGTH, HfTeacher
 from pipeline.onnx_teacher import OnnxTapped, OnnxTeacher
 from pipeline.registry import Registry
 
@@ -39,7 +42,7 @@ def _plugin_teacher(name: str, factory: Factory) -> Factory:
 
 
 TEACHERS: Registry[Factory] = Registry("teacher", adapt=_plugin_teacher,
-                                       also="onnx with teacher_ckpt=MODEL.onnx, timm:NAME",
+                                       also="onnx with teacher_ckpt=MODEL.onnx, timm:NAME, hf:DIR",
                                        plugins=plugins.Plugins("teacher"))
 
 ONNX = "onnx"  # teacher=onnx teacher_ckpt=MODEL.onnx (pipeline.onnx_teacher)
@@ -93,6 +96,35 @@ def _timm(name: str) -> Factory:
 
 TEACHERS.register_family("timm", _timm, package="timm")
 
+TEXT_FAMILY = "hf"  # teacher=hf:DIR: a Hugging Face text encoder (pipeline.hf)
+
+
+def is_text_teacher(arch: str) -> bool:
+    """Whether teacher ``arch`` reads documents (``str``) rather than arrays."""
+    return arch.startswith(TEXT_FAMILY + ":")
+
+
+def _hf(name: str) -> Factory:
+    """``teacher=hf:DIR``: a Hugging Face encoder from a local directory (or the local HF
+    cache), with a classification head for the dataset's classes (pipeline.hf)."""
+    from pipeline.hf import resolve_model
+
+    resolve_model(name)  # a missing model is refused now, naming the command that fetches it
+
+    def factory(input_shape: tuple[int, ...], num_classes: int,
+                max_length: int = DEFAULT_MAX_LENGTH) -> nn.Module:
+        if tuple(input_shape) != ():
+            raise KdError(f"teacher hf:{name} reads text, but the data holds arrays shaped "
+                          f"{tuple(input_shape)}; use an array teacher (e.g. teacher=auto), or a "
+                          "text dataset (dataset=text:PATH)")
+        return HfTeacher(name, num_classes, max_length)
+
+    factory.__doc__ = f"Hugging Face encoder {name} with a linear head."
+    return factory
+
+
+TEACHERS.register_family(TEXT_FAMILY, _hf, package="transformers")
+
 
 
 def auto_teacher(input_shape: tuple[int, ...]) -> str:
@@ -120,16 +152,29 @@ class TeacherSpec:
     device: str = "cpu"
     compile: bool = False
     fingerprint: str = field(default="", compare=False)
+    max_length: int | None = None  # text teachers (hf:): tokens per document; None for the rest
+
+    @classmethod
+    def of_record(cls, record: dict, **changes) -> "TeacherSpec":
+        """The spec of a manifest's ``teacher`` record (arch, input shape, classes, weights, seed,
+        fingerprint, and a text teacher's max_length), with ``changes``."""
+        values = dict(arch=record["arch"], input_shape=tuple(record["input_shape"]),
+                      num_classes=record["num_classes"], ckpt=record["ckpt"], seed=record["seed"] or 0,
+                      fingerprint=record["fingerprint"], max_length=record.get("max_length"))
+        return cls(**{**values, **changes})
 
 
 def create_teacher(arch: str, input_shape: tuple[int, ...], num_classes: int,
-                   ckpt: str = "") -> nn.Module:
+                   ckpt: str = "", max_length: int | None = None) -> nn.Module:
     """An untrained teacher ``arch`` for these inputs; ``teacher=onnx`` is its model file
-    ``ckpt`` (an ONNX graph comes with its weights)."""
+    ``ckpt`` (an ONNX graph comes with its weights); a text teacher (``hf:``) is its
+    pretrained encoder with an untrained head, reading ``max_length`` tokens per document."""
     if arch == ONNX:
         if ckpt in ("", "random"):
             raise KdError("teacher=onnx runs a model file: pass teacher_ckpt=MODEL.onnx")
         return OnnxTeacher(ckpt, tuple(input_shape), int(num_classes))
+    if is_text_teacher(arch):
+        return TEACHERS.get(arch)(tuple(input_shape), int(num_classes), max_length or DEFAULT_MAX_LENGTH)
     return TEACHERS.get(arch)(tuple(input_shape), int(num_classes))
 
 
@@ -228,10 +273,18 @@ def _class_count(state: dict, own: dict, wrong: list[str], arch: str, input_shap
 def state_fingerprint(model: nn.Module, arch: str, input_shape, num_classes: int) -> str:
     """sha256 of architecture + every tensor (name, dtype, shape, bytes) in sorted order.
 
-    torch.save files are not byte-stable, so the file itself is never hashed.
+    torch.save files are not byte-stable, so the file itself is never hashed. A text teacher
+    (:class:`pipeline.hf.HfTeacher`) is hashed with its tokenizer fingerprint and model type in
+    place of its name, which holds the directory's path: the same model and tokenizer moved
+    elsewhere is the same teacher.
     """
-    h = hashlib.sha256(repr((arch, tuple(input_shape), int(num_classes))).encode())
-    plugin = TEACHERS.identity(arch) if arch in TEACHERS else None
+    if isinstance(model, HfTeacher):
+        h = hashlib.sha256(repr(("hf", tuple(input_shape), int(num_classes))).encode())
+        h.update(repr(sorted(model.fingerprint_identity().items())).encode())
+        plugin = None
+    else:
+        h = hashlib.sha256(repr((arch, tuple(input_shape), int(num_classes))).encode())
+        plugin = TEACHERS.identity(arch) if arch in TEACHERS else None
     if plugin:  # the code that builds it: its import path, package and version
         h.update(repr(sorted(plugin.items())).encode())
     if isinstance(model, OnnxTeacher):  # an ONNX model: graph, initializers, opsets, hashed whole
@@ -252,10 +305,13 @@ def build_teacher(spec: TeacherSpec) -> nn.Module:
         model = OnnxTeacher(spec.ckpt, spec.input_shape, spec.num_classes, spec.device)
     elif spec.ckpt == "random":
         torch.manual_seed(spec.seed)
-        model = create_teacher(spec.arch, spec.input_shape, spec.num_classes)
+        model = create_teacher(spec.arch, spec.input_shape, spec.num_classes, max_length=spec.max_length)
     else:
-        model = create_teacher(spec.arch, spec.input_shape, spec.num_classes)
-        load_weights(model, spec.ckpt, spec.arch, spec.input_shape, spec.num_classes)
+        model = create_teacher(spec.arch, spec.input_shape, spec.num_classes, max_length=spec.max_length)
+        if isinstance(model, HfTeacher):  # a head (or a whole model) trained for its directory
+            model.load_checkpoint(spec.ckpt)
+        else:
+            load_weights(model, spec.ckpt, spec.arch, spec.input_shape, spec.num_classes)
     model.eval()
     if spec.fingerprint:
         actual = state_fingerprint(model, spec.arch, spec.input_shape, spec.num_classes)
@@ -274,9 +330,12 @@ _NODE_NAMES: "weakref.WeakKeyDictionary[nn.Module, list[str]]" = weakref.WeakKey
 
 
 def layer_names(model: nn.Module) -> list[str]:
-    """The layers a feature tap can name: FX graph nodes, or an ONNX graph's outputs."""
+    """The layers a feature tap can name: FX graph nodes, an ONNX graph's outputs, or a text
+    teacher's pooled hidden layers."""
     if isinstance(model, OnnxTeacher):
         return model.outputs()
+    if isinstance(model, HfTeacher):
+        return model.layer_names()
     if model not in _NODE_NAMES:
         _NODE_NAMES[model] = _traced_names(model)
     return _NODE_NAMES[model]
@@ -299,6 +358,8 @@ def default_layers(model: nn.Module) -> tuple[str, ...]:
     """The penultimate layer (``embed`` where there is one); an ONNX graph's other outputs."""
     if isinstance(model, OnnxTeacher):
         return tuple(model.feature_names)
+    if isinstance(model, HfTeacher):
+        return TEXT_LAYERS
     nodes = layer_names(model)
     if TimmStages.PRE_LOGITS in nodes and nodes[-1] == TimmStages.PRE_LOGITS:
         return (TimmStages.PRE_LOGITS,)
@@ -318,9 +379,12 @@ def _fx(model: nn.Module):
 
 def tap(model: nn.Module, layers: tuple[str, ...], pool: bool, arch: str) -> nn.Module:
     """``model`` returning ``(logits, {layer: features})``: :class:`Tapped` for torch modules,
-    :class:`pipeline.onnx_teacher.OnnxTapped` for ONNX graphs."""
+    :class:`pipeline.onnx_teacher.OnnxTapped` for ONNX graphs; a text teacher taps its own
+    pooled layers (``forward(input_ids, attention_mask)``; ``pool`` does not apply)."""
     if isinstance(model, OnnxTeacher):
         return OnnxTapped(model, layers, pool)
+    if isinstance(model, HfTeacher):
+        return model.tapped(layers)
     if layers and TimmStages.fits(model) and layer_names(model) == TimmStages.names(model):
         return TimmStages(model, layers, pool, arch)  # timm, where FX cannot trace it
     return Tapped(model, layers, pool, arch)

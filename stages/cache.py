@@ -36,8 +36,9 @@ def main(args: list[str]) -> dict:
     check_scheduler(cfg)  # an unreachable scheduler: one line, before anything is done
     dataset = open_dataset(cfg)
     arch = teacher_arch(cfg, dataset)
-    create_teacher(arch, dataset.input_shape, dataset.num_classes, cfg.teacher_ckpt)  # fail fast if it cannot fit
-    parse(cfg.augment, dataset.input_shape)  # ... and a views policy that does not fit the inputs
+    parse(cfg.augment, dataset.input_shape)  # fail fast on a views policy that does not fit the inputs
+    create_teacher(arch, dataset.input_shape, dataset.num_classes, cfg.teacher_ckpt,  # ... a teacher
+                   max_length=cfg.max_length)  # that cannot fit them (a text teacher: loads the model)
     check_mode(parse_mode(cfg.logits), dataset.num_classes)  # ... and a topk:K of every class
     root = location(cfg.cache) if cfg.cache else default_cache_path(
         cfg.cache_root, dataset.spec, arch, cfg.teacher_ckpt, cfg.seed, cfg.views, cfg.augment, cfg.logits)

@@ -1224,6 +1224,21 @@ CASES += [
 ]
 
 
+def _corpus(tmp: Path) -> Path:
+    """A small labelled CSV of documents (tests/text_models.py)."""
+    from text_models import write_corpus
+
+    return write_corpus(tmp / "mail.csv", rows=60)
+
+
+def _text_cmd(*args: str) -> Callable[[Path], list[str]]:
+    """`kdcache cache` of a text corpus with ``args`` ({tmp} filled in)."""
+    def setup(tmp: Path) -> list[str]:
+        return ["cache", f"dataset=text:{_corpus(tmp)}", "teacher_ckpt=random",
+                f"cache={tmp / 'cache'}", *(a.format(tmp=tmp) for a in args)]
+    return setup
+
+
 def _moved_dataset(tmp: Path) -> list[str]:
     """A cache built from an npz file that is then moved elsewhere."""
     path = write_npz(tmp / "data.npz")
@@ -1298,6 +1313,39 @@ CASES += [
          _moved_dataset, r"cache .*/cache reads its inputs from npz:.*/data.npz, as recorded when it was "
          r"built, and .*/data.npz is not there any more; move the data back to .*/data.npz, or build a "
          r"new cache from where it is now \(kdcache cache dataset=npz:NEW_PATH\)$"),
+    # text teachers (teacher=hf:DIR, pipeline/hf.py)
+    Case("text-teacher-auto", CONFIG, "teacher=auto on a text dataset", _text_cmd("teacher=auto"),
+         r"teacher=auto picks array teachers, but text:.*/mail.csv holds text; pass teacher=hf:DIR, "
+         r"a Hugging Face model directory \(e.g. all-MiniLM-L6-v2's\)$"),
+    Case("text-array-teacher", CONFIG, "an array teacher on a text dataset", _text_cmd("teacher=cnn_small"),
+         r"teacher cnn_small reads arrays, but text:.*/mail.csv holds text; pass teacher=hf:DIR"),
+    Case("hf-on-arrays", CONFIG, "a text teacher (hf:) on an array dataset",
+         lambda tmp: cache_cmd(tmp, teacher=f"hf:{tmp / 'model'}"),
+         r"teacher hf:.*/model reads text, but synthetic:.* holds arrays shaped \(.*\); use an array "
+         r"teacher \(e.g. teacher=auto\), or a text dataset \(dataset=text:PATH\)$"),
+    Case("hf-model-missing", PLUGINS, "hf:NAME neither a directory nor in the local HF cache",
+         _text_cmd("teacher=hf:no-such-org/no-such-model"),
+         r"model 'no-such-org/no-such-model' is neither a local directory nor in the local Hugging Face "
+         r"cache, and kdcache never downloads; fetch it once with internet: python -c \"from "
+         r"huggingface_hub import snapshot_download; snapshot_download\('no-such-org/no-such-model'\)\""),
+    Case("hf-dir-missing", PLUGINS, "hf:DIR where nothing is", _text_cmd("teacher=hf:./models/nothing-here"),
+         r"no model directory at ./models/nothing-here; pass teacher=hf:DIR to a folder written by "
+         r"save_pretrained, or hf:NAME of a model in the local Hugging Face cache$"),
+    Case("hf-not-a-model-dir", PLUGINS, "hf:DIR of a folder without config.json", _text_cmd("teacher=hf:{tmp}"),
+         r".* is not a Hugging Face model directory \(no config.json\); pass teacher=hf:DIR to a folder "
+         r"written by save_pretrained$"),
+    Case("text-max-length", CONFIG, "max_length below 2", _text_cmd("teacher=hf:x", "max_length=1"),
+         r"max_length=1 must be >= 2"),
+    Case("text-finetune", CONFIG, "finetune= neither head nor full",
+         lambda tmp: ["teacher", f"dataset=text:{_corpus(tmp)}", "teacher=hf:x", "finetune=lora"],
+         r"finetune='lora' is not a way to train a text teacher; use head or full$"),
+    Case("text-views", CONFIG, "views= and augment= on a text dataset",
+         _text_cmd("teacher=hf:x", "views=4", "augment=shift:1"),
+         r"augment=shift:1: augmentation applies to arrays \(signals, images\), and these inputs are "
+         r"text; a text cache holds one view per row: drop views= and augment=$"),
+    Case("moot-max-length", CONFIG, "max_length= with an array teacher",
+         lambda tmp: cache_cmd(tmp, teacher="mlp", max_length=64),
+         r"max_length=64" + MOOT + r"max_length= applies to text teachers \(teacher=hf:DIR\), not teacher=mlp"),
 ]
 
 BY_ID = {case.id: case for case in CASES}

@@ -34,6 +34,7 @@ from pipeline.cache.plan import codecs, now
 from pipeline.config import CacheConfig, from_record
 from pipeline.data import Dataset
 from pipeline.errors import Interrupted, KdError, first_line
+from pipeline.hf import tokenizer_difference
 from pipeline.io import fsync_dir
 from pipeline.provenance import save_config
 from pipeline.settings import resolve
@@ -194,6 +195,15 @@ def remove_cache(root) -> None:
 
 
 def _difference(old: dict, new: dict) -> str:
+    if "tokenizer" in old and "tokenizer" in new:  # text caches: how documents became ids first
+        what = tokenizer_difference(old["tokenizer"], new["tokenizer"])
+        if what:
+            return f"another tokenization ({what})"
+        if old.get("tokens") != new.get("tokens"):
+            differ = sorted(s for s in old["tokens"] if old["tokens"][s] != new["tokens"].get(s))
+            return (f"other token ids of the same tokenizer on {', '.join(differ)} (another version of "
+                    "the tokenizers library?)" if old["dataset"]["fingerprint"] == new["dataset"]["fingerprint"]
+                    else "other documents (another dataset fingerprint)")
     if old["teacher"]["fingerprint"] != new["teacher"]["fingerprint"]:
         return (f"another teacher (fingerprint {old['teacher']['fingerprint'][:12]}, this one is "
                 f"{new['teacher']['fingerprint'][:12]})")

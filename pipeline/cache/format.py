@@ -19,7 +19,8 @@
       parts/<split>/<shard>.json        per-shard completion records (only while building)
 
 Row r of every array of a split and row r of its index describe the same sample; the index's
-``sample_id`` column names it. View v of row r is the teacher's output on the input augmented
+``sample_id`` column names it. A text cache's index also has ``tokens`` and ``truncated`` per
+row, and its manifest the ``tokenizer`` and the ``tokens`` hashes (token ids are not stored). View v of row r is the teacher's output on the input augmented
 with ``augment[r, v]`` (view 0: the input itself). Single-view dense caches are written as format 1,
 exactly as before views existed; multi-view dense caches as format 2; sparse-logit caches
 (``logits=topk:K`` / ``sample:K``, see pipeline/sparse.py) as format 3. Shards are runs of ``shard_size`` rows; each is written whole,

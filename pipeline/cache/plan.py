@@ -1,5 +1,11 @@
 """What a build will write, decided before any shard is computed: the array layout (chunk and
-shard sizes), the codecs, the teacher's output shapes, and the manifest with its key."""
+shard sizes), the codecs, the teacher's output shapes, and the manifest with its key.
+
+A text teacher (``teacher=hf:DIR``) also tokenizes every document once here: the sha256 of
+every split's token ids (row by row, :func:`pipeline.tokens.update_hash`) and the tokenizer's
+record (fingerprint, max_length, truncation and padding side, vocabulary size) enter the
+manifest and its key, so a cache is never resumed, nor verified, by a tokenization that
+differs from its own."""
 
 from __future__ import annotations
 
@@ -12,18 +18,23 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+import hashlib
+
 import pipeline
-from pipeline import plugins, runtime
+from pipeline import plugins, runtime, tokens
 from pipeline.augment import parse
 from pipeline.cache import format as fmt
 from pipeline.config import CacheConfig, DataConfig, fingerprint
 from pipeline.data import Dataset
+from pipeline.data.dataset import BLOCK
 from pipeline.errors import KdError
+from pipeline.hf import HfTeacher
 from pipeline.keyed_random import RNG
 from pipeline.latency import per_sample_ms, torch_predict
 from pipeline.onnx_teacher import OnnxTeacher
 from pipeline.sparse import check_mode, parse_mode
-from pipeline.teachers import TeacherSpec, build_teacher, default_layers, state_fingerprint, tap
+from pipeline.teachers import (TeacherSpec, build_teacher, default_layers, is_text_teacher,
+                               state_fingerprint, tap)
 
 def codecs(compression: str) -> list:
     """Inner-chunk codecs: optionally zstd, then always a CRC32C so a flipped byte fails loudly
@@ -95,11 +106,13 @@ def resolve_layout(cfg: CacheConfig, dataset: Dataset,
 
 
 def plan(cfg: CacheConfig, dataset: Dataset, spec: TeacherSpec, shapes: dict[str, tuple],
-         num_params: int) -> dict[str, Any]:
+         num_params: int, text: dict | None = None) -> dict[str, Any]:
     """The manifest of the cache these inputs define, before any shard is computed.
 
     ``key`` hashes everything that determines the cached bytes; two builds with the same key
     produce identical caches, and a cache is only ever resumed by a build with its own key.
+    ``text`` (a text teacher's, :func:`describe_teacher`): the tokenizer's record and every
+    split's token ids' sha256, both in the key.
     """
     mode = parse_mode(cfg.logits)
     check_mode(mode, spec.num_classes)
@@ -121,6 +134,9 @@ def plan(cfg: CacheConfig, dataset: Dataset, spec: TeacherSpec, shapes: dict[str
     logits = mode.record(spec.num_classes, cfg.seed, cfg.temperature)
     if mode.sparse:  # dense caches keep the keys they had before sparse modes existed
         identity["logits"] = logits
+    if text is not None:  # array caches keep the keys they had before text existed
+        identity["tokenizer"] = text["tokenizer"]
+        identity["token_ids"] = {split: t["sha256"] for split, t in text["tokens"].items()}
     augment = None
     if cfg.views > 1:
         policy = parse(cfg.augment, dataset.input_shape)
@@ -151,6 +167,14 @@ def plan(cfg: CacheConfig, dataset: Dataset, spec: TeacherSpec, shapes: dict[str
         manifest["augment"] = augment
     if mode.sparse:
         manifest["logits"] = logits
+    if text is not None:
+        import importlib.metadata
+
+        manifest["versions"].update({name: importlib.metadata.version(name)
+                                     for name in ("transformers", "tokenizers")})
+        manifest["teacher"]["max_length"] = spec.max_length
+        manifest["tokenizer"] = text["tokenizer"]
+        manifest["tokens"] = text["tokens"]
     return manifest
 
 
@@ -164,13 +188,23 @@ def probe(model: torch.nn.Module, dataset: Dataset, arch: str = "teacher") -> tu
     """Per-sample output shapes, and whether every output is finite, from one forward pass on
     two real training rows (so bad weights, or a model that does not take these inputs, fail
     before anything is written)."""
-    x = torch.from_numpy(dataset.inputs("train", 0, min(2, len(dataset.splits["train"]))))
+    rows = dataset.inputs("train", 0, min(2, len(dataset.splits["train"])))
+    if isinstance(model, HfTeacher):  # documents: tokenized by the teacher
+        batch = model.encode(rows)
+        with torch.inference_mode():
+            logits, feats = model(torch.from_numpy(batch["input_ids"]), torch.from_numpy(batch["attention_mask"]))
+        return _shapes(logits, feats)
+    x = torch.from_numpy(rows)
     with torch.inference_mode():
         logits, feats = plugins.call(f"teacher {arch} on inputs shaped {tuple(x.shape[1:])}", model, x)
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         raise KdError(f"teacher {arch} returned {type(logits).__name__}"
                       f"{' shaped ' + str(tuple(logits.shape)) if isinstance(logits, torch.Tensor) else ''}; "
                       "a teacher's forward returns the logits, one tensor [batch, classes]")
+    return _shapes(logits, feats)
+
+
+def _shapes(logits: torch.Tensor, feats: dict[str, torch.Tensor]) -> tuple[dict[str, tuple[int, ...]], bool]:
     shapes = {"logits": tuple(logits.shape[1:])}
     shapes.update({name: tuple(f.shape[1:]) for name, f in feats.items()})
     finite = all(bool(torch.isfinite(t).all()) for t in (logits, *feats.values()))
@@ -193,14 +227,16 @@ def versions() -> dict[str, str]:
 
 
 def describe_teacher(cfg: CacheConfig, dataset: Dataset, arch: str,
-                     ckpt: str) -> tuple[TeacherSpec, dict[str, tuple[int, ...]], int]:
+                     ckpt: str) -> tuple[TeacherSpec, dict[str, tuple[int, ...]], int, dict | None]:
     """Build the teacher once here (on the CPU) to fingerprint its weights and learn the tapped
-    layers' shapes. Returns (spec for the workers, per-sample output shapes, parameters).
-    Weights that emit NaN/inf, or logits of the wrong width, are refused before anything is
-    written."""
+    layers' shapes. Returns (spec for the workers, per-sample output shapes, parameters, and
+    for a text teacher its tokenization: :func:`tokenization`). Weights that emit NaN/inf, or
+    logits of the wrong width, are refused before anything is written."""
     device = runtime.pick_device(cfg.device)
+    text = is_text_teacher(arch)
     spec = TeacherSpec(arch, dataset.input_shape, dataset.num_classes, ckpt, cfg.seed,
-                       device=str(device), compile=cfg.compile, pool=cfg.pool)
+                       device=str(device), compile=cfg.compile, pool=cfg.pool,
+                       max_length=cfg.max_length if text else None)
     model = build_teacher(spec)
     expected = model.expected_preprocessing if isinstance(model, OnnxTeacher) else None
     if expected is not None and expected != dataset.preprocessing:
@@ -219,7 +255,26 @@ def describe_teacher(cfg: CacheConfig, dataset: Dataset, arch: str,
                       f"{dataset.num_classes} classes; use a checkpoint trained on this dataset")
     spec = dataclasses.replace(spec, layers=tuple(layers), fingerprint=state_fingerprint(
         model, arch, dataset.input_shape, dataset.num_classes))
-    return spec, shapes, teacher_params(model)
+    return spec, shapes, teacher_params(model), tokenization(model, dataset) if text else None
+
+
+def tokenization(model: HfTeacher, dataset: Dataset) -> dict:
+    """How a text teacher tokenizes this dataset: ``{"tokenizer": its record, "tokens": {split:
+    {"sha256", "tokens", "truncated", "max_tokens"}}}``, the sha256 of every row's token ids in
+    row order (:func:`pipeline.tokens.update_hash`), their count, the rows truncation cut and
+    the longest row. Reads every document once, in blocks (memory flat in the rows)."""
+    out = {}
+    for split, rows in dataset.splits.items():
+        h, total, truncated, longest = hashlib.sha256(), 0, 0, 0
+        for a in range(0, len(rows), BLOCK):
+            ids, cut = model.tokenize(dataset.inputs(split, a, min(a + BLOCK, len(rows))))
+            tokens.update_hash(h, ids)
+            total += sum(len(r) for r in ids)
+            truncated += int(cut.sum())
+            longest = max([longest, *(len(r) for r in ids)])
+        out[split] = {"sha256": h.hexdigest(), "tokens": total, "truncated": truncated,
+                      "max_tokens": longest}
+    return {"tokenizer": model.tokenizer_record, "tokens": out}
 
 
 def prepare(cfg: CacheConfig, dataset: Dataset, arch: str,
@@ -227,20 +282,22 @@ def prepare(cfg: CacheConfig, dataset: Dataset, arch: str,
     """Everything a build needs before its first shard: the teacher described (fingerprint,
     output shapes), the layout resolved for them and the manifest planned. Returns the
     resolved config (saved with the cache), the teacher's spec and the manifest."""
-    spec, shapes, num_params = describe_teacher(cfg, dataset, arch, ckpt)
+    spec, shapes, num_params, text = describe_teacher(cfg, dataset, arch, ckpt)
     cfg = resolve_layout(cfg, dataset, shapes)  # chunk_size=0 (auto) made concrete, saved as such
-    return cfg, spec, plan(cfg, dataset, spec, shapes, num_params)
+    return cfg, spec, plan(cfg, dataset, spec, shapes, num_params, text)
 
 
 def teacher_cost(spec: TeacherSpec, dataset: Dataset) -> dict[str, Any]:
     """What deploying the teacher costs, measured once, when its cache is created (students
     compare themselves with it and never load it): the bytes of its weights saved as
     safetensors, and its CPU latency per sample at batch 1 and 256 (:mod:`pipeline.latency`),
-    on real training rows."""
+    on real training rows. A text teacher is timed from the documents' text, tokenization
+    included (a text student's time includes its own text processing too)."""
     from safetensors.torch import save
 
     model = build_teacher(dataclasses.replace(spec, device="cpu", compile=False))
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     rows = dataset.inputs("train", 0, min(256, len(dataset.splits["train"])))
     size = model.weights_bytes if isinstance(model, OnnxTeacher) else len(save(state))
-    return {"weights_bytes": size, "latency": per_sample_ms(torch_predict(model), rows)}
+    predict = model.predict if isinstance(model, HfTeacher) else torch_predict(model)
+    return {"weights_bytes": size, "latency": per_sample_ms(predict, rows)}

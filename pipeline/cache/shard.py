@@ -10,6 +10,13 @@ Writing is idempotent, so Dask may safely run a shard's task twice.
 
 Why whole shards, written once by one task: with Zarr v3 sharding, concurrent writers of one
 shard lose rows silently, and many small writes into a shard are ~20x slower.
+
+A text teacher's shard (``teacher=hf:DIR``) is tokenized whole by its first load, on the
+loading thread: its inputs' sha256 is that of its rows' token ids in row order (whatever the
+batching), and its batches are **bucketed by length** (rows sorted by token count, then cut
+into ``infer_batch_size`` batches), so that a batch pads to rows like its own. Each batch's
+outputs are scattered back to their rows; the index gains each row's token count
+(``tokens``) and whether truncation cut it (``truncated``). Token ids are not stored.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline import runtime, storage
+from pipeline import runtime, storage, tokens
 from pipeline.augment import Policy, parse
 from pipeline.cache import format as fmt
 from pipeline.config import DataConfig, from_record
@@ -39,7 +46,7 @@ from pipeline.io import fsync_dir, fsync_file
 from pipeline.keyed_random import view_random
 from pipeline.lookahead import ordered, prefetched
 from pipeline.sparse import SAMPLE, TOPK, draw, encode_topk, parse_mode, sample_uniforms
-from pipeline.teachers import ONNX, TeacherSpec, build_teacher, tap
+from pipeline.teachers import ONNX, TeacherSpec, build_teacher, is_text_teacher, tap
 
 
 @dataclass(frozen=True)
@@ -153,19 +160,36 @@ class ShardInputs:
     """How to load a shard's input batches, in order, and the running sha256 of their bytes.
     Loading hashes too, so the hash is computed off the forward pass's thread. Each load gives
     ``(x, params, policy)``: the normalised inputs, their views' augmentation parameters (None
-    with one view), and the policy that applies them."""
+    with one view), and the policy that applies them; for a text teacher, ``x`` is the batch's
+    ``(input_ids, attention_mask)`` and the rows of batch i are :meth:`rows` (i), known once
+    its load has run."""
 
     job: ShardJob
     bounds: list[tuple[int, int]]
     sha256: Any = field(default_factory=hashlib.sha256)
+    # text: the shard's batches (rows within the shard, bucketed by length), each row's token
+    # ids, token count and truncation; set by the first load
+    batches: list[np.ndarray] | None = None
+    token_ids: list[list[int]] | None = None
+    tokens: np.ndarray | None = None
+    truncated: np.ndarray | None = None
 
     @classmethod
     def of(cls, job: ShardJob) -> "ShardInputs":
         return cls(job, [(a, min(a + job.batch_size, job.stop))
                          for a in range(job.start, job.stop, job.batch_size)])
 
-    def loads(self) -> list[Callable[[], tuple[np.ndarray, np.ndarray | None, Policy | None]]]:
+    def rows(self, i: int) -> slice | np.ndarray:
+        """The rows of batch ``i`` within the shard: a run of rows, or a text shard's bucket."""
+        if self.batches is not None:
+            return self.batches[i]
+        a, b = self.bounds[i]
+        return slice(a - self.job.start, b - self.job.start)
+
+    def loads(self) -> list[Callable[[], tuple[Any, np.ndarray | None, Policy | None]]]:
         job = self.job
+        if is_text_teacher(job.teacher.arch):
+            return self._text_loads()
         dataset, policy = _worker_dataset(job), _worker_policy(job)
         ids = dataset.splits[job.split].sample_ids
 
@@ -175,6 +199,25 @@ class ShardInputs:
             params = None if policy is None else view_params(policy, job.seed, job.split, ids[a:b], job.views)
             return x, params, policy
         return [functools.partial(load, a, b) for a, b in self.bounds]
+
+    def _text_loads(self) -> list[Callable[[], tuple[Any, None, None]]]:
+        job = self.job
+        dataset = _worker_dataset(job)
+        model = _worker_teacher(job.teacher)[0]
+
+        def tokenize() -> None:  # the whole shard, once, so that its batches can be bucketed
+            ids, truncated = model.tokenize(dataset.inputs(job.split, job.start, job.stop))
+            tokens.update_hash(self.sha256, ids)  # row order: independent of the batching
+            self.token_ids, self.truncated = ids, truncated
+            self.tokens = np.array([len(r) for r in ids], dtype=np.int32)
+            self.batches = tokens.buckets(self.tokens, job.batch_size)
+
+        def load(i: int) -> tuple[tuple[np.ndarray, np.ndarray], None, None]:
+            if i == 0:
+                tokenize()
+            batch = model.pad([self.token_ids[r] for r in self.batches[i]])
+            return (batch["input_ids"], batch["attention_mask"]), None, None
+        return [functools.partial(load, i) for i in range(len(self.bounds))]
 
 
 def forwarded(job: ShardJob, batches: Iterable[tuple[np.ndarray, np.ndarray | None, Policy | None]],
@@ -187,7 +230,8 @@ def forwarded(job: ShardJob, batches: Iterable[tuple[np.ndarray, np.ndarray | No
     model, device = _worker_teacher(job.teacher)
     # sparse modes select classes from the float32 logits; only what they keep is rounded
     logits_dtype = "float32" if parse_mode(job.logits).sparse else job.dtype
-    calls = (functools.partial(_forward, model, device, job.dtype, x, params, policy, logits_dtype)
+    forward = _forward_text if is_text_teacher(job.teacher.arch) else _forward
+    calls = (functools.partial(forward, model, device, job.dtype, x, params, policy, logits_dtype)
              for x, params, policy in batches)
     return ordered(calls, pool, ahead=2 * streams) if pool else (call() for call in calls)
 
@@ -207,21 +251,25 @@ def compute_shard(job: ShardJob, inputs: ShardInputs | None = None,
         outputs = forwarded(job, prefetched(inputs.loads()))
     n = job.stop - job.start
     bufs: dict[str, np.ndarray] = {}
-    stats: list[dict[str, np.ndarray]] = []
+    stats: dict[str, np.ndarray] = {}
     finite = True
-    for a, b in inputs.bounds:
+    for i in range(len(inputs.bounds)):
         logits, feats, params, ok = next(outputs)
+        at = inputs.rows(i)  # (known once batch i was loaded, which its outputs come after)
         finite &= ok
         with np.errstate(invalid="ignore", over="ignore"):  # non-finite logits are refused below
-            stats.append(teacher_stats(logits[:, 0].astype(np.float32)))
-        named = {**stored_logits(job, logits, a, b),
+            for name, value in teacher_stats(logits[:, 0].astype(np.float32)).items():
+                if name not in stats:
+                    stats[name] = np.empty(n, value.dtype)
+                stats[name][at] = value
+        named = {**stored_logits(job, logits, at),
                  **{fmt.feature_key(job.split, k): v for k, v in feats.items()}}
         if params is not None:
             named[fmt.augment_key(job.split)] = params.astype(fmt.AUGMENT_DTYPE)
         for key, value in named.items():
             if key not in bufs:
                 bufs[key] = np.empty((n,) + value.shape[1:], value.dtype)
-            bufs[key][a - job.start:b - job.start] = value
+            bufs[key][at] = value
     bad = [k for k, buf in bufs.items() if buf.dtype.kind == "f" and not np.isfinite(buf).all()]
     if not finite or bad:
         bad = bad or [fmt.logits_key(job.split)]  # non-finite logits that sparse modes did not keep
@@ -229,13 +277,15 @@ def compute_shard(job: ShardJob, inputs: ShardInputs | None = None,
         hint = " or use dtype=float32 (float16 overflowed)" if job.dtype == "float16" else ""
         raise KdError(f"teacher produced NaN/inf {what} in {job.split} rows {job.start}-"
                       f"{job.stop}; check the checkpoint and the inputs{hint}")
-    stats = {name: np.concatenate([s[name] for s in stats]) for name in stats[0]}
+    if inputs.tokens is not None:  # text: the index's tokens and truncated columns
+        stats.update(tokens=inputs.tokens, truncated=inputs.truncated)
     return ComputedShard(job, bufs, stats, inputs.sha256.hexdigest(), t0)
 
 
-def stored_logits(job: ShardJob, logits: np.ndarray, a: int, b: int) -> dict[str, np.ndarray]:
-    """What the cache keeps of the logits [B, V, C] of rows ``[a, b)``, by array key: all of
-    them (dense), or the sparse arrays of the job's logits mode (:mod:`pipeline.sparse`)."""
+def stored_logits(job: ShardJob, logits: np.ndarray, at: slice | np.ndarray) -> dict[str, np.ndarray]:
+    """What the cache keeps of the logits [B, V, C] of the shard's rows ``at`` (a run, or a
+    text shard's bucket), by array key: all of them (dense), or the sparse arrays of the job's
+    logits mode (:mod:`pipeline.sparse`)."""
     mode = parse_mode(job.logits)
     if not mode.sparse:
         return {fmt.logits_key(job.split): logits}
@@ -246,7 +296,7 @@ def stored_logits(job: ShardJob, logits: np.ndarray, a: int, b: int) -> dict[str
         return {fmt.sparse_key(job.split, TOPK, "classes"): ids.reshape(rows, views, -1),
                 fmt.sparse_key(job.split, TOPK, "logits"): values.astype(job.dtype).reshape(rows, views, -1),
                 fmt.sparse_key(job.split, TOPK, "tail"): tail.reshape(rows, views, 2)}
-    sample_ids = _worker_dataset(job).splits[job.split].sample_ids[a:b]
+    sample_ids = _worker_dataset(job).splits[job.split].sample_ids[job.start:job.stop][at]
     uniforms = np.stack([sample_uniforms(job.seed, job.split, sample_ids, v, mode.k)
                          for v in range(views)], axis=1).reshape(rows * views, mode.k)
     ids = draw(flat, job.temperature, uniforms, classes)
@@ -298,6 +348,28 @@ def _forward(model: torch.nn.Module, device: torch.device, dtype: str, x: np.nda
     logits = by_view([o[0] for o in outputs])
     feats = {name: by_view([o[1][name] for o in outputs]) for name in outputs[0][1]}
     return logits, feats, params, finite
+
+
+def _forward_text(model: torch.nn.Module, device: torch.device, dtype: str,
+                  x: tuple[np.ndarray, np.ndarray], params: None = None, policy: None = None,
+                  logits_dtype: str | None = None):
+    """:func:`_forward` for a text teacher: ``x`` is a batch's ``(input_ids, attention_mask)``
+    (one view), run in inference mode with bfloat16 autocast on a GPU where it is supported."""
+    torch_dtypes = {"float16": torch.float16, "float32": torch.float32}
+    finite = True
+
+    def stored(value: torch.Tensor, store_dtype: torch.dtype = torch_dtypes[dtype]) -> np.ndarray:
+        nonlocal finite
+        value = (value.float() + 0.0).to(store_dtype).cpu()  # + 0.0: see _forward
+        finite &= bool(torch.isfinite(value).all())
+        return value.numpy()[:, None]  # [B, 1, ...]: one view
+
+    with torch.inference_mode():
+        ids, mask = (runtime.to_device(torch.from_numpy(a), device) for a in x)
+        with runtime.autocast(device, runtime.text_autocast_dtype(device)):
+            logits, feats = model(ids, mask)
+        return (stored(logits, torch_dtypes[logits_dtype or dtype]),
+                {name: stored(f) for name, f in feats.items()}, None, finite)
 
 
 def write_shard(shard: ComputedShard) -> dict[str, Any]:
@@ -360,6 +432,8 @@ def _index_part(job: ShardJob, dataset: Dataset, stats: dict[str, np.ndarray]) -
     split = dataset.splits[job.split]
     labels = split.labels[job.start:job.stop]
     pred = stats["teacher_pred"]
+    text = {"tokens": pa.array(stats["tokens"], pa.int32()),
+            "truncated": pa.array(stats["truncated"], pa.bool_())} if "tokens" in stats else {}
     return pa.table({
         "sample_id": pa.array(split.sample_ids[job.start:job.stop], pa.int64()),
         "row": pa.array(np.arange(job.start, job.stop), pa.int64()),
@@ -370,6 +444,7 @@ def _index_part(job: ShardJob, dataset: Dataset, stats: dict[str, np.ndarray]) -
         "entropy": pa.array(stats["entropy"], pa.float32()),
         "correct": pa.array(pred == labels, pa.bool_()),
         "shard": pa.array(np.full(len(labels), job.shard), pa.int32()),
+        **text,  # text caches: each row's token count, and whether truncation cut it
     })
 
 

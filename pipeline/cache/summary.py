@@ -29,6 +29,10 @@ def summarise(root, manifest: dict) -> dict:
         "logits": {**(manifest.get("logits") or {"mode": "dense"}),
                    "bytes_per_row": logits_bytes(root, manifest) / max(1, sum(v["rows"] for v in splits.values()))},
     }
+    if "tokenizer" in manifest:  # text caches: how documents became token ids
+        summary["tokenizer"] = {k: manifest["tokenizer"][k] for k in
+                                ("fingerprint", "vocab_size", "max_length", "truncation", "padding_side")}
+        summary["tokens"] = manifest["tokens"]
     if manifest["status"] != "complete":
         summary["shards_done"] = "{}/{}".format(*fmt.shard_progress(root, manifest))
     return summary
@@ -62,6 +66,13 @@ def inputs_text(s: dict) -> str:
     std per channel with train statistics: mean [4.88], std [6.015]": what a deployed teacher or
     student must be fed (README, "Deploy the student")."""
     pre = s["preprocessing"]
+    if "tokenizer" in s:
+        t, counts = s["tokenizer"], s["tokens"].values()
+        rows = sum(s["rows"].values())
+        return (f"text (str), tokenized by the teacher: vocabulary {t['vocab_size']:,}, max_length "
+                f"{t['max_length']} (truncation {t['truncation']}, padding {t['padding_side']}) "
+                f"[{t['fingerprint'][:16]}]; {sum(c['tokens'] for c in counts) / max(1, rows):,.1f} "
+                f"tokens/row, {sum(c['truncated'] for c in counts):,} rows truncated")
 
     def values(name: str) -> str:
         v = pre[name]

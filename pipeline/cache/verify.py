@@ -12,24 +12,32 @@
    topk's classes must be a fresh top-K (up to ties within tolerance), with their logits and
    tail within tolerance; sample's classes must have fresh probability, and drawing again
    from the fresh teacher with the same keyed uniforms must give the same classes.
+
+A text cache (``teacher=hf:DIR``): the teacher's tokenizer must be the one recorded (else the
+check names what differs, e.g. ``max_length 128 vs 64``); every document is tokenized again
+and its token ids' sha256 checked against every shard's and split's recorded one; and the
+sampled rows are re-run one by one, each tokenized alone and padded nowhere, so a cached
+value that depended on its batch's padding (length bucketing gone wrong) fails too.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
 import numpy as np
 import torch
 
-from pipeline import runtime, storage
+from pipeline import runtime, storage, tokens
 from pipeline.augment import parse
 from pipeline.cache import format as fmt
 from pipeline.cache.reader import TeacherCache
 from pipeline.cache.shard import view_params
 from pipeline.data import positions_of
 from pipeline.errors import KdError
+from pipeline.hf import HfTeacher, tokenizer_difference
 from pipeline.sparse import SAMPLE, TOPK, draw, encode_topk, sample_uniforms
-from pipeline.teachers import TeacherSpec, build_teacher, tap
+from pipeline.teachers import TeacherSpec, build_teacher, state_fingerprint, tap
 
 TOLERANCE = {"float16": (2e-3, 2e-2), "float32": (1e-4, 1e-4)}  # (rtol, atol) vs a fresh forward
 # sample:K: a drawn class the fresh teacher gives less probability than this was not drawn by it
@@ -64,21 +72,63 @@ def verify(cache: TeacherCache, rows: int, seed: int, device: str = "cpu") -> di
         policy = parse(cache.augment["policy"], dataset.input_shape)
 
     t = m["teacher"]
-    spec = TeacherSpec(t["arch"], tuple(t["input_shape"]), t["num_classes"], t["ckpt"],
-                       t["seed"] or 0, layers=tuple(m["layers"]), pool=m["pool"],
-                       fingerprint=t["fingerprint"])
+    spec = TeacherSpec.of_record(t, layers=tuple(m["layers"]), pool=m["pool"])
     try:
-        model = tap(build_teacher(spec), spec.layers, spec.pool, spec.arch).to(
-            runtime.pick_device(device)).eval()
+        built = _text_teacher(m, spec) if "tokenizer" in m else build_teacher(spec)
+        model = tap(built, spec.layers, spec.pool, spec.arch).to(runtime.pick_device(device)).eval()
         checks["teacher fingerprint"] = "ok"
     except KdError as exc:
         model = None
         checks["teacher fingerprint"] = f"FAILED: {exc}"
 
+    if isinstance(model, HfTeacher) and dataset is not None:
+        checks["token ids"] = _reading(lambda: _token_ids(cache, dataset, model))
     if model is not None and dataset is not None and rows:
         checks["teacher fidelity"] = _reading(
             lambda: _fidelity(cache, dataset, model, policy, rows, seed, device))
     return checks
+
+
+def _text_teacher(m: dict, spec: TeacherSpec) -> HfTeacher:
+    """The text teacher a cache records, refused in one line when it now tokenizes otherwise
+    (naming what differs) or its weights differ from those the cache was built with."""
+    model = build_teacher(dataclasses.replace(spec, fingerprint=""))
+    arch = m["teacher"]["arch"]
+    differ = tokenizer_difference(m["tokenizer"], model.tokenizer_record)
+    if differ:
+        raise KdError(f"teacher {arch} now tokenizes differently from the cache ({differ}); restore "
+                      "its tokenizer, or build a new cache with this one")
+    actual = state_fingerprint(model, spec.arch, spec.input_shape, spec.num_classes)
+    if actual != spec.fingerprint:
+        raise KdError(f"teacher {arch} with {spec.ckpt} is not the teacher the cache was built with "
+                      f"(fingerprint {actual[:12]} != {spec.fingerprint[:12]}); restore its weights, "
+                      "or build a new cache")
+    return model
+
+
+def _token_ids(cache: TeacherCache, dataset, model: HfTeacher) -> str:
+    """Every document tokenized again, shard by shard: each shard's token ids against its
+    recorded inputs sha256, each split's against the manifest's."""
+    m = cache.manifest
+    differ, total = [], 0
+    for split, records in m["shards"].items():
+        whole = hashlib.sha256()
+        positions = positions_of(dataset.splits[split].sample_ids, cache.sample_ids(split))
+        for rec in records:
+            ids, _ = model.tokenize(dataset.inputs_at(split, positions[rec["start"]:rec["stop"]]))
+            part = hashlib.sha256()
+            tokens.update_hash(part, ids)
+            tokens.update_hash(whole, ids)
+            total += len(ids)
+            if part.hexdigest() != rec["inputs_sha256"]:
+                differ.append(f"{split} shard {rec['shard']}")
+        if whole.hexdigest() != m["tokens"][split]["sha256"] and not any(d.startswith(split) for d in differ):
+            differ.append(f"{split} (its split hash)")
+    if differ:
+        return (f"FAILED: the documents tokenize to other ids than the cache's in {', '.join(differ[:5])}"
+                f"{' and more' if len(differ) > 5 else ''} (another version of the tokenizers library, or "
+                "edited data?); build a new cache")
+    return f"ok ({total:,} rows re-tokenized: the same token ids)"
 
 
 def _fidelity(cache: TeacherCache, dataset, model, policy, rows: int, seed: int, device: str) -> str:
@@ -96,12 +146,18 @@ def _fidelity(cache: TeacherCache, dataset, model, policy, rows: int, seed: int,
         positions = positions_of(dataset.splits[split].sample_ids, cache.sample_ids(split))
         for row in np.sort(rng.choice(sizes[split], size=k, replace=False)):
             view = int(rng.integers(cache.views(split))) if cache.views(split) > 1 else 0
-            x = runtime.to_device(torch.from_numpy(dataset.inputs_at(split, positions[[row]])), on)
-            if view:  # rebuild the input the teacher saw from the stored parameters
-                params = cache.augment_params(split, slice(int(row), int(row) + 1))[:, view]
-                x = policy.apply(x, params.astype(np.int64))
-            with torch.inference_mode(), runtime.autocast(on):
-                fresh = model(x)[0].float().cpu().numpy()[0]
+            if isinstance(model, HfTeacher):  # the row tokenized alone: padded nowhere
+                batch = model.encode(dataset.inputs_at(split, positions[[row]]))
+                args = [runtime.to_device(torch.from_numpy(batch[k]), on) for k in ("input_ids", "attention_mask")]
+                with torch.inference_mode(), runtime.autocast(on, runtime.text_autocast_dtype(on)):
+                    fresh = model(*args)[0].float().cpu().numpy()[0]
+            else:
+                x = runtime.to_device(torch.from_numpy(dataset.inputs_at(split, positions[[row]])), on)
+                if view:  # rebuild the input the teacher saw from the stored parameters
+                    params = cache.augment_params(split, slice(int(row), int(row) + 1))[:, view]
+                    x = policy.apply(x, params.astype(np.int64))
+                with torch.inference_mode(), runtime.autocast(on):
+                    fresh = model(x)[0].float().cpu().numpy()[0]
             at_row = slice(int(row), int(row) + 1)
 
             def off(a, b):  # distance in tolerances
