@@ -111,6 +111,8 @@ class TeacherConfig(DataConfig):
     # or full (every weight; give it a small lr, e.g. lr=3e-5)
     max_length: int = 128
     finetune: str = "head"
+    # causal-LM teachers (teacher=hf:DIR): a GGUF file in DIR (weights, config and tokenizer)
+    gguf_file: str = ""
 
     def check(self) -> None:
         super().check()
@@ -231,7 +233,7 @@ class CacheConfig(TeacherConfig):
 # `kdcache teacher`'s training settings: moot where a checkpoint is given instead
 TRAINING_KEYS = ("epochs", "lr", "weight_decay", "batch_size", "teacher_augment", "finetune")
 FINETUNES = ("head", "full")  # text teachers: what `kdcache teacher` trains (pipeline.hf)
-TEXT_TEACHER_KEYS = ("max_length", "finetune")  # keys only text teachers (hf:) take
+TEXT_TEACHER_KEYS = ("max_length", "finetune", "gguf_file")  # keys only text teachers (hf:) take
 
 
 def _text_teacher_keys(cfg: Any) -> dict[str, str]:

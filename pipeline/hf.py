@@ -65,14 +65,23 @@ def fetch_command(name: str) -> str:
     return f"python -c \"from huggingface_hub import snapshot_download; snapshot_download('{name}')\""
 
 
-def resolve_model(name: str) -> Path:
+def resolve_model(name: str, gguf_file: str = "") -> Path:
     """The local directory of model ``name``: a directory as given, or a name found in the local
-    Hugging Face cache (offline, never downloading). Refused in one line otherwise."""
+    Hugging Face cache (offline, never downloading). Refused in one line otherwise. With
+    ``gguf_file``, the directory holds that GGUF file (weights, config and tokenizer in one)
+    in place of config.json."""
     if not name:
         raise KdError("teacher=hf: needs a model: teacher=hf:DIR (a Hugging Face model directory) or "
                       "hf:NAME (a model in the local Hugging Face cache)")
     path = Path(name).expanduser()
     if path.is_dir():
+        if gguf_file:
+            if not (path / gguf_file).is_file():
+                found = sorted(p.name for p in path.glob("*.gguf"))
+                raise KdError(f"{path} holds no GGUF file {gguf_file!r}"
+                              f"{' (it holds ' + ', '.join(found[:3]) + ')' if found else ''}; pass "
+                              "gguf_file=NAME of a .gguf file in that directory")
+            return path.resolve()
         if not (path / "config.json").is_file():
             raise KdError(f"{path} is not a Hugging Face model directory (no config.json); pass "
                           "teacher=hf:DIR to a folder written by save_pretrained")
@@ -145,6 +154,49 @@ def _tensor_digest(h, state: dict[str, torch.Tensor]) -> None:
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
+def tokenizer_record(tok, directory: Path, max_length: int, pad_id: int) -> dict[str, Any]:
+    """How a Hugging Face tokenizer ``tok`` (loaded from ``directory``) turns text into ids, as a
+    manifest records it: its serialised backend's sha256 (vocabulary, merges, normaliser,
+    pre-tokeniser, post-processor; or the bytes of its vocabulary files for a tokenizer without
+    one), its special tokens, ``len(tok)`` (``vocab_size``), and the settings kdcache uses
+    (``max_length``, truncation and padding side, padding id). ``fingerprint`` hashes the rest.
+    Text teachers (:class:`HfTeacher`) and causal-LM teachers (pipeline.hf_lm) share it."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        # the serialised backend, less the truncation and padding that calling the
+        # tokenizer sets on it (they are recorded below as the settings kdcache uses)
+        state = json.loads(backend.to_str())
+        state.pop("truncation", None)
+        state.pop("padding", None)
+        source = json.dumps(state, sort_keys=True)
+        normalizer = str(backend.normalizer)
+    else:  # a tokenizer without a Rust backend: the bytes of its vocabulary files
+        h = hashlib.sha256()
+        for file in sorted(getattr(tok, "vocab_files_names", {}).values()):
+            if (Path(directory) / file).is_file():
+                h.update(file.encode() + b"\0" + (Path(directory) / file).read_bytes())
+        source, normalizer = h.hexdigest(), "n/a"
+    record = {
+        "class": type(tok).__name__,
+        "backend_sha256": hashlib.sha256(source.encode()).hexdigest(),
+        "vocab_size": len(tok),
+        "special_tokens": {k: str(v) for k, v in sorted(tok.special_tokens_map.items())},
+        "normalizer": normalizer,
+        "max_length": int(max_length),
+        "truncation": tok.truncation_side,
+        "padding_side": tok.padding_side,
+        "pad_id": int(pad_id),
+    }
+    return {**record, "fingerprint": hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()}
+
+
+def same_vocabulary(a: dict, b: dict) -> bool:
+    """Whether two :func:`tokenizer_record` s map text to the same ids (the same backend,
+    vocabulary size and special tokens), whatever the settings kdcache chose for each."""
+    keys = ("backend_sha256", "vocab_size", "special_tokens")
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
 PREDICT_BUCKET = 64  # documents per forward when a deployed teacher predicts a large batch
 
 
@@ -205,34 +257,7 @@ class HfTeacher(nn.Module):
     def tokenizer_record(self) -> dict[str, Any]:
         """How documents become ids: what the manifest records, and what a cache or a teacher
         compares (:func:`tokenizer_difference`). ``fingerprint`` hashes the rest."""
-        tok = self.tokenizer
-        backend = getattr(tok, "backend_tokenizer", None)
-        if backend is not None:
-            # the serialised backend, less the truncation and padding that calling the
-            # tokenizer sets on it (they are recorded below as the settings kdcache uses)
-            state = json.loads(backend.to_str())
-            state.pop("truncation", None)
-            state.pop("padding", None)
-            source = json.dumps(state, sort_keys=True)
-            normalizer = str(backend.normalizer)
-        else:  # a tokenizer without a Rust backend: the bytes of its vocabulary files
-            h = hashlib.sha256()
-            for file in sorted(getattr(tok, "vocab_files_names", {}).values()):
-                if (self.directory / file).is_file():
-                    h.update(file.encode() + b"\0" + (self.directory / file).read_bytes())
-            source, normalizer = h.hexdigest(), "n/a"
-        record = {
-            "class": type(tok).__name__,
-            "backend_sha256": hashlib.sha256(source.encode()).hexdigest(),
-            "vocab_size": len(tok),
-            "special_tokens": {k: str(v) for k, v in sorted(tok.special_tokens_map.items())},
-            "normalizer": normalizer,
-            "max_length": self.max_length,
-            "truncation": tok.truncation_side,
-            "padding_side": tok.padding_side,
-            "pad_id": self.pad_id,
-        }
-        return {**record, "fingerprint": hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()}
+        return tokenizer_record(self.tokenizer, self.directory, self.max_length, self.pad_id)
 
     @property
     def tokenizer_fingerprint(self) -> str:

@@ -72,7 +72,7 @@ def shard_jobs(root, cfg, dataset, spec, manifest, done) -> Iterable[ShardJob]:
                            manifest["dataset"]["config"], dataset.fingerprint, spec, cfg.dtype,
                            cfg.infer_batch_size, threads, manifest["key"],
                            fmt.split_views(manifest, split), cfg.augment, cfg.seed,
-                           cfg.logits, cfg.temperature)
+                           cfg.logits, cfg.temperature, fmt.is_token_cache(manifest))
 
 
 def run_jobs(jobs: list[ShardJob], cfg: CacheConfig, dataset: Dataset, on_done: Callable,
