@@ -49,7 +49,7 @@ def write_tokenizer(folder: Path, texts: list[str]) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=120, special_tokens=["<eos>", "<pad>"],
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=320, special_tokens=["<eos>", "<pad>"],
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
     fast.save_pretrained(folder)
@@ -235,9 +235,9 @@ def test_teacher_nll_from_the_cache_is_the_models_own_shifted_loss(lm_dirs, tmp_
     from transformers import AutoModelForCausalLM
 
     spec = data_spec(lm_dirs, tmp_path, pack=False)
-    cache, dataset = build(tmp_path, spec, lm_dirs["llama"], "logits=topk:16")
+    cache, dataset = build(tmp_path, spec, lm_dirs["llama"], "logits=topk:32")
     model = AutoModelForCausalLM.from_pretrained(lm_dirs["llama"]).eval()
-    index = cache.index("val").to_pandas()
+    index = cache.index("val").to_pydict()
     batch = next(cache.token_batches("val", 64, shuffle=False))
     for r in range(len(batch)):
         n = int((batch.segments[r] >= 0).sum())
@@ -246,15 +246,16 @@ def test_teacher_nll_from_the_cache_is_the_models_own_shifted_loss(lm_dirs, tmp_
             loss = model(ids, labels=ids).loss.item()
         assert index["tokens"][r] == n - 1
         assert abs(index["nll"][r] - loss) < 1e-4
+    batch = next(cache.token_batches("train", 10_000, shuffle=False))
     targets = batch.sparse().targets(1.0)
     nxt = batch.next_tokens()[batch.mask]
     hit = targets["t_ids"] == nxt[:, None]
     ref = reference(lm_dirs["llama"], batch.ids)[batch.mask]
     logp = ref - np.log(np.exp(ref).sum(-1, keepdims=True))
     rows, cols = np.nonzero(hit)
-    assert len(rows) > 10
+    assert len(rows) >= 5
     np.testing.assert_allclose(np.log(targets["t_w"][rows, cols]), logp[rows, nxt[rows]], atol=1e-4)
-    assert cache.manifest["splits"]["val"]["tokens"] == int(index["tokens"].sum())
+    assert cache.manifest["splits"]["val"]["tokens"] == sum(index["tokens"])
 
 
 def test_padded_vocabulary_is_sliced_to_the_tokenizer(lm_dirs, tmp_path):
@@ -310,7 +311,11 @@ def test_a_killed_shard_resumes_to_the_same_bytes(lm_dirs, tmp_path, monkeypatch
     resumed, _ = build(tmp_path, spec, lm_dirs["llama"], "logits=topk:4", "shard_size=4", "chunk_size=2",
                        name="resumed")
     assert resumed.manifest["last_run"]["computed_rows"] < sum(s["rows"] for s in resumed.manifest["splits"].values())
-    assert resumed.manifest["shards"] == whole.manifest["shards"]
+    def sums(cache):  # every shard's arrays' and index part's sha256 (not its timing)
+        return {s: [(r["sha256"], r["index_sha256"], r["inputs_sha256"]) for r in records]
+                for s, records in cache.manifest["shards"].items()}
+
+    assert sums(resumed) == sums(whole)
     assert resumed.manifest["key"] == whole.manifest["key"]
 
 
@@ -321,7 +326,7 @@ def test_verify_passes_and_names_a_changed_tokenizer(lm_dirs, tmp_path):
     assert all(v.startswith("ok") for v in checks.values()), checks
     assert "windows re-tokenized" in checks["token windows"]
     # the teacher's directory now holds another tokenizer (same size, other merges)
-    other = write_tokenizer(tmp_path / "other-tok", documents(seed=5))
+    other = write_tokenizer(tmp_path / "other-tok", [d[::-1] for d in documents(seed=5)])
     from transformers import AutoTokenizer
 
     AutoTokenizer.from_pretrained(other).save_pretrained(lm_dirs["llama"])
@@ -333,7 +338,7 @@ def test_verify_passes_and_names_a_changed_tokenizer(lm_dirs, tmp_path):
 
 
 def test_a_teacher_with_another_tokenizer_is_refused(lm_dirs, tmp_path):
-    other = write_tokenizer(tmp_path / "other-tok", documents(seed=7))
+    other = write_tokenizer(tmp_path / "other-tok", [d[::-1] for d in documents(seed=7)])
     spec = data_spec(lm_dirs, tmp_path, tokenizer=other)
     with pytest.raises(KdError, match="is not the one .* was tokenized with"):
         build(tmp_path, spec, lm_dirs["llama"], "logits=topk:8")
