@@ -133,6 +133,55 @@ def _transformers():
     return transformers
 
 
+def load_tokenizer(directory: str | Path, key: str = "tokenizer"):
+    """The Hugging Face tokenizer saved in ``directory`` (by ``save_pretrained``), loaded offline;
+    refused in one line, naming ``key=`` (the setting that gave the directory), when there is
+    none there."""
+    transformers = _transformers()
+    path = Path(directory).expanduser()
+    if not path.is_dir():
+        raise KdError(f"{key}={directory}: no such folder; pass {key}=DIR, a folder holding a "
+                      "tokenizer written by save_pretrained (tokenizer.json or tokenizer_config.json)")
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        raise KdError(f"{key}={directory} is not a Hugging Face tokenizer folder (no tokenizer.json "
+                      "or tokenizer_config.json); pass the folder save_pretrained wrote it to")
+    with _quiet():
+        try:
+            return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except Exception as exc:
+            raise KdError(f"{key}={directory} cannot be loaded as a tokenizer ({type(exc).__name__}: "
+                          f"{first_line(exc, 120)}); pass a folder written by save_pretrained") from None
+
+
+def tokenizer_source(tok, directory: Path | None = None) -> dict[str, Any]:
+    """What makes a tokenizer turn text into the ids it does, whatever settings it is called
+    with: its class, the sha256 of its serialised backend (vocabulary, merges, normaliser,
+    pre-tokeniser, post-processor; less the truncation and padding calls set on it) or, for a
+    tokenizer without one, of its vocabulary files in ``directory``, ``len(tokenizer)``, its
+    special tokens and its normaliser. The part of :attr:`HfTeacher.tokenizer_record` and of a
+    token dataset's record (pipeline.data.tokens) that is the tokenizer itself."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        # the serialised backend, less the truncation and padding that calling the
+        # tokenizer sets on it (they are recorded beside it as the settings kdcache uses)
+        state = json.loads(backend.to_str())
+        state.pop("truncation", None)
+        state.pop("padding", None)
+        source = json.dumps(state, sort_keys=True)
+        normalizer = str(backend.normalizer)
+    else:  # a tokenizer without a Rust backend: the bytes of its vocabulary files
+        h = hashlib.sha256()
+        for file in sorted(getattr(tok, "vocab_files_names", {}).values()):
+            if directory is not None and (Path(directory) / file).is_file():
+                h.update(file.encode() + b"\0" + (Path(directory) / file).read_bytes())
+        source, normalizer = h.hexdigest(), "n/a"
+    return {"class": type(tok).__name__,
+            "backend_sha256": hashlib.sha256(source.encode()).hexdigest(),
+            "vocab_size": len(tok),
+            "special_tokens": {k: str(v) for k, v in sorted(tok.special_tokens_map.items())},
+            "normalizer": normalizer}
+
+
 def parse_layer(name: str, hidden_layers: int) -> tuple[str, int]:
     """``("mean" | "cls", index into hidden_states)`` of a layer name such as ``mean.-1``."""
     pooling, _, number = name.partition(".")
@@ -152,49 +201,6 @@ def _tensor_digest(h, state: dict[str, torch.Tensor]) -> None:
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-
-
-def tokenizer_record(tok, directory: Path, max_length: int, pad_id: int) -> dict[str, Any]:
-    """How a Hugging Face tokenizer ``tok`` (loaded from ``directory``) turns text into ids, as a
-    manifest records it: its serialised backend's sha256 (vocabulary, merges, normaliser,
-    pre-tokeniser, post-processor; or the bytes of its vocabulary files for a tokenizer without
-    one), its special tokens, ``len(tok)`` (``vocab_size``), and the settings kdcache uses
-    (``max_length``, truncation and padding side, padding id). ``fingerprint`` hashes the rest.
-    Text teachers (:class:`HfTeacher`) and causal-LM teachers (pipeline.hf_lm) share it."""
-    backend = getattr(tok, "backend_tokenizer", None)
-    if backend is not None:
-        # the serialised backend, less the truncation and padding that calling the
-        # tokenizer sets on it (they are recorded below as the settings kdcache uses)
-        state = json.loads(backend.to_str())
-        state.pop("truncation", None)
-        state.pop("padding", None)
-        source = json.dumps(state, sort_keys=True)
-        normalizer = str(backend.normalizer)
-    else:  # a tokenizer without a Rust backend: the bytes of its vocabulary files
-        h = hashlib.sha256()
-        for file in sorted(getattr(tok, "vocab_files_names", {}).values()):
-            if (Path(directory) / file).is_file():
-                h.update(file.encode() + b"\0" + (Path(directory) / file).read_bytes())
-        source, normalizer = h.hexdigest(), "n/a"
-    record = {
-        "class": type(tok).__name__,
-        "backend_sha256": hashlib.sha256(source.encode()).hexdigest(),
-        "vocab_size": len(tok),
-        "special_tokens": {k: str(v) for k, v in sorted(tok.special_tokens_map.items())},
-        "normalizer": normalizer,
-        "max_length": int(max_length),
-        "truncation": tok.truncation_side,
-        "padding_side": tok.padding_side,
-        "pad_id": int(pad_id),
-    }
-    return {**record, "fingerprint": hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()}
-
-
-def same_vocabulary(a: dict, b: dict) -> bool:
-    """Whether two :func:`tokenizer_record` s map text to the same ids (the same backend,
-    vocabulary size and special tokens), whatever the settings kdcache chose for each."""
-    keys = ("backend_sha256", "vocab_size", "special_tokens")
-    return all(a.get(k) == b.get(k) for k in keys)
 
 
 PREDICT_BUCKET = 64  # documents per forward when a deployed teacher predicts a large batch
@@ -257,7 +263,15 @@ class HfTeacher(nn.Module):
     def tokenizer_record(self) -> dict[str, Any]:
         """How documents become ids: what the manifest records, and what a cache or a teacher
         compares (:func:`tokenizer_difference`). ``fingerprint`` hashes the rest."""
-        return tokenizer_record(self.tokenizer, self.directory, self.max_length, self.pad_id)
+        tok = self.tokenizer
+        record = {
+            **tokenizer_source(tok, self.directory),
+            "max_length": self.max_length,
+            "truncation": tok.truncation_side,
+            "padding_side": tok.padding_side,
+            "pad_id": self.pad_id,
+        }
+        return {**record, "fingerprint": hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()}
 
     @property
     def tokenizer_fingerprint(self) -> str:

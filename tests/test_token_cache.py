@@ -98,12 +98,12 @@ class StandInTokens(Dataset):
     def __init__(self, spec, docs, tokenizer_dir, seq_len, pack, cfg):
         from transformers import AutoTokenizer
 
-        from pipeline.hf import tokenizer_record
+        from pipeline.hf_lm import tokenizer_record
 
         tok = AutoTokenizer.from_pretrained(tokenizer_dir)
         self.tokenizer_dir, self.pack, self.seq_len = str(tokenizer_dir), pack, seq_len
         self.pad_id, self.eos = tok.pad_token_id, tok.eos_token_id
-        self.tokenizer_record = tokenizer_record(tok, Path(tokenizer_dir), seq_len, self.pad_id)
+        self.tokenizer_record = tokenizer_record(tok, Path(tokenizer_dir))
         pools = {}
         for s, name in enumerate(("train", "val", "test")):
             mine = [d for i, d in enumerate(docs) if (i % 10 < 8, i % 10 == 8, i % 10 == 9)[s]]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import platform
+from pathlib import Path
 from datetime import datetime, timezone
 from typing import Any
 
@@ -34,8 +35,8 @@ from pipeline.config import CacheConfig, DataConfig, fingerprint
 from pipeline.data import Dataset
 from pipeline.data.dataset import BLOCK
 from pipeline.errors import KdError
-from pipeline.hf import HfTeacher, same_vocabulary
-from pipeline.hf_lm import HfCausalLM
+from pipeline.hf import HfTeacher
+from pipeline.hf_lm import HfCausalLM, same_vocabulary, tokenizer_record
 from pipeline.keyed_random import RNG
 from pipeline.latency import per_sample_ms, torch_predict
 from pipeline.onnx_teacher import OnnxTeacher
@@ -330,12 +331,17 @@ def describe_lm(cfg: CacheConfig, dataset: Dataset, arch: str, ckpt: str,
         raise KdError(f"logits=dense would store all {model.vocab_size:,} outputs at every position "
                       f"({model.vocab_size * np.dtype(cfg.dtype).itemsize:,} bytes per token); above "
                       f"{MAX_DENSE_OUTPUTS:,} outputs use logits=topk:K or sample:K (e.g. topk:32)")
-    record = dataset_tokenizer_record(dataset)
-    if record is not None and not same_vocabulary(record, model.tokenizer_record):
+    record, own = dataset_tokenizer_record(dataset), model.tokenizer_record
+    if record is not None and not same_vocabulary(record, own):
         raise KdError(f"teacher {arch}'s tokenizer ({model.vocab_size:,} ids) is not the one "
                       f"{dataset.spec} was tokenized with ({record['vocab_size']:,} ids, another "
                       "vocabulary or merges); tokenize the data with the teacher's tokenizer "
                       f"(tokenizer={model.directory})")
+    if record is not None and record.get("fingerprint") != own["fingerprint"]:
+        raise KdError(f"teacher {arch}'s tokenizer has the data's vocabulary but ends documents or "
+                      f"pads otherwise (EOS {own.get('eos_id')} vs {record.get('eos_id')}, padding "
+                      f"{own.get('pad_id')} vs {record.get('pad_id')}); tokenize the data with the "
+                      f"teacher's tokenizer (tokenizer={model.directory})")
     windows = dataset.windows("train", 0, min(2, len(dataset.splits["train"])))
     with torch.inference_mode():
         logits = model(torch.from_numpy(np.asarray(windows["ids"], np.int64)),
@@ -361,12 +367,11 @@ def dataset_tokenizer_record(dataset: Dataset) -> dict | None:
     folder = getattr(dataset.cfg, "tokenizer", "") or getattr(dataset, "tokenizer_dir", "")
     if not folder:
         return None
-    from pipeline.hf import _quiet, _transformers, tokenizer_record
+    from pipeline.hf import _quiet, _transformers
 
     with _quiet():
         tok = _transformers().AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    return tokenizer_record(tok, folder, int(dataset.input_shape[0]), pad)
+    return tokenizer_record(tok, Path(folder))
 
 
 def dataset_pack(dataset: Dataset) -> bool:
