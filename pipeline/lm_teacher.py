@@ -154,14 +154,15 @@ def _train(cfg: TeacherConfig, progress: bool) -> dict:
     from transformers import LlamaForCausalLM
 
     device = runtime.pick_device(cfg.device)
+    started = time.perf_counter()
+    tokenizer = train_tokenizer(documents["train"], cfg.vocab_size)
+    # opened before anything is written: data that cannot be windowed leaves no folder behind
+    dataset = TokenDataset(f"tokens:{split_spec(cfg.dataset)[1]}", documents, tokenizer, None,
+                           dataclasses.replace(cfg, tokenizer=str(out)))
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
-        started = time.perf_counter()
-        tokenizer = train_tokenizer(documents["train"], cfg.vocab_size)
         tokenizer.save_pretrained(tmp)
-        data_cfg = dataclasses.replace(cfg, tokenizer=str(tmp))
-        dataset = TokenDataset(f"tokens:{split_spec(cfg.dataset)[1]}", documents, tokenizer, tmp, data_cfg)
         torch.manual_seed(cfg.seed)
         model = LlamaForCausalLM(lm_config(tokenizer, cfg.seq_len)).to(device)
         params = sum(p.numel() for p in model.parameters())

@@ -17,6 +17,8 @@ loads.
 from __future__ import annotations
 
 from pipeline.config import TeacherConfig
+from pipeline.data import split_spec
+from pipeline.errors import KdError
 
 from pipeline.data import open_dataset
 from pipeline.lm_teacher import train_lm_teacher, wants_lm_teacher
@@ -34,6 +36,10 @@ def main(args: list[str]) -> dict:
               f"{summary['fit_seconds']:.1f}s)\nsaved {summary['checkpoint']} (use it as "
               f"teacher=hf:{summary['checkpoint']})")
         return summary
+    if split_spec(cfg.dataset)[0] == "tokens":
+        raise KdError(f"`kdcache teacher` on a token dataset trains a language model of its own "
+                      f"(teacher=auto); teacher={cfg.teacher} is one already: pass it to kdcache "
+                      "cache, or drop teacher=")
     dataset = open_dataset(cfg)
     summary = train_teacher(cfg, dataset)
     print(f"teacher {summary['arch']} on {summary['dataset']}: val {summary['val_accuracy']:.4f}, "

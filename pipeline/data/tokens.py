@@ -282,10 +282,13 @@ class TokenDataset(Dataset):
 
     modality = "tokens"
 
-    def __init__(self, spec: str, documents: dict[str, list[str]], tokenizer, directory: Path,
+    def __init__(self, spec: str, documents: dict[str, list[str]], tokenizer, directory: Path | None,
                  cfg: DataConfig):
+        """``documents`` by split; ``tokenizer`` (a transformers tokenizer) loaded from
+        ``directory`` (None for one not saved yet: only a tokenizer without a Rust backend
+        needs its folder, for its fingerprint)."""
         self.tokenizer = tokenizer
-        self.directory = Path(directory)
+        self.directory = Path(directory) if directory is not None else None
         self.documents = documents
         self.seq_len, self.pack = int(cfg.seq_len), bool(cfg.pack)
         self.eos_id, self.pad_id = eos_id(tokenizer), pad_id(tokenizer)
