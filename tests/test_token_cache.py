@@ -47,7 +47,7 @@ def reference(folder, ids: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- tests
 
 def test_topk_per_position_is_the_teachers_own_logits_at_that_position(token_corpus, tiny_llama, tmp_path):
-    cache, dataset = build(tmp_path, token_corpus, tiny_llama, "logits=topk:8", "shard_size=4", "chunk_size=2")
+    cache, dataset = build(tmp_path, token_corpus, tiny_llama, "logits=topk:8", "shard_size=32", "chunk_size=8")
     assert cache.manifest["format_version"] == 4
     lm = cache.lm
     assert lm["seq_len"] == 24 and lm["pack"] is True and lm["vocab_size"] == lm["outputs"] == dataset.num_classes
@@ -135,7 +135,7 @@ def test_a_killed_shard_resumes_to_the_same_bytes(token_corpus, tiny_llama, tmp_
     from pipeline.cache.execute import run_jobs as real_run_jobs
     from pipeline.data import open_dataset
 
-    whole, _ = build(tmp_path, token_corpus, tiny_llama, "logits=topk:4", "shard_size=4", "chunk_size=2", name="whole")
+    whole, _ = build(tmp_path, token_corpus, tiny_llama, "logits=topk:4", "shard_size=32", "chunk_size=8", name="whole")
     calls = {"n": 0}
     original = shard.write_shard
 
@@ -147,9 +147,9 @@ def test_a_killed_shard_resumes_to_the_same_bytes(token_corpus, tiny_llama, tmp_
 
     monkeypatch.setattr(shard, "write_shard", dying)
     with pytest.raises(KeyboardInterrupt):
-        build(tmp_path, token_corpus, tiny_llama, "logits=topk:4", "shard_size=4", "chunk_size=2", name="resumed")
+        build(tmp_path, token_corpus, tiny_llama, "logits=topk:4", "shard_size=32", "chunk_size=8", name="resumed")
     monkeypatch.setattr(shard, "write_shard", original)
-    resumed, _ = build(tmp_path, token_corpus, tiny_llama, "logits=topk:4", "shard_size=4", "chunk_size=2",
+    resumed, _ = build(tmp_path, token_corpus, tiny_llama, "logits=topk:4", "shard_size=32", "chunk_size=8",
                        name="resumed")
     assert resumed.manifest["last_run"]["computed_rows"] < sum(s["rows"] for s in resumed.manifest["splits"].values())
     def sums(cache):  # every shard's arrays' and index part's sha256 (not its timing)

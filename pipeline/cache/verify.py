@@ -136,6 +136,8 @@ def _verify_tokens(cache: TeacherCache, dataset, spec: TeacherSpec, rows: int, s
 def _windows_at(dataset, split: str, positions: np.ndarray) -> dict[str, np.ndarray]:
     """The dataset's windows at these positions (one read when they are a run)."""
     positions = np.asarray(positions, np.int64)
+    if hasattr(dataset, "windows_at"):
+        return dataset.windows_at(split, positions)
     if len(positions) and np.array_equal(positions, np.arange(positions[0], positions[0] + len(positions))):
         return dataset.windows(split, int(positions[0]), int(positions[0]) + len(positions))
     parts = [dataset.windows(split, int(p), int(p) + 1) for p in positions]
@@ -186,7 +188,12 @@ def _lm_fidelity(cache: TeacherCache, dataset, model: HfCausalLM, rows: int, see
         where = positions_of(dataset.splits[split].sample_ids, cache.sample_ids(split))
         for row in np.sort(rng.choice(sizes[split], size=k, replace=False)):
             batch = next(cache.token_batches(split, 1, shuffle=False, rows=slice(int(row), int(row) + 1)))
-            w = _windows_at(dataset, split, where[[row]])
+            # the window's documents tokenized afresh, alone: the ids must be the stored ones
+            w = (dataset.retokenized(split, where[[row]]) if hasattr(dataset, "retokenized")
+                 else _windows_at(dataset, split, where[[row]]))
+            if not np.array_equal(np.asarray(w["ids"], np.int64), batch.ids):
+                return (f"FAILED: {split} window {int(row)}'s documents tokenize to other ids than the "
+                        "cache's (another tokenizer or tokenizers version?); build a new cache")
             real = np.asarray(w["segments"])[0] >= 0
             ids = torch.from_numpy(np.asarray(w["ids"], np.int64))
             with torch.inference_mode(), runtime.autocast(on, runtime.text_autocast_dtype(on)):
