@@ -86,9 +86,11 @@ bench-quick: setup
 	$(VENV)/bin/pip install --quiet -e '.[test,bench]'
 	$(VENV)/bin/python -m bench.run --quick $(BENCH_ARGS)
 
-# The fault tests with the full 20 seeded kill trials (make test runs 2).
+# The fault tests with the full 20 seeded kill trials (make test runs 1), the multi-view kills
+# and the twice-killed build on S3.
 soak: setup
-	KDCACHE_KILL_TRIALS=20 $(VENV)/bin/python -m pytest -q tests/test_faults.py $(PYTEST_ARGS)
+	KDCACHE_KILL_TRIALS=20 $(VENV)/bin/python -m pytest -q tests/test_faults.py \
+	  tests/test_object_storage.py::test_sigkill_mid_build_on_s3_then_resume_is_byte_identical $(PYTEST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

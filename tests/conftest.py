@@ -261,3 +261,18 @@ def tiny_gpt2(tmp_path_factory, token_corpus) -> Path:
     from tests.lm_models import corpus_documents, write_tiny_gpt2
 
     return write_tiny_gpt2(tmp_path_factory.mktemp("hf") / "tiny-gpt2", corpus_documents(token_corpus))
+
+
+@pytest.fixture(scope="session")
+def text_cache(tmp_path_factory, text_corpus, tiny_bert) -> Path:
+    """A float32 dense cache of the tiny BERT (``teacher=hf:``, random head) over
+    :func:`text_corpus`, in 96-row shards and batches of 16 (float32: test_text_teacher.py
+    compares its logits tightly). Built once per session: the text-teacher tests only read it;
+    the text-students test adds its runs' results rows."""
+    from stages.cli import main
+
+    root = tmp_path_factory.mktemp("text_cache") / "dense"
+    assert main(["cache", f"dataset=text:{text_corpus}", f"teacher=hf:{tiny_bert}",
+                 "teacher_ckpt=random", f"cache={root}", "shard_size=96", "infer_batch_size=16",
+                 "dtype=float32"]) == 0
+    return root

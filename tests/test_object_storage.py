@@ -172,16 +172,17 @@ def records_landed(url: str) -> int:
 
 @pytest.mark.slow
 def test_sigkill_mid_build_on_s3_then_resume_is_byte_identical(s3, tmp_path, reference):
-    """SIGKILL while shards land on S3 (after a seeded random number of them), twice, then
-    let it finish: the recorded shards were whole at every kill and the result is the local
-    build's bytes. The resumed run takes over the dead builder's lease at once (same host)."""
-    from test_faults import harness_args, run_cli as spawn
+    """SIGKILL while shards land on S3 (after a seeded random number of them), once in make
+    test and twice in make soak (a resumed builder killed in turn), then let it finish: the
+    recorded shards were whole at every kill and the result is the local build's bytes. The
+    resumed run takes over the dead builder's lease at once (same host)."""
+    from test_faults import SOAK, harness_args, run_cli as spawn
 
     ref_root, _ = reference
     url = f"{s3}/harness"
     args = ["cache", *harness_args(url, tmp_path)]
     rng = np.random.default_rng(13)
-    for kill in range(2):
+    for kill in range(2 if SOAK else 1):  # each kill is a subprocess build: tens of seconds
         proc = spawn(args, cwd=tmp_path)
         target = records_landed(url) + int(rng.integers(2, 12))  # of 38 shards
         deadline = time.monotonic() + 600

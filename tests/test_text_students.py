@@ -280,21 +280,6 @@ def test_text_network_training_is_deterministic(corpus):
 
 # =========================================================================== end to end
 
-@pytest.fixture(scope="module")
-def text_cache(tmp_path_factory, text_corpus, tiny_bert) -> Path:
-    """A cache of the tiny random BERT over the test corpus (``teacher=hf:``)."""
-    import importlib.util
-
-    from conftest import build
-
-    if importlib.util.find_spec("pipeline.hf") is None:
-        pytest.skip("teacher=hf: is not here to build a text cache")
-    work = tmp_path_factory.mktemp("text_cache")
-    build(work / "cache", work, dataset=f"text:{text_corpus}", teacher=f"hf:{tiny_bert}",
-          teacher_ckpt="random")
-    return work / "cache"
-
-
 def test_text_students_run_and_export_from_a_text_cache(text_cache, tmp_path, capsys):
     """The founding example and its text students: from one cache of a BERT teacher, a TF-IDF
     student on soft targets, fasttext with kd and logistic regression on the cached features
