@@ -77,8 +77,8 @@ def resolve_layout(cfg: CacheConfig, dataset: Dataset,
     if cfg.views > 1:
         itemsize = np.dtype(cfg.dtype).itemsize
         mode = parse_mode(cfg.logits)
-        if mode.sparse:  # K ids and K values (at most 4 bytes each) in place of C logits
-            shapes = {**shapes, "logits": (2 * mode.k * 4 // itemsize + 1,)}
+        if mode.sparse:  # K (+ M) ids and K values (at most 4 bytes each) in place of C logits
+            shapes = {**shapes, "logits": (2 * (mode.k + mode.m) * 4 // itemsize + 1,)}
         row_bytes = cfg.views * itemsize * sum(int(np.prod(shape)) for shape in shapes.values())
         shard_rows = min(shard_rows, max(1, MAX_SHARD_BYTES // row_bytes))
         chunk_rows = min(chunk_rows, max(1, MAX_CHUNK_BYTES // row_bytes))

@@ -211,7 +211,7 @@ class TeacherCache:
     def sparse_logits(self, split: str, view: int | np.ndarray = 0,
                       rows: slice | None = None) -> SparseLogits:
         """A sparse-logit cache's logits of view ``view`` (or one view per row), as stored."""
-        parts = {key.rpartition("/")[2]: self._rows(key, rows, view)
+        parts = {fmt.sparse_part(key, self.manifest): self._rows(key, rows, view)
                  for key in self._logits_keys(split)}
         return self._sparse(parts)
 
@@ -223,7 +223,7 @@ class TeacherCache:
         parts = {}
         for key in self._logits_keys(split):
             stored = self.stored(key, 0, n, views=views)
-            parts[key.rpartition("/")[2]] = stored.reshape(n * views, *stored.shape[2:]).astype(
+            parts[fmt.sparse_part(key, self.manifest)] = stored.reshape(n * views, *stored.shape[2:]).astype(
                 np.float32 if stored.dtype.kind == "f" else stored.dtype)
         return self._sparse(parts)
 
@@ -234,8 +234,10 @@ class TeacherCache:
 
     def _sparse(self, parts: dict[str, np.ndarray]) -> SparseLogits:
         mode = self.logits_mode
+        draws = parts.get("draws")
         return SparseLogits(mode.kind, parts["classes"].astype(np.int64), parts.get("logits"),
-                            parts.get("tail"), self.num_classes, float(self.manifest["logits"]["temperature"]))
+                            parts.get("tail"), self.num_classes, float(self.manifest["logits"]["temperature"]),
+                            None if draws is None else draws.astype(np.int64))
 
     def logits(self, split: str, temperature: float = 1.0, view: int = 0) -> np.ndarray:
         """Softened logits z / T at T = ``temperature``, float32 [N, C] (of a sparse cache: of
@@ -328,7 +330,7 @@ class TeacherCache:
         chunk = int(self.manifest["chunk_size"])
         keys = {}
         if logits and self.logits_mode.sparse:
-            keys = {f"__sparse_{key.rpartition('/')[2]}__": key for key in self._logits_keys(split)}
+            keys = {f"__sparse_{fmt.sparse_part(key, self.manifest)}__": key for key in self._logits_keys(split)}
         elif logits:
             keys = {"__logits__": fmt.logits_key(split)}
         keys.update({name: fmt.feature_key(split, name) for name in layers})

@@ -45,7 +45,7 @@ from pipeline.errors import KdError
 from pipeline.io import fsync_dir, fsync_file
 from pipeline.keyed_random import view_random
 from pipeline.lookahead import ordered, prefetched
-from pipeline.sparse import SAMPLE, TOPK, draw, encode_topk, parse_mode, sample_uniforms
+from pipeline.sparse import SAMPLE, TOPK, draw, draw_tail, encode_topk, parse_mode, sample_uniforms
 from pipeline.teachers import ONNX, TeacherSpec, build_teacher, is_text_teacher, tap
 
 
@@ -291,16 +291,22 @@ def stored_logits(job: ShardJob, logits: np.ndarray, at: slice | np.ndarray) -> 
         return {fmt.logits_key(job.split): logits}
     rows, views, classes = logits.shape
     flat = logits.reshape(rows * views, classes)
-    if mode.kind == TOPK:
+    out = {}
+    if mode.has_topk:
         ids, values, tail = encode_topk(flat, mode.k, classes, job.temperature)
-        return {fmt.sparse_key(job.split, TOPK, "classes"): ids.reshape(rows, views, -1),
-                fmt.sparse_key(job.split, TOPK, "logits"): values.astype(job.dtype).reshape(rows, views, -1),
-                fmt.sparse_key(job.split, TOPK, "tail"): tail.reshape(rows, views, 2)}
+        out = {fmt.sparse_key(job.split, TOPK, "classes"): ids.reshape(rows, views, -1),
+               fmt.sparse_key(job.split, TOPK, "logits"): values.astype(job.dtype).reshape(rows, views, -1),
+               fmt.sparse_key(job.split, TOPK, "tail"): tail.reshape(rows, views, 2)}
+    if not mode.has_draws:
+        return out
     sample_ids = _worker_dataset(job).splits[job.split].sample_ids[job.start:job.stop][at]
-    uniforms = np.stack([sample_uniforms(job.seed, job.split, sample_ids, v, mode.k)
-                         for v in range(views)], axis=1).reshape(rows * views, mode.k)
-    ids = draw(flat, job.temperature, uniforms, classes)
-    return {fmt.sparse_key(job.split, SAMPLE, "classes"): ids.reshape(rows, views, -1)}
+    uniforms = np.stack([sample_uniforms(job.seed, job.split, sample_ids, v, mode.draws)
+                         for v in range(views)], axis=1).reshape(rows * views, mode.draws)
+    # topk+sample: the draws come from the tail alone, the classes the top K left out
+    drawn = (draw_tail(flat, ids, job.temperature, uniforms, classes) if mode.has_topk
+             else draw(flat, job.temperature, uniforms, classes))
+    out[fmt.sparse_key(job.split, SAMPLE, "classes")] = drawn.reshape(rows, views, -1)
+    return out
 
 
 def teacher_stats(logits: np.ndarray) -> dict[str, np.ndarray]:

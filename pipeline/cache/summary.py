@@ -52,6 +52,11 @@ def logits_text(s: dict) -> str:
     if e["mode"] == "topk":
         return (f"topk:{e['k']} of {c:,} classes ({e['classes_dtype']} ids, {s['dtype']} logits, "
                 f"float32 tail; exact at T=1, approximate elsewhere), {per_row}")
+    if e["mode"] == "topk+sample":
+        return (f"topk:{e['k']}+sample:{e['m']} of {c:,} classes (the top {e['k']} exactly, "
+                f"{e['m']} draws from the rest at T={e['temperature']:g}; {e['classes_dtype']} ids, "
+                f"{s['dtype']} logits, float32 tail, seed {e['seed']}; serves T={e['temperature']:g} "
+                f"only), {per_row}")
     if e["mode"] == "sample":
         return (f"sample:{e['k']} of {c:,} classes drawn at T={e['temperature']:g} ({e['classes_dtype']} "
                 f"ids, seed {e['seed']}; serves T={e['temperature']:g} only), {per_row}")

@@ -36,7 +36,7 @@ from pipeline.cache.shard import view_params
 from pipeline.data import positions_of
 from pipeline.errors import KdError
 from pipeline.hf import HfTeacher, tokenizer_difference
-from pipeline.sparse import SAMPLE, TOPK, draw, encode_topk, sample_uniforms
+from pipeline.sparse import SAMPLE, draw, draw_tail, encode_topk, sample_uniforms
 from pipeline.teachers import TeacherSpec, build_teacher, state_fingerprint, tap
 
 TOLERANCE = {"float16": (2e-3, 2e-2), "float32": (1e-4, 1e-4)}  # (rtol, atol) vs a fresh forward
@@ -163,7 +163,7 @@ def _fidelity(cache: TeacherCache, dataset, model, policy, rows: int, seed: int,
             def off(a, b):  # distance in tolerances
                 return float((np.abs(a - b) / (atol + rtol * np.abs(a))).max(initial=0.0))
 
-            if mode.kind == TOPK:
+            if mode.has_topk:
                 stored = cache.sparse_logits(split, view, rows=at_row)
                 ids, values, tail = stored.classes[0], stored.values[0], stored.tail[0]
                 _, fresh_values, fresh_tail = encode_topk(fresh[None], mode.k, cache.num_classes,
@@ -176,13 +176,19 @@ def _fidelity(cache: TeacherCache, dataset, model, policy, rows: int, seed: int,
                             off(kth, lowest_listed))
                 if len(set(ids.tolist())) < len(ids) or (np.diff(values) > 0).any():
                     worst = max(worst, np.inf)  # a class listed twice, or out of order
-            elif mode.kind == SAMPLE:
+            if mode.has_draws:
                 entry = m["logits"]
-                ids = cache.sparse_logits(split, view, rows=at_row).classes[0]
+                stored = cache.sparse_logits(split, view, rows=at_row)
+                ids = stored.classes[0] if mode.kind == SAMPLE else stored.draws[0]
                 uniforms = sample_uniforms(int(entry["seed"]), split,
-                                           cache.sample_ids(split)[at_row], view, mode.k)
-                again = draw(fresh[None], float(entry["temperature"]), uniforms, cache.num_classes)[0]
+                                           cache.sample_ids(split)[at_row], view, mode.draws)
                 u = fresh.astype(np.float64) / float(entry["temperature"])
+                if mode.has_topk:  # re-drawn from the tail the stored top K leave
+                    again = draw_tail(fresh[None], stored.classes, float(entry["temperature"]),
+                                      uniforms, cache.num_classes)[0]
+                    u[stored.classes[0]] = -np.inf
+                else:
+                    again = draw(fresh[None], float(entry["temperature"]), uniforms, cache.num_classes)[0]
                 p = np.exp(u - u.max())
                 p /= p.sum()
                 # as multisets: a moved cdf boundary changes one draw, not the rest
@@ -190,21 +196,25 @@ def _fidelity(cache: TeacherCache, dataset, model, policy, rows: int, seed: int,
                                                 np.bincount(ids, minlength=cache.num_classes)).sum())
                 draws["all"] += len(ids)
                 draws["unlikely"] += int((p[ids] < MIN_DRAWN_PROB).sum())
-            else:
+            if not mode.sparse:
                 cached = cache.raw_logits(split, view, rows=at_row)[0]
                 worst = max(worst, off(fresh, cached))
             checked += 1
     at = ", each at a random view" if cache.views("train") > 1 else ""
-    if mode.kind == SAMPLE:
+    if mode.has_draws:
         same = draws["same"] / max(1, draws["all"])
+        if mode.has_topk and worst > 1.0:
+            return (f"FAILED: cached top-k classes, logits and tail differ from a fresh forward pass "
+                    f"({worst:.1f}x the {m['dtype']} tolerance)")
+        head = f"top-k classes, logits and tail within {worst:.2f} of tolerance; " if mode.has_topk else ""
         return (
-            f"ok ({checked} rows{at}: {same:.2%} of {draws['all']:,} draws re-drawn identically "
+            f"ok ({checked} rows{at}: {head}{same:.2%} of {draws['all']:,} draws re-drawn identically "
             f"from a fresh forward pass, none of a class it gives < {MIN_DRAWN_PROB:g})"
             if same >= SAME_DRAWS and not draws["unlikely"] else
             f"FAILED: {draws['unlikely']} cached draws are of classes a fresh forward pass gives "
             f"< {MIN_DRAWN_PROB:g}, and {same:.1%} re-draw identically (need {SAME_DRAWS:.0%})")
     else:
-        what = "top-k classes, logits and tail" if mode.kind == TOPK else "logits"
+        what = "top-k classes, logits and tail" if mode.has_topk else "logits"
         return (f"ok ({checked} rows{at}, {what} within {worst:.2f} of "
                                       "tolerance)" if worst <= 1.0 else
                                       f"FAILED: cached {what} differ from a fresh forward pass "
