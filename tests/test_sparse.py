@@ -18,7 +18,7 @@ from pipeline import losses_cpu
 from pipeline.cache import format as fmt
 from pipeline.cache import open_cache
 from pipeline.errors import KdError
-from pipeline.losses import LOSSES, kd, sparse_kl
+from pipeline.losses import LOSSES, classification_losses, kd, sparse_kl
 from pipeline.sparse import (SAMPLE, TOPK, TOPK_SAMPLE, SparseLogits, check_mode, classes_dtype, draw,
                              draw_tail, encode_topk, encode_topk_sample, parse_mode, sample_uniforms)
 from pipeline.students import STUDENTS, StudentData, create_student, student_config, student_params
@@ -475,8 +475,8 @@ def test_every_student_trains_from_sparse_logits(caches, signal_caches, mode, na
     """Every registered student, through the stage's run (a results row), from each mode."""
     from pipeline.runs import train_student
 
-    if STUDENTS.declared(name).modality == "text":  # (declared: these caches hold arrays)
-        pytest.skip(f"{name} reads text; these caches are of arrays")
+    if STUDENTS.declared(name).modality not in (None, "array"):  # (declared: these caches hold arrays)
+        pytest.skip(f"{name} reads {STUDENTS.declared(name).modality}; these caches are of arrays")
     quick = {"epochs": 1} if "epochs" in student_params(name) else {}
     for cache in (caches[mode], signal_caches[mode]):
         # one epoch: what is checked is that a run from sparse targets lands its row
@@ -528,7 +528,7 @@ def _unlisted(cache) -> set[int]:
     return set(range(cache.num_classes)) - set(t["t_ids"][t["t_w"] >= 1e-4].tolist())
 
 
-@pytest.mark.parametrize("loss", [n for n in LOSSES.names() if LOSSES.declared(n).logits
+@pytest.mark.parametrize("loss", [n for n in classification_losses() if LOSSES.declared(n).logits
                                   and not LOSSES.declared(n).features])
 def test_every_logit_loss_trains_from_sparse_logits(caches, loss):
     data = StudentData(caches["topk:2"])
