@@ -292,7 +292,7 @@ def token_form(name: str) -> Callable[..., torch.Tensor]:
     if needs.token_form is not None:
         return needs.token_form
     raise KdError(f"loss={name} has no form on a token cache (a language model's per-position "
-                  f"targets); use one of {', '.join(token_losses())}")
+                  f"targets); use one of {', '.join(token_losses()[:-1])} or {token_losses()[-1]}")
 
 
 def token_losses() -> list[str]:

@@ -139,8 +139,8 @@ def parse_mode(text: str) -> LogitsMode:
 def check_mode(mode: LogitsMode, num_classes: int) -> None:
     """Refuse K that leaves nothing to drop (top-k of all classes is dense logits, stored worse)."""
     if mode.has_topk and mode.k >= num_classes:
-        raise KdError(f"logits={mode.spec} keeps every one of the {num_classes} classes in its "
-                      f"top {mode.k}; use logits=dense, or topk:K with K < {num_classes}")
+        raise KdError(f"logits={mode.spec} keeps every one of the {num_classes} classes; use "
+                      f"logits=dense, or topk:K with K < {num_classes}")
 
 
 def mode_of(manifest: dict) -> LogitsMode:
@@ -235,7 +235,7 @@ def check_temperature(kind: str, cache_temperature: float, T: float) -> None:
     """Refuse a temperature a cache of ``kind`` cannot serve: a cache of draws (sample,
     topk+sample) only serves the temperature its classes were drawn at."""
     if kind in (SAMPLE, TOPK_SAMPLE) and not np.isclose(T, cache_temperature, rtol=1e-6):
-        raise KdError(f"a sample cache holds classes drawn at its temperature {cache_temperature:g}, "
+        raise KdError(f"a {kind} cache holds classes drawn at its temperature {cache_temperature:g}, "
                       f"so it serves only that one; train with temperature={cache_temperature:g} "
                       f"(not {T:g}), or build a topk or dense cache")
 

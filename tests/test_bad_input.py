@@ -358,6 +358,7 @@ TEMPLATES: dict[str, Callable[[Path], None]] = {
     "one-class": _one_class_teacher,
     "sample": lambda root: build(root, root.parent, logits="sample:4"),  # drawn at T=4
     "topk": lambda root: build(root, root.parent, logits="topk:2"),
+    "topk+sample": lambda root: build(root, root.parent, logits="topk:1+sample:4"),  # drawn at T=4
 }
 
 
@@ -683,7 +684,13 @@ CASES: list[Case] = [
          r"process per core the teacher leaves free\)"),
     Case("logits-topk-zero", CONFIG, "logits=topk:0",
          lambda tmp: cache_cmd(tmp, logits="topk:0"),
-         r"logits='topk:0' is not a logits mode; use dense, topk:K or sample:K with K >= 1"),
+         r"logits='topk:0' is not a logits mode; use dense, topk:K, sample:K or topk:K\+sample:M with "
+         r"K, M >= 1"),
+    Case("logits-topk-sample-zero", CONFIG, "logits=topk:K+sample:0",
+         lambda tmp: cache_cmd(tmp, logits="topk:2+sample:0"), r"logits='topk:2\+sample:0' is not a logits mode"),
+    Case("logits-topk-sample-all-classes", CONFIG, "logits=topk:K+sample:M with K >= the classes",
+         lambda tmp: cache_cmd(tmp, logits="topk:3+sample:8"),
+         r"logits=topk:3\+sample:8 keeps every one of the 3 classes; use logits=dense, or topk:K with K < 3"),
     Case("logits-sample-not-a-number", CONFIG, "logits=sample:x",
          lambda tmp: cache_cmd(tmp, logits="sample:x"), r"logits='sample:x' is not a logits mode"),
     Case("logits-unknown-mode", CONFIG, "logits=fp8",
@@ -700,6 +707,18 @@ CASES: list[Case] = [
          student_cmd("model=mlp", "loss=kd", "temperature=2", cache="sample"),
          r"a sample cache holds classes drawn at its temperature 4, so it serves only that one; "
          r"train with temperature=4 \(not 2\), or build a topk or dense cache"),
+    Case("topk-sample-other-temperature", STAGE2, "another temperature than a topk+sample cache's draws",
+         student_cmd("model=mlp", "loss=kd", "temperature=2", cache="topk+sample"),
+         r"a topk\+sample cache holds classes drawn at its temperature 4, so it serves only that one; "
+         r"train with temperature=4 \(not 2\)"),
+    Case("token-loss-on-classes", STAGE2, "a language-model loss for a classification student",
+         student_cmd("model=mlp", "loss=jsd"),
+         r"loss=jsd trains a language model from a token cache; model mlp is not one: use model=lm"),
+    Case("lm-loss-without-token-form", STAGE2, "model=lm with a loss that has no per-position form",
+         student_cmd("model=lm", "loss=dkd"),
+         r"loss=dkd has no form on a token cache .*; use one of ce, jsd, kd, kd_renorm or reverse_kl"),
+    Case("lm-on-an-array-cache", STAGE2, "model=lm on a cache of arrays",
+         student_cmd("model=lm"), r"model lm reads tokens inputs, and cache .* holds array"),
     Case("sparse-standardize", STAGE2, "standardize_logits=true on a sparse cache",
          student_cmd("model=mlp", "standardize_logits=true", cache="topk"),
          r"standardize_logits=true needs every logit, and cache .* keeps logits=topk:2; use a dense cache"),
