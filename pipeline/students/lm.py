@@ -109,10 +109,9 @@ class LMStudent(Student):
     def fit_cache(self, data) -> "LMStudent":
         """Train from an opened token cache's train windows (model selection on val)."""
         cache = data.cache
-        if cache.manifest.get("dataset", {}).get("modality") != "tokens":
+        if data.modality != "tokens":
             raise KdError(f"model lm trains from a token cache (dataset=tokens:PATH with a causal-LM "
-                          f"teacher); cache {cache.root} holds "
-                          f"{cache.manifest.get('dataset', {}).get('modality', 'array')} data")
+                          f"teacher); cache {cache.root} holds {data.modality} data")
         return self.fit(cache_windows(cache, "train"), cache.num_classes, val=cache_windows(cache, "val"),
                         cache_temperature=cache.temperature, progress=getattr(data, "progress", False))
 
