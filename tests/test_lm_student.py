@@ -144,3 +144,11 @@ def test_refusals(teacher_windows):
         create_student("mlp", loss="jsd")
     with pytest.raises(KdError, match="loss=dkd has no form on a token cache"):
         create_student("lm", loss="dkd")
+
+
+def test_fit_cache_refuses_a_cache_of_classes(small_cache):
+    from pipeline.cache import open_cache
+    from pipeline.students import StudentData
+
+    with pytest.raises(KdError, match="model lm trains from a token cache .* holds array data"):
+        LMStudent(**QUICK).fit_cache(StudentData(open_cache(small_cache)))
