@@ -18,6 +18,9 @@ train split. Measured, each in one process:
   batch 1 reported).
 - **memory**: peak RSS of a ``tfidf_logreg`` and a ``fasttext`` student run, N vs 4N documents
   (floor ≤ 1.2×; a corpus of repeated documents made for it).
+
+``python -m bench.text --corpus fortunes.csv`` only writes the corpus, as the README's "Text"
+example uses it.
 """
 
 from __future__ import annotations
@@ -315,4 +318,11 @@ def run(quick: bool, workdir: Path) -> dict:
 
 
 if __name__ == "__main__":
-    main_for(run)
+    import sys
+
+    if sys.argv[1:2] == ["--corpus"] and len(sys.argv) == 3:  # only write the corpus's CSV
+        rows = fortunes()
+        print(f"wrote {write_csv(Path(sys.argv[2]), rows)}: {len(rows):,} texts in "
+              f"{len(CATEGORIES)} categories ({', '.join(CATEGORIES)})")
+    else:
+        main_for(run)

@@ -57,6 +57,10 @@ def dataset_field(default: str) -> Any:
     return field(default=default, metadata={"dataset": True})
 
 
+MIN_SEQ_LEN, MAX_SEQ_LEN = 2, 1 << 20  # tokens per window of a token dataset
+TOKEN_DATA_KEYS = ("tokenizer", "seq_len", "pack")  # keys only token datasets (tokens:) take
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Which dataset, and how it is split. Shared by every stage that reads inputs."""
@@ -75,8 +79,18 @@ class DataConfig:
     text_column: str = "text"
     label_column: str = "label"
     test_fraction: float = 0.2
+    # token datasets (tokens:PATH, pipeline.data.tokens): the Hugging Face tokenizer directory
+    # that turns documents into ids ("" = the teacher's: `kdcache cache teacher=hf:DIR` fills
+    # it), the tokens per window, and whether documents are packed (joined with EOS and cut
+    # every seq_len) or each given a window of its own (truncated, right-padded)
+    tokenizer: str = path_field("")
+    seq_len: int = 256
+    pack: bool = True
 
     def check(self) -> None:
+        if not MIN_SEQ_LEN <= self.seq_len <= MAX_SEQ_LEN:
+            raise KdError(f"seq_len={self.seq_len} must be in {MIN_SEQ_LEN}..{MAX_SEQ_LEN} (a "
+                          "window needs a token and the next token it predicts)")
         if not 0.0 < self.test_fraction < 0.9:
             raise KdError(f"test_fraction={self.test_fraction} must be in (0, 0.9)")
         if not 0.0 < self.val_fraction < 0.9:
@@ -111,6 +125,11 @@ class TeacherConfig(DataConfig):
     # or full (every weight; give it a small lr, e.g. lr=3e-5)
     max_length: int = 128
     finetune: str = "head"
+    # causal-LM teachers (teacher=hf:DIR): a GGUF file in DIR (weights, config and tokenizer)
+    gguf_file: str = ""
+    # a token dataset's teacher trained here (teacher=auto on dataset=tokens:PATH): the size of
+    # the byte-level BPE vocabulary trained on its train documents (pipeline.lm_teacher)
+    vocab_size: int = 1024
 
     def check(self) -> None:
         super().check()
@@ -123,6 +142,9 @@ class TeacherConfig(DataConfig):
             raise KdError(f"finetune={self.finetune!r} is not a way to train a text teacher; use "
                           f"{' or '.join(FINETUNES)}")
         _at_most(self, lr=MAX_LR)
+        if not MIN_VOCAB <= self.vocab_size <= MAX_VOCAB:
+            raise KdError(f"vocab_size={self.vocab_size} must be in {MIN_VOCAB}..{MAX_VOCAB} (a "
+                          "byte-level BPE holds the 256 bytes and its special tokens)")
         if self.weight_decay < 0:
             raise KdError(f"weight_decay={self.weight_decay} must be >= 0")
         _check_device(self.device)
@@ -132,7 +154,7 @@ class TeacherConfig(DataConfig):
         :func:`resolve`). `kdcache teacher` trains a checkpoint: it loads none."""
         return {"teacher_ckpt": "`kdcache teacher` trains the teacher into teacher_dir; drop "
                                 "teacher_ckpt= (kdcache cache teacher_ckpt=PATH uses a checkpoint)",
-                **_text_teacher_keys(self)}
+                **_text_teacher_keys(self), **_token_keys(self)}
 
 
 @dataclass(frozen=True)
@@ -210,7 +232,7 @@ class CacheConfig(TeacherConfig):
 
     def moot(self) -> dict[str, str]:
         """See :meth:`TeacherConfig.moot`."""
-        out = _text_teacher_keys(self)
+        out = {**_text_teacher_keys(self), **_token_keys(self)}
         if self.cache:
             out["cache_root"] = (f"cache={self.cache} is where the cache goes; drop cache_root= (or "
                                  "drop cache= for the default cache under cache_root)")
@@ -228,10 +250,14 @@ class CacheConfig(TeacherConfig):
         return out
 
 
+MIN_VOCAB, MAX_VOCAB = 260, 1 << 20  # a trained BPE: 256 bytes, its special tokens, merges
+
+
 # `kdcache teacher`'s training settings: moot where a checkpoint is given instead
-TRAINING_KEYS = ("epochs", "lr", "weight_decay", "batch_size", "teacher_augment", "finetune")
+TRAINING_KEYS = ("epochs", "lr", "weight_decay", "batch_size", "teacher_augment", "finetune",
+                 "vocab_size")
 FINETUNES = ("head", "full")  # text teachers: what `kdcache teacher` trains (pipeline.hf)
-TEXT_TEACHER_KEYS = ("max_length", "finetune")  # keys only text teachers (hf:) take
+TEXT_TEACHER_KEYS = ("max_length", "finetune", "gguf_file")  # keys only text teachers (hf:) take
 
 
 def _text_teacher_keys(cfg: Any) -> dict[str, str]:
@@ -240,6 +266,24 @@ def _text_teacher_keys(cfg: Any) -> dict[str, str]:
         return {}
     return {key: f"{key}= applies to text teachers (teacher=hf:DIR), not teacher={cfg.teacher}; "
                  f"drop {key}=" for key in TEXT_TEACHER_KEYS}
+
+
+def _token_keys(cfg: Any) -> dict[str, str]:
+    """The token datasets' keys, moot for any other dataset, and ``vocab_size``, moot but for
+    the teacher trained on one (teacher=auto on dataset=tokens:PATH)."""
+    tokens = cfg.dataset.startswith("tokens:")
+    out = {} if tokens else {
+        key: f"{key}= applies to token datasets (dataset=tokens:PATH), not dataset={cfg.dataset}; "
+             f"drop {key}=" for key in TOKEN_DATA_KEYS}
+    if tokens and cfg.teacher == "auto":
+        out["tokenizer"] = ("teacher=auto on a token dataset trains its own tokenizer with the "
+                            "teacher; drop tokenizer= (or pass teacher=hf:DIR, whose tokenizer the "
+                            "data must share)")
+    else:
+        out["vocab_size"] = ("vocab_size= sizes the tokenizer trained for teacher=auto on a token "
+                             f"dataset (dataset=tokens:PATH), not teacher={cfg.teacher} on "
+                             f"dataset={cfg.dataset}; drop vocab_size=")
+    return out
 
 
 @dataclass(frozen=True)

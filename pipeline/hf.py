@@ -65,14 +65,23 @@ def fetch_command(name: str) -> str:
     return f"python -c \"from huggingface_hub import snapshot_download; snapshot_download('{name}')\""
 
 
-def resolve_model(name: str) -> Path:
+def resolve_model(name: str, gguf_file: str = "") -> Path:
     """The local directory of model ``name``: a directory as given, or a name found in the local
-    Hugging Face cache (offline, never downloading). Refused in one line otherwise."""
+    Hugging Face cache (offline, never downloading). Refused in one line otherwise. With
+    ``gguf_file``, the directory holds that GGUF file (weights, config and tokenizer in one)
+    in place of config.json."""
     if not name:
         raise KdError("teacher=hf: needs a model: teacher=hf:DIR (a Hugging Face model directory) or "
                       "hf:NAME (a model in the local Hugging Face cache)")
     path = Path(name).expanduser()
     if path.is_dir():
+        if gguf_file:
+            if not (path / gguf_file).is_file():
+                found = sorted(p.name for p in path.glob("*.gguf"))
+                raise KdError(f"{path} holds no GGUF file {gguf_file!r}"
+                              f"{' (it holds ' + ', '.join(found[:3]) + ')' if found else ''}; pass "
+                              "gguf_file=NAME of a .gguf file in that directory")
+            return path.resolve()
         if not (path / "config.json").is_file():
             raise KdError(f"{path} is not a Hugging Face model directory (no config.json); pass "
                           "teacher=hf:DIR to a folder written by save_pretrained")
@@ -122,6 +131,55 @@ def _transformers():
         raise KdError("teacher=hf:... needs transformers, not installed here; pip install "
                       "'kdcache[text]'") from None
     return transformers
+
+
+def load_tokenizer(directory: str | Path, key: str = "tokenizer"):
+    """The Hugging Face tokenizer saved in ``directory`` (by ``save_pretrained``), loaded offline;
+    refused in one line, naming ``key=`` (the setting that gave the directory), when there is
+    none there."""
+    transformers = _transformers()
+    path = Path(directory).expanduser()
+    if not path.is_dir():
+        raise KdError(f"{key}={directory}: no such folder; pass {key}=DIR, a folder holding a "
+                      "tokenizer written by save_pretrained (tokenizer.json or tokenizer_config.json)")
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        raise KdError(f"{key}={directory} is not a Hugging Face tokenizer folder (no tokenizer.json "
+                      "or tokenizer_config.json); pass the folder save_pretrained wrote it to")
+    with _quiet():
+        try:
+            return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except Exception as exc:
+            raise KdError(f"{key}={directory} cannot be loaded as a tokenizer ({type(exc).__name__}: "
+                          f"{first_line(exc, 120)}); pass a folder written by save_pretrained") from None
+
+
+def tokenizer_source(tok, directory: Path | None = None) -> dict[str, Any]:
+    """What makes a tokenizer turn text into the ids it does, whatever settings it is called
+    with: its class, the sha256 of its serialised backend (vocabulary, merges, normaliser,
+    pre-tokeniser, post-processor; less the truncation and padding calls set on it) or, for a
+    tokenizer without one, of its vocabulary files in ``directory``, ``len(tokenizer)``, its
+    special tokens and its normaliser. The part of :attr:`HfTeacher.tokenizer_record` and of a
+    token dataset's record (pipeline.data.tokens) that is the tokenizer itself."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        # the serialised backend, less the truncation and padding that calling the
+        # tokenizer sets on it (they are recorded beside it as the settings kdcache uses)
+        state = json.loads(backend.to_str())
+        state.pop("truncation", None)
+        state.pop("padding", None)
+        source = json.dumps(state, sort_keys=True)
+        normalizer = str(backend.normalizer)
+    else:  # a tokenizer without a Rust backend: the bytes of its vocabulary files
+        h = hashlib.sha256()
+        for file in sorted(getattr(tok, "vocab_files_names", {}).values()):
+            if directory is not None and (Path(directory) / file).is_file():
+                h.update(file.encode() + b"\0" + (Path(directory) / file).read_bytes())
+        source, normalizer = h.hexdigest(), "n/a"
+    return {"class": type(tok).__name__,
+            "backend_sha256": hashlib.sha256(source.encode()).hexdigest(),
+            "vocab_size": len(tok),
+            "special_tokens": {k: str(v) for k, v in sorted(tok.special_tokens_map.items())},
+            "normalizer": normalizer}
 
 
 def parse_layer(name: str, hidden_layers: int) -> tuple[str, int]:
@@ -206,27 +264,8 @@ class HfTeacher(nn.Module):
         """How documents become ids: what the manifest records, and what a cache or a teacher
         compares (:func:`tokenizer_difference`). ``fingerprint`` hashes the rest."""
         tok = self.tokenizer
-        backend = getattr(tok, "backend_tokenizer", None)
-        if backend is not None:
-            # the serialised backend, less the truncation and padding that calling the
-            # tokenizer sets on it (they are recorded below as the settings kdcache uses)
-            state = json.loads(backend.to_str())
-            state.pop("truncation", None)
-            state.pop("padding", None)
-            source = json.dumps(state, sort_keys=True)
-            normalizer = str(backend.normalizer)
-        else:  # a tokenizer without a Rust backend: the bytes of its vocabulary files
-            h = hashlib.sha256()
-            for file in sorted(getattr(tok, "vocab_files_names", {}).values()):
-                if (self.directory / file).is_file():
-                    h.update(file.encode() + b"\0" + (self.directory / file).read_bytes())
-            source, normalizer = h.hexdigest(), "n/a"
         record = {
-            "class": type(tok).__name__,
-            "backend_sha256": hashlib.sha256(source.encode()).hexdigest(),
-            "vocab_size": len(tok),
-            "special_tokens": {k: str(v) for k, v in sorted(tok.special_tokens_map.items())},
-            "normalizer": normalizer,
+            **tokenizer_source(tok, self.directory),
             "max_length": self.max_length,
             "truncation": tok.truncation_side,
             "padding_side": tok.padding_side,

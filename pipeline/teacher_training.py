@@ -50,6 +50,15 @@ CHECKPOINT = "checkpoint.pt"  # in the .incomplete folder: everything needed to 
 def teacher_arch(cfg: TeacherConfig, dataset: Dataset) -> str:
     """The architecture ``cfg.teacher`` names (``auto``: picked by the input's rank). A teacher
     that does not read the dataset's kind of input (text, arrays) is refused in one line."""
+    if dataset.modality == "tokens":  # windows of token ids: a causal LM's data
+        if is_text_teacher(cfg.teacher):
+            return cfg.teacher
+        if cfg.teacher == "auto":  # trained by pipeline.lm_teacher, before the data can be opened
+            raise KdError(f"teacher=auto on {dataset.spec} is a language model that `kdcache teacher "
+                          f"dataset={dataset.spec}` trains; run it, then pass teacher=hf:<its folder>")
+        raise KdError(f"teacher {cfg.teacher} reads arrays, but {dataset.spec} holds token windows; "
+                      "pass teacher=hf:DIR (a causal language model), or train one: kdcache teacher "
+                      f"dataset={dataset.spec}")
     text = dataset.modality == "text"
     if cfg.teacher == "auto":
         if text:

@@ -25,6 +25,7 @@ from pipeline.architectures import ARCHITECTURES, DEFAULT_LAYER, Factory
 from pipeline.errors import KdError, first_line
 from pipeline.hf import DEFAULT_LAYERS as TEXT_LAYERS
 from pipeline.hf import DEFAULT_MAX_LENGTH, HfTeacher
+from pipeline.hf_lm import PRETRAINED, HfCausalLM, is_causal_lm
 from pipeline.onnx_teacher import OnnxTapped, OnnxTeacher
 from pipeline.registry import Registry
 
@@ -106,13 +107,16 @@ def is_text_teacher(arch: str) -> bool:
 
 def _hf(name: str) -> Factory:
     """``teacher=hf:DIR``: a Hugging Face encoder from a local directory (or the local HF
-    cache), with a classification head for the dataset's classes (pipeline.hf)."""
-    from pipeline.hf import resolve_model
-
-    resolve_model(name)  # a missing model is refused now, naming the command that fetches it
-
+    cache), with a classification head for the dataset's classes (pipeline.hf); or, when DIR
+    holds a causal language model, that model over windows of token ids (pipeline.hf_lm)."""
     def factory(input_shape: tuple[int, ...], num_classes: int,
-                max_length: int = DEFAULT_MAX_LENGTH) -> nn.Module:
+                max_length: int = DEFAULT_MAX_LENGTH, gguf_file: str = "") -> nn.Module:
+        if gguf_file or is_causal_lm(name):
+            if len(tuple(input_shape)) != 1:
+                raise KdError(f"teacher hf:{name} is a causal language model: it reads windows of "
+                              f"token ids, but the data holds {'documents' if tuple(input_shape) == () else 'arrays shaped ' + str(tuple(input_shape))}; "
+                              "use a token dataset (dataset=tokens:PATH)")
+            return HfCausalLM(name, num_classes, int(input_shape[0]), gguf_file)
         if tuple(input_shape) != ():
             raise KdError(f"teacher hf:{name} reads text, but the data holds arrays shaped "
                           f"{tuple(input_shape)}; use an array teacher (e.g. teacher=auto), or a "
@@ -153,6 +157,7 @@ class TeacherSpec:
     compile: bool = False
     fingerprint: str = field(default="", compare=False)
     max_length: int | None = None  # text teachers (hf:): tokens per document; None for the rest
+    gguf_file: str = ""  # causal-LM teachers (hf:DIR): a GGUF file in DIR holding the model
 
     @classmethod
     def of_record(cls, record: dict, **changes) -> "TeacherSpec":
@@ -160,12 +165,13 @@ class TeacherSpec:
         fingerprint, and a text teacher's max_length), with ``changes``."""
         values = dict(arch=record["arch"], input_shape=tuple(record["input_shape"]),
                       num_classes=record["num_classes"], ckpt=record["ckpt"], seed=record["seed"] or 0,
-                      fingerprint=record["fingerprint"], max_length=record.get("max_length"))
+                      fingerprint=record["fingerprint"], max_length=record.get("max_length"),
+                      gguf_file=record.get("gguf_file") or "")
         return cls(**{**values, **changes})
 
 
 def create_teacher(arch: str, input_shape: tuple[int, ...], num_classes: int,
-                   ckpt: str = "", max_length: int | None = None) -> nn.Module:
+                   ckpt: str = "", max_length: int | None = None, gguf_file: str = "") -> nn.Module:
     """An untrained teacher ``arch`` for these inputs; ``teacher=onnx`` is its model file
     ``ckpt`` (an ONNX graph comes with its weights); a text teacher (``hf:``) is its
     pretrained encoder with an untrained head, reading ``max_length`` tokens per document."""
@@ -174,7 +180,8 @@ def create_teacher(arch: str, input_shape: tuple[int, ...], num_classes: int,
             raise KdError("teacher=onnx runs a model file: pass teacher_ckpt=MODEL.onnx")
         return OnnxTeacher(ckpt, tuple(input_shape), int(num_classes))
     if is_text_teacher(arch):
-        return TEACHERS.get(arch)(tuple(input_shape), int(num_classes), max_length or DEFAULT_MAX_LENGTH)
+        return TEACHERS.get(arch)(tuple(input_shape), int(num_classes), max_length or DEFAULT_MAX_LENGTH,
+                                  gguf_file)
     return TEACHERS.get(arch)(tuple(input_shape), int(num_classes))
 
 
@@ -278,7 +285,7 @@ def state_fingerprint(model: nn.Module, arch: str, input_shape, num_classes: int
     place of its name, which holds the directory's path: the same model and tokenizer moved
     elsewhere is the same teacher.
     """
-    if isinstance(model, HfTeacher):
+    if isinstance(model, (HfTeacher, HfCausalLM)):
         h = hashlib.sha256(repr(("hf", tuple(input_shape), int(num_classes))).encode())
         h.update(repr(sorted(model.fingerprint_identity().items())).encode())
         plugin = None
@@ -305,10 +312,19 @@ def build_teacher(spec: TeacherSpec) -> nn.Module:
         model = OnnxTeacher(spec.ckpt, spec.input_shape, spec.num_classes, spec.device)
     elif spec.ckpt == "random":
         torch.manual_seed(spec.seed)
-        model = create_teacher(spec.arch, spec.input_shape, spec.num_classes, max_length=spec.max_length)
+        model = create_teacher(spec.arch, spec.input_shape, spec.num_classes, max_length=spec.max_length,
+                               gguf_file=spec.gguf_file)
+        if isinstance(model, HfCausalLM):
+            raise KdError(f"teacher {spec.arch} is a causal LM: it runs its directory's weights, "
+                          f"not random ones; drop teacher_ckpt= (or pass teacher_ckpt={PRETRAINED})")
     else:
-        model = create_teacher(spec.arch, spec.input_shape, spec.num_classes, max_length=spec.max_length)
-        if isinstance(model, HfTeacher):  # a head (or a whole model) trained for its directory
+        model = create_teacher(spec.arch, spec.input_shape, spec.num_classes, max_length=spec.max_length,
+                               gguf_file=spec.gguf_file)
+        if isinstance(model, HfCausalLM):
+            if spec.ckpt != PRETRAINED:
+                raise KdError(f"teacher {spec.arch} is a causal LM: it runs its directory's weights "
+                              f"(teacher_ckpt={PRETRAINED}), not {spec.ckpt}; drop teacher_ckpt=")
+        elif isinstance(model, HfTeacher):  # a head (or a whole model) trained for its directory
             model.load_checkpoint(spec.ckpt)
         else:
             load_weights(model, spec.ckpt, spec.arch, spec.input_shape, spec.num_classes)
@@ -334,7 +350,7 @@ def layer_names(model: nn.Module) -> list[str]:
     teacher's pooled hidden layers."""
     if isinstance(model, OnnxTeacher):
         return model.outputs()
-    if isinstance(model, HfTeacher):
+    if isinstance(model, (HfTeacher, HfCausalLM)):
         return model.layer_names()
     if model not in _NODE_NAMES:
         _NODE_NAMES[model] = _traced_names(model)
@@ -358,6 +374,8 @@ def default_layers(model: nn.Module) -> tuple[str, ...]:
     """The penultimate layer (``embed`` where there is one); an ONNX graph's other outputs."""
     if isinstance(model, OnnxTeacher):
         return tuple(model.feature_names)
+    if isinstance(model, HfCausalLM):
+        return ()  # per-token logits only
     if isinstance(model, HfTeacher):
         return TEXT_LAYERS
     nodes = layer_names(model)
@@ -383,7 +401,7 @@ def tap(model: nn.Module, layers: tuple[str, ...], pool: bool, arch: str) -> nn.
     pooled layers (``forward(input_ids, attention_mask)``; ``pool`` does not apply)."""
     if isinstance(model, OnnxTeacher):
         return OnnxTapped(model, layers, pool)
-    if isinstance(model, HfTeacher):
+    if isinstance(model, (HfTeacher, HfCausalLM)):
         return model.tapped(layers)
     if layers and TimmStages.fits(model) and layer_names(model) == TimmStages.names(model):
         return TimmStages(model, layers, pool, arch)  # timm, where FX cannot trace it

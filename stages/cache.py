@@ -12,6 +12,7 @@ against its checksum and recomputes the damaged ones, with the settings the cach
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from pipeline.cache.build import build_cache, repair_settings
@@ -20,7 +21,10 @@ from pipeline.augment import parse
 from pipeline.cache.plan import prepare, teacher_cost
 from pipeline.cache.summary import describe, summarise
 from pipeline.config import CacheConfig
-from pipeline.data import open_dataset
+from pipeline.data import open_dataset, split_spec
+from pipeline.errors import KdError
+from pipeline.hf import resolve_model
+from pipeline.hf_lm import PRETRAINED, HfCausalLM
 from pipeline.paths import default_cache_path
 from pipeline.settings import resolve
 from pipeline.sparse import check_mode, parse_mode
@@ -34,11 +38,13 @@ def main(args: list[str]) -> dict:
     if cfg.repair:  # the cache's own settings: `kdcache cache cache=PATH repair=true` is enough
         cfg = repair_settings(cfg)
     check_scheduler(cfg)  # an unreachable scheduler: one line, before anything is done
+    cfg = teacher_tokenizer(cfg)
     dataset = open_dataset(cfg)
     arch = teacher_arch(cfg, dataset)
     parse(cfg.augment, dataset.input_shape)  # fail fast on a views policy that does not fit the inputs
-    create_teacher(arch, dataset.input_shape, dataset.num_classes, cfg.teacher_ckpt,  # ... a teacher
-                   max_length=cfg.max_length)  # that cannot fit them (a text teacher: loads the model)
+    model = create_teacher(arch, dataset.input_shape, dataset.num_classes, cfg.teacher_ckpt,  # ... a
+                           max_length=cfg.max_length,  # teacher that cannot fit them (a text
+                           gguf_file=cfg.gguf_file)  # teacher: loads the model)
     check_mode(parse_mode(cfg.logits), dataset.num_classes)  # ... and a topk:K of every class
     root = location(cfg.cache) if cfg.cache else default_cache_path(
         cfg.cache_root, dataset.spec, arch, cfg.teacher_ckpt, cfg.seed, cfg.views, cfg.augment, cfg.logits)
@@ -46,7 +52,11 @@ def main(args: list[str]) -> dict:
 
     # 1. Which weights: the user's checkpoint, seeded random ones, or the trained default of
     # this data and these training settings (refused if it records other data).
-    ckpt = cfg.teacher_ckpt or str(stored_teacher(cfg, dataset) or "")
+    if isinstance(model, HfCausalLM):  # a causal LM runs its directory's own weights
+        ckpt = cfg.teacher_ckpt or PRETRAINED
+    else:
+        ckpt = cfg.teacher_ckpt or str(stored_teacher(cfg, dataset) or "")
+    del model
     if not ckpt:
         print(f"no trained {arch} teacher for {dataset.spec} with these training settings yet; "
               f"training one first (into {teacher_dir(cfg, dataset)})")
@@ -80,3 +90,24 @@ def main(args: list[str]) -> dict:
         print(f"computed {run['computed_rows']:,} rows{views} in {run['seconds']:.1f}s "
               f"({summary['outputs_per_s']:,.0f} teacher outputs/s)")
     return summary
+
+
+TOKEN_SOURCE = "tokens"  # dataset=tokens:PATH (pipeline.data.tokens)
+
+
+def teacher_tokenizer(cfg: CacheConfig) -> CacheConfig:
+    """A token dataset with no ``tokenizer=`` given is tokenized with the ``hf:`` teacher's
+    own tokenizer: its model directory (saved in the cache's config, so that students, verify
+    and workers reopen the same windows). A GGUF teacher's tokenizer lives inside its file, so
+    it must be saved as a directory once and named."""
+    if (split_spec(cfg.dataset)[0] != TOKEN_SOURCE or not cfg.teacher.startswith("hf:")
+            or "tokenizer" not in {f.name for f in dataclasses.fields(cfg)} or getattr(cfg, "tokenizer")):
+        return cfg
+    name = cfg.teacher.removeprefix("hf:")
+    if cfg.gguf_file:
+        folder = resolve_model(name, cfg.gguf_file)
+        raise KdError(f"a GGUF teacher's tokenizer is inside {cfg.gguf_file}; save it once as a folder "
+                      f"and pass tokenizer=DIR: python -c \"from transformers import AutoTokenizer; "
+                      f"AutoTokenizer.from_pretrained('{folder}', gguf_file='{cfg.gguf_file}')"
+                      f".save_pretrained('{folder}/tokenizer')\"")
+    return dataclasses.replace(cfg, tokenizer=str(resolve_model(name)))

@@ -233,3 +233,31 @@ def tiny_bert(tmp_path_factory, text_corpus) -> Path:
     from tests.text_models import corpus_texts, write_tiny_bert
 
     return write_tiny_bert(tmp_path_factory.mktemp("hf") / "tiny-bert", corpus_texts(text_corpus))
+
+
+@pytest.fixture(scope="session")
+def token_corpus(tmp_path_factory) -> Path:
+    """A .txt corpus of 200 short English-like documents separated by blank lines
+    (tests/lm_models.py): ``dataset=tokens:PATH``."""
+    from tests.lm_models import write_corpus
+
+    return write_corpus(tmp_path_factory.mktemp("lm") / "stories.txt")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, token_corpus) -> Path:
+    """A Hugging Face model directory of a tiny random LlamaForCausalLM (32 wide, 2 layers)
+    with a byte-level BPE (300 entries, EOS ``<|endoftext|>``, pad ``<pad>``) trained on
+    :func:`token_corpus`: ``teacher=hf:DIR`` and ``tokenizer=DIR``. Outputs = len(tokenizer)."""
+    from tests.lm_models import corpus_documents, write_tiny_llama
+
+    return write_tiny_llama(tmp_path_factory.mktemp("hf") / "tiny-llama", corpus_documents(token_corpus))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory, token_corpus) -> Path:
+    """Like :func:`tiny_llama`, a random GPT2LMHeadModel with the same tokenizer, its output
+    layer padded to len(tokenizer) + 20 (a padded vocabulary)."""
+    from tests.lm_models import corpus_documents, write_tiny_gpt2
+
+    return write_tiny_gpt2(tmp_path_factory.mktemp("hf") / "tiny-gpt2", corpus_documents(token_corpus))

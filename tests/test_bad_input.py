@@ -1367,6 +1367,77 @@ CASES += [
          r"max_length=64" + MOOT + r"max_length= applies to text teachers \(teacher=hf:DIR\), not teacher=mlp"),
 ]
 
+
+def _stories(tmp: Path, count: int = 40, name: str = "stories.txt") -> Path:
+    """A small .txt corpus of documents separated by blank lines (tests/lm_models.py)."""
+    from lm_models import write_corpus
+
+    return write_corpus(tmp / name, count=count)
+
+
+def _tokens_cmd(make: Callable[[Path], Path], *args: str, verb: str = "teacher") -> Callable[[Path], list[str]]:
+    """`kdcache teacher` (teacher=auto: trains a tokenizer and an LM) on the token data ``make``
+    writes, with ``args`` ({tmp} filled in)."""
+    def setup(tmp: Path) -> list[str]:
+        train = [f"teacher_dir={tmp / 'teachers'}", "epochs=1"] if verb == "teacher" else []
+        return [verb, f"dataset=tokens:{make(tmp)}", *train, *(a.format(tmp=tmp) for a in args)]
+    return setup
+
+
+def _split_table(tmp: Path) -> Path:
+    path = tmp / "docs.csv"
+    path.write_text("text,split\nthe cat sees the dog.,train\na ship by the river.,val\n")
+    return path
+
+
+# token datasets (dataset=tokens:PATH, pipeline/data/tokens.py) and the LM teacher trained here
+CASES += [
+    Case("tokens-missing", DATASET, "tokens: a file that is not there",
+         _tokens_cmd(lambda tmp: tmp / "nothing.txt"),
+         r"tokens path .*/nothing.txt does not exist; pass dataset=tokens:PATH to a .txt file, a folder "
+         r"of .txt files, or a .csv/.jsonl/.parquet table$"),
+    Case("tokens-empty", DATASET, "tokens: a .txt of blank lines only",
+         _tokens_cmd(_mkfile("blank.txt", "\n\n  \n")),
+         r".*/blank.txt holds no documents; give it text \(documents separated by blank lines, or one "
+         r"per row of its text column\)$"),
+    Case("tokens-no-test-split", DATASET, "tokens: a split column with no test rows",
+         _tokens_cmd(_split_table),
+         r".*/docs.csv: column 'split' marks no test documents; mark some rows test, or drop the "
+         r"column to carve the splits$"),
+    Case("tokens-too-small", DATASET, "tokens: a corpus too small for one window",
+         _tokens_cmd(lambda tmp: _stories(tmp, count=12), "seq_len=4096"),
+         r"the train split holds \d+ tokens, fewer than one window of seq_len=4096; give it more "
+         r"text or pass a smaller seq_len$"),
+    Case("tokens-no-tokenizer", CONFIG, "tokens: no tokenizer= and no hf: teacher to take one from",
+         _tokens_cmd(_stories, "teacher=mlp", "teacher_ckpt=random", "cache={tmp}/cache", verb="cache"),
+         r"dataset=tokens: needs a tokenizer: pass tokenizer=DIR \(a Hugging Face tokenizer "
+         r"folder\), or teacher=hf:DIR to `kdcache cache` \(it takes the teacher's\), or train "
+         r"one: kdcache teacher dataset=tokens:PATH$"),
+    Case("tokens-not-a-tokenizer", CONFIG, "tokenizer= a folder without a tokenizer",
+         _tokens_cmd(_stories, "teacher=mlp", "teacher_ckpt=random", "cache={tmp}/cache", "tokenizer={tmp}",
+                     verb="cache"),
+         r"tokenizer=.* is not a Hugging Face tokenizer folder \(no tokenizer.json or "
+         r"tokenizer_config.json\); pass the folder save_pretrained wrote it to$"),
+    Case("tokens-teacher-hf", CONFIG, "kdcache teacher with teacher=hf: on a token dataset",
+         _tokens_cmd(_stories, "teacher=hf:{tmp}/model"),
+         r"`kdcache teacher` on a token dataset trains a language model of its own \(teacher=auto\); "
+         r"teacher=hf:.*/model is one already: pass it to kdcache cache, or drop teacher=$"),
+    Case("tokens-seq-len", CONFIG, "seq_len below 2", _tokens_cmd(_stories, "seq_len=1"),
+         r"seq_len=1 must be in 2..1048576 \(a window needs a token and the next token it predicts\)$"),
+    Case("tokens-vocab-size", CONFIG, "vocab_size too small for a byte-level BPE",
+         _tokens_cmd(_stories, "vocab_size=100"),
+         r"vocab_size=100 must be in 260..1048576 \(a byte-level BPE holds the 256 bytes and its "
+         r"special tokens\)$"),
+    Case("moot-seq-len", CONFIG, "seq_len= on a dataset other than tokens:",
+         lambda tmp: cache_cmd(tmp, seq_len=64),
+         r"seq_len=64" + MOOT + r"seq_len= applies to token datasets \(dataset=tokens:PATH\), not "
+         r"dataset=synthetic:300:1x8x8:3; drop seq_len=$"),
+    Case("moot-tokenizer-auto", CONFIG, "tokenizer= where teacher=auto trains one",
+         _tokens_cmd(_stories, "tokenizer={tmp}"),
+         r"tokenizer=.*" + MOOT + r"teacher=auto on a token dataset trains its own tokenizer with "
+         r"the teacher; drop tokenizer="),
+]
+
 BY_ID = {case.id: case for case in CASES}
 assert len(BY_ID) == len(CASES), "case ids must be unique"
 assert {case.category for case in CASES} == set(CATEGORIES)
@@ -1723,6 +1794,7 @@ OUT_OF_RANGE_CACHE = {
     "weight_decay": _num(st.floats(-1e30, -1e-9)),
     "batch_size": _num(st.integers(-(2**40), 0)),
     "infer_batch_size": _num(st.integers(-(2**40), 0)),
+    "seq_len": _num(st.integers(-(2**40), 1)),
 }
 OUT_OF_RANGE_STUDENT = {
     "temperature": _num(st.floats(-1e30, -1e-9)),

@@ -125,6 +125,15 @@ def write_textdir(root: Path, per_class=(6, 2), classes=("ham", "spam"), val: in
     return root
 
 
+def write_tokens(tmp: Path, pack: bool = True) -> DataConfig:
+    """A token dataset: a .txt corpus and a byte-level BPE trained on it (tests/lm_models.py)."""
+    from tests.lm_models import corpus_documents, train_tokenizer, write_corpus
+
+    corpus = write_corpus(tmp / "stories.txt", count=60)
+    train_tokenizer(corpus_documents(corpus), vocab_size=300).save_pretrained(tmp / "tokenizer")
+    return DataConfig(dataset=f"tokens:{corpus}", tokenizer=str(tmp / "tokenizer"), seq_len=16, pack=pack)
+
+
 # At least one example per registry name, keyed NAME or NAME/VARIANT. A dataset added to the
 # registry without an example here fails test_every_dataset_has_an_example.
 EXAMPLES: dict[str, Callable[[Path], DataConfig]] = {
@@ -142,6 +151,8 @@ EXAMPLES: dict[str, Callable[[Path], DataConfig]] = {
     "textdir": lambda tmp: DataConfig(dataset=f"textdir:{write_textdir(tmp / 'docs')}"),
     "textdir/carved": lambda tmp: DataConfig(
         dataset=f"textdir:{write_textdir(tmp / 'docs', per_class=(10, 0), classes=('a', 'b', 'c'))}"),
+    "tokens": write_tokens,
+    "tokens/unpacked": lambda tmp: write_tokens(tmp, pack=False),
 }
 
 EXPECTED = {  # input shape and number of classes of each example
@@ -156,6 +167,8 @@ EXPECTED = {  # input shape and number of classes of each example
     "text/parquet": ((), 3),
     "textdir": ((), 2),
     "textdir/carved": ((), 3),
+    "tokens": ((16,), 300),  # windows of seq_len ids; classes: len(tokenizer)
+    "tokens/unpacked": ((16,), 300),
 }
 
 
@@ -204,6 +217,8 @@ def test_inputs_shape_dtype_labels(example):
         if ds.modality == "text":  # documents, as str
             assert ds.input_shape == () and x.dtype == object
             assert all(isinstance(t, str) and t.strip() for t in x)
+        elif ds.modality == "tokens":  # token ids, as int64
+            assert x.dtype == np.int64 and x.min() >= 0 and x.max() < ds.num_classes
         else:
             assert x.dtype == np.float32
             assert np.isfinite(x).all()
@@ -228,6 +243,10 @@ def test_normalisation_uses_train_statistics(example):
     ds = open_dataset(cfg)
     if ds.modality == "text":  # documents reach their tokenizer as stored
         assert ds.preprocessing == {"text": "utf-8, as stored", "normalise": "none"}
+        np.testing.assert_array_equal(ds.inputs("train", 0, 5), ds.raw("train", 0, 5))
+        return
+    if ds.modality == "tokens":  # ids reach the model as they are
+        assert ds.preprocessing["seq_len"] == 16 and set(ds.preprocessing) >= {"tokenizer", "pack"}
         np.testing.assert_array_equal(ds.inputs("train", 0, 5), ds.raw("train", 0, 5))
         return
     if name == "synthetic":  # generated data is already standardised: left as is

@@ -255,6 +255,8 @@ def _initialise(root, cfg: CacheConfig, manifest: dict) -> None:
 
 
 def _create_arrays(group, cfg: CacheConfig, manifest: dict) -> None:
+    if fmt.is_token_cache(manifest):
+        return _create_token_arrays(group, cfg, manifest)
     for split, info in manifest["splits"].items():
         views = fmt.split_views(manifest, split)
         arrays = {fmt.logits_key(split): ((manifest["num_classes"],), cfg.dtype)}
@@ -270,6 +272,26 @@ def _create_arrays(group, cfg: CacheConfig, manifest: dict) -> None:
                                chunks=(cfg.chunk_size, views) + shape,
                                compressors=codecs(cfg.compression), fill_value=0,
                                dimension_names=("row", "view") + tuple(f"d{i}" for i in range(len(shape))))
+
+
+def _create_token_arrays(group, cfg: CacheConfig, manifest: dict) -> None:
+    """A token cache's arrays: per split the windows' ids, mask and segments [N, T], and the
+    logits mode's arrays [N, T, ...] (positions in place of views; see pipeline.cache.format)."""
+    seq_len = int(manifest["lm"]["seq_len"])
+    for split, info in manifest["splits"].items():
+        arrays = {fmt.tokens_key(split, part): ((), dtype) for part, dtype in fmt.TOKEN_PARTS.items()}
+        if manifest["logits"]["mode"] == "dense":
+            arrays[fmt.logits_key(split)] = ((manifest["num_classes"],), cfg.dtype)
+        else:
+            k = manifest["logits"]["k"]
+            arrays.update({key: ((k,) if not key.endswith("/tail") else (2,), fmt.array_dtype(key, manifest))
+                           for key in fmt.logits_keys(split, manifest)})
+        for key, (shape, dtype) in arrays.items():
+            group.create_array(key, shape=(info["rows"], seq_len) + shape, dtype=dtype,
+                               shards=(cfg.shard_size, seq_len) + shape,
+                               chunks=(cfg.chunk_size, seq_len) + shape,
+                               compressors=codecs(cfg.compression), fill_value=0,
+                               dimension_names=("row", "position") + tuple(f"d{i}" for i in range(len(shape))))
 
 
 def _records(root, manifest: dict) -> dict[tuple[str, int], dict]:
@@ -300,6 +322,11 @@ def _finalise(root, manifest: dict, done: dict, run: dict) -> dict:
         correct = sum(done[(split, k)]["correct"] for k in range(info["shards"]))
         splits[split] = {**info, "accuracy": round(correct / info["rows"], 6),
                          "index_sha256": _write_index(root, manifest, split)}
+        if fmt.is_token_cache(manifest):  # per target token: next-token accuracy and mean NLL
+            tokens = sum(done[(split, k)]["tokens"] for k in range(info["shards"]))
+            nll = sum(done[(split, k)]["nll_sum"] for k in range(info["shards"]))
+            splits[split].update(accuracy=round(correct / max(1, tokens), 6), tokens=tokens,
+                                 teacher_nll=round(nll / max(1, tokens), 6))
         shards[split] = [{k: v for k, v in done[(split, k)].items() if k not in ("host", "key")}
                          for k in range(info["shards"])]
     manifest = {**manifest, "status": "complete", "completed": now(), "splits": splits,

@@ -14,6 +14,16 @@
         <split>/features/<layer>        [N, V, ...]    tapped activations
         <split>/augment                 [N, V, P]      int16 augmentation parameters of each view
                                                        (format 2, multi-view splits only)
+      token caches (format 4: a causal-LM teacher on a token dataset; T = seq_len positions
+      take the place of the views axis, and position j holds the teacher's distribution of
+      token j + 1):
+        <split>/tokens/ids              [N, T]         int32 the window's token ids
+        <split>/tokens/mask             [N, T]         uint8 1 where position j has a target
+                                                         (j + 1 < T and token j + 1 is real)
+        <split>/tokens/segments         [N, T]         int32 document within the window (-1: padding)
+        <split>/topk/{classes,logits,tail}  [N, T, K|2]  as above, per position
+        <split>/sample/classes          [N, T, K]      as above, per position
+        <split>/logits                  [N, T, C]      dense (C <= 4,096 only)
       index/<split>.parquet             one row per sample, in cache row order
       parts/<split>/<shard>.parquet     per-shard index parts (only while building)
       parts/<split>/<shard>.json        per-shard completion records (only while building)
@@ -39,8 +49,9 @@ from pipeline import storage
 from pipeline.errors import KdError
 
 FORMAT = "kdcache"
-FORMAT_VERSION = 3  # the newest this kdcache writes (sparse-logit caches); it reads 1, 2 and 3
-READABLE_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4  # the newest this kdcache writes (token caches); it reads 1 to 4
+READABLE_VERSIONS = (1, 2, 3, 4)
+TOKEN_FORMAT = 4  # token caches: [N, T, ...] arrays, positions in place of views
 MANIFEST = "manifest.json"
 CONFIG = "config.json"
 ARRAYS = "arrays.zarr"
@@ -64,6 +75,19 @@ def sparse_key(split: str, kind: str, part: str) -> str:
     """The array of sparse logits ``part`` (classes | logits | tail) of a ``kind`` (topk |
     sample) cache (a topk:K+sample:M cache has both kinds' arrays)."""
     return f"{split}/{kind}/{part}"
+
+
+TOKEN_PARTS = {"ids": "int32", "mask": "uint8", "segments": "int32"}  # a token cache's windows
+
+
+def tokens_key(split: str, part: str) -> str:
+    """A token cache's window array ``part`` (ids | mask | segments)."""
+    return f"{split}/tokens/{part}"
+
+
+def is_token_cache(manifest: dict[str, Any]) -> bool:
+    """Whether a cache holds per-token outputs of a causal LM (format 4, ``lm`` in the manifest)."""
+    return "lm" in manifest
 
 
 def logits_keys(split: str, manifest: dict[str, Any]) -> list[str]:
@@ -100,6 +124,9 @@ def array_dtype(key: str, manifest: dict[str, Any]) -> str:
     """The dtype an array of the cache is stored in."""
     if key.endswith("/augment"):
         return AUGMENT_DTYPE
+    split, _, rest = key.partition("/")
+    if rest.startswith("tokens/"):
+        return TOKEN_PARTS[rest.removeprefix("tokens/")]
     if key.endswith("/classes"):
         return manifest["logits"]["classes_dtype"]
     if key.endswith("/topk/tail"):

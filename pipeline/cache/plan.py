@@ -5,12 +5,19 @@ A text teacher (``teacher=hf:DIR``) also tokenizes every document once here: the
 every split's token ids (row by row, :func:`pipeline.tokens.update_hash`) and the tokenizer's
 record (fingerprint, max_length, truncation and padding side, vocabulary size) enter the
 manifest and its key, so a cache is never resumed, nor verified, by a tokenization that
-differs from its own."""
+differs from its own.
+
+A causal-LM teacher (``teacher=hf:DIR`` on a token dataset, pipeline.hf_lm) makes a **token
+cache** (format 4): per window, its token ids, loss mask and segments, and per position the
+teacher's sparse (or, for a vocabulary of at most :data:`MAX_DENSE_OUTPUTS`, dense) logits;
+the manifest's ``lm`` entry records the tokenizer, ``len(tokenizer)``, the model's output size,
+seq_len and pack (:func:`describe_lm`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import platform
+from pathlib import Path
 from datetime import datetime, timezone
 from typing import Any
 
@@ -29,10 +36,11 @@ from pipeline.data import Dataset
 from pipeline.data.dataset import BLOCK
 from pipeline.errors import KdError
 from pipeline.hf import HfTeacher
+from pipeline.hf_lm import HfCausalLM, same_vocabulary, tokenizer_record
 from pipeline.keyed_random import RNG
 from pipeline.latency import per_sample_ms, torch_predict
 from pipeline.onnx_teacher import OnnxTeacher
-from pipeline.sparse import check_mode, parse_mode
+from pipeline.sparse import check_mode, classes_dtype, parse_mode
 from pipeline.teachers import (TeacherSpec, build_teacher, default_layers, is_text_teacher,
                                state_fingerprint, tap)
 
@@ -53,6 +61,9 @@ AUTO_CHUNK_ROWS = (32, 256)  # the chunk sizes chunk_size=0 chooses from (rows)
 
 
 MAX_SHARD_BYTES = 64 << 20  # a multi-view shard's outputs in memory (two are in flight)
+# logits=dense on a token cache stores every output at every position: above this many outputs
+# (4,096 float16 values, 8 KiB per token) a sparse mode is the only sensible one
+MAX_DENSE_OUTPUTS = 4096
 MAX_CHUNK_BYTES = 4 << 20  # a multi-view chunk, decoded whole on every read
 
 
@@ -74,7 +85,15 @@ def resolve_layout(cfg: CacheConfig, dataset: Dataset,
     ``chunk_size`` beyond that is refused); single-view layouts are exactly as they were.
     """
     shard_rows, chunk_rows = cfg.shard_size, AUTO_CHUNK_ROWS[1]
-    if cfg.views > 1:
+    if "tokens" in shapes:  # a token cache: a row is a window of T positions (token_row_bytes)
+        row_bytes = token_row_bytes(cfg, shapes["tokens"][0], shapes["logits"][0])
+        shard_rows = min(shard_rows, max(1, MAX_SHARD_BYTES // row_bytes))
+        chunk_rows = min(chunk_rows, max(1, MAX_CHUNK_BYTES // row_bytes))
+        if cfg.chunk_size > chunk_rows:
+            raise KdError(f"chunk_size={cfg.chunk_size} makes chunks of {cfg.chunk_size * row_bytes / 2**20:.1f} "
+                          f"MiB ({shapes['tokens'][0]} positions per window; a chunk is decoded whole); "
+                          f"use chunk_size <= {chunk_rows} or leave it to auto (chunk_size=0)")
+    elif cfg.views > 1:
         itemsize = np.dtype(cfg.dtype).itemsize
         mode = parse_mode(cfg.logits)
         if mode.sparse:  # K (+ M) ids and K values (at most 4 bytes each) in place of C logits
@@ -105,6 +124,22 @@ def resolve_layout(cfg: CacheConfig, dataset: Dataset,
     return dataclasses.replace(cfg, chunk_size=chunk, shard_size=shard)
 
 
+def token_row_bytes(cfg: CacheConfig, seq_len: int, outputs: int) -> int:
+    """Bytes one window takes in a token cache: ids, mask and segments (9 bytes per position),
+    and per position the logits mode's arrays (topk:K: K ids, K logits and a float32 tail
+    pair; sample:K: K ids; dense: every output in the cache dtype)."""
+    itemsize = np.dtype(cfg.dtype).itemsize
+    mode = parse_mode(cfg.logits)
+    per = 9
+    if mode.kind == "topk":
+        per += mode.k * (np.dtype(classes_dtype(outputs)).itemsize + itemsize) + 8
+    elif mode.kind == "sample":
+        per += mode.k * np.dtype(classes_dtype(outputs)).itemsize
+    else:
+        per += outputs * itemsize
+    return seq_len * per
+
+
 def plan(cfg: CacheConfig, dataset: Dataset, spec: TeacherSpec, shapes: dict[str, tuple],
          num_params: int, text: dict | None = None) -> dict[str, Any]:
     """The manifest of the cache these inputs define, before any shard is computed.
@@ -116,7 +151,8 @@ def plan(cfg: CacheConfig, dataset: Dataset, spec: TeacherSpec, shapes: dict[str
     """
     mode = parse_mode(cfg.logits)
     check_mode(mode, spec.num_classes)
-    version = fmt.version_for(cfg.views, mode.sparse)
+    lm = (text or {}).get("lm")
+    version = fmt.TOKEN_FORMAT if lm else fmt.version_for(cfg.views, mode.sparse)
     splits = {}
     for name, split in dataset.splits.items():
         n = len(split)
@@ -134,7 +170,10 @@ def plan(cfg: CacheConfig, dataset: Dataset, spec: TeacherSpec, shapes: dict[str
     logits = mode.record(spec.num_classes, cfg.seed, cfg.temperature)
     if mode.sparse:  # dense caches keep the keys they had before sparse modes existed
         identity["logits"] = logits
-    if text is not None:  # array caches keep the keys they had before text existed
+    if lm is not None:
+        identity["lm"] = lm
+        identity["logits"] = logits
+    elif text is not None:  # array caches keep the keys they had before text existed
         identity["tokenizer"] = text["tokenizer"]
         identity["token_ids"] = {split: t["sha256"] for split, t in text["tokens"].items()}
     augment = None
@@ -165,9 +204,17 @@ def plan(cfg: CacheConfig, dataset: Dataset, spec: TeacherSpec, shapes: dict[str
     }
     if augment is not None:
         manifest["augment"] = augment
-    if mode.sparse:
+    if mode.sparse or lm is not None:
         manifest["logits"] = logits
-    if text is not None:
+    if lm is not None:
+        import importlib.metadata
+
+        manifest["versions"].update({name: importlib.metadata.version(name)
+                                     for name in ("transformers", "tokenizers")})
+        manifest["teacher"]["gguf_file"] = spec.gguf_file
+        manifest["tokenizer"] = lm["tokenizer"]
+        manifest["lm"] = lm
+    elif text is not None:
         import importlib.metadata
 
         manifest["versions"].update({name: importlib.metadata.version(name)
@@ -233,6 +280,8 @@ def describe_teacher(cfg: CacheConfig, dataset: Dataset, arch: str,
     for a text teacher its tokenization: :func:`tokenization`). Weights that emit NaN/inf, or
     logits of the wrong width, are refused before anything is written."""
     device = runtime.pick_device(cfg.device)
+    if getattr(dataset, "modality", "array") == "tokens":
+        return describe_lm(cfg, dataset, arch, ckpt, device)
     text = is_text_teacher(arch)
     spec = TeacherSpec(arch, dataset.input_shape, dataset.num_classes, ckpt, cfg.seed,
                        device=str(device), compile=cfg.compile, pool=cfg.pool,
@@ -256,6 +305,79 @@ def describe_teacher(cfg: CacheConfig, dataset: Dataset, arch: str,
     spec = dataclasses.replace(spec, layers=tuple(layers), fingerprint=state_fingerprint(
         model, arch, dataset.input_shape, dataset.num_classes))
     return spec, shapes, teacher_params(model), tokenization(model, dataset) if text else None
+
+
+def describe_lm(cfg: CacheConfig, dataset: Dataset, arch: str, ckpt: str,
+                device) -> tuple[TeacherSpec, dict[str, tuple[int, ...]], int, dict]:
+    """:func:`describe_teacher` for a token dataset: the teacher must be a causal LM
+    (``hf:DIR``) whose tokenizer maps text to the same ids as the dataset's, its logits must be
+    finite on two real windows, and ``logits=dense`` is refused above
+    :data:`MAX_DENSE_OUTPUTS` outputs. Returns the spec, ``{"logits": (vocabulary,), "tokens":
+    (seq_len,)}``, the parameters, and ``{"lm": ...}``, the manifest's ``lm`` entry."""
+    if not is_text_teacher(arch):
+        raise KdError(f"teacher {arch} does not read token ids; a token dataset ({dataset.spec}) "
+                      "is cached by a causal language model: teacher=hf:DIR")
+    seq_len = int(dataset.input_shape[0])
+    spec = TeacherSpec(arch, dataset.input_shape, dataset.num_classes, ckpt, cfg.seed,
+                       device=str(device), compile=cfg.compile, pool=cfg.pool, gguf_file=cfg.gguf_file)
+    model = build_teacher(spec)
+    if not isinstance(model, HfCausalLM):
+        raise KdError(f"teacher {arch} is not a causal language model (it has no next-token head); "
+                      f"a token dataset is cached by one: pass teacher=hf:DIR of a causal LM")
+    if cfg.layers and cfg.layers != ("none",):
+        model.tapped(cfg.layers)  # refused: per-token logits only
+    mode = parse_mode(cfg.logits)
+    if not mode.sparse and model.vocab_size > MAX_DENSE_OUTPUTS:
+        raise KdError(f"logits=dense would store all {model.vocab_size:,} outputs at every position "
+                      f"({model.vocab_size * np.dtype(cfg.dtype).itemsize:,} bytes per token); above "
+                      f"{MAX_DENSE_OUTPUTS:,} outputs use logits=topk:K or sample:K (e.g. topk:32)")
+    record, own = dataset_tokenizer_record(dataset), model.tokenizer_record
+    if record is not None and not same_vocabulary(record, own):
+        raise KdError(f"teacher {arch}'s tokenizer ({model.vocab_size:,} ids) is not the one "
+                      f"{dataset.spec} was tokenized with ({record['vocab_size']:,} ids, another "
+                      "vocabulary or merges); tokenize the data with the teacher's tokenizer "
+                      f"(tokenizer={model.directory})")
+    if record is not None and record.get("fingerprint") != own["fingerprint"]:
+        raise KdError(f"teacher {arch}'s tokenizer has the data's vocabulary but ends documents or "
+                      f"pads otherwise (EOS {own.get('eos_id')} vs {record.get('eos_id')}, padding "
+                      f"{own.get('pad_id')} vs {record.get('pad_id')}); tokenize the data with the "
+                      f"teacher's tokenizer (tokenizer={model.directory})")
+    windows = dataset.windows("train", 0, min(2, len(dataset.splits["train"])))
+    with torch.inference_mode():
+        logits = model(torch.from_numpy(np.asarray(windows["ids"], np.int64)),
+                       torch.from_numpy((np.asarray(windows["segments"]) >= 0).astype(np.int64)))
+    if not bool(torch.isfinite(logits).all()):
+        raise KdError(f"teacher {arch} produced NaN/inf logits on the first training windows; "
+                      f"check the model in {model.directory}")
+    spec = dataclasses.replace(spec, layers=(), fingerprint=state_fingerprint(
+        model, arch, dataset.input_shape, dataset.num_classes))
+    lm = {"tokenizer": model.tokenizer_record, **model.vocabulary, "seq_len": seq_len,
+          "pack": bool(dataset_pack(dataset)), "target": "position j holds the distribution of token j+1",
+          "attention": "causal over the whole window"}
+    return spec, {"logits": (model.vocab_size,), "tokens": (seq_len,)}, teacher_params(model), {"lm": lm}
+
+
+def dataset_tokenizer_record(dataset: Dataset) -> dict | None:
+    """The record (:func:`pipeline.hf.tokenizer_record`) of the tokenizer a token dataset was
+    tokenized with: the dataset's own ``tokenizer_record`` when it has one, else read from its
+    ``tokenizer=DIR``; None when neither is known."""
+    record = getattr(dataset, "tokenizer_record", None)
+    if isinstance(record, dict):
+        return record
+    folder = getattr(dataset.cfg, "tokenizer", "") or getattr(dataset, "tokenizer_dir", "")
+    if not folder:
+        return None
+    from pipeline.hf import _quiet, _transformers
+
+    with _quiet():
+        tok = _transformers().AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return tokenizer_record(tok, Path(folder))
+
+
+def dataset_pack(dataset: Dataset) -> bool:
+    """Whether a token dataset packs documents into windows (``pack=true``)."""
+    pack = getattr(dataset, "pack", None)
+    return bool(getattr(dataset.cfg, "pack", True) if pack is None else pack)
 
 
 def tokenization(model: HfTeacher, dataset: Dataset) -> dict:
@@ -284,6 +406,7 @@ def prepare(cfg: CacheConfig, dataset: Dataset, arch: str,
     resolved config (saved with the cache), the teacher's spec and the manifest."""
     spec, shapes, num_params, text = describe_teacher(cfg, dataset, arch, ckpt)
     cfg = resolve_layout(cfg, dataset, shapes)  # chunk_size=0 (auto) made concrete, saved as such
+    shapes = {name: shape for name, shape in shapes.items() if name != "tokens"}
     return cfg, spec, plan(cfg, dataset, spec, shapes, num_params, text)
 
 
@@ -299,5 +422,12 @@ def teacher_cost(spec: TeacherSpec, dataset: Dataset) -> dict[str, Any]:
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     rows = dataset.inputs("train", 0, min(256, len(dataset.splits["train"])))
     size = model.weights_bytes if isinstance(model, OnnxTeacher) else len(save(state))
+    if isinstance(model, HfCausalLM):  # per window of seq_len tokens; 256 windows would take minutes
+        rows = dataset.inputs("train", 0, min(LM_LATENCY_BATCHES[-1], len(dataset.splits["train"])))
+        return {"weights_bytes": size, "latency": {
+            **per_sample_ms(model.predict, rows, LM_LATENCY_BATCHES), "per": "window"}}
     predict = model.predict if isinstance(model, HfTeacher) else torch_predict(model)
     return {"weights_bytes": size, "latency": per_sample_ms(predict, rows)}
+
+
+LM_LATENCY_BATCHES = (1, 8)  # windows per call when a causal-LM teacher is timed

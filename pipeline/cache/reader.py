@@ -6,6 +6,11 @@ The cache stores **raw** logits z. Any temperature T is applied at read time:
 softmax(z / T). A sparse-logit cache (``logits=topk:K`` / ``sample:K``) is read as
 :class:`pipeline.sparse.SparseLogits` (``sparse_logits``, ``Batch.sparse``); its dense
 readers return the stand-in :meth:`SparseLogits.dense` (fine for small C).
+
+A token cache (a causal-LM teacher over windows of token ids, format 4) is read by
+:meth:`TeacherCache.token_batches`: :class:`TokenBatch` es of whole windows, their ids, mask
+and segments and the teacher's per-position targets ([B, T, K] arrays), where position j
+holds the teacher's distribution of token j + 1.
 """
 
 from __future__ import annotations
@@ -42,6 +47,57 @@ class Batch:
     view: np.ndarray | None = None  # int64 [B]: the view each row's values are of (view_of=...)
     augment: np.ndarray | None = None  # int16 [B, P]: that view's augmentation parameters
     sparse: SparseLogits | None = None  # a sparse-logit cache's logits (raw: not softened)
+
+
+IGNORE = -100  # TokenBatch.next_tokens at positions without a target (torch's ignore_index)
+
+
+@dataclass
+class TokenBatch:
+    """Whole windows of a token cache. Row i of every field is window ``sample_id[i]``;
+    position j of a window holds the teacher's distribution of token j + 1.
+
+    ``ids`` int64 [B, T] the tokens; ``mask`` bool [B, T] whether position j has a target
+    (j + 1 < T and token j + 1 is real); ``segments`` int32 [B, T] the document within the
+    window (-1 on padding). The teacher's outputs at every position, raw (not softened):
+    ``classes`` int64 [B, T, K] (topk: the K largest logits' ids, descending; sample: K ids
+    drawn from softmax(z / T_c), sorted), ``values`` float32 [B, T, K] the top-K raw logits
+    and ``tail`` float32 [B, T, 2] the rest's log partition function at T = 1 and T_c (topk
+    only), or ``logits`` float32 [B, T, C] (dense only). ``kind`` is the cache's mode,
+    ``num_classes`` its vocabulary (``len(tokenizer)``) and ``temperature`` its T_c."""
+
+    sample_id: np.ndarray
+    ids: np.ndarray
+    mask: np.ndarray
+    segments: np.ndarray
+    kind: str
+    num_classes: int
+    temperature: float
+    classes: np.ndarray | None = None
+    values: np.ndarray | None = None
+    tail: np.ndarray | None = None
+    logits: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def next_tokens(self) -> np.ndarray:
+        """The true next token at every position, int64 [B, T]: ``ids[:, j + 1]`` where
+        ``mask`` is set, :data:`IGNORE` (-100) elsewhere."""
+        out = np.full(self.ids.shape, IGNORE, np.int64)
+        out[:, :-1] = self.ids[:, 1:]
+        out[~self.mask] = IGNORE
+        return out
+
+    def sparse(self) -> SparseLogits:
+        """The teacher's sparse logits of the positions that have a target, as rows of their
+        own ([M, K], M = ``mask.sum()``, in row-major order of ``mask``): what
+        :meth:`SparseLogits.targets` turns into a distribution over K ids and a tail."""
+        if self.kind not in ("topk", "sample"):
+            raise KdError(f"this token cache holds {self.kind} logits; read TokenBatch.logits")
+        m = self.mask
+        return SparseLogits(self.kind, self.classes[m], None if self.values is None else self.values[m],
+                            None if self.tail is None else self.tail[m], self.num_classes, self.temperature)
 
 
 class TeacherCache:
@@ -185,7 +241,12 @@ class TeacherCache:
         if arr.shape[0] != self.num_rows(split) or str(arr.dtype) != dtype:
             raise KdError(f"cache array {where} has {arr.shape[0]} rows of {arr.dtype}, the manifest "
                           f"says {self.num_rows(split)} of {dtype}; the cache is damaged, rebuild it")
-        if arr.ndim < 2 or arr.shape[1] != self.views(split):
+        if fmt.is_token_cache(self.manifest):
+            seq_len = int(self.manifest["lm"]["seq_len"])
+            if arr.ndim < 2 or arr.shape[1] != seq_len:
+                raise KdError(f"cache array {where} has windows of {arr.shape[1] if arr.ndim > 1 else 0} "
+                              f"positions, the manifest says {seq_len}; the cache is damaged, rebuild it")
+        elif arr.ndim < 2 or arr.shape[1] != self.views(split):
             raise KdError(f"cache array {where} has {arr.shape[1] if arr.ndim > 1 else 0} views, the "
                           f"manifest says {self.views(split)}; the cache is damaged, rebuild it")
         expected = -(-self.num_rows(split) // int(self.manifest["shard_size"]))
@@ -295,6 +356,70 @@ class TeacherCache:
 
     def labels(self, split: str) -> np.ndarray:
         return self._ids_labels[split][1]
+
+    # ------------------------------------------------------------------ token caches
+    @property
+    def lm(self) -> dict:
+        """A token cache's ``lm`` entry: ``tokenizer`` (its record), ``vocab_size``
+        (``len(tokenizer)``), ``outputs`` (the teacher's output layer, padded vocabularies
+        included), ``seq_len`` and ``pack``."""
+        if not fmt.is_token_cache(self.manifest):
+            raise KdError(f"cache {self.root} holds one output per sample, not per token; a "
+                          "language-model student needs a token cache (a causal-LM teacher=hf:DIR "
+                          "on dataset=tokens:PATH)")
+        return self.manifest["lm"]
+
+    def token_batches(self, split: str, batch_size: int = 16, *, shuffle: bool = True, seed: int = 0,
+                      buffer_chunks: int = 4, rows: slice | None = None) -> Iterator[TokenBatch]:
+        """Whole windows of a token cache's ``split`` in batches (:class:`TokenBatch`), in
+        bounded memory: whole chunks are read, and with ``shuffle`` the chunk order is permuted
+        and windows are shuffled within a buffer of ``buffer_chunks`` chunks (at least one
+        batch). ``rows`` restricts the read to those cache rows, in order."""
+        lm = self.lm
+        n = self.num_rows(split)
+        start, stop = (0, n) if rows is None else (rows.start or 0, n if rows.stop is None else rows.stop)
+        chunk = int(self.manifest["chunk_size"])
+        mode = self.logits_mode
+        keys = {part: fmt.tokens_key(split, part) for part in fmt.TOKEN_PARTS}
+        if mode.sparse:
+            keys.update({key.rpartition("/")[2] if key.rpartition("/")[2] != "logits" else "values": key
+                         for key in fmt.logits_keys(split, self.manifest)})
+        else:
+            keys["logits"] = fmt.logits_key(split)
+        ids = self.sample_ids(split)
+        rng = np.random.default_rng(seed)
+        starts = np.arange(start - start % chunk, stop, chunk)
+        if shuffle:
+            rng.shuffle(starts)
+        group = max(1, buffer_chunks, -(-batch_size // chunk))
+        carry: dict[str, np.ndarray] = {}
+        temperature = float(self.manifest["logits"].get("temperature", self.temperature))
+
+        def make(buf: dict[str, np.ndarray]) -> TokenBatch:
+            def f32(name):
+                return buf[name].astype(np.float32) if name in buf else None
+            return TokenBatch(buf["sample_id"], buf["ids"].astype(np.int64), buf["mask"].astype(bool),
+                              buf["segments"], mode.kind, self.num_classes, temperature,
+                              buf["classes"].astype(np.int64) if "classes" in buf else None,
+                              f32("values"), f32("tail"), f32("logits"))
+
+        for g in range(0, len(starts), group):
+            spans = [(int(max(a, start)), int(min(stop, a + chunk))) for a in starts[g:g + group]]
+            parts = {name: [self.stored(key, a, b) for a, b in spans] for name, key in keys.items()}
+            buf = {name: np.concatenate(([carry[name]] if carry else []) + values)
+                   for name, values in parts.items()}
+            buf["sample_id"] = np.concatenate(([carry["sample_id"]] if carry else []) +
+                                              [ids[a:b] for a, b in spans])
+            if shuffle:
+                order = rng.permutation(len(buf["sample_id"]))
+                buf = {k: v[order] for k, v in buf.items()}
+            size = len(buf["sample_id"])
+            full = size - size % batch_size
+            for a in range(0, full, batch_size):
+                yield make({k: v[a:a + batch_size] for k, v in buf.items()})
+            carry = {k: v[full:] for k, v in buf.items()} if full < size else {}
+        if carry:
+            yield make(carry)
 
     # ------------------------------------------------------------------ streaming
     def stream(self, split: str, batch_size: int = 256, *, temperature: float = 1.0,

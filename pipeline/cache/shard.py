@@ -17,6 +17,17 @@ batching), and its batches are **bucketed by length** (rows sorted by token coun
 into ``infer_batch_size`` batches), so that a batch pads to rows like its own. Each batch's
 outputs are scattered back to their rows; the index gains each row's token count
 (``tokens``) and whether truncation cut it (``truncated``). Token ids are not stored.
+
+A token cache's shard (a causal-LM teacher on a token dataset, format 4) loads windows of ids
+(:meth:`TokenDataset.windows`; its inputs' sha256 is that of the ids, int64, in row order),
+stores them with their mask and segments, and runs the teacher's body once per batch of
+windows and its output layer on a chunk of positions at a time
+(:meth:`pipeline.hf_lm.HfCausalLM.chunk_positions`): each chunk's logits are encoded at once
+(``topk:K`` / ``sample:K`` exactly as a classification cache's rows, a position in place of a
+view; ``dense`` in the cache dtype) and dropped, so memory never holds [B, T, vocabulary].
+Padding positions hold zeros. The index gains per window the teacher's mean NLL of the true
+next tokens, its mean entropy and top-K mass over the positions that have a target, their
+count (``tokens``) and how many of them the teacher's top-1 predicts (``top1``).
 """
 
 from __future__ import annotations
@@ -44,8 +55,9 @@ from pipeline.data import Dataset, open_dataset
 from pipeline.errors import KdError
 from pipeline.io import fsync_dir, fsync_file
 from pipeline.keyed_random import view_random
+from pipeline.numerics import logsumexp
 from pipeline.lookahead import ordered, prefetched
-from pipeline.sparse import SAMPLE, TOPK, draw, draw_tail, encode_topk, parse_mode, sample_uniforms
+from pipeline.sparse import SAMPLE, TOPK, classes_dtype, draw, draw_tail, encode_topk, parse_mode, sample_uniforms
 from pipeline.teachers import ONNX, TeacherSpec, build_teacher, is_text_teacher, tap
 
 
@@ -68,6 +80,7 @@ class ShardJob:
     seed: int = 0  # keys the views' augmentation parameters (with split, sample_id, view)
     logits: str = "dense"  # dense | topk:K | sample:K (pipeline.sparse)
     temperature: float = 1.0  # the cache's T: sample:K draws from softmax(z / T)
+    tokens: bool = False  # a token cache (causal-LM teacher over windows of token ids)
 
 
 # Per-process state of a worker: the dataset and the teacher are loaded once per process and
@@ -188,6 +201,8 @@ class ShardInputs:
 
     def loads(self) -> list[Callable[[], tuple[Any, np.ndarray | None, Policy | None]]]:
         job = self.job
+        if job.tokens:
+            return self._token_loads()
         if is_text_teacher(job.teacher.arch):
             return self._text_loads()
         dataset, policy = _worker_dataset(job), _worker_policy(job)
@@ -198,6 +213,20 @@ class ShardInputs:
             self.sha256.update(x)  # loads of one shard run in order, on one thread
             params = None if policy is None else view_params(policy, job.seed, job.split, ids[a:b], job.views)
             return x, params, policy
+        return [functools.partial(load, a, b) for a, b in self.bounds]
+
+    def _token_loads(self) -> list[Callable[[], tuple[dict, None, None]]]:
+        job = self.job
+        dataset = _worker_dataset(job)
+        ids = dataset.splits[job.split].sample_ids
+
+        def load(a: int, b: int) -> tuple[dict, None, None]:
+            w = dataset.windows(job.split, a, b)
+            batch = {"ids": np.ascontiguousarray(w["ids"], np.int64),
+                     "mask": np.asarray(w["mask"], bool), "segments": np.asarray(w["segments"], np.int32),
+                     "split": job.split, "sample_ids": ids[a:b]}
+            self.sha256.update(batch["ids"])  # the windows' ids, in row order
+            return batch, None, None
         return [functools.partial(load, a, b) for a, b in self.bounds]
 
     def _text_loads(self) -> list[Callable[[], tuple[Any, None, None]]]:
@@ -228,6 +257,9 @@ def forwarded(job: ShardJob, batches: Iterable[tuple[np.ndarray, np.ndarray | No
     it, one after another on this thread. The batches may span several shards (and splits,
     with their own views) of one build."""
     model, device = _worker_teacher(job.teacher)
+    if job.tokens:  # the mode and its settings are the build's; split and ids come with each batch
+        calls = (functools.partial(_forward_tokens, model, device, job, x) for x, _, _ in batches)
+        return ordered(calls, pool, ahead=2 * streams) if pool else (call() for call in calls)
     # sparse modes select classes from the float32 logits; only what they keep is rounded
     logits_dtype = "float32" if parse_mode(job.logits).sparse else job.dtype
     forward = _forward_text if is_text_teacher(job.teacher.arch) else _forward
@@ -249,6 +281,8 @@ def compute_shard(job: ShardJob, inputs: ShardInputs | None = None,
         inputs = ShardInputs.of(job)
     if outputs is None:
         outputs = forwarded(job, prefetched(inputs.loads()))
+    if job.tokens:
+        return _compute_token_shard(job, inputs, outputs, t0)
     n = job.stop - job.start
     bufs: dict[str, np.ndarray] = {}
     stats: dict[str, np.ndarray] = {}
@@ -280,6 +314,113 @@ def compute_shard(job: ShardJob, inputs: ShardInputs | None = None,
     if inputs.tokens is not None:  # text: the index's tokens and truncated columns
         stats.update(tokens=inputs.tokens, truncated=inputs.truncated)
     return ComputedShard(job, bufs, stats, inputs.sha256.hexdigest(), t0)
+
+
+def _compute_token_shard(job: ShardJob, inputs: ShardInputs, outputs: Iterator, t0: float) -> ComputedShard:
+    """:func:`compute_shard` of a token cache: each batch's arrays (from
+    :func:`_forward_tokens`) put at its rows, its windows' statistics kept for the index."""
+    n = job.stop - job.start
+    bufs: dict[str, np.ndarray] = {}
+    stats: dict[str, np.ndarray] = {}
+    for i in range(len(inputs.bounds)):
+        named, window_stats, finite = next(outputs)
+        at = inputs.rows(i)
+        if not finite:
+            a, b = inputs.bounds[i]
+            raise KdError(f"teacher produced NaN/inf logits in {job.split} windows {a}-{b}; check the "
+                          f"model{' or use dtype=float32 (float16 overflowed)' if job.dtype == 'float16' else ''}")
+        for key, value in named.items():
+            if key not in bufs:
+                bufs[key] = np.empty((n,) + value.shape[1:], value.dtype)
+            bufs[key][at] = value
+        for name, value in window_stats.items():
+            if name not in stats:
+                stats[name] = np.empty(n, value.dtype)
+            stats[name][at] = value
+    return ComputedShard(job, bufs, stats, inputs.sha256.hexdigest(), t0)
+
+
+def _forward_tokens(model, device: torch.device, job: ShardJob, batch: dict) -> tuple[dict, dict, bool]:
+    """One batch of windows through a causal-LM teacher: ``(arrays by key, per-window
+    statistics, finite)``. The body runs once; the output layer and the encoding run on
+    :meth:`~pipeline.hf_lm.HfCausalLM.chunk_positions` real positions at a time. Safe to run
+    on several threads at once."""
+    split, ids, segments, mask = batch["split"], batch["ids"], batch["segments"], batch["mask"]
+    rows, length = ids.shape
+    real = segments >= 0
+    mode = parse_mode(job.logits)
+    vocab = job.teacher.num_classes
+    flat_n = rows * length
+    target = np.zeros((rows, length), np.int64)
+    target[:, :-1] = ids[:, 1:]  # position j predicts token j + 1
+    target, has_target = target.reshape(-1), mask.reshape(-1)
+    named: dict[str, np.ndarray] = {
+        fmt.tokens_key(split, "ids"): ids.astype(np.int32),
+        fmt.tokens_key(split, "mask"): mask.astype(np.uint8),
+        fmt.tokens_key(split, "segments"): segments.astype(np.int32)}
+    if mode.kind == TOPK:
+        cdtype = classes_dtype(vocab)
+        out = {"classes": np.zeros((flat_n, mode.k), cdtype), "logits": np.zeros((flat_n, mode.k), job.dtype),
+               "tail": np.zeros((flat_n, 2), np.float32)}
+    elif mode.kind == SAMPLE:
+        out = {"classes": np.zeros((flat_n, mode.k), classes_dtype(vocab))}
+    else:
+        out = {"logits": np.zeros((flat_n, vocab), job.dtype)}
+    nll, entropy, mass, top1 = (np.zeros(flat_n, np.float64) for _ in range(4))
+    finite = True
+    positions = np.flatnonzero(real.reshape(-1))
+    with torch.inference_mode():
+        x = runtime.to_device(torch.from_numpy(ids), device)
+        attention = runtime.to_device(torch.from_numpy(real.astype(np.int64)), device)
+        with runtime.autocast(device, runtime.text_autocast_dtype(device)):
+            hidden = model.hidden(x, attention)
+        hidden = hidden.reshape(flat_n, hidden.shape[-1])
+        step = model.chunk_positions()
+        for a in range(0, len(positions), step):
+            at = positions[a:a + step]
+            with runtime.autocast(device, runtime.text_autocast_dtype(device)):
+                z = model.logits(hidden[torch.from_numpy(at).to(hidden.device)])
+            z = (z.float() + 0.0).cpu().numpy()  # + 0.0: see _forward
+            ok = bool(np.isfinite(z).all())
+            finite &= ok
+            if not ok:
+                continue
+            lse = logsumexp(z.astype(np.float64))
+            logp = z - lse[:, None].astype(np.float32)
+            entropy[at] = -(np.exp(logp) * logp).sum(axis=1)
+            nll[at] = -logp[np.arange(len(at)), target[at]]
+            top1[at] = z.argmax(axis=1) == target[at]
+            k = mode.k or 1
+            mass[at] = np.exp(np.partition(logp, -k, axis=1)[:, -k:]).sum(axis=1)
+            if mode.kind == TOPK:
+                classes, values, tail = encode_topk(z, mode.k, vocab, job.temperature)
+                out["classes"][at], out["logits"][at], out["tail"][at] = classes, values.astype(job.dtype), tail
+            elif mode.kind == SAMPLE:
+                b, j = np.divmod(at, length)
+                uniforms = sample_uniforms(job.seed, split, batch["sample_ids"][b], j, mode.k)
+                out["classes"][at] = draw(z, job.temperature, uniforms, vocab)
+            else:
+                stored = z.astype(job.dtype)
+                finite &= bool(np.isfinite(stored).all())  # float16 overflow
+                out["logits"][at] = stored
+    if mode.sparse:
+        named.update({fmt.sparse_key(split, mode.kind, part): v.reshape(rows, length, *v.shape[1:])
+                      for part, v in out.items()})
+    else:
+        named[fmt.logits_key(split)] = out["logits"].reshape(rows, length, vocab)
+    counted = has_target.reshape(rows, length)
+    tokens = counted.sum(axis=1)
+
+    def mean(values: np.ndarray) -> np.ndarray:  # over the positions with a target; NaN: none
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(tokens > 0, (values.reshape(rows, length) * counted).sum(axis=1) / tokens, np.nan)
+
+    window_stats = {"nll": mean(nll), "entropy": mean(entropy), "tokens": tokens.astype(np.int32),
+                    "top1": (top1.reshape(rows, length) * counted).sum(axis=1).astype(np.int32),
+                    "nll_sum": (nll.reshape(rows, length) * counted).sum(axis=1)}
+    if mode.sparse:
+        window_stats["topk_mass"] = mean(mass)
+    return named, window_stats, finite
 
 
 def stored_logits(job: ShardJob, logits: np.ndarray, at: slice | np.ndarray) -> dict[str, np.ndarray]:
@@ -395,7 +536,7 @@ def write_shard(shard: ComputedShard) -> dict[str, Any]:
             _fsync_shard(root / fmt.ARRAYS / key, arr, job.shard)
         sums[key] = hashlib.sha256(buf.tobytes()).hexdigest()
 
-    index = _index_part(job, _worker_dataset(job), shard.stats)
+    index = (_token_index_part if job.tokens else _index_part)(job, _worker_dataset(job), shard.stats)
     part_path, record_path = fmt.part_paths(root, job.split, job.shard)
     part = storage.parquet_bytes(index)
     storage.write_bytes(part_path, part)
@@ -403,10 +544,13 @@ def write_shard(shard: ComputedShard) -> dict[str, Any]:
         "split": job.split, "shard": job.shard, "start": job.start, "stop": job.stop,
         "sha256": sums, "inputs_sha256": shard.inputs_sha256,
         "index_sha256": hashlib.sha256(part).hexdigest(),
-        "correct": int(index.column("correct").to_numpy().sum()),
+        "correct": int(index.column("top1" if job.tokens else "correct").to_numpy().sum()),
         "seconds": round(time.perf_counter() - shard.started, 4), "host": socket.gethostname(),
         "key": job.cache_key,  # whose shard this is (the manifest's shard list leaves it out)
     }
+    if job.tokens:  # the split's next-token accuracy and mean NLL are per target token
+        record.update(tokens=int(shard.stats["tokens"].sum()),
+                      nll_sum=float(shard.stats["nll_sum"].sum()))
     # The record is the only "done" signal, and it is written after the data is durable.
     storage.write_text(record_path, json.dumps(record, sort_keys=True))
     return record
@@ -454,3 +598,21 @@ def _index_part(job: ShardJob, dataset: Dataset, stats: dict[str, np.ndarray]) -
     })
 
 
+def _token_index_part(job: ShardJob, dataset: Dataset, stats: dict[str, np.ndarray]) -> pa.Table:
+    """A token cache's index part: per window its sample_id and row, a label of 0 (windows
+    have none), and the teacher's statistics over the positions that have a target."""
+    split = dataset.splits[job.split]
+    n = job.stop - job.start
+    columns = {
+        "sample_id": pa.array(split.sample_ids[job.start:job.stop], pa.int64()),
+        "row": pa.array(np.arange(job.start, job.stop), pa.int64()),
+        "label": pa.array(np.zeros(n, np.int32), pa.int32()),
+        "nll": pa.array(stats["nll"], pa.float32()),
+        "entropy": pa.array(stats["entropy"], pa.float32()),
+        "tokens": pa.array(stats["tokens"], pa.int32()),
+        "top1": pa.array(stats["top1"], pa.int32()),
+        "shard": pa.array(np.full(n, job.shard), pa.int32()),
+    }
+    if "topk_mass" in stats:
+        columns["topk_mass"] = pa.array(stats["topk_mass"], pa.float32())
+    return pa.table(columns)

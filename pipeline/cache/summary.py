@@ -29,7 +29,13 @@ def summarise(root, manifest: dict) -> dict:
         "logits": {**(manifest.get("logits") or {"mode": "dense"}),
                    "bytes_per_row": logits_bytes(root, manifest) / max(1, sum(v["rows"] for v in splits.values()))},
     }
-    if "tokenizer" in manifest:  # text caches: how documents became token ids
+    if "lm" in manifest:  # token caches: windows of a causal LM's tokenizer
+        lm = manifest["lm"]
+        summary["lm"] = {"fingerprint": lm["tokenizer"]["fingerprint"], "vocab_size": lm["vocab_size"],
+                         "outputs": lm["outputs"], "seq_len": lm["seq_len"], "pack": lm["pack"],
+                         "tokens": {s: v.get("tokens") for s, v in splits.items()},
+                         "teacher_nll": {s: v.get("teacher_nll") for s, v in splits.items()}}
+    elif "tokenizer" in manifest:  # text caches: how documents became token ids
         summary["tokenizer"] = {k: manifest["tokenizer"][k] for k in
                                 ("fingerprint", "vocab_size", "max_length", "truncation", "padding_side")}
         summary["tokens"] = manifest["tokens"]
@@ -71,6 +77,11 @@ def inputs_text(s: dict) -> str:
     std per channel with train statistics: mean [4.88], std [6.015]": what a deployed teacher or
     student must be fed (README, "Deploy the student")."""
     pre = s["preprocessing"]
+    if "lm" in s:
+        lm = s["lm"]
+        return (f"windows of {lm['seq_len']} token ids ({'packed' if lm['pack'] else 'one document each'}), "
+                f"vocabulary {lm['vocab_size']:,} ({lm['outputs']:,} teacher outputs) "
+                f"[{lm['fingerprint'][:16]}]; position j holds the teacher's distribution of token j+1")
     if "tokenizer" in s:
         t, counts = s["tokenizer"], s["tokens"].values()
         rows = sum(s["rows"].values())
@@ -111,9 +122,10 @@ def describe(s: dict) -> str:
     cost = s["teacher_cost"]
     if cost["latency"]:  # (caches built before kdcache measured it have none)
         lat = cost["latency"]
+        unit = lat.get("per", "sample")  # a causal-LM teacher is timed per window, at batch 1 and 8
+        batches = ", ".join(f"{lat[k]:.4g} at batch {k.split('_')[1]}" for k in lat if k.startswith("batch_"))
         lines.append(f"cost       teacher: {cost['num_params']:,} params, {cost['weights_bytes'] / 1e6:.2f} MB; "
-                     f"CPU {lat['batch_1_ms']:.4g} ms/sample at batch 1, {lat['batch_256_ms']:.4g} at "
-                     f"batch 256 ({lat['threads']} threads)")
+                     f"CPU ms/{unit}: {batches} ({lat['threads']} threads)")
     lines += [
         f"stored     logits {logits_text(s)}; features {layers}; default temperature "
         f"{s['temperature']:g}",

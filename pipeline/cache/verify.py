@@ -18,6 +18,13 @@ check names what differs, e.g. ``max_length 128 vs 64``); every document is toke
 and its token ids' sha256 checked against every shard's and split's recorded one; and the
 sampled rows are re-run one by one, each tokenized alone and padded nowhere, so a cached
 value that depended on its batch's padding (length bucketing gone wrong) fails too.
+
+A token cache (a causal-LM teacher on a token dataset): the teacher's tokenizer must be the
+one recorded, and its weights; every window is rebuilt from the documents (tokenized again by
+the dataset) and must hold the stored ids, mask and segments, each shard's ids hashing to its
+recorded inputs sha256; and a seeded sample of windows is re-run through the teacher one
+window at a time, every real position's stored top-K (or draws, or dense logits) checked
+against the fresh logits within the dtype's tolerance.
 """
 
 from __future__ import annotations
@@ -36,7 +43,8 @@ from pipeline.cache.shard import view_params
 from pipeline.data import positions_of
 from pipeline.errors import KdError
 from pipeline.hf import HfTeacher, tokenizer_difference
-from pipeline.sparse import SAMPLE, draw, draw_tail, encode_topk, sample_uniforms
+from pipeline.hf_lm import HfCausalLM
+from pipeline.sparse import SAMPLE, TOPK, draw, draw_tail, encode_topk, sample_uniforms
 from pipeline.teachers import TeacherSpec, build_teacher, state_fingerprint, tap
 
 TOLERANCE = {"float16": (2e-3, 2e-2), "float32": (1e-4, 1e-4)}  # (rtol, atol) vs a fresh forward
@@ -73,6 +81,8 @@ def verify(cache: TeacherCache, rows: int, seed: int, device: str = "cpu") -> di
 
     t = m["teacher"]
     spec = TeacherSpec.of_record(t, layers=tuple(m["layers"]), pool=m["pool"])
+    if fmt.is_token_cache(m):
+        return {**checks, **_verify_tokens(cache, dataset, spec, rows, seed, device)}
     try:
         built = _text_teacher(m, spec) if "tokenizer" in m else build_teacher(spec)
         model = tap(built, spec.layers, spec.pool, spec.arch).to(runtime.pick_device(device)).eval()
@@ -104,6 +114,130 @@ def _text_teacher(m: dict, spec: TeacherSpec) -> HfTeacher:
                       f"(fingerprint {actual[:12]} != {spec.fingerprint[:12]}); restore its weights, "
                       "or build a new cache")
     return model
+
+
+def _verify_tokens(cache: TeacherCache, dataset, spec: TeacherSpec, rows: int, seed: int,
+                   device: str) -> dict[str, str]:
+    """The teacher, window and fidelity checks of a token cache (see the module's docstring)."""
+    checks = {}
+    try:
+        model = _text_teacher(cache.manifest, spec).to(runtime.pick_device(device)).eval()
+        checks["teacher fingerprint"] = "ok"
+    except KdError as exc:
+        model = None
+        checks["teacher fingerprint"] = f"FAILED: {exc}"
+    if dataset is not None:
+        checks["token windows"] = _reading(lambda: _token_windows(cache, dataset))
+    if model is not None and dataset is not None and rows:
+        checks["teacher fidelity"] = _reading(lambda: _lm_fidelity(cache, dataset, model, rows, seed, device))
+    return checks
+
+
+def _windows_at(dataset, split: str, positions: np.ndarray) -> dict[str, np.ndarray]:
+    """The dataset's windows at these positions (one read when they are a run)."""
+    positions = np.asarray(positions, np.int64)
+    if hasattr(dataset, "windows_at"):
+        return dataset.windows_at(split, positions)
+    if len(positions) and np.array_equal(positions, np.arange(positions[0], positions[0] + len(positions))):
+        return dataset.windows(split, int(positions[0]), int(positions[0]) + len(positions))
+    parts = [dataset.windows(split, int(p), int(p) + 1) for p in positions]
+    return {k: np.concatenate([w[k] for w in parts]) for k in ("ids", "mask", "segments")}
+
+
+def _token_windows(cache: TeacherCache, dataset) -> str:
+    """Every window rebuilt from the documents, shard by shard, against the stored ids, mask
+    and segments and the shard's recorded inputs sha256."""
+    differ, total = [], 0
+    for split, records in cache.manifest["shards"].items():
+        positions = positions_of(dataset.splits[split].sample_ids, cache.sample_ids(split))
+        for rec in records:
+            a, b = rec["start"], rec["stop"]
+            w = _windows_at(dataset, split, positions[a:b])
+            ids = np.ascontiguousarray(w["ids"], np.int64)
+            same = (hashlib.sha256(ids.tobytes()).hexdigest() == rec["inputs_sha256"]
+                    and np.array_equal(cache.stored(fmt.tokens_key(split, "ids"), a, b), ids)
+                    and np.array_equal(cache.stored(fmt.tokens_key(split, "mask"), a, b), np.asarray(w["mask"], np.uint8))
+                    and np.array_equal(cache.stored(fmt.tokens_key(split, "segments"), a, b), w["segments"]))
+            total += b - a
+            if not same:
+                differ.append(f"{split} shard {rec['shard']}")
+    if differ:
+        return (f"FAILED: the documents make other windows than the cache's in {', '.join(differ[:5])}"
+                f"{' and more' if len(differ) > 5 else ''} (another tokenizer or tokenizers version, or "
+                "edited data?); build a new cache")
+    return f"ok ({total:,} windows re-tokenized: the same ids, mask and segments)"
+
+
+def _lm_fidelity(cache: TeacherCache, dataset, model: HfCausalLM, rows: int, seed: int, device: str) -> str:
+    """A seeded sample of windows re-run through the teacher alone, every real position's
+    stored outputs against the fresh logits."""
+    m = cache.manifest
+    rtol, atol = TOLERANCE[m["dtype"]]
+    rng = np.random.default_rng(seed)
+    sizes = {split: cache.num_rows(split) for split in cache.splits}
+    on = runtime.pick_device(device)
+    mode = cache.logits_mode
+    temperature = float(m["logits"].get("temperature", m["temperature"]))
+    worst, checked, positions_checked = 0.0, 0, 0
+    draws = {"same": 0, "all": 0, "unlikely": 0}
+
+    def off(a, b):  # distance in tolerances
+        return float((np.abs(a - b) / (atol + rtol * np.abs(a))).max(initial=0.0))
+
+    for split, k in apportion(rows, sizes).items():
+        where = positions_of(dataset.splits[split].sample_ids, cache.sample_ids(split))
+        for row in np.sort(rng.choice(sizes[split], size=k, replace=False)):
+            batch = next(cache.token_batches(split, 1, shuffle=False, rows=slice(int(row), int(row) + 1)))
+            # the window's documents tokenized afresh, alone: the ids must be the stored ones
+            w = (dataset.retokenized(split, where[[row]]) if hasattr(dataset, "retokenized")
+                 else _windows_at(dataset, split, where[[row]]))
+            if not np.array_equal(np.asarray(w["ids"], np.int64), batch.ids):
+                return (f"FAILED: {split} window {int(row)}'s documents tokenize to other ids than the "
+                        "cache's (another tokenizer or tokenizers version?); build a new cache")
+            real = np.asarray(w["segments"])[0] >= 0
+            ids = torch.from_numpy(np.asarray(w["ids"], np.int64))
+            with torch.inference_mode(), runtime.autocast(on, runtime.text_autocast_dtype(on)):
+                fresh = model(runtime.to_device(ids, on),
+                              runtime.to_device(torch.from_numpy(real[None].astype(np.int64)), on))
+            fresh = fresh.float().cpu().numpy()[0][real]
+            at = np.flatnonzero(real)
+            if mode.kind == TOPK:
+                cids, values, tail = batch.classes[0][at], batch.values[0][at], batch.tail[0][at]
+                _, fresh_values, fresh_tail = encode_topk(fresh, mode.k, cache.num_classes, temperature)
+                listed = np.take_along_axis(fresh, cids, axis=1)
+                kth = fresh_values[:, -1:]
+                worst = max(worst, off(listed, values), off(fresh_tail, tail),
+                            off(kth, np.minimum(listed.min(axis=1, keepdims=True), kth)))
+                if (np.diff(values, axis=1) > 0).any() or any(len(set(r.tolist())) < len(r) for r in cids):
+                    worst = np.inf  # a class listed twice, or out of order
+            elif mode.kind == SAMPLE:
+                cids = batch.classes[0][at]
+                sample_id = cache.sample_ids(split)[[row]]
+                uniforms = sample_uniforms(int(m["logits"]["seed"]), split, np.repeat(sample_id, len(at)), at, mode.k)
+                again = draw(fresh, temperature, uniforms, cache.num_classes)
+                u = fresh.astype(np.float64) / temperature
+                p = np.exp(u - u.max(axis=1, keepdims=True))
+                p /= p.sum(axis=1, keepdims=True)
+                for r in range(len(at)):
+                    draws["same"] += int(np.minimum(np.bincount(again[r], minlength=cache.num_classes),
+                                                    np.bincount(cids[r], minlength=cache.num_classes)).sum())
+                draws["unlikely"] += int((np.take_along_axis(p, cids, axis=1) < MIN_DRAWN_PROB).sum())
+                draws["all"] += cids.size
+            else:
+                worst = max(worst, off(fresh, batch.logits[0][at]))
+            checked += 1
+            positions_checked += len(at)
+    if mode.kind == SAMPLE:
+        same = draws["same"] / max(1, draws["all"])
+        return (f"ok ({checked} windows, {positions_checked:,} positions: {same:.2%} of {draws['all']:,} draws "
+                f"re-drawn identically from a fresh forward pass)"
+                if same >= SAME_DRAWS and not draws["unlikely"] else
+                f"FAILED: {draws['unlikely']} cached draws are of tokens a fresh forward pass gives "
+                f"< {MIN_DRAWN_PROB:g}, and {same:.1%} re-draw identically (need {SAME_DRAWS:.0%})")
+    what = "top-k ids, logits and tail" if mode.kind == TOPK else "logits"
+    return (f"ok ({checked} windows, {positions_checked:,} positions: {what} within {worst:.2f} of tolerance)"
+            if worst <= 1.0 else
+            f"FAILED: cached {what} differ from a fresh forward pass ({worst:.1f}x the {m['dtype']} tolerance)")
 
 
 def _token_ids(cache: TeacherCache, dataset, model: HfTeacher) -> str:

@@ -1,6 +1,6 @@
 """Datasets: every source becomes ``(sample_id, x, y)`` rows in train / val / test splits.
 
-One module per source (digits, npz, vision, imagefolder, synthetic), each registering itself in
+One module per source (digits, npz, vision, imagefolder, synthetic, text, tokens), each registering itself in
 :data:`DATASETS`; :mod:`pipeline.data.dataset` holds the :class:`Dataset` type they all return.
 The sources are imported here, explicitly, so that ``DATASETS`` is complete once this package is.
 """
@@ -15,14 +15,15 @@ from pipeline.data.dataset import (BLOCK, SPLITS, ArraySource, Dataset, RowSourc
                                    positions_of)
 from pipeline.data.registry import DATASETS, DatasetNeeds
 from pipeline.data.text import TextDataset
-from pipeline.data import digits, digits3, imagefolder, npz, synthetic, text, vision  # noqa: F401  (registration)
+from pipeline.data.tokens import TokenDataset
+from pipeline.data import digits, digits3, imagefolder, npz, synthetic, text, tokens, vision  # noqa: F401  (registration)
 from pipeline import plugins
 from pipeline.errors import KdError
 
 MAX_SEED = 2**32 - 1  # the seed reaches scikit-learn's splitter, which takes 32-bit seeds
 
 __all__ = ["BLOCK", "DATASETS", "SPLITS", "ArraySource", "Dataset", "DatasetNeeds", "RowSource",
-           "Split", "TextDataset", "absolute_spec", "split_spec", "carve", "dataset_slug", "missing_path", "open_dataset",
+           "Split", "TextDataset", "TokenDataset", "absolute_spec", "split_spec", "carve", "dataset_slug", "missing_path", "open_dataset",
            "positions_of"]
 
 

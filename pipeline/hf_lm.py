@@ -1,0 +1,237 @@
+"""Causal language models as teachers: ``teacher=hf:DIR`` whose config is a causal LM
+(Llama, GPT-2, Qwen, SmolLM, ...), over a token dataset (``dataset=tokens:PATH``).
+
+DIR is a local model directory (``save_pretrained``'s), a model in the local Hugging Face
+cache, or a directory holding a GGUF file (``gguf_file=NAME``: weights, config and tokenizer
+in one file, dequantised to float32 by transformers; needs the ``gguf`` package). Nothing is
+ever downloaded. The model runs in float32, in inference mode (bfloat16 autocast on a GPU that
+supports it).
+
+:class:`HfCausalLM` reads windows of token ids, not text: ``hidden(ids, mask)`` runs the
+model's body once over a batch of windows ``[B, T]``, and ``logits(hidden)`` applies its
+output layer to any set of positions, so that a cache build holds the logits of a chunk of
+positions at a time, never ``[B, T, outputs]``. Position j's logits are the model's
+prediction of token j + 1 (the causal LM's own convention: nothing is shifted here).
+
+**Vocabulary.** ``vocab_size`` is ``len(tokenizer)``, the ids the tokenizer can produce;
+``outputs`` the model's output layer's size. Padded vocabularies (Qwen2.5 3B: 151,936
+outputs, 7B: 152,064, for one tokenizer) have ``outputs > vocab_size``: ids at or beyond
+``vocab_size`` are never real tokens, so :meth:`logits` slices them away. A model with fewer
+outputs than its tokenizer's ids is refused, naming both sizes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline import runtime
+from pipeline.errors import KdError, first_line
+from pipeline.hf import _quiet, _transformers, resolve_model
+
+PRETRAINED = "pretrained"  # teacher_ckpt of a causal LM: the directory's own weights
+# float32 logits held at once per chunk of positions (32 MiB): positions per chunk =
+# CHUNK_VALUES // outputs, so memory is bounded by the chunk whatever the window or batch
+CHUNK_VALUES = 1 << 23
+
+
+def tokenizer_record(tok, directory: Path | None = None) -> dict[str, Any]:
+    """How a tokenizer turns documents into the ids of a token dataset's windows, as a token
+    cache's manifest records it: the tokenizer itself (its class, the sha256 of its serialised
+    backend, less the truncation and padding that calls set on it, or of its vocabulary files;
+    ``len(tokenizer)`` as ``vocab_size``; its special tokens and normaliser), the EOS that ends
+    each document, the padding id, and that no other special token is added. ``fingerprint``
+    is the sha256 of the rest: a token dataset and its teacher, and a student of the cache,
+    share it."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        state = json.loads(backend.to_str())
+        state.pop("truncation", None)
+        state.pop("padding", None)
+        source, normalizer = json.dumps(state, sort_keys=True), str(backend.normalizer)
+    else:  # a tokenizer without a Rust backend: the bytes of its vocabulary files
+        h = hashlib.sha256()
+        for file in sorted(getattr(tok, "vocab_files_names", {}).values()):
+            if directory is not None and (Path(directory) / file).is_file():
+                h.update(file.encode() + b"\0" + (Path(directory) / file).read_bytes())
+        source, normalizer = h.hexdigest(), "n/a"
+    eos = tok.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+    record = {"class": type(tok).__name__, "backend_sha256": hashlib.sha256(source.encode()).hexdigest(),
+              "vocab_size": len(tok), "special_tokens": {k: str(v) for k, v in sorted(tok.special_tokens_map.items())},
+              "normalizer": normalizer, "eos_id": None if eos is None else int(eos),
+              "pad_id": None if pad is None else int(pad), "add_special_tokens": False}
+    return {**record, "fingerprint": hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()}
+
+
+def same_vocabulary(a: dict, b: dict) -> bool:
+    """Whether two tokenizer records map text to the same ids (the same backend, vocabulary
+    size and special tokens), whatever EOS and padding ids each uses."""
+    return all(a.get(k) == b.get(k) for k in ("backend_sha256", "vocab_size", "special_tokens"))
+
+
+def is_causal_lm(name: str, gguf_file: str = "") -> bool:
+    """Whether ``hf:name`` holds a causal language model (its config maps to
+    ``AutoModelForCausalLM`` and is not an encoder-decoder), read from its config only."""
+    transformers = _transformers()
+    directory = resolve_model(name, gguf_file)
+    with _quiet():
+        try:
+            config = transformers.AutoConfig.from_pretrained(
+                directory, local_files_only=True, **({"gguf_file": gguf_file} if gguf_file else {}))
+        except Exception as exc:
+            raise KdError(f"{directory} has no readable model config ({type(exc).__name__}: "
+                          f"{first_line(exc, 120)}); pass teacher=hf:DIR to a folder written by "
+                          "save_pretrained (or gguf_file=NAME of its GGUF file)") from None
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if getattr(config, "is_encoder_decoder", False):
+        return False
+    architectures = getattr(config, "architectures", None) or []
+    if architectures:
+        return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+    return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+
+class HfCausalLM(nn.Module):
+    """A Hugging Face causal LM over windows of token ids (see the module's docstring).
+
+    ``num_classes`` is the vocabulary the cache's targets index (``len(tokenizer)``, the
+    token dataset's ``num_classes``); ``seq_len`` the window length it is run on."""
+
+    modality = "tokens"
+
+    def __init__(self, name: str, num_classes: int, seq_len: int, gguf_file: str = ""):
+        super().__init__()
+        transformers = _transformers()
+        self.name = name
+        self.gguf_file = gguf_file
+        self.directory = resolve_model(name, gguf_file)
+        extra = {"gguf_file": gguf_file} if gguf_file else {}
+        with _quiet():
+            try:
+                config = transformers.AutoConfig.from_pretrained(self.directory, local_files_only=True, **extra)
+                self.tokenizer = transformers.AutoTokenizer.from_pretrained(
+                    self.directory, local_files_only=True, **extra)
+            except Exception as exc:
+                raise KdError(f"{self.directory} cannot be loaded as a causal language model and "
+                              f"tokenizer ({type(exc).__name__}: {first_line(exc, 120)}); pass "
+                              "teacher=hf:DIR to a folder written by save_pretrained, with its "
+                              "tokenizer's files (or gguf_file=NAME; GGUF needs pip install gguf)") from None
+            try:
+                self.model = transformers.AutoModelForCausalLM.from_pretrained(
+                    self.directory, config=config, local_files_only=True, dtype=torch.float32,
+                    **extra).eval()
+            except Exception as exc:
+                raise KdError(f"the weights in {self.directory} cannot be loaded as a causal LM "
+                              f"({type(exc).__name__}: {first_line(exc, 120)}); pass teacher=hf:DIR "
+                              "to a folder written by save_pretrained") from None
+        self.model_type = str(config.model_type)
+        self.vocab_size = len(self.tokenizer)
+        head = self.model.get_output_embeddings()
+        self.outputs = int(head.weight.shape[0]) if head is not None else int(config.vocab_size)
+        if self.outputs < self.vocab_size:
+            raise KdError(f"teacher hf:{name} has {self.outputs:,} outputs but its tokenizer "
+                          f"{self.vocab_size:,} ids: it cannot predict every token; pass a model "
+                          "whose output layer covers its tokenizer")
+        if int(num_classes) != self.vocab_size:
+            raise KdError(f"teacher hf:{name}'s tokenizer has {self.vocab_size:,} ids but the token "
+                          f"dataset's vocabulary has {int(num_classes):,}; tokenize the data with "
+                          f"the teacher's tokenizer (tokenizer={self.directory})")
+        positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        if positions and seq_len > positions:
+            raise KdError(f"seq_len={seq_len} is longer than teacher hf:{name} reads ({positions} "
+                          f"positions); pass seq_len=N with N <= {positions}")
+        self.num_classes = self.vocab_size
+        self.seq_len = int(seq_len)
+        self.layers: tuple[str, ...] = ()
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else self.tokenizer.eos_token_id or 0)
+        # the output layer applied to chunks of positions must give the model's own logits: a
+        # model that transforms them further (soft-capping, scaling) is run whole instead
+        self._body = getattr(self.model, "base_model", None)
+        self.chunked = self._body is not None and self._body is not self.model and head is not None \
+            and self._chunking_agrees()
+
+    # ------------------------------------------------------------------ identity
+    @property
+    def tokenizer_record(self) -> dict[str, Any]:
+        """The tokenizer's record (:func:`tokenizer_record`), as a token cache's manifest and
+        its token dataset hold it."""
+        return tokenizer_record(self.tokenizer, self.directory)
+
+    @property
+    def vocabulary(self) -> dict[str, int]:
+        """``{"vocab_size": len(tokenizer), "outputs": the output layer's size}``."""
+        return {"vocab_size": self.vocab_size, "outputs": self.outputs}
+
+    def fingerprint_identity(self) -> dict[str, Any]:
+        """What :func:`pipeline.teachers.state_fingerprint` hashes besides the tensors."""
+        import transformers
+
+        return {"family": "hf-causal-lm", "model_type": self.model_type,
+                "tokenizer": self.tokenizer_record["fingerprint"], **self.vocabulary,
+                "transformers": transformers.__version__}
+
+    def layer_names(self) -> list[str]:
+        return []
+
+    def tapped(self, layers: tuple[str, ...]) -> "HfCausalLM":
+        if layers:
+            raise KdError(f"a causal-LM teacher (hf:{self.name}) caches per-token logits, no feature "
+                          f"layers ({', '.join(layers)}); drop layers= (or pass layers=none)")
+        return self
+
+    # ------------------------------------------------------------------ forward
+    def hidden(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The last hidden states ``[B, T, H]`` of windows ``ids`` ``[B, T]`` (``mask`` 1 on real
+        tokens, 0 on padding; causal attention over the whole window), or, for a model whose
+        logits cannot be computed by chunks, its logits ``[B, T, outputs]``."""
+        if self.chunked:
+            return self._body(input_ids=ids, attention_mask=mask).last_hidden_state
+        return self.model(input_ids=ids, attention_mask=mask).logits
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits ``[n, vocab_size]`` (float32) of ``n`` positions' :meth:`hidden` rows, the
+        padded outputs beyond ``len(tokenizer)`` sliced away."""
+        out = self.model.get_output_embeddings()(hidden) if self.chunked else hidden
+        return out[..., :self.vocab_size].float()
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Every position's logits ``[B, T, vocab_size]`` (for small inputs and references; a
+        cache build uses :meth:`hidden` and :meth:`logits` by chunks)."""
+        mask = torch.ones_like(ids) if mask is None else mask
+        return self.logits(self.hidden(ids, mask))
+
+    def _chunking_agrees(self) -> bool:
+        ids = torch.arange(min(8, self.vocab_size))[None] % self.vocab_size
+        with torch.inference_mode():
+            whole = self.model(input_ids=ids).logits[..., :self.vocab_size].float()
+            body = self._body(input_ids=ids).last_hidden_state
+            parts = self.model.get_output_embeddings()(body)[..., :self.vocab_size].float()
+        return parts.shape == whole.shape and bool(torch.allclose(parts, whole, rtol=1e-5, atol=1e-5))
+
+    def chunk_positions(self) -> int:
+        """Positions whose logits are held at once (:data:`CHUNK_VALUES` / outputs)."""
+        return max(1, CHUNK_VALUES // self.outputs)
+
+    def predict(self, ids: np.ndarray) -> np.ndarray:
+        """The next token a deployed model predicts at every position, int64 ``[B, T]``, from
+        windows of ids ``[B, T]`` (for timing: a forward pass and an argmax by chunks)."""
+        x = torch.from_numpy(np.asarray(ids, np.int64))
+        device = next(self.model.parameters()).device
+        out = np.empty(x.shape, np.int64)
+        with torch.inference_mode():
+            h = self.hidden(runtime.to_device(x, device), torch.ones_like(x, device=device))
+            flat = h.reshape(-1, h.shape[-1])
+            step = self.chunk_positions()
+            for a in range(0, len(flat), step):
+                out.reshape(-1)[a:a + step] = self.logits(flat[a:a + step]).argmax(-1).cpu().numpy()
+        return out
