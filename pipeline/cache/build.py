@@ -283,8 +283,7 @@ def _create_token_arrays(group, cfg: CacheConfig, manifest: dict) -> None:
         if manifest["logits"]["mode"] == "dense":
             arrays[fmt.logits_key(split)] = ((manifest["num_classes"],), cfg.dtype)
         else:
-            k = manifest["logits"]["k"]
-            arrays.update({key: ((k,) if not key.endswith("/tail") else (2,), fmt.array_dtype(key, manifest))
+            arrays.update({key: (fmt.sparse_width(key, manifest), fmt.array_dtype(key, manifest))
                            for key in fmt.logits_keys(split, manifest)})
         for key, (shape, dtype) in arrays.items():
             group.create_array(key, shape=(info["rows"], seq_len) + shape, dtype=dtype,

@@ -127,15 +127,15 @@ def resolve_layout(cfg: CacheConfig, dataset: Dataset,
 def token_row_bytes(cfg: CacheConfig, seq_len: int, outputs: int) -> int:
     """Bytes one window takes in a token cache: ids, mask and segments (9 bytes per position),
     and per position the logits mode's arrays (topk:K: K ids, K logits and a float32 tail
-    pair; sample:K: K ids; dense: every output in the cache dtype)."""
+    pair; sample:K: K ids; topk:K+sample:M: both; dense: every output in the cache dtype)."""
     itemsize = np.dtype(cfg.dtype).itemsize
     mode = parse_mode(cfg.logits)
     per = 9
-    if mode.kind == "topk":
+    if mode.has_topk:
         per += mode.k * (np.dtype(classes_dtype(outputs)).itemsize + itemsize) + 8
-    elif mode.kind == "sample":
-        per += mode.k * np.dtype(classes_dtype(outputs)).itemsize
-    else:
+    if mode.has_draws:
+        per += mode.draws * np.dtype(classes_dtype(outputs)).itemsize
+    if not mode.sparse:
         per += outputs * itemsize
     return seq_len * per
 

@@ -44,7 +44,7 @@ from pipeline.data import positions_of
 from pipeline.errors import KdError
 from pipeline.hf import HfTeacher, tokenizer_difference
 from pipeline.hf_lm import HfCausalLM
-from pipeline.sparse import SAMPLE, TOPK, draw, draw_tail, encode_topk, sample_uniforms
+from pipeline.sparse import SAMPLE, draw, draw_tail, encode_topk, sample_uniforms
 from pipeline.teachers import TeacherSpec, build_teacher, state_fingerprint, tap
 
 TOLERANCE = {"float16": (2e-3, 2e-2), "float32": (1e-4, 1e-4)}  # (rtol, atol) vs a fresh forward
@@ -201,7 +201,7 @@ def _lm_fidelity(cache: TeacherCache, dataset, model: HfCausalLM, rows: int, see
                               runtime.to_device(torch.from_numpy(real[None].astype(np.int64)), on))
             fresh = fresh.float().cpu().numpy()[0][real]
             at = np.flatnonzero(real)
-            if mode.kind == TOPK:
+            if mode.has_topk:
                 cids, values, tail = batch.classes[0][at], batch.values[0][at], batch.tail[0][at]
                 _, fresh_values, fresh_tail = encode_topk(fresh, mode.k, cache.num_classes, temperature)
                 listed = np.take_along_axis(fresh, cids, axis=1)
@@ -210,12 +210,18 @@ def _lm_fidelity(cache: TeacherCache, dataset, model: HfCausalLM, rows: int, see
                             off(kth, np.minimum(listed.min(axis=1, keepdims=True), kth)))
                 if (np.diff(values, axis=1) > 0).any() or any(len(set(r.tolist())) < len(r) for r in cids):
                     worst = np.inf  # a class listed twice, or out of order
-            elif mode.kind == SAMPLE:
-                cids = batch.classes[0][at]
+            if mode.has_draws:
                 sample_id = cache.sample_ids(split)[[row]]
-                uniforms = sample_uniforms(int(m["logits"]["seed"]), split, np.repeat(sample_id, len(at)), at, mode.k)
-                again = draw(fresh, temperature, uniforms, cache.num_classes)
+                uniforms = sample_uniforms(int(m["logits"]["seed"]), split, np.repeat(sample_id, len(at)), at,
+                                           mode.draws)
                 u = fresh.astype(np.float64) / temperature
+                if mode.has_topk:  # re-drawn from the tail the stored top K leave
+                    head, cids = batch.classes[0][at], batch.draws[0][at]
+                    again = draw_tail(fresh, head, temperature, uniforms, cache.num_classes)
+                    np.put_along_axis(u, head, -np.inf, axis=1)
+                else:
+                    cids = batch.classes[0][at]
+                    again = draw(fresh, temperature, uniforms, cache.num_classes)
                 p = np.exp(u - u.max(axis=1, keepdims=True))
                 p /= p.sum(axis=1, keepdims=True)
                 for r in range(len(at)):
@@ -223,18 +229,22 @@ def _lm_fidelity(cache: TeacherCache, dataset, model: HfCausalLM, rows: int, see
                                                     np.bincount(cids[r], minlength=cache.num_classes)).sum())
                 draws["unlikely"] += int((np.take_along_axis(p, cids, axis=1) < MIN_DRAWN_PROB).sum())
                 draws["all"] += cids.size
-            else:
+            if not mode.sparse:
                 worst = max(worst, off(fresh, batch.logits[0][at]))
             checked += 1
             positions_checked += len(at)
-    if mode.kind == SAMPLE:
+    if mode.has_topk and worst > 1.0:
+        return (f"FAILED: cached top-k ids, logits and tail differ from a fresh forward pass "
+                f"({worst:.1f}x the {m['dtype']} tolerance)")
+    if mode.has_draws:
         same = draws["same"] / max(1, draws["all"])
-        return (f"ok ({checked} windows, {positions_checked:,} positions: {same:.2%} of {draws['all']:,} draws "
-                f"re-drawn identically from a fresh forward pass)"
+        head = f"top-k ids, logits and tail within {worst:.2f} of tolerance; " if mode.has_topk else ""
+        return (f"ok ({checked} windows, {positions_checked:,} positions: {head}{same:.2%} of "
+                f"{draws['all']:,} draws re-drawn identically from a fresh forward pass)"
                 if same >= SAME_DRAWS and not draws["unlikely"] else
                 f"FAILED: {draws['unlikely']} cached draws are of tokens a fresh forward pass gives "
                 f"< {MIN_DRAWN_PROB:g}, and {same:.1%} re-draw identically (need {SAME_DRAWS:.0%})")
-    what = "top-k ids, logits and tail" if mode.kind == TOPK else "logits"
+    what = "top-k ids, logits and tail" if mode.has_topk else "logits"
     return (f"ok ({checked} windows, {positions_checked:,} positions: {what} within {worst:.2f} of tolerance)"
             if worst <= 1.0 else
             f"FAILED: cached {what} differ from a fresh forward pass ({worst:.1f}x the {m['dtype']} tolerance)")
