@@ -36,7 +36,8 @@ from pipeline.data import Dataset
 from pipeline.data.dataset import BLOCK
 from pipeline.errors import KdError
 from pipeline.hf import HfTeacher
-from pipeline.hf_lm import HfCausalLM, same_vocabulary, tokenizer_record
+from pipeline.data.tokens import tokenizer_record
+from pipeline.hf_lm import HfCausalLM, same_vocabulary
 from pipeline.keyed_random import RNG
 from pipeline.latency import per_sample_ms, torch_predict
 from pipeline.onnx_teacher import OnnxTeacher
@@ -358,7 +359,7 @@ def describe_lm(cfg: CacheConfig, dataset: Dataset, arch: str, ckpt: str,
 
 
 def dataset_tokenizer_record(dataset: Dataset) -> dict | None:
-    """The record (:func:`pipeline.hf.tokenizer_record`) of the tokenizer a token dataset was
+    """The record (:func:`pipeline.data.tokens.tokenizer_record`) of the tokenizer a token dataset was
     tokenized with: the dataset's own ``tokenizer_record`` when it has one, else read from its
     ``tokenizer=DIR``; None when neither is known."""
     record = getattr(dataset, "tokenizer_record", None)
