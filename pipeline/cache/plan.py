@@ -39,7 +39,7 @@ from pipeline.hf import HfTeacher
 from pipeline.data.tokens import tokenizer_record
 from pipeline.hf_lm import HfCausalLM, same_vocabulary
 from pipeline.keyed_random import RNG
-from pipeline.latency import per_sample_ms, torch_predict
+from pipeline.latency import WINDOW_BATCHES, per_sample_ms, torch_predict
 from pipeline.onnx_teacher import OnnxTeacher
 from pipeline.sparse import check_mode, classes_dtype, parse_mode
 from pipeline.teachers import (TeacherSpec, build_teacher, default_layers, is_text_teacher,
@@ -424,11 +424,10 @@ def teacher_cost(spec: TeacherSpec, dataset: Dataset) -> dict[str, Any]:
     rows = dataset.inputs("train", 0, min(256, len(dataset.splits["train"])))
     size = model.weights_bytes if isinstance(model, OnnxTeacher) else len(save(state))
     if isinstance(model, HfCausalLM):  # per window of seq_len tokens; 256 windows would take minutes
-        rows = dataset.inputs("train", 0, min(LM_LATENCY_BATCHES[-1], len(dataset.splits["train"])))
+        rows = dataset.inputs("train", 0, min(WINDOW_BATCHES[-1], len(dataset.splits["train"])))
         return {"weights_bytes": size, "latency": {
-            **per_sample_ms(model.predict, rows, LM_LATENCY_BATCHES), "per": "window"}}
+            **per_sample_ms(model.predict, rows, WINDOW_BATCHES), "per": "window"}}
     predict = model.predict if isinstance(model, HfTeacher) else torch_predict(model)
     return {"weights_bytes": size, "latency": per_sample_ms(predict, rows)}
 
 
-LM_LATENCY_BATCHES = (1, 8)  # windows per call when a causal-LM teacher is timed

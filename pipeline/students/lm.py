@@ -10,9 +10,13 @@ from the student's hidden states, so the [B, T, V] logits are never held
 (:func:`pipeline.lm_losses.position_loss`). The vocabulary is the cache's (``len(tokenizer)``,
 the ids the targets index); an output layer padded beyond it is sliced to it.
 
-Metrics (:meth:`LMStudent.evaluate`, on held-out windows): perplexity of the true next tokens,
-next-token agreement with the teacher's top-1, and the KL from the teacher on the K + tail
-support at T = 1 (exact there; not measurable from sample:K draws: None).
+Training from a cache (:meth:`LMStudent.fit_cache`) streams its windows batch by batch
+(:meth:`pipeline.cache.reader.TeacherCache.token_batches`), so memory is flat in the number of
+windows; the teacher's targets at T are made per batch.
+
+Metrics (:meth:`LMStudent.score`, on held-out windows, streamed): perplexity of the true next
+tokens, next-token accuracy, agreement with the teacher's top-1, and the KL from the teacher on
+the K + tail support at T = 1 (exact there; not measurable from sample:K draws: None).
 
 ``transformers`` is imported when a model is built, never at import: image-only users do not
 pay for it.
@@ -24,15 +28,16 @@ import copy
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 
 from pipeline import lm_losses, runtime
-from pipeline.errors import KdError
+from pipeline.errors import KdError, first_line
 from pipeline.losses import LOSSES, loss_arguments, token_form
-from pipeline.sparse import SAMPLE, TOPK, TOPK_SAMPLE, SparseLogits, check_temperature
+from pipeline.sparse import SAMPLE, TOPK, TOPK_SAMPLE, SparseLogits, check_temperature, encode_topk
 from pipeline.students.base import Student
 from pipeline.students.registry import STUDENTS
 
@@ -107,56 +112,90 @@ class LMStudent(Student):
 
     # ------------------------------------------------------------------ training
     def fit_cache(self, data) -> "LMStudent":
-        """Train from an opened token cache's train windows (model selection on val)."""
+        """Train from an opened token cache's train windows, streamed batch by batch
+        (:meth:`TeacherCache.token_batches`: memory flat in the number of windows), the epoch
+        kept chosen on val (streamed too). The vocabulary is the cache's ``len(tokenizer)``,
+        checked against the teacher's output layer (:func:`pipeline.lm_losses.shared_vocabulary`),
+        and the tokenizer the cache's data names must still be the one the cache records."""
+        from pipeline.students.data import stream_seed
+
         cache = data.cache
         if data.modality != "tokens":
             raise KdError(f"model lm trains from a token cache (dataset=tokens:PATH with a causal-LM "
                           f"teacher); cache {cache.root} holds {data.modality} data")
-        return self.fit(cache_windows(cache, "train"), cache.num_classes, val=cache_windows(cache, "val"),
-                        cache_temperature=cache.temperature, progress=getattr(data, "progress", False))
+        lm = cache.lm
+        self.tokenizer_ = student_tokenizer(cache)
+        mode = cache.logits_mode
+        shape = (mode.kind, float(cache.manifest["logits"].get("temperature", cache.temperature)),
+                 mode.draws if mode.kind == SAMPLE else mode.k)
+        if not mode.sparse:  # read as topk:C-1 (cache_batches)
+            shape = (TOPK, shape[1], int(lm["vocab_size"]) - 1)
+
+        def train(epoch: int) -> Iterator[Windows]:
+            return cache_batches(cache, "train", self.batch_size, seed=stream_seed(self.seed, epoch))
+
+        return self._fit(train, cache.num_rows("train"), int(lm["seq_len"]), int(lm["vocab_size"]),
+                         lambda: cache_batches(cache, "val", self.batch_size), targets=shape,
+                         teacher_outputs=int(lm["outputs"]), progress=getattr(data, "progress", False))
 
     def fit(self, train: Windows, vocab: int, *, val: Windows, cache_temperature: float | None = None,
             progress: bool = False) -> "LMStudent":
         """Train on in-memory windows whose targets index ``vocab`` token ids (``len(tokenizer)``);
         ``val`` picks the epoch kept (lowest perplexity)."""
+        rng = np.random.default_rng(self.seed)
+
+        def batches(epoch: int) -> Iterator[Windows]:
+            for at in np.array_split(rng.permutation(len(train)), -(-len(train) // self.batch_size)):
+                yield take(train, at)
+
+        t = train.targets
+        shape = None if t is None else (t.kind, t.temperature if cache_temperature is None else cache_temperature,
+                                        t.classes.shape[-1])
+        return self._fit(batches, len(train), train.ids.shape[1], vocab, lambda: slices(val, self.batch_size),
+                         targets=shape, teacher_outputs=vocab, progress=progress)
+
+    def _fit(self, batches: Callable[[int], Iterable[Windows]], n_train: int, seq_len: int, vocab: int,
+             val: Callable[[], Iterable[Windows]], *, targets: tuple[str, float, int] | None,
+             teacher_outputs: int, progress: bool) -> "LMStudent":
+        """The training loop over ``batches(epoch)`` (``n_train`` windows of ``seq_len``), model
+        selection on ``val()``. ``targets``: (kind, the cache's temperature, K or draws per
+        position) of the teacher's targets, None without any."""
         needs = LOSSES.declared(self.loss)
         form = token_form(self.loss)
         reads_teacher = needs.logits
         given = (self.loss_params or {}).get("temperature")
-        temperature = given if given is not None else (cache_temperature or 1.0)
+        temperature = given if given is not None else (targets[1] if targets else 1.0)
         if reads_teacher:
-            if train.targets is None:
+            if targets is None:
                 raise KdError(f"loss={self.loss} reads the teacher's targets, and these windows have "
                               "none; use loss=ce or a token cache with logits")
-            self._check_targets(train.targets, temperature)
+            self._check_targets(targets, temperature)
         if bool((self.loss_params or {}).get("standardize_logits")):
             raise KdError("standardize_logits=true needs every logit, and a token cache keeps sparse "
                           "ones; use standardize_logits=false")
         arguments = loss_arguments(self.loss, {**(self.loss_params or {}), "temperature": temperature})
         arguments = {k: v for k, v in arguments.items() if k not in ("weight", "standardize")}
         self.temperature_ = temperature if needs.temperature else None
-        self._build(vocab, train.ids.shape[1])
-        targets = None
-        if reads_teacher:
-            source = train.targets if self.loss == "kd" else head_only(train.targets)
-            targets = source.targets(temperature)
+        self._build(vocab, seq_len, teacher_outputs)
         model = self.model_
         opt = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        steps = self.epochs * -(-len(train) // self.batch_size)
+        steps = self.epochs * -(-n_train // self.batch_size)
         warm = max(1, steps // 20)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
-        rng = np.random.default_rng(self.seed)
         best, self.history_, t0 = None, [], time.perf_counter()
         for epoch in range(self.epochs):
             model.train()
             total, positions = 0.0, 0
-            for at in np.array_split(rng.permutation(len(train)), -(-len(train) // self.batch_size)):
-                batch = {k: torch.from_numpy(np.ascontiguousarray(v[at])).to(self.device_)
-                         for k, v in (targets or {}).items()}
-                ids = torch.from_numpy(train.ids[at]).to(self.device_)
-                mask = torch.from_numpy(train.mask[at]).to(self.device_)
-                logits_of = self._positions(ids, torch.from_numpy(train.segments[at] >= 0).to(self.device_))
+            for w in batches(epoch):
+                batch = {}
+                if reads_teacher:  # the teacher's distribution at T, this batch's only
+                    source = w.targets if self.loss == "kd" else head_only(w.targets)
+                    batch = {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device_)
+                             for k, v in source.targets(temperature).items()}
+                ids = torch.from_numpy(w.ids).to(self.device_)
+                mask = torch.from_numpy(w.mask).to(self.device_)
+                logits_of = self._positions(ids, torch.from_numpy(w.segments >= 0).to(self.device_))
                 loss = lm_losses.position_loss(form, logits_of, mask, lm_losses.next_ids_of(ids), batch,
                                                vocab=self.vocab_, chunk=self.chunk, **arguments)
                 opt.zero_grad(set_to_none=True)
@@ -166,7 +205,7 @@ class LMStudent(Student):
                 sched.step()
                 n = int(mask.sum())
                 total, positions = total + float(loss.detach()) * n, positions + n
-            scores = self.evaluate(val)
+            scores = self.score(val())
             self.history_.append({"epoch": epoch, "train_loss": total / max(1, positions), **scores})
             if progress:
                 print(f"lm epoch {epoch}: train loss {total / max(1, positions):.4f}, "
@@ -178,16 +217,19 @@ class LMStudent(Student):
         model.eval()
         return self
 
-    def _check_targets(self, targets: SparseLogits, temperature: float) -> None:
-        """Refuse up front what the cached targets cannot serve: another temperature than a
-        draws cache's, and a loss over the K + tail support from draws alone."""
-        check_temperature(targets.kind, targets.temperature, temperature)
-        if self.loss != "kd" and targets.kind == SAMPLE:
+    def _check_targets(self, targets: tuple[str, float, int], temperature: float) -> None:
+        """Refuse up front what the cached targets (kind, T_c, width) cannot serve: another
+        temperature than a draws cache's, and a loss over the K + tail support from draws alone."""
+        kind, cache_temperature, width = targets
+        check_temperature(kind, cache_temperature, temperature)
+        if self.loss != "kd" and kind == SAMPLE:
             raise KdError(f"loss={self.loss} compares the student with the teacher's top K and tail, "
-                          f"and this cache keeps sample:{targets.classes.shape[-1]} draws (no "
+                          f"and this cache keeps sample:{width} draws (no "
                           "probabilities); use loss=kd (sampled KD), or a topk:K or topk:K+sample:M cache")
 
-    def _build(self, vocab: int, seq_len: int) -> None:
+    def _build(self, vocab: int, seq_len: int, teacher_outputs: int | None = None) -> None:
+        """The model for ``vocab`` token ids and windows of ``seq_len``; ``teacher_outputs``: the
+        teacher's output layer (≥ ``vocab``; padded ids are sliced away)."""
         from transformers import LlamaConfig, LlamaForCausalLM  # lazily: text users only
 
         if self.width % self.heads:
@@ -200,7 +242,7 @@ class LMStudent(Student):
                              num_key_value_heads=self.heads, max_position_embeddings=seq_len,
                              tie_word_embeddings=True, attn_implementation="sdpa")
         self.model_ = LlamaForCausalLM(config).to(self.device_)
-        self.vocab_ = lm_losses.shared_vocabulary(config.vocab_size, vocab, vocab)
+        self.vocab_ = lm_losses.shared_vocabulary(config.vocab_size, teacher_outputs or vocab, vocab)
         self.seq_len_ = seq_len
         self.classes_ = np.arange(vocab)
 
@@ -212,39 +254,51 @@ class LMStudent(Student):
         return lambda at: self.model_.lm_head(flat[at])
 
     # ------------------------------------------------------------------ scoring
-    @torch.inference_mode()
     def evaluate(self, windows: Windows) -> dict[str, float | None]:
-        """On ``windows``: ``perplexity`` = exp(mean NLL of the true next tokens over the masked
-        positions); ``agreement`` = the share of those where the student's top token is the
-        teacher's; ``kl`` = mean KL(teacher ‖ student) over the K + tail support at T = 1 (exact
-        there; None from sample:K draws or without targets)."""
+        """:meth:`score` of in-memory windows."""
+        return self.score(slices(windows, self.batch_size))
+
+    def evaluate_cache(self, cache, split: str) -> dict[str, float | None]:
+        """:meth:`score` of a token cache's ``split``, streamed batch by batch."""
+        return self.score(cache_batches(cache, split, self.batch_size))
+
+    @torch.inference_mode()
+    def score(self, batches: Iterable[Windows]) -> dict[str, float | None]:
+        """Over batches of windows: ``perplexity`` = exp(mean NLL of the true next tokens over
+        the masked positions); ``accuracy`` = the share of those where the student's top token
+        is the true next one; ``agreement`` = ... where it is the teacher's top-1; ``kl`` = mean
+        KL(teacher ‖ student) over the K + tail support at T = 1 (exact there; None from
+        sample:K draws or without targets); ``tokens``: the positions scored."""
         self.model_.eval()
-        nll, agree, kl, positions = 0.0, 0, 0.0, 0
-        exact = windows.targets is not None and windows.targets.kind != SAMPLE
-        t1 = head_only(windows.targets).targets(1.0) if exact else None
-        teacher_top = top1(windows.targets) if windows.targets is not None else None
-        for a in range(0, len(windows), self.batch_size):
-            at = slice(a, a + self.batch_size)
-            ids = torch.from_numpy(windows.ids[at]).to(self.device_)
-            mask = torch.from_numpy(windows.mask[at]).to(self.device_)
-            logits_of = self._positions(ids, torch.from_numpy(windows.segments[at] >= 0).to(self.device_))
+        nll, right, agree, kl, positions = 0.0, 0, 0, 0.0, 0
+        teacher = exact = None
+        for w in batches:
+            teacher = w.targets is not None
+            exact = teacher and w.targets.kind != SAMPLE
+            t1 = head_only(w.targets).targets(1.0) if exact else None
+            teacher_top = torch.from_numpy(top1(w.targets).reshape(-1)).to(self.device_) if teacher else None
+            ids = torch.from_numpy(w.ids).to(self.device_)
+            mask = torch.from_numpy(w.mask).to(self.device_)
+            logits_of = self._positions(ids, torch.from_numpy(w.segments >= 0).to(self.device_))
             rows = mask.reshape(-1).nonzero().squeeze(1)
             nxt = lm_losses.next_ids_of(ids).reshape(-1)[rows]
             for c in range(0, len(rows), self.chunk):
-                z = logits_of(rows[c:c + self.chunk])[:, :self.vocab_].float()
-                nll += float(torch.nn.functional.cross_entropy(z, nxt[c:c + self.chunk], reduction="sum"))
-                if teacher_top is not None:
-                    want = torch.from_numpy(teacher_top[at].reshape(-1)).to(self.device_)[rows[c:c + self.chunk]]
-                    agree += int((z.argmax(1) == want).sum())
+                at, y = rows[c:c + self.chunk], nxt[c:c + self.chunk]
+                z = logits_of(at)[:, :self.vocab_].float()
+                nll += float(torch.nn.functional.cross_entropy(z, y, reduction="sum"))
+                top = z.argmax(1)
+                right += int((top == y).sum())
+                if teacher:
+                    agree += int((top == teacher_top[at]).sum())
                 if t1 is not None:
-                    part = {k: torch.from_numpy(np.ascontiguousarray(v[at])).to(self.device_)
-                            .reshape(-1, *v.shape[2:])[rows[c:c + self.chunk]] for k, v in t1.items()}
-                    kl += float(lm_losses.forward_kl(z, nxt[c:c + self.chunk], T=1.0, alpha=1.0, **part).sum())
+                    part = {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device_)
+                            .reshape(-1, *v.shape[2:])[at] for k, v in t1.items()}
+                    kl += float(lm_losses.forward_kl(z, y, T=1.0, alpha=1.0, **part).sum())
             positions += len(rows)
         n = max(1, positions)
-        return {"perplexity": math.exp(nll / n),
-                "agreement": agree / n if teacher_top is not None else None,
-                "kl": kl / n if t1 is not None else None}
+        return {"perplexity": math.exp(nll / n), "accuracy": right / n,
+                "agreement": agree / n if teacher else None,
+                "kl": kl / n if exact else None, "tokens": positions}
 
     @torch.inference_mode()
     def decision_function(self, ids: np.ndarray) -> np.ndarray:
@@ -283,6 +337,17 @@ class LMStudent(Student):
         self.model_.eval()
         return self
 
+    def cpu_predict(self) -> Callable[[np.ndarray], np.ndarray]:
+        """``predict(ids)``: the deployed model on the CPU, the next token at every position of
+        windows ``[B, T]`` (what a causal-LM teacher is timed doing: a forward and an argmax)."""
+        module = self.deployed_module()
+
+        @torch.inference_mode()
+        def predict(ids: np.ndarray) -> np.ndarray:
+            return module(torch.from_numpy(np.asarray(ids, np.int64))).argmax(-1).numpy()
+
+        return predict
+
     def deployed_module(self) -> torch.nn.Module:
         """The trained model on the CPU as ids [N, T] -> logits [N, T, vocab]."""
         return _LogitsOnly(copy.deepcopy(self.model_).cpu().eval(), self.vocab_)
@@ -297,32 +362,66 @@ class _LogitsOnly(torch.nn.Module):
         return self.model(input_ids=ids).logits[..., :self.vocab]
 
 
-def cache_windows(cache, split: str) -> Windows:
-    """A token cache's windows of ``split`` (docs/CACHE_FORMAT.md, token caches:
-    ``<split>/tokens/{ids,mask,segments}`` [N, T] and the logits mode's arrays [N, T, ...]); a
-    dense cache's logits become topk:V−1 targets (one id in the tail: exact at every T)."""
-    from pipeline.cache import format as fmt
-    from pipeline.sparse import encode_topk
+def take(w: Windows, at: np.ndarray | slice) -> Windows:
+    """Windows ``at`` of ``w``, with their targets."""
+    t = w.targets
+    if t is not None:
+        pick = lambda a: None if a is None else a[at]  # noqa: E731
+        t = SparseLogits(t.kind, t.classes[at], pick(t.values), pick(t.tail), t.num_classes, t.temperature,
+                         pick(t.draws))
+    return Windows(w.ids[at], w.mask[at], w.segments[at], t)
 
-    n = cache.num_rows(split)
-    ids, mask, segments = (cache.stored(f"{split}/tokens/{part}", 0, n) for part in ("ids", "mask", "segments"))
-    mode, temperature = cache.logits_mode, cache.temperature
-    if not mode.sparse:
-        z = cache.stored(fmt.logits_key(split), 0, n).astype(np.float32)
-        c = z.shape[-1]
-        cls, values, tail = encode_topk(z.reshape(-1, c), c - 1, c, temperature)
-        targets = SparseLogits(TOPK, cls.astype(np.int64).reshape(n, -1, c - 1), values.reshape(n, -1, c - 1),
-                               tail.reshape(n, -1, 2), c, temperature)
+
+def slices(w: Windows, batch_size: int) -> Iterator[Windows]:
+    """In-memory windows in batches, in order."""
+    for a in range(0, len(w), batch_size):
+        yield take(w, slice(a, a + batch_size))
+
+
+def batch_windows(b) -> Windows:
+    """A :class:`~pipeline.cache.reader.TokenBatch` as :class:`Windows`; a dense cache's logits
+    become topk:V−1 targets (one id in the tail: exact at every T)."""
+    if b.kind != "dense":
+        targets = b.targets_at()
     else:
-        parts = {fmt.sparse_part(key, cache.manifest): cache.stored(key, 0, n)
-                 for key in fmt.logits_keys(split, cache.manifest)}
-        draws = parts.get("draws")
-        targets = SparseLogits(mode.kind, parts["classes"].astype(np.int64),
-                               None if "logits" not in parts else parts["logits"].astype(np.float32),
-                               parts.get("tail"), cache.num_classes,
-                               float(cache.manifest["logits"]["temperature"]),
-                               None if draws is None else draws.astype(np.int64))
-    return Windows(ids.astype(np.int64), mask.astype(bool), segments.astype(np.int32), targets)
+        n, length, c = b.logits.shape
+        cls, values, tail = encode_topk(b.logits.reshape(-1, c), c - 1, c, b.temperature)
+        targets = SparseLogits(TOPK, cls.astype(np.int64).reshape(n, length, c - 1),
+                               values.reshape(n, length, c - 1), tail.reshape(n, length, 2), c, b.temperature)
+    return Windows(b.ids, b.mask, b.segments.astype(np.int32), targets)
+
+
+def cache_batches(cache, split: str, batch_size: int, seed: int | None = None) -> Iterator[Windows]:
+    """A token cache's ``split`` as batches of :class:`Windows`, streamed (whole chunks at a
+    time, :meth:`TeacherCache.token_batches`): block-shuffled with ``seed``, in order without."""
+    for b in cache.token_batches(split, batch_size, shuffle=seed is not None, seed=seed or 0):
+        yield batch_windows(b)
+
+
+def student_tokenizer(cache) -> dict:
+    """The record of the tokenizer a student of token cache ``cache`` reads and writes text
+    with: the ``tokenizer=DIR`` the cache's data was tokenized with, which must still be the
+    one the cache records (the teacher's: same fingerprint), else refused in one line. A
+    folder that is gone leaves the cache's record (the student reads the cached ids alone)."""
+    from pipeline.data.tokens import tokenizer_record
+    from pipeline.hf import load_tokenizer
+
+    want = cache.lm["tokenizer"]
+    folder = (cache.manifest["dataset"].get("config") or {}).get("tokenizer") or ""
+    if not folder or not Path(folder).expanduser().is_dir():
+        return want
+    try:
+        record = tokenizer_record(load_tokenizer(folder), Path(folder))
+    except KdError as exc:
+        raise KdError(f"the tokenizer folder {folder} that cache {cache.root}'s data names cannot be "
+                      f"loaded any more ({first_line(exc, 100)}); restore the tokenizer it was built "
+                      "with, or build a new cache") from None
+    if record["fingerprint"] != want["fingerprint"]:
+        raise KdError(f"the tokenizer in {folder} ({record['vocab_size']:,} ids, fingerprint "
+                      f"{record['fingerprint'][:12]}) is not the one cache {cache.root} was built with "
+                      f"({want['vocab_size']:,} ids, {want['fingerprint'][:12]}); a student must share "
+                      "the teacher's tokenizer: restore that tokenizer, or build a new cache with this one")
+    return record
 
 
 STUDENTS.register("lm", kind="inputs", loss=True, modality="tokens")(LMStudent)
