@@ -1012,8 +1012,8 @@ CASES: list[Case] = [
     Case("manifest-edited", CACHE, "a manifest.json edited by hand",
          damaged("info", _hand_edit_manifest), r"cache/manifest.json was modified after kdcache wrote it"),
     Case("format-version-newer", CACHE, "a cache from a newer kdcache",
-         damaged("verify", _rewrite_manifest(format_version=4)),
-         r"cache has cache format version 4; this kdcache reads versions 1, 2 and 3"),
+         damaged("verify", _rewrite_manifest(format_version=5)),
+         r"cache has cache format version 5; this kdcache reads versions 1, 2, 3 and 4"),
     Case("incomplete-cache-student", CACHE, "student on an interrupted build",
          damaged("student", lambda root: None, "incomplete"),
          r"cache .*cache is incomplete \(2/6 shards; its build was interrupted\); finish it"),
@@ -1436,6 +1436,136 @@ CASES += [
          _tokens_cmd(_stories, "tokenizer={tmp}"),
          r"tokenizer=.*" + MOOT + r"teacher=auto on a token dataset trains its own tokenizer with "
          r"the teacher; drop tokenizer="),
+]
+
+# =========================================================================== causal-LM teachers
+# (teacher=hf:DIR on dataset=tokens:PATH, pipeline/hf_lm.py) and LM students: tiny random models
+# (tests/lm_models.py), each written once per process and copied into the case's tmp
+
+_LM: dict[str, Path] = {}
+
+
+def _lm_base() -> Path:
+    """A process-wide folder with a small corpus and its BPE tokenizer (deleted at exit)."""
+    if "base" not in _LM:
+        from lm_models import corpus_documents, train_tokenizer, write_corpus
+
+        base = Path(tempfile.mkdtemp(prefix="kdcache-lm-"))
+        atexit.register(shutil.rmtree, base, True)
+        corpus = write_corpus(base / "stories.txt", count=60)
+        train_tokenizer(corpus_documents(corpus)).save_pretrained(base / "tokenizer")
+        train_tokenizer([d[::-1] for d in corpus_documents(corpus)]).save_pretrained(base / "other-tokenizer")
+        _LM["base"] = base
+    return _LM["base"]
+
+
+def _lm_model(kind: str) -> Path:
+    """A model folder of ``kind``, made once: ``llama`` (a tiny LlamaForCausalLM with the base
+    tokenizer), ``short`` (the same, reading 16 positions), ``narrow`` (10 outputs fewer than its
+    tokenizer's ids), ``wide`` (a tokenizer of 4,400 ids, past the dense limit), ``bert`` (an
+    encoder, not a causal LM)."""
+    if kind not in _LM:
+        import transformers
+        from transformers import AutoTokenizer
+
+        base = _lm_base()
+        tok = AutoTokenizer.from_pretrained(base / "tokenizer")
+        if kind == "wide":
+            tok.add_tokens([f"<extra{i}>" for i in range(4400 - len(tok))])
+        outputs = len(tok) - 10 if kind == "narrow" else len(tok)
+        torch.manual_seed(0)
+        if kind == "bert":
+            model = transformers.BertModel(transformers.BertConfig(
+                vocab_size=outputs, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                intermediate_size=32))
+        else:
+            model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+                vocab_size=outputs, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=2, intermediate_size=32,
+                max_position_embeddings=16 if kind == "short" else 256,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+        model.save_pretrained(base / kind)
+        tok.save_pretrained(base / kind)
+        _LM[kind] = base / kind
+    return _LM[kind]
+
+
+def _lm_cmd(kind: str, *args: str, tokenizer: str = "") -> Callable[[Path], list[str]]:
+    """`kdcache cache` of the base corpus (tokens:) by the ``kind`` model copied to {tmp}/model,
+    seq_len 24, with ``args`` ({tmp} filled in); ``tokenizer``: a base tokenizer's folder name
+    (copied to {tmp}/tok), else the teacher's own."""
+    def setup(tmp: Path) -> list[str]:
+        base = _lm_base()
+        shutil.copy(base / "stories.txt", tmp / "stories.txt")
+        shutil.copytree(_lm_model(kind), tmp / "model")
+        if tokenizer:
+            shutil.copytree(base / tokenizer, tmp / "tok")
+        return ["cache", f"dataset=tokens:{tmp / 'stories.txt'}", f"teacher=hf:{tmp / 'model'}",
+                f"cache={tmp / 'cache'}", "device=cpu", *([f"tokenizer={tmp / 'tok'}"] if tokenizer else []),
+                *(a.format(tmp=tmp) for a in (args or ("seq_len=24",)))]
+    return setup
+
+
+def _gguf_without_tokenizer(tmp: Path) -> list[str]:
+    """A GGUF teacher (a stand-in file: refused before it is read) and no tokenizer=."""
+    shutil.copy(_lm_base() / "stories.txt", tmp / "stories.txt")
+    (tmp / "model").mkdir()
+    (tmp / "model" / "tiny.gguf").write_bytes(b"GGUF")
+    return ["cache", f"dataset=tokens:{tmp / 'stories.txt'}", f"teacher=hf:{tmp / 'model'}",
+            "gguf_file=tiny.gguf", f"cache={tmp / 'cache'}", "seq_len=24"]
+
+
+def _lm_student_tokenizer_changed(tmp: Path) -> list[str]:
+    """A token cache built, then its tokenizer folder overwritten by another tokenizer."""
+    from stages import cache as cache_stage
+
+    argv = _lm_cmd("llama", "seq_len=24", "logits=topk:4", tokenizer="tokenizer")(tmp)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        cache_stage.main(argv[1:])
+    shutil.rmtree(tmp / "tok")
+    shutil.copytree(_lm_base() / "other-tokenizer", tmp / "tok")
+    return ["student", f"cache={tmp / 'cache'}", "model=lm", f"runs_dir={tmp / 'runs'}", "epochs=1"]
+
+
+CASES += [
+    Case("lm-dense-over-limit", CONFIG, "logits=dense on a causal LM of more than 4,096 outputs",
+         _lm_cmd("wide", "seq_len=24", "logits=dense"),
+         r"logits=dense would store all 4,400 outputs at every position \(8,800 bytes per token\); above "
+         r"4,096 outputs use logits=topk:K or sample:K"),
+    Case("lm-layers", CONFIG, "layers= on a causal-LM teacher", _lm_cmd("llama", "seq_len=24", "layers=model.norm"),
+         r"a causal-LM teacher \(hf:.*/model\) caches per-token logits, no feature layers \(model.norm\); "
+         r"drop layers= \(or pass layers=none\)$"),
+    Case("lm-not-causal", CONFIG, "an encoder (not a causal LM) as the teacher of a token dataset",
+         _lm_cmd("bert", "seq_len=24"),
+         r"teacher hf:.*/model is not a causal language model \(it has no next-token head\); a token dataset "
+         r"is cached by one: pass teacher=hf:DIR of a causal LM$"),
+    Case("lm-tokenizer-mismatch", CONFIG, "a token dataset tokenized with another tokenizer than the teacher's",
+         _lm_cmd("llama", "seq_len=24", tokenizer="other-tokenizer"),
+         r"tokenizer \(\d+ ids\) is not the one tokens:.*/stories.txt was tokenized with \(\d+ ids, another "
+         r"vocabulary or merges\); tokenize the data with the teacher's tokenizer \(tokenizer=.*/model\)$"),
+    Case("lm-gguf-tokenizer", CONFIG, "a GGUF teacher on tokens: with no tokenizer=",
+         _gguf_without_tokenizer,
+         r"a GGUF teacher's tokenizer is inside tiny.gguf; save it once as a folder and pass tokenizer=DIR: "),
+    Case("lm-random-ckpt", CKPT, "teacher_ckpt=random for a causal LM",
+         _lm_cmd("llama", "seq_len=24", "teacher_ckpt=random"),
+         r"is a causal LM: it runs its directory's weights, not random ones; drop teacher_ckpt= "
+         r"\(or pass teacher_ckpt=pretrained\)$"),
+    Case("lm-file-ckpt", CKPT, "teacher_ckpt=FILE for a causal LM",
+         _lm_cmd("llama", "seq_len=24", "teacher_ckpt={tmp}/stories.txt"),
+         r"is a causal LM: it runs its directory's weights \(teacher_ckpt=pretrained\), not .*stories.txt; "
+         r"drop teacher_ckpt=$"),
+    Case("lm-outputs-below-tokenizer", PLUGINS, "a causal LM with fewer outputs than its tokenizer's ids",
+         _lm_cmd("narrow", "seq_len=24"),
+         r"teacher hf:.*/model has \d+ outputs but its tokenizer \d+ ids: it cannot predict every token; "
+         r"pass a model whose output layer covers its tokenizer$"),
+    Case("lm-seq-len-past-positions", CONFIG, "seq_len longer than the causal LM reads",
+         _lm_cmd("short", "seq_len=24"),
+         r"seq_len=24 is longer than teacher hf:.*/model reads \(16 positions\); pass seq_len=N with N <= 16$"),
+    Case("lm-student-tokenizer-changed", STAGE2, "model=lm after the cache's tokenizer folder changed",
+         _lm_student_tokenizer_changed,
+         r"the tokenizer in .*/tok \(\d+ ids, fingerprint [0-9a-f]+\) is not the one cache .*/cache was built "
+         r"with \(\d+ ids, [0-9a-f]+\); a student must share the teacher's tokenizer: restore that tokenizer, "
+         r"or build a new cache with this one$"),
 ]
 
 BY_ID = {case.id: case for case in CASES}

@@ -37,7 +37,7 @@ from pipeline.data.dataset import BLOCK
 from pipeline.errors import KdError
 from pipeline.hf import HfTeacher
 from pipeline.data.tokens import tokenizer_record
-from pipeline.hf_lm import HfCausalLM, same_vocabulary
+from pipeline.hf_lm import HfCausalLM, is_causal_lm, same_vocabulary
 from pipeline.keyed_random import RNG
 from pipeline.latency import WINDOW_BATCHES, per_sample_ms, torch_predict
 from pipeline.onnx_teacher import OnnxTeacher
@@ -308,6 +308,20 @@ def describe_teacher(cfg: CacheConfig, dataset: Dataset, arch: str,
     return spec, shapes, teacher_params(model), tokenization(model, dataset) if text else None
 
 
+def check_token_teacher(arch: str, dataset: Dataset, gguf_file: str = "") -> None:
+    """Refuse, before any model is built, a teacher that cannot cache a token dataset: one that
+    is not ``hf:`` (it does not read token ids), or an ``hf:`` directory that holds no causal LM
+    (an encoder would otherwise be built as a text teacher, and refused for reading text)."""
+    if getattr(dataset, "modality", "array") != "tokens":
+        return
+    if not is_text_teacher(arch):
+        raise KdError(f"teacher {arch} does not read token ids; a token dataset ({dataset.spec}) "
+                      "is cached by a causal language model: teacher=hf:DIR")
+    if not gguf_file and not is_causal_lm(arch.split(":", 1)[1]):
+        raise KdError(f"teacher {arch} is not a causal language model (it has no next-token head); "
+                      f"a token dataset is cached by one: pass teacher=hf:DIR of a causal LM")
+
+
 def describe_lm(cfg: CacheConfig, dataset: Dataset, arch: str, ckpt: str,
                 device) -> tuple[TeacherSpec, dict[str, tuple[int, ...]], int, dict]:
     """:func:`describe_teacher` for a token dataset: the teacher must be a causal LM
@@ -315,9 +329,7 @@ def describe_lm(cfg: CacheConfig, dataset: Dataset, arch: str, ckpt: str,
     finite on two real windows, and ``logits=dense`` is refused above
     :data:`MAX_DENSE_OUTPUTS` outputs. Returns the spec, ``{"logits": (vocabulary,), "tokens":
     (seq_len,)}``, the parameters, and ``{"lm": ...}``, the manifest's ``lm`` entry."""
-    if not is_text_teacher(arch):
-        raise KdError(f"teacher {arch} does not read token ids; a token dataset ({dataset.spec}) "
-                      "is cached by a causal language model: teacher=hf:DIR")
+    check_token_teacher(arch, dataset, cfg.gguf_file)
     seq_len = int(dataset.input_shape[0])
     spec = TeacherSpec(arch, dataset.input_shape, dataset.num_classes, ckpt, cfg.seed,
                        device=str(device), compile=cfg.compile, pool=cfg.pool, gguf_file=cfg.gguf_file)
