@@ -798,7 +798,7 @@ CASES: list[Case] = [
     # ------------------------------------------------------------------ dataset files
     Case("unknown-dataset", DATASET, "a dataset kind kdcache does not know",
          lambda tmp: cache_cmd(tmp, dataset="mnist"),
-         r"unknown dataset 'mnist'; known: digits, digits3, imagefolder, npz, synthetic, text, textdir, torchvision"),
+         r"unknown dataset 'mnist'; known: digits, digits3, imagefolder, npz, synthetic, text, textdir, tokens, torchvision"),
     Case("digits-with-argument", DATASET, "digits:ARG",
          lambda tmp: cache_cmd(tmp, dataset="digits:5"), r"dataset digits takes no argument"),
     Case("npz-no-path", DATASET, "npz: without a path",
