@@ -1046,7 +1046,7 @@ CASES: list[Case] = [
     Case("loss-does-not-apply", STAGE2, "loss= for a student trained without a loss",
          student_cmd("model=linear_svc", "loss=kd"),
          r"loss=kd does not apply: model linear_svc trains without a loss; drop loss= or pick a "
-         r"student that takes one \(cnn1d, cnn_small, fasttext, mlp, resnet_small, textcnn\)"),
+         r"student that takes one \(cnn1d, cnn_small, fasttext, lm, mlp, resnet_small, textcnn\)"),
     Case("temperature-does-not-apply", STAGE2, "temperature= for a loss without one",
          student_cmd("model=mlp", "loss=ce", "temperature=2"),
          r"temperature=2 does not apply: model mlp with loss ce takes no temperature \(it does: .*loss kd.*\); drop temperature="),
