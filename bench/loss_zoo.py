@@ -59,9 +59,9 @@ REF = "ref "  # prefix of a reference arm's name in the timings
 
 def arms() -> list[tuple[str, dict]]:
     """(arm name, StudentConfig overrides): every registered loss, and KD with standardisation."""
-    from pipeline.losses import LOSSES
+    from pipeline.losses import classification_losses
 
-    out = [(name, {"loss": name}) for name in ["ce", "kd"] + sorted(set(LOSSES) - {"ce", "kd"})]
+    out = [(name, {"loss": name}) for name in ["ce", "kd"] + sorted(set(classification_losses()) - {"ce", "kd"})]
     out.insert(2, ("kd+Z", {"loss": "kd", "standardize_logits": True}))
     return out
 

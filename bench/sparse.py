@@ -21,6 +21,10 @@ Views × sparse at a fixed byte budget: for the bytes per row of one dense float
 topk:16 and sample:16 hold 16 views (train rows; augment=shift:1), against kd from one dense
 view and ce with fresh shift:1 augmentation.
 
+An exact head with an unbiased tail (information, not a floor): mlp, kd at T = 4, from dense,
+topk:16, sample:16 and topk:16+sample:16 (the 16 largest exactly with the tail's mass, plus 16
+draws from the tail: head exact, tail unbiased), with the bytes per row each costs on disk.
+
 Epoch time (mlp, kd): median seconds per epoch from topk:16 and sample:16 against dense,
 arms alternated (floor ≤ 1.1×): reading K ids instead of C logits, and the loss's scatter.
 """
@@ -85,6 +89,8 @@ def raw_bytes(mode: str, classes: int, dtype_bytes: int = 2) -> int:
         return classes * dtype_bytes
     if m.kind == "topk":
         return m.k * (ids + dtype_bytes) + 8  # and the tail: two float32
+    if m.kind == "topk+sample":
+        return m.k * (ids + dtype_bytes) + 8 + m.m * ids
     return m.k * ids
 
 
@@ -153,6 +159,34 @@ def accuracy(workdir: Path, seeds: tuple[int, ...], epochs: int) -> tuple[list, 
                                       mean=round(mean, 4), std=round(std, 4), dense=round(dense, 4),
                                       ce=round(ce, 4), above_ce=bool(mean > ce)))
     return figures, rows, measured
+
+
+HEAD_TAIL_MODES = ("dense", "topk:16", "sample:16", "topk:16+sample:16")
+
+
+def head_and_tail(workdir: Path, seeds: tuple[int, ...], epochs: int,
+                  measured: dict | None = None) -> tuple[list, list, dict]:
+    """mlp, kd from dense, topk:16, sample:16 and topk:16+sample:16 (test accuracy over
+    ``seeds``, bytes per row on disk): where the tail decides, does the exact head with an
+    unbiased tail beat both of its halves? Arms already in ``measured`` (the accuracy table's,
+    same runs) are not run again."""
+    runs, measured = Runs(workdir, epochs), dict(measured or {})
+    figures, rows, out = [], [], {}
+    for mode in HEAD_TAIL_MODES:
+        root = build(workdir, mode)[0]
+        accs = measured.get(("mlp", f"kd {mode}")) or [runs.test_accuracy(root, "mlp", s, loss="kd")
+                                                       for s in seeds]
+        out[("mlp", f"kd {mode}")] = accs
+        mean, std = ms(accs)
+        per_row = logits_bytes(root)[0]
+        rows.append(["mlp", f"kd {mode}", f"{per_row:,.1f}", f"{mean:.4f} ± {std:.4f}", len(seeds)])
+        log(f"{NAME}: head and tail: mlp kd {mode}: {mean:.4f} ± {std:.4f}, {per_row:.1f} bytes/row")
+    both, dense = ms(out[("mlp", "kd topk:16+sample:16")])[0], ms(out[("mlp", "kd dense")])[0]
+    figures.append(figure("kd topk:16+sample:16 − kd dense, mlp", round(both - dense, 4), "",
+                          information="the estimator's cost: no floor",
+                          topk16=round(ms(out[("mlp", "kd topk:16")])[0], 4),
+                          sample16=round(ms(out[("mlp", "kd sample:16")])[0], 4)))
+    return figures, rows, out
 
 
 def budget(workdir: Path, seeds: tuple[int, ...], epochs: int, dense_bytes: float,
@@ -264,6 +298,13 @@ def run(quick: bool, workdir: Path) -> dict:
                         note=f"{epochs} epochs, batch 128, AdamW one-cycle, T = 4, alpha 0.9; mlp at its "
                              "default width (40k params with the 1,000-way head), cnn_small at width 8 "
                              "(39k params)."))
+    ht_figures, ht_rows, ht_measured = head_and_tail(workdir, seeds, epochs, measured)
+    figures += ht_figures
+    measured.update(ht_measured)
+    tables.append(table("An exact head with an unbiased tail (digits3, mlp, kd at T = 4)",
+                        ["student", "arm", "logits bytes/row on disk", "test accuracy (mean ± std)", "seeds"],
+                        ht_rows, note="topk:16+sample:16: the 16 largest logits exactly with the tail's "
+                                      "mass, plus 16 draws from the tail at T = 4."))
     budget_rows, budget_measured = budget(workdir, seeds, epochs, sizes["dense"]["bytes_per_row"], measured)
     tables.append(table("Views × sparse at a fixed byte budget (≤ one dense float16 view per row)",
                         ["student", "arm", "logits bytes/row on disk", "test accuracy (mean ± std)", "seeds"],

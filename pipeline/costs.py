@@ -14,6 +14,8 @@ dataset nor the cache's inputs. Text is the exception: a document's cost grows w
 length, so a text cache's teacher and students are timed on the first ``ROWS`` training
 documents, as ``str`` (a numpy object array): every ``predict`` of a text cache takes raw
 text, the teacher's tokenization and each student's own text processing included in its time.
+A token cache's teacher and language-model students are timed on windows of its test ids, per
+window at 1 and 8 windows per call (``teacher_b8_ms`` / ``student_b8_ms`` in place of b256).
 """
 
 from __future__ import annotations
@@ -25,23 +27,23 @@ import numpy as np
 
 from pipeline.cache import TeacherCache
 from pipeline.errors import KdError, first_line
-from pipeline.latency import per_sample_ms, torch_predict
+from pipeline.cache import format as fmt
+from pipeline.latency import BATCH_SIZES, WINDOW_BATCHES, per_sample_ms, torch_predict
 
 ROUNDS = 3  # alternations: each model's figure is the median of this many measurements
 ROWS = 256
 
 
 def side_by_side(predicts: dict[Any, Callable[[np.ndarray], object]], rows: np.ndarray,
-                 rounds: int = ROUNDS) -> dict[Any, dict[str, float]]:
-    """``{key: {"b1_ms", "b256_ms"}}``: each ``predict`` timed per sample at batch 1 and 256
-    (:func:`pipeline.latency.per_sample_ms`), the models alternated ``rounds`` times, each
-    figure the median over the rounds."""
+                 rounds: int = ROUNDS, batch_sizes: tuple[int, ...] = BATCH_SIZES) -> dict[Any, dict[str, float]]:
+    """``{key: {"b1_ms", "b256_ms"}}`` (one ``b{size}_ms`` per batch size): each ``predict``
+    timed per sample (:func:`pipeline.latency.per_sample_ms`), the models alternated
+    ``rounds`` times, each figure the median over the rounds."""
     times: dict[Any, list[dict]] = {key: [] for key in predicts}
     for _ in range(rounds):
         for key, predict in predicts.items():
-            times[key].append(per_sample_ms(predict, rows))
-    return {key: {"b1_ms": statistics.median(t["batch_1_ms"] for t in ts),
-                  "b256_ms": statistics.median(t["batch_256_ms"] for t in ts)}
+            times[key].append(per_sample_ms(predict, rows, batch_sizes))
+    return {key: {f"b{size}_ms": statistics.median(t[f"batch_{size}_ms"] for t in ts) for size in batch_sizes}
             for key, ts in times.items()}
 
 
@@ -51,11 +53,12 @@ def load_teacher(cache: TeacherCache):
     from pipeline.teachers import TeacherSpec, build_teacher
 
     from pipeline.hf import HfTeacher
+    from pipeline.hf_lm import HfCausalLM
 
     spec = TeacherSpec.of_record(cache.manifest["teacher"])
     try:
         model = build_teacher(spec)
-        return model.predict if isinstance(model, HfTeacher) else torch_predict(model)
+        return model.predict if isinstance(model, (HfTeacher, HfCausalLM)) else torch_predict(model)
     except KdError as exc:
         return f"the teacher cannot be loaded here: {first_line(exc, 160)}"
 
@@ -69,6 +72,14 @@ def compare(cache: TeacherCache, students: dict[Any, Callable[[np.ndarray], obje
     teacher = load_teacher(cache)
     if isinstance(teacher, str):
         return {key: teacher for key in students}
+    if fmt.is_token_cache(cache.manifest):  # windows of real test ids, timed per window at 1 and 8
+        rows = cache.stored(fmt.tokens_key("test", "ids"), 0, min(WINDOW_BATCHES[-1], cache.num_rows("test")))
+        timed = side_by_side({"__teacher__": teacher, **students}, rows.astype(np.int64),
+                             batch_sizes=WINDOW_BATCHES)
+        t = timed.pop("__teacher__")
+        seq_len = int(cache.lm["seq_len"])  # per window: tokens/s = seq_len · 1000 / ms
+        return {key: {**{f"teacher_{k}": v for k, v in t.items()}, **{f"student_{k}": v for k, v in s.items()},
+                      "seq_len": seq_len} for key, s in timed.items()}
     if "tokenizer" in cache.manifest:  # a text cache: real documents, whose length is their cost
         try:
             texts = cache.open_dataset().texts("train")

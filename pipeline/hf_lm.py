@@ -24,51 +24,19 @@ from __future__ import annotations
 
 from typing import Any
 
-import hashlib
-import json
-from pathlib import Path
-
 import numpy as np
 import torch
 from torch import nn
 
 from pipeline import runtime
 from pipeline.errors import KdError, first_line
+from pipeline.data.tokens import tokenizer_record
 from pipeline.hf import _quiet, _transformers, resolve_model
 
 PRETRAINED = "pretrained"  # teacher_ckpt of a causal LM: the directory's own weights
 # float32 logits held at once per chunk of positions (32 MiB): positions per chunk =
 # CHUNK_VALUES // outputs, so memory is bounded by the chunk whatever the window or batch
 CHUNK_VALUES = 1 << 23
-
-
-def tokenizer_record(tok, directory: Path | None = None) -> dict[str, Any]:
-    """How a tokenizer turns documents into the ids of a token dataset's windows, as a token
-    cache's manifest records it: the tokenizer itself (its class, the sha256 of its serialised
-    backend, less the truncation and padding that calls set on it, or of its vocabulary files;
-    ``len(tokenizer)`` as ``vocab_size``; its special tokens and normaliser), the EOS that ends
-    each document, the padding id, and that no other special token is added. ``fingerprint``
-    is the sha256 of the rest: a token dataset and its teacher, and a student of the cache,
-    share it."""
-    backend = getattr(tok, "backend_tokenizer", None)
-    if backend is not None:
-        state = json.loads(backend.to_str())
-        state.pop("truncation", None)
-        state.pop("padding", None)
-        source, normalizer = json.dumps(state, sort_keys=True), str(backend.normalizer)
-    else:  # a tokenizer without a Rust backend: the bytes of its vocabulary files
-        h = hashlib.sha256()
-        for file in sorted(getattr(tok, "vocab_files_names", {}).values()):
-            if directory is not None and (Path(directory) / file).is_file():
-                h.update(file.encode() + b"\0" + (Path(directory) / file).read_bytes())
-        source, normalizer = h.hexdigest(), "n/a"
-    eos = tok.eos_token_id
-    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
-    record = {"class": type(tok).__name__, "backend_sha256": hashlib.sha256(source.encode()).hexdigest(),
-              "vocab_size": len(tok), "special_tokens": {k: str(v) for k, v in sorted(tok.special_tokens_map.items())},
-              "normalizer": normalizer, "eos_id": None if eos is None else int(eos),
-              "pad_id": None if pad is None else int(pad), "add_special_tokens": False}
-    return {**record, "fingerprint": hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()}
 
 
 def same_vocabulary(a: dict, b: dict) -> bool:
@@ -163,8 +131,12 @@ class HfCausalLM(nn.Module):
     # ------------------------------------------------------------------ identity
     @property
     def tokenizer_record(self) -> dict[str, Any]:
-        """The tokenizer's record (:func:`tokenizer_record`), as a token cache's manifest and
-        its token dataset hold it."""
+        """The tokenizer's record (:func:`pipeline.data.tokens.tokenizer_record`, the token
+        dataset's own, so that the two fingerprints compare), as a token cache's manifest holds it."""
+        if self.tokenizer.eos_token_id is None:  # the record's EOS ends each document of the data
+            raise KdError(f"teacher hf:{self.name}'s tokenizer has no end-of-sequence token, so it cannot "
+                          "have tokenized a token dataset's documents; pass a causal LM whose tokenizer "
+                          "has an eos_token")
         return tokenizer_record(self.tokenizer, self.directory)
 
     @property

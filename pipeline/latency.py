@@ -20,6 +20,14 @@ import numpy as np
 import torch
 
 BATCH_SIZES = (1, 256)
+# a language model (teacher or student) is timed per window of seq_len tokens, at 1 and 8
+# windows per call: 256 windows of a real LM would take minutes per call
+WINDOW_BATCHES = (1, 8)
+
+
+def tokens_per_s(seq_len: int, window_ms: float | None) -> float | None:
+    """Tokens per second of a language model timed at ``window_ms`` per window of ``seq_len``."""
+    return None if not window_ms else round(seq_len * 1000.0 / window_ms, 3)
 MIN_CALLS, MIN_SECONDS, MAX_SECONDS = 5, 0.1, 3.0
 
 

@@ -30,8 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline import losses_cpu, plugins
+from pipeline import lm_losses, losses_cpu, plugins
 from pipeline.config import Param, declared_param
+from pipeline.errors import KdError
 from pipeline.registry import Registry
 
 
@@ -68,6 +69,11 @@ class LossNeeds:
       tail bucket (``t_ids``, ``t_w``, ``t_tail``: :meth:`pipeline.sparse.SparseLogits.targets`)
       instead of ``z_t``; a loss without one gets the dense stand-in
       (:meth:`pipeline.sparse.SparseLogits.dense`) as ``z_t``, and its soft targets from it.
+    - ``token_form``: the loss's form on a token cache (a causal LM student's per-position
+      targets, :mod:`pipeline.lm_losses`), for a loss that has one (kd: the forward KL over the
+      listed ids and the tail; ce: next-token cross-entropy). None: it has none.
+    - ``tokens_only``: the loss exists only on token caches; its registered function is its
+      token form (reverse KL, JSD, ...). Classification students refuse it up front.
     """
 
     logits: bool = True
@@ -78,9 +84,13 @@ class LossNeeds:
     head: Callable[..., "LossHead"] | None = None
     sparse: bool = False
     params: Any = ()  # {name: default} at registration; kept as sorted (name, default) pairs
+    token_form: Callable[..., torch.Tensor] | None = None
+    tokens_only: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "params", tuple(sorted(dict(self.params).items())))
+        if self.tokens_only and (self.features or self.sparse or self.token_form):
+            raise ValueError("a tokens_only loss is its own token form, over token targets only")
         if (self.maps or self.head) and not self.features:
             raise ValueError("maps and head are for losses that read features (features=True)")
 
@@ -193,7 +203,7 @@ def soft_kl(z_s: torch.Tensor, z_t: torch.Tensor, T: float, log_p_t: torch.Tenso
     return (p_t * (log_p_t - log_p_s)).sum(dim=1).mean()
 
 
-@LOSSES.register("ce", logits=False)
+@LOSSES.register("ce", logits=False, token_form=lm_losses.next_token_ce)
 def ce(z_s: torch.Tensor, y: torch.Tensor, **_) -> torch.Tensor:
     """Cross-entropy on the labels only: L = CE(z_s, y) = −log softmax(z_s)_y.
 
@@ -227,7 +237,8 @@ def sparse_kl(z_s: torch.Tensor, T: float, t_ids: torch.Tensor, t_w: torch.Tenso
     return (listed + tail).mean()
 
 
-@LOSSES.register("kd", temperature=True, sparse=True, params={"alpha": 0.9})
+@LOSSES.register("kd", temperature=True, sparse=True, params={"alpha": 0.9},
+                 token_form=lm_losses.forward_kl)
 def kd(z_s: torch.Tensor, y: torch.Tensor, *, z_t: torch.Tensor | None = None, T: float = 4.0,
        alpha: float = 0.9, log_p_t: torch.Tensor | None = None, p_t: torch.Tensor | None = None,
        standardize: bool = False, t_ids: torch.Tensor | None = None,
@@ -241,7 +252,9 @@ def kd(z_s: torch.Tensor, y: torch.Tensor, *, z_t: torch.Tensor | None = None, T
     soft term compares softmax(Z(z_t)/T) and softmax(Z(z_s)/T) (:func:`standardize`); the CE
     term always sees the raw logits.
     From a sparse-logit cache (``t_ids``, ``t_w``, ``t_tail`` given) the KL term is
-    :func:`sparse_kl`: L = α · T² · sparse_kl + (1 − α) · CE(z_s, y).
+    :func:`sparse_kl`: L = α · T² · sparse_kl + (1 − α) · CE(z_s, y). On a token cache
+    (an ``lm`` student) the same per position, with CE on the next token
+    (:func:`pipeline.lm_losses.forward_kl`).
     Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network", 2015
     (arXiv:1503.02531).
     """
@@ -257,6 +270,39 @@ def kd(z_s: torch.Tensor, y: torch.Tensor, *, z_t: torch.Tensor | None = None, T
                                 alpha=float(alpha), standardize_eps=STANDARDIZE_EPS if standardize else None)
     return (alpha * T * T * soft_kl(_soft(z_s, standardize), _soft(z_t, standardize), T, log_p_t, p_t)
             + (1.0 - alpha) * F.cross_entropy(z_s, y))
+
+
+# --------------------------------------------------------------------------- token losses
+# On a token cache only (lm students): their functions are per-position forms over token
+# targets (pipeline.lm_losses). alpha 0.5: the issue's measured mix for LM students.
+LOSSES.register("kd_renorm", temperature=True, tokens_only=True, params={"alpha": 0.5})(
+    lm_losses.renormalised_kl)
+LOSSES.register("reverse_kl", temperature=True, tokens_only=True, params={"alpha": 0.5})(
+    lm_losses.reverse_kl)
+LOSSES.register("jsd", temperature=True, tokens_only=True, params={"alpha": 0.5, "jsd_beta": 0.5})(
+    lm_losses.jsd)
+
+
+def token_form(name: str) -> Callable[..., torch.Tensor]:
+    """Loss ``name``'s per-position form on a token cache (:mod:`pipeline.lm_losses`); a loss
+    with none is refused in one line naming those that have one."""
+    needs = LOSSES.declared(name)
+    if needs.tokens_only:
+        return LOSSES.get(name)
+    if needs.token_form is not None:
+        return needs.token_form
+    raise KdError(f"loss={name} has no form on a token cache (a language model's per-position "
+                  f"targets); use one of {', '.join(token_losses()[:-1])} or {token_losses()[-1]}")
+
+
+def token_losses() -> list[str]:
+    """The losses that train an LM student from a token cache."""
+    return [n for n in LOSSES.names() if LOSSES.declared(n).tokens_only or LOSSES.declared(n).token_form]
+
+
+def classification_losses() -> list[str]:
+    """The losses of classification caches (every one but the token-only ones)."""
+    return [n for n in LOSSES.names() if not LOSSES.declared(n).tokens_only]
 
 
 @LOSSES.register("mse_logits", params={"alpha": 0.9})

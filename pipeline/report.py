@@ -60,7 +60,10 @@ def leaderboard(rows: list[dict]) -> list[dict]:
                       "val": float(np.mean([r["val_accuracy"] for r in rs])),
                       "agreement": float(np.mean([r["teacher_agreement"] for r in rs])),
                       "kl": _mean(rs, "kl_teacher_student"),  # None from sparse caches
-                      "ece": float(np.mean([r["ece"] for r in rs])),
+                      "ece": _mean(rs, "ece"),  # None for language models
+                      # language models (token caches): held-out perplexity, mean ± std
+                      "perplexity": _mean(rs, "test_perplexity"), "perplexity_std": _std(rs, "test_perplexity"),
+                      "val_perplexity": _mean(rs, "val_perplexity"), "tokens_per_s": _mean(rs, "tokens_per_s"),
                       "params": int(rs[0]["params"]), "kind": rs[0]["kind"],
                       "views_policy": rs[0].get("views_policy"),
                       "weights_bytes": _mean(rs, "weights_bytes"),
@@ -77,6 +80,8 @@ def leaderboard(rows: list[dict]) -> list[dict]:
         for pair in pairs)]
     for b in board:
         b["differs"] = differs
+    if board and all(b["perplexity"] is not None for b in board):  # language models: lowest first
+        return sorted(board, key=lambda b: b["perplexity"])
     return sorted(board, key=lambda b: -b["mean"])
 
 
@@ -95,6 +100,12 @@ def _mean(rows: list[dict], key: str) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def _std(rows: list[dict], key: str) -> float | None:
+    """The sample std of ``key`` over the rows that recorded it (None: fewer than two)."""
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return float(np.std(values, ddof=1)) if len(values) > 1 else None
+
+
 def teacher_of(rows: list[dict]) -> dict:
     """The teacher's test accuracy, parameters and weights bytes, and the CPU latencies its
     cache recorded when it was built (context only), as the newest row holds them."""
@@ -102,7 +113,9 @@ def teacher_of(rows: list[dict]) -> dict:
     return {"accuracy": float(last["teacher_test_accuracy"]), "params": last.get("teacher_params"),
             "weights_bytes": last.get("teacher_weights_bytes"),
             "latency_b1_ms": last.get("teacher_latency_b1_ms"),
-            "latency_b256_ms": last.get("teacher_latency_b256_ms")}
+            "latency_b256_ms": last.get("teacher_latency_b256_ms"),
+            # a token cache's causal LM: its test perplexity and tokens/s (None otherwise)
+            "perplexity": last.get("teacher_test_perplexity"), "tokens_per_s": last.get("teacher_tokens_per_s")}
 
 
 def _ratio(teacher: float | None, student: float | None, better: str, worse: str) -> str:
@@ -184,7 +197,71 @@ def teacher_line(teacher: dict) -> str:
             "(context only: the ratios below are timed side by side now).")
 
 
+def perplexity_text(b: dict) -> str:
+    """``12.31 ± 0.40`` over several seeds; one seed has no spread to show."""
+    return f"{b['perplexity']:.2f}" + ("" if b["perplexity_std"] is None else f" ± {b['perplexity_std']:.2f}")
+
+
+def lm_markdown(board: list[dict], teacher: dict, source: str) -> str:
+    """The leaderboard of language-model students of a token cache: held-out perplexity first
+    (lower is better), next-token accuracy and agreement with the teacher, KL on the K + tail
+    support, size and tokens/s against the teacher (timed side by side when it could be)."""
+    differs = board[0]["differs"] if board else []
+    head = ["model", "loss", *differs]
+    lines = [f"# Leaderboard: {source}", "",
+             f"Language models. Teacher test perplexity {_num(teacher['perplexity'], '.2f')}, next-token "
+             f"accuracy {teacher['accuracy']:.4f}. Test perplexity of the true next tokens is mean ± std "
+             "over seeds (lower is better); accuracy and agreement are over the positions with a target; "
+             "KL(t‖s) is on the teacher's K + tail support at T = 1 (– from sample: caches).", "",
+             "| " + " | ".join([*head, "test perplexity", "n", "val perplexity", "next-token accuracy",
+                                "teacher agreement", "KL(t‖s)", "params", "fit s"]) + " |",
+             "|" + "---|" * (len(head) + 8)]
+    for b in board:
+        cells = [b["model"], loss_text(b), *(_text(b.get(k)) for k in differs)]
+        lines.append("| " + " | ".join(cells) + f" | {perplexity_text(b)} | {b['n']} | "
+                     f"{b['val_perplexity']:.2f} | {b['mean']:.4f} | {_num(b['agreement'], '.4f')} | "
+                     f"{_num(b['kl'], '.4f')} | {b['params']:,} | {b['fit_s']:.2f} |")
+    lines += ["", "## Against the teacher (size: parameters; speed: CPU tokens per second at 8 windows "
+              "per call, teacher and student timed side by side in this process)", "",
+              f"Teacher: {_num(teacher['params'], ',')} params, test perplexity "
+              f"{_num(teacher['perplexity'], '.2f')}; when its cache was built it ran "
+              f"{_num(teacher['tokens_per_s'], ',.0f')} tokens/s (context only).", "",
+              "| experiment | test perplexity | params | teacher tokens/s | student tokens/s | against the teacher |",
+              "|---|---|---|---|---|---|"]
+    for b in board:
+        timed = b.get("side_by_side") if isinstance(b.get("side_by_side"), dict) else {}
+        seq = timed.get("seq_len")
+        rate = {who: (None if not timed.get(f"{who}_b8_ms") or not seq else seq * 1000 / timed[f"{who}_b8_ms"])
+                for who in ("teacher", "student")}
+        smaller = _ratio(teacher["params"], b["params"], "smaller", "larger")
+        faster = (_ratio(rate["student"], rate["teacher"], "faster", "slower") if timed
+                  else f"speed not compared ({b.get('side_by_side') or 'not measured'})")
+        kept = ("" if not teacher["perplexity"] else
+                f", perplexity {b['perplexity'] / teacher['perplexity']:.2f}× the teacher's")
+        lines.append(f"| {name(b)} | {perplexity_text(b)} | {b['params']:,} | {_num(rate['teacher'], ',.0f')} | "
+                     f"{_num(rate['student'], ',.0f')} | {smaller}, {faster}{kept} |")
+    baselines: dict[str, dict] = {}  # the best next-token CE (label-only) experiment of each model
+    for b in board:
+        if label_only(b["loss"]):
+            baselines.setdefault(b["model"], b)
+    versus = [(b, baselines[b["model"]]) for b in board
+              if b["model"] in baselines and b["loss"] is not None and not label_only(b["loss"])]
+    if versus:
+        lines += ["", "## Against the best label-only baseline (same student, next-token CE alone)", "",
+                  "| experiment | test perplexity | baseline | change |", "|---|---|---|---|"]
+        for b, base in versus:
+            lines.append(f"| {name(b)} | {perplexity_text(b)} | {perplexity_text(base)} ({name(base)}) | "
+                         f"{b['perplexity'] - base['perplexity']:+.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _num(value, spec: str) -> str:
+    return "?" if value is None else format(value, spec)
+
+
 def markdown(board: list[dict], teacher: dict, source: str) -> str:
+    if teacher.get("perplexity") is not None and all(b["perplexity"] is not None for b in board):
+        return lm_markdown(board, teacher, source)
     differs = board[0]["differs"] if board else []
     head = ["model", "loss", *differs]
     lines = [f"# Leaderboard: {source}", "",

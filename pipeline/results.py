@@ -30,6 +30,13 @@ from pipeline.errors import KdError
 # measured when its cache was built (context only: `kdcache report` compares teacher and
 # students side by side). calibration_temperature: the temperature fitted on val that turns a
 # margin student's scores (LinearSVC) into the probabilities KL and ECE are scored on.
+# Language-model runs (a token cache): test_accuracy / val_accuracy are next-token accuracy over
+# the positions with a target, teacher_agreement the share where the student's top token is the
+# teacher's top-1, kl_teacher_student the KL on the K + tail support at T = 1 (null from sample:
+# caches), ece null; LM_MEASURED holds their perplexities (exp of the mean NLL of the true next
+# tokens) and tokens per second (CPU, at 8 windows per call), the teacher's beside them (its
+# test perplexity from the cache's index, its speed as timed at build); latency_b1_ms is per
+# window at batch 1, latency_b256_ms null. Classification rows hold null in LM_MEASURED.
 RUN_KEYS = pa.schema([("model", pa.string()), ("loss", pa.string()), ("layer", pa.string()),
                       ("views", pa.int64()), ("seed", pa.int64())])
 MEASURED = pa.schema([
@@ -44,7 +51,11 @@ MEASURED = pa.schema([
     ("teacher_latency_b1_ms", pa.float64()), ("teacher_latency_b256_ms", pa.float64()),
     ("teacher_test_accuracy", pa.float64()), ("teacher_fingerprint", pa.string()),
     ("dataset_fingerprint", pa.string()), ("cache", pa.string()), ("run_dir", pa.string()),
+    ("test_perplexity", pa.float64()), ("val_perplexity", pa.float64()), ("tokens_per_s", pa.float64()),
+    ("teacher_test_perplexity", pa.float64()), ("teacher_tokens_per_s", pa.float64()),
 ])
+LM_MEASURED = ("test_perplexity", "val_perplexity", "tokens_per_s", "teacher_test_perplexity",
+               "teacher_tokens_per_s")  # null in classification rows
 # Columns of rows written before the config was derived from the declarations, which no
 # declaration names any more: "augment" (now the student's hyperparameter of that name, or
 # views_policy), "C" as text (now a number or "auto" kept as text)

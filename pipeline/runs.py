@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import secrets
 import shutil
 import time
@@ -24,15 +25,16 @@ import numpy as np
 from pipeline import metrics, runtime
 from pipeline.augment import parse
 from pipeline.cache import TeacherCache, open_cache
+from pipeline.cache import format as fmt
 from pipeline.config import Params, StudentConfig
 from pipeline.errors import KdError
 from pipeline.io import atomic_write_bytes, atomic_write_text, fsync_dir
-from pipeline.latency import per_sample_ms
+from pipeline.latency import WINDOW_BATCHES, per_sample_ms, tokens_per_s
 from pipeline.losses import LOSSES
 from pipeline.numerics import softmax
 from pipeline.paths import cache_path, check_writable
 from pipeline.provenance import save_config
-from pipeline.results import append_row, config_columns, results_dir
+from pipeline.results import LM_MEASURED, append_row, config_columns, results_dir
 from pipeline.storage import storage_errors
 from pipeline.students import (STUDENTS, Student, StudentData, Uses, check_modality,
                                create_student, uses)
@@ -128,7 +130,9 @@ def _train_student(cfg: StudentConfig, progress: bool, run_id: str | None) -> di
     student.fit_cache(data)
     fit_seconds = time.perf_counter() - t0
 
-    scores = score(student, data, plan.use.kind)  # validation for the record, test exactly once
+    # validation for the record, test exactly once
+    scores = (score_tokens(student, data) if fmt.is_token_cache(plan.cache.manifest)
+              else score(student, data, plan.use.kind))
     cfg = fitted_config(plan.cfg, student)
     weights = save_weights(student, cfg, plan.use.kind)
     row = results_row(plan, cfg, student, scores, fit_seconds, len(weights))
@@ -167,7 +171,7 @@ def results_row(plan: Plan, cfg: StudentConfig, student: Student, scores: dict,
     return {
         **config_columns(cfg), "kind": plan.use.kind,
         "views_policy": cache.augment["policy"] if int(cfg.views) > 1 else None,
-        **scores, "params": int(student.n_params_), "weights_bytes": weights_bytes,
+        **dict.fromkeys(LM_MEASURED), **teacher_lm(cache), **scores, "params": int(student.n_params_), "weights_bytes": weights_bytes,
         "fit_seconds": round(fit_seconds, 3),
         **teacher_cost(cache), "teacher_test_accuracy": cache.teacher_accuracy("test"),
         "teacher_fingerprint": cache.teacher_fingerprint, "dataset_fingerprint": cache.dataset_fingerprint,
@@ -209,6 +213,36 @@ def score(student: Student, data: StudentData, kind: str) -> dict:
             "ece": metrics.ece(test_probs, y["test"]),
             "calibration_temperature": None if scale is None else round(float(scale), 6),
             "latency_b1_ms": latency["batch_1_ms"], "latency_b256_ms": latency["batch_256_ms"]}
+
+
+def score_tokens(student: Student, data: StudentData) -> dict:
+    """A language-model student on a token cache (the student's ``evaluate_cache``: val, then
+    test exactly once, each streamed): next-token accuracy, perplexity, agreement with the
+    teacher's top-1 and KL on the K + tail support (pipeline.results), and its CPU speed per
+    window of real test ids at 1 and 8 windows per call (as the teacher was timed)."""
+    cache = data.cache
+    val = student.evaluate_cache(cache, "val")
+    test = student.evaluate_cache(cache, "test")
+    n = min(WINDOW_BATCHES[-1], cache.num_rows("test"))
+    ids = cache.stored(fmt.tokens_key("test", "ids"), 0, n).astype(np.int64)
+    latency = per_sample_ms(student.cpu_predict(), ids, WINDOW_BATCHES)
+    return {"test_accuracy": test["accuracy"], "val_accuracy": val["accuracy"],
+            "teacher_agreement": test["agreement"], "kl_teacher_student": test["kl"], "ece": None,
+            "calibration_temperature": None, "latency_b1_ms": latency["batch_1_ms"], "latency_b256_ms": None,
+            "test_perplexity": test["perplexity"], "val_perplexity": val["perplexity"],
+            "tokens_per_s": tokens_per_s(ids.shape[1], latency[f"batch_{WINDOW_BATCHES[-1]}_ms"])}
+
+
+def teacher_lm(cache: TeacherCache) -> dict:
+    """A token cache's teacher as LM rows compare with it: its test perplexity (exp of its mean
+    NLL per target token, from the build) and tokens per second (timed at build); {} otherwise."""
+    if not fmt.is_token_cache(cache.manifest):
+        return {}
+    nll = cache.manifest["splits"]["test"].get("teacher_nll")
+    latency = cache.manifest["teacher"].get("latency") or {}
+    return {"teacher_test_perplexity": None if nll is None else round(math.exp(nll), 6),
+            "teacher_tokens_per_s": tokens_per_s(int(cache.lm["seq_len"]),
+                                                 latency.get(f"batch_{WINDOW_BATCHES[-1]}_ms"))}
 
 
 def teacher_cost(cache: TeacherCache) -> dict:

@@ -18,7 +18,7 @@ from pathlib import Path
 from pipeline.cache.build import build_cache, repair_settings
 from pipeline.cache.execute import check_scheduler
 from pipeline.augment import parse
-from pipeline.cache.plan import prepare, teacher_cost
+from pipeline.cache.plan import check_token_teacher, prepare, teacher_cost
 from pipeline.cache.summary import describe, summarise
 from pipeline.config import CacheConfig
 from pipeline.data import open_dataset, split_spec
@@ -42,6 +42,7 @@ def main(args: list[str]) -> dict:
     dataset = open_dataset(cfg)
     arch = teacher_arch(cfg, dataset)
     parse(cfg.augment, dataset.input_shape)  # fail fast on a views policy that does not fit the inputs
+    check_token_teacher(arch, dataset, cfg.gguf_file)  # a token dataset: a causal LM, before it loads
     model = create_teacher(arch, dataset.input_shape, dataset.num_classes, cfg.teacher_ckpt,  # ... a
                            max_length=cfg.max_length,  # teacher that cannot fit them (a text
                            gguf_file=cfg.gguf_file)  # teacher: loads the model)

@@ -27,9 +27,15 @@ def main(args: list[str]) -> dict:
     row = train_student(cfg)
     trained = ", ".join(p for p in (row["loss"], row.get("target") and f"target={row['target']}",
                                     row.get("temperature") and f"temperature {row['temperature']:g}") if p)
-    print(f"student {row['model']} ({trained or 'no loss'}, seed {row['seed']}): "
-          f"test {row['test_accuracy']:.4f}, val {row['val_accuracy']:.4f}, "
-          f"agreement {row['teacher_agreement']:.4f} (teacher test {row['teacher_test_accuracy']:.4f}); "
+    if row.get("test_perplexity") is not None:  # a language model, from a token cache
+        kl = "" if row["kl_teacher_student"] is None else f", KL(t‖s) {row['kl_teacher_student']:.4f}"
+        scored = (f"test perplexity {row['test_perplexity']:.2f}, val {row['val_perplexity']:.2f} "
+                  f"(teacher test {row['teacher_test_perplexity']:.2f}); next-token accuracy "
+                  f"{row['test_accuracy']:.4f}, agreement with the teacher {row['teacher_agreement']:.4f}{kl}")
+    else:
+        scored = (f"test {row['test_accuracy']:.4f}, val {row['val_accuracy']:.4f}, agreement "
+                  f"{row['teacher_agreement']:.4f} (teacher test {row['teacher_test_accuracy']:.4f})")
+    print(f"student {row['model']} ({trained or 'no loss'}, seed {row['seed']}): {scored}; "
           f"{row['params']:,} params, fit {row['fit_seconds']:.1f}s\n"
           f"run  {row['run_dir']}\nrow  {row['results']}")
     if row["tracking_run_id"]:

@@ -358,6 +358,7 @@ TEMPLATES: dict[str, Callable[[Path], None]] = {
     "one-class": _one_class_teacher,
     "sample": lambda root: build(root, root.parent, logits="sample:4"),  # drawn at T=4
     "topk": lambda root: build(root, root.parent, logits="topk:2"),
+    "topk+sample": lambda root: build(root, root.parent, logits="topk:1+sample:4"),  # drawn at T=4
 }
 
 
@@ -683,7 +684,13 @@ CASES: list[Case] = [
          r"process per core the teacher leaves free\)"),
     Case("logits-topk-zero", CONFIG, "logits=topk:0",
          lambda tmp: cache_cmd(tmp, logits="topk:0"),
-         r"logits='topk:0' is not a logits mode; use dense, topk:K or sample:K with K >= 1"),
+         r"logits='topk:0' is not a logits mode; use dense, topk:K, sample:K or topk:K\+sample:M with "
+         r"K, M >= 1"),
+    Case("logits-topk-sample-zero", CONFIG, "logits=topk:K+sample:0",
+         lambda tmp: cache_cmd(tmp, logits="topk:2+sample:0"), r"logits='topk:2\+sample:0' is not a logits mode"),
+    Case("logits-topk-sample-all-classes", CONFIG, "logits=topk:K+sample:M with K >= the classes",
+         lambda tmp: cache_cmd(tmp, logits="topk:3+sample:8"),
+         r"logits=topk:3\+sample:8 keeps every one of the 3 classes; use logits=dense, or topk:K with K < 3"),
     Case("logits-sample-not-a-number", CONFIG, "logits=sample:x",
          lambda tmp: cache_cmd(tmp, logits="sample:x"), r"logits='sample:x' is not a logits mode"),
     Case("logits-unknown-mode", CONFIG, "logits=fp8",
@@ -700,6 +707,18 @@ CASES: list[Case] = [
          student_cmd("model=mlp", "loss=kd", "temperature=2", cache="sample"),
          r"a sample cache holds classes drawn at its temperature 4, so it serves only that one; "
          r"train with temperature=4 \(not 2\), or build a topk or dense cache"),
+    Case("topk-sample-other-temperature", STAGE2, "another temperature than a topk+sample cache's draws",
+         student_cmd("model=mlp", "loss=kd", "temperature=2", cache="topk+sample"),
+         r"a topk\+sample cache holds classes drawn at its temperature 4, so it serves only that one; "
+         r"train with temperature=4 \(not 2\)"),
+    Case("token-loss-on-classes", STAGE2, "a language-model loss for a classification student",
+         student_cmd("model=mlp", "loss=jsd"),
+         r"loss=jsd trains a language model from a token cache; model mlp is not one: use model=lm"),
+    Case("lm-loss-without-token-form", STAGE2, "model=lm with a loss that has no per-position form",
+         student_cmd("model=lm", "loss=dkd"),
+         r"loss=dkd has no form on a token cache .*; use one of ce, jsd, kd, kd_renorm or reverse_kl"),
+    Case("lm-on-an-array-cache", STAGE2, "model=lm on a cache of arrays",
+         student_cmd("model=lm"), r"model lm reads tokens inputs, and cache .* holds array"),
     Case("sparse-standardize", STAGE2, "standardize_logits=true on a sparse cache",
          student_cmd("model=mlp", "standardize_logits=true", cache="topk"),
          r"standardize_logits=true needs every logit, and cache .* keeps logits=topk:2; use a dense cache"),
@@ -1027,7 +1046,7 @@ CASES: list[Case] = [
     Case("loss-does-not-apply", STAGE2, "loss= for a student trained without a loss",
          student_cmd("model=linear_svc", "loss=kd"),
          r"loss=kd does not apply: model linear_svc trains without a loss; drop loss= or pick a "
-         r"student that takes one \(cnn1d, cnn_small, fasttext, mlp, resnet_small, textcnn\)"),
+         r"student that takes one \(cnn1d, cnn_small, fasttext, lm, mlp, resnet_small, textcnn\)"),
     Case("temperature-does-not-apply", STAGE2, "temperature= for a loss without one",
          student_cmd("model=mlp", "loss=ce", "temperature=2"),
          r"temperature=2 does not apply: model mlp with loss ce takes no temperature \(it does: .*loss kd.*\); drop temperature="),
@@ -1417,6 +1436,136 @@ CASES += [
          _tokens_cmd(_stories, "tokenizer={tmp}"),
          r"tokenizer=.*" + MOOT + r"teacher=auto on a token dataset trains its own tokenizer with "
          r"the teacher; drop tokenizer="),
+]
+
+# =========================================================================== causal-LM teachers
+# (teacher=hf:DIR on dataset=tokens:PATH, pipeline/hf_lm.py) and LM students: tiny random models
+# (tests/lm_models.py), each written once per process and copied into the case's tmp
+
+_LM: dict[str, Path] = {}
+
+
+def _lm_base() -> Path:
+    """A process-wide folder with a small corpus and its BPE tokenizer (deleted at exit)."""
+    if "base" not in _LM:
+        from lm_models import corpus_documents, train_tokenizer, write_corpus
+
+        base = Path(tempfile.mkdtemp(prefix="kdcache-lm-"))
+        atexit.register(shutil.rmtree, base, True)
+        corpus = write_corpus(base / "stories.txt", count=60)
+        train_tokenizer(corpus_documents(corpus)).save_pretrained(base / "tokenizer")
+        train_tokenizer([d[::-1] for d in corpus_documents(corpus)]).save_pretrained(base / "other-tokenizer")
+        _LM["base"] = base
+    return _LM["base"]
+
+
+def _lm_model(kind: str) -> Path:
+    """A model folder of ``kind``, made once: ``llama`` (a tiny LlamaForCausalLM with the base
+    tokenizer), ``short`` (the same, reading 16 positions), ``narrow`` (10 outputs fewer than its
+    tokenizer's ids), ``wide`` (a tokenizer of 4,400 ids, past the dense limit), ``bert`` (an
+    encoder, not a causal LM)."""
+    if kind not in _LM:
+        import transformers
+        from transformers import AutoTokenizer
+
+        base = _lm_base()
+        tok = AutoTokenizer.from_pretrained(base / "tokenizer")
+        if kind == "wide":
+            tok.add_tokens([f"<extra{i}>" for i in range(4400 - len(tok))])
+        outputs = len(tok) - 10 if kind == "narrow" else len(tok)
+        torch.manual_seed(0)
+        if kind == "bert":
+            model = transformers.BertModel(transformers.BertConfig(
+                vocab_size=outputs, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                intermediate_size=32))
+        else:
+            model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+                vocab_size=outputs, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=2, intermediate_size=32,
+                max_position_embeddings=16 if kind == "short" else 256,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+        model.save_pretrained(base / kind)
+        tok.save_pretrained(base / kind)
+        _LM[kind] = base / kind
+    return _LM[kind]
+
+
+def _lm_cmd(kind: str, *args: str, tokenizer: str = "") -> Callable[[Path], list[str]]:
+    """`kdcache cache` of the base corpus (tokens:) by the ``kind`` model copied to {tmp}/model,
+    seq_len 24, with ``args`` ({tmp} filled in); ``tokenizer``: a base tokenizer's folder name
+    (copied to {tmp}/tok), else the teacher's own."""
+    def setup(tmp: Path) -> list[str]:
+        base = _lm_base()
+        shutil.copy(base / "stories.txt", tmp / "stories.txt")
+        shutil.copytree(_lm_model(kind), tmp / "model")
+        if tokenizer:
+            shutil.copytree(base / tokenizer, tmp / "tok")
+        return ["cache", f"dataset=tokens:{tmp / 'stories.txt'}", f"teacher=hf:{tmp / 'model'}",
+                f"cache={tmp / 'cache'}", "device=cpu", *([f"tokenizer={tmp / 'tok'}"] if tokenizer else []),
+                *(a.format(tmp=tmp) for a in (args or ("seq_len=24",)))]
+    return setup
+
+
+def _gguf_without_tokenizer(tmp: Path) -> list[str]:
+    """A GGUF teacher (a stand-in file: refused before it is read) and no tokenizer=."""
+    shutil.copy(_lm_base() / "stories.txt", tmp / "stories.txt")
+    (tmp / "model").mkdir()
+    (tmp / "model" / "tiny.gguf").write_bytes(b"GGUF")
+    return ["cache", f"dataset=tokens:{tmp / 'stories.txt'}", f"teacher=hf:{tmp / 'model'}",
+            "gguf_file=tiny.gguf", f"cache={tmp / 'cache'}", "seq_len=24"]
+
+
+def _lm_student_tokenizer_changed(tmp: Path) -> list[str]:
+    """A token cache built, then its tokenizer folder overwritten by another tokenizer."""
+    from stages import cache as cache_stage
+
+    argv = _lm_cmd("llama", "seq_len=24", "logits=topk:4", tokenizer="tokenizer")(tmp)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        cache_stage.main(argv[1:])
+    shutil.rmtree(tmp / "tok")
+    shutil.copytree(_lm_base() / "other-tokenizer", tmp / "tok")
+    return ["student", f"cache={tmp / 'cache'}", "model=lm", f"runs_dir={tmp / 'runs'}", "epochs=1"]
+
+
+CASES += [
+    Case("lm-dense-over-limit", CONFIG, "logits=dense on a causal LM of more than 4,096 outputs",
+         _lm_cmd("wide", "seq_len=24", "logits=dense"),
+         r"logits=dense would store all 4,400 outputs at every position \(8,800 bytes per token\); above "
+         r"4,096 outputs use logits=topk:K or sample:K"),
+    Case("lm-layers", CONFIG, "layers= on a causal-LM teacher", _lm_cmd("llama", "seq_len=24", "layers=model.norm"),
+         r"a causal-LM teacher \(hf:.*/model\) caches per-token logits, no feature layers \(model.norm\); "
+         r"drop layers= \(or pass layers=none\)$"),
+    Case("lm-not-causal", CONFIG, "an encoder (not a causal LM) as the teacher of a token dataset",
+         _lm_cmd("bert", "seq_len=24"),
+         r"teacher hf:.*/model is not a causal language model \(it has no next-token head\); a token dataset "
+         r"is cached by one: pass teacher=hf:DIR of a causal LM$"),
+    Case("lm-tokenizer-mismatch", CONFIG, "a token dataset tokenized with another tokenizer than the teacher's",
+         _lm_cmd("llama", "seq_len=24", tokenizer="other-tokenizer"),
+         r"tokenizer \(\d+ ids\) is not the one tokens:.*/stories.txt was tokenized with \(\d+ ids, another "
+         r"vocabulary or merges\); tokenize the data with the teacher's tokenizer \(tokenizer=.*/model\)$"),
+    Case("lm-gguf-tokenizer", CONFIG, "a GGUF teacher on tokens: with no tokenizer=",
+         _gguf_without_tokenizer,
+         r"a GGUF teacher's tokenizer is inside tiny.gguf; save it once as a folder and pass tokenizer=DIR: "),
+    Case("lm-random-ckpt", CKPT, "teacher_ckpt=random for a causal LM",
+         _lm_cmd("llama", "seq_len=24", "teacher_ckpt=random"),
+         r"is a causal LM: it runs its directory's weights, not random ones; drop teacher_ckpt= "
+         r"\(or pass teacher_ckpt=pretrained\)$"),
+    Case("lm-file-ckpt", CKPT, "teacher_ckpt=FILE for a causal LM",
+         _lm_cmd("llama", "seq_len=24", "teacher_ckpt={tmp}/stories.txt"),
+         r"is a causal LM: it runs its directory's weights \(teacher_ckpt=pretrained\), not .*stories.txt; "
+         r"drop teacher_ckpt=$"),
+    Case("lm-outputs-below-tokenizer", PLUGINS, "a causal LM with fewer outputs than its tokenizer's ids",
+         _lm_cmd("narrow", "seq_len=24"),
+         r"teacher hf:.*/model has \d+ outputs but its tokenizer \d+ ids: it cannot predict every token; "
+         r"pass a model whose output layer covers its tokenizer$"),
+    Case("lm-seq-len-past-positions", CONFIG, "seq_len longer than the causal LM reads",
+         _lm_cmd("short", "seq_len=24"),
+         r"seq_len=24 is longer than teacher hf:.*/model reads \(16 positions\); pass seq_len=N with N <= 16$"),
+    Case("lm-student-tokenizer-changed", STAGE2, "model=lm after the cache's tokenizer folder changed",
+         _lm_student_tokenizer_changed,
+         r"the tokenizer in .*/tok \(\d+ ids, fingerprint [0-9a-f]+\) is not the one cache .*/cache was built "
+         r"with \(\d+ ids, [0-9a-f]+\); a student must share the teacher's tokenizer: restore that tokenizer, "
+         r"or build a new cache with this one$"),
 ]
 
 BY_ID = {case.id: case for case in CASES}

@@ -1,4 +1,4 @@
-"""Sparse logits (``logits=topk:K`` / ``sample:K``): encoding against independent
+"""Sparse logits (``logits=topk:K`` / ``sample:K`` / ``topk:K+sample:M``): encoding against independent
 implementations, the targets students read (exact where the docs say exact), the KD loss on
 them (kernel equal to the torch graph, the sampled estimator unbiased), caches round-tripping
 the teacher's outputs, and every student training from them."""
@@ -18,9 +18,9 @@ from pipeline import losses_cpu
 from pipeline.cache import format as fmt
 from pipeline.cache import open_cache
 from pipeline.errors import KdError
-from pipeline.losses import LOSSES, kd, sparse_kl
-from pipeline.sparse import (SAMPLE, TOPK, SparseLogits, check_mode, classes_dtype, draw,
-                             encode_topk, parse_mode, sample_uniforms)
+from pipeline.losses import LOSSES, classification_losses, kd, sparse_kl
+from pipeline.sparse import (SAMPLE, TOPK, TOPK_SAMPLE, SparseLogits, check_mode, classes_dtype, draw,
+                             draw_tail, encode_topk, encode_topk_sample, parse_mode, sample_uniforms)
 from pipeline.students import STUDENTS, StudentData, create_student, student_config, student_params
 from pipeline.students.features import expand_soft_targets
 from stages.cli import main as cli
@@ -39,16 +39,19 @@ def topk_of(z: np.ndarray, k: int, T_c: float = 4.0) -> SparseLogits:
 
 # =========================================================================== modes
 
-@pytest.mark.parametrize("text, kind, k", [("dense", "dense", 0), ("topk:1", TOPK, 1),
-                                           ("topk:16", TOPK, 16), ("sample:64", SAMPLE, 64)])
-def test_modes_parse(text, kind, k):
+@pytest.mark.parametrize("text, kind, k, m", [("dense", "dense", 0, 0), ("topk:1", TOPK, 1, 0),
+                                              ("topk:16", TOPK, 16, 0), ("sample:64", SAMPLE, 64, 0),
+                                              ("topk:16+sample:8", TOPK_SAMPLE, 16, 8)])
+def test_modes_parse(text, kind, k, m):
     mode = parse_mode(text)
-    assert (mode.kind, mode.k, mode.spec) == (kind, k, text)
+    assert (mode.kind, mode.k, mode.m, mode.spec) == (kind, k, m, text)
+    assert mode.draws == {SAMPLE: k, TOPK_SAMPLE: m}.get(kind, 0)
 
 
-@pytest.mark.parametrize("text", ["topk:0", "sample:x", "topk", "top:5", "sample:-1", "Dense", "topk:5 "])
+@pytest.mark.parametrize("text", ["topk:0", "sample:x", "topk", "top:5", "sample:-1", "Dense", "topk:5 ",
+                                  "topk:0+sample:4", "topk:4+sample:0", "sample:4+topk:4", "topk:4+topk:4"])
 def test_bad_modes_are_refused_in_one_line(text):
-    with pytest.raises(KdError, match="is not a logits mode; use dense, topk:K or sample:K"):
+    with pytest.raises(KdError, match="is not a logits mode; use dense, topk:K, sample:K or topk:K"):
         parse_mode(text)
 
 
@@ -57,6 +60,9 @@ def test_topk_must_leave_a_tail():
     check_mode(parse_mode("sample:64"), 10)  # draws with replacement: any K
     with pytest.raises(KdError, match="keeps every one of the 10 classes"):
         check_mode(parse_mode("topk:10"), 10)
+    check_mode(parse_mode("topk:9+sample:64"), 10)
+    with pytest.raises(KdError, match="topk:10\\+sample:2 keeps every one of the 10 classes"):
+        check_mode(parse_mode("topk:10+sample:2"), 10)
 
 
 @pytest.mark.parametrize("c, dtype", [(2, "uint8"), (256, "uint8"), (257, "uint16"),
@@ -149,19 +155,116 @@ def test_sample_targets_are_the_empirical_distribution():
         sparse.targets(2.0)
 
 
+# =========================================================================== topk:K+sample:M
+
+def head_and_tail(z: np.ndarray, k: int, uniforms: np.ndarray, T_c: float = 4.0) -> SparseLogits:
+    ids, values, tail, draws = encode_topk_sample(z, k, z.shape[1], T_c, uniforms)
+    return SparseLogits(TOPK_SAMPLE, ids.astype(np.int64), values, tail, z.shape[1], T_c,
+                        draws.astype(np.int64))
+
+
+@given(st.integers(0, 2**31 - 1), st.integers(1, C - 1), st.integers(1, 24), st.sampled_from([1.0, 4.0]))
+def test_head_and_tail_encoding_round_trips(seed, k, m, T_c):
+    """The head is topk:K's to the bit; the draws are an independent inverse-CDF sampler's over
+    the tail classes alone (never a head class), sorted; stored ids read back the same, and
+    the targets are topk's K probabilities and the draws sharing the tail's mass."""
+    z = logits(seed)
+    u = np.random.default_rng(seed).random((len(z), m))
+    ids, values, tail, draws = encode_topk_sample(z, k, C, T_c, u)
+    for got, want in zip((ids, values, tail), encode_topk(z, k, C, T_c)):
+        np.testing.assert_array_equal(got, want)
+    assert draws.dtype == np.dtype(classes_dtype(C)) and draws.shape == (len(z), m)
+    for r in range(len(z)):
+        rest = np.setdiff1d(np.arange(C), ids[r])
+        cdf = np.cumsum(softmax(z[r, rest].astype(np.float64) / T_c))
+        want = np.sort(rest[np.minimum(np.searchsorted(cdf / cdf[-1], u[r], side="right"), len(rest) - 1)])
+        np.testing.assert_array_equal(draws[r], want)
+    stored = SparseLogits(TOPK_SAMPLE, ids.astype(np.int64), values, tail, C, T_c, draws.astype(np.int64))
+    t, head = stored.targets(T_c), topk_of(z, k, T_c).targets(T_c)
+    assert t["t_ids"].shape == (len(z), k + m) and not t["t_tail"].any()
+    np.testing.assert_array_equal(t["t_ids"][:, :k], ids)
+    np.testing.assert_allclose(t["t_w"][:, :k], head["t_w"], rtol=1e-6)
+    np.testing.assert_allclose(t["t_w"][:, k:].sum(1), head["t_tail"], rtol=1e-5, atol=1e-7)
+    assert stored.top1().tolist() == ids[:, 0].tolist()
+    with pytest.raises(KdError, match="serves only that one"):
+        stored.targets(T_c * 2)
+
+
+def test_head_and_tail_stand_in_is_exact_on_the_head():
+    z, T_c = logits(51), 4.0
+    sparse = head_and_tail(z, 3, np.random.default_rng(0).random((len(z), 6)), T_c)
+    p = softmax(sparse.dense(T_c) / T_c, axis=1)
+    exact = softmax(z.astype(np.float64) / T_c, axis=1)
+    np.testing.assert_allclose(np.take_along_axis(p, sparse.classes, 1),
+                               np.take_along_axis(exact, sparse.classes, 1), rtol=1e-3)
+    assert (sparse.dense().argmax(1) == sparse.classes[:, 0]).all()
+
+
+def test_head_and_tail_estimator_is_unbiased_by_exact_enumeration():
+    """Every multiset of M draws from the tail, weighted by its probability (C = 6, K = 2,
+    M = 3: 4³ ordered draws per row): the expected gradient of kd on topk:K+sample:M targets
+    is the dense KD gradient, and the expected loss is the dense KD loss plus
+    S · (H(p_R / S) − E H(p̂)), a constant of the teacher (the same for any student)."""
+    import itertools
+
+    c, k, m, T = 6, 2, 3, 2.0
+    z_t = logits(61, n=2, c=c)
+    gaps = []
+    for seed in (62, 63):  # two students: the gap must not depend on the student
+        z_s = logits(seed, n=2, c=c).astype(np.float64)
+        for r in range(len(z_t)):
+            ids, values, tail = encode_topk(z_t[r:r + 1], k, c, T)
+            rest = np.setdiff1d(np.arange(c), ids[0])
+            p = softmax(z_t[r].astype(np.float64) / T)
+            mass = p[rest].sum()
+            expected_value, expected_grad, expected_entropy = 0.0, np.zeros(c), 0.0
+            for drawn in itertools.product(range(len(rest)), repeat=m):
+                prob = np.prod(p[rest][list(drawn)] / mass)
+                draws = np.sort(rest[list(drawn)])[None]
+                t = SparseLogits(TOPK_SAMPLE, ids.astype(np.int64), values, tail, c, T, draws).targets(T)
+                student = torch.tensor(z_s[r:r + 1], requires_grad=True)
+                value = sparse_kl(student, T, *(torch.from_numpy(t[n]) for n in ("t_ids", "t_w", "t_tail")))
+                value.backward()
+                expected_value += prob * float(value.detach())
+                expected_grad += prob * student.grad.numpy()[0]
+                counts = np.bincount(drawn, minlength=len(rest)) / m
+                expected_entropy -= prob * float(np.sum(counts[counts > 0] * np.log(counts[counts > 0])))
+            student = torch.tensor(z_s[r:r + 1], requires_grad=True)
+            dense = torch.nn.functional.kl_div(torch.log_softmax(student / T, 1), torch.from_numpy(p[None]),
+                                               reduction="batchmean")
+            dense.backward()
+            np.testing.assert_allclose(expected_grad, student.grad.numpy()[0], rtol=1e-5, atol=1e-7)
+            entropy_tail = -np.sum(p[rest] / mass * np.log(p[rest] / mass))
+            gap = expected_value - float(dense)
+            assert gap == pytest.approx(mass * (entropy_tail - expected_entropy), rel=1e-4, abs=1e-7)
+            gaps.append(gap)
+    assert gaps[:2] == pytest.approx(gaps[2:], rel=1e-4, abs=1e-7)
+
+
+def test_tail_draws_never_take_a_head_class():
+    z = np.zeros((3, 4), np.float32)
+    u = np.full((3, 5), 1 - 2.0**-53)  # the largest uniform: the last class of the cdf
+    drawn = draw_tail(z, np.array([[3], [0], [1]]), 1.0, u, 4)
+    assert drawn.tolist() == [[2] * 5, [3] * 5, [3] * 5]
+    assert draw_tail(z, np.array([[0], [1], [2]]), 1.0, np.zeros((3, 2)), 4).tolist() == [[1, 1], [0, 0], [0, 0]]
+
+
 # =========================================================================== the loss
 
 def sparse_targets(kind: str, seed: int, k: int) -> dict[str, torch.Tensor]:
     z = logits(seed)
     if kind == TOPK:
         sparse = topk_of(z, k)
+    elif kind == TOPK_SAMPLE:  # k + 5 draws from the tail
+        sparse = head_and_tail(z, k, np.random.default_rng(seed).random((len(z), 5)))
     else:
         u = np.random.default_rng(seed).random((len(z), k))
         sparse = SparseLogits(SAMPLE, draw(z, 4.0, u, C).astype(np.int64), None, None, C, 4.0)
     return {name: torch.from_numpy(v) for name, v in sparse.targets(4.0).items()}
 
 
-@pytest.mark.parametrize("kind, k", [(TOPK, 1), (TOPK, 5), (TOPK, C - 1), (SAMPLE, 3), (SAMPLE, 40)])
+@pytest.mark.parametrize("kind, k", [(TOPK, 1), (TOPK, 5), (TOPK, C - 1), (SAMPLE, 3), (SAMPLE, 40),
+                                     (TOPK_SAMPLE, 1), (TOPK_SAMPLE, 4), (TOPK_SAMPLE, C - 1)])
 def test_sparse_kernel_matches_the_torch_graph(kind, k, monkeypatch):
     targets = sparse_targets(kind, 11, k)
     y = torch.from_numpy(np.random.default_rng(1).integers(0, C, 16))
@@ -218,7 +321,10 @@ def test_only_kd_declares_a_sparse_form():
 
 # =========================================================================== caches
 
-MODES = ("topk:1", "topk:2", "sample:4")
+MODES = ("topk:1", "topk:2", "sample:4", "topk:1+sample:2")
+# every student trains from these; topk+sample reads as topk (stand-in) or as its targets (kd,
+# logreg_soft), which test_head_and_tail_caches_train_students covers
+STUDENT_MODES = MODES[:3]
 
 
 @pytest.fixture(scope="module")
@@ -237,14 +343,23 @@ def caches(tmp_path_factory, builder) -> dict[str, object]:
 def test_caches_store_what_the_mode_keeps(caches, mode):
     dense, cache = caches["dense"], caches[mode]
     m = cache.manifest
-    kind, k = mode.split(":")
+    parsed = parse_mode(mode)
+    kind, k = parsed.kind, parsed.k
     assert m["format_version"] == 3 and m["logits"]["mode"] == kind and m["logits"]["k"] == int(k)
     assert not (cache.root / fmt.ARRAYS / "train" / "logits").exists()
     for split in cache.splits:
         z = dense.raw_logits(split)
         sparse = cache.sparse_logits(split)
-        assert cache._array(fmt.sparse_key(split, kind, "classes")).dtype == np.uint8
-        if kind == TOPK:
+        assert cache._array(fmt.sparse_key(split, kind.partition("+")[0], "classes")).dtype == np.uint8
+        if kind == TOPK_SAMPLE:  # both kinds' arrays; the draws keyed as sample:M's
+            assert m["logits"]["m"] == parsed.m and m["logits"]["tail_temperatures"] == [1.0, 4.0]
+            assert cache._array(fmt.sparse_key(split, SAMPLE, "classes")).shape[1:] == (1, parsed.m)
+            u = sample_uniforms(m["logits"]["seed"], split, cache.sample_ids(split), 0, parsed.m)
+            ids, values, tail, draws = encode_topk_sample(z, k, cache.num_classes, cache.temperature, u)
+            for got, want in zip((sparse.classes, sparse.values, sparse.tail, sparse.draws),
+                                 (ids, values, tail, draws)):
+                np.testing.assert_array_equal(got, want)
+        elif kind == TOPK:
             ids, values, tail = encode_topk(z, int(k), cache.num_classes, cache.temperature)
             np.testing.assert_array_equal(sparse.classes, ids)
             np.testing.assert_array_equal(sparse.values, values)
@@ -312,10 +427,11 @@ def test_verify_passes_and_catches_a_changed_teacher_output(caches, mode, tmp_pa
 
     from pipeline.cache.format import read_manifest, write_manifest
 
-    key = fmt.sparse_key("val", mode.split(":")[0], "classes")
+    drawn = parse_mode(mode).draws  # topk+sample: its draws are what is changed
+    key = fmt.sparse_key("val", SAMPLE if drawn else TOPK, "classes")
     arr = zarr.open_array(bad / fmt.ARRAYS / key, mode="r+")
     block = arr[:]
-    block[:, 0] = (block[:, 0] + 1) % 3 if mode != "sample:4" else np.sort((block[:, 0] + 1) % 3, axis=-1)
+    block[:, 0] = (block[:, 0] + 1) % 3 if not drawn else np.sort((block[:, 0] + 1) % 3, axis=-1)
     arr[:] = block
     manifest = read_manifest(bad)
     import hashlib
@@ -334,6 +450,9 @@ def test_info_names_the_mode(caches, capsys):
     assert "logits topk:2 of 3 classes (uint8 ids, float32 logits, float32 tail" in out
     assert cli(["info", f"cache={caches['sample:4'].root}"]) == 0
     assert "sample:4 of 3 classes drawn at T=4 (uint8 ids, seed 0; serves T=4 only)" in capsys.readouterr().out
+    assert cli(["info", f"cache={caches['topk:1+sample:2'].root}"]) == 0
+    assert ("topk:1+sample:2 of 3 classes (the top 1 exactly, 2 draws from the rest at T=4; uint8 ids, "
+            "float32 logits, float32 tail, seed 0; serves T=4 only)") in capsys.readouterr().out
 
 
 # =========================================================================== students
@@ -343,21 +462,21 @@ def signal_caches(tmp_path_factory, builder) -> dict[str, object]:
     """The sparse caches again on signals (2, 16), for students that take no images (cnn1d)."""
     work = tmp_path_factory.mktemp("sparse_signals")
     out = {}
-    for mode in MODES:
+    for mode in STUDENT_MODES:
         builder(work / mode.replace(":", "-"), work, dataset="synthetic:300:2x16:3", teacher="mlp",
                 logits=mode)
         out[mode] = open_cache(work / mode.replace(":", "-"))
     return out
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", STUDENT_MODES)
 @pytest.mark.parametrize("name", STUDENTS.names())
 def test_every_student_trains_from_sparse_logits(caches, signal_caches, mode, name, tmp_path):
     """Every registered student, through the stage's run (a results row), from each mode."""
     from pipeline.runs import train_student
 
-    if STUDENTS.declared(name).modality == "text":  # (declared: these caches hold arrays)
-        pytest.skip(f"{name} reads text; these caches are of arrays")
+    if STUDENTS.declared(name).modality not in (None, "array"):  # (declared: these caches hold arrays)
+        pytest.skip(f"{name} reads {STUDENTS.declared(name).modality}; these caches are of arrays")
     quick = {"epochs": 1} if "epochs" in student_params(name) else {}
     for cache in (caches[mode], signal_caches[mode]):
         # one epoch: what is checked is that a run from sparse targets lands its row
@@ -379,13 +498,37 @@ def test_every_student_trains_from_sparse_logits(caches, signal_caches, mode, na
         pytest.fail(f"{name} trained from neither cache")
 
 
+def test_head_and_tail_caches_train_students(caches, tmp_path):
+    """From a topk:K+sample:M cache: kd through the stage's run (its targets: the head and the
+    draws), a stand-in loss, and logreg_soft over the listed classes."""
+    from pipeline.runs import train_student
+
+    cache = caches["topk:1+sample:2"]
+    data = StudentData(cache)
+    batches = data.input_batches(32, 0, temperature=4.0, sparse=True)
+    _, _, targets = next(iter(batches(0)))
+    assert set(targets) == {"t_ids", "t_w", "t_tail"} and targets["t_ids"].shape[1] == 3
+    assert not targets["t_tail"].any()
+    for loss in ("kd", "dkd"):
+        cfg = student_config({"cache": cache.root, "model": "mlp", "loss": loss, "epochs": 1,
+                              "runs_dir": tmp_path / "runs"})
+        row = train_student(cfg, progress=False)
+        assert 0 <= row["test_accuracy"] <= 1 and row["kl_teacher_student"] is None
+    student = create_student("logreg_soft", temperature=4.0)
+    if not _unlisted(cache):
+        student.fit_cache(data)
+        assert student.predict(data.features("test")).shape == (30,)
+    with pytest.raises(KdError, match="serves only that one; train with temperature=4"):
+        data.check_targets(2.0)
+
+
 def _unlisted(cache) -> set[int]:
     """Classes no train row lists with probability >= 1e-4 (logreg_soft's min_prob) at T=4."""
     t = StudentData(cache).sparse_targets("train", 4.0)
     return set(range(cache.num_classes)) - set(t["t_ids"][t["t_w"] >= 1e-4].tolist())
 
 
-@pytest.mark.parametrize("loss", [n for n in LOSSES.names() if LOSSES.declared(n).logits
+@pytest.mark.parametrize("loss", [n for n in classification_losses() if LOSSES.declared(n).logits
                                   and not LOSSES.declared(n).features])
 def test_every_logit_loss_trains_from_sparse_logits(caches, loss):
     data = StudentData(caches["topk:2"])

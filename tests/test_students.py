@@ -18,7 +18,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from pipeline.architectures import ARCHITECTURES, student_width
 from pipeline.errors import KdError
-from pipeline.losses import LOSSES
+from pipeline.losses import LOSSES, classification_losses
 from pipeline.numerics import softmax
 from pipeline.students import STUDENTS, StreamingSGDStudent, StudentData, create_student, student_params
 
@@ -261,7 +261,7 @@ def test_torch_students_keep_best_validation_epoch(fitted):
     assert acc == pytest.approx(est.history_[est.best_epoch_]["val_accuracy"])
 
 
-@pytest.mark.parametrize("loss", sorted(n for n in LOSSES if not LOSSES.declared(n).maps))
+@pytest.mark.parametrize("loss", sorted(n for n in classification_losses() if not LOSSES.declared(n).maps))
 def test_torch_student_with_each_loss(loss):
     d = make_data("mlp", n=48)
     feats = np.random.default_rng(5).normal(size=(48, 7)).astype(np.float32)

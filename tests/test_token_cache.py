@@ -182,3 +182,25 @@ def test_a_teacher_with_another_tokenizer_is_refused(token_corpus, tiny_llama, t
     train_tokenizer([d[::-1] for d in corpus_documents(token_corpus)]).save_pretrained(other)
     with pytest.raises(KdError, match="is not the one .* was tokenized with"):
         build(tmp_path, token_corpus, tiny_llama, "logits=topk:8", tokenizer=other)
+
+
+def test_topk_sample_keeps_the_head_exactly_and_draws_from_the_tail(token_corpus, tiny_llama, tmp_path):
+    """logits=topk:K+sample:M on a token cache: per position, the top-K arrays exactly as topk:K
+    stores them and M draws of tokens outside that top K; verify re-draws them."""
+    cache, dataset = build(tmp_path, token_corpus, tiny_llama, "logits=topk:4+sample:6")
+    assert cache.manifest["logits"]["mode"] == "topk+sample"
+    batch = next(cache.token_batches("train", 10_000, shuffle=False))
+    real = batch.segments >= 0
+    assert batch.classes.shape[-1] == 4 and batch.draws.shape == batch.ids.shape + (6,)
+    ref = reference(tiny_llama, batch.ids)
+    order = np.argsort(-ref, axis=-1, kind="stable")[..., :4]
+    assert np.array_equal(batch.classes[real], order[real])
+    # no draw is a head token, and every draw has real probability under the teacher
+    assert not (batch.draws[..., :, None] == batch.classes[..., None, :]).any(-1)[real].any()
+    z = ref / batch.temperature  # drawn at the cache's temperature
+    p = np.exp(z - z.max(-1, keepdims=True))
+    assert (np.take_along_axis(p / p.sum(-1, keepdims=True), batch.draws, -1)[real] > 1e-9).all()
+    t = batch.sparse().targets(batch.temperature)  # K exact probabilities, then the tail's mass over the draws
+    assert t["t_ids"].shape[1] == 10 and np.allclose(t["t_w"].sum(1), 1.0, atol=1e-5)
+    checks = verify(cache, rows=3, seed=0)
+    assert checks["teacher fidelity"].startswith("ok") and "draws re-drawn" in checks["teacher fidelity"], checks

@@ -261,8 +261,7 @@ def _create_arrays(group, cfg: CacheConfig, manifest: dict) -> None:
         views = fmt.split_views(manifest, split)
         arrays = {fmt.logits_key(split): ((manifest["num_classes"],), cfg.dtype)}
         if "logits" in manifest:  # sparse: the mode's arrays in place of the dense logits
-            k = manifest["logits"]["k"]
-            arrays = {key: ((k,) if not key.endswith("/tail") else (2,), fmt.array_dtype(key, manifest))
+            arrays = {key: (fmt.sparse_width(key, manifest), fmt.array_dtype(key, manifest))
                       for key in fmt.logits_keys(split, manifest)}
         arrays.update({fmt.feature_key(split, k): (tuple(v), cfg.dtype) for k, v in manifest["layers"].items()})
         if views > 1:
@@ -284,8 +283,7 @@ def _create_token_arrays(group, cfg: CacheConfig, manifest: dict) -> None:
         if manifest["logits"]["mode"] == "dense":
             arrays[fmt.logits_key(split)] = ((manifest["num_classes"],), cfg.dtype)
         else:
-            k = manifest["logits"]["k"]
-            arrays.update({key: ((k,) if not key.endswith("/tail") else (2,), fmt.array_dtype(key, manifest))
+            arrays.update({key: (fmt.sparse_width(key, manifest), fmt.array_dtype(key, manifest))
                            for key in fmt.logits_keys(split, manifest)})
         for key, (shape, dtype) in arrays.items():
             group.create_array(key, shape=(info["rows"], seq_len) + shape, dtype=dtype,

@@ -73,7 +73,7 @@ def feature_key(split: str, layer: str) -> str:
 
 def sparse_key(split: str, kind: str, part: str) -> str:
     """The array of sparse logits ``part`` (classes | logits | tail) of a ``kind`` (topk |
-    sample) cache."""
+    sample) cache (a topk:K+sample:M cache has both kinds' arrays)."""
     return f"{split}/{kind}/{part}"
 
 
@@ -95,8 +95,29 @@ def logits_keys(split: str, manifest: dict[str, Any]) -> list[str]:
     mode = (manifest.get("logits") or {"mode": "dense"})["mode"]
     if mode == "dense":
         return [logits_key(split)]
-    parts = ("classes", "logits", "tail") if mode == "topk" else ("classes",)
-    return [sparse_key(split, mode, part) for part in parts]
+    keys = []
+    if mode in ("topk", "topk+sample"):
+        keys += [sparse_key(split, "topk", part) for part in ("classes", "logits", "tail")]
+    if mode in ("sample", "topk+sample"):
+        keys.append(sparse_key(split, "sample", "classes"))
+    return keys
+
+
+def sparse_part(key: str, manifest: dict[str, Any]) -> str:
+    """The name a reader gives sparse array ``key``: its last part (classes | logits | tail),
+    but ``draws`` for a topk:K+sample:M cache's ``sample/classes`` (its classes are the top K)."""
+    if manifest["logits"]["mode"] == "topk+sample" and key.endswith("/sample/classes"):
+        return "draws"
+    return key.rpartition("/")[2]
+
+
+def sparse_width(key: str, manifest: dict[str, Any]) -> tuple[int]:
+    """The per-row-and-view shape of sparse array ``key``: (2,) for the tail, (M,) for a
+    topk:K+sample:M cache's draws, else (K,)."""
+    entry = manifest["logits"]
+    if key.endswith("/tail"):
+        return (2,)
+    return (int(entry["m"]),) if sparse_part(key, manifest) == "draws" else (int(entry["k"]),)
 
 
 def array_dtype(key: str, manifest: dict[str, Any]) -> str:

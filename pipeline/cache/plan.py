@@ -36,9 +36,10 @@ from pipeline.data import Dataset
 from pipeline.data.dataset import BLOCK
 from pipeline.errors import KdError
 from pipeline.hf import HfTeacher
-from pipeline.hf_lm import HfCausalLM, same_vocabulary, tokenizer_record
+from pipeline.data.tokens import tokenizer_record
+from pipeline.hf_lm import HfCausalLM, is_causal_lm, same_vocabulary
 from pipeline.keyed_random import RNG
-from pipeline.latency import per_sample_ms, torch_predict
+from pipeline.latency import WINDOW_BATCHES, per_sample_ms, torch_predict
 from pipeline.onnx_teacher import OnnxTeacher
 from pipeline.sparse import check_mode, classes_dtype, parse_mode
 from pipeline.teachers import (TeacherSpec, build_teacher, default_layers, is_text_teacher,
@@ -96,8 +97,8 @@ def resolve_layout(cfg: CacheConfig, dataset: Dataset,
     elif cfg.views > 1:
         itemsize = np.dtype(cfg.dtype).itemsize
         mode = parse_mode(cfg.logits)
-        if mode.sparse:  # K ids and K values (at most 4 bytes each) in place of C logits
-            shapes = {**shapes, "logits": (2 * mode.k * 4 // itemsize + 1,)}
+        if mode.sparse:  # K (+ M) ids and K values (at most 4 bytes each) in place of C logits
+            shapes = {**shapes, "logits": (2 * (mode.k + mode.m) * 4 // itemsize + 1,)}
         row_bytes = cfg.views * itemsize * sum(int(np.prod(shape)) for shape in shapes.values())
         shard_rows = min(shard_rows, max(1, MAX_SHARD_BYTES // row_bytes))
         chunk_rows = min(chunk_rows, max(1, MAX_CHUNK_BYTES // row_bytes))
@@ -127,15 +128,15 @@ def resolve_layout(cfg: CacheConfig, dataset: Dataset,
 def token_row_bytes(cfg: CacheConfig, seq_len: int, outputs: int) -> int:
     """Bytes one window takes in a token cache: ids, mask and segments (9 bytes per position),
     and per position the logits mode's arrays (topk:K: K ids, K logits and a float32 tail
-    pair; sample:K: K ids; dense: every output in the cache dtype)."""
+    pair; sample:K: K ids; topk:K+sample:M: both; dense: every output in the cache dtype)."""
     itemsize = np.dtype(cfg.dtype).itemsize
     mode = parse_mode(cfg.logits)
     per = 9
-    if mode.kind == "topk":
+    if mode.has_topk:
         per += mode.k * (np.dtype(classes_dtype(outputs)).itemsize + itemsize) + 8
-    elif mode.kind == "sample":
-        per += mode.k * np.dtype(classes_dtype(outputs)).itemsize
-    else:
+    if mode.has_draws:
+        per += mode.draws * np.dtype(classes_dtype(outputs)).itemsize
+    if not mode.sparse:
         per += outputs * itemsize
     return seq_len * per
 
@@ -307,6 +308,20 @@ def describe_teacher(cfg: CacheConfig, dataset: Dataset, arch: str,
     return spec, shapes, teacher_params(model), tokenization(model, dataset) if text else None
 
 
+def check_token_teacher(arch: str, dataset: Dataset, gguf_file: str = "") -> None:
+    """Refuse, before any model is built, a teacher that cannot cache a token dataset: one that
+    is not ``hf:`` (it does not read token ids), or an ``hf:`` directory that holds no causal LM
+    (an encoder would otherwise be built as a text teacher, and refused for reading text)."""
+    if getattr(dataset, "modality", "array") != "tokens":
+        return
+    if not is_text_teacher(arch):
+        raise KdError(f"teacher {arch} does not read token ids; a token dataset ({dataset.spec}) "
+                      "is cached by a causal language model: teacher=hf:DIR")
+    if not gguf_file and not is_causal_lm(arch.split(":", 1)[1]):
+        raise KdError(f"teacher {arch} is not a causal language model (it has no next-token head); "
+                      f"a token dataset is cached by one: pass teacher=hf:DIR of a causal LM")
+
+
 def describe_lm(cfg: CacheConfig, dataset: Dataset, arch: str, ckpt: str,
                 device) -> tuple[TeacherSpec, dict[str, tuple[int, ...]], int, dict]:
     """:func:`describe_teacher` for a token dataset: the teacher must be a causal LM
@@ -314,9 +329,7 @@ def describe_lm(cfg: CacheConfig, dataset: Dataset, arch: str, ckpt: str,
     finite on two real windows, and ``logits=dense`` is refused above
     :data:`MAX_DENSE_OUTPUTS` outputs. Returns the spec, ``{"logits": (vocabulary,), "tokens":
     (seq_len,)}``, the parameters, and ``{"lm": ...}``, the manifest's ``lm`` entry."""
-    if not is_text_teacher(arch):
-        raise KdError(f"teacher {arch} does not read token ids; a token dataset ({dataset.spec}) "
-                      "is cached by a causal language model: teacher=hf:DIR")
+    check_token_teacher(arch, dataset, cfg.gguf_file)
     seq_len = int(dataset.input_shape[0])
     spec = TeacherSpec(arch, dataset.input_shape, dataset.num_classes, ckpt, cfg.seed,
                        device=str(device), compile=cfg.compile, pool=cfg.pool, gguf_file=cfg.gguf_file)
@@ -358,7 +371,7 @@ def describe_lm(cfg: CacheConfig, dataset: Dataset, arch: str, ckpt: str,
 
 
 def dataset_tokenizer_record(dataset: Dataset) -> dict | None:
-    """The record (:func:`pipeline.hf.tokenizer_record`) of the tokenizer a token dataset was
+    """The record (:func:`pipeline.data.tokens.tokenizer_record`) of the tokenizer a token dataset was
     tokenized with: the dataset's own ``tokenizer_record`` when it has one, else read from its
     ``tokenizer=DIR``; None when neither is known."""
     record = getattr(dataset, "tokenizer_record", None)
@@ -423,11 +436,10 @@ def teacher_cost(spec: TeacherSpec, dataset: Dataset) -> dict[str, Any]:
     rows = dataset.inputs("train", 0, min(256, len(dataset.splits["train"])))
     size = model.weights_bytes if isinstance(model, OnnxTeacher) else len(save(state))
     if isinstance(model, HfCausalLM):  # per window of seq_len tokens; 256 windows would take minutes
-        rows = dataset.inputs("train", 0, min(LM_LATENCY_BATCHES[-1], len(dataset.splits["train"])))
+        rows = dataset.inputs("train", 0, min(WINDOW_BATCHES[-1], len(dataset.splits["train"])))
         return {"weights_bytes": size, "latency": {
-            **per_sample_ms(model.predict, rows, LM_LATENCY_BATCHES), "per": "window"}}
+            **per_sample_ms(model.predict, rows, WINDOW_BATCHES), "per": "window"}}
     predict = model.predict if isinstance(model, HfTeacher) else torch_predict(model)
     return {"weights_bytes": size, "latency": per_sample_ms(predict, rows)}
 
 
-LM_LATENCY_BATCHES = (1, 8)  # windows per call when a causal-LM teacher is timed

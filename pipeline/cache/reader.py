@@ -63,7 +63,8 @@ class TokenBatch:
     ``classes`` int64 [B, T, K] (topk: the K largest logits' ids, descending; sample: K ids
     drawn from softmax(z / T_c), sorted), ``values`` float32 [B, T, K] the top-K raw logits
     and ``tail`` float32 [B, T, 2] the rest's log partition function at T = 1 and T_c (topk
-    only), or ``logits`` float32 [B, T, C] (dense only). ``kind`` is the cache's mode,
+    and topk+sample), ``draws`` int64 [B, T, M] the M draws from the tail (topk+sample only),
+    or ``logits`` float32 [B, T, C] (dense only). ``kind`` is the cache's mode,
     ``num_classes`` its vocabulary (``len(tokenizer)``) and ``temperature`` its T_c."""
 
     sample_id: np.ndarray
@@ -77,6 +78,7 @@ class TokenBatch:
     values: np.ndarray | None = None
     tail: np.ndarray | None = None
     logits: np.ndarray | None = None
+    draws: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -93,11 +95,18 @@ class TokenBatch:
         """The teacher's sparse logits of the positions that have a target, as rows of their
         own ([M, K], M = ``mask.sum()``, in row-major order of ``mask``): what
         :meth:`SparseLogits.targets` turns into a distribution over K ids and a tail."""
-        if self.kind not in ("topk", "sample"):
+        return self.targets_at(self.mask)
+
+    def targets_at(self, at: np.ndarray | slice = slice(None)) -> SparseLogits:
+        """The teacher's sparse logits at ``at`` (a mask [B, T] gives rows [M, K]; the default,
+        every position, keeps the [B, T, K] shape)."""
+        if self.kind == "dense":
             raise KdError(f"this token cache holds {self.kind} logits; read TokenBatch.logits")
-        m = self.mask
-        return SparseLogits(self.kind, self.classes[m], None if self.values is None else self.values[m],
-                            None if self.tail is None else self.tail[m], self.num_classes, self.temperature)
+
+        def pick(a):
+            return None if a is None else a[at]
+        return SparseLogits(self.kind, self.classes[at], pick(self.values), pick(self.tail), self.num_classes,
+                            self.temperature, pick(self.draws))
 
 
 class TeacherCache:
@@ -272,7 +281,7 @@ class TeacherCache:
     def sparse_logits(self, split: str, view: int | np.ndarray = 0,
                       rows: slice | None = None) -> SparseLogits:
         """A sparse-logit cache's logits of view ``view`` (or one view per row), as stored."""
-        parts = {key.rpartition("/")[2]: self._rows(key, rows, view)
+        parts = {fmt.sparse_part(key, self.manifest): self._rows(key, rows, view)
                  for key in self._logits_keys(split)}
         return self._sparse(parts)
 
@@ -284,7 +293,7 @@ class TeacherCache:
         parts = {}
         for key in self._logits_keys(split):
             stored = self.stored(key, 0, n, views=views)
-            parts[key.rpartition("/")[2]] = stored.reshape(n * views, *stored.shape[2:]).astype(
+            parts[fmt.sparse_part(key, self.manifest)] = stored.reshape(n * views, *stored.shape[2:]).astype(
                 np.float32 if stored.dtype.kind == "f" else stored.dtype)
         return self._sparse(parts)
 
@@ -295,8 +304,10 @@ class TeacherCache:
 
     def _sparse(self, parts: dict[str, np.ndarray]) -> SparseLogits:
         mode = self.logits_mode
+        draws = parts.get("draws")
         return SparseLogits(mode.kind, parts["classes"].astype(np.int64), parts.get("logits"),
-                            parts.get("tail"), self.num_classes, float(self.manifest["logits"]["temperature"]))
+                            parts.get("tail"), self.num_classes, float(self.manifest["logits"]["temperature"]),
+                            None if draws is None else draws.astype(np.int64))
 
     def logits(self, split: str, temperature: float = 1.0, view: int = 0) -> np.ndarray:
         """Softened logits z / T at T = ``temperature``, float32 [N, C] (of a sparse cache: of
@@ -379,8 +390,8 @@ class TeacherCache:
         chunk = int(self.manifest["chunk_size"])
         mode = self.logits_mode
         keys = {part: fmt.tokens_key(split, part) for part in fmt.TOKEN_PARTS}
-        if mode.sparse:
-            keys.update({key.rpartition("/")[2] if key.rpartition("/")[2] != "logits" else "values": key
+        if mode.sparse:  # classes, values (the top-K logits), tail, draws (topk+sample's tail draws)
+            keys.update({fmt.sparse_part(key, self.manifest).replace("logits", "values"): key
                          for key in fmt.logits_keys(split, self.manifest)})
         else:
             keys["logits"] = fmt.logits_key(split)
@@ -399,7 +410,8 @@ class TeacherCache:
             return TokenBatch(buf["sample_id"], buf["ids"].astype(np.int64), buf["mask"].astype(bool),
                               buf["segments"], mode.kind, self.num_classes, temperature,
                               buf["classes"].astype(np.int64) if "classes" in buf else None,
-                              f32("values"), f32("tail"), f32("logits"))
+                              f32("values"), f32("tail"), f32("logits"),
+                              buf["draws"].astype(np.int64) if "draws" in buf else None)
 
         for g in range(0, len(starts), group):
             spans = [(int(max(a, start)), int(min(stop, a + chunk))) for a in starts[g:g + group]]
@@ -453,7 +465,7 @@ class TeacherCache:
         chunk = int(self.manifest["chunk_size"])
         keys = {}
         if logits and self.logits_mode.sparse:
-            keys = {f"__sparse_{key.rpartition('/')[2]}__": key for key in self._logits_keys(split)}
+            keys = {f"__sparse_{fmt.sparse_part(key, self.manifest)}__": key for key in self._logits_keys(split)}
         elif logits:
             keys = {"__logits__": fmt.logits_key(split)}
         keys.update({name: fmt.feature_key(split, name) for name in layers})

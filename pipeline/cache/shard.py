@@ -23,8 +23,8 @@ A token cache's shard (a causal-LM teacher on a token dataset, format 4) loads w
 stores them with their mask and segments, and runs the teacher's body once per batch of
 windows and its output layer on a chunk of positions at a time
 (:meth:`pipeline.hf_lm.HfCausalLM.chunk_positions`): each chunk's logits are encoded at once
-(``topk:K`` / ``sample:K`` exactly as a classification cache's rows, a position in place of a
-view; ``dense`` in the cache dtype) and dropped, so memory never holds [B, T, vocabulary].
+(``topk:K`` / ``sample:K`` / ``topk:K+sample:M`` exactly as a classification cache's rows, a
+position in place of a view; ``dense`` in the cache dtype) and dropped, so memory never holds [B, T, vocabulary].
 Padding positions hold zeros. The index gains per window the teacher's mean NLL of the true
 next tokens, its mean entropy and top-K mass over the positions that have a target, their
 count (``tokens``) and how many of them the teacher's top-1 predicts (``top1``).
@@ -57,7 +57,7 @@ from pipeline.io import fsync_dir, fsync_file
 from pipeline.keyed_random import view_random
 from pipeline.numerics import logsumexp
 from pipeline.lookahead import ordered, prefetched
-from pipeline.sparse import SAMPLE, TOPK, classes_dtype, draw, encode_topk, parse_mode, sample_uniforms
+from pipeline.sparse import SAMPLE, TOPK, classes_dtype, draw, draw_tail, encode_topk, parse_mode, sample_uniforms
 from pipeline.teachers import ONNX, TeacherSpec, build_teacher, is_text_teacher, tap
 
 
@@ -358,14 +358,15 @@ def _forward_tokens(model, device: torch.device, job: ShardJob, batch: dict) -> 
         fmt.tokens_key(split, "ids"): ids.astype(np.int32),
         fmt.tokens_key(split, "mask"): mask.astype(np.uint8),
         fmt.tokens_key(split, "segments"): segments.astype(np.int32)}
-    if mode.kind == TOPK:
-        cdtype = classes_dtype(vocab)
-        out = {"classes": np.zeros((flat_n, mode.k), cdtype), "logits": np.zeros((flat_n, mode.k), job.dtype),
-               "tail": np.zeros((flat_n, 2), np.float32)}
-    elif mode.kind == SAMPLE:
-        out = {"classes": np.zeros((flat_n, mode.k), classes_dtype(vocab))}
-    else:
-        out = {"logits": np.zeros((flat_n, vocab), job.dtype)}
+    out: dict[str, np.ndarray] = {}  # by array key: sparse arrays flat over positions [B · T, ...]
+    if mode.has_topk:
+        out = {fmt.sparse_key(split, TOPK, "classes"): np.zeros((flat_n, mode.k), classes_dtype(vocab)),
+               fmt.sparse_key(split, TOPK, "logits"): np.zeros((flat_n, mode.k), job.dtype),
+               fmt.sparse_key(split, TOPK, "tail"): np.zeros((flat_n, 2), np.float32)}
+    if mode.has_draws:  # sample:K's draws, or topk:K+sample:M's draws from the tail
+        out[fmt.sparse_key(split, SAMPLE, "classes")] = np.zeros((flat_n, mode.draws), classes_dtype(vocab))
+    if not mode.sparse:
+        out[fmt.logits_key(split)] = np.zeros((flat_n, vocab), job.dtype)
     nll, entropy, mass, top1 = (np.zeros(flat_n, np.float64) for _ in range(4))
     finite = True
     positions = np.flatnonzero(real.reshape(-1))
@@ -392,22 +393,22 @@ def _forward_tokens(model, device: torch.device, job: ShardJob, batch: dict) -> 
             top1[at] = z.argmax(axis=1) == target[at]
             k = mode.k or 1
             mass[at] = np.exp(np.partition(logp, -k, axis=1)[:, -k:]).sum(axis=1)
-            if mode.kind == TOPK:
+            if mode.has_topk:
                 classes, values, tail = encode_topk(z, mode.k, vocab, job.temperature)
-                out["classes"][at], out["logits"][at], out["tail"][at] = classes, values.astype(job.dtype), tail
-            elif mode.kind == SAMPLE:
+                out[fmt.sparse_key(split, TOPK, "classes")][at] = classes
+                out[fmt.sparse_key(split, TOPK, "logits")][at] = values.astype(job.dtype)
+                out[fmt.sparse_key(split, TOPK, "tail")][at] = tail
+            if mode.has_draws:  # keyed by (seed, split, window, position): the view's place
                 b, j = np.divmod(at, length)
-                uniforms = sample_uniforms(job.seed, split, batch["sample_ids"][b], j, mode.k)
-                out["classes"][at] = draw(z, job.temperature, uniforms, vocab)
-            else:
+                uniforms = sample_uniforms(job.seed, split, batch["sample_ids"][b], j, mode.draws)
+                out[fmt.sparse_key(split, SAMPLE, "classes")][at] = (
+                    draw_tail(z, classes, job.temperature, uniforms, vocab) if mode.has_topk
+                    else draw(z, job.temperature, uniforms, vocab))
+            if not mode.sparse:
                 stored = z.astype(job.dtype)
                 finite &= bool(np.isfinite(stored).all())  # float16 overflow
-                out["logits"][at] = stored
-    if mode.sparse:
-        named.update({fmt.sparse_key(split, mode.kind, part): v.reshape(rows, length, *v.shape[1:])
-                      for part, v in out.items()})
-    else:
-        named[fmt.logits_key(split)] = out["logits"].reshape(rows, length, vocab)
+                out[fmt.logits_key(split)][at] = stored
+    named.update({key: v.reshape(rows, length, *v.shape[1:]) for key, v in out.items()})
     counted = has_target.reshape(rows, length)
     tokens = counted.sum(axis=1)
 
@@ -432,16 +433,22 @@ def stored_logits(job: ShardJob, logits: np.ndarray, at: slice | np.ndarray) -> 
         return {fmt.logits_key(job.split): logits}
     rows, views, classes = logits.shape
     flat = logits.reshape(rows * views, classes)
-    if mode.kind == TOPK:
+    out = {}
+    if mode.has_topk:
         ids, values, tail = encode_topk(flat, mode.k, classes, job.temperature)
-        return {fmt.sparse_key(job.split, TOPK, "classes"): ids.reshape(rows, views, -1),
-                fmt.sparse_key(job.split, TOPK, "logits"): values.astype(job.dtype).reshape(rows, views, -1),
-                fmt.sparse_key(job.split, TOPK, "tail"): tail.reshape(rows, views, 2)}
+        out = {fmt.sparse_key(job.split, TOPK, "classes"): ids.reshape(rows, views, -1),
+               fmt.sparse_key(job.split, TOPK, "logits"): values.astype(job.dtype).reshape(rows, views, -1),
+               fmt.sparse_key(job.split, TOPK, "tail"): tail.reshape(rows, views, 2)}
+    if not mode.has_draws:
+        return out
     sample_ids = _worker_dataset(job).splits[job.split].sample_ids[job.start:job.stop][at]
-    uniforms = np.stack([sample_uniforms(job.seed, job.split, sample_ids, v, mode.k)
-                         for v in range(views)], axis=1).reshape(rows * views, mode.k)
-    ids = draw(flat, job.temperature, uniforms, classes)
-    return {fmt.sparse_key(job.split, SAMPLE, "classes"): ids.reshape(rows, views, -1)}
+    uniforms = np.stack([sample_uniforms(job.seed, job.split, sample_ids, v, mode.draws)
+                         for v in range(views)], axis=1).reshape(rows * views, mode.draws)
+    # topk+sample: the draws come from the tail alone, the classes the top K left out
+    drawn = (draw_tail(flat, ids, job.temperature, uniforms, classes) if mode.has_topk
+             else draw(flat, job.temperature, uniforms, classes))
+    out[fmt.sparse_key(job.split, SAMPLE, "classes")] = drawn.reshape(rows, views, -1)
+    return out
 
 
 def teacher_stats(logits: np.ndarray) -> dict[str, np.ndarray]:

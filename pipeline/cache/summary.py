@@ -55,9 +55,17 @@ def logits_text(s: dict) -> str:
     float32 tail; exact at T=1), 70.1 bytes/row"."""
     e, c = s["logits"], s["num_classes"]
     per_row = f"{e['bytes_per_row']:,.1f} bytes/row on disk (dense float32: {4 * c:,} per view)"
+    if "lm" in s:  # a token cache: a row is a window, and a position takes a view's place
+        per_row = (f"{e['bytes_per_row'] / s['lm']['seq_len']:,.1f} bytes/position on disk (dense float32: "
+                   f"{4 * c:,})")
     if e["mode"] == "topk":
         return (f"topk:{e['k']} of {c:,} classes ({e['classes_dtype']} ids, {s['dtype']} logits, "
                 f"float32 tail; exact at T=1, approximate elsewhere), {per_row}")
+    if e["mode"] == "topk+sample":
+        return (f"topk:{e['k']}+sample:{e['m']} of {c:,} classes (the top {e['k']} exactly, "
+                f"{e['m']} draws from the rest at T={e['temperature']:g}; {e['classes_dtype']} ids, "
+                f"{s['dtype']} logits, float32 tail, seed {e['seed']}; serves T={e['temperature']:g} "
+                f"only), {per_row}")
     if e["mode"] == "sample":
         return (f"sample:{e['k']} of {c:,} classes drawn at T={e['temperature']:g} ({e['classes_dtype']} "
                 f"ids, seed {e['seed']}; serves T={e['temperature']:g} only), {per_row}")

@@ -44,7 +44,7 @@ from pipeline.data import positions_of
 from pipeline.errors import KdError
 from pipeline.hf import HfTeacher, tokenizer_difference
 from pipeline.hf_lm import HfCausalLM
-from pipeline.sparse import SAMPLE, TOPK, draw, encode_topk, sample_uniforms
+from pipeline.sparse import SAMPLE, draw, draw_tail, encode_topk, sample_uniforms
 from pipeline.teachers import TeacherSpec, build_teacher, state_fingerprint, tap
 
 TOLERANCE = {"float16": (2e-3, 2e-2), "float32": (1e-4, 1e-4)}  # (rtol, atol) vs a fresh forward
@@ -201,7 +201,7 @@ def _lm_fidelity(cache: TeacherCache, dataset, model: HfCausalLM, rows: int, see
                               runtime.to_device(torch.from_numpy(real[None].astype(np.int64)), on))
             fresh = fresh.float().cpu().numpy()[0][real]
             at = np.flatnonzero(real)
-            if mode.kind == TOPK:
+            if mode.has_topk:
                 cids, values, tail = batch.classes[0][at], batch.values[0][at], batch.tail[0][at]
                 _, fresh_values, fresh_tail = encode_topk(fresh, mode.k, cache.num_classes, temperature)
                 listed = np.take_along_axis(fresh, cids, axis=1)
@@ -210,12 +210,18 @@ def _lm_fidelity(cache: TeacherCache, dataset, model: HfCausalLM, rows: int, see
                             off(kth, np.minimum(listed.min(axis=1, keepdims=True), kth)))
                 if (np.diff(values, axis=1) > 0).any() or any(len(set(r.tolist())) < len(r) for r in cids):
                     worst = np.inf  # a class listed twice, or out of order
-            elif mode.kind == SAMPLE:
-                cids = batch.classes[0][at]
+            if mode.has_draws:
                 sample_id = cache.sample_ids(split)[[row]]
-                uniforms = sample_uniforms(int(m["logits"]["seed"]), split, np.repeat(sample_id, len(at)), at, mode.k)
-                again = draw(fresh, temperature, uniforms, cache.num_classes)
+                uniforms = sample_uniforms(int(m["logits"]["seed"]), split, np.repeat(sample_id, len(at)), at,
+                                           mode.draws)
                 u = fresh.astype(np.float64) / temperature
+                if mode.has_topk:  # re-drawn from the tail the stored top K leave
+                    head, cids = batch.classes[0][at], batch.draws[0][at]
+                    again = draw_tail(fresh, head, temperature, uniforms, cache.num_classes)
+                    np.put_along_axis(u, head, -np.inf, axis=1)
+                else:
+                    cids = batch.classes[0][at]
+                    again = draw(fresh, temperature, uniforms, cache.num_classes)
                 p = np.exp(u - u.max(axis=1, keepdims=True))
                 p /= p.sum(axis=1, keepdims=True)
                 for r in range(len(at)):
@@ -223,18 +229,22 @@ def _lm_fidelity(cache: TeacherCache, dataset, model: HfCausalLM, rows: int, see
                                                     np.bincount(cids[r], minlength=cache.num_classes)).sum())
                 draws["unlikely"] += int((np.take_along_axis(p, cids, axis=1) < MIN_DRAWN_PROB).sum())
                 draws["all"] += cids.size
-            else:
+            if not mode.sparse:
                 worst = max(worst, off(fresh, batch.logits[0][at]))
             checked += 1
             positions_checked += len(at)
-    if mode.kind == SAMPLE:
+    if mode.has_topk and worst > 1.0:
+        return (f"FAILED: cached top-k ids, logits and tail differ from a fresh forward pass "
+                f"({worst:.1f}x the {m['dtype']} tolerance)")
+    if mode.has_draws:
         same = draws["same"] / max(1, draws["all"])
-        return (f"ok ({checked} windows, {positions_checked:,} positions: {same:.2%} of {draws['all']:,} draws "
-                f"re-drawn identically from a fresh forward pass)"
+        head = f"top-k ids, logits and tail within {worst:.2f} of tolerance; " if mode.has_topk else ""
+        return (f"ok ({checked} windows, {positions_checked:,} positions: {head}{same:.2%} of "
+                f"{draws['all']:,} draws re-drawn identically from a fresh forward pass)"
                 if same >= SAME_DRAWS and not draws["unlikely"] else
                 f"FAILED: {draws['unlikely']} cached draws are of tokens a fresh forward pass gives "
                 f"< {MIN_DRAWN_PROB:g}, and {same:.1%} re-draw identically (need {SAME_DRAWS:.0%})")
-    what = "top-k ids, logits and tail" if mode.kind == TOPK else "logits"
+    what = "top-k ids, logits and tail" if mode.has_topk else "logits"
     return (f"ok ({checked} windows, {positions_checked:,} positions: {what} within {worst:.2f} of tolerance)"
             if worst <= 1.0 else
             f"FAILED: cached {what} differ from a fresh forward pass ({worst:.1f}x the {m['dtype']} tolerance)")
@@ -297,7 +307,7 @@ def _fidelity(cache: TeacherCache, dataset, model, policy, rows: int, seed: int,
             def off(a, b):  # distance in tolerances
                 return float((np.abs(a - b) / (atol + rtol * np.abs(a))).max(initial=0.0))
 
-            if mode.kind == TOPK:
+            if mode.has_topk:
                 stored = cache.sparse_logits(split, view, rows=at_row)
                 ids, values, tail = stored.classes[0], stored.values[0], stored.tail[0]
                 _, fresh_values, fresh_tail = encode_topk(fresh[None], mode.k, cache.num_classes,
@@ -310,13 +320,19 @@ def _fidelity(cache: TeacherCache, dataset, model, policy, rows: int, seed: int,
                             off(kth, lowest_listed))
                 if len(set(ids.tolist())) < len(ids) or (np.diff(values) > 0).any():
                     worst = max(worst, np.inf)  # a class listed twice, or out of order
-            elif mode.kind == SAMPLE:
+            if mode.has_draws:
                 entry = m["logits"]
-                ids = cache.sparse_logits(split, view, rows=at_row).classes[0]
+                stored = cache.sparse_logits(split, view, rows=at_row)
+                ids = stored.classes[0] if mode.kind == SAMPLE else stored.draws[0]
                 uniforms = sample_uniforms(int(entry["seed"]), split,
-                                           cache.sample_ids(split)[at_row], view, mode.k)
-                again = draw(fresh[None], float(entry["temperature"]), uniforms, cache.num_classes)[0]
+                                           cache.sample_ids(split)[at_row], view, mode.draws)
                 u = fresh.astype(np.float64) / float(entry["temperature"])
+                if mode.has_topk:  # re-drawn from the tail the stored top K leave
+                    again = draw_tail(fresh[None], stored.classes, float(entry["temperature"]),
+                                      uniforms, cache.num_classes)[0]
+                    u[stored.classes[0]] = -np.inf
+                else:
+                    again = draw(fresh[None], float(entry["temperature"]), uniforms, cache.num_classes)[0]
                 p = np.exp(u - u.max())
                 p /= p.sum()
                 # as multisets: a moved cdf boundary changes one draw, not the rest
@@ -324,21 +340,25 @@ def _fidelity(cache: TeacherCache, dataset, model, policy, rows: int, seed: int,
                                                 np.bincount(ids, minlength=cache.num_classes)).sum())
                 draws["all"] += len(ids)
                 draws["unlikely"] += int((p[ids] < MIN_DRAWN_PROB).sum())
-            else:
+            if not mode.sparse:
                 cached = cache.raw_logits(split, view, rows=at_row)[0]
                 worst = max(worst, off(fresh, cached))
             checked += 1
     at = ", each at a random view" if cache.views("train") > 1 else ""
-    if mode.kind == SAMPLE:
+    if mode.has_draws:
         same = draws["same"] / max(1, draws["all"])
+        if mode.has_topk and worst > 1.0:
+            return (f"FAILED: cached top-k classes, logits and tail differ from a fresh forward pass "
+                    f"({worst:.1f}x the {m['dtype']} tolerance)")
+        head = f"top-k classes, logits and tail within {worst:.2f} of tolerance; " if mode.has_topk else ""
         return (
-            f"ok ({checked} rows{at}: {same:.2%} of {draws['all']:,} draws re-drawn identically "
+            f"ok ({checked} rows{at}: {head}{same:.2%} of {draws['all']:,} draws re-drawn identically "
             f"from a fresh forward pass, none of a class it gives < {MIN_DRAWN_PROB:g})"
             if same >= SAME_DRAWS and not draws["unlikely"] else
             f"FAILED: {draws['unlikely']} cached draws are of classes a fresh forward pass gives "
             f"< {MIN_DRAWN_PROB:g}, and {same:.1%} re-draw identically (need {SAME_DRAWS:.0%})")
     else:
-        what = "top-k classes, logits and tail" if mode.kind == TOPK else "logits"
+        what = "top-k classes, logits and tail" if mode.has_topk else "logits"
         return (f"ok ({checked} rows{at}, {what} within {worst:.2f} of "
                                       "tolerance)" if worst <= 1.0 else
                                       f"FAILED: cached {what} differ from a fresh forward pass "

@@ -25,12 +25,12 @@ from pipeline import plugins
 from pipeline.augment import check as check_policy
 from pipeline.config import Param, Params, StudentConfig, declared_param, from_record
 from pipeline.errors import KdError
-from pipeline.losses import LOSSES, loss_params
+from pipeline.losses import LOSSES, classification_losses, loss_params, token_form
 from pipeline.registry import Registry
 from pipeline.students.base import Student
 
 KINDS = ("features", "inputs")
-MODALITIES = ("array", "text")  # what a dataset's inputs are (pipeline.data.Dataset.modality)
+MODALITIES = ("array", "text", "tokens")  # what a dataset's inputs are (pipeline.data.Dataset.modality)
 EXPORT_FORMATS = ("onnx", "skops")
 DEFAULT_LOSS = "kd"  # students that train with a loss, when loss= is not given
 DEFAULT_TARGET = "labels"  # students that fit hard targets, when target= is not given
@@ -231,6 +231,12 @@ def uses(cfg: StudentConfig) -> Uses:
         raise KdError(f"temperature={cfg.param('temperature'):g} does not apply with target={target}: "
                       "only target=soft softens the teacher's logits; drop temperature= or pass "
                       "target=soft")
+    if loss_needs is not None and loss_needs.tokens_only and needs.modality != "tokens":
+        raise KdError(f"loss={loss} trains a language model from a token cache; model {cfg.model} "
+                      f"is not one: use model=lm on a token cache, or a loss of classes "
+                      f"({', '.join(classification_losses()[:6])}, ...)")
+    if loss is not None and needs.modality == "tokens":
+        token_form(loss)  # a loss with no per-position form is refused here, before any work
     layer = needs.kind == "features" or bool(loss_needs and loss_needs.features)
     if cfg.layer and not layer:
         raise KdError(f"layer={cfg.layer} does not apply: {f'loss {loss}' if loss else cfg.model} "

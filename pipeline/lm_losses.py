@@ -1,0 +1,183 @@
+"""Distillation losses over token targets: a causal LM student against a token cache's
+per-position teacher distributions (pure torch functions; registered in
+:data:`pipeline.losses.LOSSES` by :mod:`pipeline.losses`).
+
+Position j of a window predicts token j + 1: the student's logits z [B, T, V] at j against the
+teacher's targets at j — ``t_ids`` [B, T, L], ``t_w`` [B, T, L], ``t_tail`` [B, T], the
+teacher's distribution at T over L listed ids and one tail bucket
+(:meth:`pipeline.sparse.SparseLogits.targets`: topk:K, sample:K, topk:K+sample:M) — and the
+true next token ``next_ids`` [B, T] (ids[:, j + 1]). ``mask`` [B, T] says which positions have
+a target (the last position and padding have none); every loss is the mean over the masked
+positions of the batch, never touching the others.
+
+Each loss is α · T² · D + (1 − α) · CE(z, next) with D one of (q = softmax(z / T), the
+student's distribution, aggregated like the teacher's over the listed ids and the tail bucket
+q_tail = 1 − Σ q_listed; p the teacher's (t_w, t_tail)):
+
+- ``forward_kl``  KL(p ‖ q) over the listed ids and the tail (:func:`pipeline.losses.sparse_kl`
+  per position): from topk:K, KD with the tail as one class; from sample:K, the sampled-KD
+  cross-entropy (Anshumann et al., ACL 2025) up to a constant; from topk:K+sample:M, the exact
+  head with the unbiased tail (pipeline/sparse.py). ``loss=kd`` on a token cache.
+- ``renormalised_kl``  KL(p̃ ‖ q̃) with both distributions renormalised over the K listed ids
+  (no tail on either side; what MaxText meant to do, PR #4056, and the issue's "topk:16
+  renormalised" arm). topk targets only (distinct ids).
+- ``reverse_kl``  KL(q ‖ p) over the K + tail support (mode seeking; MiniLLM, Gu et al.,
+  ICLR 2024). topk targets only: p̂ of a sample cache is 0 where q is not.
+- ``jsd``  the generalised Jensen–Shannon divergence β · KL(p ‖ m) + (1 − β) · KL(q ‖ m),
+  m = β p + (1 − β) q, over the K + tail support (GKD, Agarwal et al., ICLR 2024). topk targets.
+- ``next_token_ce``  CE(z, next) alone (``loss=ce`` on a token cache).
+
+Memory: positions are processed in chunks of ``chunk`` (:func:`position_loss`), each under
+activation checkpointing, so the loss's working set is a chunk × vocabulary, not B × T × V —
+and when the student passes a function of positions (its LM head applied to its hidden states)
+instead of logits, the full [B, T, V] logits never exist at all.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from pipeline.errors import KdError
+
+POSITION_CHUNK = 1024  # positions per chunk: 1,024 × a 50k vocabulary in float32 is 200 MB
+LOG_FLOOR = -1e4  # log of a bucket of (numerically) zero mass: finite, so 0 · log 0 stays 0
+
+PositionForm = Callable[..., torch.Tensor]
+
+
+def _buckets(u: torch.Tensor, t_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log q of the listed ids [P, L], log q_tail [P]) for softened logits ``u`` [P, V], with
+    q = softmax(u) and the tail every id not listed (clamped where it holds nothing)."""
+    log_z = torch.logsumexp(u, dim=1)
+    log_q_ids = u.gather(1, t_ids) - log_z[:, None]
+    tail = u.scatter(1, t_ids, float("-inf"))
+    log_q_tail = (torch.logsumexp(tail, dim=1) - log_z).clamp(min=LOG_FLOOR)
+    return log_q_ids, log_q_tail
+
+
+def _log(p: torch.Tensor) -> torch.Tensor:
+    return torch.log(p.clamp(min=torch.finfo(p.dtype).tiny)).clamp(min=LOG_FLOOR)
+
+
+def _mix(divergence: torch.Tensor, z: torch.Tensor, next_ids: torch.Tensor, T: float,
+         alpha: float) -> torch.Tensor:
+    """α · T² · divergence + (1 − α) · CE(z, next), per position [P]."""
+    ce = F.cross_entropy(z, next_ids, reduction="none")
+    return alpha * T * T * divergence + (1.0 - alpha) * ce
+
+
+def forward_kl(z: torch.Tensor, next_ids: torch.Tensor, *, t_ids: torch.Tensor, t_w: torch.Tensor,
+               t_tail: torch.Tensor, T: float = 1.0, alpha: float = 0.5, **_) -> torch.Tensor:
+    """Per position [P]: α · T² · KL(p ‖ q) over the listed ids and the tail bucket
+    + (1 − α) · CE(z, next), with q = softmax(z / T) (see the module docstring)."""
+    log_q_ids, log_q_tail = _buckets(z / T, t_ids)
+    kl = (torch.xlogy(t_w, t_w) - t_w * log_q_ids).sum(1) + torch.xlogy(t_tail, t_tail) - t_tail * log_q_tail
+    return _mix(kl, z, next_ids, T, alpha)
+
+
+def renormalised_kl(z: torch.Tensor, next_ids: torch.Tensor, *, t_ids: torch.Tensor, t_w: torch.Tensor,
+                    T: float = 1.0, alpha: float = 0.5, **_) -> torch.Tensor:
+    """Per position [P]: α · T² · KL(p̃ ‖ q̃) + (1 − α) · CE(z, next), p̃ and q̃ the teacher's and
+    the student's distributions at T renormalised over the K listed (distinct) ids."""
+    log_q = torch.log_softmax((z / T).gather(1, t_ids), dim=1)
+    p = t_w / t_w.sum(1, keepdim=True).clamp(min=torch.finfo(t_w.dtype).tiny)
+    kl = (torch.xlogy(p, p) - p * log_q).sum(1)
+    return _mix(kl, z, next_ids, T, alpha)
+
+
+def _student_buckets(z: torch.Tensor, t_ids: torch.Tensor, T: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's (q over the listed ids [P, L], log of it) and tail, as [P, L + 1]."""
+    log_q_ids, log_q_tail = _buckets(z / T, t_ids)
+    log_q = torch.cat([log_q_ids, log_q_tail[:, None]], dim=1)
+    return log_q.exp(), log_q
+
+
+def reverse_kl(z: torch.Tensor, next_ids: torch.Tensor, *, t_ids: torch.Tensor, t_w: torch.Tensor,
+               t_tail: torch.Tensor, T: float = 1.0, alpha: float = 0.5, **_) -> torch.Tensor:
+    """Per position [P]: α · T² · KL(q ‖ p) over the K listed ids and the tail bucket
+    + (1 − α) · CE(z, next). A teacher bucket of zero mass is read as the float's tiniest."""
+    q, log_q = _student_buckets(z, t_ids, T)
+    p = torch.cat([t_w, t_tail[:, None]], dim=1).to(q.dtype)
+    kl = (q * (log_q - _log(p))).sum(1)
+    return _mix(kl, z, next_ids, T, alpha)
+
+
+def jsd(z: torch.Tensor, next_ids: torch.Tensor, *, t_ids: torch.Tensor, t_w: torch.Tensor,
+        t_tail: torch.Tensor, T: float = 1.0, alpha: float = 0.5, jsd_beta: float = 0.5,
+        **_) -> torch.Tensor:
+    """Per position [P]: α · T² · JSD_β + (1 − α) · CE(z, next), JSD_β = β · KL(p ‖ m)
+    + (1 − β) · KL(q ‖ m), m = β p + (1 − β) q, over the K listed ids and the tail bucket."""
+    q, log_q = _student_buckets(z, t_ids, T)
+    p = torch.cat([t_w, t_tail[:, None]], dim=1).to(q.dtype)
+    log_m = _log(jsd_beta * p + (1.0 - jsd_beta) * q)
+    divergence = (jsd_beta * (torch.xlogy(p, p) - p * log_m).sum(1)
+                  + (1.0 - jsd_beta) * (q * (log_q - log_m)).sum(1))
+    return _mix(divergence, z, next_ids, T, alpha)
+
+
+def next_token_ce(z: torch.Tensor, next_ids: torch.Tensor, **_) -> torch.Tensor:
+    """Per position [P]: CE(z, next), the next-token cross-entropy (no teacher)."""
+    return F.cross_entropy(z, next_ids, reduction="none")
+
+
+def next_ids_of(ids: torch.Tensor) -> torch.Tensor:
+    """Each position's true next token [B, T]: ids[:, j + 1] (the last position, which has no
+    target, gets 0; its mask is false)."""
+    out = torch.zeros_like(ids)
+    out[:, :-1] = ids[:, 1:]
+    return out
+
+
+def position_loss(form: PositionForm, z_s: torch.Tensor | Callable[[torch.Tensor], torch.Tensor],
+                  mask: torch.Tensor, next_ids: torch.Tensor, targets: dict[str, torch.Tensor] | None = None,
+                  *, vocab: int | None = None, chunk: int = POSITION_CHUNK, **params) -> torch.Tensor:
+    """The mean over the masked positions of ``form`` (one of this module's per-position
+    losses), computed ``chunk`` positions at a time under activation checkpointing.
+
+    ``z_s``: the student's logits [B, T, V], or a function of flat position indices [P] (into
+    B × T) giving their logits [P, V] (the LM head on the hidden states: the [B, T, V] logits are
+    then never held). ``vocab``: the shared ids 0..vocab − 1 (outputs beyond, padded
+    vocabularies, are sliced away: :func:`shared_vocabulary`). ``targets``: per-position
+    tensors [B, T, ...] (``t_ids``, ``t_w``, ``t_tail``); ``params``: the loss's own (T,
+    alpha, ...). 0 (with a gradient of 0) where no position is masked."""
+    rows = mask.reshape(-1).nonzero().squeeze(1)
+    targets = {k: v.reshape(-1, *v.shape[2:])[rows] for k, v in (targets or {}).items()}
+    nexts = next_ids.reshape(-1)[rows]
+    if callable(z_s) and not isinstance(z_s, torch.Tensor):
+        logits_of = z_s
+    else:
+        flat = z_s.reshape(-1, z_s.shape[-1])
+        logits_of = flat.__getitem__
+    total = None
+    for a in range(0, len(rows), chunk):
+        names = sorted(targets)
+
+        def part(at, nxt, *values, names=names):
+            z = logits_of(at)
+            z = z if vocab is None else z[:, :vocab]
+            z = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z  # (autocast outputs)
+            return form(z, nxt, **dict(zip(names, values)), **params).sum()
+
+        # recomputed in backward: only the chunk's indices and targets are kept, not its logits
+        value = checkpoint(part, rows[a:a + chunk], nexts[a:a + chunk],
+                           *(targets[n][a:a + chunk] for n in names), use_reentrant=False)
+        total = value if total is None else total + value
+    if total is None:  # no target in the batch: 0, still connected to the student's graph
+        return logits_of(rows[:0]).sum() * 0.0
+    return total / len(rows)
+
+
+def shared_vocabulary(student_outputs: int, teacher_outputs: int, tokenizer_size: int) -> int:
+    """The ids a student and a teacher share: 0..len(tokenizer) − 1, when both output layers
+    hold at least that many (outputs beyond are padding of the embedding matrix, never real
+    tokens, and are sliced away); anything else is refused in one line naming both sizes."""
+    if min(student_outputs, teacher_outputs) >= tokenizer_size:
+        return tokenizer_size
+    raise KdError(f"the student has {student_outputs:,} outputs and the teacher {teacher_outputs:,} "
+                  f"for a tokenizer of {tokenizer_size:,} tokens; both must cover every token id "
+                  "(an output layer padded beyond the tokenizer is sliced to it): build the "
+                  "student with the cache's vocabulary")

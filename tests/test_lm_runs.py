@@ -1,0 +1,125 @@
+"""``kdcache student model=lm`` end to end: a tiny random Llama teacher (tests/lm_models.py) →
+a ``tokens:`` cache → ``lm`` students trained from it through pipeline/runs.py (the windows
+streamed from the cache), each a results row with perplexities, agreement and KL, and
+``kdcache report`` listing them by perplexity. Checked against direct computations on the
+cache's own arrays, not against the code under test."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import numpy as np
+import pytest
+
+from tests.conftest import run_cli
+
+pytest.importorskip("transformers")
+
+QUICK = ["layers=1", "width=32", "heads=2", "epochs=1", "batch_size=16", "device=cpu", "threads=1"]
+
+
+def build(root, corpus, teacher, *extra):
+    """``kdcache cache`` of a tokens: dataset by a causal-LM teacher (seq_len 24, float32, CPU);
+    the stage measures the teacher's cost too."""
+    from stages import cache as cache_stage
+
+    cache_stage.main([f"dataset=tokens:{corpus}", f"teacher=hf:{teacher}", f"tokenizer={teacher}", "seq_len=24",
+                      f"cache={root}", "dtype=float32", "device=cpu", *extra])
+    return root
+
+
+@pytest.fixture(scope="module")
+def lm_cache(tmp_path_factory, token_corpus, tiny_llama):
+    """A token cache (topk:8, seq_len 24, T = 1) of the tiny Llama over the corpus."""
+    return build(tmp_path_factory.mktemp("lmrun") / "cache", token_corpus, tiny_llama, "logits=topk:8",
+                 "temperature=1")
+
+
+def test_lm_students_are_rows_and_the_report_lists_them_by_perplexity(lm_cache, tmp_path, capsys):
+    from pipeline.cache import open_cache
+    from pipeline.results import read_results, results_dir
+
+    runs = tmp_path / "runs"
+    kd = run_cli(capsys, "student", f"cache={lm_cache}", "model=lm", "loss=kd", f"runs_dir={runs}", *QUICK)
+    ce = run_cli(capsys, "student", f"cache={lm_cache}", "model=lm", "loss=ce", f"runs_dir={runs}", *QUICK)
+    cache = open_cache(lm_cache)
+    vocab = cache.lm["vocab_size"]
+    for row in (kd, ce):
+        assert 1.0 < row["test_perplexity"] < vocab and 1.0 < row["val_perplexity"] < vocab
+        assert 0.0 <= row["test_accuracy"] <= 1.0 and 0.0 <= row["teacher_agreement"] <= 1.0
+        assert row["kl_teacher_student"] > 0 and row["ece"] is None
+        assert row["tokens_per_s"] > 0 and row["teacher_tokens_per_s"] > 0
+    # the teacher's perplexity is exp of its mean NLL per target token over the test index
+    index = cache.index("test").to_pydict()
+    nll = sum(n * t for n, t in zip(index["nll"], index["tokens"]) if t) / sum(index["tokens"])
+    assert kd["teacher_test_perplexity"] == pytest.approx(math.exp(nll), rel=1e-5)
+    table = read_results(results_dir(lm_cache)).to_pylist()
+    assert sorted(r["loss"] for r in table) == ["ce", "kd"]
+    # the row's test perplexity is the saved student's own on the cached test windows
+    from pipeline.export import load_fitted, open_run
+
+    student = load_fitted(open_run(kd["run_dir"]), cache)
+    again = student.evaluate_cache(cache, "test")
+    assert again["perplexity"] == pytest.approx(kd["test_perplexity"], rel=1e-5)
+    report = run_cli(capsys, "report", f"cache={lm_cache}")
+    board = report["leaderboard"]
+    assert [b["perplexity"] for b in board] == sorted(b["perplexity"] for b in board)
+    text = (results_dir(lm_cache) / "report" / "leaderboard.md").read_text()
+    assert "test perplexity" in text and "Language models" in text
+    assert "next-token CE alone" in text  # kd against the ce baseline
+    assert isinstance(board[0]["side_by_side"], dict), board[0]["side_by_side"]
+
+
+def test_lm_trains_in_memory_flat_in_windows_from_streamed_batches(lm_cache, monkeypatch):
+    """fit_cache reads the cache through token_batches only (never a whole split), in batches
+    of batch_size windows, and scores val and test the same way."""
+    from pipeline.cache import open_cache
+    from pipeline.cache.reader import TeacherCache
+    from pipeline.students import LMStudent, StudentData
+
+    seen = []
+    real = TeacherCache.token_batches
+
+    def spy(self, split, batch_size=16, **kw):
+        for b in real(self, split, batch_size, **kw):
+            seen.append((split, len(b)))
+            yield b
+
+    monkeypatch.setattr(TeacherCache, "token_batches", spy)
+    cache = open_cache(lm_cache)
+    est = LMStudent(layers=1, width=32, heads=2, epochs=2, batch_size=8, device="cpu", loss="kd").fit_cache(
+        StudentData(cache))
+    assert max(n for _, n in seen) == 8
+    assert sum(n for s, n in seen if s == "train") == 2 * cache.num_rows("train")
+    assert len(est.history_) == 2 and est.history_[-1]["tokens"] == cache.manifest["splits"]["val"]["tokens"]
+
+
+def test_lm_trains_from_a_topk_sample_token_cache(token_corpus, tiny_llama, tmp_path, capsys):
+    root = build(tmp_path / "cache", token_corpus, tiny_llama, "logits=topk:4+sample:8", "temperature=1")
+    row = run_cli(capsys, "student", f"cache={root}", "model=lm", "loss=kd", f"runs_dir={tmp_path / 'runs'}",
+                  *QUICK)
+    assert np.isfinite(row["test_perplexity"]) and row["test_perplexity"] < open_cache_vocab(root)
+    assert row["kl_teacher_student"] is not None  # the K + tail support is exact in topk+sample
+
+
+def open_cache_vocab(root) -> int:
+    from pipeline.cache import open_cache
+
+    return int(open_cache(root).lm["vocab_size"])
+
+
+def test_a_changed_tokenizer_is_refused_before_training(token_corpus, tiny_llama, tmp_path, capsys):
+    """The student reads and writes text with the tokenizer the cache's data names: another
+    one there (other merges, same folder) is refused in one line, exit 2."""
+    from stages.cli import main
+    from tests.lm_models import corpus_documents, train_tokenizer
+
+    teacher = shutil.copytree(tiny_llama, tmp_path / "teacher")
+    root = build(tmp_path / "cache", token_corpus, teacher, "logits=topk:4")
+    train_tokenizer([d[::-1] for d in corpus_documents(token_corpus)]).save_pretrained(teacher)
+    capsys.readouterr()
+    assert main(["student", f"cache={root}", "model=lm", f"runs_dir={tmp_path / 'runs'}", *QUICK]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is not the one cache" in err and "a student must share the teacher's tokenizer" in err
+    assert len(err.splitlines()) == 1
