@@ -159,13 +159,78 @@ def classes_dtype(num_classes: int) -> str:
 
 # --------------------------------------------------------------------------- encoding (stage one)
 
+@dataclass
+class HeadAndTail:
+    """The top K of raw logits ``z`` [B, C] and what is known of the rest (:func:`head_and_tail`):
+    ``ids`` int64 [B, K] and ``values`` float32 [B, K] in descending order (equal logits in class
+    order), ``tail`` float64 [B, 2] (log Σ over the rest of exp z_j and of exp(z_j / T)) and
+    ``tail_mean`` float64 [B] (Σ exp(z_j) z_j / Σ exp(z_j) over the rest; NaN unless asked)."""
+
+    ids: np.ndarray
+    values: np.ndarray
+    tail: np.ndarray
+    tail_mean: np.ndarray
+
+    def log_partition(self) -> np.ndarray:
+        """log Σ_j exp z_j over all C logits [B] (head and tail, in float64)."""
+        head = logsumexp(self.values.astype(np.float64))
+        return np.logaddexp(head, self.tail[:, 0])
+
+
+def head_and_tail(z: np.ndarray, k: int, temperature: float, tail_mean: bool = False) -> HeadAndTail:
+    """The K largest of finite raw logits ``z`` [B, C] (K < C), and the rest's log partition
+    functions at T = 1 and T = ``temperature`` (:class:`HeadAndTail`).
+
+    Why not an argsort: at a 49,152-token vocabulary a stable argsort of every position cost
+    4.9 ms, 2.5× the forward pass of a 135M-parameter teacher. Here ``torch.topk`` finds the K + 1
+    largest (multi-threaded), a row whose K-th and (K+1)-th logits are equal (a tie across the
+    cut, which ``topk`` breaks arbitrarily) is redone by a stable argsort, and the head is
+    ordered by (−logit, class id): exactly the argsort's choice. The rest's exponentials are
+    taken relative to its own maximum, the (K+1)-th logit (no term overflows, the largest is 1),
+    in float32, with the head's K zeroed, and summed by numpy's pairwise sum (the
+    same bits whatever the thread count), in float32: the tail is stored in float32."""
+    import torch  # lazily: importing the library must not load torch
+
+    z = np.ascontiguousarray(z, np.float32)
+    n, c = z.shape
+    zt = torch.from_numpy(z)
+    top = torch.topk(zt, k + 1, dim=1, sorted=True)
+    ids, values = top.indices[:, :k], top.values[:, :k]
+    # the head in (−logit, class id) order: sort by id, then stably by descending logit
+    by_id = torch.sort(ids, dim=1).values
+    by_value = torch.sort(torch.gather(zt, 1, by_id), dim=1, descending=True, stable=True)
+    ids, values = torch.gather(by_id, 1, by_value.indices).numpy(), by_value.values.numpy()
+    cut = np.flatnonzero(top.values[:, k - 1].numpy() == top.values[:, k].numpy())
+    if len(cut):  # ties across the cut: the smaller class ids are kept, as a stable argsort does
+        order = np.argsort(-z[cut], axis=1, kind="stable")[:, :k]
+        ids[cut], values[cut] = order, np.take_along_axis(z[cut], order, axis=1)
+    head = torch.from_numpy(ids)
+    rest_max = top.values[:, k:k + 1]
+    shifted = zt - rest_max  # ≤ 0 on the rest: no exponential overflows, the largest is 1
+    tail = np.empty((n, 2), np.float64)
+    mean = np.full(n, np.nan)
+    for column, beta in enumerate((1.0, 1.0 / temperature)):
+        if column == 1 and beta == 1.0:
+            tail[:, 1] = tail[:, 0]
+            break
+        e = torch.exp(shifted * beta if beta != 1.0 else shifted).scatter_(1, head, 0.0).numpy()
+        total = e.sum(axis=1).astype(np.float64)  # numpy's pairwise sum: the same bits on any thread count
+        tail[:, column] = np.log(total) + rest_max[:, 0].numpy().astype(np.float64) * beta
+        if column == 0 and tail_mean:
+            mean = np.einsum("ij,ij->i", e, shifted.numpy()).astype(np.float64) / total + rest_max[:, 0].numpy()
+    return HeadAndTail(ids, values, tail, mean)
+
+
 def encode_topk(z: np.ndarray, k: int, num_classes: int,
                 temperature: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(class ids [B, K], their raw logits [B, K] in descending order, the tail [B, 2]: log
     partition function of the other logits at T = 1 and at T = ``temperature``) of raw logits
-    ``z`` [B, C]. Ties are broken towards the smaller class id."""
+    ``z`` [B, C]. Ties are broken towards the smaller class id (a stable argsort of −z)."""
     z = np.asarray(z, np.float32)
-    # a stable argsort of −z: the largest first, equal logits in class order, as a rebuild does
+    if np.isfinite(z).all():
+        found = head_and_tail(z, k, temperature)
+        return found.ids.astype(classes_dtype(num_classes)), found.values, found.tail.astype(TAIL_DTYPE)
+    # non-finite logits (a shard refuses them after encoding): the plain definition
     order = np.argsort(-z, axis=1, kind="stable")
     ids = order[:, :k]
     values = np.take_along_axis(z, ids, axis=1)

@@ -57,7 +57,8 @@ from pipeline.io import fsync_dir, fsync_file
 from pipeline.keyed_random import view_random
 from pipeline.numerics import logsumexp
 from pipeline.lookahead import ordered, prefetched
-from pipeline.sparse import SAMPLE, TOPK, classes_dtype, draw, draw_tail, encode_topk, parse_mode, sample_uniforms
+from pipeline.sparse import (SAMPLE, TOPK, classes_dtype, draw, draw_tail, encode_topk, head_and_tail, parse_mode,
+                             sample_uniforms)
 from pipeline.teachers import ONNX, TeacherSpec, build_teacher, is_text_teacher, tap
 
 
@@ -386,18 +387,23 @@ def _forward_tokens(model, device: torch.device, job: ShardJob, batch: dict) -> 
             finite &= ok
             if not ok:
                 continue
-            lse = logsumexp(z.astype(np.float64))
-            logp = z - lse[:, None].astype(np.float32)
-            entropy[at] = -(np.exp(logp) * logp).sum(axis=1)
-            nll[at] = -logp[np.arange(len(at)), target[at]]
-            top1[at] = z.argmax(axis=1) == target[at]
-            k = mode.k or 1
-            mass[at] = np.exp(np.partition(logp, -k, axis=1)[:, -k:]).sum(axis=1)
+            # the top K (mode.k; 1 for the index's top-1 mass otherwise) and the tail: the index's
+            # statistics come from them without another pass over the vocabulary
+            k = mode.k if mode.has_topk else min(mode.k or 1, vocab - 1)
+            found = head_and_tail(z, k, job.temperature, tail_mean=True)
+            lse = found.log_partition()
+            p_head = np.exp(found.values.astype(np.float64) - lse[:, None])
+            p_tail = np.exp(found.tail[:, 0] - lse)
+            # H = log Z − E_p[z]: the head's terms exactly, the tail's by its mean logit
+            entropy[at] = lse - (p_head * found.values).sum(axis=1) - p_tail * found.tail_mean
+            nll[at] = lse - z[np.arange(len(at)), target[at]]
+            top1[at] = found.ids[:, 0] == target[at]  # the largest logit, ties to the smaller id
+            mass[at] = p_head.sum(axis=1)
             if mode.has_topk:
-                classes, values, tail = encode_topk(z, mode.k, vocab, job.temperature)
+                classes = found.ids.astype(classes_dtype(vocab))
                 out[fmt.sparse_key(split, TOPK, "classes")][at] = classes
-                out[fmt.sparse_key(split, TOPK, "logits")][at] = values.astype(job.dtype)
-                out[fmt.sparse_key(split, TOPK, "tail")][at] = tail
+                out[fmt.sparse_key(split, TOPK, "logits")][at] = found.values.astype(job.dtype)
+                out[fmt.sparse_key(split, TOPK, "tail")][at] = found.tail.astype(np.float32)
             if mode.has_draws:  # keyed by (seed, split, window, position): the view's place
                 b, j = np.divmod(at, length)
                 uniforms = sample_uniforms(job.seed, split, batch["sample_ids"][b], j, mode.draws)
