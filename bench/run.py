@@ -25,7 +25,7 @@ from bench.common import DEFAULT_WORKDIR, REPO, fmt_num, log, machine, set_threa
 FINDINGS = Path(__file__).with_name("FINDINGS.md")
 BENCHMARKS = ("cache_overhead", "kd_training", "streaming", "storage", "memory",
               "sklearn_overhead", "accuracy", "views", "loss_zoo", "sparse", "decoding", "cluster",
-              "student_threads", "text")
+              "student_threads", "text", "lm")
 
 
 def main(argv: list[str] | None = None) -> int:
