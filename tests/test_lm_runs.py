@@ -54,7 +54,7 @@ def test_lm_students_are_rows_and_the_report_lists_them_by_perplexity(lm_cache, 
     index = cache.index("test").to_pydict()
     nll = sum(n * t for n, t in zip(index["nll"], index["tokens"]) if t) / sum(index["tokens"])
     assert kd["teacher_test_perplexity"] == pytest.approx(math.exp(nll), rel=1e-5)
-    table = read_results(results_dir(lm_cache)).to_pylist()
+    table = [r for r in read_results(results_dir(lm_cache)).to_pylist() if r["run_dir"].startswith(f"{runs}/")]
     assert sorted(r["loss"] for r in table) == ["ce", "kd"]
     # the row's test perplexity is the saved student's own on the cached test windows
     from pipeline.export import load_fitted, open_run
@@ -123,3 +123,43 @@ def test_a_changed_tokenizer_is_refused_before_training(token_corpus, tiny_llama
     err = capsys.readouterr().err.strip()
     assert "is not the one cache" in err and "a student must share the teacher's tokenizer" in err
     assert len(err.splitlines()) == 1
+
+def cli_json(*argv: str) -> tuple[dict, str]:
+    """``kdcache ARGV --json`` in-process (for module fixtures, which have no capsys): its JSON
+    summary and what it printed before it."""
+    import contextlib
+    import io
+    import json
+
+    from stages.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        assert main([*argv, "--json"]) == 0
+    *printed, summary = out.getvalue().strip().splitlines()
+    return json.loads(summary), "\n".join(printed)
+
+
+@pytest.fixture(scope="module")
+def lm_sweep(lm_cache, tmp_path_factory):
+    """``kdcache sweep model=lm loss=ce grid.width=16,32`` (one epoch each) on the token cache."""
+    runs = tmp_path_factory.mktemp("lmsweep") / "runs"
+    quick = [a for a in QUICK if not a.startswith("width=")]
+    return cli_json("sweep", f"cache={lm_cache}", "model=lm", "loss=ce", "grid.width=16,32", "seed=0",
+                    f"runs_dir={runs}", *quick)
+
+
+def test_a_sweep_of_lm_students_selects_by_val_perplexity(lm_sweep, lm_cache):
+    """A sweep over lm widths ranks its runs by validation perplexity, lowest first (not by
+    next-token accuracy), and prints perplexities."""
+    from pipeline.results import read_results, results_dir
+
+    summary, printed = lm_sweep
+    ids = {r["run_id"] for r in summary["rows"]}
+    rows = [r for r in read_results(results_dir(lm_cache)).to_pylist() if r["run_id"] in ids]
+    assert sorted(r["width"] for r in rows) == [16, 32]
+    lowest = min(rows, key=lambda r: r["val_perplexity"])
+    assert summary["selected_by"] == "val_perplexity" and summary["best"]["run_id"] == lowest["run_id"]
+    assert "val ppl" in printed and "selected on val (val perplexity, lower is better)" in printed
+    assert "test 0." not in printed  # no accuracy where a perplexity is due
+
