@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -163,3 +164,83 @@ def test_a_sweep_of_lm_students_selects_by_val_perplexity(lm_sweep, lm_cache):
     assert "val ppl" in printed and "selected on val (val perplexity, lower is better)" in printed
     assert "test 0." not in printed  # no accuracy where a perplexity is due
 
+
+def test_lm_export_is_a_model_directory_transformers_loads(lm_sweep, lm_cache, token_corpus, capsys):
+    """`kdcache export` of the sweep's selected lm run: a folder that transformers' Auto classes
+    load offline (model and tokenizer), whose logits on the cached test windows give the run's
+    recorded test perplexity, and whose greedy generate() is the trained student's greedy
+    decoding."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.cache import open_cache
+    from pipeline.export import load_fitted, open_run
+    from pipeline.io import sha256_file
+    from tests.lm_models import corpus_documents
+
+    best = lm_sweep[0]["best"]
+    run_dir = Path(best["run_dir"])
+    record = run_cli(capsys, "export", f"run={run_dir}")
+    folder = run_dir / "student.hf"
+    assert record["format"] == "hf" and Path(record["path"]) == folder
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json"} <= set(record["files"])
+    assert all(sha256_file(folder / n) == f["sha256"] for n, f in record["files"].items())
+    assert not [p.name for p in run_dir.iterdir() if p.name.startswith(".")]  # no temporary folder left
+    cache = open_cache(lm_cache)
+    teacher_dir = cache.manifest["dataset"]["config"]["tokenizer"]
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    vocab = cache.lm["vocab_size"]
+    assert model.config.vocab_size == len(tok) == vocab
+    text = corpus_documents(token_corpus)[0]  # the tokenizer the cache's data was tokenized with
+    assert tok(text, add_special_tokens=False).input_ids == \
+        AutoTokenizer.from_pretrained(teacher_dir)(text, add_special_tokens=False).input_ids
+    # test perplexity from the exported model's logits over the cached test windows
+    from pipeline.cache import format as fmt
+
+    n = cache.num_rows("test")
+    ids = cache.stored(fmt.tokens_key("test", "ids"), 0, n).astype(np.int64)
+    real = cache.stored(fmt.tokens_key("test", "segments"), 0, n) >= 0
+    mask = cache.stored(fmt.tokens_key("test", "mask"), 0, n).astype(bool)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.from_numpy(ids),
+                                       attention_mask=torch.from_numpy(real).long()).logits.double(), -1)
+    nll = -logp[:, :-1].gather(2, torch.from_numpy(ids[:, 1:, None])).squeeze(2)[torch.from_numpy(mask[:, :-1])]
+    assert math.exp(float(nll.mean())) == pytest.approx(best["test_perplexity"], rel=1e-5)
+    assert record["check"]["generate"]["same"] == record["check"]["generate"]["prompts"] > 0
+    # generate() greedy = the trained student's own greedy decoding, one token at a time
+    student = load_fitted(open_run(run_dir), cache)
+    prompt = ids[0, :6].tolist()
+    out = model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, 6, dtype=torch.long),
+                         max_new_tokens=5, do_sample=False)[0, 6:].tolist()
+    mine = list(prompt)
+    for _ in range(len(out)):
+        mine.append(int(student.decision_function(np.asarray([mine]))[0, -1].argmax()))
+    assert mine[6:] == out
+
+
+def test_an_hf_export_that_does_not_reproduce_its_run_leaves_nothing(lm_sweep, capsys, monkeypatch):
+    """Weights that drift on the way out (the final norm scaled by 1 %) are caught by the check
+    on the cached test windows: exit 2, one line, no student.hf, no export.json."""
+    import torch
+
+    from pipeline.students.lm import LMStudent
+    from stages.cli import main
+
+    real = LMStudent.to_transformers
+
+    def drifted(self, tokenizer):
+        model = real(self, tokenizer)
+        with torch.no_grad():
+            model.model.norm.weight.mul_(1.01)
+        return model
+
+    monkeypatch.setattr(LMStudent, "to_transformers", drifted)
+    summary = lm_sweep[0]
+    run_dir = Path(next(r["run_dir"] for r in summary["rows"] if r["run_id"] != summary["best"]["run_id"]))
+    capsys.readouterr()
+    assert main(["export", f"run={run_dir}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "does not reproduce run" in err and "max |logit difference|" in err and len(err.splitlines()) == 1
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "log.jsonl", "metrics.json",
+                                                         "student.safetensors"]
