@@ -63,13 +63,33 @@ def test_lm_students_are_rows_and_the_report_lists_them_by_perplexity(lm_cache, 
     student = load_fitted(open_run(kd["run_dir"]), cache)
     again = student.evaluate_cache(cache, "test")
     assert again["perplexity"] == pytest.approx(kd["test_perplexity"], rel=1e-5)
-    report = run_cli(capsys, "report", f"cache={lm_cache}")
+    out = tmp_path / "report"
+    report = run_cli(capsys, "report", f"cache={lm_cache}", f"runs_dir={runs}", f"out={out}")
     board = report["leaderboard"]
     assert [b["perplexity"] for b in board] == sorted(b["perplexity"] for b in board)
-    text = (results_dir(lm_cache) / "report" / "leaderboard.md").read_text()
+    text = (out / "leaderboard.md").read_text()
     assert "test perplexity" in text and "Language models" in text
     assert "next-token CE alone" in text  # kd against the ce baseline
     assert isinstance(board[0]["side_by_side"], dict), board[0]["side_by_side"]
+    # against the teacher: perplexity, parameters and tokens/s of each student beside the
+    # teacher's, as the results rows and the cache's teacher record them
+    head = "| experiment | test perplexity | teacher test perplexity | params | teacher params | tokens/s | teacher tokens/s |"
+    assert head in text
+    lines = text[text.index(head):].splitlines()[2:4]
+    for row in (kd, ce):
+        cells = next(line for line in lines if line.startswith(f"| lm/{row['loss']} |")).split(" | ")
+        assert cells[1:5] == [f"{row['test_perplexity']:.2f}", f"{row['teacher_test_perplexity']:.2f}",
+                              f"{row['params']:,}", f"{row['teacher_params']:,}"]
+        assert float(cells[5].replace(",", "")) > 0 and float(cells[6].replace(",", "")) > 0
+    # the plots are in perplexity (a token cache has no accuracy plots): PNGs that open
+    from PIL import Image
+
+    names = sorted(p.rsplit("/", 1)[-1] for p in report["plots"])
+    assert names == ["perplexity_vs_params.png", "perplexity_vs_temperature.png",
+                     "perplexity_vs_tokens_per_s.png", "students_vs_baseline.png"]
+    for p in report["plots"]:
+        with Image.open(p) as png:
+            assert png.format == "PNG" and png.size[0] > 200
 
 
 def test_lm_trains_in_memory_flat_in_windows_from_streamed_batches(lm_cache, monkeypatch):
@@ -124,6 +144,7 @@ def test_a_changed_tokenizer_is_refused_before_training(token_corpus, tiny_llama
     err = capsys.readouterr().err.strip()
     assert "is not the one cache" in err and "a student must share the teacher's tokenizer" in err
     assert len(err.splitlines()) == 1
+
 
 def cli_json(*argv: str) -> tuple[dict, str]:
     """``kdcache ARGV --json`` in-process (for module fixtures, which have no capsys): its JSON
