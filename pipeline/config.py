@@ -858,7 +858,7 @@ class ReportConfig:
         return _cache_decides(self)
 
 
-EXPORT_FORMATS = ("auto", "onnx", "skops")
+EXPORT_FORMATS = ("auto", "onnx", "skops", "hf")
 
 
 @dataclass(frozen=True)
@@ -866,7 +866,9 @@ class ExportConfig:
     """`kdcache export`: a finished student run, exported for deployment."""
 
     run: str = path_field("")  # a run directory, as `kdcache student` prints it
-    format: str = "auto"  # onnx (torch students) | skops (scikit-learn students) | auto: the one that fits
+    # onnx (torch students) | skops (scikit-learn students) | hf (language-model students: a
+    # Hugging Face model directory) | auto: the one that fits
+    format: str = "auto"
     threads: int = 0  # torch threads of the export and its check; 0 = torch's default
 
     def check(self) -> None:

@@ -25,13 +25,18 @@ Students that read text export their text processing with them:
   the documents, is written beside the model as ``featuriser.json`` and kept in its metadata
   (``kdcache.featuriser``). The check then featurises the test documents from that spec.
 
-Both are checked before they are kept: the exported file, loaded back with onnxruntime or
+A language-model student (``lm``, on a token cache) becomes ``student.hf/``, a Hugging Face
+model folder (``config.json``, ``model.safetensors``, ``generation_config.json``) with the
+cache's tokenizer saved beside it, which transformers' Auto classes load offline; it is checked
+with transformers on the cache's test windows and with greedy ``generate`` (pipeline.export_lm).
+
+The ONNX and skops files are checked before they are kept: the exported file, loaded back with onnxruntime or
 skops, scores the run's whole test split and must reproduce the student's own scores: finite,
 within float32 rounding (:data:`LOGIT_TOLERANCE`, relative to the logits' size; the largest
 |logit difference| is reported). Predictions can then differ only on rows whose top two scores
 tie within that rounding; how many agree is reported. The file and ``export.json`` (what was
 exported, how to feed it, the check's figures) are written beside the run's weights; a failed
-export leaves neither (nor a featuriser.json).
+export leaves neither (nor a featuriser.json, nor a student.hf/ folder).
 """
 
 from __future__ import annotations
@@ -47,13 +52,15 @@ from pipeline.cache import TeacherCache, open_cache
 from pipeline.cache import format as fmt
 from pipeline.config import StudentConfig
 from pipeline.errors import KdError, first_line
-from pipeline.io import atomic_path, atomic_write_text, sha256_file
+from pipeline.export_lm import check_hf, files, write_hf
+from pipeline.io import atomic_dir, atomic_path, atomic_write_text, sha256_file
 from pipeline.runs import WEIGHTS
 from pipeline.students import STUDENTS, Student, StudentData, create_student, saved_config
 from pipeline.text_features import HashedNgrams
 
 OPSET = 18  # ONNX opset of torch's exporter; onnxruntime >= 1.14 runs it
-FORMATS = {"onnx": "a PyTorch", "skops": "a scikit-learn"}  # format -> the students it exports
+# format -> the students it exports
+FORMATS = {"onnx": "a PyTorch", "skops": "a scikit-learn", "hf": "a language-model"}
 EXPORT_RECORD = "export.json"
 FEATURISER = "featuriser.json"  # beside a text network's student.onnx: documents -> its ids
 BLOCK = 1024  # test rows scored at a time while checking
@@ -163,19 +170,28 @@ def export_run(run: Run, format: str = "auto") -> dict:
                       f"student; export it with format={fitting}")
     _check_installed(format)
     student, cache = restore(run)
-    data = StudentData(cache, run.config.layer)
-    rows, labels = data.rows("test", kind), data.labels("test")
-    text = kind == "inputs" and data.modality == "text"  # the exported model reads documents
     target, record_path = run.root / f"student.{format}", run.root / EXPORT_RECORD
-    write, scorer = (_write_onnx, _onnx_scorer) if format == "onnx" else (_write_skops, _skops_scorer)
+    if format == "hf":  # a folder: the model, its configs and the tokenizer
+        atomic = atomic_dir
+
+        def produce(tmp: Path) -> tuple[dict, dict]:
+            return write_hf(student, tmp, cache), check_hf(student, tmp, cache, LOGIT_TOLERANCE)
+    else:
+        atomic = atomic_path
+        data = StudentData(cache, run.config.layer)
+        rows, labels = data.rows("test", kind), data.labels("test")
+        text = kind == "inputs" and data.modality == "text"  # the exported model reads documents
+        write, scorer = (_write_onnx, _onnx_scorer) if format == "onnx" else (_write_skops, _skops_scorer)
+
+        def produce(tmp: Path) -> tuple[dict, dict]:
+            return write(student, tmp, cache, run, data), _check(student, scorer(tmp, text), rows, labels)
     try:
-        with atomic_path(target) as tmp:  # renamed into place only if everything below passes
+        with atomic(target) as tmp:  # renamed into place only if everything below passes
             try:
-                detail = write(student, tmp, cache, run, data)
-                check = _check(student, scorer(tmp, text), rows, labels)
+                detail, check = produce(tmp)
             except KdError:
                 raise
-            except Exception as exc:  # the exporter's, onnxruntime's or skops' own failure
+            except Exception as exc:  # the exporter's, onnxruntime's, skops' or transformers' own failure
                 first = first_line(exc)
                 raise KdError(f"exporting run {run.root.name} as {format} failed "
                               f"({type(exc).__name__}: {first}); nothing was written") from None
@@ -183,15 +199,21 @@ def export_run(run: Run, format: str = "auto") -> dict:
                 raise KdError(f"the exported {format} model does not reproduce run {run.root.name}: "
                               f"{check['problem']}; nothing was written (please report this)")
             beside = detail.pop("beside", {})  # files written beside the model: name -> text
+            if tmp.is_dir():  # a folder: every file's size and sha256
+                listed = files(tmp)
+                what = {"folder": target.name, "bytes": sum(f["bytes"] for f in listed.values()),
+                        "files": listed}
+            else:
+                what = {"file": target.name, "bytes": tmp.stat().st_size,
+                        **({"beside": sorted(beside)} if beside else {}), "sha256": sha256_file(tmp)}
+            recorded = "test_perplexity" if format == "hf" else "test_accuracy"
             record = {
-                "format": format, "file": target.name, "bytes": tmp.stat().st_size,
-                **({"beside": sorted(beside)} if beside else {}),
-                "sha256": sha256_file(tmp), **detail,
+                "format": format, **what, **detail,
                 "check": {k: v for k, v in check.items() if k not in ("ok", "problem")},
                 "run_id": run.row["run_id"], "model": run.config.model,
                 "teacher_fingerprint": cache.teacher_fingerprint,
                 "dataset_fingerprint": cache.dataset_fingerprint,
-                "recorded_test_accuracy": run.row.get("test_accuracy"),
+                f"recorded_{recorded}": run.row.get(recorded),
             }
             for name, content in beside.items():  # (the featuriser: checked with the model)
                 atomic_write_text(run.root / name, content)
@@ -207,14 +229,16 @@ def _check_installed(format: str) -> None:
     import importlib
 
     missing = []
-    for module in {"onnx": ("onnx", "onnxscript", "onnxruntime"), "skops": ("skops",)}[format]:
+    for module in {"onnx": ("onnx", "onnxscript", "onnxruntime"), "skops": ("skops",),
+                   "hf": ("transformers", "safetensors")}[format]:
         try:
             importlib.import_module(module)
         except ImportError:
             missing.append(module)
     if missing:
+        extra = "text" if format == "hf" else "export"
         raise KdError(f"format={format} needs {', '.join(missing)}, not installed here; "
-                      "pip install 'kdcache[export]'")
+                      f"pip install 'kdcache[{extra}]'")
 
 
 # --------------------------------------------------------------------------- onnx

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -33,6 +34,35 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         fsync_dir(path.parent)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside ``path``; on success fsync its files and rename
+    it onto ``path`` (a folder already there is replaced whole: moved aside, then removed).
+
+    On any exception the temporary folder is removed and ``path`` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                fsync_file(f)
+        fsync_dir(tmp)
+        if path.exists():  # (a folder cannot be renamed onto a non-empty one)
+            earlier = tmp.with_name(f"{tmp.name}.earlier")
+            os.replace(path, earlier)
+            os.replace(tmp, path)
+            shutil.rmtree(earlier, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

@@ -10,6 +10,9 @@ leaderboard shows the hyperparameters that differ between its rows.
 Costs against the teacher ("N× smaller, M× faster") are measured when the report is made:
 the teacher and each student timed in this process, alternated, with the same threads
 (pipeline.costs); the figures recorded at build or run time are context only.
+
+Language-model students (a token cache's ``lm`` runs) are ranked, tabled and plotted by test
+perplexity of the true next tokens instead (lower is better), the teacher's beside theirs.
 """
 
 from __future__ import annotations
@@ -221,25 +224,26 @@ def lm_markdown(board: list[dict], teacher: dict, source: str) -> str:
         lines.append("| " + " | ".join(cells) + f" | {perplexity_text(b)} | {b['n']} | "
                      f"{b['val_perplexity']:.2f} | {b['mean']:.4f} | {_num(b['agreement'], '.4f')} | "
                      f"{_num(b['kl'], '.4f')} | {b['params']:,} | {b['fit_s']:.2f} |")
-    lines += ["", "## Against the teacher (size: parameters; speed: CPU tokens per second at 8 windows "
-              "per call, teacher and student timed side by side in this process)", "",
+    lines += ["", "## Against the teacher (test perplexity, lower is better; size: parameters; speed: CPU "
+              "tokens per second at 8 windows per call, teacher and student timed side by side in this "
+              "process)", "",
               f"Teacher: {_num(teacher['params'], ',')} params, test perplexity "
               f"{_num(teacher['perplexity'], '.2f')}; when its cache was built it ran "
               f"{_num(teacher['tokens_per_s'], ',.0f')} tokens/s (context only).", "",
-              "| experiment | test perplexity | params | teacher tokens/s | student tokens/s | against the teacher |",
-              "|---|---|---|---|---|---|"]
+              "| experiment | test perplexity | teacher test perplexity | params | teacher params "
+              "| tokens/s | teacher tokens/s | against the teacher |",
+              "|---|---|---|---|---|---|---|---|"]
     for b in board:
         timed = b.get("side_by_side") if isinstance(b.get("side_by_side"), dict) else {}
-        seq = timed.get("seq_len")
-        rate = {who: (None if not timed.get(f"{who}_b8_ms") or not seq else seq * 1000 / timed[f"{who}_b8_ms"])
-                for who in ("teacher", "student")}
+        rate = {who: tokens_per_s(b, who) for who in ("teacher", "student")}
         smaller = _ratio(teacher["params"], b["params"], "smaller", "larger")
         faster = (_ratio(rate["student"], rate["teacher"], "faster", "slower") if timed
                   else f"speed not compared ({b.get('side_by_side') or 'not measured'})")
         kept = ("" if not teacher["perplexity"] else
                 f", perplexity {b['perplexity'] / teacher['perplexity']:.2f}× the teacher's")
-        lines.append(f"| {name(b)} | {perplexity_text(b)} | {b['params']:,} | {_num(rate['teacher'], ',.0f')} | "
-                     f"{_num(rate['student'], ',.0f')} | {smaller}, {faster}{kept} |")
+        lines.append(f"| {name(b)} | {perplexity_text(b)} | {_num(teacher['perplexity'], '.2f')} | {b['params']:,} | "
+                     f"{_num(teacher['params'], ',')} | {_num(rate['student'], ',.0f')} | "
+                     f"{_num(rate['teacher'], ',.0f')} | {smaller}, {faster}{kept} |")
     baselines: dict[str, dict] = {}  # the best next-token CE (label-only) experiment of each model
     for b in board:
         if label_only(b["loss"]):
@@ -255,12 +259,28 @@ def lm_markdown(board: list[dict], teacher: dict, source: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def tokens_per_s(b: dict, who: str) -> float | None:
+    """The tokens per second of ``who`` (``teacher`` or ``student``) timed side by side with
+    experiment ``b`` at 8 windows per call (``seq_len`` · 1000 / ms per window); None where
+    they were not timed."""
+    timed = b.get("side_by_side")
+    if not isinstance(timed, dict) or not timed.get(f"{who}_b8_ms") or not timed.get("seq_len"):
+        return None
+    return timed["seq_len"] * 1000 / timed[f"{who}_b8_ms"]
+
+
+def is_lm(board: list[dict], teacher: dict) -> bool:
+    """Whether the board is of language models (a token cache: every experiment and the
+    teacher have a test perplexity), reported and plotted in perplexity."""
+    return teacher.get("perplexity") is not None and all(b["perplexity"] is not None for b in board)
+
+
 def _num(value, spec: str) -> str:
     return "?" if value is None else format(value, spec)
 
 
 def markdown(board: list[dict], teacher: dict, source: str) -> str:
-    if teacher.get("perplexity") is not None and all(b["perplexity"] is not None for b in board):
+    if is_lm(board, teacher):
         return lm_markdown(board, teacher, source)
     differs = board[0]["differs"] if board else []
     head = ["model", "loss", *differs]
@@ -311,14 +331,10 @@ def markdown(board: list[dict], teacher: dict, source: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plots(board: list[dict], teacher: dict, out) -> list:
-    """The report's PNG plots, written into ``out`` (a folder, or a prefix on an object store)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+def _saver(out, paths: list):
+    """``save(fig, filename)``: the figure as a PNG into ``out`` (a folder, or a prefix on an
+    object store), its path appended to ``paths``."""
     import matplotlib.pyplot as plt
-
-    paths = []
 
     def save(fig, filename):
         path = out / filename
@@ -327,6 +343,22 @@ def plots(board: list[dict], teacher: dict, out) -> list:
         storage.write_bytes(path, png.getvalue())
         plt.close(fig)
         paths.append(path)
+    return save
+
+
+def plots(board: list[dict], teacher: dict, out) -> list:
+    """The report's PNG plots, written into ``out`` (a folder, or a prefix on an object store):
+    in test accuracy, or for language models (:func:`is_lm`) in test perplexity
+    (:func:`lm_plots`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if is_lm(board, teacher):
+        return lm_plots(board, teacher, out)
+    paths = []
+    save = _saver(out, paths)
 
     teacher_acc = teacher["accuracy"]
 
@@ -386,5 +418,79 @@ def plots(board: list[dict], teacher: dict, out) -> list:
     ax.set(xlim=(0.0, 1.0), xlabel="test accuracy",
            title="Students vs label-only baseline (grey = label-only loss)")
     ax.tick_params(axis="y", labelsize=7)
+    save(fig, "students_vs_baseline.png")
+    return paths
+
+
+def lm_plots(board: list[dict], teacher: dict, out) -> list:
+    """The plots of a language-model board, in test perplexity (lower is better; log axes):
+    against parameters and against CPU tokens/s timed side by side (the teacher a star on both,
+    its perplexity a dashed line), against the temperature, and each experiment's bar beside
+    the label-only (next-token CE) ones."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    save = _saver(out, paths)
+    ylabel = "test perplexity (lower is better)"
+    teacher_ppl = teacher["perplexity"]
+
+    def spread(b: dict) -> float:
+        return b["perplexity_std"] or 0.0
+
+    def versus_teacher(x_of, teacher_x, xlabel: str, xscale: str, title: str, filename: str) -> None:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        labelled = set()
+        for b in board:
+            if (x := x_of(b)) is None:
+                continue
+            kind = "students, label-only loss" if label_only(b["loss"]) else "students, distilled"
+            ax.errorbar(x, b["perplexity"], yerr=spread(b), fmt="o", capsize=3, label=None if kind in labelled
+                        else kind, c="tab:gray" if label_only(b["loss"]) else "tab:blue")
+            labelled.add(kind)
+            ax.annotate(name(b), (x, b["perplexity"]), fontsize=7)
+        if teacher_x is not None:
+            ax.plot([teacher_x], [teacher_ppl], "*", ms=14, c="k", label="teacher")
+            ax.annotate("teacher", (teacher_x, teacher_ppl), fontsize=8)
+        ax.axhline(teacher_ppl, ls="--", c="gray")
+        ax.set(xscale=xscale, yscale="log", xlabel=xlabel, ylabel=ylabel, title=title)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+        save(fig, filename)
+
+    versus_teacher(lambda b: b["params"], teacher["params"], "parameters", "log", "Perplexity vs size",
+                   "perplexity_vs_params.png")
+    # the teacher's rate: the median of its side-by-side timings (one per experiment timed)
+    rates = [r for b in board if (r := tokens_per_s(b, "teacher")) is not None]
+    versus_teacher(lambda b: tokens_per_s(b, "student"), float(np.median(rates)) if rates else None,
+                   "CPU tokens/s at 8 windows per call (timed side by side)", "linear", "Perplexity vs speed",
+                   "perplexity_vs_tokens_per_s.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    series: dict[str, list] = {}  # one line per experiment but for its temperature
+    for b in board:
+        if b.get("temperature") is not None:
+            series.setdefault(name(b, without=("temperature",)), []).append(b)
+    for label, bs in sorted(series.items()):
+        bs = sorted(bs, key=lambda b: b["temperature"])
+        ax.errorbar([b["temperature"] for b in bs], [b["perplexity"] for b in bs],
+                    yerr=[spread(b) for b in bs], marker="o", capsize=3, label=label)
+    ax.axhline(teacher_ppl, ls="--", c="gray", label="teacher")
+    ax.set(yscale="log", xlabel="temperature", ylabel=ylabel,
+           title="Perplexity vs temperature (one line per experiment but for T)")
+    ax.legend(fontsize=7)
+    save(fig, "perplexity_vs_temperature.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    colors = ["tab:gray" if label_only(b["loss"]) else "tab:blue" for b in board]
+    ax.barh([name(b) for b in board], [b["perplexity"] for b in board],
+            xerr=[spread(b) for b in board], color=colors)
+    ax.axvline(teacher_ppl, ls="--", c="k", label="teacher")
+    ax.set(xlabel=ylabel, title="Students vs next-token CE baseline (grey = label-only loss)")
+    ax.set_xlim(left=0.0)  # bars start at 0: a truncated axis makes small differences look large
+    ax.tick_params(axis="y", labelsize=7)
+    ax.legend(fontsize=7)
     save(fig, "students_vs_baseline.png")
     return paths

@@ -82,6 +82,22 @@ def expand(cfg: SweepConfig) -> list[StudentConfig]:
     return runs
 
 
+def selection_metric(rows: list[dict]) -> tuple[str, bool]:
+    """The validation figure a sweep's runs are ranked by, and whether lower is better:
+    ``val_perplexity`` (lower) for language models (a token cache's runs record it), else
+    ``val_accuracy`` (higher)."""
+    if rows and all(r.get("val_perplexity") is not None for r in rows):
+        return "val_perplexity", True
+    return "val_accuracy", False
+
+
+def ranked(rows: list[dict]) -> list[dict]:
+    """The sweep's rows best first on the validation split (:func:`selection_metric`; the test
+    split is only reported); ties keep grid order, so ``ranked(rows)[0]`` is the run selected."""
+    key, lower = selection_metric(rows)
+    return sorted(rows, key=lambda r: r[key] if lower else -r[key])
+
+
 Finished = Iterator[tuple[int, dict]]  # (position in the grid, results row), as runs finish
 
 

@@ -7,6 +7,9 @@ hyperparameters that differ between experiments as columns; each student against
 N× smaller, M× faster — teacher and student timed side by side now, in this process — and K%
 of its accuracy kept) and writes it with four PNG plots to ``<cache>.results/report/``: accuracy vs parameters and vs CPU latency (the teacher
 a point on both), accuracy vs temperature, and each student against its label-only baseline.
+On a token cache (language models) the leaderboard and the plots are in test perplexity
+(lower is better): vs parameters and vs CPU tokens/s (the teacher a star on both), vs
+temperature, and each student against the next-token CE baseline.
 """
 
 from __future__ import annotations

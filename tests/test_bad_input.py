@@ -1194,7 +1194,10 @@ CASES: list[Case] = [
          lambda tmp: ["export", f"run={tmp}"],
          r"is not a kdcache run directory \(no config.json, metrics.json, student.safetensors\)"),
     Case("export-unknown-format", EXPORT, "format=tflite",
-         export_cmd("logreg", "format=tflite"), r"format='tflite' is not an export format; use auto, onnx, skops"),
+         export_cmd("logreg", "format=tflite"), r"format='tflite' is not an export format; use auto, onnx, skops, hf"),
+    Case("export-hf-for-torch", EXPORT, "format=hf (a language model's) for a torch student",
+         export_cmd("mlp", "format=hf"),
+         r"format=hf does not fit model mlp, a PyTorch student; export it with format=onnx"),
     Case("export-onnx-for-sklearn", EXPORT, "format=onnx for a scikit-learn student",
          export_cmd("linear_svc", "format=onnx"),
          r"format=onnx does not fit model linear_svc, a scikit-learn student; export it with format=skops"),
@@ -1527,6 +1530,20 @@ def _lm_student_tokenizer_changed(tmp: Path) -> list[str]:
     return ["student", f"cache={tmp / 'cache'}", "model=lm", f"runs_dir={tmp / 'runs'}", "epochs=1"]
 
 
+def _lm_export_tokenizer_gone(tmp: Path) -> list[str]:
+    """An lm run of a token cache whose data's tokenizer folder was deleted since: format=hf
+    saves that tokenizer beside the model."""
+    from stages import cache as cache_stage
+
+    argv = _lm_cmd("llama", "seq_len=24", "logits=topk:4", tokenizer="tokenizer")(tmp)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        cache_stage.main(argv[1:])
+        assert main(["student", f"cache={tmp / 'cache'}", "model=lm", f"runs_dir={tmp / 'runs'}", "epochs=1",
+                     "layers=1", "width=16", "heads=2", "batch_size=64", "device=cpu", "threads=1"]) == 0
+    shutil.rmtree(tmp / "tok")
+    return ["export", f"run={next((tmp / 'runs' / 'cache').iterdir())}"]
+
+
 CASES += [
     Case("lm-dense-over-limit", CONFIG, "logits=dense on a causal LM of more than 4,096 outputs",
          _lm_cmd("wide", "seq_len=24", "logits=dense"),
@@ -1566,6 +1583,11 @@ CASES += [
          r"the tokenizer in .*/tok \(\d+ ids, fingerprint [0-9a-f]+\) is not the one cache .*/cache was built "
          r"with \(\d+ ids, [0-9a-f]+\); a student must share the teacher's tokenizer: restore that tokenizer, "
          r"or build a new cache with this one$"),
+    Case("lm-export-tokenizer-gone", EXPORT, "export of an lm run whose cache's tokenizer folder was deleted",
+         _lm_export_tokenizer_gone,
+         r"the tokenizer folder .*/tok that cache .*/cache's data was tokenized with is not there; format=hf "
+         r"saves that tokenizer beside the model: restore the folder \(the tokenizer the cache was built "
+         r"with\) and export again$"),
 ]
 
 BY_ID = {case.id: case for case in CASES}

@@ -301,13 +301,17 @@ class LMStudent(Student):
                 "kl": kl / n if exact else None, "tokens": positions}
 
     @torch.inference_mode()
-    def decision_function(self, ids: np.ndarray) -> np.ndarray:
-        """Next-token logits [N, T, vocab] of windows of token ids [N, T] (no padding)."""
+    def decision_function(self, ids: np.ndarray, real: np.ndarray | None = None) -> np.ndarray:
+        """Next-token logits [N, T, vocab] of windows of token ids [N, T]; ``real`` [N, T]: the
+        tokens that are not padding (the attention mask; None: every token is real)."""
         self.model_.eval()
         out = []
         for a in range(0, len(ids), self.batch_size):
             x = torch.from_numpy(np.asarray(ids[a:a + self.batch_size], np.int64)).to(self.device_)
-            out.append(self.model_(input_ids=x).logits[..., :self.vocab_].float().cpu().numpy())
+            mask = None if real is None else torch.from_numpy(
+                np.asarray(real[a:a + self.batch_size], np.int64)).to(self.device_)
+            out.append(self.model_(input_ids=x, attention_mask=mask).logits[..., :self.vocab_]
+                       .float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.seq_len_, self.vocab_), np.float32)
 
     def predict(self, ids: np.ndarray) -> np.ndarray:
@@ -347,6 +351,23 @@ class LMStudent(Student):
             return module(torch.from_numpy(np.asarray(ids, np.int64))).argmax(-1).numpy()
 
         return predict
+
+    def to_transformers(self, tokenizer) -> torch.nn.Module:
+        """The trained model as a standalone transformers ``LlamaForCausalLM`` on the CPU, for
+        ``save_pretrained`` (what ``kdcache export format=hf`` writes): its ``vocab_size`` the
+        student's (the cache's ``len(tokenizer)``), its EOS, padding and BOS ids the
+        tokenizer's (the ones the cache's windows were made with), and a generation config
+        that stops at that EOS."""
+        from transformers import GenerationConfig
+
+        from pipeline.data.tokens import eos_id, pad_id
+
+        model = copy.deepcopy(self.model_).cpu().eval()
+        config = model.config
+        config.eos_token_id, config.pad_token_id = eos_id(tokenizer), pad_id(tokenizer)
+        config.bos_token_id = tokenizer.bos_token_id  # (None for a tokenizer without one)
+        model.generation_config = GenerationConfig.from_model_config(config)
+        return model
 
     def deployed_module(self) -> torch.nn.Module:
         """The trained model on the CPU as ids [N, T] -> logits [N, T, vocab]."""
@@ -403,15 +424,24 @@ def student_tokenizer(cache) -> dict:
     with: the ``tokenizer=DIR`` the cache's data was tokenized with, which must still be the
     one the cache records (the teacher's: same fingerprint), else refused in one line. A
     folder that is gone leaves the cache's record (the student reads the cached ids alone)."""
+    found = cache_tokenizer(cache)
+    return cache.lm["tokenizer"] if found is None else found[1]
+
+
+def cache_tokenizer(cache) -> tuple[object, dict] | None:
+    """The tokenizer the token cache ``cache``'s data names (``tokenizer=DIR``) and its record,
+    loaded from that folder and checked to be the one the cache records (same fingerprint),
+    else refused in one line; None when the folder is gone."""
     from pipeline.data.tokens import tokenizer_record
     from pipeline.hf import load_tokenizer
 
     want = cache.lm["tokenizer"]
     folder = (cache.manifest["dataset"].get("config") or {}).get("tokenizer") or ""
     if not folder or not Path(folder).expanduser().is_dir():
-        return want
+        return None
     try:
-        record = tokenizer_record(load_tokenizer(folder), Path(folder))
+        tok = load_tokenizer(folder)
+        record = tokenizer_record(tok, Path(folder))
     except KdError as exc:
         raise KdError(f"the tokenizer folder {folder} that cache {cache.root}'s data names cannot be "
                       f"loaded any more ({first_line(exc, 100)}); restore the tokenizer it was built "
@@ -421,7 +451,7 @@ def student_tokenizer(cache) -> dict:
                       f"{record['fingerprint'][:12]}) is not the one cache {cache.root} was built with "
                       f"({want['vocab_size']:,} ids, {want['fingerprint'][:12]}); a student must share "
                       "the teacher's tokenizer: restore that tokenizer, or build a new cache with this one")
-    return record
+    return tok, record
 
 
-STUDENTS.register("lm", kind="inputs", loss=True, modality="tokens")(LMStudent)
+STUDENTS.register("lm", kind="inputs", loss=True, modality="tokens", export="hf")(LMStudent)

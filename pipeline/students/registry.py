@@ -31,7 +31,7 @@ from pipeline.students.base import Student
 
 KINDS = ("features", "inputs")
 MODALITIES = ("array", "text", "tokens")  # what a dataset's inputs are (pipeline.data.Dataset.modality)
-EXPORT_FORMATS = ("onnx", "skops")
+EXPORT_FORMATS = ("onnx", "skops", "hf")
 DEFAULT_LOSS = "kd"  # students that train with a loss, when loss= is not given
 DEFAULT_TARGET = "labels"  # students that fit hard targets, when target= is not given
 # Constructor arguments a run supplies from its own keys, not hyperparameters: the seed and
@@ -51,8 +51,9 @@ class StudentNeeds:
       arrays) or ``text`` (documents, ``str``). A run on a cache of another kind of data is
       refused up front (:func:`check_modality`). Feature students read cached features, which
       every cache holds whatever its data: they declare nothing here.
-    - ``export``: the format ``kdcache export`` writes (``onnx`` or ``skops``); None: ``onnx``
-      for an ``inputs`` student, ``skops`` for a ``features`` one.
+    - ``export``: the format ``kdcache export`` writes (``onnx``, ``skops``, or ``hf``: a Hugging
+      Face model directory, for a language model with ``to_transformers``); None: ``onnx`` for
+      an ``inputs`` student, ``skops`` for a ``features`` one.
 
     A constructor argument ``target`` means the student fits targets of the teacher's or the
     labels (the values it takes are the class's ``choices["target"]``: ``labels`` or
