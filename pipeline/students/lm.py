@@ -400,15 +400,16 @@ def cache_batches(cache, split: str, batch_size: int, seed: int | None = None) -
 
 def student_tokenizer(cache) -> dict:
     """The record of the tokenizer a student of token cache ``cache`` reads and writes text
-    with: the ``tokenizer=DIR`` the cache's data was tokenized with, which must still be the
-    one the cache records (the teacher's: same fingerprint), else refused in one line. A
-    folder that is gone leaves the cache's record (the student reads the cached ids alone)."""
+    with: the ``tokenizer=DIR`` (or GGUF file) the cache's data was tokenized with, which must
+    still be the one the cache records (the teacher's: same fingerprint), else refused in one
+    line. A tokenizer that is gone leaves the cache's record (the student reads the cached ids
+    alone)."""
     from pipeline.data.tokens import tokenizer_record
     from pipeline.hf import load_tokenizer
 
     want = cache.lm["tokenizer"]
     folder = (cache.manifest["dataset"].get("config") or {}).get("tokenizer") or ""
-    if not folder or not Path(folder).expanduser().is_dir():
+    if not folder or not Path(folder).expanduser().exists():
         return want
     try:
         record = tokenizer_record(load_tokenizer(folder), Path(folder))
