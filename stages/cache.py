@@ -75,6 +75,10 @@ def main(args: list[str]) -> dict:
     summary.update(computed_rows=run["computed_rows"], computed_outputs=run["computed_outputs"],
                    skipped=run["skipped"], repaired=run["repaired"], seconds=round(run["seconds"], 2),
                    outputs_per_s=round(run["computed_outputs"] / run["seconds"], 1) if run["seconds"] else None)
+    if "lm" in manifest:  # a token cache: positions (padding included: the teacher runs them too)
+        positions = run["computed_rows"] * int(manifest["lm"]["seq_len"])
+        summary.update(computed_positions=positions,
+                       tokens_per_s=round(positions / run["seconds"], 1) if run["seconds"] else None)
     print(describe(summary))
     if run["repaired"]:
         print(f"repaired {len(run['repaired'])} damaged shards ({', '.join(run['repaired'][:5])}"
@@ -85,6 +89,9 @@ def main(args: list[str]) -> dict:
     elif run["skipped"]:
         print("(cache was already complete: nothing recomputed; repair=true re-checks every "
               "shard and recomputes damaged ones)")
+    elif "lm" in manifest:  # a token cache: the teacher's work is per position, every window's T
+        print(f"computed {run['computed_rows']:,} windows ({summary['computed_positions']:,} positions) "
+              f"in {run['seconds']:.1f}s ({summary['tokens_per_s']:,.0f} tokens/s)")
     else:
         views = f" ({run['computed_outputs']:,} with their views)" if cfg.views > 1 else ""
         print(f"computed {run['computed_rows']:,} rows{views} in {run['seconds']:.1f}s "

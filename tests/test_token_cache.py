@@ -251,8 +251,8 @@ def test_a_gguf_teacher_caches_with_the_tokenizer_inside_its_file(token_corpus, 
     """`kdcache cache dataset=tokens:X teacher=hf:DIR gguf_file=F` needs no tokenizer=: the data is
     tokenized with the tokenizer inside F (tokenizer=DIR/F in the cache's config), whose fingerprint
     is that of the same tokenizer saved as a folder; the cached top-K are transformers' own GGUF
-    model's; the file is dequantised once in the process, with no progress bar; verify
-    re-tokenizes and re-runs it."""
+    model's; the file is dequantised once in the process, with no progress bar; the summary counts
+    tokens/s; verify re-tokenizes and re-runs it."""
     import json
 
     import transformers
@@ -277,6 +277,8 @@ def test_a_gguf_teacher_caches_with_the_tokenizer_inside_its_file(token_corpus, 
     assert loads == [tiny_gguf.name], loads  # checks, plan, cost and shards share one load
     assert "GGUF tensors" not in out + err
     cache = open_cache(root)
+    windows = sum(cache.num_rows(s) for s in cache.splits)
+    assert f"computed {windows:,} windows ({windows * 128:,} positions) in " in out and " tokens/s)" in out
     assert json.loads((root / "config.json").read_text())["config"]["tokenizer"] == str(tiny_gguf)
     # the same tokenizer saved as a folder: the same record, the same dataset fingerprint
     saved = tmp_path / "tok"
