@@ -121,14 +121,17 @@ def _quiet(gguf: bool = False) -> Iterator[None]:
     if gguf:
         import functools
 
-        from transformers import modeling_gguf_pytorch_utils as converter
-
-        bar = converter.tqdm
-        converter.tqdm = functools.partial(bar, disable=True)
+        try:  # where transformers (5.25 here) draws it; elsewhere the bar is left as it is
+            from transformers import modeling_gguf_pytorch_utils as converter
+        except ImportError:
+            converter = None
+        bar = getattr(converter, "tqdm", None)
+        if bar is not None:
+            converter.tqdm = functools.partial(bar, disable=True)
     try:
         yield
     finally:
-        if converter is not None:
+        if bar is not None:
             converter.tqdm = bar
         hub.HF_HUB_OFFLINE = offline
         logging.set_verbosity(verbosity)
