@@ -104,10 +104,12 @@ def resolve_model(name: str, gguf_file: str = "") -> Path:
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def _quiet(gguf: bool = False) -> Iterator[None]:
     """transformers and huggingface_hub silenced while a model loads (progress bars, notes on
     unused weights such as a pooler): kdcache prints what matters in its own words. The hub's
-    offline flag is set too, so that nothing is ever fetched (it is read once, at import)."""
+    offline flag is set too, so that nothing is ever fetched (it is read once, at import).
+    ``gguf``: also the bar transformers draws with plain tqdm, outside its logging settings,
+    while it dequantises a GGUF file's tensors ("Converting and de-quantizing GGUF tensors")."""
     import huggingface_hub.constants as hub
     from transformers.utils import logging
 
@@ -115,9 +117,22 @@ def _quiet() -> Iterator[None]:
     offline, hub.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE, True
     logging.set_verbosity_error()
     logging.disable_progress_bar()
+    converter = bar = None
+    if gguf:
+        import functools
+
+        try:  # where transformers (5.25 here) draws it; elsewhere the bar is left as it is
+            from transformers import modeling_gguf_pytorch_utils as converter
+        except ImportError:
+            converter = None
+        bar = getattr(converter, "tqdm", None)
+        if bar is not None:
+            converter.tqdm = functools.partial(bar, disable=True)
     try:
         yield
     finally:
+        if bar is not None:
+            converter.tqdm = bar
         hub.HF_HUB_OFFLINE = offline
         logging.set_verbosity(verbosity)
         if bars:
@@ -133,15 +148,31 @@ def _transformers():
     return transformers
 
 
+GGUF_SUFFIX = ".gguf"
+
+
 def load_tokenizer(directory: str | Path, key: str = "tokenizer"):
-    """The Hugging Face tokenizer saved in ``directory`` (by ``save_pretrained``), loaded offline;
-    refused in one line, naming ``key=`` (the setting that gave the directory), when there is
-    none there."""
+    """The Hugging Face tokenizer saved in ``directory`` (by ``save_pretrained``), or held in a
+    GGUF file (``directory`` is then the ``.gguf`` file itself: its vocabulary, merges and special
+    tokens, as ``AutoTokenizer.from_pretrained(DIR, gguf_file=NAME)`` reads them), loaded
+    offline; refused in one line, naming ``key=`` (the setting that gave the path), when there
+    is none there."""
     transformers = _transformers()
     path = Path(directory).expanduser()
+    if path.suffix.lower() == GGUF_SUFFIX and path.is_file():
+        with _quiet():
+            try:
+                return transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name,
+                                                                  local_files_only=True)
+            except Exception as exc:
+                raise KdError(f"{key}={directory} cannot be loaded as a GGUF file's tokenizer "
+                              f"({type(exc).__name__}: {first_line(exc, 120)}); pass a .gguf file "
+                              "holding a tokenizer (reading one needs pip install gguf), or a "
+                              "tokenizer folder written by save_pretrained") from None
     if not path.is_dir():
         raise KdError(f"{key}={directory}: no such folder; pass {key}=DIR, a folder holding a "
-                      "tokenizer written by save_pretrained (tokenizer.json or tokenizer_config.json)")
+                      "tokenizer written by save_pretrained (tokenizer.json or tokenizer_config.json), "
+                      "or a .gguf file")
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         raise KdError(f"{key}={directory} is not a Hugging Face tokenizer folder (no tokenizer.json "
                       "or tokenizer_config.json); pass the folder save_pretrained wrote it to")

@@ -7,6 +7,14 @@ in one file, dequantised to float32 by transformers; needs the ``gguf`` package)
 ever downloaded. The model runs in float32, in inference mode (bfloat16 autocast on a GPU that
 supports it).
 
+**Loaded once per process.** Planning and building a cache ask for the teacher several times
+(its checks, its fingerprint and shapes, its cost, the shards' forwards); dequantising a GGUF
+file takes seconds to minutes (SmolLM2-135M: ~10 s here). The last model loaded is kept
+(:func:`load_causal_lm`, keyed by its directory, GGUF file and their files' sizes and mtimes),
+so one process loads it once; every :class:`HfCausalLM` of it shares those weights, read-only
+(a teacher is only ever run in inference mode). Only the architecture is read where that is
+all that is needed (:func:`is_causal_lm`: a GGUF file's header, not its tensors).
+
 :class:`HfCausalLM` reads windows of token ids, not text: ``hidden(ids, mask)`` runs the
 model's body once over a batch of windows ``[B, T]``, and ``logits(hidden)`` applies its
 output layer to any set of positions, so that a cache build holds the logits of a chunk of
@@ -22,6 +30,9 @@ outputs than its tokenizer's ids is refused, naming both sizes.
 
 from __future__ import annotations
 
+import struct
+import threading
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,25 +58,135 @@ def same_vocabulary(a: dict, b: dict) -> bool:
 
 def is_causal_lm(name: str, gguf_file: str = "") -> bool:
     """Whether ``hf:name`` holds a causal language model (its config maps to
-    ``AutoModelForCausalLM`` and is not an encoder-decoder), read from its config only."""
+    ``AutoModelForCausalLM`` and is not an encoder-decoder), read from its config only; for a
+    GGUF file, from the architecture in its header (:func:`gguf_architecture`): false only for
+    an architecture transformers knows as something else (T5, an encoder)."""
     transformers = _transformers()
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
     directory = resolve_model(name, gguf_file)
+    if gguf_file:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+        architecture = gguf_architecture(directory / gguf_file)
+        model_type = GGUF_MODEL_TYPES.get(architecture, architecture.replace("-", "_"))
+        return model_type not in CONFIG_MAPPING_NAMES or model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     with _quiet():
         try:
-            config = transformers.AutoConfig.from_pretrained(
-                directory, local_files_only=True, **({"gguf_file": gguf_file} if gguf_file else {}))
+            config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
         except Exception as exc:
             raise KdError(f"{directory} has no readable model config ({type(exc).__name__}: "
                           f"{first_line(exc, 120)}); pass teacher=hf:DIR to a folder written by "
                           "save_pretrained (or gguf_file=NAME of its GGUF file)") from None
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
     if getattr(config, "is_encoder_decoder", False):
         return False
     architectures = getattr(config, "architectures", None) or []
     if architectures:
         return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
     return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+
+# llama.cpp's architecture names whose transformers model type is spelled otherwise
+GGUF_MODEL_TYPES = {"t5encoder": "t5", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+# GGUF metadata value types of a fixed size (bytes), as the GGUF specification numbers them
+_GGUF_SIZES = {0: 1, 1: 1, 7: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 10: 8, 11: 8, 12: 8}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def gguf_architecture(path: Path) -> str:
+    """The ``general.architecture`` in a GGUF file's header (``llama``, ``qwen2``, ``t5``...),
+    read without the rest of its metadata or any tensor (llama.cpp writes it first; the keys
+    before it are skipped by their sizes). Refused in one line for a file that is not GGUF."""
+    def fail(why: str) -> KdError:
+        return KdError(f"{path} is not a readable GGUF file ({why}); pass gguf_file=NAME of a .gguf "
+                       "model file (written by llama.cpp's converters)")
+
+    try:
+        with open(path, "rb") as f:
+            def read(n: int) -> bytes:
+                data = f.read(n)
+                if len(data) != n:
+                    raise fail("it ends inside its header")
+                return data
+
+            def string() -> str:
+                return read(struct.unpack("<Q", read(8))[0]).decode("utf-8", "replace")
+
+            if read(4) != b"GGUF":
+                raise fail("no GGUF magic bytes")
+            version, _, count = struct.unpack("<IQQ", read(20))
+            if version < 2:
+                raise fail(f"GGUF version {version}")
+            for _ in range(count):
+                key, kind = string(), struct.unpack("<I", read(4))[0]
+                if key == "general.architecture" and kind == _GGUF_STRING:
+                    return string()
+                if kind == _GGUF_STRING:
+                    f.seek(struct.unpack("<Q", read(8))[0], 1)
+                elif kind in _GGUF_SIZES:
+                    f.seek(_GGUF_SIZES[kind], 1)
+                elif kind == _GGUF_ARRAY:
+                    element, n = struct.unpack("<IQ", read(12))
+                    if element in _GGUF_SIZES:
+                        f.seek(n * _GGUF_SIZES[element], 1)
+                    elif element == _GGUF_STRING:
+                        for _ in range(n):
+                            f.seek(struct.unpack("<Q", read(8))[0], 1)
+                    else:
+                        raise fail(f"metadata {key} is an array of type {element}")
+                else:
+                    raise fail(f"metadata {key} has value type {kind}")
+    except OSError as exc:
+        raise KdError(f"{path} cannot be read ({exc.strerror or type(exc).__name__}); pass "
+                      "gguf_file=NAME of a readable .gguf file") from None
+    raise fail("its metadata names no general.architecture")
+
+
+# The last causal LM loaded in this process: {key: (config, tokenizer, model)}, at most one
+# entry (a teacher can be large), so that planning, timing and building a cache load it once.
+_LOADED: dict[tuple, tuple[Any, Any, nn.Module]] = {}
+_LOADED_LOCK = threading.Lock()
+
+
+def _files_signature(directory: Path, gguf_file: str) -> tuple:
+    """(name, size, mtime) of the files a model is loaded from: its GGUF file, or every file of
+    its directory (weights, config, tokenizer), so that a model replaced in place is reloaded."""
+    files = [directory / gguf_file] if gguf_file else sorted(p for p in directory.iterdir() if p.is_file())
+    return tuple((p.name, st.st_size, st.st_mtime_ns) for p in files for st in (p.stat(),))
+
+
+def load_causal_lm(directory: Path, gguf_file: str = "") -> tuple[Any, Any, nn.Module]:
+    """``(config, tokenizer, model)`` of the causal LM in ``directory`` (or its GGUF file), the
+    model in float32 and eval mode on the CPU, loaded offline and quietly, or reused from the
+    last load in this process when its files are unchanged and the model is still on the CPU
+    (a caller that moved it to a GPU made it its own). Refused in one line when it cannot be
+    loaded."""
+    transformers = _transformers()
+    key = (str(directory), gguf_file, _files_signature(directory, gguf_file))
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    with _LOADED_LOCK:
+        hit = _LOADED.get(key)
+        if hit is not None and next(hit[2].parameters()).device.type == "cpu":
+            return hit
+        _LOADED.clear()  # let the previous model go before this one is loaded
+        with _quiet(gguf=bool(gguf_file)):
+            try:
+                config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True, **extra)
+                tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True, **extra)
+            except Exception as exc:
+                raise KdError(f"{directory} cannot be loaded as a causal language model and "
+                              f"tokenizer ({type(exc).__name__}: {first_line(exc, 120)}); pass "
+                              "teacher=hf:DIR to a folder written by save_pretrained, with its "
+                              "tokenizer's files (or gguf_file=NAME; GGUF needs pip install gguf)") from None
+            try:
+                model = transformers.AutoModelForCausalLM.from_pretrained(
+                    directory, config=config, local_files_only=True, dtype=torch.float32, **extra).eval()
+            except Exception as exc:
+                raise KdError(f"the weights in {directory} cannot be loaded as a causal LM "
+                              f"({type(exc).__name__}: {first_line(exc, 120)}); pass teacher=hf:DIR "
+                              "to a folder written by save_pretrained") from None
+        _LOADED[key] = (config, tokenizer, model)
+        return _LOADED[key]
 
 
 class HfCausalLM(nn.Module):
@@ -78,29 +199,10 @@ class HfCausalLM(nn.Module):
 
     def __init__(self, name: str, num_classes: int, seq_len: int, gguf_file: str = ""):
         super().__init__()
-        transformers = _transformers()
         self.name = name
         self.gguf_file = gguf_file
         self.directory = resolve_model(name, gguf_file)
-        extra = {"gguf_file": gguf_file} if gguf_file else {}
-        with _quiet():
-            try:
-                config = transformers.AutoConfig.from_pretrained(self.directory, local_files_only=True, **extra)
-                self.tokenizer = transformers.AutoTokenizer.from_pretrained(
-                    self.directory, local_files_only=True, **extra)
-            except Exception as exc:
-                raise KdError(f"{self.directory} cannot be loaded as a causal language model and "
-                              f"tokenizer ({type(exc).__name__}: {first_line(exc, 120)}); pass "
-                              "teacher=hf:DIR to a folder written by save_pretrained, with its "
-                              "tokenizer's files (or gguf_file=NAME; GGUF needs pip install gguf)") from None
-            try:
-                self.model = transformers.AutoModelForCausalLM.from_pretrained(
-                    self.directory, config=config, local_files_only=True, dtype=torch.float32,
-                    **extra).eval()
-            except Exception as exc:
-                raise KdError(f"the weights in {self.directory} cannot be loaded as a causal LM "
-                              f"({type(exc).__name__}: {first_line(exc, 120)}); pass teacher=hf:DIR "
-                              "to a folder written by save_pretrained") from None
+        config, self.tokenizer, self.model = load_causal_lm(self.directory, gguf_file)
         self.model_type = str(config.model_type)
         self.vocab_size = len(self.tokenizer)
         head = self.model.get_output_embeddings()
@@ -112,7 +214,7 @@ class HfCausalLM(nn.Module):
         if int(num_classes) != self.vocab_size:
             raise KdError(f"teacher hf:{name}'s tokenizer has {self.vocab_size:,} ids but the token "
                           f"dataset's vocabulary has {int(num_classes):,}; tokenize the data with "
-                          f"the teacher's tokenizer (tokenizer={self.directory})")
+                          f"the teacher's tokenizer (tokenizer={self.tokenizer_path})")
         positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
         if positions and seq_len > positions:
             raise KdError(f"seq_len={seq_len} is longer than teacher hf:{name} reads ({positions} "
@@ -129,6 +231,12 @@ class HfCausalLM(nn.Module):
             and self._chunking_agrees()
 
     # ------------------------------------------------------------------ identity
+    @property
+    def tokenizer_path(self) -> Path:
+        """Where the tokenizer is, as ``tokenizer=`` names it: the model directory, or its GGUF
+        file (whose tokenizer is inside it)."""
+        return self.directory / self.gguf_file if self.gguf_file else self.directory
+
     @property
     def tokenizer_record(self) -> dict[str, Any]:
         """The tokenizer's record (:func:`pipeline.data.tokens.tokenizer_record`, the token

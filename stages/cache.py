@@ -22,9 +22,8 @@ from pipeline.cache.plan import check_token_teacher, prepare, teacher_cost
 from pipeline.cache.summary import describe, summarise
 from pipeline.config import CacheConfig
 from pipeline.data import open_dataset, split_spec
-from pipeline.errors import KdError
 from pipeline.hf import resolve_model
-from pipeline.hf_lm import PRETRAINED, HfCausalLM
+from pipeline.hf_lm import PRETRAINED, HfCausalLM, gguf_architecture
 from pipeline.paths import default_cache_path
 from pipeline.settings import resolve
 from pipeline.sparse import check_mode, parse_mode
@@ -76,6 +75,10 @@ def main(args: list[str]) -> dict:
     summary.update(computed_rows=run["computed_rows"], computed_outputs=run["computed_outputs"],
                    skipped=run["skipped"], repaired=run["repaired"], seconds=round(run["seconds"], 2),
                    outputs_per_s=round(run["computed_outputs"] / run["seconds"], 1) if run["seconds"] else None)
+    if "lm" in manifest:  # a token cache: positions (padding included: the teacher runs them too)
+        positions = run["computed_rows"] * int(manifest["lm"]["seq_len"])
+        summary.update(computed_positions=positions,
+                       tokens_per_s=round(positions / run["seconds"], 1) if run["seconds"] else None)
     print(describe(summary))
     if run["repaired"]:
         print(f"repaired {len(run['repaired'])} damaged shards ({', '.join(run['repaired'][:5])}"
@@ -86,6 +89,9 @@ def main(args: list[str]) -> dict:
     elif run["skipped"]:
         print("(cache was already complete: nothing recomputed; repair=true re-checks every "
               "shard and recomputes damaged ones)")
+    elif "lm" in manifest:  # a token cache: the teacher's work is per position, every window's T
+        print(f"computed {run['computed_rows']:,} windows ({summary['computed_positions']:,} positions) "
+              f"in {run['seconds']:.1f}s ({summary['tokens_per_s']:,.0f} tokens/s)")
     else:
         views = f" ({run['computed_outputs']:,} with their views)" if cfg.views > 1 else ""
         print(f"computed {run['computed_rows']:,} rows{views} in {run['seconds']:.1f}s "
@@ -98,17 +104,13 @@ TOKEN_SOURCE = "tokens"  # dataset=tokens:PATH (pipeline.data.tokens)
 
 def teacher_tokenizer(cfg: CacheConfig) -> CacheConfig:
     """A token dataset with no ``tokenizer=`` given is tokenized with the ``hf:`` teacher's
-    own tokenizer: its model directory (saved in the cache's config, so that students, verify
-    and workers reopen the same windows). A GGUF teacher's tokenizer lives inside its file, so
-    it must be saved as a directory once and named."""
+    own tokenizer: its model directory, or for a GGUF teacher its GGUF file (which holds the
+    tokenizer; ``tokenizer=DIR/NAME.gguf``). Saved in the cache's config, so that students,
+    verify and dask workers reopen the same windows."""
     if (split_spec(cfg.dataset)[0] != TOKEN_SOURCE or not cfg.teacher.startswith("hf:")
             or "tokenizer" not in {f.name for f in dataclasses.fields(cfg)} or getattr(cfg, "tokenizer")):
         return cfg
-    name = cfg.teacher.removeprefix("hf:")
-    if cfg.gguf_file:
-        folder = resolve_model(name, cfg.gguf_file)
-        raise KdError(f"a GGUF teacher's tokenizer is inside {cfg.gguf_file}; save it once as a folder "
-                      f"and pass tokenizer=DIR: python -c \"from transformers import AutoTokenizer; "
-                      f"AutoTokenizer.from_pretrained('{folder}', gguf_file='{cfg.gguf_file}')"
-                      f".save_pretrained('{folder}/tokenizer')\"")
-    return dataclasses.replace(cfg, tokenizer=str(resolve_model(name)))
+    folder = resolve_model(cfg.teacher.removeprefix("hf:"), cfg.gguf_file)
+    if cfg.gguf_file:  # a file that is no GGUF is named as the teacher's, not as a tokenizer=
+        gguf_architecture(folder / cfg.gguf_file)
+    return dataclasses.replace(cfg, tokenizer=str(folder / cfg.gguf_file if cfg.gguf_file else folder))

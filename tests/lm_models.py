@@ -94,6 +94,71 @@ def write_tiny_gpt2(folder: Path, texts: list[str], seed: int = 0, hidden: int =
     return folder
 
 
+def write_tiny_gguf(model_dir: Path, path: Path) -> Path:
+    """The Llama of :func:`write_tiny_llama` (``model_dir``) written as one GGUF file at
+    ``path``, as llama.cpp's converter lays it out: the config as ``llama.*`` metadata, the
+    byte-level BPE as ``tokenizer.ggml.*`` (tokens, merges, control tokens, EOS/pad ids), and
+    float32 tensors under GGUF names (q and k rows permuted as llama.cpp stores them; transformers
+    undoes that when it loads the file). Written with the ``gguf`` package in milliseconds."""
+    import json
+
+    import gguf
+    import numpy as np
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tok = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    cfg = model.config
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny-llama")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    w.add_vocab_size(cfg.vocab_size)
+    state = json.loads(tok.backend_tokenizer.to_str())
+    tokens = {i: t for t, i in state["model"]["vocab"].items()}
+    tokens.update({a["id"]: a["content"] for a in state["added_tokens"]})
+    special = {a["id"] for a in state["added_tokens"] if a["special"]}
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list([tokens[i] for i in range(len(tok))])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in state["model"]["merges"]])
+    w.add_token_types([3 if i in special else 1 for i in range(len(tok))])  # 3: control
+    w.add_eos_token_id(tok.eos_token_id)
+    w.add_bos_token_id(tok.eos_token_id)
+    w.add_pad_token_id(tok.pad_token_id)
+    w.add_add_bos_token(False)
+
+    def permute(x: np.ndarray, heads: int) -> np.ndarray:
+        return x.reshape(heads, 2, x.shape[0] // heads // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    for i in range(cfg.num_hidden_layers):
+        for hf, name in (("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"),
+                         ("self_attn.v_proj", "attn_v"), ("self_attn.o_proj", "attn_output"),
+                         ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"), ("mlp.down_proj", "ffn_down"),
+                         ("input_layernorm", "attn_norm"), ("post_attention_layernorm", "ffn_norm")):
+            names[f"model.layers.{i}.{hf}.weight"] = f"blk.{i}.{name}.weight"
+    weights = model.state_dict()
+    for hf, name in names.items():
+        x = weights[hf].float().numpy()
+        if name.endswith(("attn_q.weight", "attn_k.weight")):
+            x = permute(x, cfg.num_attention_heads if "attn_q" in name else cfg.num_key_value_heads)
+        w.add_tensor(name, np.ascontiguousarray(x))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
 def corpus_documents(path: Path) -> list[str]:
     """The documents of a corpus written by :func:`write_corpus`, as tokens:PATH reads them."""
     from pipeline.data.tokens import split_documents

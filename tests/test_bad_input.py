@@ -1509,8 +1509,9 @@ def _lm_cmd(kind: str, *args: str, tokenizer: str = "") -> Callable[[Path], list
     return setup
 
 
-def _gguf_without_tokenizer(tmp: Path) -> list[str]:
-    """A GGUF teacher (a stand-in file: refused before it is read) and no tokenizer=."""
+def _gguf_not_gguf(tmp: Path) -> list[str]:
+    """A GGUF teacher whose file holds the magic bytes and nothing else (no tokenizer=: the
+    teacher's file would give it)."""
     shutil.copy(_lm_base() / "stories.txt", tmp / "stories.txt")
     (tmp / "model").mkdir()
     (tmp / "model" / "tiny.gguf").write_bytes(b"GGUF")
@@ -1560,9 +1561,10 @@ CASES += [
          _lm_cmd("llama", "seq_len=24", tokenizer="other-tokenizer"),
          r"tokenizer \(\d+ ids\) is not the one tokens:.*/stories.txt was tokenized with \(\d+ ids, another "
          r"vocabulary or merges\); tokenize the data with the teacher's tokenizer \(tokenizer=.*/model\)$"),
-    Case("lm-gguf-tokenizer", CONFIG, "a GGUF teacher on tokens: with no tokenizer=",
-         _gguf_without_tokenizer,
-         r"a GGUF teacher's tokenizer is inside tiny.gguf; save it once as a folder and pass tokenizer=DIR: "),
+    Case("lm-gguf-truncated", PLUGINS, "gguf_file= a file that ends inside its GGUF header",
+         _gguf_not_gguf,
+         r"/model/tiny.gguf is not a readable GGUF file \(it ends inside its header\); pass gguf_file=NAME "
+         r"of a .gguf model file \(written by llama.cpp's converters\)$"),
     Case("lm-random-ckpt", CKPT, "teacher_ckpt=random for a causal LM",
          _lm_cmd("llama", "seq_len=24", "teacher_ckpt=random"),
          r"is a causal LM: it runs its directory's weights, not random ones; drop teacher_ckpt= "

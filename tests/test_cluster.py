@@ -126,6 +126,23 @@ def test_a_cluster_build_is_byte_identical_to_an_in_process_one(dask_cluster, re
 
 
 @pytest.mark.slow
+def test_a_token_cache_built_on_the_cluster_is_byte_identical(dask_cluster, token_corpus, tiny_llama, tmp_path):
+    """A causal-LM teacher over token windows: the workers reopen the token dataset (its
+    tokenizer folder travels in the cache's config) and compute the same arrays and index as
+    this process, under the same manifest key."""
+    def token_cache(name: str, scheduler: str) -> Path:
+        root = tmp_path / name
+        assert main(["cache", f"dataset=tokens:{token_corpus}", f"teacher=hf:{tiny_llama}", "seq_len=128",
+                     "logits=topk:4", "shard_size=32", "threads=1", "device=cpu",
+                     f"scheduler={scheduler}", f"cache={root}"]) == 0
+        return root
+
+    here, there = token_cache("here", "synchronous"), token_cache("there", dask_cluster.address)
+    assert fmt.read_manifest(there)["key"] == fmt.read_manifest(here)["key"]
+    assert_same_cache(there, here)
+
+
+@pytest.mark.slow
 def test_a_worker_killed_mid_build_is_replaced_and_the_cache_is_byte_identical(dask_cluster, reference,
                                                                                tmp_path, capsys):
     root = tmp_path / "cache"

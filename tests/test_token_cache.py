@@ -204,3 +204,98 @@ def test_topk_sample_keeps_the_head_exactly_and_draws_from_the_tail(token_corpus
     assert t["t_ids"].shape[1] == 10 and np.allclose(t["t_w"].sum(1), 1.0, atol=1e-5)
     checks = verify(cache, rows=3, seed=0)
     assert checks["teacher fidelity"].startswith("ok") and "draws re-drawn" in checks["teacher fidelity"], checks
+
+
+def test_a_damaged_shard_is_found_by_verify_and_repair_recomputes_only_it(token_corpus, tiny_llama, tmp_path, capsys):
+    """A flipped byte in one shard of a token cache's top-K logits: verify names that shard,
+    `kdcache cache cache=PATH repair=true` recomputes its rows alone, and every array file is
+    byte for byte the undamaged build's again."""
+    from conftest import run_cli
+    from test_faults import array_files, shard_file
+
+    from pipeline.cache import format as fmt
+    from pipeline.sparse import TOPK
+
+    root = tmp_path / "cache"
+    run_cli(capsys, "cache", f"dataset=tokens:{token_corpus}", f"teacher=hf:{tiny_llama}", "seq_len=128",
+            "logits=topk:4", "shard_size=32", "device=cpu", f"cache={root}")
+    before, manifest = array_files(root), fmt.read_manifest(root)
+    path = shard_file(root, fmt.sparse_key("train", TOPK, "logits"), 1)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+    checks = verify(open_cache(root), rows=2, seed=0)
+    assert checks["shard checksums"] == f"FAILED: {fmt.sparse_key('train', TOPK, 'logits')} shard 1"
+    assert checks["token windows"].startswith("ok")  # the ids are intact: only the logits differ
+    # a fidelity check that meets the damaged chunk (seed 0 samples a window of train shard 1)
+    # fails in one line naming the repair, and the other checks still run
+    assert checks["teacher fidelity"].startswith("FAILED: cache array") and "repair=true" in checks["teacher fidelity"]
+    summary = run_cli(capsys, "cache", f"cache={root}", "repair=true")
+    assert summary["repaired"] == ["train shard 1"]
+    assert summary["computed_rows"] == manifest["shards"]["train"][1]["stop"] - manifest["shards"]["train"][1]["start"]
+    assert array_files(root) == before
+    assert fmt.read_manifest(root)["shards"] == manifest["shards"]
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory, tiny_llama):
+    """The tiny Llama as one GGUF file (tests/lm_models.py write_tiny_gguf): ``DIR/tiny.gguf``."""
+    pytest.importorskip("gguf")
+    from tests.lm_models import write_tiny_gguf
+
+    return write_tiny_gguf(tiny_llama, tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
+def test_a_gguf_teacher_caches_with_the_tokenizer_inside_its_file(token_corpus, tiny_gguf, tmp_path, capfd,
+                                                                   monkeypatch):
+    """`kdcache cache dataset=tokens:X teacher=hf:DIR gguf_file=F` needs no tokenizer=: the data is
+    tokenized with the tokenizer inside F (tokenizer=DIR/F in the cache's config), whose fingerprint
+    is that of the same tokenizer saved as a folder; the cached top-K are transformers' own GGUF
+    model's; the file is dequantised once in the process, with no progress bar; the summary counts
+    tokens/s; verify re-tokenizes and re-runs it."""
+    import json
+
+    import transformers
+
+    from pipeline.config import DataConfig
+    from pipeline.data.tokens import tokenizer_record
+    from pipeline.hf import load_tokenizer
+    from stages.cli import main
+
+    real, loads = transformers.AutoModelForCausalLM.from_pretrained, []
+
+    def counted(*args, **kwargs):  # transformers' own loader, counted
+        loads.append(kwargs.get("gguf_file"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", counted)
+    root, folder = tmp_path / "cache", tiny_gguf.parent
+    capfd.readouterr()
+    assert main(["cache", f"dataset=tokens:{token_corpus}", f"teacher=hf:{folder}", f"gguf_file={tiny_gguf.name}",
+                 "seq_len=128", "logits=topk:4", "shard_size=32", "device=cpu", "dtype=float32", f"cache={root}"]) == 0
+    out, err = capfd.readouterr()
+    assert loads == [tiny_gguf.name], loads  # checks, plan, cost and shards share one load
+    assert "GGUF tensors" not in out + err
+    cache = open_cache(root)
+    windows = sum(cache.num_rows(s) for s in cache.splits)
+    assert f"computed {windows:,} windows ({windows * 128:,} positions) in " in out and " tokens/s)" in out
+    assert json.loads((root / "config.json").read_text())["config"]["tokenizer"] == str(tiny_gguf)
+    # the same tokenizer saved as a folder: the same record, the same dataset fingerprint
+    saved = tmp_path / "tok"
+    transformers.AutoTokenizer.from_pretrained(folder, gguf_file=tiny_gguf.name).save_pretrained(saved)
+    assert tokenizer_record(load_tokenizer(saved), saved) == cache.lm["tokenizer"]
+    again = open_dataset(DataConfig(dataset=f"tokens:{token_corpus}", tokenizer=str(saved), seq_len=128))
+    assert again.fingerprint == cache.manifest["dataset"]["fingerprint"]
+    # independent reference: transformers' own forward of the GGUF model
+    batch = next(cache.token_batches("val", 64, shuffle=False))
+    model = real(folder, gguf_file=tiny_gguf.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = model(torch.from_numpy(batch.ids)).logits.numpy()
+    real_positions = batch.segments >= 0
+    order = np.argsort(-ref, axis=-1, kind="stable")[..., :4]
+    assert np.array_equal(batch.classes[real_positions], order[real_positions])
+    np.testing.assert_allclose(batch.values[real_positions], np.take_along_axis(ref, order, -1)[real_positions],
+                               rtol=1e-4, atol=1e-4)
+    checks = verify(cache, rows=2, seed=0)
+    assert all(v.startswith("ok") for v in checks.values()), checks
+    assert loads == [tiny_gguf.name]  # verify too reused the process's load

@@ -35,7 +35,7 @@ from pipeline.config import CacheConfig, DataConfig, fingerprint
 from pipeline.data import Dataset
 from pipeline.data.dataset import BLOCK
 from pipeline.errors import KdError
-from pipeline.hf import HfTeacher
+from pipeline.hf import HfTeacher, load_tokenizer
 from pipeline.data.tokens import tokenizer_record
 from pipeline.hf_lm import HfCausalLM, is_causal_lm, same_vocabulary
 from pipeline.keyed_random import RNG
@@ -321,9 +321,10 @@ def check_token_teacher(arch: str, dataset: Dataset, gguf_file: str = "") -> Non
     if not is_text_teacher(arch):
         raise KdError(f"teacher {arch} does not read token ids; a token dataset ({dataset.spec}) "
                       "is cached by a causal language model: teacher=hf:DIR")
-    if not gguf_file and not is_causal_lm(arch.split(":", 1)[1]):
-        raise KdError(f"teacher {arch} is not a causal language model (it has no next-token head); "
-                      f"a token dataset is cached by one: pass teacher=hf:DIR of a causal LM")
+    if not is_causal_lm(arch.split(":", 1)[1], gguf_file):  # a GGUF file: its header's architecture
+        raise KdError(f"teacher {arch}{' ' + gguf_file if gguf_file else ''} is not a causal language "
+                      "model (it has no next-token head); a token dataset is cached by one: pass "
+                      "teacher=hf:DIR of a causal LM")
 
 
 def describe_lm(cfg: CacheConfig, dataset: Dataset, arch: str, ckpt: str,
@@ -353,12 +354,12 @@ def describe_lm(cfg: CacheConfig, dataset: Dataset, arch: str, ckpt: str,
         raise KdError(f"teacher {arch}'s tokenizer ({model.vocab_size:,} ids) is not the one "
                       f"{dataset.spec} was tokenized with ({record['vocab_size']:,} ids, another "
                       "vocabulary or merges); tokenize the data with the teacher's tokenizer "
-                      f"(tokenizer={model.directory})")
+                      f"(tokenizer={model.tokenizer_path})")
     if record is not None and record.get("fingerprint") != own["fingerprint"]:
         raise KdError(f"teacher {arch}'s tokenizer has the data's vocabulary but ends documents or "
                       f"pads otherwise (EOS {own.get('eos_id')} vs {record.get('eos_id')}, padding "
                       f"{own.get('pad_id')} vs {record.get('pad_id')}); tokenize the data with the "
-                      f"teacher's tokenizer (tokenizer={model.directory})")
+                      f"teacher's tokenizer (tokenizer={model.tokenizer_path})")
     windows = dataset.windows("train", 0, min(2, len(dataset.splits["train"])))
     with torch.inference_mode():
         logits = model(torch.from_numpy(np.asarray(windows["ids"], np.int64)),
@@ -377,18 +378,14 @@ def describe_lm(cfg: CacheConfig, dataset: Dataset, arch: str, ckpt: str,
 def dataset_tokenizer_record(dataset: Dataset) -> dict | None:
     """The record (:func:`pipeline.data.tokens.tokenizer_record`) of the tokenizer a token dataset was
     tokenized with: the dataset's own ``tokenizer_record`` when it has one, else read from its
-    ``tokenizer=DIR``; None when neither is known."""
+    ``tokenizer=DIR`` (or ``.gguf`` file); None when neither is known."""
     record = getattr(dataset, "tokenizer_record", None)
     if isinstance(record, dict):
         return record
     folder = getattr(dataset.cfg, "tokenizer", "") or getattr(dataset, "tokenizer_dir", "")
     if not folder:
         return None
-    from pipeline.hf import _quiet, _transformers
-
-    with _quiet():
-        tok = _transformers().AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    return tokenizer_record(tok, Path(folder))
+    return tokenizer_record(load_tokenizer(folder), Path(folder))
 
 
 def dataset_pack(dataset: Dataset) -> bool:

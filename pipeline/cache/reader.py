@@ -269,7 +269,11 @@ class TeacherCache:
         """Rows ``[start, stop)`` of array ``key`` (e.g. ``train/logits``) exactly as stored,
         in the cache dtype: the bytes the manifest's shard checksums are computed over (with
         ``views``, only views ``0..views-1``)."""
-        return np.ascontiguousarray(self._array(key)[start:stop, :views])
+        arr = self._array(key)
+        try:
+            return np.ascontiguousarray(arr[start:stop, :views])
+        except Exception as exc:  # a damaged chunk (CRC mismatch, a truncated shard file, …)
+            raise _unreadable(arr, exc, self.root) from None
 
     def raw_logits(self, split: str, view: int | np.ndarray = 0, rows: slice | None = None) -> np.ndarray:
         """Stored logits z as float32 [N, C], of view ``view`` (or of one view per row); of a
@@ -551,11 +555,15 @@ def _read(arr, rows: slice | None, view: int | np.ndarray, root) -> np.ndarray:
             return np.asarray(block[np.arange(len(block)), view], dtype=dtype)
         return np.asarray(arr[(rows if rows is not None else slice(None), view)], dtype=dtype)
     except Exception as exc:  # zarr raises assorted errors on a damaged chunk (CRC mismatch, …)
-        store = arr.store_path.store
-        where = Path(store.root) / arr.path if hasattr(store, "root") else f"{store.path}/{arr.path}"
-        raise KdError(f"cache array {where} cannot be read ({type(exc).__name__}: "
-                      f"{str(exc).splitlines()[0][:100] if str(exc) else ''}); "
-                      f"{fmt.repair_hint(root)}") from None
+        raise _unreadable(arr, exc, root) from None
+
+
+def _unreadable(arr, exc: Exception, root) -> KdError:
+    """The one-line error of a damaged array read: which array, zarr's reason, and the repair."""
+    store = arr.store_path.store
+    where = Path(store.root) / arr.path if hasattr(store, "root") else f"{store.path}/{arr.path}"
+    return KdError(f"cache array {where} cannot be read ({type(exc).__name__}: "
+                   f"{str(exc).splitlines()[0][:100] if str(exc) else ''}); {fmt.repair_hint(root)}")
 
 
 def _check_temperature(temperature: float) -> None:

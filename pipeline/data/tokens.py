@@ -8,8 +8,8 @@ test (``test_fraction``) and then val (``val_fraction``) are carved from the doc
 documents, never windows, are split, so no document is in two splits.
 
 Each document becomes ``tokenize(doc) + [EOS]`` with the tokenizer of DataConfig key
-``tokenizer=DIR`` (a Hugging Face tokenizer folder; no special tokens are added besides the
-EOS). Windows hold ``seq_len`` tokens:
+``tokenizer=DIR`` (a Hugging Face tokenizer folder, or ``DIR/NAME.gguf``: the tokenizer inside
+a GGUF model file; no special tokens are added besides the EOS). Windows hold ``seq_len`` tokens:
 
 - ``pack=true``: a split's documents, in file order, are joined into one stream and cut every
   ``seq_len`` tokens; the last window, shorter, is right-padded;
@@ -377,8 +377,9 @@ def tokens(arg: str, cfg: DataConfig) -> TokenDataset:
     """Documents cut into windows of ``seq_len`` token ids for language models:
     ``tokens:PATH`` to a .txt file (documents separated by blank lines), a folder of .txt files,
     or a CSV/JSONL/Parquet table with a text column (``text_column=``) and optionally a
-    ``split`` column. Tokenized with ``tokenizer=DIR``; ``pack=true`` joins documents with EOS
-    and cuts every ``seq_len``, ``pack=false`` gives each document a window."""
+    ``split`` column. Tokenized with ``tokenizer=DIR`` (or a .gguf file's); ``pack=true``
+    joins documents with EOS and cuts every ``seq_len``, ``pack=false`` gives each document a
+    window."""
     documents = read_documents(arg, cfg)
     if not cfg.tokenizer:
         raise KdError("dataset=tokens: needs a tokenizer: pass tokenizer=DIR (a Hugging Face "

@@ -421,23 +421,24 @@ def cache_batches(cache, split: str, batch_size: int, seed: int | None = None) -
 
 def student_tokenizer(cache) -> dict:
     """The record of the tokenizer a student of token cache ``cache`` reads and writes text
-    with: the ``tokenizer=DIR`` the cache's data was tokenized with, which must still be the
-    one the cache records (the teacher's: same fingerprint), else refused in one line. A
-    folder that is gone leaves the cache's record (the student reads the cached ids alone)."""
+    with: the ``tokenizer=DIR`` (or GGUF file) the cache's data was tokenized with, which must
+    still be the one the cache records (the teacher's: same fingerprint), else refused in one
+    line. A tokenizer that is gone leaves the cache's record (the student reads the cached ids
+    alone)."""
     found = cache_tokenizer(cache)
     return cache.lm["tokenizer"] if found is None else found[1]
 
 
 def cache_tokenizer(cache) -> tuple[object, dict] | None:
-    """The tokenizer the token cache ``cache``'s data names (``tokenizer=DIR``) and its record,
-    loaded from that folder and checked to be the one the cache records (same fingerprint),
-    else refused in one line; None when the folder is gone."""
+    """The tokenizer the token cache ``cache``'s data names (``tokenizer=DIR`` or a GGUF file)
+    and its record, loaded and checked to be the one the cache records (same fingerprint),
+    else refused in one line; None when it is gone."""
     from pipeline.data.tokens import tokenizer_record
     from pipeline.hf import load_tokenizer
 
     want = cache.lm["tokenizer"]
     folder = (cache.manifest["dataset"].get("config") or {}).get("tokenizer") or ""
-    if not folder or not Path(folder).expanduser().is_dir():
+    if not folder or not Path(folder).expanduser().exists():
         return None
     try:
         tok = load_tokenizer(folder)
