@@ -45,9 +45,11 @@ from pipeline.data.tokens import tokenizer_record
 from pipeline.hf import _quiet, _transformers, resolve_model
 
 PRETRAINED = "pretrained"  # teacher_ckpt of a causal LM: the directory's own weights
-# float32 logits held at once per chunk of positions (32 MiB): positions per chunk =
-# CHUNK_VALUES // outputs, so memory is bounded by the chunk whatever the window or batch
-CHUNK_VALUES = 1 << 23
+# float32 logits held at once per chunk of positions (64 MiB, and two temporaries of the same
+# size while the top K and tail are taken): positions per chunk = CHUNK_VALUES // outputs, so
+# memory is bounded by the chunk whatever the window or batch. 341 positions of SmolLM2's
+# 49,152 outputs: large enough that the output layer's matrix product runs near full speed
+CHUNK_VALUES = 1 << 24
 
 
 def same_vocabulary(a: dict, b: dict) -> bool:

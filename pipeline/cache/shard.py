@@ -382,15 +382,17 @@ def _forward_tokens(model, device: torch.device, job: ShardJob, batch: dict) -> 
             at = positions[a:a + step]
             with runtime.autocast(device, runtime.text_autocast_dtype(device)):
                 z = model.logits(hidden[torch.from_numpy(at).to(hidden.device)])
-            z = (z.float() + 0.0).cpu().numpy()  # + 0.0: see _forward
-            ok = bool(np.isfinite(z).all())
-            finite &= ok
-            if not ok:
-                continue
+            z = z.float().cpu().numpy()  # a view on the CPU: the whole row is never copied
             # the top K (mode.k; 1 for the index's top-1 mass otherwise) and the tail: the index's
             # statistics come from them without another pass over the vocabulary
             k = mode.k if mode.has_topk else min(mode.k or 1, vocab - 1)
             found = head_and_tail(z, k, job.temperature, tail_mean=True)
+            # a NaN or +inf logit reaches the head, the tail's sums or its mean (no extra pass)
+            ok = bool(np.isfinite(found.values).all() and np.isfinite(found.tail).all()
+                      and np.isfinite(found.tail_mean).all())
+            finite &= ok
+            if not ok:
+                continue
             lse = found.log_partition()
             p_head = np.exp(found.values.astype(np.float64) - lse[:, None])
             p_tail = np.exp(found.tail[:, 0] - lse)
@@ -402,7 +404,8 @@ def _forward_tokens(model, device: torch.device, job: ShardJob, batch: dict) -> 
             if mode.has_topk:
                 classes = found.ids.astype(classes_dtype(vocab))
                 out[fmt.sparse_key(split, TOPK, "classes")][at] = classes
-                out[fmt.sparse_key(split, TOPK, "logits")][at] = found.values.astype(job.dtype)
+                # + 0.0: see _forward
+                out[fmt.sparse_key(split, TOPK, "logits")][at] = (found.values + 0.0).astype(job.dtype)
                 out[fmt.sparse_key(split, TOPK, "tail")][at] = found.tail.astype(np.float32)
             if mode.has_draws:  # keyed by (seed, split, window, position): the view's place
                 b, j = np.divmod(at, length)
@@ -411,8 +414,8 @@ def _forward_tokens(model, device: torch.device, job: ShardJob, batch: dict) -> 
                     draw_tail(z, classes, job.temperature, uniforms, vocab) if mode.has_topk
                     else draw(z, job.temperature, uniforms, vocab))
             if not mode.sparse:
-                stored = z.astype(job.dtype)
-                finite &= bool(np.isfinite(stored).all())  # float16 overflow
+                stored = (z + 0.0).astype(job.dtype)  # + 0.0: see _forward
+                finite &= bool(np.isfinite(stored).all())  # -inf, or a float16 overflow
                 out[fmt.logits_key(split)][at] = stored
     named.update({key: v.reshape(rows, length, *v.shape[1:]) for key, v in out.items()})
     counted = has_target.reshape(rows, length)
