@@ -59,7 +59,7 @@ STORAGE_MODES = ("dense", "topk:1", "topk:4", "topk:5", "topk:16", "topk:64",
                  "sample:1", "sample:4", "sample:16", "sample:64")
 ACCURACY_MODES = ("dense", "topk:64", "sample:64", "topk:16", "sample:16", "topk:4", "sample:4", "topk:1",
                   "sample:1")
-WIDTHS = {"mlp": 0, "cnn_small": 8}
+WIDTHS = {"mlp": None, "cnn_small": 8}  # None: the student's default width (width=0 is refused)
 POLICY = "shift:1"
 BUDGET_VIEWS = 16
 
@@ -130,7 +130,8 @@ class Runs:
         from pipeline.students import student_config
         from pipeline.runs import train_student
 
-        cfg = student_config({"cache": root, "model": model, "width": WIDTHS[model],
+        width = {} if WIDTHS[model] is None else {"width": WIDTHS[model]}
+        cfg = student_config({"cache": root, "model": model, **width,
                                       "epochs": self.epochs, "seed": seed,
                                       "runs_dir": self.workdir / "runs", **args})
         with contextlib.redirect_stdout(io.StringIO()):
