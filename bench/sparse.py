@@ -24,6 +24,10 @@ view and ce with fresh shift:1 augmentation.
 An exact head with an unbiased tail (information, not a floor): mlp, kd at T = 4, from dense,
 topk:16, sample:16 and topk:16+sample:16 (the 16 largest exactly with the tail's mass, plus 16
 draws from the tail: head exact, tail unbiased), with the bytes per row each costs on disk.
+`python -m bench.sparse --head-and-tail` runs this part alone: it trains only the new arm and
+takes dense's, topk:16's and sample:16's accuracies and bytes per row from the sparse record in
+docs/benchmarks.json (the accuracy table's runs: same seeds, epochs and student), then writes
+the table, its figure and a note dated with both runs into that record.
 
 Epoch time (mlp, kd): median seconds per epoch from topk:16 and sample:16 against dense,
 arms alternated (floor ≤ 1.1×): reading K ids instead of C logits, and the loss's scatter.
@@ -31,16 +35,21 @@ arms alternated (floor ≤ 1.1×): reading K ids instead of C logits, and the lo
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from bench.common import (alternate, base_dirs, clocked, dir_bytes, ensure_cache, figure, log,
-                          main_for, median, result, table)
+from bench.common import (DEFAULT_WORKDIR, REPO, alternate, base_dirs, clocked, dir_bytes, ensure_cache,
+                          figure, log, machine, main_for, median, result, set_threads, table)
 
 NAME = "sparse"
 STORAGE_FLOOR = 0.05
@@ -50,7 +59,7 @@ STORAGE_MODES = ("dense", "topk:1", "topk:4", "topk:5", "topk:16", "topk:64",
                  "sample:1", "sample:4", "sample:16", "sample:64")
 ACCURACY_MODES = ("dense", "topk:64", "sample:64", "topk:16", "sample:16", "topk:4", "sample:4", "topk:1",
                   "sample:1")
-WIDTHS = {"mlp": 0, "cnn_small": 8}
+WIDTHS = {"mlp": None, "cnn_small": 8}  # None: the student's default width (width=0 is refused)
 POLICY = "shift:1"
 BUDGET_VIEWS = 16
 
@@ -121,7 +130,8 @@ class Runs:
         from pipeline.students import student_config
         from pipeline.runs import train_student
 
-        cfg = student_config({"cache": root, "model": model, "width": WIDTHS[model],
+        width = {} if WIDTHS[model] is None else {"width": WIDTHS[model]}
+        cfg = student_config({"cache": root, "model": model, **width,
                                       "epochs": self.epochs, "seed": seed,
                                       "runs_dir": self.workdir / "runs", **args})
         with contextlib.redirect_stdout(io.StringIO()):
@@ -161,32 +171,112 @@ def accuracy(workdir: Path, seeds: tuple[int, ...], epochs: int) -> tuple[list, 
     return figures, rows, measured
 
 
+ACCURACY_TITLE = "Accuracy on digits3 from dense and sparse logits (test split, 4,000 rows)"
 HEAD_TAIL_MODES = ("dense", "topk:16", "sample:16", "topk:16+sample:16")
+HEAD_TAIL_TITLE = "An exact head with an unbiased tail (digits3, mlp, kd at T = 4)"
+HEAD_TAIL_FIGURE = "kd topk:16+sample:16 − kd dense, mlp"
+HEAD_TAIL_NOTE = "An exact head with an unbiased tail, run alone"  # how the --head-and-tail note begins
 
 
-def head_and_tail(workdir: Path, seeds: tuple[int, ...], epochs: int,
-                  measured: dict | None = None) -> tuple[list, list, dict]:
+def head_and_tail(workdir: Path, seeds: tuple[int, ...], epochs: int, measured: dict | None = None,
+                  sizes: dict | None = None) -> tuple[list, list, dict]:
     """mlp, kd from dense, topk:16, sample:16 and topk:16+sample:16 (test accuracy over
     ``seeds``, bytes per row on disk): where the tail decides, does the exact head with an
     unbiased tail beat both of its halves? Arms already in ``measured`` (the accuracy table's,
-    same runs) are not run again."""
-    runs, measured = Runs(workdir, epochs), dict(measured or {})
-    figures, rows, out = [], [], {}
+    same runs) are not run again, and a mode in ``sizes`` (the storage table's
+    ``{mode: {"bytes_per_row": ...}}``) is not measured again: an arm given both is not built."""
+    runs, measured, sizes = Runs(workdir, epochs), dict(measured or {}), dict(sizes or {})
+    figures, rows, out, per_rows = [], [], {}, {}
     for mode in HEAD_TAIL_MODES:
-        root = build(workdir, mode)[0]
-        accs = measured.get(("mlp", f"kd {mode}")) or [runs.test_accuracy(root, "mlp", s, loss="kd")
-                                                       for s in seeds]
+        accs = measured.get(("mlp", f"kd {mode}"))
+        root = None if accs and mode in sizes else build(workdir, mode)[0]
+        accs = accs or [runs.test_accuracy(root, "mlp", s, loss="kd") for s in seeds]
         out[("mlp", f"kd {mode}")] = accs
         mean, std = ms(accs)
-        per_row = logits_bytes(root)[0]
-        rows.append(["mlp", f"kd {mode}", f"{per_row:,.1f}", f"{mean:.4f} ± {std:.4f}", len(seeds)])
+        per_row = per_rows[mode] = (sizes[mode]["bytes_per_row"] if mode in sizes else logits_bytes(root)[0])
+        rows.append(["mlp", f"kd {mode}", f"{per_row:,.1f}", f"{mean:.4f} ± {std:.4f}", len(accs)])
         log(f"{NAME}: head and tail: mlp kd {mode}: {mean:.4f} ± {std:.4f}, {per_row:.1f} bytes/row")
     both, dense = ms(out[("mlp", "kd topk:16+sample:16")])[0], ms(out[("mlp", "kd dense")])[0]
-    figures.append(figure("kd topk:16+sample:16 − kd dense, mlp", round(both - dense, 4), "",
+    figures.append(figure(HEAD_TAIL_FIGURE, round(both - dense, 4), "",
                           information="the estimator's cost: no floor",
                           topk16=round(ms(out[("mlp", "kd topk:16")])[0], 4),
-                          sample16=round(ms(out[("mlp", "kd sample:16")])[0], 4)))
+                          sample16=round(ms(out[("mlp", "kd sample:16")])[0], 4),
+                          bytes_per_row={m: round(b, 1) for m, b in per_rows.items()}))
     return figures, rows, out
+
+
+def head_and_tail_table(rows: list[list], reused: str = "") -> dict:
+    """The head-and-tail table as run() and ``--head-and-tail`` both write it; ``reused`` says
+    which arms came from an earlier run."""
+    return table(HEAD_TAIL_TITLE, ["student", "arm", "logits bytes/row on disk", "test accuracy (mean ± std)",
+                                   "seeds"], rows,
+                 note="topk:16+sample:16: the 16 largest logits exactly with the tail's mass, plus 16 draws "
+                      "from the tail at T = 4." + (f" {reused}" if reused else ""))
+
+
+def head_and_tail_alone(workdir: Path, report_path: Path) -> dict:
+    """Run only the topk:16+sample:16 arm of the head-and-tail table, reusing the sparse record
+    of ``report_path`` (a full run's benchmarks.json) for dense, topk:16 and sample:16, and
+    write the table, its figure and a dated note into that record (other records untouched).
+    Returns the updated report; nothing is written unless every run succeeded."""
+    report = json.loads(report_path.read_text())
+    rec = report.get("benchmarks", {}).get(NAME)
+    if rec is None or rec["params"].get("quick"):
+        raise SystemExit(f"{report_path} holds no full-run {NAME} record to reuse; run "
+                         f"`python -m bench.run --only {NAME}` instead")
+    seeds, epochs = tuple(rec["params"]["seeds"]), int(rec["params"]["epochs"])
+    accuracy_runs = rec["measured"]["accuracy"]
+    reused = {("mlp", f"kd {m}"): accuracy_runs.get(f"mlp / kd {m}") for m in HEAD_TAIL_MODES[:-1]}
+    missing = [f"{m} / {a}" for (m, a), v in reused.items() if v is None]
+    missing += [m for m in HEAD_TAIL_MODES[:-1] if m not in rec["measured"]["storage"]]
+    if missing:
+        raise SystemExit(f"the {NAME} record of {report_path} lacks {', '.join(missing)}; run "
+                         f"`python -m bench.run --only {NAME}` instead")
+    started, t0 = machine(), time.perf_counter()
+    log(f"{NAME}: head and tail alone: seeds {list(seeds)}, {epochs} epochs; dense, topk:16 and sample:16 "
+        f"from the run finished {rec.get('finished', '?')}")
+    figures, rows, out = head_and_tail(workdir, seeds, epochs, reused, rec["measured"]["storage"])
+    seconds = time.perf_counter() - t0
+    finished = time.strftime("%Y-%m-%d %H:%M:%S")
+    when = (f"dense, topk:16 and sample:16: the accuracy table's runs and the storage table's bytes of the "
+            f"full run finished {rec.get('finished', '?')} (same seeds {', '.join(map(str, seeds))}, "
+            f"{epochs} epochs, student, optimiser and teacher recipe); topk:16+sample:16 run alone on "
+            f"{finished} (`python -m bench.sparse --head-and-tail`, commit {started['git_commit'][:7]}), its "
+            f"cache built with digits3's default teacher, trained in the work dir as the full run trains it.")
+    tables = [t for t in rec["tables"] if t["title"] != HEAD_TAIL_TITLE]
+    at = next(i for i, t in enumerate(tables) if t["title"] == ACCURACY_TITLE) + 1
+    rec["tables"] = tables[:at] + [head_and_tail_table(rows, when)] + tables[at:]
+    kept = [f for f in rec["figures"] if f["name"] != HEAD_TAIL_FIGURE]
+    at = max(i for i, f in enumerate(kept) if f["name"].startswith("|kd ")) + 1  # after the accuracy figures
+    rec["figures"] = kept[:at] + figures + kept[at:]
+    mean = {m: ms(out[("mlp", f"kd {m}")]) for m in HEAD_TAIL_MODES}
+    rec["notes"] = [n for n in rec["notes"] if not n.startswith(HEAD_TAIL_NOTE)] + [
+        f"{HEAD_TAIL_NOTE} ({finished}, {seconds:.0f} s; information, not a floor): mlp kd from "
+        + ", ".join(f"{m} {a:.4f} ± {sd:.4f}" for m, (a, sd) in mean.items())
+        + ". Dense, topk:16 and sample:16 are the full run's (see the table's note)."]
+    accuracy_runs.update({f"{m} / {a}": v for (m, a), v in out.items() if (m, a) not in reused})
+    report["machine"], report["ran"] = started, [f"{NAME} (--head-and-tail only)"]
+    report["seconds_this_run"] = round(seconds, 1)
+    tmp = report_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    os.replace(tmp, report_path)
+    log(f"wrote the {NAME} record's head-and-tail table to {report_path}")
+    return report
+
+
+def main_head_and_tail(argv: list[str]) -> int:
+    """``python -m bench.sparse --head-and-tail [--workdir DIR]``: head_and_tail_alone on
+    docs/benchmarks.json, then docs/BENCHMARKS.md re-rendered (``bench.run --render-only``)."""
+    p = argparse.ArgumentParser(prog="python -m bench.sparse --head-and-tail")
+    p.add_argument("--head-and-tail", action="store_true", required=True,
+                   help="run only the topk:16+sample:16 arm; reuse docs/benchmarks.json for the others")
+    p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    a = p.parse_args(argv)
+    a.workdir.mkdir(parents=True, exist_ok=True)
+    set_threads()
+    head_and_tail_alone(a.workdir, REPO / "docs" / "benchmarks.json")
+    # a child, so that this module never imports the suite's runner (which imports every benchmark)
+    return subprocess.call([sys.executable, "-m", "bench.run", "--render-only"], cwd=REPO)
 
 
 def budget(workdir: Path, seeds: tuple[int, ...], epochs: int, dense_bytes: float,
@@ -292,19 +382,16 @@ def run(quick: bool, workdir: Path) -> dict:
                          "timing the teacher once (its latency, recorded in the manifest).")]
     acc_figures, acc_rows, measured = accuracy(workdir, seeds, epochs)
     figures += acc_figures
-    tables.append(table("Accuracy on digits3 from dense and sparse logits (test split, 4,000 rows)",
+    tables.append(table(ACCURACY_TITLE,
                         ["student", "arm", "test accuracy (mean ± std)", "vs kd dense", "vs ce", "seeds",
                          "floor (within 0.01 of dense, above ce)"], acc_rows,
                         note=f"{epochs} epochs, batch 128, AdamW one-cycle, T = 4, alpha 0.9; mlp at its "
                              "default width (40k params with the 1,000-way head), cnn_small at width 8 "
                              "(39k params)."))
-    ht_figures, ht_rows, ht_measured = head_and_tail(workdir, seeds, epochs, measured)
+    ht_figures, ht_rows, ht_measured = head_and_tail(workdir, seeds, epochs, measured, sizes)
     figures += ht_figures
     measured.update(ht_measured)
-    tables.append(table("An exact head with an unbiased tail (digits3, mlp, kd at T = 4)",
-                        ["student", "arm", "logits bytes/row on disk", "test accuracy (mean ± std)", "seeds"],
-                        ht_rows, note="topk:16+sample:16: the 16 largest logits exactly with the tail's "
-                                      "mass, plus 16 draws from the tail at T = 4."))
+    tables.append(head_and_tail_table(ht_rows))
     budget_rows, budget_measured = budget(workdir, seeds, epochs, sizes["dense"]["bytes_per_row"], measured)
     tables.append(table("Views × sparse at a fixed byte budget (≤ one dense float16 view per row)",
                         ["student", "arm", "logits bytes/row on disk", "test accuracy (mean ± std)", "seeds"],
@@ -332,4 +419,6 @@ def run(quick: bool, workdir: Path) -> dict:
 
 
 if __name__ == "__main__":
+    if "--head-and-tail" in sys.argv[1:]:
+        sys.exit(main_head_and_tail(sys.argv[1:]))
     main_for(run)
