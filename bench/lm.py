@@ -276,7 +276,11 @@ def step_time(cache: Path, steps: int) -> tuple[list, list]:
                       batch_size=SMOL_BATCH, device="cpu")
         s._build(vocab, SEQ_LEN, vocab)
         student[arm] = (s, torch.optim.AdamW(s.model_.parameters(), lr=3e-3))
-    stream = {arm: iter(cache_batches(opened, "train", SMOL_BATCH, seed=1)) for arm in student}
+    def cycle():  # the train windows, again and again
+        while True:
+            yield from cache_batches(opened, "train", SMOL_BATCH, seed=1)
+
+    stream = {arm: cycle() for arm in student}
     alpha, T = STUDENT["alpha"], 1.0
 
     def step(arm: str) -> float:

@@ -35,6 +35,7 @@ instead of logits, the full [B, T, V] logits never exist at all.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -73,10 +74,111 @@ def _mix(divergence: torch.Tensor, z: torch.Tensor, next_ids: torch.Tensor, T: f
 def forward_kl(z: torch.Tensor, next_ids: torch.Tensor, *, t_ids: torch.Tensor, t_w: torch.Tensor,
                t_tail: torch.Tensor, T: float = 1.0, alpha: float = 0.5, **_) -> torch.Tensor:
     """Per position [P]: α · T² · KL(p ‖ q) over the listed ids and the tail bucket
-    + (1 − α) · CE(z, next), with q = softmax(z / T) (see the module docstring)."""
-    log_q_ids, log_q_tail = _buckets(z / T, t_ids)
-    kl = (torch.xlogy(t_w, t_w) - t_w * log_q_ids).sum(1) + torch.xlogy(t_tail, t_tail) - t_tail * log_q_tail
-    return _mix(kl, z, next_ids, T, alpha)
+    + (1 − α) · CE(z, next), with q = softmax(z / T) (see the module docstring); value and
+    gradient by :class:`_HeadTailKL`."""
+    return _HeadTailKL.apply(z, next_ids, t_ids, t_w.to(z.dtype), t_tail.to(z.dtype), float(T), float(alpha))
+
+
+def _head_tail_kl(z: torch.Tensor, next_ids: torch.Tensor, t_ids: torch.Tensor, t_w: torch.Tensor,
+                  t_tail: torch.Tensor, T: float, alpha: float,
+                  want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`forward_kl`'s value per position [P] and, with ``want_grad``, its gradient with
+    respect to the logits ``z`` [P, V], computed together in a few passes over [P, V].
+
+    Why: through autograd the same loss took ~20 passes over [P, V] (z / T, two logsumexps, a
+    scattered copy, a separate log-softmax for the CE, and each of their backwards): with a
+    49,152-token vocabulary the loss was 85% of a small student's step. With q = softmax(u),
+    u = z / T, R the ids not listed and q_R = Σ_R q_j (t_w and the tail mass t sum to 1):
+
+        ∂KL/∂u_j = q_j − w_j (listed),   q_j · (1 − t / q_R) (j ∈ R)
+        ∂CE/∂z_j = softmax(z)_j − [j = next]
+
+    so ∂L/∂z = α T (q − Σ w e_listed − (t / q_R) q·1_R) + (1 − α) (softmax(z) − e_next). A
+    student whose tail underflows in float32 (q_R < 1e-30) gets log q_R and the tail's share of
+    the gradient from its tail's own logsumexp (exact), as the graph did."""
+    u = z / T if T != 1.0 else z
+    log_zu = torch.logsumexp(u, dim=1)
+    q = (u - log_zu[:, None]).exp_()
+    rest = q.scatter(1, t_ids, 0.0)  # q on the tail, 0 on the listed ids
+    q_rest = rest.sum(1)
+    log_q_rest = torch.log(q_rest)
+    tiny = q_rest < 1e-30
+    within = None  # rows whose tail underflowed: the student's distribution within its tail
+    if bool(tiny.any()):  # exact where float32's q underflowed
+        tail_u = u[tiny].scatter(1, t_ids[tiny], float("-inf"))
+        log_tail = torch.logsumexp(tail_u, 1)
+        log_q_rest[tiny] = log_tail - log_zu[tiny]
+        within = (tail_u - log_tail[:, None]).exp_()
+    log_q_rest = log_q_rest.clamp(min=LOG_FLOOR)
+    log_q_ids = u.gather(1, t_ids) - log_zu[:, None]
+    kl = (torch.xlogy(t_w, t_w) - t_w * log_q_ids).sum(1) + torch.xlogy(t_tail, t_tail) - t_tail * log_q_rest
+    log_z = log_zu if T == 1.0 else torch.logsumexp(z, dim=1)
+    ce = log_z - z.gather(1, next_ids[:, None])[:, 0]
+    value = alpha * T * T * kl + (1.0 - alpha) * ce
+    if not want_grad:
+        return value, None
+    share = torch.where(q_rest > 0, t_tail / q_rest, torch.zeros_like(q_rest))
+    grad = rest.mul_(-share[:, None]).add_(q)  # q − (t / q_R) q·1_R
+    if within is not None:  # (t / q_R) q·1_R is t times the tail's own softmax
+        grad[tiny] = q[tiny] - t_tail[tiny, None] * within
+    grad.scatter_add_(1, t_ids, -t_w).mul_(alpha * T)
+    grad.add_(q if T == 1.0 else (z - log_z[:, None]).exp_(), alpha=1.0 - alpha)
+    grad.scatter_add_(1, next_ids[:, None], torch.full_like(ce[:, None], alpha - 1.0))
+    return value, grad
+
+
+class _HeadTailKL(torch.autograd.Function):
+    """:func:`forward_kl` on logits [P, V], its gradient from :func:`_head_tail_kl`."""
+
+    @staticmethod
+    def forward(ctx, z, next_ids, t_ids, t_w, t_tail, T, alpha):
+        value, grad = _head_tail_kl(z, next_ids, t_ids, t_w, t_tail, T, alpha, ctx.needs_input_grad[0])
+        if grad is not None:
+            ctx.save_for_backward(grad)
+        return value
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_out[:, None], None, None, None, None, None, None
+
+
+class _OutputLayerHeadTailKL(torch.autograd.Function):
+    """The sum over P positions of :func:`forward_kl` of the logits ``hidden @ weight.T``
+    (hidden [P, H], weight [V, H]), with the gradients of ``hidden`` and ``weight`` computed in
+    the forward pass and kept ([P, H] and [V, H]: small), the [P, V] logits and their gradient
+    dropped at once: nothing to recompute in backward, so no checkpointing."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, next_ids, t_ids, t_w, t_tail, T, alpha):
+        wide = (torch.float32, torch.float64)  # half-precision states are widened (autocast outputs)
+        h = hidden if hidden.dtype in wide else hidden.float()
+        w = weight.to(h.dtype)
+        z = h @ w.T
+        want = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        value, grad = _head_tail_kl(z, next_ids, t_ids, t_w.to(z.dtype), t_tail.to(z.dtype), T, alpha, want)
+        if grad is not None:
+            ctx.save_for_backward((grad @ w).to(hidden.dtype), (grad.T @ h).to(weight.dtype))
+        return value.sum()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_out, grad_weight * grad_out, None, None, None, None, None, None
+
+
+@dataclass(frozen=True)
+class OutputLayer:
+    """A student's last hidden states ``hidden`` [N, H] and its output layer's ``weight``
+    [V, H] (no bias): the logits of flat positions ``at`` are ``hidden[at] @ weight.T``. Passed
+    to :func:`position_loss` in place of logits, so that ``forward_kl`` (``loss=kd``) runs
+    fused with the output layer (:class:`_OutputLayerHeadTailKL`)."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+
+    def __call__(self, at: torch.Tensor) -> torch.Tensor:
+        return self.hidden[at] @ self.weight.T
 
 
 def renormalised_kl(z: torch.Tensor, next_ids: torch.Tensor, *, t_ids: torch.Tensor, t_w: torch.Tensor,
@@ -140,7 +242,8 @@ def position_loss(form: PositionForm, z_s: torch.Tensor | Callable[[torch.Tensor
 
     ``z_s``: the student's logits [B, T, V], or a function of flat position indices [P] (into
     B × T) giving their logits [P, V] (the LM head on the hidden states: the [B, T, V] logits are
-    then never held). ``vocab``: the shared ids 0..vocab − 1 (outputs beyond, padded
+    then never held), or an :class:`OutputLayer` (hidden states and output weight: with
+    ``forward_kl`` the output layer and the loss run fused, without checkpointing). ``vocab``: the shared ids 0..vocab − 1 (outputs beyond, padded
     vocabularies, are sliced away: :func:`shared_vocabulary`). ``targets``: per-position
     tensors [B, T, ...] (``t_ids``, ``t_w``, ``t_tail``); ``params``: the loss's own (T,
     alpha, ...). 0 (with a gradient of 0) where no position is masked."""
@@ -162,9 +265,15 @@ def position_loss(form: PositionForm, z_s: torch.Tensor | Callable[[torch.Tensor
             z = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z  # (autocast outputs)
             return form(z, nxt, **dict(zip(names, values)), **params).sum()
 
-        # recomputed in backward: only the chunk's indices and targets are kept, not its logits
-        value = checkpoint(part, rows[a:a + chunk], nexts[a:a + chunk],
-                           *(targets[n][a:a + chunk] for n in names), use_reentrant=False)
+        if form is forward_kl and isinstance(z_s, OutputLayer):  # fused with the output layer
+            weight = z_s.weight if vocab is None else z_s.weight[:vocab]
+            value = _OutputLayerHeadTailKL.apply(z_s.hidden[rows[a:a + chunk]], weight, nexts[a:a + chunk],
+                                                 targets["t_ids"][a:a + chunk], targets["t_w"][a:a + chunk],
+                                                 targets["t_tail"][a:a + chunk], float(params.get("T", 1.0)),
+                                                 float(params.get("alpha", 0.5)))
+        else:  # recomputed in backward: only the chunk's indices and targets are kept, not its logits
+            value = checkpoint(part, rows[a:a + chunk], nexts[a:a + chunk],
+                               *(targets[n][a:a + chunk] for n in names), use_reentrant=False)
         total = value if total is None else total + value
     if total is None:  # no target in the batch: 0, still connected to the student's graph
         return logits_of(rows[:0]).sum() * 0.0

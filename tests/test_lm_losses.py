@@ -204,6 +204,39 @@ def test_positions_from_hidden_states_never_build_the_whole_logits():
     torch.testing.assert_close(hidden.grad, grads[0])
     torch.testing.assert_close(head.weight.grad, grads[1])
     assert max(shapes) == 4
+    # hidden states and output layer fused with kd (gradients made in the forward pass): the same
+    hidden.grad, head.weight.grad = None, None
+    fused = lm_losses.position_loss(lm_losses.forward_kl, lm_losses.OutputLayer(hidden.reshape(-1, 8), head.weight),
+                                    mask, nxt, t, vocab=VOCAB, T=T_C, alpha=0.5, chunk=4)
+    fused.backward()
+    assert float(fused.detach()) == pytest.approx(float(whole.detach()), rel=1e-12)
+    torch.testing.assert_close(hidden.grad, grads[0])
+    torch.testing.assert_close(head.weight.grad, grads[1])
+
+
+def test_kd_keeps_the_tail_when_the_students_tail_underflows():
+    """A student with all of its float32 mass on the listed ids (its tail's probabilities
+    underflow to 0): the value and gradient are the float64 graph's, the tail's pull included."""
+    V = 50
+    z = torch.randn(6, V, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2
+    z[:3, :4] += 200.0
+    t_ids, t_w, t_tail = torch.arange(4).repeat(6, 1), torch.full((6, 4), 0.2), torch.full((6,), 0.2)
+    nxt = torch.arange(6) * 7
+
+    def graph(u):
+        log_z = torch.logsumexp(u, 1)
+        log_q_tail = torch.logsumexp(u.scatter(1, t_ids, float("-inf")), 1) - log_z
+        kl = ((torch.xlogy(t_w, t_w) - t_w * (u.gather(1, t_ids) - log_z[:, None])).sum(1)
+              + torch.xlogy(t_tail, t_tail) - t_tail * log_q_tail)
+        return 0.5 * kl + 0.5 * F.cross_entropy(u, nxt, reduction="none")
+
+    got_z, want_z = z.float().requires_grad_(), z.clone().requires_grad_()
+    got = lm_losses.forward_kl(got_z, nxt, t_ids=t_ids, t_w=t_w, t_tail=t_tail, T=1.0, alpha=0.5)
+    want = graph(want_z)
+    got.sum().backward()
+    want.sum().backward()
+    torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_z.grad.double(), want_z.grad, rtol=1e-5, atol=1e-5)
 
 
 def test_vocabulary_rules():

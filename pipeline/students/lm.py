@@ -246,12 +246,13 @@ class LMStudent(Student):
         self.seq_len_ = seq_len
         self.classes_ = np.arange(vocab)
 
-    def _positions(self, ids: torch.Tensor, real: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        """Flat position indices -> the student's logits there (its LM head on its hidden
-        states: the whole [B, T, V] logits are never made). ``real``: the non-padding tokens."""
+    def _positions(self, ids: torch.Tensor, real: torch.Tensor) -> lm_losses.OutputLayer:
+        """The student's last hidden states of every position and its output layer, as an
+        :class:`~pipeline.lm_losses.OutputLayer`: called with flat position indices it gives
+        their logits (the whole [B, T, V] logits are never made), and ``loss=kd`` runs fused
+        with it. ``real``: the non-padding tokens."""
         hidden = self.model_.model(input_ids=ids, attention_mask=real.long()).last_hidden_state
-        flat = hidden.reshape(-1, hidden.shape[-1])
-        return lambda at: self.model_.lm_head(flat[at])
+        return lm_losses.OutputLayer(hidden.reshape(-1, hidden.shape[-1]), self.model_.lm_head.weight)
 
     # ------------------------------------------------------------------ scoring
     def evaluate(self, windows: Windows) -> dict[str, float | None]:
