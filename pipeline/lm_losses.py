@@ -127,6 +127,28 @@ def _head_tail_kl(z: torch.Tensor, next_ids: torch.Tensor, t_ids: torch.Tensor, 
     return value, grad
 
 
+def _renormalised_kl(z: torch.Tensor, next_ids: torch.Tensor, t_ids: torch.Tensor, t_w: torch.Tensor,
+                     t_tail: torch.Tensor, T: float, alpha: float,
+                     want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`renormalised_kl`'s value per position [P] and, with ``want_grad``, its gradient
+    with respect to ``z`` [P, V]: with q̃ = softmax(z_listed / T) and p̃ = w / Σ w over the K
+    listed ids, ∂L/∂z = α T (q̃ − p̃) on the listed ids + (1 − α) (softmax(z) − e_next): the KL
+    touches K logits, the CE the whole row (``t_tail`` unused: there is no tail)."""
+    listed = z.gather(1, t_ids) / T
+    log_q = torch.log_softmax(listed, dim=1)
+    p = t_w / t_w.sum(1, keepdim=True).clamp(min=torch.finfo(t_w.dtype).tiny)
+    kl = (torch.xlogy(p, p) - p * log_q).sum(1)
+    log_z = torch.logsumexp(z, dim=1)
+    ce = log_z - z.gather(1, next_ids[:, None])[:, 0]
+    value = alpha * T * T * kl + (1.0 - alpha) * ce
+    if not want_grad:
+        return value, None
+    grad = (z - log_z[:, None]).exp_().mul_(1.0 - alpha)
+    grad.scatter_add_(1, next_ids[:, None], torch.full_like(ce[:, None], alpha - 1.0))
+    grad.scatter_add_(1, t_ids, (log_q.exp() - p) * (alpha * T))
+    return value, grad
+
+
 class _HeadTailKL(torch.autograd.Function):
     """:func:`forward_kl` on logits [P, V], its gradient from :func:`_head_tail_kl`."""
 
@@ -143,20 +165,21 @@ class _HeadTailKL(torch.autograd.Function):
         return grad * grad_out[:, None], None, None, None, None, None, None
 
 
-class _OutputLayerHeadTailKL(torch.autograd.Function):
-    """The sum over P positions of :func:`forward_kl` of the logits ``hidden @ weight.T``
-    (hidden [P, H], weight [V, H]), with the gradients of ``hidden`` and ``weight`` computed in
-    the forward pass and kept ([P, H] and [V, H]: small), the [P, V] logits and their gradient
-    dropped at once: nothing to recompute in backward, so no checkpointing."""
+class _OutputLayerLoss(torch.autograd.Function):
+    """The sum over P positions of a loss ``kernel`` (:data:`FUSED`) of the logits
+    ``hidden @ weight.T`` (hidden [P, H], weight [V, H]), with the gradients of ``hidden`` and
+    ``weight`` computed in the forward pass and kept ([P, H] and [V, H]: small), the [P, V]
+    logits and their gradient dropped at once: nothing to recompute in backward, so no
+    checkpointing."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, next_ids, t_ids, t_w, t_tail, T, alpha):
+    def forward(ctx, hidden, weight, kernel, next_ids, t_ids, t_w, t_tail, T, alpha):
         wide = (torch.float32, torch.float64)  # half-precision states are widened (autocast outputs)
         h = hidden if hidden.dtype in wide else hidden.float()
         w = weight.to(h.dtype)
         z = h @ w.T
         want = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        value, grad = _head_tail_kl(z, next_ids, t_ids, t_w.to(z.dtype), t_tail.to(z.dtype), T, alpha, want)
+        value, grad = kernel(z, next_ids, t_ids, t_w.to(z.dtype), t_tail.to(z.dtype), T, alpha, want)
         if grad is not None:
             ctx.save_for_backward((grad @ w).to(hidden.dtype), (grad.T @ h).to(weight.dtype))
         return value.sum()
@@ -164,15 +187,15 @@ class _OutputLayerHeadTailKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_out, grad_weight * grad_out, None, None, None, None, None, None
+        return grad_hidden * grad_out, grad_weight * grad_out, None, None, None, None, None, None, None
 
 
 @dataclass(frozen=True)
 class OutputLayer:
     """A student's last hidden states ``hidden`` [N, H] and its output layer's ``weight``
     [V, H] (no bias): the logits of flat positions ``at`` are ``hidden[at] @ weight.T``. Passed
-    to :func:`position_loss` in place of logits, so that ``forward_kl`` (``loss=kd``) runs
-    fused with the output layer (:class:`_OutputLayerHeadTailKL`)."""
+    to :func:`position_loss` in place of logits, so that the forms with a kernel in
+    :data:`FUSED` run fused with the output layer (:class:`_OutputLayerLoss`)."""
 
     hidden: torch.Tensor
     weight: torch.Tensor
@@ -189,6 +212,10 @@ def renormalised_kl(z: torch.Tensor, next_ids: torch.Tensor, *, t_ids: torch.Ten
     p = t_w / t_w.sum(1, keepdim=True).clamp(min=torch.finfo(t_w.dtype).tiny)
     kl = (torch.xlogy(p, p) - p * log_q).sum(1)
     return _mix(kl, z, next_ids, T, alpha)
+
+
+# the forms whose value and gradient have a kernel, run fused with a student's output layer
+FUSED = {forward_kl: _head_tail_kl, renormalised_kl: _renormalised_kl}
 
 
 def _student_buckets(z: torch.Tensor, t_ids: torch.Tensor, T: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,7 +270,7 @@ def position_loss(form: PositionForm, z_s: torch.Tensor | Callable[[torch.Tensor
     ``z_s``: the student's logits [B, T, V], or a function of flat position indices [P] (into
     B × T) giving their logits [P, V] (the LM head on the hidden states: the [B, T, V] logits are
     then never held), or an :class:`OutputLayer` (hidden states and output weight: with
-    ``forward_kl`` the output layer and the loss run fused, without checkpointing). ``vocab``: the shared ids 0..vocab − 1 (outputs beyond, padded
+    a form of :data:`FUSED` the output layer and the loss run fused, without checkpointing). ``vocab``: the shared ids 0..vocab − 1 (outputs beyond, padded
     vocabularies, are sliced away: :func:`shared_vocabulary`). ``targets``: per-position
     tensors [B, T, ...] (``t_ids``, ``t_w``, ``t_tail``); ``params``: the loss's own (T,
     alpha, ...). 0 (with a gradient of 0) where no position is masked."""
@@ -265,12 +292,12 @@ def position_loss(form: PositionForm, z_s: torch.Tensor | Callable[[torch.Tensor
             z = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z  # (autocast outputs)
             return form(z, nxt, **dict(zip(names, values)), **params).sum()
 
-        if form is forward_kl and isinstance(z_s, OutputLayer):  # fused with the output layer
+        if form in FUSED and isinstance(z_s, OutputLayer):  # fused with the output layer
             weight = z_s.weight if vocab is None else z_s.weight[:vocab]
-            value = _OutputLayerHeadTailKL.apply(z_s.hidden[rows[a:a + chunk]], weight, nexts[a:a + chunk],
-                                                 targets["t_ids"][a:a + chunk], targets["t_w"][a:a + chunk],
-                                                 targets["t_tail"][a:a + chunk], float(params.get("T", 1.0)),
-                                                 float(params.get("alpha", 0.5)))
+            value = _OutputLayerLoss.apply(z_s.hidden[rows[a:a + chunk]], weight, FUSED[form], nexts[a:a + chunk],
+                                           targets["t_ids"][a:a + chunk], targets["t_w"][a:a + chunk],
+                                           targets["t_tail"][a:a + chunk], float(params.get("T", 1.0)),
+                                           float(params.get("alpha", 0.5)))
         else:  # recomputed in backward: only the chunk's indices and targets are kept, not its logits
             value = checkpoint(part, rows[a:a + chunk], nexts[a:a + chunk],
                                *(targets[n][a:a + chunk] for n in names), use_reentrant=False)

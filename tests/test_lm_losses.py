@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from pipeline import lm_losses
 from pipeline.errors import KdError
 from pipeline.losses import LOSSES, token_form, token_losses
-from pipeline.sparse import SAMPLE, TOPK, TOPK_SAMPLE, SparseLogits, draw, encode_topk, encode_topk_sample
+from pipeline.sparse import DENSE, SAMPLE, TOPK, TOPK_SAMPLE, SparseLogits, draw, encode_topk, encode_topk_sample
 
 B, T, VOCAB = 3, 7, 11  # len(tokenizer)
 TEACHER_OUT, STUDENT_OUT = 16, 13  # padded output layers: ids >= VOCAB are never tokens
@@ -83,8 +83,11 @@ def reference(name: str, z_s, ids, mask, z_t, sparse: SparseLogits, temperature:
     p = dense(torch.from_numpy(z_t), temperature)
     kl = lambda target, log_input: F.kl_div(log_input, target, reduction="none").sum(-1)  # noqa: E731
     listed = torch.from_numpy(sparse.classes)
-    if name == "kd" and sparse.kind == TOPK:
+    if name == "kd_tail" or (name == "kd" and sparse.kind == DENSE):
         d = kl(bucketed(p, listed), bucketed(q, listed).log())
+    elif name == "kd_renorm" or (name == "kd" and sparse.kind == TOPK):
+        p_k, q_k = p.gather(-1, listed), q.gather(-1, listed)
+        d = kl(p_k / p_k.sum(-1, keepdim=True), (q_k / q_k.sum(-1, keepdim=True)).log())
     elif name == "kd":  # draws: the distribution they define (p̂; topk+sample: exact head, S · p̂)
         target = torch.zeros_like(p)
         drawn = torch.from_numpy(sparse.classes if sparse.kind == SAMPLE else sparse.draws)
@@ -94,9 +97,6 @@ def reference(name: str, z_s, ids, mask, z_t, sparse: SparseLogits, temperature:
             target = target * (1 - head.sum(-1, keepdim=True))
             target.scatter_(-1, listed, head)
         d = kl(target, q.log())
-    elif name == "kd_renorm":
-        p_k, q_k = p.gather(-1, listed), q.gather(-1, listed)
-        d = kl(p_k / p_k.sum(-1, keepdim=True), (q_k / q_k.sum(-1, keepdim=True)).log())
     elif name == "reverse_kl":
         d = kl(bucketed(q, listed), bucketed(p, listed).log())
     elif name == "jsd":
@@ -106,8 +106,8 @@ def reference(name: str, z_s, ids, mask, z_t, sparse: SparseLogits, temperature:
     return masked_mean(alpha * temperature ** 2 * d + (1 - alpha) * ce, mask)
 
 
-CASES = [("kd", TOPK), ("kd", SAMPLE), ("kd", TOPK_SAMPLE), ("kd_renorm", TOPK), ("reverse_kl", TOPK),
-         ("jsd", TOPK), ("ce", TOPK)]
+CASES = [("kd", TOPK), ("kd", SAMPLE), ("kd", TOPK_SAMPLE), ("kd_tail", TOPK), ("kd_renorm", TOPK),
+         ("reverse_kl", TOPK), ("jsd", TOPK), ("ce", TOPK)]
 
 
 @pytest.mark.parametrize("name, kind", CASES)
@@ -120,7 +120,7 @@ def test_every_token_loss_matches_a_dense_reference(name, kind, chunk):
     alpha = 0.7
     got_z = z_s.clone().requires_grad_()
     want_z = z_s.clone().requires_grad_()
-    got = lm_losses.position_loss(token_form(name), got_z, mask, lm_losses.next_ids_of(ids),
+    got = lm_losses.position_loss(token_form(name, kind), got_z, mask, lm_losses.next_ids_of(ids),
                                   as_torch(sparse.targets(T_C)), vocab=VOCAB, chunk=chunk, T=T_C, alpha=alpha)
     want = reference(name, want_z, ids, mask, z_t, sparse, T_C, alpha)
     got.backward()
@@ -204,14 +204,21 @@ def test_positions_from_hidden_states_never_build_the_whole_logits():
     torch.testing.assert_close(hidden.grad, grads[0])
     torch.testing.assert_close(head.weight.grad, grads[1])
     assert max(shapes) == 4
-    # hidden states and output layer fused with kd (gradients made in the forward pass): the same
-    hidden.grad, head.weight.grad = None, None
-    fused = lm_losses.position_loss(lm_losses.forward_kl, lm_losses.OutputLayer(hidden.reshape(-1, 8), head.weight),
-                                    mask, nxt, t, vocab=VOCAB, T=T_C, alpha=0.5, chunk=4)
-    fused.backward()
-    assert float(fused.detach()) == pytest.approx(float(whole.detach()), rel=1e-12)
-    torch.testing.assert_close(hidden.grad, grads[0])
-    torch.testing.assert_close(head.weight.grad, grads[1])
+    # hidden states and output layer fused with the loss (gradients made in the forward pass):
+    # the same, for every form with a kernel
+    for form in lm_losses.FUSED:
+        hidden.grad, head.weight.grad = None, None
+        whole = lm_losses.position_loss(form, head(hidden), mask, nxt, t, vocab=VOCAB, T=T_C, alpha=0.5)
+        whole.backward()
+        grads = hidden.grad.clone(), head.weight.grad.clone()
+        hidden.grad, head.weight.grad = None, None
+        fused = lm_losses.position_loss(form, lm_losses.OutputLayer(hidden.reshape(-1, 8), head.weight),
+                                        mask, nxt, t, vocab=VOCAB, T=T_C, alpha=0.5, chunk=4)
+        fused.backward()
+        # (the kernels widen the float32 targets before normalising them: not bit for bit)
+        assert float(fused.detach()) == pytest.approx(float(whole.detach()), rel=1e-6), form
+        torch.testing.assert_close(hidden.grad, grads[0], rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(head.weight.grad, grads[1], rtol=1e-6, atol=1e-9)
 
 
 def test_kd_keeps_the_tail_when_the_students_tail_underflows():
@@ -248,8 +255,11 @@ def test_vocabulary_rules():
 
 
 def test_token_losses_are_declared_and_refused_where_they_have_no_form():
-    assert set(token_losses()) == {"ce", "kd", "kd_renorm", "reverse_kl", "jsd"}
-    for name in ("kd_renorm", "reverse_kl", "jsd"):
+    assert set(token_losses()) == {"ce", "kd", "kd_renorm", "kd_tail", "reverse_kl", "jsd"}
+    # kd by what the cache keeps: renormalised over the top K; the sampled estimator from draws
+    assert token_form("kd", TOPK) is lm_losses.renormalised_kl
+    assert token_form("kd", SAMPLE) is token_form("kd", TOPK_SAMPLE) is lm_losses.forward_kl
+    for name in ("kd_renorm", "kd_tail", "reverse_kl", "jsd"):
         needs = LOSSES.declared(name)
         assert needs.tokens_only and needs.temperature and dict(needs.params)["alpha"] == 0.5
     with pytest.raises(KdError, match="loss=dkd has no form on a token cache"):

@@ -37,7 +37,7 @@ import torch
 from pipeline import lm_losses, runtime
 from pipeline.errors import KdError, first_line
 from pipeline.losses import LOSSES, loss_arguments, token_form
-from pipeline.sparse import SAMPLE, TOPK, TOPK_SAMPLE, SparseLogits, check_temperature, encode_topk
+from pipeline.sparse import DENSE, SAMPLE, TOPK, TOPK_SAMPLE, SparseLogits, check_temperature, encode_topk
 from pipeline.students.base import Student
 from pipeline.students.registry import STUDENTS
 
@@ -128,8 +128,8 @@ class LMStudent(Student):
         mode = cache.logits_mode
         shape = (mode.kind, float(cache.manifest["logits"].get("temperature", cache.temperature)),
                  mode.draws if mode.kind == SAMPLE else mode.k)
-        if not mode.sparse:  # read as topk:C-1 (cache_batches)
-            shape = (TOPK, shape[1], int(lm["vocab_size"]) - 1)
+        if not mode.sparse:  # read as topk:C-1 (cache_batches): exact, the kind stays dense
+            shape = (DENSE, shape[1], int(lm["vocab_size"]) - 1)
 
         def train(epoch: int) -> Iterator[Windows]:
             return cache_batches(cache, "train", self.batch_size, seed=stream_seed(self.seed, epoch))
@@ -159,9 +159,10 @@ class LMStudent(Student):
              teacher_outputs: int, progress: bool) -> "LMStudent":
         """The training loop over ``batches(epoch)`` (``n_train`` windows of ``seq_len``), model
         selection on ``val()``. ``targets``: (kind, the cache's temperature, K or draws per
-        position) of the teacher's targets, None without any."""
+        position) of the teacher's targets (kind dense: every logit, as topk:V−1), None without
+        any; the loss's form may depend on the kind (kd: :data:`pipeline.losses.KD_TOKEN_FORMS`)."""
         needs = LOSSES.declared(self.loss)
-        form = token_form(self.loss)
+        form = token_form(self.loss, targets[0] if targets else None)
         reads_teacher = needs.logits
         given = (self.loss_params or {}).get("temperature")
         temperature = given if given is not None else (targets[1] if targets else 1.0)
