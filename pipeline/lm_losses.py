@@ -17,10 +17,12 @@ q_tail = 1 − Σ q_listed; p the teacher's (t_w, t_tail)):
 - ``forward_kl``  KL(p ‖ q) over the listed ids and the tail (:func:`pipeline.losses.sparse_kl`
   per position): from topk:K, KD with the tail as one class; from sample:K, the sampled-KD
   cross-entropy (Anshumann et al., ACL 2025) up to a constant; from topk:K+sample:M, the exact
-  head with the unbiased tail (pipeline/sparse.py). ``loss=kd`` on a token cache.
+  head with the unbiased tail (pipeline/sparse.py). ``loss=kd`` on a sample:K, topk:K+sample:M
+  or dense token cache; ``loss=kd_tail`` on any topk cache.
 - ``renormalised_kl``  KL(p̃ ‖ q̃) with both distributions renormalised over the K listed ids
   (no tail on either side; what MaxText meant to do, PR #4056, and the issue's "topk:16
-  renormalised" arm). topk targets only (distinct ids).
+  renormalised" arm). ``loss=kd`` on a topk:K token cache (measured best: bench lm), and
+  ``loss=kd_renorm`` on any topk cache. topk targets only (distinct ids).
 - ``reverse_kl``  KL(q ‖ p) over the K + tail support (mode seeking; MiniLLM, Gu et al.,
   ICLR 2024). topk targets only: p̂ of a sample cache is 0 where q is not.
 - ``jsd``  the generalised Jensen–Shannon divergence β · KL(p ‖ m) + (1 − β) · KL(q ‖ m),

@@ -264,8 +264,8 @@ def kd(z_s: torch.Tensor, y: torch.Tensor, *, z_t: torch.Tensor | None = None, T
     term always sees the raw logits.
     From a sparse-logit cache (``t_ids``, ``t_w``, ``t_tail`` given) the KL term is
     :func:`sparse_kl`: L = α · T² · sparse_kl + (1 − α) · CE(z_s, y). On a token cache
-    (an ``lm`` student) the same per position, with CE on the next token
-    (:func:`pipeline.lm_losses.forward_kl`).
+    (an ``lm`` student) per position, with CE on the next token, in the form
+    :data:`KD_TOKEN_FORMS` gives for what the cache keeps.
     Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network", 2015
     (arXiv:1503.02531).
     """
