@@ -716,7 +716,7 @@ CASES: list[Case] = [
          r"loss=jsd trains a language model from a token cache; model mlp is not one: use model=lm"),
     Case("lm-loss-without-token-form", STAGE2, "model=lm with a loss that has no per-position form",
          student_cmd("model=lm", "loss=dkd"),
-         r"loss=dkd has no form on a token cache .*; use one of ce, jsd, kd, kd_renorm or reverse_kl"),
+         r"loss=dkd has no form on a token cache .*; use one of ce, jsd, kd, kd_renorm, kd_tail or reverse_kl"),
     Case("lm-on-an-array-cache", STAGE2, "model=lm on a cache of arrays",
          student_cmd("model=lm"), r"model lm reads tokens inputs, and cache .* holds array"),
     Case("sparse-standardize", STAGE2, "standardize_logits=true on a sparse cache",
