@@ -346,6 +346,18 @@ def _saver(out, paths: list):
     return save
 
 
+def by_temperature(ax, board: list[dict], value, error) -> None:
+    """One line per experiment but for its temperature: ``value(b)`` ± ``error(b)`` against T."""
+    series: dict[str, list] = {}
+    for b in board:
+        if b.get("temperature") is not None:
+            series.setdefault(name(b, without=("temperature",)), []).append(b)
+    for label, bs in sorted(series.items()):
+        bs = sorted(bs, key=lambda b: b["temperature"])
+        ax.errorbar([b["temperature"] for b in bs], [value(b) for b in bs], yerr=[error(b) for b in bs],
+                    marker="o", capsize=3, label=label)
+
+
 def plots(board: list[dict], teacher: dict, out) -> list:
     """The report's PNG plots, written into ``out`` (a folder, or a prefix on an object store):
     in test accuracy, or for language models (:func:`is_lm`) in test perplexity
@@ -395,14 +407,7 @@ def plots(board: list[dict], teacher: dict, out) -> list:
                    "Accuracy vs latency", "accuracy_vs_latency.png", "feature students")
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    series: dict[str, list] = {}  # one line per experiment but for its temperature
-    for b in board:
-        if b.get("temperature") is not None:
-            series.setdefault(name(b, without=("temperature",)), []).append(b)
-    for label, bs in sorted(series.items()):
-        bs = sorted(bs, key=lambda b: b["temperature"])
-        ax.errorbar([b["temperature"] for b in bs], [b["mean"] for b in bs], yerr=[std(b) for b in bs],
-                    marker="o", capsize=3, label=label)
+    by_temperature(ax, board, lambda b: b["mean"], std)
     ax.axhline(teacher_acc, ls="--", c="gray", label="teacher")
     ax.set(xlabel="temperature", ylabel="test accuracy",
            title="Accuracy vs temperature (one line per experiment but for T)")
@@ -469,14 +474,7 @@ def lm_plots(board: list[dict], teacher: dict, out) -> list:
                    "perplexity_vs_tokens_per_s.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    series: dict[str, list] = {}  # one line per experiment but for its temperature
-    for b in board:
-        if b.get("temperature") is not None:
-            series.setdefault(name(b, without=("temperature",)), []).append(b)
-    for label, bs in sorted(series.items()):
-        bs = sorted(bs, key=lambda b: b["temperature"])
-        ax.errorbar([b["temperature"] for b in bs], [b["perplexity"] for b in bs],
-                    yerr=[spread(b) for b in bs], marker="o", capsize=3, label=label)
+    by_temperature(ax, board, lambda b: b["perplexity"], spread)
     ax.axhline(teacher_ppl, ls="--", c="gray", label="teacher")
     ax.set(yscale="log", xlabel="temperature", ylabel=ylabel,
            title="Perplexity vs temperature (one line per experiment but for T)")
